@@ -1,0 +1,31 @@
+"""What every backend offers the runtime: a state, a step over it, and the model's config."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+from mosaicrt.model.config import ModelConfig
+
+
+class Backend(ABC):
+    """A model that consumes token chunks against a per-sequence decode state it allocates once."""
+
+    name: str
+    config: ModelConfig
+
+    @abstractmethod
+    def new_state(self, batch: int, capacity: int) -> Any:
+        """Preallocate the state of `batch` sequences of up to `capacity` tokens each."""
+
+    @abstractmethod
+    def reset(self, state: Any, rows: torch.Tensor) -> None:
+        """Free the sequences in `rows` (B,) bool so new requests can take them."""
+
+    @abstractmethod
+    def step(self, ids: torch.Tensor, lengths: torch.Tensor, state: Any,
+             last_only: bool) -> torch.Tensor:
+        """Consume ids (B, C) int64, lengths (B,) real tokens per row; return (B, V) or (B, C, V)
+        fp32 CPU logits, updating the state in place."""

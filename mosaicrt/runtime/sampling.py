@@ -1,0 +1,63 @@
+"""Next-token choice: greedy, or temperature / top-k / top-p sampling with a per-request seed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mosaicrt.errors import InputError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    greedy: bool = True
+    temperature: float = 1.0
+    top_k: int = 0  # 0 keeps the whole vocabulary
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise InputError(f"--temperature must be > 0, got {self.temperature} "
+                             "(use --greedy for deterministic decoding)")
+        if self.top_k < 0:
+            raise InputError(f"--top-k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+
+def filtered_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (nucleus) on (V,) logits; removed entries become -inf."""
+    logits = logits.float() / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) >= params.top_p  # keep the first to reach p
+        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+class Sampler:
+    """Chooses tokens for the rows of a batch; each request has its own seeded generator, so a
+    request's tokens do not depend on what else is in the batch."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self.generators: dict[int, torch.Generator] = {}
+
+    def start(self, request_id: int) -> None:
+        self.generators[request_id] = torch.Generator().manual_seed(self.params.seed + request_id)
+
+    def __call__(self, logits: torch.Tensor, request_ids: list[int]) -> list[int]:
+        """logits (B, V) for requests request_ids -> one token id per row."""
+        if self.params.greedy:
+            return logits.argmax(dim=-1).tolist()
+        tokens = []
+        for row, rid in zip(logits.cpu(), request_ids):
+            probs = torch.softmax(filtered_logits(row, self.params), dim=-1)
+            tokens.append(int(torch.multinomial(probs, 1, generator=self.generators[rid])))
+        return tokens
