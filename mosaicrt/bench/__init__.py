@@ -1,0 +1,1 @@
+"""Benchmarks: timing scripts that write JSON results with machine info."""

@@ -1,0 +1,22 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/oracle.py
+
+import oracle  # noqa: E402
+
+# Oracle checkpoints: (name, writer kwargs). Windows and delays are short so T > h and T > m.
+ORACLE_CONFIGS = {
+    "ltm": dict(layers=2, heads=2, head_dim=16, window=6, delay=3, use_ltm=True, seed=1),
+    "stm_only": dict(layers=3, heads=2, head_dim=8, window=5, delay=3, use_ltm=False, seed=2),
+    "wide": dict(d=48, layers=2, heads=4, head_dim=12, window=9, delay=5, use_ltm=True, seed=3),
+}
+
+
+@pytest.fixture(scope="session", params=list(ORACLE_CONFIGS))
+def oracle_ckpt(request, tmp_path_factory) -> Path:
+    """A random checkpoint written by the independent writer in tests/oracle.py."""
+    out = tmp_path_factory.mktemp(f"oracle_{request.param}")
+    return oracle.write_random_checkpoint(out, **ORACLE_CONFIGS[request.param])
