@@ -8,17 +8,34 @@ from mosaicrt.errors import BackendError
 from mosaicrt.runtime.backend import Backend
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
-PLANNED = {"onnxruntime": "ONNX Runtime", "tensorrt": "TensorRT"}
+
+
+def is_artifact(model_dir: str | Path) -> bool:
+    return (Path(model_dir) / "manifest.json").is_file()
 
 
 def open_backend(name: str, model_dir: str | Path, device: str = "auto",
                  dtype: str | None = None) -> Backend:
-    """The backend `name` for model_dir ('auto': torch for a checkpoint directory)."""
+    """The backend `name` for model_dir. 'auto': ONNX Runtime for an exported artifact, torch for
+    a checkpoint directory."""
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
-    if name in PLANNED:
-        raise BackendError(f"the {PLANNED[name]} backend is not part of mosaicrt yet: "
-                           "use --backend torch")
+    if name == "auto":
+        name = "onnxruntime" if is_artifact(model_dir) else "torch"
+    if name == "tensorrt":
+        raise BackendError("the TensorRT backend is not part of mosaicrt yet: "
+                           "use --backend onnxruntime or torch")
+    if name == "onnxruntime":
+        if not is_artifact(model_dir) and (Path(model_dir) / "model.safetensors").exists():
+            raise BackendError(f"{model_dir} is a checkpoint, not an ONNX artifact: run "
+                               f"`mosaicrt export {model_dir} -o ARTIFACT_DIR` first, or use "
+                               "--backend torch")
+        from mosaicrt.runtime.ort_backend import OrtBackend
+
+        return OrtBackend(model_dir, device=device)
     from mosaicrt.runtime.torch_backend import TorchBackend
 
+    if is_artifact(model_dir):
+        raise BackendError(f"{model_dir} is an ONNX artifact: use --backend onnxruntime, or give "
+                           "the torch backend the checkpoint it was exported from")
     return TorchBackend(model_dir, device=device, dtype=dtype)

@@ -1,0 +1,130 @@
+"""The ONNX artifact directory: model.onnx (+ external data), config.json, manifest.json, tokenizer.
+
+The manifest is what the runtime trusts: versions, opsets, the state layout and the capacities the
+artifact was exported for. `read_manifest` refuses artifacts it cannot run, with the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import onnx
+from tqdm import tqdm
+
+from mosaicrt import __version__
+from mosaicrt.errors import CheckpointError
+from mosaicrt.export import io_spec
+from mosaicrt.export.builder import build_step_model
+from mosaicrt.export.graph import OPSET
+from mosaicrt.export.ops import DOMAIN, DOMAIN_VERSION
+from mosaicrt.model.checkpoint import load_model
+from mosaicrt.model.config import ModelConfig, load_config, save_config
+
+MODEL_FILE = "model.onnx"
+MANIFEST_FILE = "manifest.json"
+FORMAT = "mosaicrt-onnx-artifact"
+FORMAT_VERSION = 1
+EXTERNAL_DATA_BYTES = 1 << 30  # above this the weights go to model.onnx.data
+DEFAULT_LTM_BLOCK = 128  # pairs per LTM store block: the granularity of "read only what is valid"
+
+
+def export_artifact(checkpoint: str | Path, out_dir: str | Path, dtype: str = "float32",
+                    max_context: int = 4096, last_only: bool = False,
+                    ltm_block: int = DEFAULT_LTM_BLOCK, progress: bool = False) -> Path:
+    """Export a checkpoint to an ONNX artifact directory and check it with onnx.checker."""
+    if dtype != "float32":
+        raise CheckpointError(f"export to {dtype} is not supported yet: use --dtype fp32")
+    if max_context < 2:
+        raise CheckpointError(f"--max-context must be >= 2, got {max_context}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = tqdm(total=4, desc="export", disable=not progress)
+    model = load_model(checkpoint, dtype=None)
+    steps.update(1)
+    proto = build_step_model(model, last_only=last_only)
+    steps.update(1)
+    size = sum(t.numel() * 4 for t in model.state_dict().values())
+    (out / (MODEL_FILE + ".data")).unlink(missing_ok=True)
+    if size > EXTERNAL_DATA_BYTES:
+        onnx.save(proto, str(out / MODEL_FILE), save_as_external_data=True,
+                  location=MODEL_FILE + ".data", size_threshold=1024)
+    else:
+        onnx.save(proto, str(out / MODEL_FILE))
+    steps.update(1)
+    onnx.checker.check_model(str(out / MODEL_FILE), full_check=True)
+    steps.update(1)
+    steps.close()
+    config = model.config
+    save_config(config.replace(torch_dtype=dtype), out)
+    tokenizer = Path(checkpoint) / "tokenizer.json"
+    if tokenizer.is_file():
+        shutil.copy(tokenizer, out / "tokenizer.json")
+    manifest = make_manifest(config, dtype, max_context, last_only, ltm_block,
+                             sha256(out / MODEL_FILE))
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def make_manifest(config: ModelConfig, dtype: str, max_context: int, last_only: bool,
+                  ltm_block: int, onnx_sha256: str) -> dict:
+    layout = {}
+    for memory in config.memories:
+        layout[memory] = {
+            "small_fields": {f: io_spec.state_shapes(config)[f] for f in io_spec.SMALL_FIELDS},
+            "store_shape": io_spec.store_shape(memory, config),
+            "store_fields": list(io_spec.STORE_FIELDS),
+        }
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "mosaicrt_version": __version__,
+        "onnx_opset": OPSET,
+        "custom_domain": DOMAIN,
+        "custom_domain_version": DOMAIN_VERSION,
+        "dtype": dtype,
+        "state_dtype": "float32",
+        "last_only": last_only,
+        "max_context": max_context,
+        "ltm_block": ltm_block,
+        "inputs": [io_spec.INPUT_IDS, io_spec.LENGTHS, io_spec.POSITIONS],
+        "state_names": "past.{layer}.{memory}.{field} -> present.{layer}.{memory}.{field} "
+                       "(small) | new.{layer}.{memory}.{keys,values} (pairs to store)",
+        "state_layout": layout,
+        "onnx_sha256": onnx_sha256,
+    }
+
+
+def read_manifest(artifact: str | Path) -> tuple[dict, ModelConfig]:
+    """The manifest and config of an artifact, refused with a fix when this runtime can't run it."""
+    artifact = Path(artifact)
+    path = artifact / MANIFEST_FILE
+    if not (artifact / MODEL_FILE).is_file() or not path.is_file():
+        raise CheckpointError(f"{artifact} is not an ONNX artifact (no {MODEL_FILE} or "
+                              f"{MANIFEST_FILE}): create one with `mosaicrt export CKPT -o "
+                              f"{artifact}`, or use --backend torch for a checkpoint")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}): re-export the artifact") from None
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} is not a mosaicrt ONNX artifact of format version "
+                              f"{FORMAT_VERSION}: re-export it with mosaicrt {__version__}")
+    found = (manifest.get("mosaicrt_version"), manifest.get("onnx_opset"),
+             manifest.get("custom_domain_version"))
+    if found != (__version__, OPSET, DOMAIN_VERSION):
+        raise CheckpointError(
+            f"{artifact} was exported by mosaicrt {found[0]} (opset {found[1]}, {DOMAIN} "
+            f"v{found[2]}); this is mosaicrt {__version__} (opset {OPSET}, {DOMAIN} "
+            f"v{DOMAIN_VERSION}): re-export it with `mosaicrt export`")
+    return manifest, load_config(artifact)

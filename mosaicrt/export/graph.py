@@ -1,0 +1,71 @@
+"""A small helper that emits ONNX nodes with generated names, for graphs and function bodies alike."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 18  # default-domain opset of the artifact and of the function bodies
+FLOAT = TensorProto.FLOAT
+INT64 = TensorProto.INT64
+
+
+class GraphBuilder:
+    """Collects nodes and initializers; `op` returns the output name(s) of the node it adds."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.counter = 0
+        self.scope = ""
+
+    def fresh(self, hint: str) -> str:
+        self.counter += 1
+        return f"{self.prefix}{self.scope}{hint}_{self.counter}"
+
+    def op(self, op_type: str, *inputs: str, outputs: int | list[str] = 1, domain: str = "",
+           name: str | None = None, **attrs) -> str | list[str]:
+        """Add a node; with outputs=k return k fresh names, with a list use those names."""
+        names = ([self.fresh(op_type.lower()) for _ in range(outputs)]
+                 if isinstance(outputs, int) else outputs)
+        self.counter += 1
+        node_name = name or f"/{self.prefix}{self.scope}{op_type}_{self.counter}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, name=node_name,
+                                           domain=domain, **attrs))
+        return names[0] if len(names) == 1 else names
+
+    def const(self, value, dtype=np.float32, name: str | None = None) -> str:
+        """A constant tensor (a Constant node in functions, an initializer in graphs is `weight`)."""
+        array = np.asarray(value, dtype=dtype)
+        out = name or self.fresh("const")
+        self.nodes.append(helper.make_node("Constant", [], [out], name=f"/{out}",
+                                           value=numpy_helper.from_array(array)))
+        return out
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        """A graph initializer (model weights)."""
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def ints(self, *values: int) -> str:
+        return self.const(list(values), np.int64)
+
+    # Shape helpers used throughout (all take/return tensor names).
+    def unsqueeze(self, x: str, *axes: int) -> str:
+        return self.op("Unsqueeze", x, self.ints(*axes))
+
+    def squeeze(self, x: str, *axes: int) -> str:
+        return self.op("Squeeze", x, self.ints(*axes))
+
+    def reshape(self, x: str, *shape: int) -> str:
+        return self.op("Reshape", x, self.ints(*shape))
+
+    def dim(self, x: str, axis: int) -> str:
+        """The size of one axis of x, as an int64 scalar."""
+        return self.op("Squeeze", self.op("Shape", x, start=axis, end=axis + 1), self.ints(0))
+
+    def arange(self, n: str) -> str:
+        """0..n-1 (int64) for an int64 scalar n."""
+        return self.op("Range", self.const(0, np.int64), n, self.const(1, np.int64))
