@@ -105,6 +105,26 @@ def read_token_array(path: str):
     return ids.astype(np.int64)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from mosaicrt.export.artifact import export_artifact
+    from mosaicrt.model.config import normalize_dtype
+
+    out = export_artifact(args.checkpoint, args.output, dtype=normalize_dtype(args.dtype),
+                          max_context=args.max_context, last_only=args.last_only,
+                          progress=sys.stderr.isatty())
+    print(out)
+    return 0
+
+
+def print_memory_plan(config, limits) -> None:
+    from mosaicrt.model.state import memory_plan
+
+    plan = memory_plan(config, limits.max_context, limits.max_batch, "float32")
+    print(f"memory plan: {limits.max_batch} x {limits.max_context} tokens -> "
+          f"{human_bytes(plan.state_bytes)} of state (LTM {human_bytes(plan.ltm_bytes_per_token)}"
+          f"/token, STM {human_bytes(plan.stm_bytes_per_sequence)}/sequence)", file=sys.stderr)
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -161,10 +181,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     greedy = args.greedy or (args.temperature is None and args.top_k == 0 and args.top_p == 1.0)
     sampling = SamplingParams(greedy=greedy, temperature=args.temperature or 1.0,
                               top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    limits = RunLimits(max_batch=args.max_batch, max_context=args.max_context,
-                       prefill_chunk=args.prefill_chunk)
     backend = open_backend(args.backend, args.model, args.device, dtype_arg(args.dtype))
     config = backend.config
+    limits = RunLimits(max_batch=args.max_batch,
+                       max_context=args.max_context or getattr(backend, "max_context", 4096),
+                       prefill_chunk=args.prefill_chunk)
     if args.prompt is not None:
         if not args.prompt:
             raise InputError("--prompt is empty: give some text")
@@ -177,6 +198,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(args.prompt + tokenizer.decode(result))
         return 0
     requests = read_prompts(args.input)
+    print_memory_plan(config, limits)
     good = [i for i, r in enumerate(requests) if not isinstance(r, MosaicError)]
     outputs = generate(backend, [requests[i] for i in good], args.max_new_tokens, sampling,
                        limits, progress=sys.stderr.isatty())
@@ -213,8 +235,10 @@ class open_output:
 def add_run_args(p: argparse.ArgumentParser) -> None:
     from mosaicrt.runtime.backends import BACKENDS
 
-    p.add_argument("model", help="checkpoint directory")
-    p.add_argument("--backend", default="auto", help=f"one of {', '.join(BACKENDS)} (default auto)")
+    p.add_argument("model", help="checkpoint directory (torch) or ONNX artifact (onnxruntime)")
+    p.add_argument("--backend", default="auto",
+                   help=f"one of {', '.join(BACKENDS)} (default auto: onnxruntime for an "
+                        "artifact, torch for a checkpoint)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--dtype", help="compute dtype fp32|fp16|bf16 (default fp32 on CPU, the "
                                    "checkpoint's on GPU)")
@@ -243,6 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=cmd_inspect)
 
+    p = sub.add_parser("export", help="export a checkpoint to an ONNX artifact")
+    p.add_argument("checkpoint")
+    p.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    p.add_argument("--dtype", default="fp32", help="fp32 (fp16/bf16 later)")
+    p.add_argument("--max-context", type=int, default=4096,
+                   help="most tokens one sequence may hold at run time")
+    p.add_argument("--last-only", action="store_true",
+                   help="emit logits of each row's last token only (no `score`)")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("score", help="logits of token arrays")
     add_run_args(p)
     p.add_argument("--input", required=True, help="int64 [B, T] .npy")
@@ -261,8 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--max-context", type=int, default=4096)
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    p.add_argument("--max-context", type=int,
+                   help="tokens per sequence, prompt + new (default: the artifact's, or 4096)")
     p.set_defaults(func=cmd_generate)
     return parser
 

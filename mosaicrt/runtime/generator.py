@@ -6,8 +6,9 @@ stops the others: results come back in request order, each a token list or a Mos
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm import tqdm
@@ -49,22 +50,93 @@ def check_request(ids: Sequence[int], max_new_tokens: int, vocab_size: int, limi
                             "shorten the request")
 
 
-def prefill(backend: Backend, state, prompts: list[list[int]], chunk: int) -> torch.Tensor:
-    """Consume prompts in chunks of `chunk` tokens; return the logits (B, V) of each prompt's last
-    token (an empty prompt is a free row: it consumes nothing and its logits are 0)."""
-    B = len(prompts)
-    lengths = torch.tensor([len(p) for p in prompts])
-    last = torch.zeros(B, backend.config.vocab_size)
-    for start in range(0, int(lengths.max()), chunk):
-        part = [p[start:start + chunk] for p in prompts]
-        n = torch.tensor([len(p) for p in part])
-        ids = torch.zeros(B, int(n.max()), dtype=torch.int64)
-        for row, p in enumerate(part):
-            ids[row, :len(p)] = torch.tensor(p, dtype=torch.int64)
-        logits = backend.step(ids, n, state, last_only=True)  # (B, V)
-        ends_here = (lengths > start) & (lengths <= start + chunk)
-        last[ends_here] = logits[ends_here]
-    return last
+@dataclass
+class Request:
+    """One generation request and its progress through the batch."""
+
+    rid: int
+    prompt: list[int]
+    max_new_tokens: int
+    output: list[int] = field(default_factory=list)
+    fed: int = 0  # prompt tokens consumed so far
+
+    @property
+    def prefilling(self) -> bool:
+        return self.fed < len(self.prompt)
+
+
+class ContinuousBatcher:
+    """Continuous batching over one preallocated state of max_batch rows.
+
+    Requests wait in a queue, take a free row (which is reset), prefill in chunks, decode one token
+    per step, and leave at EOS or max_new_tokens, freeing the row for the next request. A step
+    either advances the rows still prefilling (the others take 0 tokens) or decodes every row.
+    """
+
+    def __init__(self, backend: Backend, sampling: SamplingParams, limits: RunLimits) -> None:
+        self.backend, self.limits = backend, limits
+        self.sampler = Sampler(sampling)
+        self.state = backend.new_state(limits.max_batch, limits.max_context)
+        self.rows: list[Request | None] = [None] * limits.max_batch
+        self.waiting: deque[Request] = deque()
+        self.eos = backend.config.eos_token_id
+
+    def submit(self, request: Request) -> None:
+        """Queue a request that passed check_request."""
+        self.waiting.append(request)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting) or any(r is not None for r in self.rows)
+
+    def _admit(self) -> None:
+        free = [i for i, r in enumerate(self.rows) if r is None]
+        taken = []
+        for row in free[: len(self.waiting)]:
+            request = self.waiting.popleft()
+            self.rows[row] = request
+            self.sampler.start(request.rid)
+            taken.append(row)
+        if taken:
+            mask = torch.zeros(len(self.rows), dtype=torch.bool)
+            mask[taken] = True
+            self.backend.reset(self.state, mask)
+
+    def step(self) -> list[tuple[Request, int, bool]]:
+        """Run one model step; return (request, new token, finished) for each token produced."""
+        self._admit()
+        B = len(self.rows)
+        prefill = any(r is not None and r.prefilling for r in self.rows)
+        feeds: list[list[int]] = [[] for _ in range(B)]
+        for i, r in enumerate(self.rows):
+            if r is None:
+                continue
+            if prefill and r.prefilling:
+                feeds[i] = r.prompt[r.fed:r.fed + self.limits.prefill_chunk]
+            elif not prefill:
+                feeds[i] = [r.output[-1]]
+        lengths = torch.tensor([len(f) for f in feeds], dtype=torch.int64)
+        ids = torch.zeros(B, int(lengths.max()), dtype=torch.int64)
+        for i, f in enumerate(feeds):
+            ids[i, :len(f)] = torch.tensor(f, dtype=torch.int64)
+        logits = self.backend.step(ids, lengths, self.state, last_only=True)  # (B, V)
+        ready = []
+        for i, r in enumerate(self.rows):
+            if r is None or not feeds[i]:
+                continue
+            r.fed += len(feeds[i]) if prefill else 0
+            if not r.prefilling:
+                ready.append(i)
+        events = []
+        tokens = self.sampler(logits[ready], [self.rows[i].rid for i in ready]) if ready else []
+        for i, token in zip(ready, tokens):
+            r = self.rows[i]
+            r.output.append(token)
+            finished = token == self.eos or len(r.output) >= r.max_new_tokens
+            events.append((r, token, finished))
+            if finished:
+                self.rows[i] = None
+        return events
 
 
 def generate(backend: Backend, prompts: list[list[int]], max_new_tokens: int,
@@ -74,49 +146,25 @@ def generate(backend: Backend, prompts: list[list[int]], max_new_tokens: int,
     if max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     results: list[list[int] | MosaicError] = []
-    admitted = []
+    requests = []
     for i, ids in enumerate(prompts):
         try:
             check_request(ids, max_new_tokens, backend.config.vocab_size, limits, "the prompt")
-            results.append([])
-            admitted.append(i)
+            requests.append(Request(i, list(ids), max_new_tokens))
+            results.append(requests[-1].output)
         except MosaicError as exc:
             results.append(exc)
-    if not admitted:
+    if not requests:
         return results
-    sampler = Sampler(sampling)
-    batch = min(limits.max_batch, len(admitted))
-    state = backend.new_state(batch, limits.max_context)
-    eos = backend.config.eos_token_id
-    bar = tqdm(total=len(admitted) * max_new_tokens, desc="generating", unit="tok",
-               disable=not progress)
-    for start in range(0, len(admitted), batch):
-        group = admitted[start:start + batch]
-        backend.reset(state, torch.ones(batch, dtype=torch.bool))
-        for rid in group:
-            sampler.start(rid)
-        padded = [prompts[i] for i in group] + [[]] * (batch - len(group))
-        logits = prefill(backend, state, padded, limits.prefill_chunk)
-        active = [True] * len(group) + [False] * (batch - len(group))
-        while True:
-            rows = [r for r in range(batch) if active[r]]
-            tokens = sampler(logits[rows], [group[r] for r in rows])
-            for r, tok in zip(rows, tokens):
-                out = results[group[r]]
-                out.append(tok)
-                bar.update(1)
-                if tok == eos or len(out) >= max_new_tokens:
-                    active[r] = False
-                    bar.update(max_new_tokens - len(out))
-            if not any(active):
-                break
-            feed = torch.zeros(batch, 1, dtype=torch.int64)
-            for r in range(batch):
-                if active[r]:
-                    feed[r, 0] = results[group[r]][-1]
-            logits = backend.step(feed, torch.tensor(active, dtype=torch.int64), state,
-                                  last_only=True)
-    bar.close()
+    limits = replace(limits, max_batch=min(limits.max_batch, len(requests)))
+    batcher = ContinuousBatcher(backend, sampling, limits)
+    for request in requests:
+        batcher.submit(request)
+    with tqdm(total=len(requests) * max_new_tokens, desc="generating", unit="tok",
+              disable=not progress) as bar:
+        while batcher.busy:
+            for request, _, finished in batcher.step():
+                bar.update(1 + (max_new_tokens - len(request.output) if finished else 0))
     return results
 
 

@@ -54,8 +54,13 @@ class OrtBackend(Backend):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(Path(artifact) / MODEL_FILE), options,
-                                            providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(Path(artifact) / MODEL_FILE), options,
+                                                providers=providers)
+        except Exception as exc:  # ORT raises its own pybind exception types
+            reason = str(exc).splitlines()[0][:300]
+            raise BackendError(f"ONNX Runtime cannot load {artifact}/{MODEL_FILE} ({reason}): "
+                               "re-export the artifact with `mosaicrt export`") from None
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.block = int(self.manifest["ltm_block"])
         self.max_context = int(self.manifest["max_context"])

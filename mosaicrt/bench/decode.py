@@ -1,0 +1,146 @@
+"""Decode TPOT at batch 1 vs context, per backend, against the DRAM roofline measured in the same run.
+
+Bytes that must be read per decode step (the roofline's numerator) = the weights (without the
+embedding table, of which one row is read) + the *valid* STM and LTM pairs: min(t, h-1) STM pairs
+and max(0, t-m+1) LTM pairs per layer, keys and values, at the store dtype. Roofline time = bytes /
+measured read bandwidth; roofline fraction = roofline time / measured TPOT.
+
+    python -m mosaicrt.bench.decode --json bench/results/decode_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mosaicrt.bench.machine import machine_info
+from mosaicrt.model.checkpoint import random_tensors, write_checkpoint
+from mosaicrt.model.config import ModelConfig, parameter_count, preset
+from mosaicrt.runtime.backend import Backend
+
+
+def measure_bandwidth_gb_s(gib: float = 1.0, repeats: int = 5) -> float:
+    """Read bandwidth: the best of `repeats` multi-threaded sums over a `gib` GiB buffer."""
+    buf = torch.ones(int(gib * 2**30) // 4)
+    buf.sum()
+    best = min(_timed(buf.sum) for _ in range(repeats))
+    return buf.numel() * 4 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bytes_per_step(config: ModelConfig, context: int, elem: int = 4) -> int:
+    weights = (parameter_count(config) - config.vocab_size * config.hidden_size
+               + config.hidden_size) * elem
+    pair = 2 * config.memory_width * elem * config.num_layers
+    stm = min(context, config.stm_window - 1) * pair
+    ltm = max(0, context - config.ltm_delay + 1) * pair if config.use_ltm else 0
+    return weights + stm + ltm
+
+
+def decode_tpot(backend: Backend, context: int, steps: int, warmup: int,
+                chunk: int) -> list[float]:
+    """Prefill `context` random tokens, then time single-token steps (seconds each)."""
+    gen = torch.Generator().manual_seed(0)
+    state = backend.new_state(1, context + warmup + steps + 1)
+    ids = torch.randint(0, backend.config.vocab_size, (1, context), generator=gen)
+    for start in range(0, context, chunk):
+        part = ids[:, start:start + chunk]
+        backend.step(part, torch.tensor([part.shape[1]]), state, last_only=True)
+    token = torch.randint(0, backend.config.vocab_size, (1, 1), generator=gen)
+    one = torch.ones(1, dtype=torch.int64)
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        token = backend.step(token, one, state, last_only=True).argmax(-1, keepdim=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def open_backends(names: list[str], config: ModelConfig, workdir: Path,
+                  max_context: int) -> dict[str, Backend]:
+    ckpt = workdir / "ckpt"
+    write_checkpoint(random_tensors(config, 0), config, ckpt)
+    backends: dict[str, Backend] = {}
+    for name in names:
+        if name == "torch":
+            from mosaicrt.runtime.torch_backend import TorchBackend
+
+            backends[name] = TorchBackend(ckpt, device="cpu")
+        elif name == "onnxruntime":
+            from mosaicrt.export.artifact import export_artifact
+            from mosaicrt.runtime.ort_backend import OrtBackend
+
+            export_artifact(ckpt, workdir / "onnx", max_context=max_context)
+            backends[name] = OrtBackend(workdir / "onnx", device="cpu")
+        else:
+            raise SystemExit(f"unknown backend {name!r}")
+    return backends
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="mini")
+    parser.add_argument("--backends", default="torch,onnxruntime")
+    parser.add_argument("--contexts", default="1024,4096")
+    parser.add_argument("--stm-only-contexts", default="1024,4096,16384")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--prefill-chunk", type=int, default=512)
+    parser.add_argument("--json", help="write results here")
+    args = parser.parse_args(argv)
+    names = args.backends.split(",")
+    plans = [(True, int(c)) for c in args.contexts.split(",") if c]
+    plans += [(False, int(c)) for c in args.stm_only_contexts.split(",") if c]
+    bandwidth = measure_bandwidth_gb_s()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for use_ltm in sorted({u for u, _ in plans}, reverse=True):
+            config = preset(args.preset).replace(use_ltm=use_ltm)
+            contexts = [c for u, c in plans if u == use_ltm]
+            limit = max(contexts) + args.warmup + args.steps + 1
+            backends = open_backends(names, config, Path(tmp) / f"ltm{int(use_ltm)}", limit)
+            for context in contexts:
+                for name, backend in tqdm(backends.items(), desc=f"ltm={use_ltm} ctx={context}"):
+                    times = decode_tpot(backend, context, args.steps, args.warmup,
+                                        args.prefill_chunk)
+                    tpot = statistics.median(times)
+                    roof = bytes_per_step(config, context) / (bandwidth * 1e9)
+                    rows.append({"backend": name, "use_ltm": use_ltm, "context": context,
+                                 "tpot_ms": {"p50": 1e3 * tpot,
+                                             "mean": 1e3 * statistics.fmean(times),
+                                             "min": 1e3 * min(times)},
+                                 "bytes_per_step": bytes_per_step(config, context),
+                                 "roofline_ms": 1e3 * roof, "roofline_fraction": roof / tpot})
+                    tqdm.write(f"{name:12s} ltm={use_ltm!s:5} ctx={context:6d} "
+                               f"tpot p50 {1e3 * tpot:7.2f} ms  roofline {1e3 * roof:6.2f} ms "
+                               f"({100 * roof / tpot:5.1f} %)")
+    for row in rows:
+        ref = next((r for r in rows if r["backend"] == "torch" and r["use_ltm"] == row["use_ltm"]
+                    and r["context"] == row["context"]), None)
+        if ref:
+            row["speedup_vs_torch"] = ref["tpot_ms"]["p50"] / row["tpot_ms"]["p50"]
+    result = {"benchmark": "decode_tpot_batch1", "preset": args.preset,
+              "config": preset(args.preset).to_dict(), "batch": 1, "steps": args.steps,
+              "warmup": args.warmup, "bandwidth_gb_s": bandwidth,
+              "roofline_bytes": "weights without embedding + valid STM/LTM pairs, fp32",
+              "machine": machine_info(), "rows": rows}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

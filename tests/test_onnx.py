@@ -1,0 +1,144 @@
+"""ONNX export and the ONNX Runtime backend against the reference and the float64 oracle."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import oracle
+from mosaicrt.errors import BackendError, CapacityError, CheckpointError
+from mosaicrt.export.artifact import export_artifact
+from mosaicrt.export.ops import DOMAIN
+from mosaicrt.model import preset, random_model, save_checkpoint
+from mosaicrt.runtime.generator import RunLimits, generate, score
+from mosaicrt.runtime.ort_backend import OrtBackend
+from mosaicrt.runtime.sampling import SamplingParams
+from mosaicrt.runtime.torch_backend import TorchBackend
+
+ATOL_ORACLE = 1e-4  # fp32 ONNX Runtime vs float64 oracle
+ATOL_TORCH = 1e-5  # fp32 ONNX Runtime vs fp32 reference
+
+
+@pytest.fixture(scope="module")
+def artifact(oracle_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("artifact")
+    return export_artifact(oracle_ckpt, out, max_context=200, ltm_block=4)
+
+
+def mosaicrt(*args):
+    return subprocess.run([sys.executable, "-m", "mosaicrt.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_artifact_carries_custom_ops_with_function_bodies(artifact):
+    model = onnx.load(str(artifact / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    custom = [n for n in model.graph.node if n.domain == DOMAIN]
+    assert {n.op_type for n in custom} == {"AssociativeMemory", "GatedKeyScan"}
+    for node in custom:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["plugin_namespace"] == b"mosaic" and attrs["plugin_version"] == b"1"
+        if node.op_type == "AssociativeMemory":
+            assert attrs["kind"] in (b"stm", b"ltm") and "window" in attrs and "delay" in attrs
+    assert {(f.domain, f.name) for f in model.functions} == {
+        (DOMAIN, "AssociativeMemory"), (DOMAIN, "GatedKeyScan")}
+    assert (DOMAIN, 1) in {(o.domain, o.version) for o in model.opset_import}
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["ltm_block"] == 4 and manifest["max_context"] == 200
+    assert "past.0.stm.s" in [i.name for i in model.graph.input]
+    # Stores go in, and only the new pairs come out: no output is as large as a store.
+    assert not [o.name for o in model.graph.output if o.name.startswith("present.")
+                and o.name.endswith(("keys", "values"))]
+
+
+def test_onnxruntime_matches_oracle_and_reference(oracle_ckpt, artifact):
+    config, _ = oracle.load_checkpoint(oracle_ckpt)
+    T = 3 * config["stm_window"] + 2 * config["ltm_delay"] + 1
+    ids = torch.from_numpy(np.random.default_rng(1).integers(0, config["vocab_size"], (2, T)))
+    limits = RunLimits(max_context=T, prefill_chunk=6)
+    got = score(OrtBackend(artifact), ids, limits)
+    want = score(TorchBackend(oracle_ckpt, device="cpu"), ids, limits)
+    assert (got - want).abs().max() <= ATOL_TORCH
+    for row in range(2):
+        f64 = oracle.logits(oracle_ckpt, ids[row].tolist())
+        assert np.abs(got[row].double().numpy() - f64).max() <= ATOL_ORACLE
+
+
+def test_cli_onnxruntime_greedy_matches_oracle(oracle_ckpt, artifact, tmp_path):
+    config, _ = oracle.load_checkpoint(oracle_ckpt)
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, config["vocab_size"], n).tolist() for n in (2, 9, 23)]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"input_ids": p}) + "\n" for p in prompts))
+    proc = mosaicrt("generate", artifact, "--backend", "onnxruntime", "--input",
+                    tmp_path / "p.jsonl", "--max-new-tokens", 6, "--max-batch", 2)
+    assert proc.returncode == 0, proc.stderr
+    assert "memory plan" in proc.stderr
+    eos = config["eos_token_id"]
+    for prompt, line in zip(prompts, proc.stdout.splitlines()):
+        want = oracle.greedy(oracle_ckpt, prompt, 6)
+        assert json.loads(line)["output_ids"] == (want[: want.index(eos) + 1] if eos in want
+                                                  else want)
+
+
+def test_continuous_batching_gives_each_request_its_own_result(artifact):
+    backend = OrtBackend(artifact)
+    prompts = [[1 + i] * (1 + 5 * i) for i in range(7)]
+    batched = generate(backend, prompts, 9, SamplingParams(),
+                       RunLimits(max_batch=3, max_context=64, prefill_chunk=4))
+    for prompt, got in zip(prompts, batched):
+        assert got == generate(backend, [prompt], 9, SamplingParams(), RunLimits(max_context=64))[0]
+
+
+@pytest.mark.slow
+def test_step_graph_greedy_equals_full_recompute_for_1000_tokens(tmp_path):
+    config = preset("tiny").replace(stm_window=8, ltm_delay=4, eos_token_id=None)
+    model = random_model(config, seed=9)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("key_proj.weight", "value_proj.weight", "out_proj.weight")):
+                p.mul_(6.0)
+    save_checkpoint(model, tmp_path / "ckpt")
+    backend = OrtBackend(export_artifact(tmp_path / "ckpt", tmp_path / "onnx", max_context=1100))
+    prompt = [5, 17, 33, 2, 250, 7, 7, 100]
+    [streamed] = generate(backend, [prompt], 1000, SamplingParams(),
+                          RunLimits(max_context=1010, prefill_chunk=3))
+    ids = list(prompt)
+    for _ in range(1000):  # every token from a fresh state over the whole sequence
+        state = backend.new_state(1, len(ids))
+        logits = backend.step(torch.tensor([ids]), torch.tensor([len(ids)]), state, last_only=True)
+        ids.append(int(logits[0].argmax()))
+    assert streamed == ids[len(prompt):]
+
+
+def test_artifact_errors(artifact, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(artifact, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["mosaicrt_version"] = "0.0.1"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="exported by mosaicrt 0.0.1.*re-export"):
+        OrtBackend(other)
+    proc = mosaicrt("generate", other, "--prompt", "x")
+    assert proc.returncode == 2 and "re-export" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+    missing = tmp_path / "missing"
+    shutil.copytree(artifact, missing)
+    model = onnx.load(str(missing / "model.onnx"))
+    keep = [i for i in model.graph.input if i.name != "past.0.stm.s"]
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    onnx.save(model, str(missing / "model.onnx"))
+    with pytest.raises(BackendError, match="past.0.stm.s"):
+        OrtBackend(missing)
+
+    with pytest.raises(CheckpointError, match="not an ONNX artifact"):
+        OrtBackend(tmp_path)
+    with pytest.raises(CapacityError, match="max_context 200"):
+        OrtBackend(artifact).new_state(1, 500)
