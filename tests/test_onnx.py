@@ -49,7 +49,7 @@ def test_artifact_carries_custom_ops_with_function_bodies(artifact):
     assert (DOMAIN, 1) in {(o.domain, o.version) for o in model.opset_import}
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert manifest["ltm_block"] == 4 and manifest["max_context"] == 200
-    assert "past.0.stm.s" in [i.name for i in model.graph.input]
+    assert "past.0.s" in [i.name for i in model.graph.input]
     # Stores go in, and only the new pairs come out: no output is as large as a store.
     assert not [o.name for o in model.graph.output if o.name.startswith("present.")
                 and o.name.endswith(("keys", "values"))]
@@ -131,11 +131,11 @@ def test_artifact_errors(artifact, tmp_path):
     missing = tmp_path / "missing"
     shutil.copytree(artifact, missing)
     model = onnx.load(str(missing / "model.onnx"))
-    keep = [i for i in model.graph.input if i.name != "past.0.stm.s"]
+    keep = [i for i in model.graph.input if i.name != "past.0.s"]
     del model.graph.input[:]
     model.graph.input.extend(keep)
     onnx.save(model, str(missing / "model.onnx"))
-    with pytest.raises(BackendError, match="past.0.stm.s"):
+    with pytest.raises(BackendError, match="past.0.s"):
         OrtBackend(missing)
 
     with pytest.raises(CheckpointError, match="not an ONNX artifact"):

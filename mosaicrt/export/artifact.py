@@ -78,13 +78,6 @@ def sha256(path: Path) -> str:
 
 def make_manifest(config: ModelConfig, dtype: str, max_context: int, last_only: bool,
                   ltm_block: int, onnx_sha256: str) -> dict:
-    layout = {}
-    for memory in config.memories:
-        layout[memory] = {
-            "small_fields": {f: io_spec.state_shapes(config)[f] for f in io_spec.SMALL_FIELDS},
-            "store_shape": io_spec.store_shape(memory, config),
-            "store_fields": list(io_spec.STORE_FIELDS),
-        }
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -98,9 +91,7 @@ def make_manifest(config: ModelConfig, dtype: str, max_context: int, last_only: 
         "max_context": max_context,
         "ltm_block": ltm_block,
         "inputs": [io_spec.INPUT_IDS, io_spec.LENGTHS, io_spec.POSITIONS],
-        "state_names": "past.{layer}.{memory}.{field} -> present.{layer}.{memory}.{field} "
-                       "(small) | new.{layer}.{memory}.{keys,values} (pairs to store)",
-        "state_layout": layout,
+        "state_layout": io_spec.layout(config),
         "onnx_sha256": onnx_sha256,
     }
 

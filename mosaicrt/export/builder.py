@@ -1,11 +1,11 @@
 """Build the stateful step graph of an MMv2 model directly from its weights (config-driven, no tracing).
 
 One graph serves decode (C = 1) and chunked prefill (C > 1); B and C are dynamic, and each row has
-its own position and number of real tokens. Per layer l and memory M the state crosses the graph
-boundary as follows (names in io_spec):
+its own position and number of real tokens. Per layer l the state crosses the graph boundary as
+follows (names and shapes in io_spec; the two memories' heads travel together where they can):
 
-    past.l.M.{s, mx, k_pend, v_pend}  ->  present.l.M.{s, mx, k_pend, v_pend}    small, constant size
-    past.l.M.{keys, values}           ->  new.l.M.{keys, values}                 the stores
+    past.l.{s, mx, k_pend, v_pend}     ->  present.l.{s, mx, k_pend, v_pend}   small, constant size
+    past.l.{stm,ltm}.{keys, values}    ->  new.l.{keys, values}                the stores
 
 The stores are never re-emitted: the graph reads them (the runtime passes the STM ring whole and
 only the LTM blocks that hold readable pairs, as zero-copy views of its preallocated buffers) and
@@ -16,14 +16,15 @@ or out of the graph on every step would cost as much as the retrieval itself.
         |
     Gather(embed) -> x ---------------------------------------------------------+
         |  per layer:                                                           |
-        RMSNorm -> u -> MatMul(W_phi^T), MatMul(W_g^T), MatMul(W_lam^T) -> GatedKeyScan -> keys
-                      -> MatMul(W_psi^T) -> look-ahead values of the completed pairs
-                      keys, pairs, stores -> AssociativeMemory -> y_M               |
+        RMSNorm -> u -> MatMul([W_phi; W_psi; W_g; W_lam]^T of both memories) -> Split
+                      k~, log g, log lam -> GatedKeyScan (all heads) -> keys
+                      v~ -> look-ahead values of the completed pairs
+                      per memory: keys, pairs, store -> AssociativeMemory -> y_M    |
         x += MatMul([y_stm ; y_ltm], W_o^T);  x += SwiGLU(RMSNorm(x)) <-------------+
     RMSNorm -> MatMul(lm_head^T) -> logits (all positions, or the last real one per row)
 
 All weight MatMuls keep activations on the left and a pre-transposed constant on the right, the
-orientation ONNX Runtime prepacks.
+orientation ONNX Runtime prepacks; projections that read the same input share one MatMul.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 from onnx import helper
 
 from mosaicrt.export import io_spec
-from mosaicrt.export.graph import FLOAT, OPSET, GraphBuilder
+from mosaicrt.export.graph import OPSET, GraphBuilder
 from mosaicrt.export.ops import DOMAIN, DOMAIN_VERSION, NO_WINDOW, functions, plugin_attrs
 from mosaicrt.model.mmv2 import MMv2
 
@@ -49,26 +50,25 @@ class StepGraphBuilder:
         self.last_only = last_only
         self.g = GraphBuilder()
 
-    def linear(self, x: str, weight: torch.Tensor, name: str) -> str:
-        """x @ W^T with W^T stored as the right-hand constant."""
-        return self.g.op("MatMul", x, self.g.weight(name, _np(weight).T))
+    def matmul(self, x: str, weight_t: np.ndarray, name: str) -> str:
+        """x @ W^T with W^T (in, out) stored as the right-hand constant."""
+        return self.g.op("MatMul", x, self.g.weight(name, weight_t))
 
     def rmsnorm(self, x: str, weight: torch.Tensor, name: str) -> str:
+        """x / sqrt(mean(x^2) + eps) * w, in the pattern ONNX Runtime fuses into one kernel."""
         g = self.g
-        ms = g.op("ReduceMean", g.op("Mul", x, x), g.ints(-1), keepdims=1)
-        inv = g.op("Reciprocal", g.op("Sqrt", g.op("Add", ms, g.const(self.config.rms_norm_eps))))
-        return g.op("Mul", g.op("Mul", x, inv), g.weight(name, _np(weight)))
+        ms = g.op("ReduceMean", g.op("Pow", x, g.const(2.0)), g.ints(-1), keepdims=1)
+        rms = g.op("Sqrt", g.op("Add", ms, g.const(self.config.rms_norm_eps)))
+        return g.op("Mul", g.op("Div", x, rms), g.weight(name, _np(weight)))
 
     def l2_normalize(self, x: str) -> str:
         g = self.g
         norm = g.op("ReduceL2", x, g.ints(-1), keepdims=1)
         return g.op("Div", x, g.op("Max", norm, g.const(self.config.key_norm_eps)))
 
-    def last_real(self, x: str, lengths: str) -> str:
-        """x (B, C, ...) at each row's last real token -> (B, ...); row of length 0 -> index 0."""
-        g = self.g
-        idx = g.op("Max", g.op("Sub", lengths, g.const(1, np.int64)), g.const(0, np.int64))
-        return g.op("GatherND", x, g.unsqueeze(idx, 1), batch_dims=1)
+    def last_real(self, x: str, step: dict[str, str]) -> str:
+        """x (B, C, ...) at each row's last real token -> (B, ...); a row of length 0 -> index 0."""
+        return self.g.op("GatherND", x, step["last"], batch_dims=1)
 
     def store_positions(self, kind: str, store: str, positions: str) -> str:
         """Position tau of every stored slot (NB, B, S), -1 where the slot holds no pair yet.
@@ -89,101 +89,126 @@ class StepGraphBuilder:
         return g.op("Where", g.op("And", g.op("GreaterOrEqual", tau, g.const(0, np.int64)),
                                   g.op("LessOrEqual", tau, last)), tau, g.const(-1, np.int64))
 
-    def memory(self, layer: int, kind: str, u: str, step: dict[str, str]) -> str:
-        """One memory of one layer: keys, values, retrieval; declares its state I/O."""
-        g, cfg = self.g, self.config
-        mem = getattr(self.model.layers[layer], kind)
-        H, hs = cfg.num_heads, cfg.head_dim
-        prefix = f"layers.{layer}.{kind}"
-        g.scope = f"{prefix}/"
-        past = {f: io_spec.state_name("past", layer, kind, f) for f in io_spec.STATE_FIELDS}
-        present = {f: io_spec.state_name("present", layer, kind, f) for f in io_spec.SMALL_FIELDS}
-        new = {f: io_spec.state_name("new", layer, kind, f) for f in io_spec.STORE_FIELDS}
+    def memory_weights(self, layer: int) -> tuple[np.ndarray, dict[str, np.ndarray], list[int]]:
+        """All of a layer's memory projections as one (d, out) matrix, the per-head parameters
+        (heads of all memories concatenated), and the split sizes [k~, v~, log g, lam]."""
+        mems = [getattr(self.model.layers[layer], m) for m in self.config.memories]
+        blocks = [[m.key_proj.weight for m in mems], [m.value_proj.weight for m in mems],
+                  [m.key_gate.weight for m in mems], [m.key_decay.weight for m in mems]]
+        weight_t = np.concatenate([_np(w).T for block in blocks for w in block], axis=1)
+        sizes = [sum(int(w.shape[0]) for w in block) for block in blocks]
+        params = {k: np.concatenate([_np(m.transforms()[k]) for m in mems])
+                  for k in ("gamma", "alpha_psi", "beta0", "beta1", "alpha")}
+        return weight_t, params, sizes
 
-        k_raw = g.reshape(self.linear(u, mem.key_proj.weight, f"{prefix}.key_proj.weight_t"),
-                          0, 0, H, hs)  # (B, C, H, hs)
-        log_g = self.linear(u, mem.key_gate.weight, f"{prefix}.key_gate.weight_t")  # (B, C, H)
-        log_lam = g.op("Neg", g.op("Abs", self.linear(u, mem.key_decay.weight,
-                                                      f"{prefix}.key_decay.weight_t")))
+    def memories(self, layer: int, u: str, step: dict[str, str]) -> str:
+        """Both memories of one layer: keys (one scan over all heads), values, retrieval."""
+        g, cfg = self.g, self.config
+        H, hs, nM = cfg.num_heads, cfg.head_dim, len(cfg.memories)
+        g.scope = f"layers.{layer}/"
+        past = {f: io_spec.small_name("past", layer, f) for f in io_spec.SMALL_FIELDS}
+        present = {f: io_spec.small_name("present", layer, f) for f in io_spec.SMALL_FIELDS}
+        weight_t, p, sizes = self.memory_weights(layer)
+        proj = self.matmul(u, weight_t, f"layers.{layer}.memory_proj.weight_t")
+        k_raw, v_raw, log_g, lam = g.op("Split", proj, g.ints(*sizes), axis=-1, outputs=4)
+        k_raw = g.reshape(k_raw, 0, 0, nM * H, hs)  # (B, C, nM*H, hs)
+        v_raw = g.reshape(v_raw, 0, 0, nM * H, hs)
+        log_lam = g.op("Neg", g.op("Abs", lam))  # (B, C, nM*H)
         keys, _, _ = g.op("GatedKeyScan", k_raw, log_g, log_lam, step["valid"], past["s"],
                           past["mx"], outputs=[g.fresh("keys"), present["s"], present["mx"]],
-                          domain=DOMAIN, name=f"/model/{prefix}/GatedKeyScan",
+                          domain=DOMAIN, name=f"/model/layers.{layer}/GatedKeyScan",
                           eps=cfg.key_norm_eps, **plugin_attrs())
 
         # Pairs completed by this chunk: pair j is tau = pos-1+j, from the token before chunk
         # token j (the pending one for j = 0) and v~ of chunk token j (eq. 9's look-ahead).
-        v_raw = g.reshape(self.linear(u, mem.value_proj.weight, f"{prefix}.value_proj.weight_t"),
-                          0, 0, H, hs)  # (B, C, H, hs)
-        C = step["C"]
-        before = g.op("Sub", C, g.const(1, np.int64))
-        head = g.ints(0)
         k_pairs = g.op("Concat", g.unsqueeze(past["k_pend"], 1),
-                       g.op("Slice", keys, head, g.unsqueeze(before, 0), g.ints(1)), axis=1)
+                       g.op("Slice", keys, g.ints(0), step["C-1"], g.ints(1)), axis=1)
         v_prev = g.op("Concat", g.unsqueeze(past["v_pend"], 1),
-                      g.op("Slice", v_raw, head, g.unsqueeze(before, 0), g.ints(1)), axis=1)
-        p = {k: _np(v) for k, v in mem.transforms().items()}
-        gamma = g.const(p["gamma"][:, None])  # (H, 1)
-        mixed = g.op("Add", g.op("Mul", gamma, v_prev),
-                     g.op("Mul", g.const(1 - p["gamma"][:, None]), v_raw))
+                      g.op("Slice", v_raw, g.ints(0), step["C-1"], g.ints(1)), axis=1)
+        gamma = p["gamma"][:, None]  # (nM*H, 1)
+        mixed = g.op("Add", g.op("Mul", g.const(gamma), v_prev),
+                     g.op("Mul", g.const(1 - gamma), v_raw))
         v_pairs = g.op("Mul", g.const(p["alpha_psi"][:, None]), self.l2_normalize(mixed))
-        g.op("Identity", k_pairs, outputs=[new["keys"]])
-        g.op("Identity", v_pairs, outputs=[new["values"]])
+        g.op("Identity", k_pairs, outputs=[io_spec.new_pairs_name(layer, "keys")])
+        g.op("Identity", v_pairs, outputs=[io_spec.new_pairs_name(layer, "values")])
 
-        window, delay = (cfg.stm_window, 1) if kind == "stm" else (NO_WINDOW, cfg.ltm_delay)
-        store_tau = self.store_positions(kind, past["keys"], step["positions"])
-        y = g.op("AssociativeMemory", keys, step["t"], past["keys"], past["values"], store_tau,
-                 k_pairs, v_pairs, step["new_tau"], g.const(p["beta0"]), g.const(p["beta1"]),
-                 g.const(p["alpha"]), domain=DOMAIN, name=f"/model/{prefix}/AssociativeMemory",
-                 kind=kind, window=window, delay=delay, **plugin_attrs())
+        split = g.ints(*[H] * nM)
+        per_mem = [g.op("Split", x, split, axis=2, outputs=nM) if nM > 1 else [x]
+                   for x in (keys, k_pairs, v_pairs)]
+        ys = []
+        for i, kind in enumerate(cfg.memories):
+            window, delay = (cfg.stm_window, 1) if kind == "stm" else (NO_WINDOW, cfg.ltm_delay)
+            heads = slice(i * H, (i + 1) * H)
+            store_k = io_spec.store_name(layer, kind, "keys")
+            store_v = io_spec.store_name(layer, kind, "values")
+            ys.append(g.op("AssociativeMemory", per_mem[0][i], step["t"], store_k, store_v,
+                           step[f"tau_{kind}"], per_mem[1][i], per_mem[2][i], step["new_tau"],
+                           g.const(p["beta0"][heads]), g.const(p["beta1"][heads]),
+                           g.const(p["alpha"][heads]), domain=DOMAIN,
+                           name=f"/model/layers.{layer}/{kind}/AssociativeMemory",
+                           kind=kind, window=window, delay=delay, **plugin_attrs()))
 
         # Keep the last real token's key and v~ pending (rows of length 0 keep theirs).
-        has = g.unsqueeze(g.op("Greater", step["lengths"], g.const(0, np.int64)), 1, 2)
-        g.op("Where", has, self.last_real(keys, step["lengths"]), past["k_pend"],
+        g.op("Where", step["has"], self.last_real(keys, step), past["k_pend"],
              outputs=[present["k_pend"]])
-        g.op("Where", has, self.last_real(v_raw, step["lengths"]), past["v_pend"],
+        g.op("Where", step["has"], self.last_real(v_raw, step), past["v_pend"],
              outputs=[present["v_pend"]])
         g.scope = ""
-        return g.reshape(y, 0, 0, H * hs)  # (B, C, H*hs)
+        y = ys[0] if nM == 1 else g.op("Concat", *ys, axis=2)  # (B, C, nM*H, hs)
+        return g.reshape(y, 0, 0, nM * H * hs)
 
-    def build(self) -> onnx.ModelProto:
-        g, cfg, model = self.g, self.config, self.model
+    def step_inputs(self) -> dict[str, str]:
+        """Everything derived from ids, lengths and positions, computed once per step."""
+        g, cfg = self.g, self.config
         ids, lengths, positions = io_spec.INPUT_IDS, io_spec.LENGTHS, io_spec.POSITIONS
         C = g.dim(ids, 1)
         steps = g.arange(C)  # (C,)
         valid = g.op("Less", g.unsqueeze(steps, 0), g.unsqueeze(lengths, 1))  # (B, C)
         t = g.op("Add", g.unsqueeze(positions, 1), g.unsqueeze(steps, 0))  # (B, C)
         tau = g.op("Sub", t, g.const(1, np.int64))
-        new_tau = g.op("Where", g.op("And", valid, g.op("GreaterOrEqual", tau, g.const(0, np.int64))),
-                       tau, g.const(-1, np.int64))  # (B, C)
-        step = {"C": C, "valid": valid, "t": t, "new_tau": new_tau, "lengths": lengths,
-                "positions": positions}
+        zero = g.const(0, np.int64)
+        new_tau = g.op("Where", g.op("And", valid, g.op("GreaterOrEqual", tau, zero)), tau,
+                       g.const(-1, np.int64))  # (B, C)
+        last = g.op("Max", g.op("Sub", lengths, g.const(1, np.int64)), zero)  # (B,)
+        step = {"C-1": g.unsqueeze(g.op("Sub", C, g.const(1, np.int64)), 0), "valid": valid,
+                "t": t, "new_tau": new_tau, "last": g.unsqueeze(last, 1),
+                "has": g.unsqueeze(g.op("Greater", lengths, zero), 1, 2)}
+        for kind in cfg.memories:
+            step[f"tau_{kind}"] = self.store_positions(
+                kind, io_spec.store_name(0, kind, "keys"), positions)
+        return step
 
-        safe_ids = g.op("Where", valid, ids, g.const(0, np.int64))
-        x = g.op("Gather", g.weight("embed_tokens.weight", _np(model.embed_tokens.weight)), safe_ids)
+    def build(self) -> onnx.ModelProto:
+        g, cfg, model = self.g, self.config, self.model
+        step = self.step_inputs()
+        safe_ids = g.op("Where", step["valid"], io_spec.INPUT_IDS, g.const(0, np.int64))
+        x = g.op("Gather", g.weight("embed_tokens.weight", _np(model.embed_tokens.weight)),
+                 safe_ids)  # (B, C, d)
+        f = cfg.intermediate_size
         for i, layer in enumerate(model.layers):
             u = self.rmsnorm(x, layer.memory_norm.weight, f"layers.{i}.memory_norm.weight")
-            ys = [self.memory(i, kind, u, step) for kind in cfg.memories]
-            y = ys[0] if len(ys) == 1 else g.op("Concat", *ys, axis=-1)
-            x = g.op("Add", x, self.linear(y, layer.out_proj.weight, f"layers.{i}.out_proj.weight_t"))
+            y = self.memories(i, u, step)
+            x = g.op("Add", x, self.matmul(y, _np(layer.out_proj.weight).T,
+                                           f"layers.{i}.out_proj.weight_t"))
             z = self.rmsnorm(x, layer.ffn_norm.weight, f"layers.{i}.ffn_norm.weight")
-            f = layer.ffn
-            gate = self.linear(z, f.gate_proj.weight, f"layers.{i}.ffn.gate_proj.weight_t")
-            act = g.op("Mul", gate, g.op("Sigmoid", gate))  # silu
-            up = self.linear(z, f.up_proj.weight, f"layers.{i}.ffn.up_proj.weight_t")
-            x = g.op("Add", x, self.linear(g.op("Mul", act, up), f.down_proj.weight,
+            ffn = layer.ffn
+            gate_up_t = np.concatenate([_np(ffn.gate_proj.weight).T, _np(ffn.up_proj.weight).T], 1)
+            gate, up = g.op("Split", self.matmul(z, gate_up_t, f"layers.{i}.ffn.gate_up.weight_t"),
+                            g.ints(f, f), axis=-1, outputs=2)
+            act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)  # silu(gate) * up
+            x = g.op("Add", x, self.matmul(act, _np(ffn.down_proj.weight).T,
                                            f"layers.{i}.ffn.down_proj.weight_t"))
         if self.last_only:
-            x = self.last_real(x, lengths)  # (B, d)
+            x = self.last_real(x, step)  # (B, d)
         h = self.rmsnorm(x, model.norm.weight, "norm.weight")
         g.op("MatMul", h, g.weight("lm_head.weight_t", _np(model.lm_head.weight).T),
              outputs=[io_spec.LOGITS])
-        graph = helper.make_graph(g.nodes, "mmv2_step", io_spec.graph_inputs(cfg, FLOAT),
-                                  io_spec.graph_outputs(cfg, FLOAT, self.last_only),
+        graph = helper.make_graph(g.nodes, "mmv2_step", io_spec.graph_inputs(cfg),
+                                  io_spec.graph_outputs(cfg, self.last_only),
                                   initializer=g.initializers)
         return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                        helper.make_opsetid(DOMAIN, DOMAIN_VERSION)],
-                                 functions=functions(), ir_version=9,
-                                 producer_name="mosaicrt")
+                                 functions=functions(), ir_version=9, producer_name="mosaicrt")
 
 
 def build_step_model(model: MMv2, last_only: bool = False) -> onnx.ModelProto:

@@ -20,6 +20,7 @@ class GraphBuilder:
         self.initializers: list[onnx.TensorProto] = []
         self.counter = 0
         self.scope = ""
+        self.constants: dict[tuple, str] = {}
 
     def fresh(self, hint: str) -> str:
         self.counter += 1
@@ -36,13 +37,17 @@ class GraphBuilder:
                                            domain=domain, **attrs))
         return names[0] if len(names) == 1 else names
 
-    def const(self, value, dtype=np.float32, name: str | None = None) -> str:
-        """A constant tensor (a Constant node in functions, an initializer in graphs is `weight`)."""
+    def const(self, value, dtype=np.float32) -> str:
+        """A constant tensor as a Constant node; equal constants share one node, so that ONNX
+        Runtime's common-subexpression elimination can merge the computations that use them."""
         array = np.asarray(value, dtype=dtype)
-        out = name or self.fresh("const")
-        self.nodes.append(helper.make_node("Constant", [], [out], name=f"/{out}",
-                                           value=numpy_helper.from_array(array)))
-        return out
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self.constants:
+            out = self.fresh("const")
+            self.nodes.append(helper.make_node("Constant", [], [out], name=f"/{out}",
+                                               value=numpy_helper.from_array(array)))
+            self.constants[key] = out
+        return self.constants[key]
 
     def weight(self, name: str, array: np.ndarray) -> str:
         """A graph initializer (model weights)."""

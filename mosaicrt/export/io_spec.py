@@ -1,6 +1,12 @@
 """Names, dtypes and symbolic shapes of the step graph's inputs and outputs, in one place.
 
 Written into the ONNX graph by the builder and into the artifact manifest, which the runtime reads.
+Heads of a layer's two memories travel together where their shapes agree: index [0, H) is the
+STM, [H, 2H) the LTM.
+
+    past.{l}.{s, mx, k_pend, v_pend}   -> present.{l}.{...}   (B, nM*H, hs) / (B, nM*H), fp32
+    past.{l}.{stm, ltm}.{keys, values}                         stores, (NB, B, H, S, hs)
+                                       -> new.{l}.{keys, values}   (B, C, nM*H, hs) new pairs
 """
 
 from __future__ import annotations
@@ -11,59 +17,74 @@ from mosaicrt.model.config import ModelConfig
 
 INPUT_IDS, LENGTHS, POSITIONS, LOGITS = "input_ids", "lengths", "positions", "logits"
 SMALL_FIELDS = ("s", "mx", "k_pend", "v_pend")  # constant-size state, re-emitted each step
-STORE_FIELDS = ("keys", "values")  # stores: read by the graph, new pairs emitted
-STATE_FIELDS = SMALL_FIELDS + STORE_FIELDS
+STORE_FIELDS = ("keys", "values")  # stores: read by the graph; only new pairs are emitted
 
 
-def state_name(kind: str, layer: int, memory: str, field: str) -> str:
-    """past.{l}.{M}.{field} (input), present.{l}.{M}.{field} or new.{l}.{M}.{field} (outputs)."""
-    return f"{kind}.{layer}.{memory}.{field}"
+def small_name(kind: str, layer: int, field: str) -> str:
+    """past.{l}.{field} (input) or present.{l}.{field} (output)."""
+    return f"{kind}.{layer}.{field}"
 
 
-def state_shapes(config: ModelConfig) -> dict[str, list]:
-    """Symbolic shape of each state field. Stores are blocks: (NB, B, H, S, hs); the STM ring is
-    one block of S = h-1 slots, the LTM a prefix of its blocks (NB_ltm readable blocks)."""
-    H, hs = config.num_heads, config.head_dim
-    return {"s": ["batch", H, hs], "mx": ["batch", H], "k_pend": ["batch", H, hs],
-            "v_pend": ["batch", H, hs]}
+def store_name(layer: int, memory: str, field: str) -> str:
+    return f"past.{layer}.{memory}.{field}"
 
 
-def store_shape(memory: str, config: ModelConfig) -> list:
+def new_pairs_name(layer: int, field: str) -> str:
+    return f"new.{layer}.{field}"
+
+
+def small_shape(config: ModelConfig, field: str) -> list:
+    heads = config.num_heads * len(config.memories)
+    return ["batch", heads] if field == "mx" else ["batch", heads, config.head_dim]
+
+
+def store_shape(config: ModelConfig, memory: str) -> list:
+    """The STM ring is one block of S = h-1 slots; the LTM is fed its leading readable blocks."""
     H, hs = config.num_heads, config.head_dim
     if memory == "stm":
         return [1, "batch", H, config.stm_window - 1, hs]
     return ["ltm_blocks", "batch", H, "ltm_block", hs]
 
 
-def graph_inputs(config: ModelConfig, dtype: int) -> list:
+def graph_inputs(config: ModelConfig) -> list:
     inputs = [helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["batch", "chunk"]),
               helper.make_tensor_value_info(LENGTHS, TensorProto.INT64, ["batch"]),
               helper.make_tensor_value_info(POSITIONS, TensorProto.INT64, ["batch"])]
-    shapes = state_shapes(config)
     for layer in range(config.num_layers):
+        for field in SMALL_FIELDS:
+            inputs.append(helper.make_tensor_value_info(
+                small_name("past", layer, field), TensorProto.FLOAT, small_shape(config, field)))
         for memory in config.memories:
-            for field in SMALL_FIELDS:
-                inputs.append(helper.make_tensor_value_info(
-                    state_name("past", layer, memory, field), TensorProto.FLOAT, shapes[field]))
             for field in STORE_FIELDS:
                 inputs.append(helper.make_tensor_value_info(
-                    state_name("past", layer, memory, field), dtype, store_shape(memory, config)))
+                    store_name(layer, memory, field), TensorProto.FLOAT,
+                    store_shape(config, memory)))
     return inputs
 
 
-def graph_outputs(config: ModelConfig, dtype: int, last_only: bool) -> list:
-    logits_shape = ["batch", config.vocab_size] if last_only else ["batch", "chunk",
-                                                                  config.vocab_size]
+def graph_outputs(config: ModelConfig, last_only: bool) -> list:
+    logits_shape = (["batch", config.vocab_size] if last_only
+                    else ["batch", "chunk", config.vocab_size])
     outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, logits_shape)]
-    shapes = state_shapes(config)
-    H, hs = config.num_heads, config.head_dim
+    heads = config.num_heads * len(config.memories)
     for layer in range(config.num_layers):
-        for memory in config.memories:
-            for field in SMALL_FIELDS:
-                outputs.append(helper.make_tensor_value_info(
-                    state_name("present", layer, memory, field), TensorProto.FLOAT, shapes[field]))
-            for field in STORE_FIELDS:
-                outputs.append(helper.make_tensor_value_info(
-                    state_name("new", layer, memory, field), TensorProto.FLOAT,
-                    ["batch", "chunk", H, hs]))
+        for field in SMALL_FIELDS:
+            outputs.append(helper.make_tensor_value_info(
+                small_name("present", layer, field), TensorProto.FLOAT, small_shape(config, field)))
+        for field in STORE_FIELDS:
+            outputs.append(helper.make_tensor_value_info(
+                new_pairs_name(layer, field), TensorProto.FLOAT,
+                ["batch", "chunk", heads, config.head_dim]))
     return outputs
+
+
+def layout(config: ModelConfig) -> dict:
+    """The state layout, for the manifest."""
+    return {
+        "heads": "per layer, STM heads first, then LTM heads",
+        "small": {small_name("past", "{layer}", f): small_shape(config, f) for f in SMALL_FIELDS},
+        "stores": {store_name("{layer}", m, "{keys,values}"): store_shape(config, m)
+                   for m in config.memories},
+        "new_pairs": {new_pairs_name("{layer}", "{keys,values}"):
+                      ["batch", "chunk", config.num_heads * len(config.memories), config.head_dim]},
+    }

@@ -53,13 +53,12 @@ def _attr_const(g: GraphBuilder, attr: str, kind: int) -> str:
 
 def gated_key_scan_function() -> onnx.FunctionProto:
     g = GraphBuilder()
-    k_raw, log_g, log_lam, valid, s_in, mx_in = ("k_raw", "log_g", "log_lam", "valid", "s_in",
-                                                 "mx_in")
+    inputs = ["k_raw", "log_g", "log_lam", "valid", "s_in", "mx_in"]
     eps = _attr_const(g, "eps", AttributeProto.FLOAT)
-    valid3 = g.unsqueeze(valid, 2)  # (B, C, 1)
-    a = g.op("Transpose", g.op("Where", valid3, log_g, g.const(NEG_INF)), perm=[0, 2, 1])  # (B,H,C)
-    lam = g.op("Transpose", g.op("Where", valid3, log_lam, g.const(0.0)), perm=[0, 2, 1])  # (B,H,C)
-    C = g.dim(k_raw, 1)
+    C = g.dim("k_raw", 1)
+    valid3 = g.unsqueeze("valid", 2)  # (B, C, 1)
+    a = g.op("Transpose", g.op("Where", valid3, "log_g", g.const(NEG_INF)), perm=[0, 2, 1])
+    lam = g.op("Transpose", g.op("Where", valid3, "log_lam", g.const(0.0)), perm=[0, 2, 1])
     steps = g.arange(C)  # (C,)
     # Lam[tau, t] = sum_i lam_i [tau < i <= t]: cumulative sum over i of lam masked by i > tau.
     after = g.op("Cast", g.op("Greater", g.unsqueeze(steps, 0), g.unsqueeze(steps, 1)), to=1)
@@ -68,12 +67,13 @@ def gated_key_scan_function() -> onnx.FunctionProto:
                perm=[0, 1, 3, 2])  # (B, H, t, tau)
     causal = g.op("LessOrEqual", g.unsqueeze(steps, 0), g.unsqueeze(steps, 1))  # [t, tau]: tau<=t
     w = g.op("Where", causal, g.op("Add", Lam, g.unsqueeze(a, 2)), g.const(NEG_INF))  # (B,H,t,tau)
-    w_state = g.op("Add", g.unsqueeze(mx_in, 2), g.op("CumSum", lam, g.const(2, np.int64)))  # (B,H,t)
-    M = g.op("Max", g.op("ReduceMax", w, g.ints(3), keepdims=0), w_state, g.const(FLOOR))  # (B,H,t)
+    w_state = g.op("Add", g.unsqueeze("mx_in", 2),
+                   g.op("CumSum", lam, g.const(2, np.int64)))  # (B, H, t)
+    M = g.op("Max", g.op("ReduceMax", w, g.ints(3), keepdims=0), w_state, g.const(FLOOR))
     E = g.op("Exp", g.op("Sub", w, g.unsqueeze(M, 3)))  # (B, H, t, tau)
-    k_h = g.op("Transpose", k_raw, perm=[0, 2, 1, 3])  # (B, H, C, hs)
+    k_h = g.op("Transpose", "k_raw", perm=[0, 2, 1, 3])  # (B, H, C, hs)
     carried = g.op("Mul", g.unsqueeze(g.op("Exp", g.op("Sub", w_state, M)), 3),
-                   g.unsqueeze(s_in, 2))  # (B, H, t, hs)
+                   g.unsqueeze("s_in", 2))  # (B, H, t, hs)
     s = g.op("Add", g.op("MatMul", E, k_h), carried)  # (B, H, t, hs)
     # k = k_bar / max(||k_bar||, eps) with k_bar = exp(M) s  <=>  s / max(||s||, eps exp(-M)).
     bound = g.op("Mul", eps, g.op("Exp", g.op("Neg", M)))
@@ -82,9 +82,8 @@ def gated_key_scan_function() -> onnx.FunctionProto:
     last = g.op("Sub", C, g.const(1, np.int64))
     g.op("Gather", s, last, axis=2, outputs=["s_out"])  # (B, H, hs)
     g.op("Gather", M, last, axis=2, outputs=["mx_out"])  # (B, H)
-    return helper.make_function(DOMAIN, "GatedKeyScan", [k_raw, log_g, log_lam, valid, s_in, mx_in],
-                                ["keys", "s_out", "mx_out"], g.nodes,
-                                [helper.make_opsetid("", OPSET)], attributes=["eps"])
+    return helper.make_function(DOMAIN, "GatedKeyScan", inputs, ["keys", "s_out", "mx_out"],
+                                g.nodes, [helper.make_opsetid("", OPSET)], attributes=["eps"])
 
 
 def associative_memory_function() -> onnx.FunctionProto:
@@ -120,16 +119,19 @@ def associative_memory_function() -> onnx.FunctionProto:
     vis_new = visible(g.unsqueeze(new_tau, 1, 2), g.unsqueeze(t, 1, 3))  # (B, 1, C, C')
     s_new = g.op("Where", vis_new, s_new, g.const(NEG_INF))
 
+    # Scores to (NB, B, H, C, S) before the exp, so the probabilities meet the values in a plain
+    # MatMul (a transposed operand would take a slower, fused path over the whole store).
+    s_old = g.op("Transpose", s_old, perm=[0, 1, 2, 4, 3])  # (NB, B, H, C, S)
     # One softmax over both parts: a shared max (0 when the set is empty), then merged sums.
-    m_old = g.op("ReduceMax", s_old, g.ints(0, 3), keepdims=0)  # (B, H, C)
+    m_old = g.op("ReduceMax", s_old, g.ints(0, 4), keepdims=0)  # (B, H, C)
     m = g.op("Max", m_old, g.op("ReduceMax", s_new, g.ints(3), keepdims=0))  # (B, H, C)
     m = g.op("Where", g.op("IsInf", m), g.const(0.0), m)
-    e_old = g.op("Exp", g.op("Sub", s_old, g.unsqueeze(m, 0, 3)))  # (NB, B, H, S, C)
+    e_old = g.op("Exp", g.op("Sub", s_old, g.unsqueeze(m, 0, 4)))  # (NB, B, H, C, S)
     e_new = g.op("Exp", g.op("Sub", s_new, g.unsqueeze(m, 3)))  # (B, H, C, C')
-    denom = g.op("Add", g.op("ReduceSum", e_old, g.ints(0, 3), keepdims=0),
+    denom = g.op("Add", g.op("ReduceSum", e_old, g.ints(0, 4), keepdims=0),
                  g.op("ReduceSum", e_new, g.ints(3), keepdims=0))  # (B, H, C)
-    y_old = g.op("ReduceSum", g.op("MatMul", g.op("Transpose", e_old, perm=[0, 1, 2, 4, 3]),
-                                   store_v), g.ints(0), keepdims=0)  # (B, H, C, hs)
+    y_old = g.op("ReduceSum", g.op("MatMul", e_old, store_v), g.ints(0),
+                 keepdims=0)  # (B, H, C, hs)
     y_new = g.op("MatMul", e_new, g.op("Transpose", new_v, perm=[0, 2, 1, 3]))  # (B, H, C, hs)
     # A non-empty set has denom >= 1 (its max term is exp(0)); an empty one has 0 / 1 = 0.
     y = g.op("Div", g.op("Add", y_old, y_new), g.unsqueeze(g.op("Max", denom, g.const(1.0)), 3))

@@ -73,9 +73,11 @@ class OrtBackend(Backend):
                                f"({', '.join(missing)}): re-export the artifact")
 
     def _state_names(self) -> list[str]:
-        return [io_spec.state_name("past", layer, memory, field)
-                for layer in range(self.config.num_layers) for memory in self.config.memories
-                for field in io_spec.STATE_FIELDS]
+        cfg = self.config
+        return ([io_spec.small_name("past", layer, f) for layer in range(cfg.num_layers)
+                 for f in io_spec.SMALL_FIELDS]
+                + [io_spec.store_name(layer, m, f) for layer in range(cfg.num_layers)
+                   for m in cfg.memories for f in io_spec.STORE_FIELDS])
 
     def new_state(self, batch: int, capacity: int) -> OrtState:
         if capacity > self.max_context:
@@ -84,19 +86,19 @@ class OrtBackend(Backend):
                                 "--max-context or lower --max-context here")
         cfg = self.config
         H, hs, S = cfg.num_heads, cfg.head_dim, self.block
+        heads = H * len(cfg.memories)
         blocks = max(1, -(-(capacity - 1) // S))
         small, stores = {}, {}
         for layer in range(cfg.num_layers):
+            for field in io_spec.SMALL_FIELDS:
+                shape = (batch, heads) if field == "mx" else (batch, heads, hs)
+                fill = -np.inf if field == "mx" else 0.0
+                small[io_spec.small_name("past", layer, field)] = np.full(shape, fill, np.float32)
             for memory in cfg.memories:
-                name = lambda f: io_spec.state_name("past", layer, memory, f)  # noqa: E731
-                small[name("s")] = np.zeros((batch, H, hs), np.float32)
-                small[name("mx")] = np.full((batch, H), -np.inf, np.float32)
-                small[name("k_pend")] = np.zeros((batch, H, hs), np.float32)
-                small[name("v_pend")] = np.zeros((batch, H, hs), np.float32)
                 shape = ((1, batch, H, cfg.stm_window - 1, hs) if memory == "stm"
                          else (blocks, batch, H, S, hs))
                 for field in io_spec.STORE_FIELDS:
-                    stores[name(field)] = np.zeros(shape, np.float32)
+                    stores[io_spec.store_name(layer, memory, field)] = np.zeros(shape, np.float32)
         return OrtState(np.zeros(batch, np.int64), small, stores, capacity)
 
     def reset(self, state: OrtState, rows: torch.Tensor) -> None:
@@ -130,7 +132,7 @@ class OrtBackend(Backend):
             feeds[name] = store if ".stm." in name else store[:nb]  # leading blocks: a view
         outputs = dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
         for name, array in state.small.items():
-            np.copyto(array, outputs["present" + name[len("past"):]])
+            np.copyto(array, outputs["present" + name[len("past"):]])  # small: (B, nM*H, hs)
         self._write_pairs(state, outputs, lengths_np, C)
         state.pos += lengths_np
         logits = outputs[io_spec.LOGITS]
@@ -141,19 +143,26 @@ class OrtBackend(Backend):
     def _write_pairs(self, state: OrtState, outputs: dict[str, np.ndarray],
                      lengths: np.ndarray, C: int) -> None:
         """Store the pairs this step completed: pair j of row b is tau = pos_b - 1 + j."""
+        cfg, S = self.config, self.block
         j = np.arange(C)[None, :]
         tau = state.pos[:, None] - 1 + j  # (B, C)
         ok = (j < lengths[:, None]) & (tau >= 0)
-        ring = self.config.stm_window - 1
+        ring = cfg.stm_window - 1
         newest = (state.pos + lengths - 2)[:, None]
-        in_ring = ok & (tau > newest - ring)  # a ring keeps only its newest h-1 pairs
-        rows_all, cols_all = np.nonzero(ok)
-        rows_ring, cols_ring = np.nonzero(in_ring)
-        for name, store in state.stores.items():
-            new = outputs["new" + name[len("past"):]]  # (B, C, H, hs)
-            if ".stm." in name:
-                slot = tau[rows_ring, cols_ring] % ring
-                store[0, rows_ring, :, slot] = new[rows_ring, cols_ring]
-            else:
-                t = tau[rows_all, cols_all]
-                store[t // self.block, rows_all, :, t % self.block] = new[rows_all, cols_all]
+        rows = {"ltm": np.nonzero(ok),  # a ring keeps only its newest h-1 pairs:
+                "stm": np.nonzero(ok & (tau > newest - ring))}
+        H = cfg.num_heads
+        for layer in range(cfg.num_layers):
+            for field in io_spec.STORE_FIELDS:
+                new = outputs[io_spec.new_pairs_name(layer, field)]  # (B, C, nM*H, hs)
+                for i, memory in enumerate(cfg.memories):
+                    b, c = rows[memory]
+                    if not len(b):
+                        continue
+                    pairs = new[b, c, i * H:(i + 1) * H]  # (n, H, hs)
+                    store = state.stores[io_spec.store_name(layer, memory, field)]
+                    t = tau[b, c]
+                    if memory == "stm":
+                        store[0, b, :, t % ring] = pairs
+                    else:
+                        store[t // S, b, :, t % S] = pairs
