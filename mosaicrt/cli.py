@@ -116,6 +116,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from mosaicrt.export.artifact import read_manifest
+    from mosaicrt.runtime.check import run_check
+
+    manifest, _ = read_manifest(args.artifact)
+    checkpoint = args.checkpoint or manifest.get("source_checkpoint")
+    if not checkpoint or not Path(checkpoint).is_dir():
+        raise InputError(f"the torch reference needs the checkpoint {args.artifact} was exported "
+                         f"from ({checkpoint or 'not recorded'} is not there): pass --checkpoint")
+    passed = run_check(args.artifact, checkpoint, args.atol, args.rtol)
+    print(f"check {'PASSED' if passed else 'FAILED'}: onnxruntime vs torch reference "
+          f"(atol {args.atol}, rtol {args.rtol})")
+    return 0 if passed else 1
+
+
 def print_memory_plan(config, limits) -> None:
     from mosaicrt.model.state import memory_plan
 
@@ -276,6 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--last-only", action="store_true",
                    help="emit logits of each row's last token only (no `score`)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("check", help="compare an artifact's backends with the torch reference")
+    p.add_argument("artifact")
+    p.add_argument("--checkpoint", help="the source checkpoint (default: the one recorded at export)")
+    p.add_argument("--atol", type=float, default=1e-4)
+    p.add_argument("--rtol", type=float, default=1e-3)
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("score", help="logits of token arrays")
     add_run_args(p)

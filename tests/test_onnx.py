@@ -142,3 +142,38 @@ def test_artifact_errors(artifact, tmp_path):
         OrtBackend(tmp_path)
     with pytest.raises(CapacityError, match="max_context 200"):
         OrtBackend(artifact).new_state(1, 500)
+
+
+def test_check_compares_with_polygraphy(tmp_path):
+    ckpt, other = tmp_path / "ckpt", tmp_path / "other"
+    config = preset("tiny").replace(stm_window=6, ltm_delay=4)
+    save_checkpoint(random_model(config, seed=1), ckpt)
+    save_checkpoint(random_model(config, seed=2), other)
+    export_artifact(ckpt, tmp_path / "onnx", max_context=64, ltm_block=4)
+    proc = mosaicrt("check", tmp_path / "onnx")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "check PASSED" in proc.stdout
+    assert "PASSED | Output: 'logits'" in proc.stdout + proc.stderr
+    assert "PASSED | Output: 'new.1.values'" in proc.stdout + proc.stderr
+    proc = mosaicrt("check", tmp_path / "onnx", "--checkpoint", other)
+    assert proc.returncode == 1 and "check FAILED" in proc.stdout
+
+
+def _cuda_ep() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_ep(), reason="needs onnxruntime-gpu (CUDAExecutionProvider) and a "
+                                           "CUDA GPU; this machine has neither")
+def test_cuda_execution_provider_matches_reference(oracle_ckpt, artifact):
+    config, _ = oracle.load_checkpoint(oracle_ckpt)
+    ids = torch.from_numpy(np.random.default_rng(3).integers(0, config["vocab_size"], (2, 40)))
+    limits = RunLimits(max_context=40, prefill_chunk=8)
+    backend = OrtBackend(artifact, device="cuda")
+    assert backend.session.get_providers()[0] == "CUDAExecutionProvider"
+    got = score(backend, ids, limits)
+    want = score(TorchBackend(oracle_ckpt, device="cpu"), ids, limits)
+    assert (got - want).abs().max() <= ATOL_ORACLE

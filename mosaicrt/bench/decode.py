@@ -49,23 +49,30 @@ def bytes_per_step(config: ModelConfig, context: int, elem: int = 4) -> int:
     return weights + stm + ltm
 
 
-def decode_tpot(backend: Backend, context: int, steps: int, warmup: int,
-                chunk: int) -> list[float]:
-    """Prefill `context` random tokens, then time single-token steps (seconds each)."""
-    gen = torch.Generator().manual_seed(0)
-    state = backend.new_state(1, context + warmup + steps + 1)
+def prefill(backend: Backend, context: int, capacity: int, chunk: int):
+    """A batch-1 state that has consumed `context` random tokens."""
+    gen = torch.Generator().manual_seed(context)
+    state = backend.new_state(1, capacity)
     ids = torch.randint(0, backend.config.vocab_size, (1, context), generator=gen)
     for start in range(0, context, chunk):
         part = ids[:, start:start + chunk]
         backend.step(part, torch.tensor([part.shape[1]]), state, last_only=True)
-    token = torch.randint(0, backend.config.vocab_size, (1, 1), generator=gen)
+    return state
+
+
+def interleaved_tpot(cases: dict, steps: int, warmup: int) -> dict:
+    """Time single-token steps of every (backend, state) case in turn, round after round, so that
+    a slow spell of the machine hits all cases alike (cases of one backend only: two runtimes'
+    spinning thread pools would slow each other). Returns seconds per step for each case."""
+    token = torch.tensor([[1]])
     one = torch.ones(1, dtype=torch.int64)
-    times = []
+    times: dict = {key: [] for key in cases}
     for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        token = backend.step(token, one, state, last_only=True).argmax(-1, keepdim=True)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+        for key, (backend, state) in cases.items():
+            t0 = time.perf_counter()
+            backend.step(token, one, state, last_only=True).argmax(-1)
+            if i >= warmup:
+                times[key].append(time.perf_counter() - t0)
     return times
 
 
@@ -105,28 +112,30 @@ def main(argv: list[str] | None = None) -> None:
     plans = [(True, int(c)) for c in args.contexts.split(",") if c]
     plans += [(False, int(c)) for c in args.stm_only_contexts.split(",") if c]
     bandwidth = measure_bandwidth_gb_s()
-    rows = []
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for use_ltm in sorted({u for u, _ in plans}, reverse=True):
             config = preset(args.preset).replace(use_ltm=use_ltm)
             contexts = [c for u, c in plans if u == use_ltm]
-            limit = max(contexts) + args.warmup + args.steps + 1
-            backends = open_backends(names, config, Path(tmp) / f"ltm{int(use_ltm)}", limit)
-            for context in contexts:
-                for name, backend in tqdm(backends.items(), desc=f"ltm={use_ltm} ctx={context}"):
-                    times = decode_tpot(backend, context, args.steps, args.warmup,
-                                        args.prefill_chunk)
-                    tpot = statistics.median(times)
-                    roof = bytes_per_step(config, context) / (bandwidth * 1e9)
-                    rows.append({"backend": name, "use_ltm": use_ltm, "context": context,
-                                 "tpot_ms": {"p50": 1e3 * tpot,
-                                             "mean": 1e3 * statistics.fmean(times),
-                                             "min": 1e3 * min(times)},
-                                 "bytes_per_step": bytes_per_step(config, context),
-                                 "roofline_ms": 1e3 * roof, "roofline_fraction": roof / tpot})
-                    tqdm.write(f"{name:12s} ltm={use_ltm!s:5} ctx={context:6d} "
-                               f"tpot p50 {1e3 * tpot:7.2f} ms  roofline {1e3 * roof:6.2f} ms "
-                               f"({100 * roof / tpot:5.1f} %)")
+            capacity = max(contexts) + args.warmup + args.steps + 1
+            backends = open_backends(names, config, Path(tmp) / f"ltm{int(use_ltm)}", capacity)
+            times = {}
+            for name, backend in backends.items():  # one runtime at a time: their thread pools
+                cases = {(name, c): (backend, prefill(backend, c, capacity, args.prefill_chunk))
+                         for c in tqdm(contexts, desc=f"prefill {name}")}
+                times.update(interleaved_tpot(cases, args.steps, args.warmup))
+                del cases
+            for (name, context), samples in times.items():
+                tpot = statistics.median(samples)
+                roof = bytes_per_step(config, context) / (bandwidth * 1e9)
+                rows.append({"backend": name, "use_ltm": use_ltm, "context": context,
+                             "tpot_ms": {"p50": 1e3 * tpot, "mean": 1e3 * statistics.fmean(samples),
+                                         "min": 1e3 * min(samples)},
+                             "bytes_per_step": bytes_per_step(config, context),
+                             "roofline_ms": 1e3 * roof, "roofline_fraction": roof / tpot})
+                print(f"{name:12s} ltm={use_ltm!s:5} ctx={context:6d} tpot p50 {1e3 * tpot:7.2f} ms"
+                      f"  roofline {1e3 * roof:6.2f} ms ({100 * roof / tpot:5.1f} %)")
+            del backends
     for row in rows:
         ref = next((r for r in rows if r["backend"] == "torch" and r["use_ltm"] == row["use_ltm"]
                     and r["context"] == row["context"]), None)

@@ -64,6 +64,7 @@ def export_artifact(checkpoint: str | Path, out_dir: str | Path, dtype: str = "f
         shutil.copy(tokenizer, out / "tokenizer.json")
     manifest = make_manifest(config, dtype, max_context, last_only, ltm_block,
                              sha256(out / MODEL_FILE))
+    manifest["source_checkpoint"] = str(Path(checkpoint).resolve())
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
 

@@ -1,0 +1,145 @@
+"""`mosaicrt check`: run an artifact's step graph in ONNX Runtime and the torch reference on the same
+inputs and compare every output with Polygraphy's Comparator.
+
+The inputs are real decode states: a batch of two sequences is prefilled with random tokens to
+different positions (past the STM window and the LTM delay, so both stores hold pairs), then each
+runner takes the same chunk (a decode step and a short prefill chunk) from that state.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mosaicrt.errors import BackendError
+from mosaicrt.export import io_spec
+from mosaicrt.model.checkpoint import load_model
+from mosaicrt.model.state import DecodeState
+from mosaicrt.runtime.ort_backend import OrtBackend
+
+try:
+    from polygraphy.backend.base import BaseRunner
+except ImportError:  # the check needs the [onnx] extra; the CLI says so
+    BaseRunner = object
+
+
+class TorchReferenceRunner(BaseRunner):
+    """A Polygraphy runner that feeds the step graph's inputs to the PyTorch reference."""
+
+    def __init__(self, checkpoint: str | Path, block: int, last_only: bool) -> None:
+        super().__init__(name="torch-reference", prefix="torch-runner")
+        self.checkpoint, self.block, self.last_only = checkpoint, block, last_only
+
+    def activate_impl(self) -> None:
+        self.model = load_model(self.checkpoint, dtype=torch.float32)
+        self.config = self.model.config
+
+    def deactivate_impl(self) -> None:
+        del self.model
+
+    def get_input_metadata_impl(self):
+        from polygraphy.common import TensorMetadata
+
+        meta = TensorMetadata()
+        for value in io_spec.graph_inputs(self.config):
+            dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+            dtype = np.int64 if value.type.tensor_type.elem_type == 7 else np.float32
+            meta.add(value.name, dtype, dims)
+        return meta
+
+    def to_state(self, feed: dict[str, np.ndarray]) -> DecodeState:
+        """The graph's state inputs in the reference's layout."""
+        cfg, H = self.config, self.config.num_heads
+        pos = feed[io_spec.POSITIONS]
+        ltm_slots = feed[io_spec.store_name(0, "ltm", "keys")].shape[0] * self.block \
+            if cfg.use_ltm else 1
+        state = DecodeState.allocate(cfg, len(pos), ltm_slots + 1)
+        state.pos.copy_(torch.from_numpy(pos))
+        for layer, memories in enumerate(state.memories):
+            for i, (memory, st) in enumerate(memories.items()):
+                for field in io_spec.SMALL_FIELDS:
+                    small = torch.from_numpy(feed[io_spec.small_name("past", layer, field)])
+                    getattr(st, field).copy_(small[:, i * H:(i + 1) * H])
+                for field, target in (("keys", st.keys), ("values", st.vals)):
+                    store = torch.from_numpy(feed[io_spec.store_name(layer, memory, field)])
+                    rows = store.permute(1, 0, 3, 2, 4).flatten(1, 2)  # (B, NB*S, H, hs)
+                    target[:, :rows.shape[1]] = rows
+        return state
+
+    def infer_impl(self, feed_dict: dict[str, np.ndarray]) -> OrderedDict:
+        start = time.perf_counter()
+        state = self.to_state(feed_dict)
+        pos = state.pos.clone()
+        ids = torch.from_numpy(feed_dict[io_spec.INPUT_IDS])
+        lengths = torch.from_numpy(feed_dict[io_spec.LENGTHS])
+        with torch.no_grad():
+            logits = self.model.step(ids, state, lengths, last_only=self.last_only)
+        out = OrderedDict([(io_spec.LOGITS, logits.numpy())])
+        ring = self.config.stm_window - 1
+        tau = (pos[:, None] - 1 + torch.arange(ids.shape[1])[None, :]).clamp(min=0)  # (B, C)
+        rows = torch.arange(len(pos))[:, None]
+        for layer, memories in enumerate(state.memories):
+            for field in io_spec.SMALL_FIELDS:
+                parts = [getattr(st, field) for st in memories.values()]
+                out[io_spec.small_name("present", layer, field)] = torch.cat(parts, 1).numpy()
+            for field, attr in (("keys", "keys"), ("values", "vals")):
+                parts = []
+                for memory, st in memories.items():
+                    slot = tau % ring if memory == "stm" else tau
+                    parts.append(getattr(st, attr)[rows, slot])  # (B, C, H, hs)
+                out[io_spec.new_pairs_name(layer, field)] = torch.cat(parts, 2).float().numpy()
+        self.inference_time = time.perf_counter() - start
+        return out
+
+
+def check_inputs(backend: OrtBackend, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Feeds at real states: two rows prefilled to different positions, then a decode step and
+    a prefill chunk, each with every new pair valid (positions >= 1, no padding)."""
+    cfg = backend.config
+    gen = torch.Generator().manual_seed(seed)
+    reach = max(cfg.stm_window, cfg.ltm_delay if cfg.use_ltm else 0) + 5
+    positions = [reach, reach + 3]
+    chunk = min(7, cfg.stm_window - 1)
+    if positions[1] + chunk > backend.max_context:
+        raise BackendError(f"the artifact's max_context {backend.max_context} is too small to "
+                           f"check states past the window and delay ({positions[1] + chunk} "
+                           "tokens): re-export with a larger --max-context")
+    feeds = []
+    for C in (1, chunk):
+        state = backend.new_state(2, positions[1] + C)
+        for row, n in enumerate(positions):
+            lengths = torch.zeros(2, dtype=torch.int64)
+            lengths[row] = n
+            ids = torch.randint(0, cfg.vocab_size, (2, n), generator=gen)
+            backend.step(ids, lengths, state, last_only=True)
+        feed = {io_spec.INPUT_IDS: torch.randint(0, cfg.vocab_size, (2, C), generator=gen).numpy(),
+                io_spec.LENGTHS: np.full(2, C, np.int64), io_spec.POSITIONS: state.pos.copy()}
+        blocks = backend.readable_blocks(state.pos, C)
+        feed.update({k: v.copy() for k, v in state.small.items()})
+        feed.update({k: (v if ".stm." in k else v[:blocks]).copy()
+                     for k, v in state.stores.items()})
+        feeds.append(feed)
+    return feeds
+
+
+def run_check(artifact: str | Path, checkpoint: str | Path, atol: float, rtol: float) -> bool:
+    """Compare ONNX Runtime with the torch reference; True when every output is within tolerance."""
+    try:
+        from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+        from polygraphy.comparator import Comparator, CompareFunc
+        from polygraphy.logger import G_LOGGER
+    except ImportError:
+        raise BackendError("mosaicrt check needs Polygraphy: pip install 'mosaicrt[onnx]'") from None
+    backend = OrtBackend(artifact, device="cpu")
+    feeds = check_inputs(backend)
+    runners = [OnnxrtRunner(SessionFromOnnx(str(Path(artifact) / "model.onnx"),
+                                            providers=["cpu"])),
+               TorchReferenceRunner(checkpoint, backend.block, backend.last_only_graph)]
+    with G_LOGGER.verbosity(G_LOGGER.WARNING):  # the per-output error report is what matters
+        results = Comparator.run(runners, data_loader=feeds)
+    return bool(Comparator.compare_accuracy(
+        results, compare_func=CompareFunc.simple(atol={"": atol}, rtol={"": rtol})))
