@@ -213,10 +213,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(args.prompt + tokenizer.decode(result))
         return 0
     requests = read_prompts(args.input)
-    print_memory_plan(config, limits)
     good = [i for i, r in enumerate(requests) if not isinstance(r, MosaicError)]
     outputs = generate(backend, [requests[i] for i in good], args.max_new_tokens, sampling,
-                       limits, progress=sys.stderr.isatty())
+                       limits, progress=sys.stderr.isatty(),
+                       on_start=lambda run: print_memory_plan(config, run))
     results = list(requests)
     for i, out in zip(good, outputs):
         results[i] = out

@@ -148,7 +148,10 @@ def test_bad_lines_fail_alone(tiny, tmp_path):
     assert proc.returncode == 2
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [list(x) for x in lines] == [["output_ids"], ["error"], ["error"], ["output_ids"]]
-    assert proc.stderr.splitlines()[0].startswith("error: request 2: the prompt has token id 999")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2
+    assert errors[0].startswith("error: request 2: the prompt has token id 999")
+    assert errors[1].startswith("error: request 3: ") and "p.jsonl line 3 is not" in errors[1]
     (tmp_path / "good.jsonl").write_text('{"input_ids": [1, 2]}\n{"input_ids": [3]}\n')
     alone = mosaicrt("generate", tiny, "--input", tmp_path / "good.jsonl", "--max-new-tokens", 4)
     assert [json.loads(line) for line in alone.stdout.splitlines()] == [lines[0], lines[3]]

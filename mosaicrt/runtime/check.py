@@ -55,9 +55,10 @@ class TorchReferenceRunner(BaseRunner):
         """The graph's state inputs in the reference's layout."""
         cfg, H = self.config, self.config.num_heads
         pos = feed[io_spec.POSITIONS]
-        ltm_slots = feed[io_spec.store_name(0, "ltm", "keys")].shape[0] * self.block \
-            if cfg.use_ltm else 1
-        state = DecodeState.allocate(cfg, len(pos), ltm_slots + 1)
+        fed_slots = feed[io_spec.store_name(0, "ltm", "keys")].shape[0] * self.block \
+            if cfg.use_ltm else 0
+        chunk = feed[io_spec.INPUT_IDS].shape[1]
+        state = DecodeState.allocate(cfg, len(pos), max(fed_slots + 1, int(pos.max()) + chunk))
         state.pos.copy_(torch.from_numpy(pos))
         for layer, memories in enumerate(state.memories):
             for i, (memory, st) in enumerate(memories.items()):

@@ -7,7 +7,7 @@ stops the others: results come back in request order, each a token list or a Mos
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -141,8 +141,13 @@ class ContinuousBatcher:
 
 def generate(backend: Backend, prompts: list[list[int]], max_new_tokens: int,
              sampling: SamplingParams = SamplingParams(), limits: RunLimits = RunLimits(),
-             progress: bool = False) -> list[list[int] | MosaicError]:
-    """New tokens for every prompt (stopping at EOS, which is kept, or max_new_tokens)."""
+             progress: bool = False, on_start: Callable[[RunLimits], None] | None = None,
+             ) -> list[list[int] | MosaicError]:
+    """New tokens for every prompt (stopping at EOS, which is kept, or max_new_tokens).
+
+    on_start is called with the limits the state is sized for, once the requests are admitted and
+    before the state is allocated (the CLI prints the memory plan there).
+    """
     if max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     results: list[list[int] | MosaicError] = []
@@ -157,6 +162,8 @@ def generate(backend: Backend, prompts: list[list[int]], max_new_tokens: int,
     if not requests:
         return results
     limits = replace(limits, max_batch=min(limits.max_batch, len(requests)))
+    if on_start:
+        on_start(limits)
     batcher = ContinuousBatcher(backend, sampling, limits)
     for request in requests:
         batcher.submit(request)
