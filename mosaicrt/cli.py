@@ -150,7 +150,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     ids = read_token_array(args.input)
     limits = RunLimits(max_context=args.max_context or max(ids.shape[1], 1),
                        prefill_chunk=args.prefill_chunk)
-    backend = open_backend(args.backend, args.model, args.device, dtype_arg(args.dtype))
+    backend = open_backend(args.backend, args.model, args.device, dtype_arg(args.dtype),
+                           args.kernels)
     logits = score(backend, torch.from_numpy(ids), limits)
     np.save(args.output, logits.numpy().astype(np.float32))
     print(f"wrote {args.output}: float32 {list(logits.shape)}", file=sys.stderr)
@@ -196,7 +197,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     greedy = args.greedy or (args.temperature is None and args.top_k == 0 and args.top_p == 1.0)
     sampling = SamplingParams(greedy=greedy, temperature=args.temperature or 1.0,
                               top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    backend = open_backend(args.backend, args.model, args.device, dtype_arg(args.dtype))
+    backend = open_backend(args.backend, args.model, args.device, dtype_arg(args.dtype),
+                           args.kernels)
     config = backend.config
     limits = RunLimits(max_batch=args.max_batch,
                        max_context=args.max_context or getattr(backend, "max_context", 4096),
@@ -258,6 +260,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", help="compute dtype fp32|fp16|bf16 (default fp32 on CPU, the "
                                    "checkpoint's on GPU)")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per step")
+    p.add_argument("--kernels", default="torch",
+                   help="torch backend: torch (reference code) or triton (needs a GPU, or "
+                        "TRITON_INTERPRET=1 on a CPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,9 +5,8 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
-
 import oracle
+import pytest
 
 ATOL = 1e-4  # CLI logits (fp32) vs the float64 oracle
 

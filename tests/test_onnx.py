@@ -6,10 +6,10 @@ import sys
 
 import numpy as np
 import onnx
+import oracle
 import pytest
 import torch
 
-import oracle
 from mosaicrt.errors import BackendError, CapacityError, CheckpointError
 from mosaicrt.export.artifact import export_artifact
 from mosaicrt.export.ops import DOMAIN

@@ -1,9 +1,9 @@
 """The reference model against the independent float64 implementation (tests/oracle.py)."""
 
 import numpy as np
+import oracle
 import torch
 
-import oracle
 from mosaicrt.model import load_model
 
 ATOL = 1e-4  # fp32 reference vs float64 oracle, logits of O(1..10)

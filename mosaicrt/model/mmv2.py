@@ -11,6 +11,8 @@ points of their sequences, and `lengths` marks how many tokens of each row's chu
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -89,6 +91,7 @@ class AssociativeMemory(nn.Module):
         self.bandwidth_beta0 = nn.Parameter(torch.empty(H))  # beta0 = exp(min(theta, 10))
         self.bandwidth_beta1 = nn.Parameter(torch.empty(H))  # beta1 = exp(min(theta, 10))
         self.bandwidth_alpha = nn.Parameter(torch.empty(H))  # alpha = min(|theta|, 1)
+        self.kernels: MemoryKernels | None = None  # None: the reference code below
 
     def transforms(self) -> dict[str, torch.Tensor]:
         """The Tab. 6 reparameterisations, each (H,) fp32."""
@@ -155,7 +158,8 @@ class AssociativeMemory(nn.Module):
         k_raw = self.key_proj(u).float().view(B, C, H, hs)
         log_g = self.key_gate(u).float()  # (B, C, H)
         log_lam = -self.key_decay(u).float().abs()  # (B, C, H)
-        keys = gated_key_scan(k_raw, log_g, log_lam, valid, st, self.eps)  # (B, C, H, hs)
+        scan = self.kernels.gated_key_scan if self.kernels else gated_key_scan
+        keys = scan(k_raw, log_g, log_lam, valid, st, self.eps)  # (B, C, H, hs)
 
         # Values (eq. 9) of the pairs this chunk completes: pair j is tau = pos-1+j; its key and
         # v~ come from the token before chunk token j (the pending one for j = 0), v~_{tau+1} from
@@ -170,34 +174,67 @@ class AssociativeMemory(nn.Module):
         tau_new = pos[:, None] - 1 + steps  # (B, C)
         new_ok = valid & (tau_new >= 0)
 
-        # Retrieval: softmax over stored pairs and new pairs together, beta(n_t) folded into the
-        # query, softmax scale exactly beta (no 1/sqrt(hs)).
+        # Retrieval: beta(n_t) folded into the query, softmax scale exactly beta (no 1/sqrt(hs)).
         t = pos[:, None] + steps  # (B, C) query positions
         beta = p["beta1"] * self.visible_count(t)[..., None].float() ** p["alpha"] + p["beta0"]
         q = beta[..., None] * keys  # (B, C, H, hs)
-        k_old, v_old, tau_old = self.stored_pairs(st, pos, C)  # (B, N, H, hs), (B, N)
-        scores = torch.cat([
-            torch.einsum("bchd,bnhd->bhcn", q, k_old.float()),  # (B, H, C, N)
-            torch.einsum("bchd,bjhd->bhcj", q, k_pairs),  # (B, H, C, C)
-        ], dim=-1)
-        tau = torch.cat([tau_old, torch.where(new_ok, tau_new, -1)], dim=1)  # (B, N + C)
-        mask = (tau[:, None, :] >= 0) & self.visible(t[..., None], tau[:, None, :])  # (B, C, N+C)
-        scores = scores.masked_fill(~mask[:, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        probs = torch.where(mask.any(-1)[:, None, :, None], probs, 0.0)  # empty S(t) -> y = 0
-        n_old = k_old.shape[1]
-        y = (torch.einsum("bhcn,bnhd->bchd", probs[..., :n_old], v_old.float())
-             + torch.einsum("bhcj,bjhd->bchd", probs[..., n_old:], v_pairs))  # (B, C, H, hs)
+        retrieve = self.kernels.retrieve if self.kernels else reference_retrieve
+        lengths = valid.sum(dim=1)  # (B,)
+        y = retrieve(self, q, pos, lengths, st, k_pairs, v_pairs)  # (B, C, H, hs)
 
         # Update the state in place: publish the new pairs, keep the last real token pending.
         self.write_pairs(st, k_pairs, v_pairs, tau_new, new_ok)
-        lengths = valid.sum(dim=1)  # (B,)
         last = (lengths - 1).clamp(min=0)
         has = (lengths > 0)[:, None, None]
         rows = torch.arange(B, device=u.device)
         st.k_pend.copy_(torch.where(has, keys[rows, last], st.k_pend))
         st.v_pend.copy_(torch.where(has, v_raw[rows, last], st.v_pend))
         return y.reshape(B, C, H * hs).to(u.dtype)
+
+
+def reference_retrieve(mem: AssociativeMemory, q: torch.Tensor, pos: torch.Tensor,
+                       lengths: torch.Tensor, st: MemoryState, k_pairs: torch.Tensor,
+                       v_pairs: torch.Tensor) -> torch.Tensor:
+    """Softmax over the stored pairs and the chunk's new pairs together, visibility by eq. 10.
+
+    Args:
+        q: (B, C, H, hs) queries with beta(n_t) folded in.   pos: (B,) chunk start positions.
+        lengths: (B,) real tokens of each row's chunk.
+        st: the memory's state (stores as before this chunk).
+        k_pairs, v_pairs: (B, C, H, hs) the pairs the chunk completes (pair j is tau = pos-1+j,
+            which exists when tau >= 0 and chunk token j is real).
+    Returns:
+        (B, C, H, hs) fp32; rows whose visible set is empty are 0.
+    """
+    C = q.shape[1]
+    steps = torch.arange(C, device=q.device)
+    t = pos[:, None] + steps  # (B, C)
+    tau_new = torch.where((steps[None, :] < lengths[:, None]) & (t >= 1), t - 1, -1)
+    k_old, v_old, tau_old = mem.stored_pairs(st, pos, C)  # (B, N, H, hs), (B, N)
+    scores = torch.cat([
+        torch.einsum("bchd,bnhd->bhcn", q, k_old.float()),  # (B, H, C, N)
+        torch.einsum("bchd,bjhd->bhcj", q, k_pairs),  # (B, H, C, C)
+    ], dim=-1)
+    tau = torch.cat([tau_old, tau_new], dim=1)  # (B, N + C)
+    mask = (tau[:, None, :] >= 0) & mem.visible(t[..., None], tau[:, None, :])  # (B, C, N+C)
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.where(mask.any(-1)[:, None, :, None], probs, 0.0)  # empty S(t) -> y = 0
+    n_old = k_old.shape[1]
+    return (torch.einsum("bhcn,bnhd->bchd", probs[..., :n_old], v_old.float())
+            + torch.einsum("bhcj,bjhd->bchd", probs[..., n_old:], v_pairs))  # (B, C, H, hs)
+
+
+class MemoryKernels(Protocol):
+    """Replacement implementations of the two hot spots (e.g. Triton kernels), same contracts as
+    gated_key_scan and reference_retrieve."""
+
+    def gated_key_scan(self, k_raw: torch.Tensor, log_g: torch.Tensor, log_lam: torch.Tensor,
+                       valid: torch.Tensor, st: MemoryState, eps: float) -> torch.Tensor: ...
+
+    def retrieve(self, mem: AssociativeMemory, q: torch.Tensor, pos: torch.Tensor,
+                 lengths: torch.Tensor, st: MemoryState, k_pairs: torch.Tensor,
+                 v_pairs: torch.Tensor) -> torch.Tensor: ...
 
 
 class FeedForward(nn.Module):
@@ -244,6 +281,12 @@ class MMv2(nn.Module):
         self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def use_kernels(self, kernels: MemoryKernels | None) -> None:
+        """Swap the key scan and retrieval for another implementation (None: the reference)."""
+        for layer in self.layers:
+            for mem in layer.memories:
+                getattr(layer, mem).kernels = kernels
 
     def new_state(self, batch: int, capacity: int) -> DecodeState:
         """A fresh state for `batch` sequences of up to `capacity` tokens, on the model's device."""

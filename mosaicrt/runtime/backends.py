@@ -15,7 +15,7 @@ def is_artifact(model_dir: str | Path) -> bool:
 
 
 def open_backend(name: str, model_dir: str | Path, device: str = "auto",
-                 dtype: str | None = None) -> Backend:
+                 dtype: str | None = None, kernels: str = "torch") -> Backend:
     """The backend `name` for model_dir. 'auto': ONNX Runtime for an exported artifact, torch for
     a checkpoint directory."""
     if name not in BACKENDS:
@@ -25,6 +25,8 @@ def open_backend(name: str, model_dir: str | Path, device: str = "auto",
     if name == "tensorrt":
         raise BackendError("the TensorRT backend is not part of mosaicrt yet: "
                            "use --backend onnxruntime or torch")
+    if kernels != "torch" and name != "torch":
+        raise BackendError(f"--kernels {kernels} applies to the torch backend only")
     if name == "onnxruntime":
         if not is_artifact(model_dir) and (Path(model_dir) / "model.safetensors").exists():
             raise BackendError(f"{model_dir} is a checkpoint, not an ONNX artifact: run "
@@ -38,4 +40,4 @@ def open_backend(name: str, model_dir: str | Path, device: str = "auto",
     if is_artifact(model_dir):
         raise BackendError(f"{model_dir} is an ONNX artifact: use --backend onnxruntime, or give "
                            "the torch backend the checkpoint it was exported from")
-    return TorchBackend(model_dir, device=device, dtype=dtype)
+    return TorchBackend(model_dir, device=device, dtype=dtype, kernels=kernels)

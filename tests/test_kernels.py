@@ -1,0 +1,135 @@
+"""Triton kernels against the reference code (under TRITON_INTERPRET=1 on a CPU)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the Triton kernels need the triton package ([triton] extra)")
+
+import oracle  # noqa: E402
+from mosaicrt.model import preset  # noqa: E402
+from mosaicrt.model.mmv2 import AssociativeMemory, gated_key_scan, reference_retrieve  # noqa: E402
+from mosaicrt.model.state import MemoryState  # noqa: E402
+from mosaicrt.plugins.kernels import TritonKernels  # noqa: E402
+
+ATOL = 1e-5  # fp32 kernel vs fp32 reference on O(1) outputs
+H, M = 6, 4  # STM window and LTM delay of the test memories
+
+
+def memory(kind: str, heads: int, head_dim: int) -> AssociativeMemory:
+    config = preset("tiny").replace(num_heads=heads, head_dim=head_dim, stm_window=H, ltm_delay=M)
+    return AssociativeMemory(config, kind)
+
+
+def filled_state(mem: AssociativeMemory, B: int, slots: int, dtype, gen) -> MemoryState:
+    config = preset("tiny").replace(num_heads=mem.H, head_dim=mem.hs, stm_window=H)
+    st = MemoryState.allocate(config, B, slots, dtype, "cpu")
+    st.keys.copy_(torch.nn.functional.normalize(torch.randn(st.keys.shape, generator=gen), dim=-1))
+    st.vals.copy_(3 * torch.randn(st.vals.shape, generator=gen))
+    return st
+
+
+@pytest.mark.parametrize("kind", ["stm", "ltm"])
+@pytest.mark.parametrize("head_dim", [12, 16, 64])
+@pytest.mark.parametrize("chunk", [1, 5, 17])
+def test_retrieval_matches_reference(kind, head_dim, chunk):
+    """Rows at different positions: t < m and t < h (pos 0, 2), ring wrap-around (pos 23), and
+    padding (length < chunk, and a row with no tokens)."""
+    gen = torch.Generator().manual_seed(chunk * head_dim)
+    heads, B = 2, 4
+    mem = memory(kind, heads, head_dim)
+    pos = torch.tensor([0, 2, 23, 9])
+    lengths = torch.tensor([chunk, max(chunk - 2, 1), chunk, 0])
+    slots = H - 1 if kind == "stm" else 64
+    st = filled_state(mem, B, slots, torch.float32, gen)
+    q = torch.nn.functional.normalize(torch.randn(B, chunk, heads, head_dim, generator=gen), dim=-1)
+    q = q * (1 + 20 * torch.rand(B, chunk, heads, 1, generator=gen))  # beta(n) up to ~20
+    k_new = torch.nn.functional.normalize(torch.randn(q.shape, generator=gen), dim=-1)
+    v_new = 3 * torch.randn(q.shape, generator=gen)
+    want = reference_retrieve(mem, q, pos, lengths, st, k_new, v_new)
+    got = TritonKernels().retrieve(mem, q, pos, lengths, st, k_new, v_new)
+    for b in range(3):  # row 3 has no real tokens: its outputs are never read
+        n = int(lengths[b])
+        assert (got[b, :n] - want[b, :n]).abs().max() <= ATOL
+    assert got[0, 0].abs().max() == 0  # t = 0 sees nothing
+
+
+def test_retrieval_reads_half_precision_stores():
+    gen = torch.Generator().manual_seed(1)
+    mem = memory("ltm", 2, 32)
+    st = filled_state(mem, 2, 64, torch.float16, gen)
+    st.vals.mul_(100)  # values in the thousands: still exact in fp16's range
+    pos, lengths = torch.tensor([40, 17]), torch.tensor([3, 3])
+    q = 150 * torch.nn.functional.normalize(torch.randn(2, 3, 2, 32, generator=gen), dim=-1)
+    k_new = torch.nn.functional.normalize(torch.randn(q.shape, generator=gen), dim=-1)
+    v_new = torch.randn(q.shape, generator=gen)
+    want = reference_retrieve(mem, q, pos, lengths, st, k_new, v_new)
+    got = TritonKernels().retrieve(mem, q, pos, lengths, st, k_new, v_new)
+    # Scores reach beta = 150: fp32 rounds them by ~150 * 2^-24 * sqrt(hs), about 5e-5, and the
+    # softmax passes that on as a relative error of the weights: 2e-4 relative is fp32's limit here.
+    assert ((got - want).abs() / (want.abs() + 1)).max() <= 2e-4
+
+
+@pytest.mark.parametrize("head_dim", [12, 16, 128])
+def test_gated_scan_matches_reference(head_dim):
+    gen = torch.Generator().manual_seed(head_dim)
+    B, C, heads = 3, 9, 2
+    config = preset("tiny").replace(num_heads=heads, head_dim=head_dim)
+    states = [MemoryState.allocate(config, B, 1, torch.float32, "cpu") for _ in range(2)]
+    lengths = torch.tensor([C, 4, 0])
+    valid = torch.arange(C)[None, :] < lengths[:, None]
+    for step in range(2):  # the second chunk starts from the state the first one left
+        k_raw = torch.randn(B, C, heads, head_dim, generator=gen)
+        log_g = 40 * torch.randn(B, C, heads, generator=gen)  # exp(40+) overflows a naive scan
+        log_lam = -torch.rand(B, C, heads, generator=gen) * 3
+        want = gated_key_scan(k_raw, log_g, log_lam, valid, states[0], 1e-6)
+        got = TritonKernels().gated_key_scan(k_raw, log_g, log_lam, valid, states[1], 1e-6)
+        assert torch.isfinite(got).all()
+        assert (got[valid] - want[valid]).abs().max() <= ATOL
+        assert (states[0].s - states[1].s).abs().max() <= ATOL * states[0].s.abs().max()
+        assert torch.equal(states[0].mx, states[1].mx)
+
+
+def test_cli_with_triton_kernels_matches_the_oracle(oracle_ckpt, tmp_path):
+    config, _ = oracle.load_checkpoint(oracle_ckpt)
+    rng = np.random.default_rng(4)
+    T = 2 * config["stm_window"] + config["ltm_delay"] + 2
+    ids = rng.integers(0, config["vocab_size"], (2, T))
+    np.save(tmp_path / "ids.npy", ids)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = [sys.executable, "-m", "mosaicrt.cli"]
+    proc = subprocess.run(run + ["score", str(oracle_ckpt), "--backend", "torch", "--kernels",
+                                 "triton", "--input", str(tmp_path / "ids.npy"), "--output",
+                                 str(tmp_path / "logits.npy"), "--prefill-chunk", "7"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    logits = np.load(tmp_path / "logits.npy")
+    for row in range(2):
+        assert np.abs(logits[row] - oracle.logits(oracle_ckpt, ids[row].tolist())).max() <= 1e-4
+    prompts = [rng.integers(0, config["vocab_size"], n).tolist() for n in (3, 10)]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"input_ids": p}) + "\n" for p in prompts))
+    proc = subprocess.run(run + ["generate", str(oracle_ckpt), "--kernels", "triton", "--input",
+                                 str(tmp_path / "p.jsonl"), "--max-new-tokens", "5"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    eos = config["eos_token_id"]
+    for prompt, line in zip(prompts, proc.stdout.splitlines()):
+        want = oracle.greedy(oracle_ckpt, prompt, 5)
+        assert json.loads(line)["output_ids"] == (want[: want.index(eos) + 1] if eos in want
+                                                  else want)
+
+
+def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(tmp_path):
+    from mosaicrt.model import random_model, save_checkpoint
+
+    save_checkpoint(random_model(preset("tiny")), tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "mosaicrt.cli", "generate", str(tmp_path),
+                           "--device", "cpu", "--kernels", "triton", "--prompt", "hi"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and "TRITON_INTERPRET=1" in proc.stderr
