@@ -23,9 +23,10 @@ class TritonKernels:
     def retrieve(self, mem: AssociativeMemory, q: torch.Tensor, pos: torch.Tensor,
                  lengths: torch.Tensor, st: MemoryState, k_pairs: torch.Tensor,
                  v_pairs: torch.Tensor) -> torch.Tensor:
-        from mosaicrt.plugins.kernels.retrieval import retrieve
+        from mosaicrt.plugins.kernels.retrieval import retrieve, retrieve_decode
 
         stm = mem.kind == "stm"
-        return retrieve(q.contiguous(), st.keys, st.vals, k_pairs.contiguous(),
+        kernel = retrieve_decode if q.shape[1] == 1 else retrieve  # decode: split the store
+        return kernel(q.contiguous(), st.keys, st.vals, k_pairs.contiguous(),
                         v_pairs.contiguous(), pos, lengths, window=mem.window if stm else 0,
                         delay=1 if stm else mem.delay, ring=stm)

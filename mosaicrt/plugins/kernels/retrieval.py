@@ -24,7 +24,7 @@ def _retrieval_kernel(
     stride_nb, stride_nc, stride_nh,
     stride_yb, stride_yc, stride_yh,
     C, H, SLOTS, D,
-    WINDOW: tl.constexpr, DELAY: tl.constexpr, RING: tl.constexpr, IEEE: tl.constexpr,
+    WINDOW: tl.constexpr, DELAY: tl.constexpr, RING: tl.constexpr, HALF_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -64,14 +64,16 @@ def _retrieval_kernel(
         n_ptr = b * stride_nb + (tau - pos + 1)[:, None] * stride_nc + h * stride_nh + offs_d[None, :]
         from_store = stored[:, None] & in_d
         from_chunk = fresh[:, None] & in_d
-        k = (tl.load(KS + s_ptr, mask=from_store, other=0.0).to(tl.float32)
-             + tl.load(KN + n_ptr, mask=from_chunk, other=0.0).to(tl.float32))
-        v = (tl.load(VS + s_ptr, mask=from_store, other=0.0).to(tl.float32)
-             + tl.load(VN + n_ptr, mask=from_chunk, other=0.0).to(tl.float32))
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")  # (BLOCK_M, BLOCK_N)
-        else:
-            s = tl.dot(q, tl.trans(k))
+        k = (tl.load(KS + s_ptr, mask=from_store, other=0.0)
+             + tl.load(KN + n_ptr, mask=from_chunk, other=0.0).to(KS.dtype.element_ty))
+        v = (tl.load(VS + s_ptr, mask=from_store, other=0.0)
+             + tl.load(VN + n_ptr, mask=from_chunk, other=0.0).to(VS.dtype.element_ty))
+        if HALF_DOT:  # tensor-core products of fp16/bf16 stores, fp32 accumulation (flash style)
+            s = tl.dot(q.to(k.dtype), tl.trans(k))  # (BLOCK_M, BLOCK_N)
+        else:  # exact fp32 products: scores reach beta ~ 150, where half products are coarse
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
         visible = ((tau[None, :] >= lo_t[:, None]) & (tau[None, :] <= hi_t[:, None])
                    & (stored | fresh)[None, :])
         s = tl.where(visible, s, float("-inf"))
@@ -80,10 +82,10 @@ def _retrieval_kernel(
         p = tl.exp(s - shift[:, None])
         alpha = tl.exp(m_i - shift)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        if HALF_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         else:
-            acc = acc * alpha[:, None] + tl.dot(p, v)
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         m_i = m_new
     # A non-empty set has l >= 1 (its max term is exp(0)); an empty one has acc = 0.
     y = acc / tl.maximum(l_i, 1.0)[:, None]
@@ -93,7 +95,7 @@ def _retrieval_kernel(
 
 def retrieve(q: torch.Tensor, store_k: torch.Tensor, store_v: torch.Tensor,
              new_k: torch.Tensor, new_v: torch.Tensor, pos: torch.Tensor, lengths: torch.Tensor,
-             window: int, delay: int, ring: bool, block_m: int = 16,
+             window: int, delay: int, ring: bool, half_dot: bool = False, block_m: int = 16,
              block_n: int = 32) -> torch.Tensor:
     """Retrieval for a chunk.
 
@@ -103,6 +105,8 @@ def retrieve(q: torch.Tensor, store_k: torch.Tensor, store_v: torch.Tensor,
         pos: (B,) chunk start positions.   lengths: (B,) real tokens per row.
         window: h for the STM, 0 for none.   delay: 1 for the STM, m for the LTM.
         ring: the store is a ring of N slots (STM) rather than indexed by tau (LTM).
+        half_dot: multiply fp16/bf16 stores on tensor cores (fast; scores lose ~beta * 2^-9
+            absolute) instead of in exact fp32 (the default, matches the reference).
     Returns:
         (B, C, H, hs) fp32.
     """
@@ -120,9 +124,123 @@ def retrieve(q: torch.Tensor, store_k: torch.Tensor, store_v: torch.Tensor,
         new_k.stride(0), new_k.stride(1), new_k.stride(2),
         y.stride(0), y.stride(1), y.stride(2),
         C, H, store_k.shape[1], hs,
-        WINDOW=window, DELAY=delay, RING=ring, IEEE=q.dtype == torch.float32,
+        WINDOW=window, DELAY=delay, RING=ring,
+        HALF_DOT=half_dot and store_k.dtype in (torch.float16, torch.bfloat16),
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=max(16, triton.next_power_of_2(hs)),
     )
+    return y
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, KS, VS, KN, VN, POS, LEN, M_PART, L_PART, ACC_PART,
+    stride_qb, stride_qh,
+    stride_sb, stride_sn, stride_sh,
+    stride_nb, stride_nh,
+    H, SLOTS, D, SPLIT_SIZE,
+    WINDOW: tl.constexpr, DELAY: tl.constexpr, RING: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """Decode (C = 1), flash-decoding style: program (b*H + h, split) reduces one slice of the
+    visible range [lo, hi] to a partial (max, sum, weighted values)."""
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    pos = tl.load(POS + b).to(tl.int64)
+    length = tl.load(LEN + b).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_d = offs_d < D
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_d, mask=in_d, other=0.0).to(tl.float32)
+    hi = tl.minimum(pos - DELAY, pos + length - 2)  # the single query's visible set is [lo, hi]
+    lo = tl.maximum(pos - WINDOW + 1, 0) if WINDOW > 0 else 0
+    first = lo + split * SPLIT_SIZE
+    last = tl.minimum(first + SPLIT_SIZE - 1, hi)
+
+    m_i = float("-inf")
+    l_i = 0.0
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for start in range(first, last + 1, BLOCK_N):
+        tau = start + tl.arange(0, BLOCK_N)
+        inside = tau <= last
+        stored = inside & (tau <= pos - 2) & (tau >= 0)
+        fresh = inside & (tau == pos - 1)  # a decode step completes one pair
+        if RING:
+            slot = tau % SLOTS
+        else:
+            slot = tau
+        s_ptr = b * stride_sb + slot[:, None] * stride_sn + h * stride_sh + offs_d[None, :]
+        n_ptr = b * stride_nb + h * stride_nh + offs_d[None, :] + 0 * tau[:, None]
+        from_store = stored[:, None] & in_d[None, :]
+        from_chunk = fresh[:, None] & in_d[None, :]
+        k = (tl.load(KS + s_ptr, mask=from_store, other=0.0).to(tl.float32)
+             + tl.load(KN + n_ptr, mask=from_chunk, other=0.0).to(tl.float32))
+        v = (tl.load(VS + s_ptr, mask=from_store, other=0.0).to(tl.float32)
+             + tl.load(VN + n_ptr, mask=from_chunk, other=0.0).to(tl.float32))
+        s = tl.where(stored | fresh, tl.sum(k * q[None, :], 1), float("-inf"))  # (BLOCK_N,)
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - shift)
+        alpha = tl.exp(m_i - shift)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+        m_i = m_new
+    part = pid_bh * NUM_SPLITS + split
+    tl.store(M_PART + part, m_i)
+    tl.store(L_PART + part, l_i)
+    tl.store(ACC_PART + part * HEAD_DIM + offs_d, acc)
+
+
+@triton.jit
+def _decode_reduce_kernel(M_PART, L_PART, ACC_PART, Y, stride_yb, stride_yh, H, D,
+                          NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Merge the partials of one (sequence, head): rescale each to the global max and sum."""
+    pid_bh = tl.program_id(0)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_s = tl.arange(0, NUM_SPLITS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    parts = pid_bh * NUM_SPLITS + offs_s
+    m = tl.load(M_PART + parts)
+    m_all = tl.max(m, 0)
+    scale = tl.exp(m - tl.where(m_all == float("-inf"), 0.0, m_all))  # empty splits give 0
+    l_all = tl.sum(tl.load(L_PART + parts) * scale, 0)
+    acc = tl.sum(tl.load(ACC_PART + parts[:, None] * HEAD_DIM + offs_d[None, :]) * scale[:, None], 0)
+    y = acc / tl.maximum(l_all, 1.0)
+    tl.store(Y + b * stride_yb + h * stride_yh + offs_d, y, mask=offs_d < D)
+
+
+def retrieve_decode(q: torch.Tensor, store_k: torch.Tensor, store_v: torch.Tensor,
+                    new_k: torch.Tensor, new_v: torch.Tensor, pos: torch.Tensor,
+                    lengths: torch.Tensor, window: int, delay: int, ring: bool,
+                    split_size: int = 256, block_n: int = 64) -> torch.Tensor:
+    """Retrieval for one query per sequence (C = 1), split across the store and reduced.
+
+    Same arguments as `retrieve` with C = 1. The number of splits follows the store's size, not
+    the positions, so the launch shape is static (capturable in a CUDA graph).
+    """
+    B, C, H, hs = q.shape
+    if C != 1:
+        raise ValueError(f"retrieve_decode takes one query per sequence, got a chunk of {C}")
+    head_dim = max(16, triton.next_power_of_2(hs))
+    reach = store_k.shape[1] + 1  # most pairs one query can see
+    splits = min(64, triton.next_power_of_2(triton.cdiv(reach, split_size)))
+    split_size = triton.cdiv(reach, splits)
+    m_part = torch.empty(B * H * splits, dtype=torch.float32, device=q.device)
+    l_part = torch.empty_like(m_part)
+    acc_part = torch.empty(B * H * splits, head_dim, dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(B * H, splits)](
+        q, store_k, store_v, new_k, new_v, pos, lengths, m_part, l_part, acc_part,
+        q.stride(0), q.stride(2),
+        store_k.stride(0), store_k.stride(1), store_k.stride(2),
+        new_k.stride(0), new_k.stride(2),
+        H, store_k.shape[1], hs, split_size,
+        WINDOW=window, DELAY=delay, RING=ring, NUM_SPLITS=splits, BLOCK_N=block_n,
+        HEAD_DIM=head_dim,
+    )
+    y = torch.empty(B, 1, H, hs, dtype=torch.float32, device=q.device)
+    _decode_reduce_kernel[(B * H,)](m_part, l_part, acc_part, y, y.stride(0), y.stride(2), H, hs,
+                                    NUM_SPLITS=splits, HEAD_DIM=head_dim)
     return y
 
 
