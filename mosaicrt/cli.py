@@ -26,10 +26,12 @@ def cmd_init(args: argparse.Namespace) -> int:
         raise InputError(f"{out} already holds a checkpoint: pass --force to overwrite it")
     dtype = normalize_dtype(args.dtype) if args.dtype else config.torch_dtype
     n = parameter_count(config)
-    print(f"initialising {args.preset} ({n / 1e6:,.1f}M parameters, {dtype}, seed {args.seed}) "
-          f"-> {out}", file=sys.stderr)
-    write_checkpoint(random_tensors(config, args.seed), config, out, dtype,
-                     progress=n > 50_000_000)
+    print(
+        f"initialising {args.preset} ({n / 1e6:,.1f}M parameters, {dtype}, seed {args.seed}) "
+        f"-> {out}",
+        file=sys.stderr,
+    )
+    write_checkpoint(random_tensors(config, args.seed), config, out, dtype, progress=n > 50_000_000)
     print(out)
     return 0
 
@@ -67,13 +69,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         table.add_row(key, str(value))
     table.add_row("parameters", f"{report['parameters']:,}")
     console.print(table)
-    mem = Table(title=f"memory plan: {args.max_batch} x {args.max_context} tokens, "
-                      f"stores in {store_dtype}")
+    mem = Table(
+        title=f"memory plan: {args.max_batch} x {args.max_context} tokens, stores in {store_dtype}"
+    )
     mem.add_column("state")
     mem.add_column("bytes", justify="right")
     mem.add_column("", justify="right")
-    for key in ("ltm_bytes_per_token", "stm_bytes_per_sequence", "recurrence_bytes_per_sequence",
-                "bytes_per_sequence", "state_bytes"):
+    for key in (
+        "ltm_bytes_per_token",
+        "stm_bytes_per_sequence",
+        "recurrence_bytes_per_sequence",
+        "bytes_per_sequence",
+        "state_bytes",
+    ):
         value = report["memory_plan"][key]
         mem.add_row(key, f"{value:,}", human_bytes(value))
     console.print(mem)
@@ -98,8 +106,9 @@ def read_token_array(path: str):
     except (ValueError, OSError, EOFError) as exc:
         raise InputError(f"{path} is not a .npy array ({exc}): save int64 [B, T] with numpy.save")
     if not np.issubdtype(ids.dtype, np.integer):
-        raise InputError(f"{path} holds {ids.dtype} values; token ids must be integers "
-                         "(int64 [B, T])")
+        raise InputError(
+            f"{path} holds {ids.dtype} values; token ids must be integers (int64 [B, T])"
+        )
     if ids.ndim != 2:
         raise InputError(f"{path} has shape {list(ids.shape)}; expected [B, T] token ids")
     return ids.astype(np.int64)
@@ -109,9 +118,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     from mosaicrt.export.artifact import export_artifact
     from mosaicrt.model.config import normalize_dtype
 
-    out = export_artifact(args.checkpoint, args.output, dtype=normalize_dtype(args.dtype),
-                          max_context=args.max_context, last_only=args.last_only,
-                          progress=sys.stderr.isatty())
+    out = export_artifact(
+        args.checkpoint,
+        args.output,
+        dtype=normalize_dtype(args.dtype),
+        max_context=args.max_context,
+        last_only=args.last_only,
+        progress=sys.stderr.isatty(),
+    )
     print(out)
     return 0
 
@@ -123,11 +137,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     manifest, _ = read_manifest(args.artifact)
     checkpoint = args.checkpoint or manifest.get("source_checkpoint")
     if not checkpoint or not Path(checkpoint).is_dir():
-        raise InputError(f"the torch reference needs the checkpoint {args.artifact} was exported "
-                         f"from ({checkpoint or 'not recorded'} is not there): pass --checkpoint")
+        raise InputError(
+            f"the torch reference needs the checkpoint {args.artifact} was exported "
+            f"from ({checkpoint or 'not recorded'} is not there): pass --checkpoint"
+        )
     passed = run_check(args.artifact, checkpoint, args.atol, args.rtol)
-    print(f"check {'PASSED' if passed else 'FAILED'}: onnxruntime vs torch reference "
-          f"(atol {args.atol}, rtol {args.rtol})")
+    print(
+        f"check {'PASSED' if passed else 'FAILED'}: onnxruntime vs torch reference "
+        f"(atol {args.atol}, rtol {args.rtol})"
+    )
     return 0 if passed else 1
 
 
@@ -135,9 +153,12 @@ def print_memory_plan(config, limits) -> None:
     from mosaicrt.model.state import memory_plan
 
     plan = memory_plan(config, limits.max_context, limits.max_batch, "float32")
-    print(f"memory plan: {limits.max_batch} x {limits.max_context} tokens -> "
-          f"{human_bytes(plan.state_bytes)} of state (LTM {human_bytes(plan.ltm_bytes_per_token)}"
-          f"/token, STM {human_bytes(plan.stm_bytes_per_sequence)}/sequence)", file=sys.stderr)
+    print(
+        f"memory plan: {limits.max_batch} x {limits.max_context} tokens -> "
+        f"{human_bytes(plan.state_bytes)} of state (LTM {human_bytes(plan.ltm_bytes_per_token)}"
+        f"/token, STM {human_bytes(plan.stm_bytes_per_sequence)}/sequence)",
+        file=sys.stderr,
+    )
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -148,10 +169,12 @@ def cmd_score(args: argparse.Namespace) -> int:
     from mosaicrt.runtime.generator import RunLimits, score
 
     ids = read_token_array(args.input)
-    limits = RunLimits(max_context=args.max_context or max(ids.shape[1], 1),
-                       prefill_chunk=args.prefill_chunk)
-    backend = open_backend(args.backend, args.model, args.device, dtype_arg(args.dtype),
-                           args.kernels)
+    limits = RunLimits(
+        max_context=args.max_context or max(ids.shape[1], 1), prefill_chunk=args.prefill_chunk
+    )
+    backend = open_backend(
+        args.backend, args.model, args.device, dtype_arg(args.dtype), args.kernels
+    )
     logits = score(backend, torch.from_numpy(ids), limits)
     np.save(args.output, logits.numpy().astype(np.float32))
     print(f"wrote {args.output}: float32 {list(logits.shape)}", file=sys.stderr)
@@ -175,12 +198,12 @@ def read_prompts(path: str) -> list[list[int] | MosaicError]:
         try:
             ids = json.loads(line)["input_ids"]
             if not isinstance(ids, list) or not all(
-                    isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                isinstance(i, int) and not isinstance(i, bool) for i in ids
+            ):
                 raise TypeError
             prompts.append(ids)
         except (json.JSONDecodeError, KeyError, TypeError):
-            prompts.append(InputError(f"{path} line {number} is not "
-                                      '{"input_ids": [int, ...]}'))
+            prompts.append(InputError(f'{path} line {number} is not {{"input_ids": [int, ...]}}'))
     if not prompts:
         raise InputError(f"{path} has no prompts: write one JSON object per line")
     return prompts
@@ -195,30 +218,45 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if (args.input is None) == (args.prompt is None):
         raise InputError("give exactly one of --input prompts.jsonl or --prompt TEXT")
     greedy = args.greedy or (args.temperature is None and args.top_k == 0 and args.top_p == 1.0)
-    sampling = SamplingParams(greedy=greedy, temperature=args.temperature or 1.0,
-                              top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    backend = open_backend(args.backend, args.model, args.device, dtype_arg(args.dtype),
-                           args.kernels)
+    sampling = SamplingParams(
+        greedy=greedy,
+        temperature=args.temperature or 1.0,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    backend = open_backend(
+        args.backend, args.model, args.device, dtype_arg(args.dtype), args.kernels
+    )
     config = backend.config
-    limits = RunLimits(max_batch=args.max_batch,
-                       max_context=args.max_context or getattr(backend, "max_context", 4096),
-                       prefill_chunk=args.prefill_chunk)
+    limits = RunLimits(
+        max_batch=args.max_batch,
+        max_context=args.max_context or getattr(backend, "max_context", 4096),
+        prefill_chunk=args.prefill_chunk,
+    )
     if args.prompt is not None:
         if not args.prompt:
             raise InputError("--prompt is empty: give some text")
         tokenizer = load_tokenizer(args.model, config.vocab_size)
         bos = [config.bos_token_id] if config.bos_token_id is not None else []
-        [result] = generate(backend, [bos + tokenizer.encode(args.prompt)], args.max_new_tokens,
-                            sampling, limits)
+        [result] = generate(
+            backend, [bos + tokenizer.encode(args.prompt)], args.max_new_tokens, sampling, limits
+        )
         if isinstance(result, MosaicError):
             raise result
         print(args.prompt + tokenizer.decode(result))
         return 0
     requests = read_prompts(args.input)
     good = [i for i, r in enumerate(requests) if not isinstance(r, MosaicError)]
-    outputs = generate(backend, [requests[i] for i in good], args.max_new_tokens, sampling,
-                       limits, progress=sys.stderr.isatty(),
-                       on_start=lambda run: print_memory_plan(config, run))
+    outputs = generate(
+        backend,
+        [requests[i] for i in good],
+        args.max_new_tokens,
+        sampling,
+        limits,
+        progress=sys.stderr.isatty(),
+        on_start=lambda run: print_memory_plan(config, run),
+    )
     results = list(requests)
     for i, out in zip(good, outputs):
         results[i] = out
@@ -253,16 +291,24 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     from mosaicrt.runtime.backends import BACKENDS
 
     p.add_argument("model", help="checkpoint directory (torch) or ONNX artifact (onnxruntime)")
-    p.add_argument("--backend", default="auto",
-                   help=f"one of {', '.join(BACKENDS)} (default auto: onnxruntime for an "
-                        "artifact, torch for a checkpoint)")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        help=f"one of {', '.join(BACKENDS)} (default auto: onnxruntime for an "
+        "artifact, torch for a checkpoint)",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    p.add_argument("--dtype", help="compute dtype fp32|fp16|bf16 (default fp32 on CPU, the "
-                                   "checkpoint's on GPU)")
+    p.add_argument(
+        "--dtype",
+        help="compute dtype fp32|fp16|bf16 (default fp32 on CPU, the checkpoint's on GPU)",
+    )
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per step")
-    p.add_argument("--kernels", default="torch",
-                   help="torch backend: torch (reference code) or triton (needs a GPU, or "
-                        "TRITON_INTERPRET=1 on a CPU)")
+    p.add_argument(
+        "--kernels",
+        default="torch",
+        help="torch backend: torch (reference code) or triton (needs a GPU, or "
+        "TRITON_INTERPRET=1 on a CPU)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -291,15 +337,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
     p.add_argument("--dtype", default="fp32", help="fp32 (fp16/bf16 later)")
-    p.add_argument("--max-context", type=int, default=4096,
-                   help="most tokens one sequence may hold at run time")
-    p.add_argument("--last-only", action="store_true",
-                   help="emit logits of each row's last token only (no `score`)")
+    p.add_argument(
+        "--max-context",
+        type=int,
+        default=4096,
+        help="most tokens one sequence may hold at run time",
+    )
+    p.add_argument(
+        "--last-only",
+        action="store_true",
+        help="emit logits of each row's last token only (no `score`)",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("check", help="compare an artifact's backends with the torch reference")
     p.add_argument("artifact")
-    p.add_argument("--checkpoint", help="the source checkpoint (default: the one recorded at export)")
+    p.add_argument(
+        "--checkpoint", help="the source checkpoint (default: the one recorded at export)"
+    )
     p.add_argument("--atol", type=float, default=1e-4)
     p.add_argument("--rtol", type=float, default=1e-3)
     p.set_defaults(func=cmd_check)
@@ -323,8 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
-    p.add_argument("--max-context", type=int,
-                   help="tokens per sequence, prompt + new (default: the artifact's, or 4096)")
+    p.add_argument(
+        "--max-context",
+        type=int,
+        help="tokens per sequence, prompt + new (default: the artifact's, or 4096)",
+    )
     p.set_defaults(func=cmd_generate)
     return parser
 
@@ -344,8 +402,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # an unexpected failure: one line unless --debug
         if args.debug:
             raise
-        print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
-              file=sys.stderr)
+        print(
+            f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

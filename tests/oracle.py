@@ -18,8 +18,11 @@ def load_checkpoint(model_dir: str | Path) -> tuple[dict, dict[str, np.ndarray]]
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     index = model_dir / "model.safetensors.index.json"
-    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
-             else ["model.safetensors"])
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.exists()
+        else ["model.safetensors"]
+    )
     weights: dict[str, np.ndarray] = {}
     for name in files:
         weights.update(load_file(str(model_dir / name)))
@@ -76,15 +79,20 @@ def logits(model_dir: str | Path, ids: list[int]) -> np.ndarray:
     x = w["embed_tokens.weight"][np.asarray(ids)]
     for layer in range(cfg["num_layers"]):
         p = f"layers.{layer}."
-        lw = {k[len(p):]: v for k, v in w.items() if k.startswith(p)}
+        lw = {k[len(p) :]: v for k, v in w.items() if k.startswith(p)}
         u = rmsnorm(x, lw["memory_norm.weight"], eps)
-        ys = [memory(u, {k[len(m) + 1:]: v for k, v in lw.items() if k.startswith(m + ".")},
-                     cfg, m) for m in mems]
+        ys = [
+            memory(u, {k[len(m) + 1 :]: v for k, v in lw.items() if k.startswith(m + ".")}, cfg, m)
+            for m in mems
+        ]
         x = x + np.concatenate(ys, axis=-1) @ lw["out_proj.weight"].T
         z = rmsnorm(x, lw["ffn_norm.weight"], eps)
         gate = z @ lw["ffn.gate_proj.weight"].T
-        x = x + ((gate / (1 + np.exp(-gate))) * (z @ lw["ffn.up_proj.weight"].T)) @ \
-            lw["ffn.down_proj.weight"].T
+        x = (
+            x
+            + ((gate / (1 + np.exp(-gate))) * (z @ lw["ffn.up_proj.weight"].T))
+            @ lw["ffn.down_proj.weight"].T
+        )
     return rmsnorm(x, w["norm.weight"], eps) @ w["lm_head.weight"].T
 
 
@@ -93,14 +101,25 @@ def greedy(model_dir: str | Path, prompt: list[int], new_tokens: int) -> list[in
     ids = list(prompt)
     for _ in range(new_tokens):
         ids.append(int(np.argmax(logits(model_dir, ids)[-1])))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
-def write_random_checkpoint(out_dir: str | Path, *, vocab: int = 300, d: int = 32, layers: int = 2,
-                            heads: int = 2, head_dim: int = 16, ffn: int = 64, window: int = 6,
-                            delay: int = 3, use_ltm: bool = True, seed: int = 0,
-                            dtype: str = "float32") -> Path:
-    """A random checkpoint in the contract's format, with weights scaled to give O(1) activations."""
+def write_random_checkpoint(
+    out_dir: str | Path,
+    *,
+    vocab: int = 300,
+    d: int = 32,
+    layers: int = 2,
+    heads: int = 2,
+    head_dim: int = 16,
+    ffn: int = 64,
+    window: int = 6,
+    delay: int = 3,
+    use_ltm: bool = True,
+    seed: int = 0,
+    dtype: str = "float32",
+) -> Path:
+    """A random checkpoint in the contract's format, weights scaled to give O(1) activations."""
     rng = np.random.default_rng(seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,32 +130,47 @@ def write_random_checkpoint(out_dir: str | Path, *, vocab: int = 300, d: int = 3
         p = f"layers.{layer}."
         w[p + "memory_norm.weight"] = 1 + rng.normal(0, 0.1, d)
         for m in mems:
-            w[p + m + ".key_proj.weight"] = rng.normal(0, d ** -0.5, (width, d))
-            w[p + m + ".key_gate.weight"] = rng.normal(0, 0.3 * d ** -0.5, (heads, d))
-            w[p + m + ".key_decay.weight"] = rng.normal(0, d ** -0.5, (heads, d))
-            w[p + m + ".value_proj.weight"] = rng.normal(0, d ** -0.5, (width, d))
+            w[p + m + ".key_proj.weight"] = rng.normal(0, d**-0.5, (width, d))
+            w[p + m + ".key_gate.weight"] = rng.normal(0, 0.3 * d**-0.5, (heads, d))
+            w[p + m + ".key_decay.weight"] = rng.normal(0, d**-0.5, (heads, d))
+            w[p + m + ".value_proj.weight"] = rng.normal(0, d**-0.5, (width, d))
             w[p + m + ".value_mix"] = rng.uniform(0, 1, heads)
             w[p + m + ".value_scale"] = rng.normal(0, 0.3, heads)
             w[p + m + ".bandwidth_beta0"] = 1.0 + rng.normal(0, 0.3, heads)
             w[p + m + ".bandwidth_beta1"] = 0.5 + rng.normal(0, 0.3, heads)
             w[p + m + ".bandwidth_alpha"] = 0.3 + rng.normal(0, 0.1, heads)
-        w[p + "out_proj.weight"] = rng.normal(0, (width * len(mems)) ** -0.5, (d, width * len(mems)))
+        w[p + "out_proj.weight"] = rng.normal(
+            0, (width * len(mems)) ** -0.5, (d, width * len(mems))
+        )
         w[p + "ffn_norm.weight"] = 1 + rng.normal(0, 0.1, d)
-        w[p + "ffn.gate_proj.weight"] = rng.normal(0, d ** -0.5, (ffn, d))
-        w[p + "ffn.up_proj.weight"] = rng.normal(0, d ** -0.5, (ffn, d))
-        w[p + "ffn.down_proj.weight"] = rng.normal(0, ffn ** -0.5, (d, ffn))
+        w[p + "ffn.gate_proj.weight"] = rng.normal(0, d**-0.5, (ffn, d))
+        w[p + "ffn.up_proj.weight"] = rng.normal(0, d**-0.5, (ffn, d))
+        w[p + "ffn.down_proj.weight"] = rng.normal(0, ffn**-0.5, (d, ffn))
     w["norm.weight"] = 1 + rng.normal(0, 0.1, d)
-    w["lm_head.weight"] = rng.normal(0, 2 * d ** -0.5, (vocab, d))
+    w["lm_head.weight"] = rng.normal(0, 2 * d**-0.5, (vocab, d))
     if dtype == "bfloat16":
         import ml_dtypes  # numpy has no bfloat16 of its own
+
         np_dtype = ml_dtypes.bfloat16
     else:
         np_dtype = {"float32": np.float32, "float16": np.float16}[dtype]
     save_file({k: v.astype(np_dtype) for k, v in w.items()}, str(out / "model.safetensors"))
-    config = {"model_type": "memory_mosaics_v2", "vocab_size": vocab, "hidden_size": d,
-              "num_layers": layers, "num_heads": heads, "head_dim": head_dim,
-              "intermediate_size": ffn, "stm_window": window, "ltm_delay": delay,
-              "use_ltm": use_ltm, "rms_norm_eps": 1e-5, "key_norm_eps": 1e-6,
-              "bos_token_id": 0, "eos_token_id": vocab - 1, "torch_dtype": dtype}
+    config = {
+        "model_type": "memory_mosaics_v2",
+        "vocab_size": vocab,
+        "hidden_size": d,
+        "num_layers": layers,
+        "num_heads": heads,
+        "head_dim": head_dim,
+        "intermediate_size": ffn,
+        "stm_window": window,
+        "ltm_delay": delay,
+        "use_ltm": use_ltm,
+        "rms_norm_eps": 1e-5,
+        "key_norm_eps": 1e-6,
+        "bos_token_id": 0,
+        "eos_token_id": vocab - 1,
+        "torch_dtype": dtype,
+    }
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out

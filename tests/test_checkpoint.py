@@ -17,8 +17,13 @@ def test_model_parameters_are_exactly_the_contract_tensors():
         config = preset("tiny").replace(use_ltm=use_ltm)
         shapes = {k: tuple(v.shape) for k, v in random_model(config).state_dict().items()}
         assert shapes == tensor_shapes(config)
-    assert "layers.0.ltm.key_proj.weight" not in tensor_shapes(preset("tiny").replace(use_ltm=False))
-    assert tensor_shapes(preset("tiny").replace(use_ltm=False))["layers.0.out_proj.weight"] == (64, 64)
+    assert "layers.0.ltm.key_proj.weight" not in tensor_shapes(
+        preset("tiny").replace(use_ltm=False)
+    )
+    assert tensor_shapes(preset("tiny").replace(use_ltm=False))["layers.0.out_proj.weight"] == (
+        64,
+        64,
+    )
 
 
 def test_config_rejects_unknown_and_missing_keys_by_name():
@@ -114,10 +119,12 @@ def test_initialisation_follows_table_6():
     config = preset("mini").replace(num_layers=2)
     t = dict(random_tensors(config, 0))
     d, f = config.hidden_size, config.intermediate_size
-    for name, sigma in [("layers.1.stm.key_proj.weight", 1 / math.sqrt(2 * d * 2)),
-                        ("layers.0.out_proj.weight", 1 / math.sqrt(2 * d)),
-                        ("layers.1.ffn.down_proj.weight", 1 / math.sqrt(2 * f * 2)),
-                        ("embed_tokens.weight", 1 / math.sqrt(2 * d))]:
+    for name, sigma in [
+        ("layers.1.stm.key_proj.weight", 1 / math.sqrt(2 * d * 2)),
+        ("layers.0.out_proj.weight", 1 / math.sqrt(2 * d)),
+        ("layers.1.ffn.down_proj.weight", 1 / math.sqrt(2 * f * 2)),
+        ("embed_tokens.weight", 1 / math.sqrt(2 * d)),
+    ]:
         w = t[name]
         assert w.abs().max() <= 3 * sigma + 1e-12  # clamped at 3 sigma
         assert abs(w.std().item() - sigma) < 0.05 * sigma

@@ -12,8 +12,12 @@ ATOL = 1e-4  # CLI logits (fp32) vs the float64 oracle
 
 
 def mosaicrt(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "mosaicrt.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mosaicrt.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -25,8 +29,18 @@ def test_score_and_generate_match_the_oracle(oracle_ckpt, tmp_path):
     T = 2 * config["stm_window"] + config["ltm_delay"] + 4  # T > h, T > m
     ids = rng.integers(0, config["vocab_size"], (2, T))
     np.save(tmp_path / "ids.npy", ids)
-    mosaicrt("score", oracle_ckpt, "--backend", "torch", "--input", tmp_path / "ids.npy",
-             "--output", tmp_path / "logits.npy", "--prefill-chunk", 5)
+    mosaicrt(
+        "score",
+        oracle_ckpt,
+        "--backend",
+        "torch",
+        "--input",
+        tmp_path / "ids.npy",
+        "--output",
+        tmp_path / "logits.npy",
+        "--prefill-chunk",
+        5,
+    )
     logits = np.load(tmp_path / "logits.npy")
     assert logits.dtype == np.float32 and logits.shape == (2, T, config["vocab_size"])
     for row in range(2):
@@ -34,11 +48,24 @@ def test_score_and_generate_match_the_oracle(oracle_ckpt, tmp_path):
 
     prompts = [rng.integers(0, config["vocab_size"], n).tolist() for n in (3, 11, 17)]
     (tmp_path / "prompts.jsonl").write_text(
-        "".join(json.dumps({"input_ids": p}) + "\n" for p in prompts))
-    mosaicrt("generate", oracle_ckpt, "--backend", "torch", "--input", tmp_path / "prompts.jsonl",
-             "--max-new-tokens", 8, "--greedy", "--output", tmp_path / "out.jsonl")
-    outputs = [json.loads(line)["output_ids"]
-               for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+        "".join(json.dumps({"input_ids": p}) + "\n" for p in prompts)
+    )
+    mosaicrt(
+        "generate",
+        oracle_ckpt,
+        "--backend",
+        "torch",
+        "--input",
+        tmp_path / "prompts.jsonl",
+        "--max-new-tokens",
+        8,
+        "--greedy",
+        "--output",
+        tmp_path / "out.jsonl",
+    )
+    outputs = [
+        json.loads(line)["output_ids"] for line in (tmp_path / "out.jsonl").read_text().splitlines()
+    ]
     eos = config["eos_token_id"]
     for prompt, got in zip(prompts, outputs):
         want = oracle.greedy(oracle_ckpt, prompt, 8)
@@ -50,8 +77,11 @@ def test_init_inspect_and_text_generation(tmp_path):
     mosaicrt("init", tmp_path / "m", "--preset", "tiny", "--seed", 1, "--dtype", "bf16")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["torch_dtype"] == "bfloat16"
-    report = json.loads(mosaicrt("inspect", tmp_path / "m", "--max-context", 1000, "--max-batch", 2,
-                                 "--json").stdout)
+    report = json.loads(
+        mosaicrt(
+            "inspect", tmp_path / "m", "--max-context", 1000, "--max-batch", 2, "--json"
+        ).stdout
+    )
     plan = report["memory_plan"]
     assert report["parameters"] == 158_352
     assert plan["ltm_bytes_per_token"] == 2 * 64 * 2 * 2  # (k, v) x width x bf16 x layers
@@ -59,8 +89,10 @@ def test_init_inspect_and_text_generation(tmp_path):
     assert "memory plan" in mosaicrt("inspect", tmp_path / "m").stdout
     text = mosaicrt("generate", tmp_path / "m", "--prompt", "Hello", "--max-new-tokens", 5).stdout
     assert text.startswith("Hello")
-    expect_error(["generate", tmp_path / "m", "--input", "p.jsonl", "--prompt", "x"],
-                 "exactly one of --input")
+    expect_error(
+        ["generate", tmp_path / "m", "--input", "p.jsonl", "--prompt", "x"],
+        "exactly one of --input",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +104,22 @@ def tiny(tmp_path_factory):
 
 def test_sampling_flags_are_reproducible(tiny, tmp_path):
     (tmp_path / "p.jsonl").write_text('{"input_ids": [1, 2, 3]}\n{"input_ids": [4]}\n')
-    args = ["generate", tiny, "--input", tmp_path / "p.jsonl", "--max-new-tokens", 10,
-            "--temperature", 0.8, "--top-k", 20, "--top-p", 0.9, "--seed", 3]
+    args = [
+        "generate",
+        tiny,
+        "--input",
+        tmp_path / "p.jsonl",
+        "--max-new-tokens",
+        10,
+        "--temperature",
+        0.8,
+        "--top-k",
+        20,
+        "--top-p",
+        0.9,
+        "--seed",
+        3,
+    ]
     first, second = mosaicrt(*args).stdout, mosaicrt(*args).stdout
     assert first == second and len(first.splitlines()) == 2
 
@@ -94,21 +140,32 @@ def test_every_bad_input_gets_one_line_and_exit_2(tiny, tmp_path):
     np.save(tmp_path / "long.npy", np.zeros((1, 50), dtype=np.int64))
     (tmp_path / "empty.jsonl").write_text('{"input_ids": []}\n')
     out = tmp_path / "o.npy"
-    expect_error(["score", tiny, "--input", tmp_path / "big.npy", "--output", out],
-                 "token id 300 is outside [0, 258)")
-    expect_error(["score", tiny, "--input", tmp_path / "float.npy", "--output", out],
-                 "token ids must be integers")
-    expect_error(["score", tiny, "--input", tmp_path / "long.npy", "--output", out,
-                  "--max-context", 20], "exceed --max-context 20")
+    expect_error(
+        ["score", tiny, "--input", tmp_path / "big.npy", "--output", out],
+        "token id 300 is outside [0, 258)",
+    )
+    expect_error(
+        ["score", tiny, "--input", tmp_path / "float.npy", "--output", out],
+        "token ids must be integers",
+    )
+    expect_error(
+        ["score", tiny, "--input", tmp_path / "long.npy", "--output", out, "--max-context", 20],
+        "exceed --max-context 20",
+    )
     expect_error(["generate", tiny, "--input", tmp_path / "empty.jsonl"], "the prompt is empty")
     expect_error(["generate", tiny, "--prompt", ""], "--prompt is empty")
-    expect_error(["generate", tiny, "--prompt", "a long prompt", "--max-context", 8],
-                 "raise --max-context")
-    expect_error(["score", tmp_path / "nowhere", "--input", tmp_path / "ok.npy", "--output", out],
-                 "does not exist")
+    expect_error(
+        ["generate", tiny, "--prompt", "a long prompt", "--max-context", 8], "raise --max-context"
+    )
+    expect_error(
+        ["score", tmp_path / "nowhere", "--input", tmp_path / "ok.npy", "--output", out],
+        "does not exist",
+    )
     expect_error(["init", tmp_path / "x", "--preset", "huge"], "unknown preset 'huge'")
-    expect_error(["score", tiny, "--backend", "vllm", "--input", tmp_path / "ok.npy",
-                  "--output", out], "unknown backend 'vllm'")
+    expect_error(
+        ["score", tiny, "--backend", "vllm", "--input", tmp_path / "ok.npy", "--output", out],
+        "unknown backend 'vllm'",
+    )
     expect_error(["init", tiny, "--preset", "tiny"], "--force")
 
 
@@ -140,10 +197,12 @@ def test_corrupt_and_mismatched_checkpoints(tiny, tmp_path):
 
 
 def test_bad_lines_fail_alone(tiny, tmp_path):
-    (tmp_path / "p.jsonl").write_text('{"input_ids": [1, 2]}\n{"input_ids": [1, 999]}\n'
-                                      'not json\n{"input_ids": [3]}\n')
-    proc = mosaicrt("generate", tiny, "--input", tmp_path / "p.jsonl", "--max-new-tokens", 4,
-                    check=False)
+    (tmp_path / "p.jsonl").write_text(
+        '{"input_ids": [1, 2]}\n{"input_ids": [1, 999]}\nnot json\n{"input_ids": [3]}\n'
+    )
+    proc = mosaicrt(
+        "generate", tiny, "--input", tmp_path / "p.jsonl", "--max-new-tokens", 4, check=False
+    )
     assert proc.returncode == 2
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [list(x) for x in lines] == [["output_ids"], ["error"], ["error"], ["output_ids"]]

@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("triton", reason="the Triton kernels need the triton package ([triton] extra)")
 
 import oracle  # noqa: E402
+
 from mosaicrt.model import preset  # noqa: E402
 from mosaicrt.model.mmv2 import AssociativeMemory, gated_key_scan, reference_retrieve  # noqa: E402
 from mosaicrt.model.state import MemoryState  # noqa: E402
@@ -74,9 +75,19 @@ def test_split_decode_matches_reference(kind):
     k_new = torch.nn.functional.normalize(torch.randn(q.shape, generator=gen), dim=-1)
     v_new = torch.randn(q.shape, generator=gen)
     want = reference_retrieve(mem, q, pos, lengths, st, k_new, v_new)
-    got = retrieve_decode(q, st.keys, st.vals, k_new, v_new, pos, lengths,
-                          window=H if kind == "stm" else 0, delay=1 if kind == "stm" else M,
-                          ring=kind == "stm", split_size=128)
+    got = retrieve_decode(
+        q,
+        st.keys,
+        st.vals,
+        k_new,
+        v_new,
+        pos,
+        lengths,
+        window=H if kind == "stm" else 0,
+        delay=1 if kind == "stm" else M,
+        ring=kind == "stm",
+        split_size=128,
+    )
     assert (got[:4] - want[:4]).abs().max() <= ATOL
     assert got[0].abs().max() == 0
 
@@ -125,25 +136,57 @@ def test_cli_with_triton_kernels_matches_the_oracle(oracle_ckpt, tmp_path):
     np.save(tmp_path / "ids.npy", ids)
     env = dict(os.environ, TRITON_INTERPRET="1")
     run = [sys.executable, "-m", "mosaicrt.cli"]
-    proc = subprocess.run(run + ["score", str(oracle_ckpt), "--backend", "torch", "--kernels",
-                                 "triton", "--input", str(tmp_path / "ids.npy"), "--output",
-                                 str(tmp_path / "logits.npy"), "--prefill-chunk", "7"],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        run
+        + [
+            "score",
+            str(oracle_ckpt),
+            "--backend",
+            "torch",
+            "--kernels",
+            "triton",
+            "--input",
+            str(tmp_path / "ids.npy"),
+            "--output",
+            str(tmp_path / "logits.npy"),
+            "--prefill-chunk",
+            "7",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     logits = np.load(tmp_path / "logits.npy")
     for row in range(2):
         assert np.abs(logits[row] - oracle.logits(oracle_ckpt, ids[row].tolist())).max() <= 1e-4
     prompts = [rng.integers(0, config["vocab_size"], n).tolist() for n in (3, 10)]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"input_ids": p}) + "\n" for p in prompts))
-    proc = subprocess.run(run + ["generate", str(oracle_ckpt), "--kernels", "triton", "--input",
-                                 str(tmp_path / "p.jsonl"), "--max-new-tokens", "5"],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        run
+        + [
+            "generate",
+            str(oracle_ckpt),
+            "--kernels",
+            "triton",
+            "--input",
+            str(tmp_path / "p.jsonl"),
+            "--max-new-tokens",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     eos = config["eos_token_id"]
     for prompt, line in zip(prompts, proc.stdout.splitlines()):
         want = oracle.greedy(oracle_ckpt, prompt, 5)
-        assert json.loads(line)["output_ids"] == (want[: want.index(eos) + 1] if eos in want
-                                                  else want)
+        assert json.loads(line)["output_ids"] == (
+            want[: want.index(eos) + 1] if eos in want else want
+        )
 
 
 def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(tmp_path):
@@ -151,7 +194,23 @@ def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(tmp_path):
 
     save_checkpoint(random_model(preset("tiny")), tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "mosaicrt.cli", "generate", str(tmp_path),
-                           "--device", "cpu", "--kernels", "triton", "--prompt", "hi"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mosaicrt.cli",
+            "generate",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "--kernels",
+            "triton",
+            "--prompt",
+            "hi",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "TRITON_INTERPRET=1" in proc.stderr

@@ -30,8 +30,12 @@ def artifact(oracle_ckpt, tmp_path_factory):
 
 
 def mosaicrt(*args):
-    return subprocess.run([sys.executable, "-m", "mosaicrt.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "mosaicrt.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_artifact_carries_custom_ops_with_function_bodies(artifact):
@@ -45,14 +49,19 @@ def test_artifact_carries_custom_ops_with_function_bodies(artifact):
         if node.op_type == "AssociativeMemory":
             assert attrs["kind"] in (b"stm", b"ltm") and "window" in attrs and "delay" in attrs
     assert {(f.domain, f.name) for f in model.functions} == {
-        (DOMAIN, "AssociativeMemory"), (DOMAIN, "GatedKeyScan")}
+        (DOMAIN, "AssociativeMemory"),
+        (DOMAIN, "GatedKeyScan"),
+    }
     assert (DOMAIN, 1) in {(o.domain, o.version) for o in model.opset_import}
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert manifest["ltm_block"] == 4 and manifest["max_context"] == 200
     assert "past.0.s" in [i.name for i in model.graph.input]
     # Stores go in, and only the new pairs come out: no output is as large as a store.
-    assert not [o.name for o in model.graph.output if o.name.startswith("present.")
-                and o.name.endswith(("keys", "values"))]
+    assert not [
+        o.name
+        for o in model.graph.output
+        if o.name.startswith("present.") and o.name.endswith(("keys", "values"))
+    ]
 
 
 def test_onnxruntime_matches_oracle_and_reference(oracle_ckpt, artifact):
@@ -73,22 +82,38 @@ def test_cli_onnxruntime_greedy_matches_oracle(oracle_ckpt, artifact, tmp_path):
     rng = np.random.default_rng(2)
     prompts = [rng.integers(0, config["vocab_size"], n).tolist() for n in (2, 9, 23)]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"input_ids": p}) + "\n" for p in prompts))
-    proc = mosaicrt("generate", artifact, "--backend", "onnxruntime", "--input",
-                    tmp_path / "p.jsonl", "--max-new-tokens", 6, "--max-batch", 2)
+    proc = mosaicrt(
+        "generate",
+        artifact,
+        "--backend",
+        "onnxruntime",
+        "--input",
+        tmp_path / "p.jsonl",
+        "--max-new-tokens",
+        6,
+        "--max-batch",
+        2,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "memory plan" in proc.stderr
     eos = config["eos_token_id"]
     for prompt, line in zip(prompts, proc.stdout.splitlines()):
         want = oracle.greedy(oracle_ckpt, prompt, 6)
-        assert json.loads(line)["output_ids"] == (want[: want.index(eos) + 1] if eos in want
-                                                  else want)
+        assert json.loads(line)["output_ids"] == (
+            want[: want.index(eos) + 1] if eos in want else want
+        )
 
 
 def test_continuous_batching_gives_each_request_its_own_result(artifact):
     backend = OrtBackend(artifact)
     prompts = [[1 + i] * (1 + 5 * i) for i in range(7)]
-    batched = generate(backend, prompts, 9, SamplingParams(),
-                       RunLimits(max_batch=3, max_context=64, prefill_chunk=4))
+    batched = generate(
+        backend,
+        prompts,
+        9,
+        SamplingParams(),
+        RunLimits(max_batch=3, max_context=64, prefill_chunk=4),
+    )
     for prompt, got in zip(prompts, batched):
         assert got == generate(backend, [prompt], 9, SamplingParams(), RunLimits(max_context=64))[0]
 
@@ -104,14 +129,15 @@ def test_step_graph_greedy_equals_full_recompute_for_1000_tokens(tmp_path):
     save_checkpoint(model, tmp_path / "ckpt")
     backend = OrtBackend(export_artifact(tmp_path / "ckpt", tmp_path / "onnx", max_context=1100))
     prompt = [5, 17, 33, 2, 250, 7, 7, 100]
-    [streamed] = generate(backend, [prompt], 1000, SamplingParams(),
-                          RunLimits(max_context=1010, prefill_chunk=3))
+    [streamed] = generate(
+        backend, [prompt], 1000, SamplingParams(), RunLimits(max_context=1010, prefill_chunk=3)
+    )
     ids = list(prompt)
     for _ in range(1000):  # every token from a fresh state over the whole sequence
         state = backend.new_state(1, len(ids))
         logits = backend.step(torch.tensor([ids]), torch.tensor([len(ids)]), state, last_only=True)
         ids.append(int(logits[0].argmax()))
-    assert streamed == ids[len(prompt):]
+    assert streamed == ids[len(prompt) :]
 
 
 def test_artifact_errors(artifact, tmp_path):
@@ -166,8 +192,10 @@ def _cuda_ep() -> bool:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _cuda_ep(), reason="needs onnxruntime-gpu (CUDAExecutionProvider) and a "
-                                           "CUDA GPU; this machine has neither")
+@pytest.mark.skipif(
+    not _cuda_ep(),
+    reason="needs onnxruntime-gpu (CUDAExecutionProvider) and a CUDA GPU; this machine has neither",
+)
 def test_cuda_execution_provider_matches_reference(oracle_ckpt, artifact):
     config, _ = oracle.load_checkpoint(oracle_ckpt)
     ids = torch.from_numpy(np.random.default_rng(3).integers(0, config["vocab_size"], (2, 40)))

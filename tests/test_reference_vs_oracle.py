@@ -28,5 +28,6 @@ def test_oracle_reads_sharded_checkpoints_like_the_model(tmp_path, oracle_ckpt):
     save_checkpoint(model, tmp_path, max_shard_bytes=20_000)
     assert (tmp_path / "model.safetensors.index.json").is_file()
     ids = list(range(1, 20))
-    np.testing.assert_allclose(oracle.logits(tmp_path, ids), oracle.logits(oracle_ckpt, ids),
-                               rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        oracle.logits(tmp_path, ids), oracle.logits(oracle_ckpt, ids), rtol=0, atol=1e-12
+    )

@@ -28,8 +28,12 @@ def test_top_k_and_top_p_filters():
 
 
 def test_bad_sampling_params():
-    for kwargs, match in [(dict(temperature=0.0), "temperature"), (dict(top_k=-1), "top-k"),
-                          (dict(top_p=0.0), "top-p"), (dict(top_p=1.5), "top-p")]:
+    for kwargs, match in [
+        (dict(temperature=0.0), "temperature"),
+        (dict(top_k=-1), "top-k"),
+        (dict(top_p=0.0), "top-p"),
+        (dict(top_p=1.5), "top-p"),
+    ]:
         with pytest.raises(InputError, match=match):
             SamplingParams(greedy=False, **kwargs)
 
@@ -49,8 +53,13 @@ def test_sampled_tokens_do_not_depend_on_the_batch(tiny_backend):
     assert together == one_by_one
     again = generate(tiny_backend, prompts, 12, params, RunLimits(max_batch=2))
     assert again == together
-    other_seed = generate(tiny_backend, prompts, 12,
-                          SamplingParams(greedy=False, temperature=1.5, seed=12), RunLimits())
+    other_seed = generate(
+        tiny_backend,
+        prompts,
+        12,
+        SamplingParams(greedy=False, temperature=1.5, seed=12),
+        RunLimits(),
+    )
     assert other_seed != together
 
 
@@ -85,6 +94,10 @@ def test_memory_plan_matches_the_contract_and_the_allocation():
     from mosaicrt.model import DecodeState
 
     state = DecodeState.allocate(config, batch=3, capacity=100)
-    allocated = sum(t.numel() * t.element_size() for layer in state.memories
-                    for m in layer.values() for t in vars(m).values())
+    allocated = sum(
+        t.numel() * t.element_size()
+        for layer in state.memories
+        for m in layer.values()
+        for t in vars(m).values()
+    )
     assert allocated == plan.state_bytes

@@ -39,7 +39,7 @@ def stream(model, ids: torch.Tensor, chunks: list[int]) -> torch.Tensor:
     state = model.new_state(ids.shape[0], ids.shape[1])
     out, start = [], 0
     for c in chunks:
-        out.append(model.step(ids[:, start:start + c], state))
+        out.append(model.step(ids[:, start : start + c], state))
         start += c
     return torch.cat(out, dim=1)
 
@@ -67,7 +67,7 @@ def test_any_chunk_schedule_equals_full_forward(chunks, use_ltm):
 
 
 def test_rows_at_different_positions_share_a_step():
-    """Rows advance by different amounts per step (including 0) and still match their own forward."""
+    """Rows advance by different amounts per step (0 included) and still match their forward."""
     model = make_model(True)
     T = 5 * H
     ids = torch.randint(0, 256, (3, T), generator=torch.Generator().manual_seed(3))
@@ -80,12 +80,12 @@ def test_rows_at_different_positions_share_a_step():
             chunk = torch.zeros(3, C, dtype=torch.int64)
             for r, n in enumerate(lengths):
                 start = int(state.pos[r])
-                chunk[r, :n] = ids[r, start:start + n]
+                chunk[r, :n] = ids[r, start : start + n]
             logits = model.step(chunk, state, torch.tensor(lengths))
             for r, n in enumerate(lengths):
                 got[r].append(logits[r, :n])
         for r in range(3):
-            want = model(ids[r:r + 1, :int(state.pos[r])])[0]
+            want = model(ids[r : r + 1, : int(state.pos[r])])[0]
             assert (torch.cat(got[r]) - want).abs().max() <= ATOL
 
 
@@ -96,7 +96,7 @@ def test_padded_batch_equals_each_row_alone():
     with torch.no_grad():
         batched = model(ids, lengths)
         for r, n in enumerate(lengths.tolist()):
-            alone = model(ids[r:r + 1, :n])[0]
+            alone = model(ids[r : r + 1, :n])[0]
             assert (batched[r, :n] - alone).abs().max() <= ATOL
             assert not batched[r, n:].any()  # padding positions are zeroed
 
@@ -104,13 +104,19 @@ def test_padded_batch_equals_each_row_alone():
 def test_stores_are_updated_in_place():
     model = make_model(True)
     state = model.new_state(1, 64)
-    pointers = [(m.keys.data_ptr(), m.vals.data_ptr(), m.s.data_ptr())
-                for layer in state.memories for m in layer.values()]
+    pointers = [
+        (m.keys.data_ptr(), m.vals.data_ptr(), m.s.data_ptr())
+        for layer in state.memories
+        for m in layer.values()
+    ]
     with torch.no_grad():
         for _ in range(3 * H):
             model.step(torch.randint(0, 256, (1, 1)), state)
-    assert pointers == [(m.keys.data_ptr(), m.vals.data_ptr(), m.s.data_ptr())
-                        for layer in state.memories for m in layer.values()]
+    assert pointers == [
+        (m.keys.data_ptr(), m.vals.data_ptr(), m.s.data_ptr())
+        for layer in state.memories
+        for m in layer.values()
+    ]
 
 
 class TorchModelBackend:
@@ -137,11 +143,16 @@ def test_streaming_greedy_equals_full_recompute_for_100_tokens(use_ltm):
     model = make_model(use_ltm, seed=5)
     model.config = model.config.replace(eos_token_id=None)
     prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8, 2, 8, 1, 8, 2, 8, 4, 5, 9, 0, 4, 5, 2]]
-    [a, b] = generate(TorchModelBackend(model), prompts, 100, SamplingParams(),
-                      RunLimits(max_batch=2, max_context=128, prefill_chunk=5))
+    [a, b] = generate(
+        TorchModelBackend(model),
+        prompts,
+        100,
+        SamplingParams(),
+        RunLimits(max_batch=2, max_context=128, prefill_chunk=5),
+    )
     for prompt, streamed in zip(prompts, (a, b)):
         ids = list(prompt)
         with torch.no_grad():
             for _ in range(100):
                 ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-        assert streamed == ids[len(prompt):]
+        assert streamed == ids[len(prompt) :]

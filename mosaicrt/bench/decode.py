@@ -1,4 +1,4 @@
-"""Decode TPOT at batch 1 vs context, per backend, against the DRAM roofline measured in the same run.
+"""Decode TPOT at batch 1 vs context, per backend, against a DRAM roofline measured in the run.
 
 Bytes that must be read per decode step (the roofline's numerator) = the weights (without the
 embedding table, of which one row is read) + the *valid* STM and LTM pairs: min(t, h-1) STM pairs
@@ -41,8 +41,9 @@ def _timed(fn) -> float:
 
 
 def bytes_per_step(config: ModelConfig, context: int, elem: int = 4) -> int:
-    weights = (parameter_count(config) - config.vocab_size * config.hidden_size
-               + config.hidden_size) * elem
+    weights = (
+        parameter_count(config) - config.vocab_size * config.hidden_size + config.hidden_size
+    ) * elem
     pair = 2 * config.memory_width * elem * config.num_layers
     stm = min(context, config.stm_window - 1) * pair
     ltm = max(0, context - config.ltm_delay + 1) * pair if config.use_ltm else 0
@@ -55,7 +56,7 @@ def prefill(backend: Backend, context: int, capacity: int, chunk: int):
     state = backend.new_state(1, capacity)
     ids = torch.randint(0, backend.config.vocab_size, (1, context), generator=gen)
     for start in range(0, context, chunk):
-        part = ids[:, start:start + chunk]
+        part = ids[:, start : start + chunk]
         backend.step(part, torch.tensor([part.shape[1]]), state, last_only=True)
     return state
 
@@ -76,8 +77,9 @@ def interleaved_tpot(cases: dict, steps: int, warmup: int) -> dict:
     return times
 
 
-def open_backends(names: list[str], config: ModelConfig, workdir: Path,
-                  max_context: int) -> dict[str, Backend]:
+def open_backends(
+    names: list[str], config: ModelConfig, workdir: Path, max_context: int
+) -> dict[str, Backend]:
     ckpt = workdir / "ckpt"
     write_checkpoint(random_tensors(config, 0), config, ckpt)
     backends: dict[str, Backend] = {}
@@ -121,31 +123,60 @@ def main(argv: list[str] | None = None) -> None:
             backends = open_backends(names, config, Path(tmp) / f"ltm{int(use_ltm)}", capacity)
             times = {}
             for name, backend in backends.items():  # one runtime at a time: their thread pools
-                cases = {(name, c): (backend, prefill(backend, c, capacity, args.prefill_chunk))
-                         for c in tqdm(contexts, desc=f"prefill {name}")}
+                cases = {
+                    (name, c): (backend, prefill(backend, c, capacity, args.prefill_chunk))
+                    for c in tqdm(contexts, desc=f"prefill {name}")
+                }
                 times.update(interleaved_tpot(cases, args.steps, args.warmup))
                 del cases
             for (name, context), samples in times.items():
                 tpot = statistics.median(samples)
                 roof = bytes_per_step(config, context) / (bandwidth * 1e9)
-                rows.append({"backend": name, "use_ltm": use_ltm, "context": context,
-                             "tpot_ms": {"p50": 1e3 * tpot, "mean": 1e3 * statistics.fmean(samples),
-                                         "min": 1e3 * min(samples)},
-                             "bytes_per_step": bytes_per_step(config, context),
-                             "roofline_ms": 1e3 * roof, "roofline_fraction": roof / tpot})
-                print(f"{name:12s} ltm={use_ltm!s:5} ctx={context:6d} tpot p50 {1e3 * tpot:7.2f} ms"
-                      f"  roofline {1e3 * roof:6.2f} ms ({100 * roof / tpot:5.1f} %)")
+                rows.append(
+                    {
+                        "backend": name,
+                        "use_ltm": use_ltm,
+                        "context": context,
+                        "tpot_ms": {
+                            "p50": 1e3 * tpot,
+                            "mean": 1e3 * statistics.fmean(samples),
+                            "min": 1e3 * min(samples),
+                        },
+                        "bytes_per_step": bytes_per_step(config, context),
+                        "roofline_ms": 1e3 * roof,
+                        "roofline_fraction": roof / tpot,
+                    }
+                )
+                print(
+                    f"{name:12s} ltm={use_ltm!s:5} ctx={context:6d} tpot p50 {1e3 * tpot:7.2f} ms"
+                    f"  roofline {1e3 * roof:6.2f} ms ({100 * roof / tpot:5.1f} %)"
+                )
             del backends
     for row in rows:
-        ref = next((r for r in rows if r["backend"] == "torch" and r["use_ltm"] == row["use_ltm"]
-                    and r["context"] == row["context"]), None)
+        ref = next(
+            (
+                r
+                for r in rows
+                if r["backend"] == "torch"
+                and r["use_ltm"] == row["use_ltm"]
+                and r["context"] == row["context"]
+            ),
+            None,
+        )
         if ref:
             row["speedup_vs_torch"] = ref["tpot_ms"]["p50"] / row["tpot_ms"]["p50"]
-    result = {"benchmark": "decode_tpot_batch1", "preset": args.preset,
-              "config": preset(args.preset).to_dict(), "batch": 1, "steps": args.steps,
-              "warmup": args.warmup, "bandwidth_gb_s": bandwidth,
-              "roofline_bytes": "weights without embedding + valid STM/LTM pairs, fp32",
-              "machine": machine_info(), "rows": rows}
+    result = {
+        "benchmark": "decode_tpot_batch1",
+        "preset": args.preset,
+        "config": preset(args.preset).to_dict(),
+        "batch": 1,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "bandwidth_gb_s": bandwidth,
+        "roofline_bytes": "weights without embedding + valid STM/LTM pairs, fp32",
+        "machine": machine_info(),
+        "rows": rows,
+    }
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -31,9 +31,15 @@ EXTERNAL_DATA_BYTES = 1 << 30  # above this the weights go to model.onnx.data
 DEFAULT_LTM_BLOCK = 128  # pairs per LTM store block: the granularity of "read only what is valid"
 
 
-def export_artifact(checkpoint: str | Path, out_dir: str | Path, dtype: str = "float32",
-                    max_context: int = 4096, last_only: bool = False,
-                    ltm_block: int = DEFAULT_LTM_BLOCK, progress: bool = False) -> Path:
+def export_artifact(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    dtype: str = "float32",
+    max_context: int = 4096,
+    last_only: bool = False,
+    ltm_block: int = DEFAULT_LTM_BLOCK,
+    progress: bool = False,
+) -> Path:
     """Export a checkpoint to an ONNX artifact directory and check it with onnx.checker."""
     if dtype != "float32":
         raise CheckpointError(f"export to {dtype} is not supported yet: use --dtype fp32")
@@ -49,8 +55,13 @@ def export_artifact(checkpoint: str | Path, out_dir: str | Path, dtype: str = "f
     size = sum(t.numel() * 4 for t in model.state_dict().values())
     (out / (MODEL_FILE + ".data")).unlink(missing_ok=True)
     if size > EXTERNAL_DATA_BYTES:
-        onnx.save(proto, str(out / MODEL_FILE), save_as_external_data=True,
-                  location=MODEL_FILE + ".data", size_threshold=1024)
+        onnx.save(
+            proto,
+            str(out / MODEL_FILE),
+            save_as_external_data=True,
+            location=MODEL_FILE + ".data",
+            size_threshold=1024,
+        )
     else:
         onnx.save(proto, str(out / MODEL_FILE))
     steps.update(1)
@@ -62,8 +73,9 @@ def export_artifact(checkpoint: str | Path, out_dir: str | Path, dtype: str = "f
     tokenizer = Path(checkpoint) / "tokenizer.json"
     if tokenizer.is_file():
         shutil.copy(tokenizer, out / "tokenizer.json")
-    manifest = make_manifest(config, dtype, max_context, last_only, ltm_block,
-                             sha256(out / MODEL_FILE))
+    manifest = make_manifest(
+        config, dtype, max_context, last_only, ltm_block, sha256(out / MODEL_FILE)
+    )
     manifest["source_checkpoint"] = str(Path(checkpoint).resolve())
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
@@ -77,8 +89,14 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def make_manifest(config: ModelConfig, dtype: str, max_context: int, last_only: bool,
-                  ltm_block: int, onnx_sha256: str) -> dict:
+def make_manifest(
+    config: ModelConfig,
+    dtype: str,
+    max_context: int,
+    last_only: bool,
+    ltm_block: int,
+    onnx_sha256: str,
+) -> dict:
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -102,21 +120,29 @@ def read_manifest(artifact: str | Path) -> tuple[dict, ModelConfig]:
     artifact = Path(artifact)
     path = artifact / MANIFEST_FILE
     if not (artifact / MODEL_FILE).is_file() or not path.is_file():
-        raise CheckpointError(f"{artifact} is not an ONNX artifact (no {MODEL_FILE} or "
-                              f"{MANIFEST_FILE}): create one with `mosaicrt export CKPT -o "
-                              f"{artifact}`, or use --backend torch for a checkpoint")
+        raise CheckpointError(
+            f"{artifact} is not an ONNX artifact (no {MODEL_FILE} or "
+            f"{MANIFEST_FILE}): create one with `mosaicrt export CKPT -o "
+            f"{artifact}`, or use --backend torch for a checkpoint"
+        )
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc}): re-export the artifact") from None
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} is not a mosaicrt ONNX artifact of format version "
-                              f"{FORMAT_VERSION}: re-export it with mosaicrt {__version__}")
-    found = (manifest.get("mosaicrt_version"), manifest.get("onnx_opset"),
-             manifest.get("custom_domain_version"))
+        raise CheckpointError(
+            f"{path} is not a mosaicrt ONNX artifact of format version "
+            f"{FORMAT_VERSION}: re-export it with mosaicrt {__version__}"
+        )
+    found = (
+        manifest.get("mosaicrt_version"),
+        manifest.get("onnx_opset"),
+        manifest.get("custom_domain_version"),
+    )
     if found != (__version__, OPSET, DOMAIN_VERSION):
         raise CheckpointError(
             f"{artifact} was exported by mosaicrt {found[0]} (opset {found[1]}, {DOMAIN} "
             f"v{found[2]}); this is mosaicrt {__version__} (opset {OPSET}, {DOMAIN} "
-            f"v{DOMAIN_VERSION}): re-export it with `mosaicrt export`")
+            f"v{DOMAIN_VERSION}): re-export it with `mosaicrt export`"
+        )
     return manifest, load_config(artifact)

@@ -1,4 +1,4 @@
-"""Build the stateful step graph of an MMv2 model directly from its weights (config-driven, no tracing).
+"""Build the stateful step graph of an MMv2 model straight from its weights (no tracing).
 
 One graph serves decode (C = 1) and chunked prefill (C > 1); B and C are dynamic, and each row has
 its own position and number of real tokens. Per layer l the state crosses the graph boundary as
@@ -86,19 +86,33 @@ class StepGraphBuilder:
             blocks = g.unsqueeze(g.op("Mul", g.arange(g.dim(store, 0)), S), 1, 2)  # (NB, 1, 1)
             tau = g.op("Add", blocks, slot)  # (NB, 1, S)
         # Broadcasting against `last` gives (NB, B, S).
-        return g.op("Where", g.op("And", g.op("GreaterOrEqual", tau, g.const(0, np.int64)),
-                                  g.op("LessOrEqual", tau, last)), tau, g.const(-1, np.int64))
+        return g.op(
+            "Where",
+            g.op(
+                "And",
+                g.op("GreaterOrEqual", tau, g.const(0, np.int64)),
+                g.op("LessOrEqual", tau, last),
+            ),
+            tau,
+            g.const(-1, np.int64),
+        )
 
     def memory_weights(self, layer: int) -> tuple[np.ndarray, dict[str, np.ndarray], list[int]]:
         """All of a layer's memory projections as one (d, out) matrix, the per-head parameters
         (heads of all memories concatenated), and the split sizes [k~, v~, log g, lam]."""
         mems = [getattr(self.model.layers[layer], m) for m in self.config.memories]
-        blocks = [[m.key_proj.weight for m in mems], [m.value_proj.weight for m in mems],
-                  [m.key_gate.weight for m in mems], [m.key_decay.weight for m in mems]]
+        blocks = [
+            [m.key_proj.weight for m in mems],
+            [m.value_proj.weight for m in mems],
+            [m.key_gate.weight for m in mems],
+            [m.key_decay.weight for m in mems],
+        ]
         weight_t = np.concatenate([_np(w).T for block in blocks for w in block], axis=1)
         sizes = [sum(int(w.shape[0]) for w in block) for block in blocks]
-        params = {k: np.concatenate([_np(m.transforms()[k]) for m in mems])
-                  for k in ("gamma", "alpha_psi", "beta0", "beta1", "alpha")}
+        params = {
+            k: np.concatenate([_np(m.transforms()[k]) for m in mems])
+            for k in ("gamma", "alpha_psi", "beta0", "beta1", "alpha")
+        }
         return weight_t, params, sizes
 
     def memories(self, layer: int, u: str, step: dict[str, str]) -> str:
@@ -114,45 +128,92 @@ class StepGraphBuilder:
         k_raw = g.reshape(k_raw, 0, 0, nM * H, hs)  # (B, C, nM*H, hs)
         v_raw = g.reshape(v_raw, 0, 0, nM * H, hs)
         log_lam = g.op("Neg", g.op("Abs", lam))  # (B, C, nM*H)
-        keys, _, _ = g.op("GatedKeyScan", k_raw, log_g, log_lam, step["valid"], past["s"],
-                          past["mx"], outputs=[g.fresh("keys"), present["s"], present["mx"]],
-                          domain=DOMAIN, name=f"/model/layers.{layer}/GatedKeyScan",
-                          eps=cfg.key_norm_eps, **plugin_attrs())
+        keys, _, _ = g.op(
+            "GatedKeyScan",
+            k_raw,
+            log_g,
+            log_lam,
+            step["valid"],
+            past["s"],
+            past["mx"],
+            outputs=[g.fresh("keys"), present["s"], present["mx"]],
+            domain=DOMAIN,
+            name=f"/model/layers.{layer}/GatedKeyScan",
+            eps=cfg.key_norm_eps,
+            **plugin_attrs(),
+        )
 
         # Pairs completed by this chunk: pair j is tau = pos-1+j, from the token before chunk
         # token j (the pending one for j = 0) and v~ of chunk token j (eq. 9's look-ahead).
-        k_pairs = g.op("Concat", g.unsqueeze(past["k_pend"], 1),
-                       g.op("Slice", keys, g.ints(0), step["C-1"], g.ints(1)), axis=1)
-        v_prev = g.op("Concat", g.unsqueeze(past["v_pend"], 1),
-                      g.op("Slice", v_raw, g.ints(0), step["C-1"], g.ints(1)), axis=1)
+        k_pairs = g.op(
+            "Concat",
+            g.unsqueeze(past["k_pend"], 1),
+            g.op("Slice", keys, g.ints(0), step["C-1"], g.ints(1)),
+            axis=1,
+        )
+        v_prev = g.op(
+            "Concat",
+            g.unsqueeze(past["v_pend"], 1),
+            g.op("Slice", v_raw, g.ints(0), step["C-1"], g.ints(1)),
+            axis=1,
+        )
         gamma = p["gamma"][:, None]  # (nM*H, 1)
-        mixed = g.op("Add", g.op("Mul", g.const(gamma), v_prev),
-                     g.op("Mul", g.const(1 - gamma), v_raw))
+        mixed = g.op(
+            "Add", g.op("Mul", g.const(gamma), v_prev), g.op("Mul", g.const(1 - gamma), v_raw)
+        )
         v_pairs = g.op("Mul", g.const(p["alpha_psi"][:, None]), self.l2_normalize(mixed))
         g.op("Identity", k_pairs, outputs=[io_spec.new_pairs_name(layer, "keys")])
         g.op("Identity", v_pairs, outputs=[io_spec.new_pairs_name(layer, "values")])
 
         split = g.ints(*[H] * nM)
-        per_mem = [g.op("Split", x, split, axis=2, outputs=nM) if nM > 1 else [x]
-                   for x in (keys, k_pairs, v_pairs)]
+        per_mem = [
+            g.op("Split", x, split, axis=2, outputs=nM) if nM > 1 else [x]
+            for x in (keys, k_pairs, v_pairs)
+        ]
         ys = []
         for i, kind in enumerate(cfg.memories):
             window, delay = (cfg.stm_window, 1) if kind == "stm" else (NO_WINDOW, cfg.ltm_delay)
             heads = slice(i * H, (i + 1) * H)
             store_k = io_spec.store_name(layer, kind, "keys")
             store_v = io_spec.store_name(layer, kind, "values")
-            ys.append(g.op("AssociativeMemory", per_mem[0][i], step["t"], store_k, store_v,
-                           step[f"tau_{kind}"], per_mem[1][i], per_mem[2][i], step["new_tau"],
-                           g.const(p["beta0"][heads]), g.const(p["beta1"][heads]),
-                           g.const(p["alpha"][heads]), domain=DOMAIN,
-                           name=f"/model/layers.{layer}/{kind}/AssociativeMemory",
-                           kind=kind, window=window, delay=delay, **plugin_attrs()))
+            ys.append(
+                g.op(
+                    "AssociativeMemory",
+                    per_mem[0][i],
+                    step["t"],
+                    store_k,
+                    store_v,
+                    step[f"tau_{kind}"],
+                    per_mem[1][i],
+                    per_mem[2][i],
+                    step["new_tau"],
+                    g.const(p["beta0"][heads]),
+                    g.const(p["beta1"][heads]),
+                    g.const(p["alpha"][heads]),
+                    domain=DOMAIN,
+                    name=f"/model/layers.{layer}/{kind}/AssociativeMemory",
+                    kind=kind,
+                    window=window,
+                    delay=delay,
+                    **plugin_attrs(),
+                )
+            )
 
         # Keep the last real token's key and v~ pending (rows of length 0 keep theirs).
-        g.op("Where", step["has"], self.last_real(keys, step), past["k_pend"],
-             outputs=[present["k_pend"]])
-        g.op("Where", step["has"], self.last_real(v_raw, step), past["v_pend"],
-             outputs=[present["v_pend"]])
+        g.op(
+            "Where",
+            step["has"],
+            self.last_real(keys, step),
+            past["k_pend"],
+            outputs=[present["k_pend"]],
+        )
+        g.op(
+            "Where",
+            step["has"],
+            self.last_real(v_raw, step),
+            past["v_pend"],
+            outputs=[present["v_pend"]],
+        )
         g.scope = ""
         y = ys[0] if nM == 1 else g.op("Concat", *ys, axis=2)  # (B, C, nM*H, hs)
         return g.reshape(y, 0, 0, nM * H * hs)
@@ -167,48 +228,85 @@ class StepGraphBuilder:
         t = g.op("Add", g.unsqueeze(positions, 1), g.unsqueeze(steps, 0))  # (B, C)
         tau = g.op("Sub", t, g.const(1, np.int64))
         zero = g.const(0, np.int64)
-        new_tau = g.op("Where", g.op("And", valid, g.op("GreaterOrEqual", tau, zero)), tau,
-                       g.const(-1, np.int64))  # (B, C)
+        new_tau = g.op(
+            "Where",
+            g.op("And", valid, g.op("GreaterOrEqual", tau, zero)),
+            tau,
+            g.const(-1, np.int64),
+        )  # (B, C)
         last = g.op("Max", g.op("Sub", lengths, g.const(1, np.int64)), zero)  # (B,)
-        step = {"C-1": g.unsqueeze(g.op("Sub", C, g.const(1, np.int64)), 0), "valid": valid,
-                "t": t, "new_tau": new_tau, "last": g.unsqueeze(last, 1),
-                "has": g.unsqueeze(g.op("Greater", lengths, zero), 1, 2)}
+        step = {
+            "C-1": g.unsqueeze(g.op("Sub", C, g.const(1, np.int64)), 0),
+            "valid": valid,
+            "t": t,
+            "new_tau": new_tau,
+            "last": g.unsqueeze(last, 1),
+            "has": g.unsqueeze(g.op("Greater", lengths, zero), 1, 2),
+        }
         for kind in cfg.memories:
             step[f"tau_{kind}"] = self.store_positions(
-                kind, io_spec.store_name(0, kind, "keys"), positions)
+                kind, io_spec.store_name(0, kind, "keys"), positions
+            )
         return step
 
     def build(self) -> onnx.ModelProto:
         g, cfg, model = self.g, self.config, self.model
         step = self.step_inputs()
         safe_ids = g.op("Where", step["valid"], io_spec.INPUT_IDS, g.const(0, np.int64))
-        x = g.op("Gather", g.weight("embed_tokens.weight", _np(model.embed_tokens.weight)),
-                 safe_ids)  # (B, C, d)
+        x = g.op(
+            "Gather", g.weight("embed_tokens.weight", _np(model.embed_tokens.weight)), safe_ids
+        )  # (B, C, d)
         f = cfg.intermediate_size
         for i, layer in enumerate(model.layers):
             u = self.rmsnorm(x, layer.memory_norm.weight, f"layers.{i}.memory_norm.weight")
             y = self.memories(i, u, step)
-            x = g.op("Add", x, self.matmul(y, _np(layer.out_proj.weight).T,
-                                           f"layers.{i}.out_proj.weight_t"))
+            x = g.op(
+                "Add",
+                x,
+                self.matmul(y, _np(layer.out_proj.weight).T, f"layers.{i}.out_proj.weight_t"),
+            )
             z = self.rmsnorm(x, layer.ffn_norm.weight, f"layers.{i}.ffn_norm.weight")
             ffn = layer.ffn
             gate_up_t = np.concatenate([_np(ffn.gate_proj.weight).T, _np(ffn.up_proj.weight).T], 1)
-            gate, up = g.op("Split", self.matmul(z, gate_up_t, f"layers.{i}.ffn.gate_up.weight_t"),
-                            g.ints(f, f), axis=-1, outputs=2)
+            gate, up = g.op(
+                "Split",
+                self.matmul(z, gate_up_t, f"layers.{i}.ffn.gate_up.weight_t"),
+                g.ints(f, f),
+                axis=-1,
+                outputs=2,
+            )
             act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)  # silu(gate) * up
-            x = g.op("Add", x, self.matmul(act, _np(ffn.down_proj.weight).T,
-                                           f"layers.{i}.ffn.down_proj.weight_t"))
+            x = g.op(
+                "Add",
+                x,
+                self.matmul(act, _np(ffn.down_proj.weight).T, f"layers.{i}.ffn.down_proj.weight_t"),
+            )
         if self.last_only:
             x = self.last_real(x, step)  # (B, d)
         h = self.rmsnorm(x, model.norm.weight, "norm.weight")
-        g.op("MatMul", h, g.weight("lm_head.weight_t", _np(model.lm_head.weight).T),
-             outputs=[io_spec.LOGITS])
-        graph = helper.make_graph(g.nodes, "mmv2_step", io_spec.graph_inputs(cfg),
-                                  io_spec.graph_outputs(cfg, self.last_only),
-                                  initializer=g.initializers)
-        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
-                                                       helper.make_opsetid(DOMAIN, DOMAIN_VERSION)],
-                                 functions=functions(), ir_version=9, producer_name="mosaicrt")
+        g.op(
+            "MatMul",
+            h,
+            g.weight("lm_head.weight_t", _np(model.lm_head.weight).T),
+            outputs=[io_spec.LOGITS],
+        )
+        graph = helper.make_graph(
+            g.nodes,
+            "mmv2_step",
+            io_spec.graph_inputs(cfg),
+            io_spec.graph_outputs(cfg, self.last_only),
+            initializer=g.initializers,
+        )
+        return helper.make_model(
+            graph,
+            opset_imports=[
+                helper.make_opsetid("", OPSET),
+                helper.make_opsetid(DOMAIN, DOMAIN_VERSION),
+            ],
+            functions=functions(),
+            ir_version=9,
+            producer_name="mosaicrt",
+        )
 
 
 def build_step_model(model: MMv2, last_only: bool = False) -> onnx.ModelProto:

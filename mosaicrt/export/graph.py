@@ -1,4 +1,4 @@
-"""A small helper that emits ONNX nodes with generated names, for graphs and function bodies alike."""
+"""A small helper that emits ONNX nodes with generated names, for graphs and function bodies."""
 
 from __future__ import annotations
 
@@ -26,15 +26,26 @@ class GraphBuilder:
         self.counter += 1
         return f"{self.prefix}{self.scope}{hint}_{self.counter}"
 
-    def op(self, op_type: str, *inputs: str, outputs: int | list[str] = 1, domain: str = "",
-           name: str | None = None, **attrs) -> str | list[str]:
+    def op(
+        self,
+        op_type: str,
+        *inputs: str,
+        outputs: int | list[str] = 1,
+        domain: str = "",
+        name: str | None = None,
+        **attrs,
+    ) -> str | list[str]:
         """Add a node; with outputs=k return k fresh names, with a list use those names."""
-        names = ([self.fresh(op_type.lower()) for _ in range(outputs)]
-                 if isinstance(outputs, int) else outputs)
+        names = (
+            [self.fresh(op_type.lower()) for _ in range(outputs)]
+            if isinstance(outputs, int)
+            else outputs
+        )
         self.counter += 1
         node_name = name or f"/{self.prefix}{self.scope}{op_type}_{self.counter}"
-        self.nodes.append(helper.make_node(op_type, list(inputs), names, name=node_name,
-                                           domain=domain, **attrs))
+        self.nodes.append(
+            helper.make_node(op_type, list(inputs), names, name=node_name, domain=domain, **attrs)
+        )
         return names[0] if len(names) == 1 else names
 
     def const(self, value, dtype=np.float32) -> str:
@@ -44,8 +55,11 @@ class GraphBuilder:
         key = (array.dtype.str, array.shape, array.tobytes())
         if key not in self.constants:
             out = self.fresh("const")
-            self.nodes.append(helper.make_node("Constant", [], [out], name=f"/{out}",
-                                               value=numpy_helper.from_array(array)))
+            self.nodes.append(
+                helper.make_node(
+                    "Constant", [], [out], name=f"/{out}", value=numpy_helper.from_array(array)
+                )
+            )
             self.constants[key] = out
         return self.constants[key]
 

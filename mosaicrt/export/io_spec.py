@@ -47,34 +47,53 @@ def store_shape(config: ModelConfig, memory: str) -> list:
 
 
 def graph_inputs(config: ModelConfig) -> list:
-    inputs = [helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["batch", "chunk"]),
-              helper.make_tensor_value_info(LENGTHS, TensorProto.INT64, ["batch"]),
-              helper.make_tensor_value_info(POSITIONS, TensorProto.INT64, ["batch"])]
+    inputs = [
+        helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["batch", "chunk"]),
+        helper.make_tensor_value_info(LENGTHS, TensorProto.INT64, ["batch"]),
+        helper.make_tensor_value_info(POSITIONS, TensorProto.INT64, ["batch"]),
+    ]
     for layer in range(config.num_layers):
         for field in SMALL_FIELDS:
-            inputs.append(helper.make_tensor_value_info(
-                small_name("past", layer, field), TensorProto.FLOAT, small_shape(config, field)))
+            inputs.append(
+                helper.make_tensor_value_info(
+                    small_name("past", layer, field), TensorProto.FLOAT, small_shape(config, field)
+                )
+            )
         for memory in config.memories:
             for field in STORE_FIELDS:
-                inputs.append(helper.make_tensor_value_info(
-                    store_name(layer, memory, field), TensorProto.FLOAT,
-                    store_shape(config, memory)))
+                inputs.append(
+                    helper.make_tensor_value_info(
+                        store_name(layer, memory, field),
+                        TensorProto.FLOAT,
+                        store_shape(config, memory),
+                    )
+                )
     return inputs
 
 
 def graph_outputs(config: ModelConfig, last_only: bool) -> list:
-    logits_shape = (["batch", config.vocab_size] if last_only
-                    else ["batch", "chunk", config.vocab_size])
+    logits_shape = (
+        ["batch", config.vocab_size] if last_only else ["batch", "chunk", config.vocab_size]
+    )
     outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, logits_shape)]
     heads = config.num_heads * len(config.memories)
     for layer in range(config.num_layers):
         for field in SMALL_FIELDS:
-            outputs.append(helper.make_tensor_value_info(
-                small_name("present", layer, field), TensorProto.FLOAT, small_shape(config, field)))
+            outputs.append(
+                helper.make_tensor_value_info(
+                    small_name("present", layer, field),
+                    TensorProto.FLOAT,
+                    small_shape(config, field),
+                )
+            )
         for field in STORE_FIELDS:
-            outputs.append(helper.make_tensor_value_info(
-                new_pairs_name(layer, field), TensorProto.FLOAT,
-                ["batch", "chunk", heads, config.head_dim]))
+            outputs.append(
+                helper.make_tensor_value_info(
+                    new_pairs_name(layer, field),
+                    TensorProto.FLOAT,
+                    ["batch", "chunk", heads, config.head_dim],
+                )
+            )
     return outputs
 
 
@@ -83,8 +102,16 @@ def layout(config: ModelConfig) -> dict:
     return {
         "heads": "per layer, STM heads first, then LTM heads",
         "small": {small_name("past", "{layer}", f): small_shape(config, f) for f in SMALL_FIELDS},
-        "stores": {store_name("{layer}", m, "{keys,values}"): store_shape(config, m)
-                   for m in config.memories},
-        "new_pairs": {new_pairs_name("{layer}", "{keys,values}"):
-                      ["batch", "chunk", config.num_heads * len(config.memories), config.head_dim]},
+        "stores": {
+            store_name("{layer}", m, "{keys,values}"): store_shape(config, m)
+            for m in config.memories
+        },
+        "new_pairs": {
+            new_pairs_name("{layer}", "{keys,values}"): [
+                "batch",
+                "chunk",
+                config.num_heads * len(config.memories),
+                config.head_dim,
+            ]
+        },
     }

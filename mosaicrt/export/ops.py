@@ -1,4 +1,4 @@
-"""The `mosaic` custom ops and their ONNX function bodies (the reference computation in standard ops).
+"""The `mosaic` custom ops and their ONNX function bodies (reference computation, standard ops).
 
 Stock ONNX Runtime inlines the bodies, so it needs no custom library; TensorRT's parser picks a
 registered plugin instead because every node carries `plugin_namespace` (see export/README in the
@@ -9,7 +9,8 @@ mosaic::GatedKeyScan (version 1), attribute eps:
     s_in (B, H, hs), mx_in (B, H)  ->  keys (B, C, H, hs), s_out (B, H, hs), mx_out (B, H)
   The stabilised key recurrence k_bar = exp(mx) * s over a chunk, in parallel form: with
   Lam(tau, t) = sum_{tau < i <= t} log_lam_i (a masked cumulative sum, same terms as the sequential
-  recurrence), k_bar_t = sum_{tau <= t} exp(log_g_tau + Lam(tau, t)) k~_tau + exp(Lam(-1, t)) k_bar_in,
+  recurrence),
+      k_bar_t = sum_{tau <= t} exp(log_g_tau + Lam(tau, t)) k~_tau + exp(Lam(-1, t)) k_bar_in,
   shifted by the running max M_t so no exponent overflows. Padding tokens (valid False) are no-ops.
 
 mosaic::AssociativeMemory (version 1), attributes kind ("stm"|"ltm"), window, delay:
@@ -63,17 +64,20 @@ def gated_key_scan_function() -> onnx.FunctionProto:
     # Lam[tau, t] = sum_i lam_i [tau < i <= t]: cumulative sum over i of lam masked by i > tau.
     after = g.op("Cast", g.op("Greater", g.unsqueeze(steps, 0), g.unsqueeze(steps, 1)), to=1)
     lam_masked = g.op("Mul", g.unsqueeze(lam, 2), after)  # (B, H, tau, i)
-    Lam = g.op("Transpose", g.op("CumSum", lam_masked, g.const(3, np.int64)),
-               perm=[0, 1, 3, 2])  # (B, H, t, tau)
+    Lam = g.op(
+        "Transpose", g.op("CumSum", lam_masked, g.const(3, np.int64)), perm=[0, 1, 3, 2]
+    )  # (B, H, t, tau)
     causal = g.op("LessOrEqual", g.unsqueeze(steps, 0), g.unsqueeze(steps, 1))  # [t, tau]: tau<=t
     w = g.op("Where", causal, g.op("Add", Lam, g.unsqueeze(a, 2)), g.const(NEG_INF))  # (B,H,t,tau)
-    w_state = g.op("Add", g.unsqueeze("mx_in", 2),
-                   g.op("CumSum", lam, g.const(2, np.int64)))  # (B, H, t)
+    w_state = g.op(
+        "Add", g.unsqueeze("mx_in", 2), g.op("CumSum", lam, g.const(2, np.int64))
+    )  # (B, H, t)
     M = g.op("Max", g.op("ReduceMax", w, g.ints(3), keepdims=0), w_state, g.const(FLOOR))
     E = g.op("Exp", g.op("Sub", w, g.unsqueeze(M, 3)))  # (B, H, t, tau)
     k_h = g.op("Transpose", "k_raw", perm=[0, 2, 1, 3])  # (B, H, C, hs)
-    carried = g.op("Mul", g.unsqueeze(g.op("Exp", g.op("Sub", w_state, M)), 3),
-                   g.unsqueeze("s_in", 2))  # (B, H, t, hs)
+    carried = g.op(
+        "Mul", g.unsqueeze(g.op("Exp", g.op("Sub", w_state, M)), 3), g.unsqueeze("s_in", 2)
+    )  # (B, H, t, hs)
     s = g.op("Add", g.op("MatMul", E, k_h), carried)  # (B, H, t, hs)
     # k = k_bar / max(||k_bar||, eps) with k_bar = exp(M) s  <=>  s / max(||s||, eps exp(-M)).
     bound = g.op("Mul", eps, g.op("Exp", g.op("Neg", M)))
@@ -82,14 +86,32 @@ def gated_key_scan_function() -> onnx.FunctionProto:
     last = g.op("Sub", C, g.const(1, np.int64))
     g.op("Gather", s, last, axis=2, outputs=["s_out"])  # (B, H, hs)
     g.op("Gather", M, last, axis=2, outputs=["mx_out"])  # (B, H)
-    return helper.make_function(DOMAIN, "GatedKeyScan", inputs, ["keys", "s_out", "mx_out"],
-                                g.nodes, [helper.make_opsetid("", OPSET)], attributes=["eps"])
+    return helper.make_function(
+        DOMAIN,
+        "GatedKeyScan",
+        inputs,
+        ["keys", "s_out", "mx_out"],
+        g.nodes,
+        [helper.make_opsetid("", OPSET)],
+        attributes=["eps"],
+    )
 
 
 def associative_memory_function() -> onnx.FunctionProto:
     g = GraphBuilder()
-    inputs = ["q", "t", "store_k", "store_v", "store_tau", "new_k", "new_v", "new_tau",
-              "beta0", "beta1", "alpha"]
+    inputs = [
+        "q",
+        "t",
+        "store_k",
+        "store_v",
+        "store_tau",
+        "new_k",
+        "new_v",
+        "new_tau",
+        "beta0",
+        "beta1",
+        "alpha",
+    ]
     q, t, store_k, store_v, store_tau, new_k, new_v, new_tau, beta0, beta1, alpha = inputs
     window = _attr_const(g, "window", AttributeProto.INT)
     delay = _attr_const(g, "delay", AttributeProto.INT)
@@ -103,9 +125,11 @@ def associative_memory_function() -> onnx.FunctionProto:
 
     def visible(tau: str, tq: str) -> str:
         age = g.op("Sub", tq, tau)
-        return g.op("And", g.op("And", g.op("GreaterOrEqual", tau, zero),
-                                g.op("GreaterOrEqual", age, delay)),
-                    g.op("LessOrEqual", age, g.op("Sub", window, one)))
+        return g.op(
+            "And",
+            g.op("And", g.op("GreaterOrEqual", tau, zero), g.op("GreaterOrEqual", age, delay)),
+            g.op("LessOrEqual", age, g.op("Sub", window, one)),
+        )
 
     # Stored pairs: keys on the left, so no store is transposed or copied.
     q_cols = g.op("Transpose", qb, perm=[0, 2, 3, 1])  # (B, H, hs, C)
@@ -128,17 +152,27 @@ def associative_memory_function() -> onnx.FunctionProto:
     m = g.op("Where", g.op("IsInf", m), g.const(0.0), m)
     e_old = g.op("Exp", g.op("Sub", s_old, g.unsqueeze(m, 0, 4)))  # (NB, B, H, C, S)
     e_new = g.op("Exp", g.op("Sub", s_new, g.unsqueeze(m, 3)))  # (B, H, C, C')
-    denom = g.op("Add", g.op("ReduceSum", e_old, g.ints(0, 4), keepdims=0),
-                 g.op("ReduceSum", e_new, g.ints(3), keepdims=0))  # (B, H, C)
-    y_old = g.op("ReduceSum", g.op("MatMul", e_old, store_v), g.ints(0),
-                 keepdims=0)  # (B, H, C, hs)
+    denom = g.op(
+        "Add",
+        g.op("ReduceSum", e_old, g.ints(0, 4), keepdims=0),
+        g.op("ReduceSum", e_new, g.ints(3), keepdims=0),
+    )  # (B, H, C)
+    y_old = g.op(
+        "ReduceSum", g.op("MatMul", e_old, store_v), g.ints(0), keepdims=0
+    )  # (B, H, C, hs)
     y_new = g.op("MatMul", e_new, g.op("Transpose", new_v, perm=[0, 2, 1, 3]))  # (B, H, C, hs)
     # A non-empty set has denom >= 1 (its max term is exp(0)); an empty one has 0 / 1 = 0.
     y = g.op("Div", g.op("Add", y_old, y_new), g.unsqueeze(g.op("Max", denom, g.const(1.0)), 3))
     g.op("Transpose", y, perm=[0, 2, 1, 3], outputs=["y"])  # (B, C, H, hs)
-    return helper.make_function(DOMAIN, "AssociativeMemory", inputs, ["y"], g.nodes,
-                                [helper.make_opsetid("", OPSET)],
-                                attributes=["kind", "window", "delay"])
+    return helper.make_function(
+        DOMAIN,
+        "AssociativeMemory",
+        inputs,
+        ["y"],
+        g.nodes,
+        [helper.make_opsetid("", OPSET)],
+        attributes=["kind", "window", "delay"],
+    )
 
 
 def functions() -> list[onnx.FunctionProto]:

@@ -5,6 +5,18 @@ from mosaicrt.model.config import PRESETS, ModelConfig, load_config, preset, sav
 from mosaicrt.model.mmv2 import MMv2
 from mosaicrt.model.state import DecodeState, MemoryPlan, memory_plan
 
-__all__ = ["PRESETS", "DecodeState", "MMv2", "MemoryPlan", "ModelConfig", "load_config",
-           "load_model", "memory_plan", "preset", "random_model", "save_checkpoint",
-           "save_config", "write_checkpoint"]
+__all__ = [
+    "PRESETS",
+    "DecodeState",
+    "MMv2",
+    "MemoryPlan",
+    "ModelConfig",
+    "load_config",
+    "load_model",
+    "memory_plan",
+    "preset",
+    "random_model",
+    "save_checkpoint",
+    "save_config",
+    "write_checkpoint",
+]

@@ -26,13 +26,18 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
-def init_tensor(name: str, shape: tuple[int, ...], config: ModelConfig,
-                generator: torch.Generator) -> torch.Tensor:
+def init_tensor(
+    name: str, shape: tuple[int, ...], config: ModelConfig, generator: torch.Generator
+) -> torch.Tensor:
     """Tab. 6: clamp(N(0, sigma), +-3 sigma) weights, sigma by depth; raw bandwidth/value params."""
     d, f = config.hidden_size, config.intermediate_size
     leaf = name.rsplit(".", 1)[-1]
-    constants = {"bandwidth_beta0": 1.5, "bandwidth_beta1": 1.5, "bandwidth_alpha": 1 / 3,
-                 "value_scale": 0.0}
+    constants = {
+        "bandwidth_beta0": 1.5,
+        "bandwidth_beta1": 1.5,
+        "bandwidth_alpha": 1 / 3,
+        "value_scale": 0.0,
+    }
     if leaf in constants:
         return torch.full(shape, constants[leaf])
     if leaf == "value_mix":
@@ -56,9 +61,14 @@ def random_tensors(config: ModelConfig, seed: int) -> Iterator[tuple[str, torch.
         yield name, init_tensor(name, shape, config, generator)
 
 
-def write_checkpoint(tensors: Iterator[tuple[str, torch.Tensor]], config: ModelConfig,
-                     out_dir: str | Path, dtype: str | None = None,
-                     max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = False) -> Path:
+def write_checkpoint(
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    config: ModelConfig,
+    out_dir: str | Path,
+    dtype: str | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: bool = False,
+) -> Path:
     """Write config.json and the tensors (cast to dtype): one file, or shards plus an index."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -96,8 +106,9 @@ def _save_shard(shard: dict[str, torch.Tensor], out: Path, number: int) -> str:
     return name
 
 
-def _write_index(out: Path, partials: list[str], shapes: dict[str, tuple[int, ...]],
-                 total: int) -> None:
+def _write_index(
+    out: Path, partials: list[str], shapes: dict[str, tuple[int, ...]], total: int
+) -> None:
     """Rename shards to model-0000i-of-0000n.safetensors and map every tensor to its shard."""
     weight_map = {}
     for i, partial in enumerate(partials, start=1):
@@ -105,13 +116,19 @@ def _write_index(out: Path, partials: list[str], shapes: dict[str, tuple[int, ..
         (out / partial).rename(out / final)
         with safe_open(str(out / final), framework="pt") as f:
             weight_map.update({key: final for key in f.keys()})
-    index = {"metadata": {"total_size": total},
-             "weight_map": {k: weight_map[k] for k in shapes if k in weight_map}}
+    index = {
+        "metadata": {"total_size": total},
+        "weight_map": {k: weight_map[k] for k in shapes if k in weight_map},
+    }
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def save_checkpoint(model: MMv2, out_dir: str | Path, dtype: str | None = None,
-                    max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+def save_checkpoint(
+    model: MMv2,
+    out_dir: str | Path,
+    dtype: str | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
     """Save a model's weights in the contract's format."""
     state = model.state_dict()
     return write_checkpoint(iter(state.items()), model.config, out_dir, dtype, max_shard_bytes)
@@ -123,14 +140,18 @@ def _tensor_files(model_dir: Path) -> list[Path]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index} is corrupt ({exc!r}): restore or regenerate it") from None
+            raise CheckpointError(
+                f"{index} is corrupt ({exc!r}): restore or regenerate it"
+            ) from None
         files = sorted({model_dir / f for f in weight_map.values()})
     else:
         files = [model_dir / SINGLE_FILE]
     for f in files:
         if not f.is_file():
-            raise CheckpointError(f"{f} is missing: the checkpoint is incomplete; "
-                                  "copy the whole directory or re-create it")
+            raise CheckpointError(
+                f"{f} is missing: the checkpoint is incomplete; "
+                "copy the whole directory or re-create it"
+            )
     return files
 
 
@@ -144,8 +165,9 @@ def load_tensors(model_dir: str | Path, config: ModelConfig) -> dict[str, torch.
                 for key in f.keys():
                     tensors[key] = f.get_tensor(key)
         except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{path} is corrupt or not a safetensors file ({exc}): "
-                                  "re-create or re-download it") from None
+            raise CheckpointError(
+                f"{path} is corrupt or not a safetensors file ({exc}): re-create or re-download it"
+            ) from None
     check_tensors(tensors, config, model_dir)
     return tensors
 
@@ -155,31 +177,45 @@ def check_tensors(tensors: dict[str, torch.Tensor], config: ModelConfig, where: 
     expected = tensor_shapes(config)
     missing = [k for k in expected if k not in tensors]
     unexpected = sorted(k for k in tensors if k not in expected)
-    mismatched = [f"{k} {tuple(tensors[k].shape)} != {v}" for k, v in expected.items()
-                  if k in tensors and tuple(tensors[k].shape) != v]
-    bad_dtype = sorted(f"{k} ({t.dtype})" for k, t in tensors.items()
-                       if t.dtype not in TORCH_DTYPES.values())
+    mismatched = [
+        f"{k} {tuple(tensors[k].shape)} != {v}"
+        for k, v in expected.items()
+        if k in tensors and tuple(tensors[k].shape) != v
+    ]
+    bad_dtype = sorted(
+        f"{k} ({t.dtype})" for k, t in tensors.items() if t.dtype not in TORCH_DTYPES.values()
+    )
     problems = []
-    for label, items in (("missing", missing), ("unexpected", unexpected),
-                         ("shape mismatch", mismatched), ("unsupported dtype", bad_dtype)):
+    for label, items in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("shape mismatch", mismatched),
+        ("unsupported dtype", bad_dtype),
+    ):
         if items:
-            shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+            shown = ", ".join(items[:8]) + (
+                f", ... ({len(items)} in all)" if len(items) > 8 else ""
+            )
             problems.append(f"{label}: {shown}")
     if problems:
-        raise CheckpointError(f"checkpoint {where} does not match its config.json "
-                              f"({'; '.join(problems)}): use the config the weights were saved with")
+        raise CheckpointError(
+            f"checkpoint {where} does not match its config.json "
+            f"({'; '.join(problems)}): use the config the weights were saved with"
+        )
 
 
-def load_model(model_dir: str | Path, dtype: torch.dtype | None = None,
-               device: torch.device | str = "cpu") -> MMv2:
+def load_model(
+    model_dir: str | Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+) -> MMv2:
     """Load a checkpoint directory into an MMv2 in eval mode (dtype: default the checkpoint's)."""
     config = load_config(model_dir)
     tensors = load_tensors(model_dir, config)
     dtype = dtype or TORCH_DTYPES[config.torch_dtype]
     with torch.device("meta"):
         model = MMv2(config)
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in tensors.items()},
-                          strict=True, assign=True)
+    model.load_state_dict(
+        {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}, strict=True, assign=True
+    )
     return model.eval()
 
 

@@ -1,4 +1,4 @@
-"""Model configuration: the `config.json` of the contract, presets, and the tensor layout it implies."""
+"""Model configuration: the contract's `config.json`, presets, and the tensor layout it implies."""
 
 from __future__ import annotations
 
@@ -37,13 +37,23 @@ class ModelConfig:
     model_type: str = MODEL_TYPE
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim",
-                     "intermediate_size", "stm_window", "ltm_delay"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "head_dim",
+            "intermediate_size",
+            "stm_window",
+            "ltm_delay",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"config field {name} must be a positive integer, got {value!r}")
         if self.stm_window < 2:
-            raise ConfigError(f"stm_window must be >= 2 (the STM holds h-1 pairs), got {self.stm_window}")
+            raise ConfigError(
+                f"stm_window must be >= 2 (the STM holds h-1 pairs), got {self.stm_window}"
+            )
         if not isinstance(self.use_ltm, bool):
             raise ConfigError(f"config field use_ltm must be true or false, got {self.use_ltm!r}")
         for name in ("rms_norm_eps", "key_norm_eps"):
@@ -52,14 +62,22 @@ class ModelConfig:
                 raise ConfigError(f"config field {name} must be a positive number, got {value!r}")
         for name in ("bos_token_id", "eos_token_id"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or not 0 <= value < self.vocab_size):
+            if value is not None and (
+                not isinstance(value, int) or not 0 <= value < self.vocab_size
+            ):
                 raise ConfigError(
-                    f"config field {name} must be null or an id in [0, {self.vocab_size}), got {value!r}")
+                    f"config field {name} must be null or an id in [0, {self.vocab_size}), "
+                    f"got {value!r}"
+                )
         if self.torch_dtype not in DTYPES:
-            raise ConfigError(f"config field torch_dtype must be one of {', '.join(DTYPES)}, "
-                              f"got {self.torch_dtype!r}")
+            raise ConfigError(
+                f"config field torch_dtype must be one of {', '.join(DTYPES)}, "
+                f"got {self.torch_dtype!r}"
+            )
         if self.model_type != MODEL_TYPE:
-            raise ConfigError(f"model_type is {self.model_type!r}; mosaicrt runs {MODEL_TYPE!r} only")
+            raise ConfigError(
+                f"model_type is {self.model_type!r}; mosaicrt runs {MODEL_TYPE!r} only"
+            )
 
     @property
     def memory_width(self) -> int:
@@ -105,20 +123,56 @@ def normalize_dtype(name: str) -> str:
 
 PRESETS: dict[str, ModelConfig] = {
     # A few-second model for tests: byte-level vocabulary plus BOS/EOS, short window and delay.
-    "tiny": ModelConfig(vocab_size=258, hidden_size=64, num_layers=2, num_heads=4, head_dim=16,
-                        intermediate_size=192, stm_window=16, ltm_delay=8,
-                        bos_token_id=256, eos_token_id=257, torch_dtype="float32"),
-    # ~40M parameters: the CPU benchmark shape (d=512, 8 layers, 8 heads of 64, FFN 1536, vocab 8192).
-    "mini": ModelConfig(vocab_size=8192, hidden_size=512, num_layers=8, num_heads=8, head_dim=64,
-                        intermediate_size=1536, stm_window=256, ltm_delay=64,
-                        bos_token_id=1, eos_token_id=2, torch_dtype="float32"),
+    "tiny": ModelConfig(
+        vocab_size=258,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        head_dim=16,
+        intermediate_size=192,
+        stm_window=16,
+        ltm_delay=8,
+        bos_token_id=256,
+        eos_token_id=257,
+        torch_dtype="float32",
+    ),
+    # ~40M parameters, the CPU benchmark shape: d=512, 8 layers, 8 heads of 64, FFN 1536, V=8192.
+    "mini": ModelConfig(
+        vocab_size=8192,
+        hidden_size=512,
+        num_layers=8,
+        num_heads=8,
+        head_dim=64,
+        intermediate_size=1536,
+        stm_window=256,
+        ltm_delay=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        torch_dtype="float32",
+    ),
     # The paper's sizes (contract table): 16 + 16 / 32 + 32 heads of 128, LLaMA-3 vocabulary.
-    "small": ModelConfig(vocab_size=128256, hidden_size=2048, num_layers=24, num_heads=16,
-                         head_dim=128, intermediate_size=6144, bos_token_id=128000,
-                         eos_token_id=128001, torch_dtype="bfloat16"),
-    "large": ModelConfig(vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32,
-                         head_dim=128, intermediate_size=14336, bos_token_id=128000,
-                         eos_token_id=128001, torch_dtype="bfloat16"),
+    "small": ModelConfig(
+        vocab_size=128256,
+        hidden_size=2048,
+        num_layers=24,
+        num_heads=16,
+        head_dim=128,
+        intermediate_size=6144,
+        bos_token_id=128000,
+        eos_token_id=128001,
+        torch_dtype="bfloat16",
+    ),
+    "large": ModelConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        num_layers=32,
+        num_heads=32,
+        head_dim=128,
+        intermediate_size=14336,
+        bos_token_id=128000,
+        eos_token_id=128001,
+        torch_dtype="bfloat16",
+    ),
 }
 
 
@@ -133,15 +187,21 @@ def load_config(model_dir: str | Path) -> ModelConfig:
     """Read `config.json` from a checkpoint or artifact directory."""
     path = Path(model_dir) / "config.json"
     if not Path(model_dir).is_dir():
-        raise CheckpointError(f"model directory {str(model_dir)!r} does not exist: "
-                              "pass a directory made by `mosaicrt init` or `mosaicrt export`")
+        raise CheckpointError(
+            f"model directory {str(model_dir)!r} does not exist: "
+            "pass a directory made by `mosaicrt init` or `mosaicrt export`"
+        )
     if not path.is_file():
-        raise CheckpointError(f"{path} is missing: a model directory needs config.json "
-                              "(create one with `mosaicrt init DIR --preset tiny`)")
+        raise CheckpointError(
+            f"{path} is missing: a model directory needs config.json "
+            "(create one with `mosaicrt init DIR --preset tiny`)"
+        )
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}): restore or regenerate it") from None
+        raise CheckpointError(
+            f"{path} is not valid JSON ({exc}): restore or regenerate it"
+        ) from None
     try:
         return ModelConfig.from_dict(data)
     except ConfigError as exc:
@@ -165,8 +225,13 @@ def tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[f"{p}.{mem}.key_gate.weight"] = (h, d)
             shapes[f"{p}.{mem}.key_decay.weight"] = (h, d)
             shapes[f"{p}.{mem}.value_proj.weight"] = (w, d)
-            for name in ("value_mix", "value_scale", "bandwidth_beta0", "bandwidth_beta1",
-                         "bandwidth_alpha"):
+            for name in (
+                "value_mix",
+                "value_scale",
+                "bandwidth_beta0",
+                "bandwidth_beta1",
+                "bandwidth_alpha",
+            ):
                 shapes[f"{p}.{mem}.{name}"] = (h,)
         shapes[f"{p}.out_proj.weight"] = (d, w * len(config.memories))
         shapes[f"{p}.ffn_norm.weight"] = (d,)

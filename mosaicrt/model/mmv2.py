@@ -1,4 +1,4 @@
-"""Memory Mosaics v2, the PyTorch reference: one file, equation by equation (contract: mmv2-model.md).
+"""Memory Mosaics v2, the PyTorch reference: one file, equation by equation (mmv2-model.md).
 
 Dimensions: B batch, C tokens in a chunk (C = T for a full forward), d hidden size, H heads per
 memory, hs head size, N stored pairs, V vocabulary.
@@ -41,8 +41,14 @@ def l2_normalize(x: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
     return x / torch.maximum(x.norm(dim=-1, keepdim=True), torch.as_tensor(eps, device=x.device))
 
 
-def gated_key_scan(k_raw: torch.Tensor, log_g: torch.Tensor, log_lam: torch.Tensor,
-                   valid: torch.Tensor, st: MemoryState, eps: float) -> torch.Tensor:
+def gated_key_scan(
+    k_raw: torch.Tensor,
+    log_g: torch.Tensor,
+    log_lam: torch.Tensor,
+    valid: torch.Tensor,
+    st: MemoryState,
+    eps: float,
+) -> torch.Tensor:
     """Eq. 8, k_bar_t = g_t * k~_t + lam_t * k_bar_{t-1}, in the exact log-space stabilised form.
 
     The state keeps s = exp(-mx) * k_bar with a running max mx of the log-weights, so no gate
@@ -59,8 +65,10 @@ def gated_key_scan(k_raw: torch.Tensor, log_g: torch.Tensor, log_lam: torch.Tens
     for i in range(k_raw.shape[1]):
         carried = mx + log_lam[:, i]  # (B, H) log-weight of the old state
         mx_new = torch.maximum(carried, log_g[:, i])
-        s_new = (torch.exp(carried - mx_new)[..., None] * s
-                 + torch.exp(log_g[:, i] - mx_new)[..., None] * k_raw[:, i])
+        s_new = (
+            torch.exp(carried - mx_new)[..., None] * s
+            + torch.exp(log_g[:, i] - mx_new)[..., None] * k_raw[:, i]
+        )
         ok = valid[:, i, None]  # (B, 1)
         s = torch.where(ok[..., None], s_new, s)
         mx = torch.where(ok, mx_new, mx)
@@ -72,7 +80,7 @@ def gated_key_scan(k_raw: torch.Tensor, log_g: torch.Tensor, log_lam: torch.Tens
 
 
 class AssociativeMemory(nn.Module):
-    """One memory (STM or LTM): gated keys, look-ahead values, kernel regression with bandwidth beta(n)."""
+    """One memory (STM or LTM): gated keys, look-ahead values, retrieval with bandwidth beta(n)."""
 
     def __init__(self, config: ModelConfig, kind: str) -> None:
         super().__init__()
@@ -115,8 +123,9 @@ class AssociativeMemory(nn.Module):
             return (tau <= t - 1) & (tau >= t - self.window + 1)
         return tau <= t - self.delay
 
-    def stored_pairs(self, st: MemoryState, pos: torch.Tensor, C: int
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def stored_pairs(
+        self, st: MemoryState, pos: torch.Tensor, C: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The stored pairs this chunk may read, as views of the store (no copy), with positions.
 
         Before the chunk a row at position p has completed pairs tau in [0, p-2].
@@ -133,8 +142,14 @@ class AssociativeMemory(nn.Module):
         tau = torch.arange(n, device=pos.device)[None, :].expand(pos.shape[0], n)
         return st.keys[:, :n], st.vals[:, :n], torch.where(tau <= (pos - 2)[:, None], tau, -1)
 
-    def write_pairs(self, st: MemoryState, keys: torch.Tensor, vals: torch.Tensor,
-                    tau: torch.Tensor, ok: torch.Tensor) -> None:
+    def write_pairs(
+        self,
+        st: MemoryState,
+        keys: torch.Tensor,
+        vals: torch.Tensor,
+        tau: torch.Tensor,
+        ok: torch.Tensor,
+    ) -> None:
         """Write completed pairs (B, C, H, hs) at positions tau (B, C) where ok, in place."""
         if self.kind == "stm":
             slots = st.keys.shape[1]
@@ -147,8 +162,9 @@ class AssociativeMemory(nn.Module):
         st.keys[rows, slot[rows, cols]] = keys[rows, cols].to(st.keys.dtype)
         st.vals[rows, slot[rows, cols]] = vals[rows, cols].to(st.vals.dtype)
 
-    def forward(self, u: torch.Tensor, st: MemoryState, pos: torch.Tensor,
-                valid: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, u: torch.Tensor, st: MemoryState, pos: torch.Tensor, valid: torch.Tensor
+    ) -> torch.Tensor:
         """One chunk: u (B, C, d) at start positions pos (B,), valid (B, C) -> y (B, C, H*hs)."""
         B, C, _ = u.shape
         H, hs = self.H, self.hs
@@ -169,7 +185,8 @@ class AssociativeMemory(nn.Module):
         v_prev = torch.cat([st.v_pend[:, None], v_raw[:, :-1]], dim=1)  # (B, C, H, hs)
         gamma = p["gamma"][:, None]  # (H, 1)
         v_pairs = p["alpha_psi"][:, None] * l2_normalize(
-            gamma * v_prev + (1 - gamma) * v_raw, self.eps)  # (B, C, H, hs)
+            gamma * v_prev + (1 - gamma) * v_raw, self.eps
+        )  # (B, C, H, hs)
         steps = torch.arange(C, device=u.device)
         tau_new = pos[:, None] - 1 + steps  # (B, C)
         new_ok = valid & (tau_new >= 0)
@@ -192,9 +209,15 @@ class AssociativeMemory(nn.Module):
         return y.reshape(B, C, H * hs).to(u.dtype)
 
 
-def reference_retrieve(mem: AssociativeMemory, q: torch.Tensor, pos: torch.Tensor,
-                       lengths: torch.Tensor, st: MemoryState, k_pairs: torch.Tensor,
-                       v_pairs: torch.Tensor) -> torch.Tensor:
+def reference_retrieve(
+    mem: AssociativeMemory,
+    q: torch.Tensor,
+    pos: torch.Tensor,
+    lengths: torch.Tensor,
+    st: MemoryState,
+    k_pairs: torch.Tensor,
+    v_pairs: torch.Tensor,
+) -> torch.Tensor:
     """Softmax over the stored pairs and the chunk's new pairs together, visibility by eq. 10.
 
     Args:
@@ -211,30 +234,48 @@ def reference_retrieve(mem: AssociativeMemory, q: torch.Tensor, pos: torch.Tenso
     t = pos[:, None] + steps  # (B, C)
     tau_new = torch.where((steps[None, :] < lengths[:, None]) & (t >= 1), t - 1, -1)
     k_old, v_old, tau_old = mem.stored_pairs(st, pos, C)  # (B, N, H, hs), (B, N)
-    scores = torch.cat([
-        torch.einsum("bchd,bnhd->bhcn", q, k_old.float()),  # (B, H, C, N)
-        torch.einsum("bchd,bjhd->bhcj", q, k_pairs),  # (B, H, C, C)
-    ], dim=-1)
+    scores = torch.cat(
+        [
+            torch.einsum("bchd,bnhd->bhcn", q, k_old.float()),  # (B, H, C, N)
+            torch.einsum("bchd,bjhd->bhcj", q, k_pairs),  # (B, H, C, C)
+        ],
+        dim=-1,
+    )
     tau = torch.cat([tau_old, tau_new], dim=1)  # (B, N + C)
     mask = (tau[:, None, :] >= 0) & mem.visible(t[..., None], tau[:, None, :])  # (B, C, N+C)
     scores = scores.masked_fill(~mask[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     probs = torch.where(mask.any(-1)[:, None, :, None], probs, 0.0)  # empty S(t) -> y = 0
     n_old = k_old.shape[1]
-    return (torch.einsum("bhcn,bnhd->bchd", probs[..., :n_old], v_old.float())
-            + torch.einsum("bhcj,bjhd->bchd", probs[..., n_old:], v_pairs))  # (B, C, H, hs)
+    return torch.einsum("bhcn,bnhd->bchd", probs[..., :n_old], v_old.float()) + torch.einsum(
+        "bhcj,bjhd->bchd", probs[..., n_old:], v_pairs
+    )  # (B, C, H, hs)
 
 
 class MemoryKernels(Protocol):
     """Replacement implementations of the two hot spots (e.g. Triton kernels), same contracts as
     gated_key_scan and reference_retrieve."""
 
-    def gated_key_scan(self, k_raw: torch.Tensor, log_g: torch.Tensor, log_lam: torch.Tensor,
-                       valid: torch.Tensor, st: MemoryState, eps: float) -> torch.Tensor: ...
+    def gated_key_scan(
+        self,
+        k_raw: torch.Tensor,
+        log_g: torch.Tensor,
+        log_lam: torch.Tensor,
+        valid: torch.Tensor,
+        st: MemoryState,
+        eps: float,
+    ) -> torch.Tensor: ...
 
-    def retrieve(self, mem: AssociativeMemory, q: torch.Tensor, pos: torch.Tensor,
-                 lengths: torch.Tensor, st: MemoryState, k_pairs: torch.Tensor,
-                 v_pairs: torch.Tensor) -> torch.Tensor: ...
+    def retrieve(
+        self,
+        mem: AssociativeMemory,
+        q: torch.Tensor,
+        pos: torch.Tensor,
+        lengths: torch.Tensor,
+        st: MemoryState,
+        k_pairs: torch.Tensor,
+        v_pairs: torch.Tensor,
+    ) -> torch.Tensor: ...
 
 
 class FeedForward(nn.Module):
@@ -258,13 +299,19 @@ class Layer(nn.Module):
         self.stm = AssociativeMemory(config, "stm")
         if config.use_ltm:
             self.ltm = AssociativeMemory(config, "ltm")
-        self.out_proj = nn.Linear(config.memory_width * len(self.memories), config.hidden_size,
-                                  bias=False)
+        self.out_proj = nn.Linear(
+            config.memory_width * len(self.memories), config.hidden_size, bias=False
+        )
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.ffn = FeedForward(config)
 
-    def forward(self, x: torch.Tensor, states: dict[str, MemoryState], pos: torch.Tensor,
-                valid: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        states: dict[str, MemoryState],
+        pos: torch.Tensor,
+        valid: torch.Tensor,
+    ) -> torch.Tensor:
         u = self.memory_norm(x)  # one shared input norm for both memories
         ys = [getattr(self, mem)(u, states[mem], pos, valid) for mem in self.memories]
         x = x + self.out_proj(torch.cat(ys, dim=-1))  # [yS ; yL] -> d
@@ -293,8 +340,13 @@ class MMv2(nn.Module):
         w = self.embed_tokens.weight
         return DecodeState.allocate(self.config, batch, capacity, w.dtype, w.device)
 
-    def step(self, ids: torch.Tensor, state: DecodeState, lengths: torch.Tensor | None = None,
-             last_only: bool = False) -> torch.Tensor:
+    def step(
+        self,
+        ids: torch.Tensor,
+        state: DecodeState,
+        lengths: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
         """Consume a chunk and update `state` in place.
 
         Args:
@@ -309,8 +361,10 @@ class MMv2(nn.Module):
         if lengths is None:
             lengths = torch.full((B,), C, dtype=torch.int64, device=ids.device)
         if int((state.pos + lengths).max()) > state.capacity:
-            raise CapacityError(f"a sequence would reach {int((state.pos + lengths).max())} tokens "
-                                f"but the state holds {state.capacity}: allocate a larger capacity")
+            raise CapacityError(
+                f"a sequence would reach {int((state.pos + lengths).max())} tokens "
+                f"but the state holds {state.capacity}: allocate a larger capacity"
+            )
         valid = torch.arange(C, device=ids.device)[None, :] < lengths[:, None]  # (B, C)
         pos = state.pos.clone()
         x = self.embed_tokens(torch.where(valid, ids, 0))  # (B, C, d)

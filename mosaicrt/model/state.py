@@ -1,7 +1,7 @@
 """Streaming decode state: every buffer a sequence needs between steps, allocated once.
 
 Per layer and memory (STM, LTM), per sequence (contract, "Decoding state"):
-  s, mx      the key recurrence in log-space stabilised form: k_bar = exp(mx) * s      (H, hs) + (H,) fp32
+  s, mx      the key recurrence, log-space stabilised: k_bar = exp(mx) * s  (H, hs) + (H,) fp32
   k_pend     the unit key k_{t-1}, whose value is not known yet                       (H, hs) fp32
   v_pend     the raw value projection v~_{t-1}, needed to finish v_{t-1}              (H, hs) fp32
   keys/vals  completed pairs: STM a ring of h-1 slots (pair tau in slot tau mod (h-1)),
@@ -31,8 +31,14 @@ class MemoryState:
     vals: torch.Tensor  # (B, N, H, hs) store dtype
 
     @classmethod
-    def allocate(cls, config: ModelConfig, batch: int, slots: int, dtype: torch.dtype,
-                 device: torch.device | str) -> MemoryState:
+    def allocate(
+        cls,
+        config: ModelConfig,
+        batch: int,
+        slots: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> MemoryState:
         H, hs = config.num_heads, config.head_dim
         f32 = dict(dtype=torch.float32, device=device)
         return cls(
@@ -45,7 +51,7 @@ class MemoryState:
         )
 
     def reset(self, rows: torch.Tensor) -> None:
-        """Forget the sequences in `rows` (B,) bool; stores need no clearing (positions guard them)."""
+        """Forget the sequences in `rows` (B,) bool; stores stay (positions guard them)."""
         self.s[rows] = 0.0
         self.mx[rows] = float("-inf")
         self.k_pend[rows] = 0.0
@@ -54,21 +60,34 @@ class MemoryState:
 
 @dataclass
 class DecodeState:
-    """The whole streaming state of a batch: a position per sequence and a MemoryState per memory."""
+    """The streaming state of a batch: a position per sequence and a MemoryState per memory."""
 
     pos: torch.Tensor  # (B,) int64, tokens consumed so far
     memories: list[dict[str, MemoryState]]  # per layer: {"stm": ..., "ltm": ...}
     capacity: int  # most tokens one sequence may consume
 
     @classmethod
-    def allocate(cls, config: ModelConfig, batch: int, capacity: int,
-                 dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> DecodeState:
+    def allocate(
+        cls,
+        config: ModelConfig,
+        batch: int,
+        capacity: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> DecodeState:
         slots = {"stm": config.stm_window - 1, "ltm": max(capacity - 1, 1)}
-        memories = [{mem: MemoryState.allocate(config, batch, slots[mem], dtype, device)
-                     for mem in config.memories} for _ in range(config.num_layers)]
-        return cls(pos=torch.zeros(batch, dtype=torch.int64, device=device),
-                   memories=memories, capacity=capacity)
+        memories = [
+            {
+                mem: MemoryState.allocate(config, batch, slots[mem], dtype, device)
+                for mem in config.memories
+            }
+            for _ in range(config.num_layers)
+        ]
+        return cls(
+            pos=torch.zeros(batch, dtype=torch.int64, device=device),
+            memories=memories,
+            capacity=capacity,
+        )
 
     @property
     def batch_size(self) -> int:
@@ -95,17 +114,21 @@ class MemoryPlan:
     @property
     def bytes_per_sequence(self) -> int:
         # The LTM store has max_context - 1 slots: the newest token's pair is still pending.
-        return (self.ltm_bytes_per_token * max(self.max_context - 1, 1)
-                + self.stm_bytes_per_sequence + self.recurrence_bytes_per_sequence)
+        return (
+            self.ltm_bytes_per_token * max(self.max_context - 1, 1)
+            + self.stm_bytes_per_sequence
+            + self.recurrence_bytes_per_sequence
+        )
 
     @property
     def state_bytes(self) -> int:
         return self.bytes_per_sequence * self.max_batch
 
 
-def memory_plan(config: ModelConfig, max_context: int, max_batch: int,
-                store_dtype: str | None = None) -> MemoryPlan:
-    """State sizes for `max_batch` sequences of up to `max_context` tokens (stores in store_dtype)."""
+def memory_plan(
+    config: ModelConfig, max_context: int, max_batch: int, store_dtype: str | None = None
+) -> MemoryPlan:
+    """State sizes of `max_batch` sequences of up to `max_context` tokens, stores in store_dtype."""
     width, layers = config.memory_width, config.num_layers
     elem = DTYPE_BYTES[store_dtype or config.torch_dtype]
     pair = 2 * width * elem  # one (key, value) pair of one memory

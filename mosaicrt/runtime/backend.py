@@ -25,7 +25,8 @@ class Backend(ABC):
         """Free the sequences in `rows` (B,) bool so new requests can take them."""
 
     @abstractmethod
-    def step(self, ids: torch.Tensor, lengths: torch.Tensor, state: Any,
-             last_only: bool) -> torch.Tensor:
+    def step(
+        self, ids: torch.Tensor, lengths: torch.Tensor, state: Any, last_only: bool
+    ) -> torch.Tensor:
         """Consume ids (B, C) int64, lengths (B,) real tokens per row; return (B, V) or (B, C, V)
         fp32 CPU logits, updating the state in place."""

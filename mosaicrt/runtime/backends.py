@@ -14,8 +14,13 @@ def is_artifact(model_dir: str | Path) -> bool:
     return (Path(model_dir) / "manifest.json").is_file()
 
 
-def open_backend(name: str, model_dir: str | Path, device: str = "auto",
-                 dtype: str | None = None, kernels: str = "torch") -> Backend:
+def open_backend(
+    name: str,
+    model_dir: str | Path,
+    device: str = "auto",
+    dtype: str | None = None,
+    kernels: str = "torch",
+) -> Backend:
     """The backend `name` for model_dir. 'auto': ONNX Runtime for an exported artifact, torch for
     a checkpoint directory."""
     if name not in BACKENDS:
@@ -23,21 +28,26 @@ def open_backend(name: str, model_dir: str | Path, device: str = "auto",
     if name == "auto":
         name = "onnxruntime" if is_artifact(model_dir) else "torch"
     if name == "tensorrt":
-        raise BackendError("the TensorRT backend is not part of mosaicrt yet: "
-                           "use --backend onnxruntime or torch")
+        raise BackendError(
+            "the TensorRT backend is not part of mosaicrt yet: use --backend onnxruntime or torch"
+        )
     if kernels != "torch" and name != "torch":
         raise BackendError(f"--kernels {kernels} applies to the torch backend only")
     if name == "onnxruntime":
         if not is_artifact(model_dir) and (Path(model_dir) / "model.safetensors").exists():
-            raise BackendError(f"{model_dir} is a checkpoint, not an ONNX artifact: run "
-                               f"`mosaicrt export {model_dir} -o ARTIFACT_DIR` first, or use "
-                               "--backend torch")
+            raise BackendError(
+                f"{model_dir} is a checkpoint, not an ONNX artifact: run "
+                f"`mosaicrt export {model_dir} -o ARTIFACT_DIR` first, or use "
+                "--backend torch"
+            )
         from mosaicrt.runtime.ort_backend import OrtBackend
 
         return OrtBackend(model_dir, device=device)
     from mosaicrt.runtime.torch_backend import TorchBackend
 
     if is_artifact(model_dir):
-        raise BackendError(f"{model_dir} is an ONNX artifact: use --backend onnxruntime, or give "
-                           "the torch backend the checkpoint it was exported from")
+        raise BackendError(
+            f"{model_dir} is an ONNX artifact: use --backend onnxruntime, or give "
+            "the torch backend the checkpoint it was exported from"
+        )
     return TorchBackend(model_dir, device=device, dtype=dtype, kernels=kernels)

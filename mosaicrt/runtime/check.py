@@ -1,5 +1,5 @@
-"""`mosaicrt check`: run an artifact's step graph in ONNX Runtime and the torch reference on the same
-inputs and compare every output with Polygraphy's Comparator.
+"""`mosaicrt check`: run an artifact's step graph in ONNX Runtime and the torch reference on the
+same inputs and compare every output with Polygraphy's Comparator.
 
 The inputs are real decode states: a batch of two sequences is prefilled with random tokens to
 different positions (past the STM window and the LTM delay, so both stores hold pairs), then each
@@ -55,8 +55,9 @@ class TorchReferenceRunner(BaseRunner):
         """The graph's state inputs in the reference's layout."""
         cfg, H = self.config, self.config.num_heads
         pos = feed[io_spec.POSITIONS]
-        fed_slots = feed[io_spec.store_name(0, "ltm", "keys")].shape[0] * self.block \
-            if cfg.use_ltm else 0
+        fed_slots = (
+            feed[io_spec.store_name(0, "ltm", "keys")].shape[0] * self.block if cfg.use_ltm else 0
+        )
         chunk = feed[io_spec.INPUT_IDS].shape[1]
         state = DecodeState.allocate(cfg, len(pos), max(fed_slots + 1, int(pos.max()) + chunk))
         state.pos.copy_(torch.from_numpy(pos))
@@ -64,11 +65,11 @@ class TorchReferenceRunner(BaseRunner):
             for i, (memory, st) in enumerate(memories.items()):
                 for field in io_spec.SMALL_FIELDS:
                     small = torch.from_numpy(feed[io_spec.small_name("past", layer, field)])
-                    getattr(st, field).copy_(small[:, i * H:(i + 1) * H])
+                    getattr(st, field).copy_(small[:, i * H : (i + 1) * H])
                 for field, target in (("keys", st.keys), ("values", st.vals)):
                     store = torch.from_numpy(feed[io_spec.store_name(layer, memory, field)])
                     rows = store.permute(1, 0, 3, 2, 4).flatten(1, 2)  # (B, NB*S, H, hs)
-                    target[:, :rows.shape[1]] = rows
+                    target[:, : rows.shape[1]] = rows
         return state
 
     def infer_impl(self, feed_dict: dict[str, np.ndarray]) -> OrderedDict:
@@ -106,9 +107,11 @@ def check_inputs(backend: OrtBackend, seed: int = 0) -> list[dict[str, np.ndarra
     positions = [reach, reach + 3]
     chunk = min(7, cfg.stm_window - 1)
     if positions[1] + chunk > backend.max_context:
-        raise BackendError(f"the artifact's max_context {backend.max_context} is too small to "
-                           f"check states past the window and delay ({positions[1] + chunk} "
-                           "tokens): re-export with a larger --max-context")
+        raise BackendError(
+            f"the artifact's max_context {backend.max_context} is too small to "
+            f"check states past the window and delay ({positions[1] + chunk} "
+            "tokens): re-export with a larger --max-context"
+        )
     feeds = []
     for C in (1, chunk):
         state = backend.new_state(2, positions[1] + C)
@@ -117,12 +120,16 @@ def check_inputs(backend: OrtBackend, seed: int = 0) -> list[dict[str, np.ndarra
             lengths[row] = n
             ids = torch.randint(0, cfg.vocab_size, (2, n), generator=gen)
             backend.step(ids, lengths, state, last_only=True)
-        feed = {io_spec.INPUT_IDS: torch.randint(0, cfg.vocab_size, (2, C), generator=gen).numpy(),
-                io_spec.LENGTHS: np.full(2, C, np.int64), io_spec.POSITIONS: state.pos.copy()}
+        feed = {
+            io_spec.INPUT_IDS: torch.randint(0, cfg.vocab_size, (2, C), generator=gen).numpy(),
+            io_spec.LENGTHS: np.full(2, C, np.int64),
+            io_spec.POSITIONS: state.pos.copy(),
+        }
         blocks = backend.readable_blocks(state.pos, C)
         feed.update({k: v.copy() for k, v in state.small.items()})
-        feed.update({k: (v if ".stm." in k else v[:blocks]).copy()
-                     for k, v in state.stores.items()})
+        feed.update(
+            {k: (v if ".stm." in k else v[:blocks]).copy() for k, v in state.stores.items()}
+        )
         feeds.append(feed)
     return feeds
 
@@ -134,13 +141,19 @@ def run_check(artifact: str | Path, checkpoint: str | Path, atol: float, rtol: f
         from polygraphy.comparator import Comparator, CompareFunc
         from polygraphy.logger import G_LOGGER
     except ImportError:
-        raise BackendError("mosaicrt check needs Polygraphy: pip install 'mosaicrt[onnx]'") from None
+        raise BackendError(
+            "mosaicrt check needs Polygraphy: pip install 'mosaicrt[onnx]'"
+        ) from None
     backend = OrtBackend(artifact, device="cpu")
     feeds = check_inputs(backend)
-    runners = [OnnxrtRunner(SessionFromOnnx(str(Path(artifact) / "model.onnx"),
-                                            providers=["cpu"])),
-               TorchReferenceRunner(checkpoint, backend.block, backend.last_only_graph)]
+    runners = [
+        OnnxrtRunner(SessionFromOnnx(str(Path(artifact) / "model.onnx"), providers=["cpu"])),
+        TorchReferenceRunner(checkpoint, backend.block, backend.last_only_graph),
+    ]
     with G_LOGGER.verbosity(G_LOGGER.WARNING):  # the per-output error report is what matters
         results = Comparator.run(runners, data_loader=feeds)
-    return bool(Comparator.compare_accuracy(
-        results, compare_func=CompareFunc.simple(atol={"": atol}, rtol={"": rtol})))
+    return bool(
+        Comparator.compare_accuracy(
+            results, compare_func=CompareFunc.simple(atol={"": atol}, rtol={"": rtol})
+        )
+    )

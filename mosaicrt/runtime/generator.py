@@ -27,27 +27,36 @@ class RunLimits:
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_context", "prefill_chunk"):
             if getattr(self, name) < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise InputError(
+                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                )
 
 
 def check_ids(ids: Sequence[int], vocab_size: int, what: str) -> None:
     """Raise InputError unless ids is a non-empty list of ints in [0, vocab)."""
     if len(ids) == 0:
         raise InputError(f"{what} is empty: give at least one token")
-    bad = [i for i in ids if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < vocab_size]
+    bad = [
+        i for i in ids if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < vocab_size
+    ]
     if bad:
-        raise InputError(f"{what} has token id {bad[0]!r} outside [0, {vocab_size}): "
-                         "use the model's tokenizer or check the vocabulary size")
+        raise InputError(
+            f"{what} has token id {bad[0]!r} outside [0, {vocab_size}): "
+            "use the model's tokenizer or check the vocabulary size"
+        )
 
 
-def check_request(ids: Sequence[int], max_new_tokens: int, vocab_size: int, limits: RunLimits,
-                  what: str) -> None:
+def check_request(
+    ids: Sequence[int], max_new_tokens: int, vocab_size: int, limits: RunLimits, what: str
+) -> None:
     check_ids(ids, vocab_size, what)
     total = len(ids) + max_new_tokens
     if total > limits.max_context:
-        raise CapacityError(f"{what} needs {total} tokens ({len(ids)} prompt + {max_new_tokens} new) "
-                            f"but --max-context is {limits.max_context}: raise --max-context or "
-                            "shorten the request")
+        raise CapacityError(
+            f"{what} needs {total} tokens ({len(ids)} prompt + {max_new_tokens} new) "
+            f"but --max-context is {limits.max_context}: raise --max-context or "
+            "shorten the request"
+        )
 
 
 @dataclass
@@ -112,13 +121,13 @@ class ContinuousBatcher:
             if r is None:
                 continue
             if prefill and r.prefilling:
-                feeds[i] = r.prompt[r.fed:r.fed + self.limits.prefill_chunk]
+                feeds[i] = r.prompt[r.fed : r.fed + self.limits.prefill_chunk]
             elif not prefill:
                 feeds[i] = [r.output[-1]]
         lengths = torch.tensor([len(f) for f in feeds], dtype=torch.int64)
         ids = torch.zeros(B, int(lengths.max()), dtype=torch.int64)
         for i, f in enumerate(feeds):
-            ids[i, :len(f)] = torch.tensor(f, dtype=torch.int64)
+            ids[i, : len(f)] = torch.tensor(f, dtype=torch.int64)
         logits = self.backend.step(ids, lengths, self.state, last_only=True)  # (B, V)
         ready = []
         for i, r in enumerate(self.rows):
@@ -139,10 +148,15 @@ class ContinuousBatcher:
         return events
 
 
-def generate(backend: Backend, prompts: list[list[int]], max_new_tokens: int,
-             sampling: SamplingParams = SamplingParams(), limits: RunLimits = RunLimits(),
-             progress: bool = False, on_start: Callable[[RunLimits], None] | None = None,
-             ) -> list[list[int] | MosaicError]:
+def generate(
+    backend: Backend,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    sampling: SamplingParams = SamplingParams(),
+    limits: RunLimits = RunLimits(),
+    progress: bool = False,
+    on_start: Callable[[RunLimits], None] | None = None,
+) -> list[list[int] | MosaicError]:
     """New tokens for every prompt (stopping at EOS, which is kept, or max_new_tokens).
 
     on_start is called with the limits the state is sized for, once the requests are admitted and
@@ -167,8 +181,9 @@ def generate(backend: Backend, prompts: list[list[int]], max_new_tokens: int,
     batcher = ContinuousBatcher(backend, sampling, limits)
     for request in requests:
         batcher.submit(request)
-    with tqdm(total=len(requests) * max_new_tokens, desc="generating", unit="tok",
-              disable=not progress) as bar:
+    with tqdm(
+        total=len(requests) * max_new_tokens, desc="generating", unit="tok", disable=not progress
+    ) as bar:
         while batcher.busy:
             for request, _, finished in batcher.step():
                 bar.update(1 + (max_new_tokens - len(request.output) if finished else 0))
@@ -181,8 +196,10 @@ def score(backend: Backend, ids: torch.Tensor, limits: RunLimits = RunLimits()) 
     if T == 0:
         raise InputError("the token array has no positions (T = 0): give at least one token")
     if T > limits.max_context:
-        raise CapacityError(f"sequences of {T} tokens exceed --max-context {limits.max_context}: "
-                            "raise --max-context")
+        raise CapacityError(
+            f"sequences of {T} tokens exceed --max-context {limits.max_context}: "
+            "raise --max-context"
+        )
     vocab = backend.config.vocab_size
     if int(ids.min()) < 0 or int(ids.max()) >= vocab:
         bad = ids[(ids < 0) | (ids >= vocab)][0].item()
@@ -190,7 +207,7 @@ def score(backend: Backend, ids: torch.Tensor, limits: RunLimits = RunLimits()) 
     state = backend.new_state(B, T)
     parts = []
     for start in range(0, T, limits.prefill_chunk):
-        chunk = ids[:, start:start + limits.prefill_chunk]  # (B, C)
+        chunk = ids[:, start : start + limits.prefill_chunk]  # (B, C)
         lengths = torch.full((B,), chunk.shape[1], dtype=torch.int64)
         parts.append(backend.step(chunk, lengths, state, last_only=False))
     return torch.cat(parts, dim=1)

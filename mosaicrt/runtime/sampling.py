@@ -19,8 +19,10 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
-            raise InputError(f"--temperature must be > 0, got {self.temperature} "
-                             "(use --greedy for deterministic decoding)")
+            raise InputError(
+                f"--temperature must be > 0, got {self.temperature} "
+                "(use --greedy for deterministic decoding)"
+            )
         if self.top_k < 0:
             raise InputError(f"--top-k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
@@ -36,7 +38,9 @@ def filtered_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        drop = cum - torch.softmax(sorted_logits, dim=-1) >= params.top_p  # keep the first to reach p
+        drop = (
+            cum - torch.softmax(sorted_logits, dim=-1) >= params.top_p
+        )  # keep the first to reach p
         logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
     return logits
 

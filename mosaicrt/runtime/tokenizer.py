@@ -44,6 +44,8 @@ def load_tokenizer(model_dir: str | Path, vocab_size: int) -> Tokenizer:
     if path.is_file():
         return HFTokenizer(path)
     if vocab_size < 256:
-        raise InputError(f"{model_dir} has no tokenizer.json and its vocabulary ({vocab_size}) is "
-                         "too small for byte-level text: pass token ids with --input instead")
+        raise InputError(
+            f"{model_dir} has no tokenizer.json and its vocabulary ({vocab_size}) is "
+            "too small for byte-level text: pass token ids with --input instead"
+        )
     return ByteTokenizer()

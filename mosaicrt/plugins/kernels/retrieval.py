@@ -1,5 +1,5 @@
 """Associative-memory retrieval in Triton: flash-attention-style online softmax with the visible set
-given by loop bounds, for a chunk of queries (C >= 1) against stored pairs and the chunk's own pairs.
+given by loop bounds, for a chunk of queries (C >= 1) against stored pairs and the chunk's pairs.
 
 Query t (= pos + i) sees pairs tau in [lo_t, hi_t]: STM lo_t = t-h+1, hi_t = t-1; LTM lo_t = 0,
 hi_t = t-m (eq. 10). Pairs tau <= pos-2 come from the store (STM: a ring, slot tau mod (h-1); LTM:
@@ -18,14 +18,37 @@ import triton.language as tl
 
 @triton.jit
 def _retrieval_kernel(
-    Q, KS, VS, KN, VN, POS, LEN, Y,
-    stride_qb, stride_qc, stride_qh,
-    stride_sb, stride_sn, stride_sh,
-    stride_nb, stride_nc, stride_nh,
-    stride_yb, stride_yc, stride_yh,
-    C, H, SLOTS, D,
-    WINDOW: tl.constexpr, DELAY: tl.constexpr, RING: tl.constexpr, HALF_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    Q,
+    KS,
+    VS,
+    KN,
+    VN,
+    POS,
+    LEN,
+    Y,
+    stride_qb,
+    stride_qc,
+    stride_qh,
+    stride_sb,
+    stride_sn,
+    stride_sh,
+    stride_nb,
+    stride_nc,
+    stride_nh,
+    stride_yb,
+    stride_yc,
+    stride_yh,
+    C,
+    H,
+    SLOTS,
+    D,
+    WINDOW: tl.constexpr,
+    DELAY: tl.constexpr,
+    RING: tl.constexpr,
+    HALF_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -38,8 +61,11 @@ def _retrieval_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     t = pos + offs_m  # query positions (BLOCK_M,)
     in_d = offs_d[None, :] < D  # HEAD_DIM is hs rounded up to a power of two
-    q = tl.load(Q + b * stride_qb + offs_m[:, None] * stride_qc + h * stride_qh + offs_d[None, :],
-                mask=(offs_m[:, None] < C) & in_d, other=0.0).to(tl.float32)
+    q = tl.load(
+        Q + b * stride_qb + offs_m[:, None] * stride_qc + h * stride_qh + offs_d[None, :],
+        mask=(offs_m[:, None] < C) & in_d,
+        other=0.0,
+    ).to(tl.float32)
     hi_t = t - DELAY
     if WINDOW > 0:
         lo_t = tl.maximum(t - WINDOW + 1, 0)
@@ -61,21 +87,28 @@ def _retrieval_kernel(
         else:
             slot = tau
         s_ptr = b * stride_sb + slot[:, None] * stride_sn + h * stride_sh + offs_d[None, :]
-        n_ptr = b * stride_nb + (tau - pos + 1)[:, None] * stride_nc + h * stride_nh + offs_d[None, :]
+        n_ptr = (
+            b * stride_nb + (tau - pos + 1)[:, None] * stride_nc + h * stride_nh + offs_d[None, :]
+        )
         from_store = stored[:, None] & in_d
         from_chunk = fresh[:, None] & in_d
-        k = (tl.load(KS + s_ptr, mask=from_store, other=0.0)
-             + tl.load(KN + n_ptr, mask=from_chunk, other=0.0).to(KS.dtype.element_ty))
-        v = (tl.load(VS + s_ptr, mask=from_store, other=0.0)
-             + tl.load(VN + n_ptr, mask=from_chunk, other=0.0).to(VS.dtype.element_ty))
+        k = tl.load(KS + s_ptr, mask=from_store, other=0.0) + tl.load(
+            KN + n_ptr, mask=from_chunk, other=0.0
+        ).to(KS.dtype.element_ty)
+        v = tl.load(VS + s_ptr, mask=from_store, other=0.0) + tl.load(
+            VN + n_ptr, mask=from_chunk, other=0.0
+        ).to(VS.dtype.element_ty)
         if HALF_DOT:  # tensor-core products of fp16/bf16 stores, fp32 accumulation (flash style)
             s = tl.dot(q.to(k.dtype), tl.trans(k))  # (BLOCK_M, BLOCK_N)
         else:  # exact fp32 products: scores reach beta ~ 150, where half products are coarse
             k = k.to(tl.float32)
             v = v.to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        visible = ((tau[None, :] >= lo_t[:, None]) & (tau[None, :] <= hi_t[:, None])
-                   & (stored | fresh)[None, :])
+        visible = (
+            (tau[None, :] >= lo_t[:, None])
+            & (tau[None, :] <= hi_t[:, None])
+            & (stored | fresh)[None, :]
+        )
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
@@ -89,14 +122,28 @@ def _retrieval_kernel(
         m_i = m_new
     # A non-empty set has l >= 1 (its max term is exp(0)); an empty one has acc = 0.
     y = acc / tl.maximum(l_i, 1.0)[:, None]
-    tl.store(Y + b * stride_yb + offs_m[:, None] * stride_yc + h * stride_yh + offs_d[None, :],
-             y, mask=(offs_m[:, None] < C) & in_d)
+    tl.store(
+        Y + b * stride_yb + offs_m[:, None] * stride_yc + h * stride_yh + offs_d[None, :],
+        y,
+        mask=(offs_m[:, None] < C) & in_d,
+    )
 
 
-def retrieve(q: torch.Tensor, store_k: torch.Tensor, store_v: torch.Tensor,
-             new_k: torch.Tensor, new_v: torch.Tensor, pos: torch.Tensor, lengths: torch.Tensor,
-             window: int, delay: int, ring: bool, half_dot: bool = False, block_m: int = 16,
-             block_n: int = 32) -> torch.Tensor:
+def retrieve(
+    q: torch.Tensor,
+    store_k: torch.Tensor,
+    store_v: torch.Tensor,
+    new_k: torch.Tensor,
+    new_v: torch.Tensor,
+    pos: torch.Tensor,
+    lengths: torch.Tensor,
+    window: int,
+    delay: int,
+    ring: bool,
+    half_dot: bool = False,
+    block_m: int = 16,
+    block_n: int = 32,
+) -> torch.Tensor:
     """Retrieval for a chunk.
 
     Args:
@@ -111,35 +158,82 @@ def retrieve(q: torch.Tensor, store_k: torch.Tensor, store_v: torch.Tensor,
         (B, C, H, hs) fp32.
     """
     B, C, H, hs = q.shape
-    for name, x in (("q", q), ("store_k", store_k), ("store_v", store_v), ("new_k", new_k),
-                    ("new_v", new_v)):
+    for name, x in (
+        ("q", q),
+        ("store_k", store_k),
+        ("store_v", store_v),
+        ("new_k", new_k),
+        ("new_v", new_v),
+    ):
         if x.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dimension")
     y = torch.empty(B, C, H, hs, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(C, block_m), B * H)
     _retrieval_kernel[grid](
-        q, store_k, store_v, new_k, new_v, pos, lengths, y,
-        q.stride(0), q.stride(1), q.stride(2),
-        store_k.stride(0), store_k.stride(1), store_k.stride(2),
-        new_k.stride(0), new_k.stride(1), new_k.stride(2),
-        y.stride(0), y.stride(1), y.stride(2),
-        C, H, store_k.shape[1], hs,
-        WINDOW=window, DELAY=delay, RING=ring,
+        q,
+        store_k,
+        store_v,
+        new_k,
+        new_v,
+        pos,
+        lengths,
+        y,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        store_k.stride(0),
+        store_k.stride(1),
+        store_k.stride(2),
+        new_k.stride(0),
+        new_k.stride(1),
+        new_k.stride(2),
+        y.stride(0),
+        y.stride(1),
+        y.stride(2),
+        C,
+        H,
+        store_k.shape[1],
+        hs,
+        WINDOW=window,
+        DELAY=delay,
+        RING=ring,
         HALF_DOT=half_dot and store_k.dtype in (torch.float16, torch.bfloat16),
-        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=max(16, triton.next_power_of_2(hs)),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        HEAD_DIM=max(16, triton.next_power_of_2(hs)),
     )
     return y
 
 
 @triton.jit
 def _decode_split_kernel(
-    Q, KS, VS, KN, VN, POS, LEN, M_PART, L_PART, ACC_PART,
-    stride_qb, stride_qh,
-    stride_sb, stride_sn, stride_sh,
-    stride_nb, stride_nh,
-    H, SLOTS, D, SPLIT_SIZE,
-    WINDOW: tl.constexpr, DELAY: tl.constexpr, RING: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    Q,
+    KS,
+    VS,
+    KN,
+    VN,
+    POS,
+    LEN,
+    M_PART,
+    L_PART,
+    ACC_PART,
+    stride_qb,
+    stride_qh,
+    stride_sb,
+    stride_sn,
+    stride_sh,
+    stride_nb,
+    stride_nh,
+    H,
+    SLOTS,
+    D,
+    SPLIT_SIZE,
+    WINDOW: tl.constexpr,
+    DELAY: tl.constexpr,
+    RING: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
 ):
     """Decode (C = 1), flash-decoding style: program (b*H + h, split) reduces one slice of the
     visible range [lo, hi] to a partial (max, sum, weighted values)."""
@@ -173,10 +267,12 @@ def _decode_split_kernel(
         n_ptr = b * stride_nb + h * stride_nh + offs_d[None, :] + 0 * tau[:, None]
         from_store = stored[:, None] & in_d[None, :]
         from_chunk = fresh[:, None] & in_d[None, :]
-        k = (tl.load(KS + s_ptr, mask=from_store, other=0.0).to(tl.float32)
-             + tl.load(KN + n_ptr, mask=from_chunk, other=0.0).to(tl.float32))
-        v = (tl.load(VS + s_ptr, mask=from_store, other=0.0).to(tl.float32)
-             + tl.load(VN + n_ptr, mask=from_chunk, other=0.0).to(tl.float32))
+        k = tl.load(KS + s_ptr, mask=from_store, other=0.0).to(tl.float32) + tl.load(
+            KN + n_ptr, mask=from_chunk, other=0.0
+        ).to(tl.float32)
+        v = tl.load(VS + s_ptr, mask=from_store, other=0.0).to(tl.float32) + tl.load(
+            VN + n_ptr, mask=from_chunk, other=0.0
+        ).to(tl.float32)
         s = tl.where(stored | fresh, tl.sum(k * q[None, :], 1), float("-inf"))  # (BLOCK_N,)
         m_new = tl.maximum(m_i, tl.max(s, 0))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -192,8 +288,18 @@ def _decode_split_kernel(
 
 
 @triton.jit
-def _decode_reduce_kernel(M_PART, L_PART, ACC_PART, Y, stride_yb, stride_yh, H, D,
-                          NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _decode_reduce_kernel(
+    M_PART,
+    L_PART,
+    ACC_PART,
+    Y,
+    stride_yb,
+    stride_yh,
+    H,
+    D,
+    NUM_SPLITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
     """Merge the partials of one (sequence, head): rescale each to the global max and sum."""
     pid_bh = tl.program_id(0)
     b = pid_bh // H
@@ -205,15 +311,27 @@ def _decode_reduce_kernel(M_PART, L_PART, ACC_PART, Y, stride_yb, stride_yh, H, 
     m_all = tl.max(m, 0)
     scale = tl.exp(m - tl.where(m_all == float("-inf"), 0.0, m_all))  # empty splits give 0
     l_all = tl.sum(tl.load(L_PART + parts) * scale, 0)
-    acc = tl.sum(tl.load(ACC_PART + parts[:, None] * HEAD_DIM + offs_d[None, :]) * scale[:, None], 0)
+    acc = tl.sum(
+        tl.load(ACC_PART + parts[:, None] * HEAD_DIM + offs_d[None, :]) * scale[:, None], 0
+    )
     y = acc / tl.maximum(l_all, 1.0)
     tl.store(Y + b * stride_yb + h * stride_yh + offs_d, y, mask=offs_d < D)
 
 
-def retrieve_decode(q: torch.Tensor, store_k: torch.Tensor, store_v: torch.Tensor,
-                    new_k: torch.Tensor, new_v: torch.Tensor, pos: torch.Tensor,
-                    lengths: torch.Tensor, window: int, delay: int, ring: bool,
-                    split_size: int = 256, block_n: int = 64) -> torch.Tensor:
+def retrieve_decode(
+    q: torch.Tensor,
+    store_k: torch.Tensor,
+    store_v: torch.Tensor,
+    new_k: torch.Tensor,
+    new_v: torch.Tensor,
+    pos: torch.Tensor,
+    lengths: torch.Tensor,
+    window: int,
+    delay: int,
+    ring: bool,
+    split_size: int = 256,
+    block_n: int = 64,
+) -> torch.Tensor:
     """Retrieval for one query per sequence (C = 1), split across the store and reduced.
 
     Same arguments as `retrieve` with C = 1. The number of splits follows the store's size, not
@@ -230,17 +348,47 @@ def retrieve_decode(q: torch.Tensor, store_k: torch.Tensor, store_v: torch.Tenso
     l_part = torch.empty_like(m_part)
     acc_part = torch.empty(B * H * splits, head_dim, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(B * H, splits)](
-        q, store_k, store_v, new_k, new_v, pos, lengths, m_part, l_part, acc_part,
-        q.stride(0), q.stride(2),
-        store_k.stride(0), store_k.stride(1), store_k.stride(2),
-        new_k.stride(0), new_k.stride(2),
-        H, store_k.shape[1], hs, split_size,
-        WINDOW=window, DELAY=delay, RING=ring, NUM_SPLITS=splits, BLOCK_N=block_n,
+        q,
+        store_k,
+        store_v,
+        new_k,
+        new_v,
+        pos,
+        lengths,
+        m_part,
+        l_part,
+        acc_part,
+        q.stride(0),
+        q.stride(2),
+        store_k.stride(0),
+        store_k.stride(1),
+        store_k.stride(2),
+        new_k.stride(0),
+        new_k.stride(2),
+        H,
+        store_k.shape[1],
+        hs,
+        split_size,
+        WINDOW=window,
+        DELAY=delay,
+        RING=ring,
+        NUM_SPLITS=splits,
+        BLOCK_N=block_n,
         HEAD_DIM=head_dim,
     )
     y = torch.empty(B, 1, H, hs, dtype=torch.float32, device=q.device)
-    _decode_reduce_kernel[(B * H,)](m_part, l_part, acc_part, y, y.stride(0), y.stride(2), H, hs,
-                                    NUM_SPLITS=splits, HEAD_DIM=head_dim)
+    _decode_reduce_kernel[(B * H,)](
+        m_part,
+        l_part,
+        acc_part,
+        y,
+        y.stride(0),
+        y.stride(2),
+        H,
+        hs,
+        NUM_SPLITS=splits,
+        HEAD_DIM=head_dim,
+    )
     return y
 
 

@@ -13,13 +13,27 @@ import triton.language as tl
 
 @triton.jit
 def _gated_scan_kernel(
-    K, LOG_G, LOG_LAM, LEN, S, MX, OUT,
-    stride_kb, stride_kc, stride_kh,
-    stride_gb, stride_gc,
-    stride_sb, stride_sh,
+    K,
+    LOG_G,
+    LOG_LAM,
+    LEN,
+    S,
+    MX,
+    OUT,
+    stride_kb,
+    stride_kc,
+    stride_kh,
+    stride_gb,
+    stride_gc,
+    stride_sb,
+    stride_sh,
     stride_mb,
-    stride_ob, stride_oc, stride_oh,
-    H, D, eps,
+    stride_ob,
+    stride_oc,
+    stride_oh,
+    H,
+    D,
+    eps,
     HEAD_DIM: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -31,8 +45,9 @@ def _gated_scan_kernel(
     s = tl.load(S + b * stride_sb + h * stride_sh + offs_d, mask=in_d, other=0.0)  # fp32
     mx = tl.load(MX + b * stride_mb + h)  # -inf before the first token
     for i in range(0, length):
-        k = tl.load(K + b * stride_kb + i * stride_kc + h * stride_kh + offs_d, mask=in_d,
-                    other=0.0).to(tl.float32)
+        k = tl.load(
+            K + b * stride_kb + i * stride_kc + h * stride_kh + offs_d, mask=in_d, other=0.0
+        ).to(tl.float32)
         log_g = tl.load(LOG_G + b * stride_gb + i * stride_gc + h)
         carried = mx + tl.load(LOG_LAM + b * stride_gb + i * stride_gc + h)
         mx_new = tl.maximum(carried, log_g)
@@ -45,9 +60,15 @@ def _gated_scan_kernel(
     tl.store(MX + b * stride_mb + h, mx)
 
 
-def gated_key_scan(k_raw: torch.Tensor, log_g: torch.Tensor, log_lam: torch.Tensor,
-                   lengths: torch.Tensor, s: torch.Tensor, mx: torch.Tensor,
-                   eps: float) -> torch.Tensor:
+def gated_key_scan(
+    k_raw: torch.Tensor,
+    log_g: torch.Tensor,
+    log_lam: torch.Tensor,
+    lengths: torch.Tensor,
+    s: torch.Tensor,
+    mx: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
     """Unit keys of a chunk; s and mx are updated in place.
 
     Args:
@@ -61,13 +82,27 @@ def gated_key_scan(k_raw: torch.Tensor, log_g: torch.Tensor, log_lam: torch.Tens
     k_raw, log_g, log_lam = k_raw.contiguous(), log_g.contiguous(), log_lam.contiguous()
     out = torch.zeros(B, C, H, hs, dtype=torch.float32, device=k_raw.device)
     _gated_scan_kernel[(B * H,)](
-        k_raw, log_g, log_lam, lengths, s, mx, out,
-        k_raw.stride(0), k_raw.stride(1), k_raw.stride(2),
-        log_g.stride(0), log_g.stride(1),
-        s.stride(0), s.stride(1),
+        k_raw,
+        log_g,
+        log_lam,
+        lengths,
+        s,
+        mx,
+        out,
+        k_raw.stride(0),
+        k_raw.stride(1),
+        k_raw.stride(2),
+        log_g.stride(0),
+        log_g.stride(1),
+        s.stride(0),
+        s.stride(1),
         mx.stride(0),
-        out.stride(0), out.stride(1), out.stride(2),
-        H, hs, eps,
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        H,
+        hs,
+        eps,
         HEAD_DIM=triton.next_power_of_2(hs),
     )
     return out
