@@ -149,6 +149,41 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if passed else 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from mosaicrt.bench.serving import print_table, run_bench, write_json
+    from mosaicrt.runtime.backends import open_backend
+    from mosaicrt.runtime.generator import check_ids
+
+    for name in ("batch", "input_len", "output_len", "iters"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    backend = open_backend(
+        args.backend, args.model, args.device, dtype_arg(args.dtype), args.kernels
+    )
+    dataset = None
+    if args.dataset:
+        dataset = read_prompts(args.dataset)
+        for number, ids in enumerate(dataset, start=1):
+            if isinstance(ids, MosaicError):
+                raise ids
+            check_ids(ids, backend.config.vocab_size, f"{args.dataset} line {number}")
+    report = run_bench(
+        backend,
+        args.mode,
+        args.batch,
+        args.context or args.input_len,
+        args.output_len,
+        args.warmup,
+        args.iters,
+        args.num_requests,
+        dataset,
+    )
+    print_table(report)
+    if args.json:
+        write_json(report, args.json)
+    return 0
+
+
 def print_memory_plan(config, limits) -> None:
     from mosaicrt.model.state import memory_plan
 
@@ -349,6 +384,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="emit logits of each row's last token only (no `score`)",
     )
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bench", help="latency or throughput through the runtime")
+    p.add_argument("mode", choices=["latency", "throughput"])
+    add_run_args(p)
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    p.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
+    p.add_argument("--output-len", type=int, default=32, help="new tokens per request")
+    p.add_argument("--context", type=int, help="decode at this context (sets --input-len)")
+    p.add_argument("--dataset", help='JSONL of {"input_ids": [...]} prompts instead of random')
+    p.add_argument("--num-requests", type=int, help="throughput: requests queued (4x batch)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    p.add_argument("--iters", type=int, default=3, help="latency: timed rounds")
+    p.add_argument("--json", help="write the report here")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("check", help="compare an artifact's backends with the torch reference")
     p.add_argument("artifact")

@@ -20,24 +20,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mosaicrt.bench.machine import machine_info
+from mosaicrt.bench.machine import machine_info, measure_bandwidth_gb_s
 from mosaicrt.model.checkpoint import random_tensors, write_checkpoint
 from mosaicrt.model.config import ModelConfig, parameter_count, preset
 from mosaicrt.runtime.backend import Backend
-
-
-def measure_bandwidth_gb_s(gib: float = 1.0, repeats: int = 5) -> float:
-    """Read bandwidth: the best of `repeats` multi-threaded sums over a `gib` GiB buffer."""
-    buf = torch.ones(int(gib * 2**30) // 4)
-    buf.sum()
-    best = min(_timed(buf.sum) for _ in range(repeats))
-    return buf.numel() * 4 / best / 1e9
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def bytes_per_step(config: ModelConfig, context: int, elem: int = 4) -> int:

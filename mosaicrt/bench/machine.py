@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import time
 from datetime import datetime, timezone
 
 import torch
@@ -34,6 +35,28 @@ def git_commit() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.TimeoutExpired):
         return None
+
+
+def measure_bandwidth_gb_s(gib: float = 1.0, repeats: int = 5) -> float:
+    """Host read bandwidth: the best of `repeats` multi-threaded sums over a `gib` GiB buffer."""
+    buf = torch.ones(int(gib * 2**30) // 4)
+    buf.sum()
+    best = min(_timed(buf.sum) for _ in range(repeats))
+    return buf.numel() * 4 / best / 1e9
+
+
+def measure_peak_gflops(n: int = 2048, repeats: int = 3) -> float:
+    """fp32 matmul throughput on the host, the prefill roofline's denominator."""
+    a = torch.randn(n, n)
+    a @ a
+    best = min(_timed(lambda: a @ a) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def machine_info() -> dict:

@@ -82,13 +82,19 @@ class ContinuousBatcher:
     either advances the rows still prefilling (the others take 0 tokens) or decodes every row.
     """
 
-    def __init__(self, backend: Backend, sampling: SamplingParams, limits: RunLimits) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        sampling: SamplingParams,
+        limits: RunLimits,
+        ignore_eos: bool = False,
+    ) -> None:
         self.backend, self.limits = backend, limits
         self.sampler = Sampler(sampling)
         self.state = backend.new_state(limits.max_batch, limits.max_context)
         self.rows: list[Request | None] = [None] * limits.max_batch
         self.waiting: deque[Request] = deque()
-        self.eos = backend.config.eos_token_id
+        self.eos = None if ignore_eos else backend.config.eos_token_id  # benchmarks ignore EOS
 
     def submit(self, request: Request) -> None:
         """Queue a request that passed check_request."""

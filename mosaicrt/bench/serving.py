@@ -1,0 +1,189 @@
+"""`mosaicrt bench latency|throughput`: requests through the continuous batcher, timed per
+token, reported as TTFT/TPOT/ITL/E2EL, tokens per second, memory, and roofline fractions.
+
+latency:    --iters rounds of --batch requests submitted together (after --warmup rounds).
+throughput: --num-requests requests (default 4 x --batch) queued at once on --batch rows.
+Requests ignore EOS so every one produces exactly --output-len tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from mosaicrt.bench.machine import machine_info, measure_bandwidth_gb_s, measure_peak_gflops
+from mosaicrt.bench.metrics import RequestTiming, request_metrics
+from mosaicrt.model.config import ModelConfig, parameter_count
+from mosaicrt.model.state import memory_plan
+from mosaicrt.runtime.backend import Backend
+from mosaicrt.runtime.generator import ContinuousBatcher, Request, RunLimits
+from mosaicrt.runtime.sampling import SamplingParams
+
+
+def run_requests(
+    backend: Backend, prompts: list[list[int]], output_len: int, limits: RunLimits
+) -> tuple[list[RequestTiming], float]:
+    """Submit all prompts at once; return each request's token timestamps and the wall time."""
+    batcher = ContinuousBatcher(backend, SamplingParams(), limits, ignore_eos=True)
+    requests = [Request(i, p, output_len) for i, p in enumerate(prompts)]
+    times: dict[int, list[float]] = {r.rid: [] for r in requests}
+    start = time.perf_counter()
+    for request in requests:
+        batcher.submit(request)
+    while batcher.busy:
+        events = batcher.step()
+        now = time.perf_counter()
+        for request, _, _ in events:
+            times[request.rid].append(now)
+    duration = time.perf_counter() - start
+    timings = [RequestTiming(start, tuple(times[r.rid]), len(r.prompt)) for r in requests]
+    return timings, duration
+
+
+def decode_bytes(config: ModelConfig, contexts: list[int], elem: int = 4) -> int:
+    """Bytes one decode step must read for sequences at these contexts: the weights (without the
+    embedding table) once, plus each sequence's valid STM and LTM pairs."""
+    weights = (parameter_count(config) - config.vocab_size * config.hidden_size) * elem
+    pair = 2 * config.memory_width * elem * config.num_layers
+    pairs = sum(
+        min(t, config.stm_window - 1) + (max(0, t - config.ltm_delay + 1) if config.use_ltm else 0)
+        for t in contexts
+    )
+    return weights + pairs * pair
+
+
+def prefill_flops(config: ModelConfig, prompt_len: int) -> int:
+    """2 x (non-embedding parameters) per token, plus 4 x width per visible pair per memory."""
+    dense = 2 * (parameter_count(config) - config.vocab_size * config.hidden_size) * prompt_len
+    pairs = sum(
+        min(t, config.stm_window - 1) + (max(0, t - config.ltm_delay + 1) if config.use_ltm else 0)
+        for t in range(prompt_len)
+    )
+    return dense + 4 * config.memory_width * config.num_layers * pairs
+
+
+def run_bench(
+    backend: Backend,
+    mode: str,
+    batch: int,
+    input_len: int,
+    output_len: int,
+    warmup: int,
+    iters: int,
+    num_requests: int | None,
+    dataset: list[list[int]] | None = None,
+    seed: int = 0,
+) -> dict:
+    """Run the benchmark; prompts are random (input_len tokens) or taken in turn from dataset."""
+    config = backend.config
+    gen = torch.Generator().manual_seed(seed)
+    if dataset:
+        input_len = max(len(p) for p in dataset)
+    limits = RunLimits(
+        max_batch=batch, max_context=input_len + output_len, prefill_chunk=min(512, input_len)
+    )
+    taken = 0
+
+    def prompts(n: int) -> list[list[int]]:
+        nonlocal taken
+        if dataset:
+            taken += n
+            return [dataset[(taken - n + i) % len(dataset)] for i in range(n)]
+        return torch.randint(0, config.vocab_size, (n, input_len), generator=gen).tolist()
+
+    for _ in range(warmup):
+        run_requests(backend, prompts(batch), output_len, limits)
+    timings, duration = [], 0.0
+    if mode == "latency":
+        for _ in range(iters):
+            t, d = run_requests(backend, prompts(batch), output_len, limits)
+            timings += t
+            duration += d
+    else:
+        timings, duration = run_requests(
+            backend, prompts(num_requests or 4 * batch), output_len, limits
+        )
+    report = request_metrics(timings, duration)
+    peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the probes below
+
+    bandwidth, peak = measure_bandwidth_gb_s(), measure_peak_gflops()
+    plan = memory_plan(config, limits.max_context, batch, "float32")
+    mid = [input_len + output_len // 2] * batch  # contexts halfway through decoding
+    roof_decode_ms = 1e3 * decode_bytes(config, mid) / (bandwidth * 1e9)
+    roof_prefill_ms = 1e3 * batch * prefill_flops(config, input_len) / (peak * 1e9)
+    report.update(
+        {
+            "mode": mode,
+            "backend": backend.name,
+            "batch": batch,
+            "input_len": input_len,
+            "output_len": output_len,
+            "warmup": warmup,
+            "iters": iters if mode == "latency" else 1,
+            "memory": {
+                "peak_host_bytes": peak_host,
+                "peak_gpu_bytes": (
+                    torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+                ),
+                "state": {
+                    "ltm_store_bytes": plan.ltm_bytes_per_token
+                    * max(limits.max_context - 1, 1)
+                    * batch,
+                    "stm_ring_bytes": plan.stm_bytes_per_sequence * batch,
+                    "recurrence_bytes": plan.recurrence_bytes_per_sequence * batch,
+                    "weights_bytes": parameter_count(config) * 4,
+                },
+            },
+            "roofline": {
+                "decode_bytes_per_step": decode_bytes(config, mid),
+                "decode_roofline_ms": roof_decode_ms,
+                "decode_fraction": roof_decode_ms / report["tpot_ms"]["mean"]
+                if report["tpot_ms"]["mean"]
+                else None,
+                "prefill_flops": batch * prefill_flops(config, input_len),
+                "prefill_roofline_ms": roof_prefill_ms,
+                "prefill_fraction": roof_prefill_ms / report["ttft_ms"]["mean"],
+            },
+            "machine": machine_info() | {"bandwidth_gb_s": bandwidth, "peak_gflops": peak},
+            "config": config.to_dict(),
+        }
+    )
+    return report
+
+
+def print_table(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=f"mosaicrt bench {report['mode']}: {report['backend']}, batch "
+        f"{report['batch']}, {report['input_len']} in / {report['output_len']} out"
+    )
+    table.add_column("metric")
+    for col in ("mean", "p50", "p90", "p99"):
+        table.add_column(col, justify="right")
+    for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
+        table.add_row(key, *(f"{report[key][c]:.2f}" for c in ("mean", "p50", "p90", "p99")))
+    console = Console()
+    console.print(table)
+    roof = report["roofline"]
+    decode = roof["decode_fraction"]
+    console.print(
+        f"requests/s {report['requests_per_s']:.2f}   output tokens/s "
+        f"{report['output_tokens_per_s']:.1f}   total tokens/s {report['total_tokens_per_s']:.1f}\n"
+        f"roofline: decode {100 * decode:.0f} % of {report['machine']['bandwidth_gb_s']:.1f} GB/s, "
+        f"prefill {100 * roof['prefill_fraction']:.0f} % of "
+        f"{report['machine']['peak_gflops']:.0f} GFLOP/s   peak host memory "
+        f"{report['memory']['peak_host_bytes'] / 2**20:.0f} MiB"
+        if decode is not None
+        else ""
+    )
+
+
+def write_json(report: dict, path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=2) + "\n")

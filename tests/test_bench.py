@@ -1,0 +1,79 @@
+"""Benchmark metrics on hand-built timings, and `mosaicrt bench` reports on a tiny model."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mosaicrt.bench.metrics import RequestTiming, request_metrics, summary
+from mosaicrt.model import preset, random_model, save_checkpoint
+
+
+def test_request_metrics_follow_the_definitions():
+    a = RequestTiming(submitted_s=10.0, token_times_s=(10.5, 10.7, 10.8, 11.0), prompt_tokens=5)
+    b = RequestTiming(submitted_s=10.0, token_times_s=(10.2,), prompt_tokens=3)
+    assert a.ttft_ms == pytest.approx(500) and a.e2el_ms == pytest.approx(1000)
+    assert a.tpot_ms == pytest.approx(500 / 3)  # excludes the first token
+    assert a.itl_ms == pytest.approx([200, 100, 200])
+    assert b.tpot_ms is None and b.itl_ms == []
+    m = request_metrics([a, b], duration_s=2.0)
+    assert m["ttft_ms"]["mean"] == pytest.approx(350)
+    assert m["tpot_ms"]["p50"] == pytest.approx(500 / 3)  # one-token requests have no TPOT
+    assert m["itl_ms"]["p50"] == pytest.approx(200)
+    assert m["requests_per_s"] == 1.0
+    assert m["output_tokens_per_s"] == 2.5 and m["total_tokens_per_s"] == 6.5
+    assert summary([]) == {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0}
+    assert summary([1, 2, 3, 4])["p50"] == 2.5
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "ckpt"
+    save_checkpoint(random_model(preset("tiny")), out)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["latency", "throughput"])
+def test_bench_reports(tiny, tmp_path, mode):
+    out = tmp_path / "report.json"
+    args = [
+        sys.executable,
+        "-m",
+        "mosaicrt.cli",
+        "bench",
+        mode,
+        str(tiny),
+        "--backend",
+        "torch",
+        "--batch",
+        "2",
+        "--input-len",
+        "20",
+        "--output-len",
+        "6",
+        "--warmup",
+        "1",
+        "--iters",
+        "2",
+        "--json",
+        str(out),
+    ]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "ttft_ms" in proc.stdout and "output tokens/s" in proc.stdout
+    report = json.loads(out.read_text())
+    requests = 4 if mode == "latency" else 8  # 2 rounds of 2, or 4 x batch queued
+    assert report["requests"] == requests
+    assert report["output_tokens"] == 6 * requests and report["prompt_tokens"] == 20 * requests
+    for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
+        assert set(report[key]) == {"mean", "p50", "p90", "p99"}
+        assert 0 < report[key]["p50"] <= report[key]["p99"]
+    assert report["e2el_ms"]["mean"] > report["ttft_ms"]["mean"]
+    assert report["output_tokens_per_s"] == pytest.approx(
+        report["output_tokens"] / report["duration_s"]
+    )
+    state = report["memory"]["state"]
+    assert state["ltm_store_bytes"] == 2 * (26 - 1) * 2 * 64 * 4 * 2  # batch x slots x pair
+    assert 0 < report["roofline"]["decode_fraction"] and 0 < report["roofline"]["prefill_fraction"]
+    assert report["machine"]["bandwidth_gb_s"] > 0 and report["machine"]["cpu_cores"] >= 1
