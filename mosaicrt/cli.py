@@ -371,7 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a checkpoint to an ONNX artifact")
     p.add_argument("checkpoint")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
-    p.add_argument("--dtype", default="fp32", help="fp32 (fp16/bf16 later)")
+    p.add_argument(
+        "--dtype",
+        default="fp32",
+        help="fp32, fp16 or bf16: weights, their MatMuls and the stores (norms, key scan "
+        "and softmax stay fp32); bf16 runs on TensorRT or CUDA, not the ORT CPU EP",
+    )
     p.add_argument(
         "--max-context",
         type=int,

@@ -205,3 +205,30 @@ def test_cuda_execution_provider_matches_reference(oracle_ckpt, artifact):
     got = score(backend, ids, limits)
     want = score(TorchBackend(oracle_ckpt, device="cpu"), ids, limits)
     assert (got - want).abs().max() <= ATOL_ORACLE
+
+
+def test_fp16_artifact_matches_the_oracle(tmp_path):
+    ckpt = oracle.write_random_checkpoint(tmp_path / "ckpt", dtype="float16", seed=5)
+    artifact = export_artifact(ckpt, tmp_path / "onnx", dtype="float16", max_context=64)
+    model = onnx.load(str(artifact / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    stores = [i for i in model.graph.input if i.name.endswith(("keys", "values"))]
+    assert {i.type.tensor_type.elem_type for i in stores} == {onnx.TensorProto.FLOAT16}
+    ids = torch.from_numpy(np.random.default_rng(6).integers(0, 300, (2, 30)))
+    got = score(OrtBackend(artifact), ids, RunLimits(max_context=30, prefill_chunk=7))
+    for row in range(2):
+        want = oracle.logits(ckpt, ids[row].tolist())  # float64 of the same fp16 weights
+        # MatMul inputs rounded to fp16 (2^-11 relative) through 2 layers: logits of magnitude
+        # ~10 move by a few 1e-3; 1e-2 bounds it, and the argmax must not move.
+        assert np.abs(got[row].double().numpy() - want).max() <= 1e-2
+        assert (got[row].numpy().argmax(-1) == want.argmax(-1)).all()
+
+
+def test_bf16_artifact_builds_and_is_refused_by_the_cpu_provider(oracle_ckpt, tmp_path):
+    artifact = export_artifact(oracle_ckpt, tmp_path / "onnx", dtype="bfloat16", max_context=64)
+    onnx.checker.check_model(str(artifact / "model.onnx"), full_check=True)
+    assert json.loads((artifact / "manifest.json").read_text())["state_dtype"]["stores"] == (
+        "bfloat16"
+    )
+    with pytest.raises(BackendError, match="bf16 artifact.*TensorRT"):
+        OrtBackend(artifact)

@@ -21,7 +21,7 @@ from mosaicrt.export.builder import build_step_model
 from mosaicrt.export.graph import OPSET
 from mosaicrt.export.ops import DOMAIN, DOMAIN_VERSION
 from mosaicrt.model.checkpoint import load_model
-from mosaicrt.model.config import ModelConfig, load_config, save_config
+from mosaicrt.model.config import DTYPE_BYTES, DTYPES, ModelConfig, load_config, save_config
 
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
@@ -41,8 +41,8 @@ def export_artifact(
     progress: bool = False,
 ) -> Path:
     """Export a checkpoint to an ONNX artifact directory and check it with onnx.checker."""
-    if dtype != "float32":
-        raise CheckpointError(f"export to {dtype} is not supported yet: use --dtype fp32")
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unknown export dtype {dtype!r}: use fp32, fp16 or bf16")
     if max_context < 2:
         raise CheckpointError(f"--max-context must be >= 2, got {max_context}")
     out = Path(out_dir)
@@ -50,9 +50,9 @@ def export_artifact(
     steps = tqdm(total=4, desc="export", disable=not progress)
     model = load_model(checkpoint, dtype=None)
     steps.update(1)
-    proto = build_step_model(model, last_only=last_only)
+    proto = build_step_model(model, last_only=last_only, dtype=dtype)
     steps.update(1)
-    size = sum(t.numel() * 4 for t in model.state_dict().values())
+    size = sum(t.numel() * DTYPE_BYTES[dtype] for t in model.state_dict().values())
     (out / (MODEL_FILE + ".data")).unlink(missing_ok=True)
     if size > EXTERNAL_DATA_BYTES:
         onnx.save(
@@ -105,7 +105,7 @@ def make_manifest(
         "custom_domain": DOMAIN,
         "custom_domain_version": DOMAIN_VERSION,
         "dtype": dtype,
-        "state_dtype": "float32",
+        "state_dtype": {"small": "float32", "stores": dtype},
         "last_only": last_only,
         "max_context": max_context,
         "ltm_block": ltm_block,

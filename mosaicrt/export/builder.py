@@ -35,7 +35,7 @@ import torch
 from onnx import helper
 
 from mosaicrt.export import io_spec
-from mosaicrt.export.graph import OPSET, GraphBuilder
+from mosaicrt.export.graph import FLOAT, ONNX_DTYPES, OPSET, GraphBuilder
 from mosaicrt.export.ops import DOMAIN, DOMAIN_VERSION, NO_WINDOW, functions, plugin_attrs
 from mosaicrt.model.mmv2 import MMv2
 
@@ -44,15 +44,35 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float32).cpu().numpy()
 
 
+def as_dtype(array: np.ndarray, dtype: str) -> np.ndarray:
+    """An fp32 array in the export dtype (numpy has no bfloat16: ml_dtypes provides it)."""
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return array.astype(ml_dtypes.bfloat16)
+    return array.astype({"float32": np.float32, "float16": np.float16}[dtype])
+
+
 class StepGraphBuilder:
-    def __init__(self, model: MMv2, last_only: bool) -> None:
+    def __init__(self, model: MMv2, last_only: bool, dtype: str) -> None:
         self.model, self.config = model, model.config
         self.last_only = last_only
+        self.dtype = dtype  # weights, their MatMuls and the stores; the rest runs in fp32
         self.g = GraphBuilder()
 
+    def half(self) -> bool:
+        return self.dtype != "float32"
+
     def matmul(self, x: str, weight_t: np.ndarray, name: str) -> str:
-        """x @ W^T with W^T (in, out) stored as the right-hand constant."""
-        return self.g.op("MatMul", x, self.g.weight(name, weight_t))
+        """x @ W^T with W^T (in, out) stored as the right-hand constant, in the export dtype
+        (fp32 activations are cast to it and the product back to fp32)."""
+        g = self.g
+        w = g.weight(name, as_dtype(weight_t, self.dtype))
+        if not self.half():
+            return g.op("MatMul", x, w)
+        return g.op(
+            "Cast", g.op("MatMul", g.op("Cast", x, to=ONNX_DTYPES[self.dtype]), w), to=FLOAT
+        )
 
     def rmsnorm(self, x: str, weight: torch.Tensor, name: str) -> str:
         """x / sqrt(mean(x^2) + eps) * w, in the pattern ONNX Runtime fuses into one kernel."""
@@ -162,8 +182,13 @@ class StepGraphBuilder:
             "Add", g.op("Mul", g.const(gamma), v_prev), g.op("Mul", g.const(1 - gamma), v_raw)
         )
         v_pairs = g.op("Mul", g.const(p["alpha_psi"][:, None]), self.l2_normalize(mixed))
-        g.op("Identity", k_pairs, outputs=[io_spec.new_pairs_name(layer, "keys")])
-        g.op("Identity", v_pairs, outputs=[io_spec.new_pairs_name(layer, "values")])
+        for name, pairs in (("keys", k_pairs), ("values", v_pairs)):  # stored in the export dtype
+            g.op(
+                "Cast",
+                pairs,
+                to=ONNX_DTYPES[self.dtype],
+                outputs=[io_spec.new_pairs_name(layer, name)],
+            )
 
         split = g.ints(*[H] * nM)
         per_mem = [
@@ -253,9 +278,10 @@ class StepGraphBuilder:
         g, cfg, model = self.g, self.config, self.model
         step = self.step_inputs()
         safe_ids = g.op("Where", step["valid"], io_spec.INPUT_IDS, g.const(0, np.int64))
-        x = g.op(
-            "Gather", g.weight("embed_tokens.weight", _np(model.embed_tokens.weight)), safe_ids
-        )  # (B, C, d)
+        table = as_dtype(_np(model.embed_tokens.weight), self.dtype)
+        x = g.op("Gather", g.weight("embed_tokens.weight", table), safe_ids)  # (B, C, d)
+        if self.half():
+            x = g.op("Cast", x, to=FLOAT)  # the residual stream stays fp32
         f = cfg.intermediate_size
         for i, layer in enumerate(model.layers):
             u = self.rmsnorm(x, layer.memory_norm.weight, f"layers.{i}.memory_norm.weight")
@@ -285,16 +311,15 @@ class StepGraphBuilder:
             x = self.last_real(x, step)  # (B, d)
         h = self.rmsnorm(x, model.norm.weight, "norm.weight")
         g.op(
-            "MatMul",
-            h,
-            g.weight("lm_head.weight_t", _np(model.lm_head.weight).T),
+            "Identity",
+            self.matmul(h, _np(model.lm_head.weight).T, "lm_head.weight_t"),
             outputs=[io_spec.LOGITS],
         )
         graph = helper.make_graph(
             g.nodes,
             "mmv2_step",
-            io_spec.graph_inputs(cfg),
-            io_spec.graph_outputs(cfg, self.last_only),
+            io_spec.graph_inputs(cfg, ONNX_DTYPES[self.dtype]),
+            io_spec.graph_outputs(cfg, self.last_only, ONNX_DTYPES[self.dtype]),
             initializer=g.initializers,
         )
         return helper.make_model(
@@ -309,6 +334,8 @@ class StepGraphBuilder:
         )
 
 
-def build_step_model(model: MMv2, last_only: bool = False) -> onnx.ModelProto:
-    """The ONNX step graph of `model` (fp32)."""
-    return StepGraphBuilder(model, last_only).build()
+def build_step_model(
+    model: MMv2, last_only: bool = False, dtype: str = "float32"
+) -> onnx.ModelProto:
+    """The ONNX step graph of `model`: weights, weight MatMuls and stores in `dtype`."""
+    return StepGraphBuilder(model, last_only, dtype).build()

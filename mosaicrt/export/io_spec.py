@@ -46,7 +46,7 @@ def store_shape(config: ModelConfig, memory: str) -> list:
     return ["ltm_blocks", "batch", H, "ltm_block", hs]
 
 
-def graph_inputs(config: ModelConfig) -> list:
+def graph_inputs(config: ModelConfig, store_type: int = TensorProto.FLOAT) -> list:
     inputs = [
         helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["batch", "chunk"]),
         helper.make_tensor_value_info(LENGTHS, TensorProto.INT64, ["batch"]),
@@ -64,14 +64,16 @@ def graph_inputs(config: ModelConfig) -> list:
                 inputs.append(
                     helper.make_tensor_value_info(
                         store_name(layer, memory, field),
-                        TensorProto.FLOAT,
+                        store_type,
                         store_shape(config, memory),
                     )
                 )
     return inputs
 
 
-def graph_outputs(config: ModelConfig, last_only: bool) -> list:
+def graph_outputs(
+    config: ModelConfig, last_only: bool, store_type: int = TensorProto.FLOAT
+) -> list:
     logits_shape = (
         ["batch", config.vocab_size] if last_only else ["batch", "chunk", config.vocab_size]
     )
@@ -90,7 +92,7 @@ def graph_outputs(config: ModelConfig, last_only: bool) -> list:
             outputs.append(
                 helper.make_tensor_value_info(
                     new_pairs_name(layer, field),
-                    TensorProto.FLOAT,
+                    store_type,
                     ["batch", "chunk", heads, config.head_dim],
                 )
             )

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, helper
 
-from mosaicrt.export.graph import OPSET, GraphBuilder
+from mosaicrt.export.graph import FLOAT, OPSET, GraphBuilder
 
 DOMAIN = "mosaic"
 DOMAIN_VERSION = 1
@@ -131,7 +131,10 @@ def associative_memory_function() -> onnx.FunctionProto:
             g.op("LessOrEqual", age, g.op("Sub", window, one)),
         )
 
-    # Stored pairs: keys on the left, so no store is transposed or copied.
+    # Stores may be fp16/bf16: the products run in fp32 (scores reach beta ~ 150). For fp32 stores
+    # the Cast is a no-op that ONNX Runtime removes.
+    store_k, store_v = g.op("Cast", store_k, to=FLOAT), g.op("Cast", store_v, to=FLOAT)
+    # Stored pairs: keys on the left, so no store is transposed.
     q_cols = g.op("Transpose", qb, perm=[0, 2, 3, 1])  # (B, H, hs, C)
     s_old = g.op("MatMul", store_k, q_cols)  # (NB, B, H, S, C)
     tau_old = g.unsqueeze(store_tau, 2, 4)  # (NB, B, 1, S, 1)

@@ -93,7 +93,9 @@ class TorchReferenceRunner(BaseRunner):
                 for memory, st in memories.items():
                     slot = tau % ring if memory == "stm" else tau
                     parts.append(getattr(st, attr)[rows, slot])  # (B, C, H, hs)
-                out[io_spec.new_pairs_name(layer, field)] = torch.cat(parts, 2).float().numpy()
+                store_dtype = feed_dict[io_spec.store_name(layer, "stm", field)].dtype
+                pairs = torch.cat(parts, 2).float().numpy()
+                out[io_spec.new_pairs_name(layer, field)] = pairs.astype(store_dtype)
         self.inference_time = time.perf_counter() - start
         return out
 

@@ -48,6 +48,13 @@ class OrtBackend(Backend):
                 "onnxruntime is not installed: pip install 'mosaicrt[onnx]'"
             ) from None
         self.manifest, self.config = read_manifest(artifact)
+        stores = self.manifest["state_dtype"]["stores"]
+        if stores == "bfloat16":
+            raise BackendError(
+                f"{artifact} is a bf16 artifact: ONNX Runtime's CPU provider has no "
+                "bf16 MatMul; build a TensorRT engine from it, or export fp16/fp32"
+            )
+        self.store_dtype = {"float32": np.float32, "float16": np.float16}[stores]
         providers = ["CPUExecutionProvider"]
         if device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
@@ -119,7 +126,8 @@ class OrtBackend(Backend):
                     else (blocks, batch, H, S, hs)
                 )
                 for field in io_spec.STORE_FIELDS:
-                    stores[io_spec.store_name(layer, memory, field)] = np.zeros(shape, np.float32)
+                    name = io_spec.store_name(layer, memory, field)
+                    stores[name] = np.zeros(shape, self.store_dtype)
         return OrtState(np.zeros(batch, np.int64), small, stores, capacity)
 
     def reset(self, state: OrtState, rows: torch.Tensor) -> None:
