@@ -111,10 +111,10 @@ def test_retrieval_reads_half_precision_stores():
 @pytest.mark.parametrize("head_dim", [12, 16, 128])
 def test_gated_scan_matches_reference(head_dim):
     gen = torch.Generator().manual_seed(head_dim)
-    B, C, heads = 3, 9, 2
+    B, C, heads = 3, 37, 2  # several blocks of 16 tokens
     config = preset("tiny").replace(num_heads=heads, head_dim=head_dim)
     states = [MemoryState.allocate(config, B, 1, torch.float32, "cpu") for _ in range(2)]
-    lengths = torch.tensor([C, 4, 0])
+    lengths = torch.tensor([C, 20, 0])
     valid = torch.arange(C)[None, :] < lengths[:, None]
     for step in range(2):  # the second chunk starts from the state the first one left
         k_raw = torch.randn(B, C, heads, head_dim, generator=gen)
@@ -125,7 +125,8 @@ def test_gated_scan_matches_reference(head_dim):
         assert torch.isfinite(got).all()
         assert (got[valid] - want[valid]).abs().max() <= ATOL
         assert (states[0].s - states[1].s).abs().max() <= ATOL * states[0].s.abs().max()
-        assert torch.equal(states[0].mx, states[1].mx)
+        # The chunked kernel sums the same log-decays in another order: mx agrees to a few ulp.
+        torch.testing.assert_close(states[0].mx, states[1].mx, rtol=1e-6, atol=0)
 
 
 def test_cli_with_triton_kernels_matches_the_oracle(oracle_ckpt, tmp_path):

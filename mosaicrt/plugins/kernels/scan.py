@@ -1,7 +1,11 @@
 """The gated key scan in Triton (eq. 8 in its log-space stabilised form), state in and out.
 
-One program per (sequence, head) keeps the vector state s (hs,) and the running max in fp32
-registers and walks the chunk: k_bar = exp(mx) * s, so no gate ever overflows.
+One program per (sequence, head) walks the chunk in blocks of BLOCK_T tokens. Inside a block the
+recurrence is solved in parallel: with Lam(j, i) = sum_{j < l <= i} log_lam_l (a masked cumulative
+sum: the same terms the sequential recurrence multiplies),
+    k_bar_i = sum_{j <= i} exp(log_g_j + Lam(j, i)) k~_j + exp(Lam(-1, i)) k_bar_in,
+shifted by the running max M_i so no exponent overflows (k_bar = exp(M) * s), and the state
+(s, M) of the block's last token carries to the next block.
 """
 
 from __future__ import annotations
@@ -13,49 +17,48 @@ import triton.language as tl
 
 @triton.jit
 def _gated_scan_kernel(
-    K,
-    LOG_G,
-    LOG_LAM,
-    LEN,
-    S,
-    MX,
-    OUT,
-    stride_kb,
-    stride_kc,
-    stride_kh,
-    stride_gb,
-    stride_gc,
-    stride_sb,
-    stride_sh,
+    K, LOG_G, LOG_LAM, LEN, S, MX, OUT,
+    stride_kb, stride_kc, stride_kh,
+    stride_gb, stride_gc,
+    stride_sb, stride_sh,
     stride_mb,
-    stride_ob,
-    stride_oc,
-    stride_oh,
-    H,
-    D,
-    eps,
-    HEAD_DIM: tl.constexpr,
-):
+    stride_ob, stride_oc, stride_oh,
+    H, D, eps,
+    BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr,
+):  # fmt: skip
     pid = tl.program_id(0)
     b = pid // H
     h = pid % H
     offs_d = tl.arange(0, HEAD_DIM)
+    offs_t = tl.arange(0, BLOCK_T)
     in_d = offs_d < D  # HEAD_DIM is hs rounded up to a power of two
     length = tl.load(LEN + b)
-    s = tl.load(S + b * stride_sb + h * stride_sh + offs_d, mask=in_d, other=0.0)  # fp32
+    s = tl.load(S + b * stride_sb + h * stride_sh + offs_d, mask=in_d, other=0.0)  # (HEAD_DIM,)
     mx = tl.load(MX + b * stride_mb + h)  # -inf before the first token
-    for i in range(0, length):
-        k = tl.load(
-            K + b * stride_kb + i * stride_kc + h * stride_kh + offs_d, mask=in_d, other=0.0
-        ).to(tl.float32)
-        log_g = tl.load(LOG_G + b * stride_gb + i * stride_gc + h)
-        carried = mx + tl.load(LOG_LAM + b * stride_gb + i * stride_gc + h)
-        mx_new = tl.maximum(carried, log_g)
-        s = tl.exp(carried - mx_new) * s + tl.exp(log_g - mx_new) * k
-        mx = mx_new
-        # ||k_bar|| vs eps  <=>  ||s|| vs eps * exp(-mx).
-        norm = tl.maximum(tl.sqrt(tl.sum(s * s, 0)), eps * tl.exp(-mx))
-        tl.store(OUT + b * stride_ob + i * stride_oc + h * stride_oh + offs_d, s / norm, mask=in_d)
+    later = offs_t[None, :] > offs_t[:, None]  # [j, l]: l > j
+    causal = offs_t[None, :] <= offs_t[:, None]  # [i, j]: j <= i
+    last_row = offs_t == BLOCK_T - 1
+    for start in range(0, length, BLOCK_T):
+        t = start + offs_t
+        real = t < length  # padding tokens are no-ops: no input, no decay
+        g_ptr = b * stride_gb + t * stride_gc + h
+        log_g = tl.load(LOG_G + g_ptr, mask=real, other=float("-inf"))
+        lam = tl.load(LOG_LAM + g_ptr, mask=real, other=0.0)
+        k = tl.load(K + b * stride_kb + t[:, None] * stride_kc + h * stride_kh + offs_d[None, :],
+                    mask=real[:, None] & in_d[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        # Lam[j, i] = sum_l lam_l [j < l <= i], then W[i, j] = log_g_j + Lam[j, i] for j <= i.
+        lam_after = tl.cumsum(tl.where(later, lam[None, :], 0.0), axis=1)  # [j, i]
+        w = tl.where(causal, tl.trans(lam_after) + log_g[None, :], float("-inf"))  # [i, j]
+        w_state = mx + tl.cumsum(lam, axis=0)  # (BLOCK_T,) log-weight of the carried state
+        m = tl.maximum(tl.maximum(tl.max(w, 1), w_state), -1e30)  # floor: no -inf - -inf
+        e = tl.exp(w - m[:, None])
+        s_all = tl.dot(e, k, input_precision="ieee") + tl.exp(w_state - m)[:, None] * s[None, :]
+        # ||k_bar|| vs eps  <=>  ||s|| vs eps * exp(-m).
+        norm = tl.maximum(tl.sqrt(tl.sum(s_all * s_all, 1)), eps * tl.exp(-m))
+        tl.store(OUT + b * stride_ob + t[:, None] * stride_oc + h * stride_oh + offs_d[None, :],
+                 s_all / norm[:, None], mask=real[:, None] & in_d[None, :])  # fmt: skip
+        s = tl.sum(tl.where(last_row[:, None], s_all, 0.0), 0)  # padding rows change nothing
+        mx = tl.sum(tl.where(last_row, m, 0.0), 0)
     tl.store(S + b * stride_sb + h * stride_sh + offs_d, s, mask=in_d)
     tl.store(MX + b * stride_mb + h, mx)
 
@@ -68,6 +71,7 @@ def gated_key_scan(
     s: torch.Tensor,
     mx: torch.Tensor,
     eps: float,
+    block_t: int = 16,
 ) -> torch.Tensor:
     """Unit keys of a chunk; s and mx are updated in place.
 
@@ -75,6 +79,7 @@ def gated_key_scan(
         k_raw: (B, C, H, hs) key projections.   log_g, log_lam: (B, C, H) fp32.
         lengths: (B,) real tokens per row (the rest is padding and leaves the state alone).
         s: (B, H, hs) fp32 stabilised state.   mx: (B, H) fp32 running max.
+        block_t: tokens solved in parallel per step of the program's loop.
     Returns:
         (B, C, H, hs) fp32 keys; padding positions are 0.
     """
@@ -82,29 +87,15 @@ def gated_key_scan(
     k_raw, log_g, log_lam = k_raw.contiguous(), log_g.contiguous(), log_lam.contiguous()
     out = torch.zeros(B, C, H, hs, dtype=torch.float32, device=k_raw.device)
     _gated_scan_kernel[(B * H,)](
-        k_raw,
-        log_g,
-        log_lam,
-        lengths,
-        s,
-        mx,
-        out,
-        k_raw.stride(0),
-        k_raw.stride(1),
-        k_raw.stride(2),
-        log_g.stride(0),
-        log_g.stride(1),
-        s.stride(0),
-        s.stride(1),
+        k_raw, log_g, log_lam, lengths, s, mx, out,
+        k_raw.stride(0), k_raw.stride(1), k_raw.stride(2),
+        log_g.stride(0), log_g.stride(1),
+        s.stride(0), s.stride(1),
         mx.stride(0),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        H,
-        hs,
-        eps,
-        HEAD_DIM=triton.next_power_of_2(hs),
-    )
+        out.stride(0), out.stride(1), out.stride(2),
+        H, hs, eps,
+        BLOCK_T=block_t, HEAD_DIM=max(16, triton.next_power_of_2(hs)),
+    )  # fmt: skip
     return out
 
 
