@@ -8,7 +8,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 18  # default-domain opset of the artifact and of the function bodies
 FLOAT = TensorProto.FLOAT
-INT64 = TensorProto.INT64
 ONNX_DTYPES = {
     "float32": TensorProto.FLOAT,
     "float16": TensorProto.FLOAT16,

@@ -390,8 +390,3 @@ def retrieve_decode(
         HEAD_DIM=head_dim,
     )
     return y
-
-
-def retrieval_bytes(B: int, C: int, H: int, hs: int, visible: int, elem: int) -> int:
-    """Bytes a retrieval must move: queries, visible keys and values, outputs (for benchmarks)."""
-    return elem * B * H * hs * (2 * C + 2 * visible)
