@@ -213,3 +213,26 @@ def test_bad_lines_fail_alone(tiny, tmp_path):
     (tmp_path / "good.jsonl").write_text('{"input_ids": [1, 2]}\n{"input_ids": [3]}\n')
     alone = mosaicrt("generate", tiny, "--input", tmp_path / "good.jsonl", "--max-new-tokens", 4)
     assert [json.loads(line) for line in alone.stdout.splitlines()] == [lines[0], lines[3]]
+
+
+def test_prompt_text_goes_through_tokenizer_json(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["memory", "mosaics", "[UNK]"] + [f"w{i}" for i in range(3, 258)]  # the tiny vocab
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    ckpt = tmp_path / "m"
+    mosaicrt("init", ckpt, "--preset", "tiny")
+    tokenizer.save(str(ckpt / "tokenizer.json"))
+    text = mosaicrt("generate", ckpt, "--prompt", "memory mosaics", "--max-new-tokens", 4).stdout
+    assert text.startswith("memory mosaics")
+    generated = text[len("memory mosaics") :].split()
+    assert generated and set(generated) <= set(words)  # new ids decode through the WordLevel vocab
+    mosaicrt("export", ckpt, "-o", tmp_path / "onnx", "--max-context", 64)
+    assert (tmp_path / "onnx" / "tokenizer.json").read_text() == (
+        ckpt / "tokenizer.json"
+    ).read_text()
+    onnx_text = mosaicrt(
+        "generate", tmp_path / "onnx", "--prompt", "memory mosaics", "--max-new-tokens", 4
+    ).stdout
+    assert onnx_text == text
