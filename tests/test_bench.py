@@ -77,3 +77,16 @@ def test_bench_reports(tiny, tmp_path, mode):
     assert state["ltm_store_bytes"] == 2 * (26 - 1) * 2 * 64 * 4 * 2  # batch x slots x pair
     assert 0 < report["roofline"]["decode_fraction"] and 0 < report["roofline"]["prefill_fraction"]
     assert report["machine"]["bandwidth_gb_s"] > 0 and report["machine"]["cpu_cores"] >= 1
+
+
+def test_full_recompute_decodes_like_the_cached_backend(tiny):
+    from mosaicrt.bench.decode import FullRecompute
+    from mosaicrt.runtime.generator import RunLimits, generate
+    from mosaicrt.runtime.sampling import SamplingParams
+    from mosaicrt.runtime.torch_backend import TorchBackend
+
+    cached = TorchBackend(tiny, device="cpu")
+    prompt = [[3, 1, 4, 1, 5, 9, 2, 6, 5, 3]]
+    limits = RunLimits(max_batch=1, max_context=64)
+    want = generate(cached, prompt, 12, SamplingParams(), limits)
+    assert generate(FullRecompute(cached, chunk=4), prompt, 12, SamplingParams(), limits) == want

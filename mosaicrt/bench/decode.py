@@ -63,6 +63,36 @@ def interleaved_tpot(cases: dict, steps: int, warmup: int) -> dict:
     return times
 
 
+class FullRecompute(Backend):
+    """No decode state at all, as the v1 reference code generates: every step runs the whole
+    sequence so far through another backend from a fresh state (in chunks). For scale only."""
+
+    name = "full-recompute"
+
+    def __init__(self, inner: Backend, chunk: int = 512) -> None:
+        self.inner, self.config, self.chunk = inner, inner.config, chunk
+
+    def new_state(self, batch: int, capacity: int) -> list[list[int]]:
+        return [[] for _ in range(batch)]
+
+    def reset(self, state: list[list[int]], rows: torch.Tensor) -> None:
+        for row in rows.nonzero().flatten().tolist():
+            state[row].clear()
+
+    def step(self, ids, lengths, state, last_only):
+        if not last_only:
+            raise ValueError("full recompute returns last-token logits only")
+        for row, n in enumerate(lengths.tolist()):
+            state[row].extend(ids[row, :n].tolist())
+        assert len(state) == 1, "the benchmark recomputes batch 1"
+        history = torch.tensor(state)  # (1, T)
+        fresh = self.inner.new_state(1, history.shape[1])
+        for start in range(0, history.shape[1], self.chunk):
+            part = history[:, start : start + self.chunk]
+            logits = self.inner.step(part, torch.tensor([part.shape[1]]), fresh, last_only=True)
+        return logits
+
+
 def open_backends(
     names: list[str], config: ModelConfig, workdir: Path, max_context: int
 ) -> dict[str, Backend]:
@@ -80,6 +110,13 @@ def open_backends(
 
             export_artifact(ckpt, workdir / "onnx", max_context=max_context)
             backends[name] = OrtBackend(workdir / "onnx", device="cpu")
+        elif name == "full-recompute":  # through ONNX Runtime, the fastest full forward here
+            backends[name] = FullRecompute(
+                backends.get("onnxruntime")
+                or open_backends(["onnxruntime"], config, workdir / "recompute", max_context)[
+                    "onnxruntime"
+                ]
+            )
         else:
             raise SystemExit(f"unknown backend {name!r}")
     return backends
@@ -88,7 +125,7 @@ def open_backends(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="mini")
-    parser.add_argument("--backends", default="torch,onnxruntime")
+    parser.add_argument("--backends", default="torch,onnxruntime,full-recompute")
     parser.add_argument("--contexts", default="1024,4096")
     parser.add_argument("--stm-only-contexts", default="1024,4096,16384")
     parser.add_argument("--steps", type=int, default=40)
@@ -109,11 +146,19 @@ def main(argv: list[str] | None = None) -> None:
             backends = open_backends(names, config, Path(tmp) / f"ltm{int(use_ltm)}", capacity)
             times = {}
             for name, backend in backends.items():  # one runtime at a time: their thread pools
+                recompute = name == "full-recompute"  # seconds per token: a few steps suffice
                 cases = {
-                    (name, c): (backend, prefill(backend, c, capacity, args.prefill_chunk))
+                    (name, c): (
+                        backend,
+                        prefill(backend, c, capacity, c if recompute else args.prefill_chunk),
+                    )
                     for c in tqdm(contexts, desc=f"prefill {name}")
                 }
-                times.update(interleaved_tpot(cases, args.steps, args.warmup))
+                times.update(
+                    interleaved_tpot(
+                        cases, 3 if recompute else args.steps, 1 if recompute else args.warmup
+                    )
+                )
                 del cases
             for (name, context), samples in times.items():
                 tpot = statistics.median(samples)

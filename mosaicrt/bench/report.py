@@ -52,6 +52,7 @@ def plot(result: dict, path: str) -> None:
                     label=f"{backend} ({'STM+LTM' if use_ltm else 'STM only'})",
                 )
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")  # full recompute takes seconds where cached steps take milliseconds
     ax.set_xlabel("context (tokens)")
     ax.set_ylabel("decode TPOT p50 (ms)")
     ax.set_title(f"{result['preset']}, batch 1, {result['machine']['cpu']}")
