@@ -1,8 +1,8 @@
 """Decode TPOT at batch 1 vs context, per backend, against a DRAM roofline measured in the run.
 
-Bytes that must be read per decode step (the roofline's numerator) = the weights (without the
-embedding table, of which one row is read) + the *valid* STM and LTM pairs: min(t, h-1) STM pairs
-and max(0, t-m+1) LTM pairs per layer, keys and values, at the store dtype. Roofline time = bytes /
+Bytes that must be read per decode step (the roofline's numerator, bench.roofline.decode_bytes) =
+the weights without the embedding table + the *valid* STM and LTM pairs: min(t, h-1) STM pairs and
+max(0, t-m+1) LTM pairs per layer, keys and values, fp32. Roofline time = bytes /
 measured read bandwidth; roofline fraction = roofline time / measured TPOT.
 
     python -m mosaicrt.bench.decode --json bench/results/decode_cpu.json
@@ -21,19 +21,10 @@ import torch
 from tqdm import tqdm
 
 from mosaicrt.bench.machine import machine_info, measure_bandwidth_gb_s
+from mosaicrt.bench.roofline import decode_bytes
 from mosaicrt.model.checkpoint import random_tensors, write_checkpoint
-from mosaicrt.model.config import ModelConfig, parameter_count, preset
+from mosaicrt.model.config import ModelConfig, preset
 from mosaicrt.runtime.backend import Backend
-
-
-def bytes_per_step(config: ModelConfig, context: int, elem: int = 4) -> int:
-    weights = (
-        parameter_count(config) - config.vocab_size * config.hidden_size + config.hidden_size
-    ) * elem
-    pair = 2 * config.memory_width * elem * config.num_layers
-    stm = min(context, config.stm_window - 1) * pair
-    ltm = max(0, context - config.ltm_delay + 1) * pair if config.use_ltm else 0
-    return weights + stm + ltm
 
 
 def prefill(backend: Backend, context: int, capacity: int, chunk: int):
@@ -162,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
                 del cases
             for (name, context), samples in times.items():
                 tpot = statistics.median(samples)
-                roof = bytes_per_step(config, context) / (bandwidth * 1e9)
+                roof = decode_bytes(config, [context]) / (bandwidth * 1e9)
                 rows.append(
                     {
                         "backend": name,
@@ -173,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
                             "mean": 1e3 * statistics.fmean(samples),
                             "min": 1e3 * min(samples),
                         },
-                        "bytes_per_step": bytes_per_step(config, context),
+                        "bytes_per_step": decode_bytes(config, [context]),
                         "roofline_ms": 1e3 * roof,
                         "roofline_fraction": roof / tpot,
                     }

@@ -17,7 +17,8 @@ import torch
 
 from mosaicrt.bench.machine import machine_info, measure_bandwidth_gb_s, measure_peak_gflops
 from mosaicrt.bench.metrics import RequestTiming, request_metrics
-from mosaicrt.model.config import ModelConfig, parameter_count
+from mosaicrt.bench.roofline import decode_bytes, prefill_flops
+from mosaicrt.model.config import parameter_count
 from mosaicrt.model.state import memory_plan
 from mosaicrt.runtime.backend import Backend
 from mosaicrt.runtime.generator import ContinuousBatcher, Request, RunLimits
@@ -42,28 +43,6 @@ def run_requests(
     duration = time.perf_counter() - start
     timings = [RequestTiming(start, tuple(times[r.rid]), len(r.prompt)) for r in requests]
     return timings, duration
-
-
-def decode_bytes(config: ModelConfig, contexts: list[int], elem: int = 4) -> int:
-    """Bytes one decode step must read for sequences at these contexts: the weights (without the
-    embedding table) once, plus each sequence's valid STM and LTM pairs."""
-    weights = (parameter_count(config) - config.vocab_size * config.hidden_size) * elem
-    pair = 2 * config.memory_width * elem * config.num_layers
-    pairs = sum(
-        min(t, config.stm_window - 1) + (max(0, t - config.ltm_delay + 1) if config.use_ltm else 0)
-        for t in contexts
-    )
-    return weights + pairs * pair
-
-
-def prefill_flops(config: ModelConfig, prompt_len: int) -> int:
-    """2 x (non-embedding parameters) per token, plus 4 x width per visible pair per memory."""
-    dense = 2 * (parameter_count(config) - config.vocab_size * config.hidden_size) * prompt_len
-    pairs = sum(
-        min(t, config.stm_window - 1) + (max(0, t - config.ltm_delay + 1) if config.use_ltm else 0)
-        for t in range(prompt_len)
-    )
-    return dense + 4 * config.memory_width * config.num_layers * pairs
 
 
 def run_bench(
