@@ -97,10 +97,13 @@ def logits(model_dir: str | Path, ids: list[int]) -> np.ndarray:
 
 
 def greedy(model_dir: str | Path, prompt: list[int], new_tokens: int) -> list[int]:
-    """Greedy continuation by full recompute at every step."""
+    """Greedy continuation by full recompute at every step, stopping after the config's EOS."""
+    eos = json.loads((Path(model_dir) / "config.json").read_text())["eos_token_id"]
     ids = list(prompt)
     for _ in range(new_tokens):
         ids.append(int(np.argmax(logits(model_dir, ids)[-1])))
+        if ids[-1] == eos:
+            break
     return ids[len(prompt) :]
 
 
