@@ -19,12 +19,23 @@ from mosaicrt.model.state import MemoryState  # noqa: E402
 from mosaicrt.plugins.kernels import TritonKernels  # noqa: E402
 
 ATOL = 1e-5  # fp32 kernel vs fp32 reference on O(1) outputs
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs them interpreted
 H, M = 6, 4  # STM window and LTM delay of the test memories
 
 
 def memory(kind: str, heads: int, head_dim: int) -> AssociativeMemory:
     config = preset("tiny").replace(num_heads=heads, head_dim=head_dim, stm_window=H, ltm_delay=M)
     return AssociativeMemory(config, kind)
+
+
+def on_device(st: MemoryState) -> MemoryState:
+    """The kernels' copy of a state (the reference keeps the CPU one)."""
+    return MemoryState(*(getattr(st, f).to(DEVICE) for f in st.__dataclass_fields__))
+
+
+def kernel_retrieve(mem, q, pos, lengths, st, k_new, v_new) -> torch.Tensor:
+    args = (x.to(DEVICE) for x in (q, pos, lengths))
+    return TritonKernels().retrieve(mem, *args, on_device(st), k_new.to(DEVICE), v_new.to(DEVICE))
 
 
 def filled_state(mem: AssociativeMemory, B: int, slots: int, dtype, gen) -> MemoryState:
@@ -53,11 +64,34 @@ def test_retrieval_matches_reference(kind, head_dim, chunk):
     k_new = torch.nn.functional.normalize(torch.randn(q.shape, generator=gen), dim=-1)
     v_new = 3 * torch.randn(q.shape, generator=gen)
     want = reference_retrieve(mem, q, pos, lengths, st, k_new, v_new)
-    got = TritonKernels().retrieve(mem, q, pos, lengths, st, k_new, v_new)
+    got = kernel_retrieve(mem, q, pos, lengths, st, k_new, v_new).cpu()
     for b in range(3):  # row 3 has no real tokens: its outputs are never read
         n = int(lengths[b])
         assert (got[b, :n] - want[b, :n]).abs().max() <= ATOL
     assert got[0, 0].abs().max() == 0  # t = 0 sees nothing
+
+
+@pytest.mark.parametrize("head_dim", [24, 32])
+def test_long_chunk_takes_the_unmasked_tiles(head_dim):
+    """LTM chunks long enough that whole tiles of the store and of the chunk are visible to
+    every query of a block (the unmasked path), next to the masked edge tiles; a head size that
+    is not a power of two pads the tiles."""
+    from mosaicrt.plugins.kernels.retrieval import retrieve
+
+    gen = torch.Generator().manual_seed(head_dim)
+    mem = memory("ltm", 2, head_dim)
+    st = filled_state(mem, 3, 300, torch.float32, gen)
+    pos, lengths = torch.tensor([150, 0, 37]), torch.tensor([100, 100, 61])
+    q = torch.nn.functional.normalize(torch.randn(3, 100, 2, head_dim, generator=gen), dim=-1)
+    q = q * (1 + 20 * torch.rand(3, 100, 2, 1, generator=gen))
+    k_new = torch.nn.functional.normalize(torch.randn(q.shape, generator=gen), dim=-1)
+    v_new = 3 * torch.randn(q.shape, generator=gen)
+    want = reference_retrieve(mem, q, pos, lengths, st, k_new, v_new)
+    args = (q, st.keys, st.vals, k_new, v_new, pos, lengths)
+    got = retrieve(*(x.to(DEVICE) for x in args), window=0, delay=M, ring=False).cpu()
+    for b in range(3):
+        n = int(lengths[b])
+        assert (got[b, :n] - want[b, :n]).abs().max() <= ATOL
 
 
 @pytest.mark.parametrize("kind", ["stm", "ltm"])
@@ -76,18 +110,12 @@ def test_split_decode_matches_reference(kind):
     v_new = torch.randn(q.shape, generator=gen)
     want = reference_retrieve(mem, q, pos, lengths, st, k_new, v_new)
     got = retrieve_decode(
-        q,
-        st.keys,
-        st.vals,
-        k_new,
-        v_new,
-        pos,
-        lengths,
+        *(x.to(DEVICE) for x in (q, st.keys, st.vals, k_new, v_new, pos, lengths)),
         window=H if kind == "stm" else 0,
         delay=1 if kind == "stm" else M,
         ring=kind == "stm",
         split_size=128,
-    )
+    ).cpu()
     assert (got[:4] - want[:4]).abs().max() <= ATOL
     assert got[0].abs().max() == 0
 
@@ -102,7 +130,7 @@ def test_retrieval_reads_half_precision_stores():
     k_new = torch.nn.functional.normalize(torch.randn(q.shape, generator=gen), dim=-1)
     v_new = torch.randn(q.shape, generator=gen)
     want = reference_retrieve(mem, q, pos, lengths, st, k_new, v_new)
-    got = TritonKernels().retrieve(mem, q, pos, lengths, st, k_new, v_new)
+    got = kernel_retrieve(mem, q, pos, lengths, st, k_new, v_new).cpu()
     # Scores reach beta = 150: fp32 rounds them by ~150 * 2^-24 * sqrt(hs), about 5e-5, and the
     # softmax passes that on as a relative error of the weights: 2e-4 relative is fp32's limit here.
     assert ((got - want).abs() / (want.abs() + 1)).max() <= 2e-4
@@ -121,7 +149,16 @@ def test_gated_scan_matches_reference(head_dim):
         log_g = 40 * torch.randn(B, C, heads, generator=gen)  # exp(40+) overflows a naive scan
         log_lam = -torch.rand(B, C, heads, generator=gen) * 3
         want = gated_key_scan(k_raw, log_g, log_lam, valid, states[0], 1e-6)
-        got = TritonKernels().gated_key_scan(k_raw, log_g, log_lam, valid, states[1], 1e-6)
+        kernel_state = on_device(states[1])
+        got = (
+            TritonKernels()
+            .gated_key_scan(
+                *(x.to(DEVICE) for x in (k_raw, log_g, log_lam, valid)), kernel_state, 1e-6
+            )
+            .cpu()
+        )
+        states[1].s.copy_(kernel_state.s)
+        states[1].mx.copy_(kernel_state.mx)
         assert torch.isfinite(got).all()
         assert (got[valid] - want[valid]).abs().max() <= ATOL
         assert (states[0].s - states[1].s).abs().max() <= ATOL * states[0].s.abs().max()
@@ -135,7 +172,7 @@ def test_cli_with_triton_kernels_matches_the_oracle(oracle_ckpt, tmp_path):
     T = 2 * config["stm_window"] + config["ltm_delay"] + 2
     ids = rng.integers(0, config["vocab_size"], (2, T))
     np.save(tmp_path / "ids.npy", ids)
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = dict(os.environ, TRITON_INTERPRET="1") if DEVICE == "cpu" else dict(os.environ)
     run = [sys.executable, "-m", "mosaicrt.cli"]
     proc = subprocess.run(
         run
@@ -211,3 +248,36 @@ def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 2 and "TRITON_INTERPRET=1" in proc.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_cuda_graph_decode_equals_eager_kernels(tmp_path):
+    """Decode steps replayed from a CUDA graph give the logits of the same kernels run eagerly,
+    with rows at different positions and an idle row, and the states stay equal."""
+    from mosaicrt.model import random_model, save_checkpoint
+    from mosaicrt.runtime.torch_backend import TorchBackend
+
+    config = preset("tiny").replace(stm_window=H, ltm_delay=M)
+    save_checkpoint(random_model(config), tmp_path)
+    graphed = TorchBackend(tmp_path, device="cuda", dtype="float32", kernels="triton")
+    eager = TorchBackend(
+        tmp_path, device="cuda", dtype="float32", kernels="triton", cuda_graphs=False
+    )
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, config.vocab_size, (3, 20), generator=gen)
+    prompt_lengths = torch.tensor([20, 7, 0])
+    states = [b.new_state(3, 64) for b in (graphed, eager)]
+    for backend, state in zip((graphed, eager), states):
+        backend.step(prompts, prompt_lengths, state, last_only=True)
+    for i in range(30):
+        ids = torch.randint(0, config.vocab_size, (3, 1), generator=gen)
+        lengths = torch.tensor([1, 1, int(i % 3 == 0)])  # row 2 joins now and then
+        got = graphed.step(ids, lengths, states[0], last_only=True)
+        want = eager.step(ids, lengths, states[1], last_only=True)
+        assert (got - want).abs().max() <= 1e-5
+    assert len(graphed.graphs) == 1
+    assert torch.equal(states[0].pos, states[1].pos)
+    for a, b in zip(states[0].memories, states[1].memories):
+        for kind in a:
+            assert (a[kind].keys - b[kind].keys).abs().max() <= 1e-5

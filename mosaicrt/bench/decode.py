@@ -20,10 +20,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mosaicrt.bench.machine import machine_info, measure_bandwidth_gb_s
+from mosaicrt.bench.machine import (
+    machine_info,
+    measure_bandwidth_gb_s,
+    measure_gpu_bandwidth_gb_s,
+)
 from mosaicrt.bench.roofline import decode_bytes
 from mosaicrt.model.checkpoint import random_tensors, write_checkpoint
-from mosaicrt.model.config import ModelConfig, preset
+from mosaicrt.model.config import DTYPE_BYTES, ModelConfig, preset
 from mosaicrt.runtime.backend import Backend
 
 
@@ -85,16 +89,24 @@ class FullRecompute(Backend):
 
 
 def open_backends(
-    names: list[str], config: ModelConfig, workdir: Path, max_context: int
+    names: list[str],
+    config: ModelConfig,
+    workdir: Path,
+    max_context: int,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> dict[str, Backend]:
+    """torch: the eager cached decoder; torch+triton: with the Triton kernels (and CUDA graphs for
+    decode on a GPU); onnxruntime: the exported artifact; full-recompute: no state at all."""
     ckpt = workdir / "ckpt"
     write_checkpoint(random_tensors(config, 0), config, ckpt)
     backends: dict[str, Backend] = {}
     for name in names:
-        if name == "torch":
+        if name in ("torch", "torch+triton"):
             from mosaicrt.runtime.torch_backend import TorchBackend
 
-            backends[name] = TorchBackend(ckpt, device="cpu")
+            kernels = "triton" if name == "torch+triton" else "torch"
+            backends[name] = TorchBackend(ckpt, device=device, dtype=dtype, kernels=kernels)
         elif name == "onnxruntime":
             from mosaicrt.export.artifact import export_artifact
             from mosaicrt.runtime.ort_backend import OrtBackend
@@ -122,19 +134,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--prefill-chunk", type=int, default=512)
+    parser.add_argument("--device", default="cpu", help="for the torch backends: cpu or cuda")
+    parser.add_argument("--dtype", default="float32", help="torch backends: float32, bfloat16")
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args(argv)
     names = args.backends.split(",")
     plans = [(True, int(c)) for c in args.contexts.split(",") if c]
     plans += [(False, int(c)) for c in args.stm_only_contexts.split(",") if c]
-    bandwidth = measure_bandwidth_gb_s()
+    gpu = args.device.startswith("cuda")
+    bandwidth = measure_gpu_bandwidth_gb_s() if gpu else measure_bandwidth_gb_s()
+    elem = DTYPE_BYTES[args.dtype]
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for use_ltm in sorted({u for u, _ in plans}, reverse=True):
             config = preset(args.preset).replace(use_ltm=use_ltm)
             contexts = [c for u, c in plans if u == use_ltm]
             capacity = max(contexts) + args.warmup + args.steps + 1
-            backends = open_backends(names, config, Path(tmp) / f"ltm{int(use_ltm)}", capacity)
+            workdir = Path(tmp) / f"ltm{int(use_ltm)}"
+            backends = open_backends(names, config, workdir, capacity, args.device, args.dtype)
             times = {}
             for name, backend in backends.items():  # one runtime at a time: their thread pools
                 recompute = name == "full-recompute"  # seconds per token: a few steps suffice
@@ -153,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
                 del cases
             for (name, context), samples in times.items():
                 tpot = statistics.median(samples)
-                roof = decode_bytes(config, [context]) / (bandwidth * 1e9)
+                roof = decode_bytes(config, [context], elem) / (bandwidth * 1e9)
                 rows.append(
                     {
                         "backend": name,
@@ -164,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
                             "mean": 1e3 * statistics.fmean(samples),
                             "min": 1e3 * min(samples),
                         },
-                        "bytes_per_step": decode_bytes(config, [context]),
+                        "bytes_per_step": decode_bytes(config, [context], elem),
                         "roofline_ms": 1e3 * roof,
                         "roofline_fraction": roof / tpot,
                     }
@@ -192,10 +209,12 @@ def main(argv: list[str] | None = None) -> None:
         "preset": args.preset,
         "config": preset(args.preset).to_dict(),
         "batch": 1,
+        "device": args.device,
+        "dtype": args.dtype,
         "steps": args.steps,
         "warmup": args.warmup,
         "bandwidth_gb_s": bandwidth,
-        "roofline_bytes": "weights without embedding + valid STM/LTM pairs, fp32",
+        "roofline_bytes": f"weights without embedding + valid STM/LTM pairs, {args.dtype}",
         "machine": machine_info(),
         "rows": rows,
     }

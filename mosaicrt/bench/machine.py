@@ -24,6 +24,9 @@ def cpu_model() -> str:
 
 
 def git_commit() -> str | None:
+    """The checkout's commit; MOSAICRT_GIT_COMMIT names it where the tree travelled without .git."""
+    if os.environ.get("MOSAICRT_GIT_COMMIT"):
+        return os.environ["MOSAICRT_GIT_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"],
@@ -53,6 +56,49 @@ def measure_peak_gflops(n: int = 2048, repeats: int = 3) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def cuda_ms(fn, iters: int = 20, warmup: int = 5) -> float:
+    """Median CUDA-event time of fn in ms."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def measure_gpu_bandwidth_gb_s(gib: float = 2.0) -> float:
+    """HBM bandwidth: a device-to-device copy, counting bytes read plus bytes written."""
+    src = torch.empty(int(gib * 2**30) // 2, dtype=torch.float16, device="cuda")
+    dst = torch.empty_like(src)
+    ms = cuda_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() * 2 / (ms * 1e-3) / 1e9
+
+
+def gpu_info() -> dict:
+    """GPU name, CUDA and Triton versions, driver and clocks (nvidia-smi), where present."""
+    info = {"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+        query = "driver_version,clocks.sm,clocks.max.sm,clocks.mem,memory.total"
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        info["nvidia_smi"] = dict(zip(query.split(","), [v.strip() for v in out.split(",")]))
+    except (ImportError, OSError, subprocess.TimeoutExpired):
+        pass
+    return info
+
+
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -72,5 +118,5 @@ def machine_info() -> dict:
         "git_commit": git_commit(),
     }
     if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
+        info |= gpu_info()
     return info

@@ -158,6 +158,16 @@ class AssociativeMemory(nn.Module):
             slot = torch.remainder(tau, slots)
         else:
             slot = tau
+        if keys.shape[1] == 1:  # decode: one pair per row, written with no host sync
+            rows, slot = torch.arange(keys.shape[0], device=keys.device), slot[:, 0].clamp(min=0)
+            write = ok[:, 0, None, None]  # (B, 1, 1): rows without a pair rewrite their slot
+            st.keys[rows, slot] = torch.where(
+                write, keys[:, 0].to(st.keys.dtype), st.keys[rows, slot]
+            )
+            st.vals[rows, slot] = torch.where(
+                write, vals[:, 0].to(st.vals.dtype), st.vals[rows, slot]
+            )
+            return
         rows, cols = ok.nonzero(as_tuple=True)
         st.keys[rows, slot[rows, cols]] = keys[rows, cols].to(st.keys.dtype)
         st.vals[rows, slot[rows, cols]] = vals[rows, cols].to(st.vals.dtype)
@@ -318,6 +328,16 @@ class Layer(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
+def check_capacity(state: DecodeState, lengths: torch.Tensor) -> None:
+    """Refuse a step that would take a sequence past the state's capacity."""
+    reach = int((state.pos + lengths).max())
+    if reach > state.capacity:
+        raise CapacityError(
+            f"a sequence would reach {reach} tokens but the state holds {state.capacity}: "
+            "allocate a larger capacity"
+        )
+
+
 class MMv2(nn.Module):
     """The network: embeddings (no positional encoding), layers, final norm, untied head."""
 
@@ -360,11 +380,15 @@ class MMv2(nn.Module):
         B, C = ids.shape
         if lengths is None:
             lengths = torch.full((B,), C, dtype=torch.int64, device=ids.device)
-        if int((state.pos + lengths).max()) > state.capacity:
-            raise CapacityError(
-                f"a sequence would reach {int((state.pos + lengths).max())} tokens "
-                f"but the state holds {state.capacity}: allocate a larger capacity"
-            )
+        check_capacity(state, lengths)
+        return self.advance(ids, state, lengths, last_only)
+
+    def advance(
+        self, ids: torch.Tensor, state: DecodeState, lengths: torch.Tensor, last_only: bool
+    ) -> torch.Tensor:
+        """`step` without the capacity check. With kernels that take the whole store (the Triton
+        ones) a decode step (C = 1) makes no host sync, so it can be captured in a CUDA graph."""
+        B, C = ids.shape
         valid = torch.arange(C, device=ids.device)[None, :] < lengths[:, None]  # (B, C)
         pos = state.pos.clone()
         x = self.embed_tokens(torch.where(valid, ids, 0))  # (B, C, d)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import weakref
 from pathlib import Path
 
 import torch
 
 from mosaicrt.errors import BackendError
 from mosaicrt.model.checkpoint import TORCH_DTYPES, load_model
+from mosaicrt.model.mmv2 import MMv2, check_capacity
 from mosaicrt.model.state import DecodeState
 from mosaicrt.runtime.backend import Backend
 
@@ -40,6 +42,31 @@ def triton_kernels(device: torch.device):
     return TritonKernels()
 
 
+class DecodeGraph:
+    """One decode step (C = 1, last-token logits) of one state, captured as a CUDA graph over
+    static input buffers; replaying it runs every kernel of the step with one launch."""
+
+    def __init__(self, model: MMv2, state: DecodeState) -> None:
+        B, device = state.pos.shape[0], state.pos.device
+        self.ids = torch.zeros(B, 1, dtype=torch.int64, device=device)
+        self.lengths = torch.zeros(B, dtype=torch.int64, device=device)  # 0: rows stay as they are
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # compile kernels, create handles; length 0 changes nothing
+            for _ in range(2):
+                model.advance(self.ids, state, self.lengths, last_only=True)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model.advance(self.ids, state, self.lengths, last_only=True)  # (B, V)
+
+    def __call__(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        self.ids.copy_(ids, non_blocking=True)
+        self.lengths.copy_(lengths, non_blocking=True)
+        self.graph.replay()
+        return self.logits
+
+
 class TorchBackend(Backend):
     name = "torch"
 
@@ -49,9 +76,12 @@ class TorchBackend(Backend):
         device: str = "auto",
         dtype: str | None = None,
         kernels: str = "torch",
+        cuda_graphs: bool = True,
     ) -> None:
         """dtype: compute dtype; default fp32 on CPU and the checkpoint's dtype on a GPU.
-        kernels: "torch" (the reference code) or "triton" (the kernels in mosaicrt.plugins)."""
+        kernels: "torch" (the reference code) or "triton" (the kernels in mosaicrt.plugins).
+        cuda_graphs: with Triton kernels on a GPU, run decode steps as CUDA graphs (one per
+        state, that is per batch size)."""
         self.device = pick_device(device)
         if dtype is None and self.device.type == "cpu":
             dtype = "float32"
@@ -61,6 +91,9 @@ class TorchBackend(Backend):
             self.model.use_kernels(triton_kernels(self.device))
         elif kernels != "torch":
             raise BackendError(f"unknown --kernels {kernels!r}: choose torch or triton")
+        # The reference code sizes its LTM reads on the host, so only the kernels are capturable.
+        self.cuda_graphs = cuda_graphs and kernels == "triton" and self.device.type == "cuda"
+        self.graphs: dict[int, DecodeGraph] = {}
 
     def new_state(self, batch: int, capacity: int) -> DecodeState:
         return self.model.new_state(batch, capacity)
@@ -72,5 +105,13 @@ class TorchBackend(Backend):
     def step(
         self, ids: torch.Tensor, lengths: torch.Tensor, state: DecodeState, last_only: bool
     ) -> torch.Tensor:
+        if self.cuda_graphs and ids.shape[1] == 1 and last_only:
+            lengths = lengths.to(self.device)
+            check_capacity(state, lengths)
+            graph = self.graphs.get(id(state))
+            if graph is None:  # captured once per state, dropped with it
+                graph = self.graphs[id(state)] = DecodeGraph(self.model, state)
+                weakref.finalize(state, self.graphs.pop, id(state), None)
+            return graph(ids, lengths).float().cpu()
         logits = self.model.step(ids.to(self.device), state, lengths.to(self.device), last_only)
         return logits.float().cpu()

@@ -3,10 +3,12 @@ given by loop bounds, for a chunk of queries (C >= 1) against stored pairs and t
 
 Query t (= pos + i) sees pairs tau in [lo_t, hi_t]: STM lo_t = t-h+1, hi_t = t-1; LTM lo_t = 0,
 hi_t = t-m (eq. 10). Pairs tau <= pos-2 come from the store (STM: a ring, slot tau mod (h-1); LTM:
-slot tau), pairs tau in [pos-1, pos+len-2] from the chunk's new pairs (index tau-pos+1). The key
-loop runs over tau from the block's lowest lo_t to its highest hi_t, so no mask is materialised
-and nothing outside the window or before the delay is read. beta(n_t) is already folded into q;
-the softmax scale is 1. An empty visible set gives 0.
+slot tau), pairs tau in [pos-1, pos+len-2] from the chunk's new pairs (index tau-pos+1). A block
+of queries walks two sections of keys, the store's and the chunk's, from the block's lowest lo_t
+to its highest hi_t, so no mask is materialised and nothing outside the window or before the
+delay is read. Without a window, the tiles every query of the block sees take an unmasked path
+(the causal "off-diagonal" tiles of flash attention); only the last tiles of a section are masked.
+beta(n_t) is already folded into q; the softmax scale is 1. An empty visible set gives 0.
 """
 
 from __future__ import annotations
@@ -15,41 +17,72 @@ import torch
 import triton
 import triton.language as tl
 
+LOG2E = 1.4426950408889634  # scores are taken in base 2: exp(s) = exp2(s * log2(e))
+
+
+@triton.jit
+def _attend(
+    acc, l_i, m_i, q,
+    K, V, stride_n, offs_d, d_ok,
+    first, last, row_shift, lo_t, hi_t, SLOTS,
+    RING: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, HALF_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Fold pairs tau in [first, last] of one section into the running softmax of a query block.
+    Row of pair tau: (tau - row_shift), modulo SLOTS in a ring. K, V point at (b, 0, h, 0)."""
+    for start in range(first, last + 1, BLOCK_N):
+        tau = start + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        row = tau - row_shift
+        if RING:
+            row = row % SLOTS
+        ptr = row[:, None] * stride_n + offs_d[None, :]
+        if MASKED:
+            ok = tau <= last
+            k = tl.load(K + ptr, mask=ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(V + ptr, mask=ok[:, None] & d_ok[None, :], other=0.0)
+        elif EVEN_D:
+            k = tl.load(K + ptr)
+            v = tl.load(V + ptr)
+        else:
+            k = tl.load(K + ptr, mask=d_ok[None, :], other=0.0)
+            v = tl.load(V + ptr, mask=d_ok[None, :], other=0.0)
+        if HALF_DOT:  # tensor-core products of fp16/bf16 pairs, fp32 accumulation (flash style)
+            s = tl.dot(q.to(k.dtype), tl.trans(k))  # (BLOCK_M, BLOCK_N)
+        else:  # exact fp32 products: scores reach beta ~ 150, where half products are coarse
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        if MASKED:
+            visible = (tau[None, :] >= lo_t[:, None]) & (tau[None, :] <= hi_t[:, None])
+            visible = visible & ok[None, :]
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            shift = m_new
+        p = tl.math.exp2(s - shift[:, None])
+        alpha = tl.math.exp2(m_i - shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HALF_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        m_i = m_new
+    return acc, l_i, m_i
+
 
 @triton.jit
 def _retrieval_kernel(
-    Q,
-    KS,
-    VS,
-    KN,
-    VN,
-    POS,
-    LEN,
-    Y,
-    stride_qb,
-    stride_qc,
-    stride_qh,
-    stride_sb,
-    stride_sn,
-    stride_sh,
-    stride_nb,
-    stride_nc,
-    stride_nh,
-    stride_yb,
-    stride_yc,
-    stride_yh,
-    C,
-    H,
-    SLOTS,
-    D,
-    WINDOW: tl.constexpr,
-    DELAY: tl.constexpr,
-    RING: tl.constexpr,
-    HALF_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-):
+    Q, KS, VS, KN, VN, POS, LEN, Y,
+    stride_qb, stride_qc, stride_qh,
+    stride_sb, stride_sn, stride_sh,
+    stride_nb, stride_nc, stride_nh,
+    stride_yb, stride_yc, stride_yh,
+    C, H, SLOTS, D,
+    WINDOW: tl.constexpr, DELAY: tl.constexpr, RING: tl.constexpr, HALF_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
+):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -59,73 +92,66 @@ def _retrieval_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    t = pos + offs_m  # query positions (BLOCK_M,)
-    in_d = offs_d[None, :] < D  # HEAD_DIM is hs rounded up to a power of two
+    d_ok = offs_d < D  # HEAD_DIM is hs rounded up to a power of two
+    q_mask = (offs_m[:, None] < C) & d_ok[None, :]
     q = tl.load(
         Q + b * stride_qb + offs_m[:, None] * stride_qc + h * stride_qh + offs_d[None, :],
-        mask=(offs_m[:, None] < C) & in_d,
+        mask=q_mask,
         other=0.0,
     ).to(tl.float32)
+    q = q * 1.4426950408889634  # log2(e): the softmax runs on exp2
+
+    t = pos + offs_m  # query positions (BLOCK_M,)
     hi_t = t - DELAY
     if WINDOW > 0:
         lo_t = tl.maximum(t - WINDOW + 1, 0)
     else:
         lo_t = tl.zeros([BLOCK_M], dtype=tl.int64)
     newest = pos + length - 2  # last pair that exists after this chunk
-    lo = tl.maximum(pos + pid_m * BLOCK_M - WINDOW + 1, 0) if WINDOW > 0 else 0
-    hi = tl.minimum(pos + tl.minimum((pid_m + 1) * BLOCK_M, C) - 1 - DELAY, newest)
+    t_first = pos + pid_m * BLOCK_M
+    t_last = pos + tl.minimum((pid_m + 1) * BLOCK_M, C) - 1
+    lo = tl.maximum(t_first - WINDOW + 1, 0) if WINDOW > 0 else 0
+    hi = tl.minimum(t_last - DELAY, newest)
+    store_last = tl.minimum(hi, pos - 2)
+    chunk_first = tl.maximum(lo, pos - 1)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for start in range(lo, hi + 1, BLOCK_N):
-        tau = start + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-        stored = (tau <= pos - 2) & (tau >= 0)
-        fresh = (tau >= pos - 1) & (tau <= newest)
-        if RING:
-            slot = tau % SLOTS
-        else:
-            slot = tau
-        s_ptr = b * stride_sb + slot[:, None] * stride_sn + h * stride_sh + offs_d[None, :]
-        n_ptr = (
-            b * stride_nb + (tau - pos + 1)[:, None] * stride_nc + h * stride_nh + offs_d[None, :]
+    ks, vs = KS + b * stride_sb + h * stride_sh, VS + b * stride_sb + h * stride_sh
+    kn, vn = KN + b * stride_nb + h * stride_nh, VN + b * stride_nb + h * stride_nh
+    if WINDOW == 0:
+        # Every query of the block sees tau <= full: whole tiles up to there need no mask.
+        full = tl.minimum(t_first - DELAY, newest)
+        store_split = lo + tl.maximum(tl.minimum(store_last, full) - lo + 1, 0) // BLOCK_N * BLOCK_N
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, ks, vs, stride_sn, offs_d, d_ok,
+                                lo, store_split - 1, 0, lo_t, hi_t, SLOTS,
+                                RING, False, EVEN_D, HALF_DOT, BLOCK_N)  # fmt: skip
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, ks, vs, stride_sn, offs_d, d_ok,
+                                store_split, store_last, 0, lo_t, hi_t, SLOTS,
+                                RING, True, EVEN_D, HALF_DOT, BLOCK_N)  # fmt: skip
+        chunk_split = chunk_first + (
+            tl.maximum(tl.minimum(hi, full) - chunk_first + 1, 0) // BLOCK_N * BLOCK_N
         )
-        from_store = stored[:, None] & in_d
-        from_chunk = fresh[:, None] & in_d
-        k = tl.load(KS + s_ptr, mask=from_store, other=0.0) + tl.load(
-            KN + n_ptr, mask=from_chunk, other=0.0
-        ).to(KS.dtype.element_ty)
-        v = tl.load(VS + s_ptr, mask=from_store, other=0.0) + tl.load(
-            VN + n_ptr, mask=from_chunk, other=0.0
-        ).to(VS.dtype.element_ty)
-        if HALF_DOT:  # tensor-core products of fp16/bf16 stores, fp32 accumulation (flash style)
-            s = tl.dot(q.to(k.dtype), tl.trans(k))  # (BLOCK_M, BLOCK_N)
-        else:  # exact fp32 products: scores reach beta ~ 150, where half products are coarse
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        visible = (
-            (tau[None, :] >= lo_t[:, None])
-            & (tau[None, :] <= hi_t[:, None])
-            & (stored | fresh)[None, :]
-        )
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        p = tl.exp(s - shift[:, None])
-        alpha = tl.exp(m_i - shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if HALF_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        m_i = m_new
-    # A non-empty set has l >= 1 (its max term is exp(0)); an empty one has acc = 0.
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, stride_nc, offs_d, d_ok,
+                                chunk_first, chunk_split - 1, pos - 1, lo_t, hi_t, SLOTS,
+                                False, False, EVEN_D, HALF_DOT, BLOCK_N)  # fmt: skip
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, stride_nc, offs_d, d_ok,
+                                chunk_split, hi, pos - 1, lo_t, hi_t, SLOTS,
+                                False, True, EVEN_D, HALF_DOT, BLOCK_N)  # fmt: skip
+    else:  # a short window: every tile is an edge tile
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, ks, vs, stride_sn, offs_d, d_ok,
+                                lo, store_last, 0, lo_t, hi_t, SLOTS,
+                                RING, True, EVEN_D, HALF_DOT, BLOCK_N)  # fmt: skip
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, stride_nc, offs_d, d_ok,
+                                chunk_first, hi, pos - 1, lo_t, hi_t, SLOTS,
+                                False, True, EVEN_D, HALF_DOT, BLOCK_N)  # fmt: skip
+    # A non-empty set has l >= 1 (its max term is exp2(0)); an empty one has acc = 0.
     y = acc / tl.maximum(l_i, 1.0)[:, None]
     tl.store(
         Y + b * stride_yb + offs_m[:, None] * stride_yc + h * stride_yh + offs_d[None, :],
         y,
-        mask=(offs_m[:, None] < C) & in_d,
+        mask=q_mask,
     )
 
 
@@ -141,8 +167,10 @@ def retrieve(
     delay: int,
     ring: bool,
     half_dot: bool = False,
-    block_m: int = 16,
-    block_n: int = 32,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """Retrieval for a chunk.
 
@@ -154,6 +182,8 @@ def retrieve(
         ring: the store is a ring of N slots (STM) rather than indexed by tau (LTM).
         half_dot: multiply fp16/bf16 stores on tensor cores (fast; scores lose ~beta * 2^-9
             absolute) instead of in exact fp32 (the default, matches the reference).
+        block_m, block_n, num_warps, num_stages: tiling; the defaults are the measured best on
+            a GPU (bench/results/kernels_*.json) and small tiles under the interpreter.
     Returns:
         (B, C, H, hs) fp32.
     """
@@ -167,76 +197,41 @@ def retrieve(
     ):
         if x.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dimension")
+    gpu = q.is_cuda
+    block_m = block_m or (64 if gpu else 16)
+    block_n = block_n or (64 if gpu else 32)
+    head_dim = max(16, triton.next_power_of_2(hs))
     y = torch.empty(B, C, H, hs, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(C, block_m), B * H)
     _retrieval_kernel[grid](
-        q,
-        store_k,
-        store_v,
-        new_k,
-        new_v,
-        pos,
-        lengths,
-        y,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        store_k.stride(0),
-        store_k.stride(1),
-        store_k.stride(2),
-        new_k.stride(0),
-        new_k.stride(1),
-        new_k.stride(2),
-        y.stride(0),
-        y.stride(1),
-        y.stride(2),
-        C,
-        H,
-        store_k.shape[1],
-        hs,
-        WINDOW=window,
-        DELAY=delay,
-        RING=ring,
+        q, store_k, store_v, new_k, new_v, pos, lengths, y,
+        q.stride(0), q.stride(1), q.stride(2),
+        store_k.stride(0), store_k.stride(1), store_k.stride(2),
+        new_k.stride(0), new_k.stride(1), new_k.stride(2),
+        y.stride(0), y.stride(1), y.stride(2),
+        C, H, store_k.shape[1], hs,
+        WINDOW=window, DELAY=delay, RING=ring,
         HALF_DOT=half_dot and store_k.dtype in (torch.float16, torch.bfloat16),
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        HEAD_DIM=max(16, triton.next_power_of_2(hs)),
-    )
+        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim, EVEN_D=head_dim == hs,
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
     return y
 
 
 @triton.jit
 def _decode_split_kernel(
-    Q,
-    KS,
-    VS,
-    KN,
-    VN,
-    POS,
-    LEN,
-    M_PART,
-    L_PART,
-    ACC_PART,
-    stride_qb,
-    stride_qh,
-    stride_sb,
-    stride_sn,
-    stride_sh,
-    stride_nb,
-    stride_nh,
-    H,
-    SLOTS,
-    D,
-    SPLIT_SIZE,
-    WINDOW: tl.constexpr,
-    DELAY: tl.constexpr,
-    RING: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-):
+    Q, KS, VS, KN, VN, POS, LEN, M_PART, L_PART, ACC_PART,
+    stride_qb, stride_qh,
+    stride_sb, stride_sn, stride_sh,
+    stride_nb, stride_nh,
+    H, SLOTS, D, SPLIT_SIZE,
+    WINDOW: tl.constexpr, DELAY: tl.constexpr, RING: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+):  # fmt: skip
     """Decode (C = 1), flash-decoding style: program (b*H + h, split) reduces one slice of the
-    visible range [lo, hi] to a partial (max, sum, weighted values)."""
+    visible range [lo, hi] to a partial (max, sum, weighted values). The slice's stored pairs
+    stream through the loop; the one pair the step completes (tau = pos-1) is folded in after it
+    by the slice that covers it."""
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // H
@@ -244,43 +239,51 @@ def _decode_split_kernel(
     pos = tl.load(POS + b).to(tl.int64)
     length = tl.load(LEN + b).to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
-    in_d = offs_d < D
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_d, mask=in_d, other=0.0).to(tl.float32)
+    d_ok = offs_d < D
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    q = q * 1.4426950408889634  # log2(e): the softmax runs on exp2
     hi = tl.minimum(pos - DELAY, pos + length - 2)  # the single query's visible set is [lo, hi]
     lo = tl.maximum(pos - WINDOW + 1, 0) if WINDOW > 0 else 0
     first = lo + split * SPLIT_SIZE
     last = tl.minimum(first + SPLIT_SIZE - 1, hi)
+    store_last = tl.minimum(last, pos - 2)
 
-    m_i = float("-inf")
-    l_i = 0.0
+    m_i = tl.max(tl.full([BLOCK_N], float("-inf"), dtype=tl.float32), 0)
+    l_i = tl.sum(tl.zeros([BLOCK_N], dtype=tl.float32), 0)
     acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    for start in range(first, last + 1, BLOCK_N):
+    ks, vs = KS + b * stride_sb + h * stride_sh, VS + b * stride_sb + h * stride_sh
+    for start in range(first, store_last + 1, BLOCK_N):
         tau = start + tl.arange(0, BLOCK_N)
-        inside = tau <= last
-        stored = inside & (tau <= pos - 2) & (tau >= 0)
-        fresh = inside & (tau == pos - 1)  # a decode step completes one pair
+        ok = tau <= store_last
         if RING:
             slot = tau % SLOTS
         else:
             slot = tau
-        s_ptr = b * stride_sb + slot[:, None] * stride_sn + h * stride_sh + offs_d[None, :]
-        n_ptr = b * stride_nb + h * stride_nh + offs_d[None, :] + 0 * tau[:, None]
-        from_store = stored[:, None] & in_d[None, :]
-        from_chunk = fresh[:, None] & in_d[None, :]
-        k = tl.load(KS + s_ptr, mask=from_store, other=0.0).to(tl.float32) + tl.load(
-            KN + n_ptr, mask=from_chunk, other=0.0
-        ).to(tl.float32)
-        v = tl.load(VS + s_ptr, mask=from_store, other=0.0).to(tl.float32) + tl.load(
-            VN + n_ptr, mask=from_chunk, other=0.0
-        ).to(tl.float32)
-        s = tl.where(stored | fresh, tl.sum(k * q[None, :], 1), float("-inf"))  # (BLOCK_N,)
+        ptr = slot[:, None] * stride_sn + offs_d[None, :]
+        k = tl.load(ks + ptr, mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        v = tl.load(vs + ptr, mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        s = tl.where(ok, tl.sum(k * q[None, :], 1), float("-inf"))  # (BLOCK_N,)
         m_new = tl.maximum(m_i, tl.max(s, 0))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - shift)
-        alpha = tl.exp(m_i - shift)
+        p = tl.math.exp2(s - shift)
+        alpha = tl.math.exp2(m_i - shift)
         l_i = l_i * alpha + tl.sum(p, 0)
         acc = acc * alpha + tl.sum(p[:, None] * v, 0)
         m_i = m_new
+    fresh = (pos - 1 >= first) & (pos - 1 <= last) & (pos >= 1)
+    n_ptr = b * stride_nb + h * stride_nh + offs_d
+    n_ok = d_ok & (tl.zeros([HEAD_DIM], dtype=tl.int32) + fresh.to(tl.int32) > 0)  # (HEAD_DIM,)
+    k = tl.load(KN + n_ptr, mask=n_ok, other=0.0).to(tl.float32)
+    v = tl.load(VN + n_ptr, mask=n_ok, other=0.0).to(tl.float32)
+    s = tl.where(fresh, tl.sum(k * q, 0), float("-inf"))
+    m_new = tl.maximum(m_i, s)
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - shift)
+    alpha = tl.math.exp2(m_i - shift)
+    l_i = l_i * alpha + p
+    acc = acc * alpha + p * v
+    m_i = m_new
+
     part = pid_bh * NUM_SPLITS + split
     tl.store(M_PART + part, m_i)
     tl.store(L_PART + part, l_i)
@@ -289,17 +292,11 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(
-    M_PART,
-    L_PART,
-    ACC_PART,
-    Y,
-    stride_yb,
-    stride_yh,
-    H,
-    D,
-    NUM_SPLITS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-):
+    M_PART, L_PART, ACC_PART, Y,
+    stride_yb, stride_yh,
+    H, D,
+    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+):  # fmt: skip
     """Merge the partials of one (sequence, head): rescale each to the global max and sum."""
     pid_bh = tl.program_id(0)
     b = pid_bh // H
@@ -309,7 +306,7 @@ def _decode_reduce_kernel(
     parts = pid_bh * NUM_SPLITS + offs_s
     m = tl.load(M_PART + parts)
     m_all = tl.max(m, 0)
-    scale = tl.exp(m - tl.where(m_all == float("-inf"), 0.0, m_all))  # empty splits give 0
+    scale = tl.math.exp2(m - tl.where(m_all == float("-inf"), 0.0, m_all))  # empty splits: 0
     l_all = tl.sum(tl.load(L_PART + parts) * scale, 0)
     acc = tl.sum(
         tl.load(ACC_PART + parts[:, None] * HEAD_DIM + offs_d[None, :]) * scale[:, None], 0
@@ -331,6 +328,8 @@ def retrieve_decode(
     ring: bool,
     split_size: int = 256,
     block_n: int = 64,
+    max_splits: int = 64,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """Retrieval for one query per sequence (C = 1), split across the store and reduced.
 
@@ -342,51 +341,26 @@ def retrieve_decode(
         raise ValueError(f"retrieve_decode takes one query per sequence, got a chunk of {C}")
     head_dim = max(16, triton.next_power_of_2(hs))
     reach = store_k.shape[1] + 1  # most pairs one query can see
-    splits = min(64, triton.next_power_of_2(triton.cdiv(reach, split_size)))
+    splits = min(max_splits, triton.next_power_of_2(triton.cdiv(reach, split_size)))
     split_size = triton.cdiv(reach, splits)
     m_part = torch.empty(B * H * splits, dtype=torch.float32, device=q.device)
     l_part = torch.empty_like(m_part)
     acc_part = torch.empty(B * H * splits, head_dim, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(B * H, splits)](
-        q,
-        store_k,
-        store_v,
-        new_k,
-        new_v,
-        pos,
-        lengths,
-        m_part,
-        l_part,
-        acc_part,
-        q.stride(0),
-        q.stride(2),
-        store_k.stride(0),
-        store_k.stride(1),
-        store_k.stride(2),
-        new_k.stride(0),
-        new_k.stride(2),
-        H,
-        store_k.shape[1],
-        hs,
-        split_size,
-        WINDOW=window,
-        DELAY=delay,
-        RING=ring,
-        NUM_SPLITS=splits,
-        BLOCK_N=block_n,
-        HEAD_DIM=head_dim,
-    )
+        q, store_k, store_v, new_k, new_v, pos, lengths, m_part, l_part, acc_part,
+        q.stride(0), q.stride(2),
+        store_k.stride(0), store_k.stride(1), store_k.stride(2),
+        new_k.stride(0), new_k.stride(2),
+        H, store_k.shape[1], hs, split_size,
+        WINDOW=window, DELAY=delay, RING=ring,
+        NUM_SPLITS=splits, BLOCK_N=block_n, HEAD_DIM=head_dim,
+        num_warps=num_warps,
+    )  # fmt: skip
     y = torch.empty(B, 1, H, hs, dtype=torch.float32, device=q.device)
     _decode_reduce_kernel[(B * H,)](
-        m_part,
-        l_part,
-        acc_part,
-        y,
-        y.stride(0),
-        y.stride(2),
-        H,
-        hs,
-        NUM_SPLITS=splits,
-        HEAD_DIM=head_dim,
-    )
+        m_part, l_part, acc_part, y,
+        y.stride(0), y.stride(2),
+        H, hs,
+        NUM_SPLITS=splits, HEAD_DIM=head_dim,
+    )  # fmt: skip
     return y

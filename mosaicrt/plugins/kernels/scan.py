@@ -23,7 +23,7 @@ def _gated_scan_kernel(
     stride_sb, stride_sh,
     stride_mb,
     stride_ob, stride_oc, stride_oh,
-    H, D, eps,
+    C, H, D, eps,
     BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -34,11 +34,12 @@ def _gated_scan_kernel(
     in_d = offs_d < D  # HEAD_DIM is hs rounded up to a power of two
     length = tl.load(LEN + b)
     s = tl.load(S + b * stride_sb + h * stride_sh + offs_d, mask=in_d, other=0.0)  # (HEAD_DIM,)
-    mx = tl.load(MX + b * stride_mb + h)  # -inf before the first token
+    mx_in = tl.load(MX + b * stride_mb + h)  # -inf before the first token
+    mx = mx_in
     later = offs_t[None, :] > offs_t[:, None]  # [j, l]: l > j
     causal = offs_t[None, :] <= offs_t[:, None]  # [i, j]: j <= i
     last_row = offs_t == BLOCK_T - 1
-    for start in range(0, length, BLOCK_T):
+    for start in range(0, C, BLOCK_T):  # padding blocks too: they write the zeros
         t = start + offs_t
         real = t < length  # padding tokens are no-ops: no input, no decay
         g_ptr = b * stride_gb + t * stride_gc + h
@@ -55,12 +56,13 @@ def _gated_scan_kernel(
         s_all = tl.dot(e, k, input_precision="ieee") + tl.exp(w_state - m)[:, None] * s[None, :]
         # ||k_bar|| vs eps  <=>  ||s|| vs eps * exp(-m).
         norm = tl.maximum(tl.sqrt(tl.sum(s_all * s_all, 1)), eps * tl.exp(-m))
+        k_bar = tl.where(real[:, None], s_all / norm[:, None], 0.0)
         tl.store(OUT + b * stride_ob + t[:, None] * stride_oc + h * stride_oh + offs_d[None, :],
-                 s_all / norm[:, None], mask=real[:, None] & in_d[None, :])  # fmt: skip
+                 k_bar, mask=(t < C)[:, None] & in_d[None, :])  # fmt: skip
         s = tl.sum(tl.where(last_row[:, None], s_all, 0.0), 0)  # padding rows change nothing
         mx = tl.sum(tl.where(last_row, m, 0.0), 0)
     tl.store(S + b * stride_sb + h * stride_sh + offs_d, s, mask=in_d)
-    tl.store(MX + b * stride_mb + h, mx)
+    tl.store(MX + b * stride_mb + h, tl.where(length > 0, mx, mx_in))  # an idle row keeps -inf
 
 
 def gated_key_scan(
@@ -72,6 +74,7 @@ def gated_key_scan(
     mx: torch.Tensor,
     eps: float,
     block_t: int = 16,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """Unit keys of a chunk; s and mx are updated in place.
 
@@ -80,12 +83,13 @@ def gated_key_scan(
         lengths: (B,) real tokens per row (the rest is padding and leaves the state alone).
         s: (B, H, hs) fp32 stabilised state.   mx: (B, H) fp32 running max.
         block_t: tokens solved in parallel per step of the program's loop.
+        num_warps: warps per program (one program per sequence and head).
     Returns:
         (B, C, H, hs) fp32 keys; padding positions are 0.
     """
     B, C, H, hs = k_raw.shape
     k_raw, log_g, log_lam = k_raw.contiguous(), log_g.contiguous(), log_lam.contiguous()
-    out = torch.zeros(B, C, H, hs, dtype=torch.float32, device=k_raw.device)
+    out = torch.empty(B, C, H, hs, dtype=torch.float32, device=k_raw.device)
     _gated_scan_kernel[(B * H,)](
         k_raw, log_g, log_lam, lengths, s, mx, out,
         k_raw.stride(0), k_raw.stride(1), k_raw.stride(2),
@@ -93,8 +97,9 @@ def gated_key_scan(
         s.stride(0), s.stride(1),
         mx.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
-        H, hs, eps,
+        C, H, hs, eps,
         BLOCK_T=block_t, HEAD_DIM=max(16, triton.next_power_of_2(hs)),
+        num_warps=num_warps,
     )  # fmt: skip
     return out
 
