@@ -30,7 +30,7 @@ def memory(kind: str, heads: int, head_dim: int) -> AssociativeMemory:
 
 def on_device(st: MemoryState) -> MemoryState:
     """The kernels' copy of a state (the reference keeps the CPU one)."""
-    return MemoryState(*(getattr(st, f).to(DEVICE) for f in st.__dataclass_fields__))
+    return MemoryState(*(getattr(st, f).to(DEVICE, copy=True) for f in st.__dataclass_fields__))
 
 
 def kernel_retrieve(mem, q, pos, lengths, st, k_new, v_new) -> torch.Tensor:
@@ -164,6 +164,34 @@ def test_gated_scan_matches_reference(head_dim):
         assert (states[0].s - states[1].s).abs().max() <= ATOL * states[0].s.abs().max()
         # The chunked kernel sums the same log-decays in another order: mx agrees to a few ulp.
         torch.testing.assert_close(states[0].mx, states[1].mx, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("segment", [16, 48])
+def test_segmented_scan_matches_reference(segment):
+    """A chunk cut into segments scanned in parallel and chained gives the sequential keys and
+    final state; slow decays make the chaining matter, and an idle row keeps its empty state."""
+    from mosaicrt.plugins.kernels.scan import gated_key_scan as kernel_scan
+
+    gen = torch.Generator().manual_seed(segment)
+    B, C, heads, hs = 3, 100, 2, 24
+    config = preset("tiny").replace(num_heads=heads, head_dim=hs)
+    st = MemoryState.allocate(config, B, 1, torch.float32, "cpu")
+    st.s[:2] = torch.nn.functional.normalize(torch.randn(2, heads, hs, generator=gen), dim=-1)
+    st.mx[:2] = 3 * torch.randn(2, heads, generator=gen)
+    s, mx = st.s.to(DEVICE, copy=True), st.mx.to(DEVICE, copy=True)
+    lengths = torch.tensor([C, 37, 0])
+    valid = torch.arange(C)[None, :] < lengths[:, None]
+    k_raw = torch.randn(B, C, heads, hs, generator=gen)
+    log_g = torch.randn(B, C, heads, generator=gen)
+    log_lam = -0.02 * torch.rand(B, C, heads, generator=gen)
+    want = gated_key_scan(k_raw, log_g, log_lam, valid, st, 1e-6)
+    args = (x.to(DEVICE) for x in (k_raw, log_g, log_lam, lengths))
+    got = kernel_scan(*args, s, mx, 1e-6, segment=segment).cpu()
+    assert (got[valid] - want[valid]).abs().max() <= ATOL
+    assert got[~valid].abs().max() == 0
+    assert (s.cpu() - st.s).abs().max() <= ATOL
+    torch.testing.assert_close(mx.cpu()[:2], st.mx[:2], rtol=1e-6, atol=0)
+    assert torch.isneginf(mx[2]).all()
 
 
 def test_cli_with_triton_kernels_matches_the_oracle(oracle_ckpt, tmp_path):

@@ -33,7 +33,9 @@ CHUNK_TILINGS = [  # block_m, block_n, num_warps, num_stages
 DECODE_TILINGS = [  # max_splits, block_n, num_warps
     (s, n, w) for s in (32, 64, 128) for n in (64, 128) for w in (4, 8)
 ]
-SCAN_TILINGS = [(t, w) for t in (16, 32, 64) for w in (4, 8)]  # block_t, num_warps
+SCAN_TILINGS = [  # block_t, num_warps, segment
+    (t, w, seg) for t in (16, 32) for w in (4, 8) for seg in (256, 512, 1024)
+]
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -229,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
         "copy_bandwidth_gb_s": bandwidth,
         "chunk_retrieval": [bench_chunk(8192, 16, 128)],
         "decode_retrieval": [bench_decode(32768, b, 16, 128, bandwidth) for b in (1, 8)],
-        "gated_scan": [bench_scan(8, 8192, 16, 128, bandwidth)],
+        "gated_scan": [bench_scan(B, 8192, 16, 128, bandwidth) for B in (8, 1)],
     }
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

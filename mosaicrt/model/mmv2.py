@@ -38,7 +38,7 @@ class RMSNorm(nn.Module):
 
 def l2_normalize(x: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
     """x / max(||x||, eps) over the last dimension."""
-    return x / torch.maximum(x.norm(dim=-1, keepdim=True), torch.as_tensor(eps, device=x.device))
+    return x / x.norm(dim=-1, keepdim=True).clamp(min=eps)
 
 
 def gated_key_scan(

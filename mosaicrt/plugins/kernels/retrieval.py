@@ -170,7 +170,7 @@ def retrieve(
     block_m: int | None = None,
     block_n: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int = 3,
 ) -> torch.Tensor:
     """Retrieval for a chunk.
 
@@ -327,14 +327,15 @@ def retrieve_decode(
     delay: int,
     ring: bool,
     split_size: int = 256,
-    block_n: int = 64,
-    max_splits: int = 64,
-    num_warps: int = 4,
+    block_n: int = 128,
+    max_splits: int = 32,
+    num_warps: int = 8,
 ) -> torch.Tensor:
     """Retrieval for one query per sequence (C = 1), split across the store and reduced.
 
     Same arguments as `retrieve` with C = 1. The number of splits follows the store's size, not
-    the positions, so the launch shape is static (capturable in a CUDA graph).
+    the positions, so the launch shape is static (capturable in a CUDA graph). The tiling
+    defaults are the measured best on an H100 (bench/results/kernels_h100.json).
     """
     B, C, H, hs = q.shape
     if C != 1:
