@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +91,14 @@ def test_full_recompute_decodes_like_the_cached_backend(tiny):
     limits = RunLimits(max_batch=1, max_context=64)
     want = generate(cached, prompt, 12, SamplingParams(), limits)
     assert generate(FullRecompute(cached, chunk=4), prompt, 12, SamplingParams(), limits) == want
+
+
+def test_readme_results_match_the_committed_json():
+    """The README's results sections are what `mosaicrt.bench.report --readme` makes of the JSON."""
+    from mosaicrt.bench.report import update_readme
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    assert "<!-- results:decode_cpu -->" in readme.read_text()
+    assert update_readme(readme) == readme.read_text(), (
+        "README results are stale: run python -m mosaicrt.bench.report --readme README.md"
+    )

@@ -28,7 +28,7 @@ CHUNK_TILINGS = [
     (64, 64, 4, 2),
     (128, 128, 8, 2),
 ]  # block_m, block_n, warps, stages
-DECODE_TILINGS = [(32, 128, 8), (32, 128, 4), (64, 128, 8), (16, 128, 8)]  # splits, block_n, warps
+DECODE_TILINGS = [(16, 128, 8), (32, 128, 8), (32, 128, 4), (64, 128, 8)]  # splits, block_n, warps
 SCAN_TILINGS = [(t, 4, seg) for t in (16, 32) for seg in (256, 512, 1024)]  # block_t, warps, seg
 
 

@@ -1,21 +1,43 @@
-"""Turn decode benchmark JSON into the README's markdown table and a TPOT-vs-context plot.
+"""Turn benchmark JSON into markdown tables (the README's) and a TPOT-vs-context plot.
 
-python -m mosaicrt.bench.report bench/results/decode_cpu.json --plot bench/results/decode_cpu.png
+    python -m mosaicrt.bench.report bench/results/decode_cpu.json --plot decode_cpu.png
+    python -m mosaicrt.bench.report --readme README.md   # rewrite every results section
+
+A README section is the text between `<!-- results:NAME -->` and `<!-- /results -->`; it is
+regenerated from bench/results/NAME.json (and NAME.png, where present).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
+SECTION = re.compile(r"(<!-- results:([\w.-]+) -->\n)(.*?)(<!-- /results -->)", re.S)
+
+
+def machine_line(result: dict) -> str:
+    m = result["machine"]
+    if result.get("device", "cpu").startswith("cuda") or result["benchmark"] == "kernels":
+        smi = m.get("nvidia_smi", {})
+        return (
+            f"Machine: {m['gpu']} (driver {smi.get('driver_version', '?')}, CUDA {m.get('cuda')}), "
+            f"{m['cpu_cores']} CPU cores; torch {m['torch']}, Triton {m.get('triton')}"
+        )
+    return f"Machine: {m['cpu']}, {m['cpu_cores']} cores, {m['memory_gib']} GiB; torch {m['torch']}"
 
 
 def markdown(result: dict) -> str:
+    """The table of a result file, whichever benchmark wrote it."""
+    if result["benchmark"] == "kernels":
+        return kernels_markdown(result)
     m = result["machine"]
+    dtype = result.get("dtype", "float32")
     lines = [
-        f"Machine: {m['cpu']}, {m['cpu_cores']} cores, {m['memory_gib']} GiB; torch "
-        f"{m['torch']}; measured read bandwidth {result['bandwidth_gb_s']:.1f} GB/s; "
-        f"{result['preset']} preset, batch 1, fp32, median of {result['steps']} steps "
+        f"{machine_line(result)}; measured bandwidth {result['bandwidth_gb_s']:.1f} GB/s; "
+        f"{result['preset']} preset, batch 1, {dtype}, median of {result['steps']} steps "
         f"({m['date'][:10]}).",
         "",
         "| backend | LTM | context | TPOT p50 (ms) | roofline (ms) | roofline fraction "
@@ -29,6 +51,53 @@ def markdown(result: dict) -> str:
             f"| {100 * r['roofline_fraction']:.0f} % | {r.get('speedup_vs_torch', 1):.2f}x |"
         )
     return "\n".join(lines)
+
+
+def kernels_markdown(result: dict) -> str:
+    m = result["machine"]
+    bw = result["copy_bandwidth_gb_s"]
+    lines = [
+        f"{machine_line(result)}; copy bandwidth {bw:.0f} GB/s (read + write) ({m['date'][:10]}).",
+        "",
+        "| kernel | shape | time (ms) | measure | best tiling |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in result["chunk_retrieval"]:
+        b = r["best"]
+        lines.append(
+            f"| chunk retrieval | T={r['T']}, {r['heads']} heads of {r['head_dim']}, bf16 "
+            f"| {b['ms']:.3f} (SDPA flash {r['sdpa_flash_ms']:.3f}) "
+            f"| {b['tflops']:.0f} vs {r['sdpa_tflops']:.0f} TFLOP/s: "
+            f"{r['throughput_vs_sdpa']:.2f}x SDPA flash | {b['tiling']} |"
+        )
+    for r in result["decode_retrieval"]:
+        b = r["best"]
+        lines.append(
+            f"| decode retrieval | batch {r['batch']}, context {r['context']}, {r['heads']} heads "
+            f"of {r['head_dim']}, bf16 | {b['graph_ms']:.3f} | "
+            f"{100 * r['bandwidth_fraction']:.0f} % of bandwidth | {b['tiling']} |"
+        )
+    for r in result["gated_scan"]:
+        b = r["best"]
+        lines.append(
+            f"| gated key scan | batch {r['batch']}, chunk {r['chunk']}, {r['heads']} heads of "
+            f"{r['head_dim']} | {b['ms']:.3f} | {100 * r['bandwidth_fraction']:.0f} % of "
+            f"bandwidth | {b['tiling']} |"
+        )
+    return "\n".join(lines)
+
+
+def update_readme(path: Path, results: Path = RESULTS) -> str:
+    """The README with every results section regenerated from its JSON."""
+
+    def section(match: re.Match) -> str:
+        name = match.group(2)
+        body = markdown(json.loads((results / f"{name}.json").read_text()))
+        if (results / f"{name}.png").exists():
+            body += f"\n\n![{name}](bench/results/{name}.png)"
+        return f"{match.group(1)}{body}\n{match.group(4)}"
+
+    return SECTION.sub(section, path.read_text())
 
 
 def plot(result: dict, path: str) -> None:
@@ -55,7 +124,8 @@ def plot(result: dict, path: str) -> None:
     ax.set_yscale("log")  # full recompute takes seconds where cached steps take milliseconds
     ax.set_xlabel("context (tokens)")
     ax.set_ylabel("decode TPOT p50 (ms)")
-    ax.set_title(f"{result['preset']}, batch 1, {result['machine']['cpu']}")
+    where = result["machine"].get("gpu") if result.get("device", "cpu") != "cpu" else None
+    ax.set_title(f"{result['preset']}, batch 1, {where or result['machine']['cpu']}")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -64,9 +134,15 @@ def plot(result: dict, path: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("result")
+    parser.add_argument("result", nargs="?")
     parser.add_argument("--plot", help="write a PNG here")
+    parser.add_argument("--readme", help="regenerate this README's results sections in place")
     args = parser.parse_args(argv)
+    if args.readme:
+        Path(args.readme).write_text(update_readme(Path(args.readme)))
+        return
+    if not args.result:
+        parser.error("name a result JSON, or --readme README.md")
     result = json.loads(Path(args.result).read_text())
     print(markdown(result))
     if args.plot:

@@ -328,7 +328,7 @@ def retrieve_decode(
     ring: bool,
     split_size: int = 256,
     block_n: int = 128,
-    max_splits: int = 32,
+    max_splits: int = 16,
     num_warps: int = 8,
 ) -> torch.Tensor:
     """Retrieval for one query per sequence (C = 1), split across the store and reduced.
