@@ -24,18 +24,25 @@ LOG2E = 1.4426950408889634  # scores are taken in base 2: exp(s) = exp2(s * log2
 def _attend(
     acc, l_i, m_i, q,
     K, V, stride_n, offs_d, d_ok,
-    first, last, row_shift, lo_t, hi_t, SLOTS,
-    RING: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, HALF_DOT: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    first, last, row_shift, lo_t, hi_t, SLOTS, BLOCK_SLOTS, stride_blk,
+    RING: tl.constexpr, BLOCKED: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
+    HALF_DOT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Fold pairs tau in [first, last] of one section into the running softmax of a query block.
-    Row of pair tau: (tau - row_shift), modulo SLOTS in a ring. K, V point at (b, 0, h, 0)."""
+    Row of pair tau: (tau - row_shift), modulo SLOTS in a ring; a blocked store keeps row r in
+    block r // BLOCK_SLOTS, slot r % BLOCK_SLOTS. K, V point at (b, 0, h, 0)."""
     for start in range(first, last + 1, BLOCK_N):
         tau = start + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
         row = tau - row_shift
         if RING:
             row = row % SLOTS
-        ptr = row[:, None] * stride_n + offs_d[None, :]
+        if BLOCKED:
+            ptr = (row // BLOCK_SLOTS)[:, None] * stride_blk + (row % BLOCK_SLOTS)[
+                :, None
+            ] * stride_n
+        else:
+            ptr = row[:, None] * stride_n
+        ptr += offs_d[None, :]
         if MASKED:
             ok = tau <= last
             k = tl.load(K + ptr, mask=ok[:, None] & d_ok[None, :], other=0.0)
@@ -76,11 +83,12 @@ def _attend(
 def _retrieval_kernel(
     Q, KS, VS, KN, VN, POS, LEN, Y,
     stride_qb, stride_qc, stride_qh,
-    stride_sb, stride_sn, stride_sh,
+    stride_sb, stride_sn, stride_sh, stride_blk,
     stride_nb, stride_nc, stride_nh,
     stride_yb, stride_yc, stride_yh,
-    C, H, SLOTS, D,
-    WINDOW: tl.constexpr, DELAY: tl.constexpr, RING: tl.constexpr, HALF_DOT: tl.constexpr,
+    C, H, SLOTS, BLOCK_SLOTS, D,
+    WINDOW: tl.constexpr, DELAY: tl.constexpr, RING: tl.constexpr, BLOCKED: tl.constexpr,
+    HALF_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -125,27 +133,28 @@ def _retrieval_kernel(
         full = tl.minimum(t_first - DELAY, newest)
         store_split = lo + tl.maximum(tl.minimum(store_last, full) - lo + 1, 0) // BLOCK_N * BLOCK_N
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, ks, vs, stride_sn, offs_d, d_ok,
-                                lo, store_split - 1, 0, lo_t, hi_t, SLOTS,
-                                RING, False, EVEN_D, HALF_DOT, BLOCK_N)  # fmt: skip
+                                lo, store_split - 1, 0, lo_t, hi_t, SLOTS, BLOCK_SLOTS, stride_blk,
+                                RING, BLOCKED, False, EVEN_D, HALF_DOT, BLOCK_N)  # fmt: skip
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, ks, vs, stride_sn, offs_d, d_ok,
-                                store_split, store_last, 0, lo_t, hi_t, SLOTS,
-                                RING, True, EVEN_D, HALF_DOT, BLOCK_N)  # fmt: skip
+                                store_split, store_last, 0, lo_t, hi_t,
+                                SLOTS, BLOCK_SLOTS, stride_blk,
+                                RING, BLOCKED, True, EVEN_D, HALF_DOT, BLOCK_N)  # fmt: skip
         chunk_split = chunk_first + (
             tl.maximum(tl.minimum(hi, full) - chunk_first + 1, 0) // BLOCK_N * BLOCK_N
         )
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, stride_nc, offs_d, d_ok,
-                                chunk_first, chunk_split - 1, pos - 1, lo_t, hi_t, SLOTS,
-                                False, False, EVEN_D, HALF_DOT, BLOCK_N)  # fmt: skip
+                                chunk_first, chunk_split - 1, pos - 1, lo_t, hi_t, SLOTS, 1, 0,
+                                False, False, False, EVEN_D, HALF_DOT, BLOCK_N)  # fmt: skip
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, stride_nc, offs_d, d_ok,
-                                chunk_split, hi, pos - 1, lo_t, hi_t, SLOTS,
-                                False, True, EVEN_D, HALF_DOT, BLOCK_N)  # fmt: skip
+                                chunk_split, hi, pos - 1, lo_t, hi_t, SLOTS, 1, 0,
+                                False, False, True, EVEN_D, HALF_DOT, BLOCK_N)  # fmt: skip
     else:  # a short window: every tile is an edge tile
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, ks, vs, stride_sn, offs_d, d_ok,
-                                lo, store_last, 0, lo_t, hi_t, SLOTS,
-                                RING, True, EVEN_D, HALF_DOT, BLOCK_N)  # fmt: skip
+                                lo, store_last, 0, lo_t, hi_t, SLOTS, BLOCK_SLOTS, stride_blk,
+                                RING, BLOCKED, True, EVEN_D, HALF_DOT, BLOCK_N)  # fmt: skip
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, stride_nc, offs_d, d_ok,
-                                chunk_first, hi, pos - 1, lo_t, hi_t, SLOTS,
-                                False, True, EVEN_D, HALF_DOT, BLOCK_N)  # fmt: skip
+                                chunk_first, hi, pos - 1, lo_t, hi_t, SLOTS, 1, 0,
+                                False, False, True, EVEN_D, HALF_DOT, BLOCK_N)  # fmt: skip
     # A non-empty set has l >= 1 (its max term is exp2(0)); an empty one has acc = 0.
     y = acc / tl.maximum(l_i, 1.0)[:, None]
     tl.store(
@@ -153,6 +162,17 @@ def _retrieval_kernel(
         y,
         mask=q_mask,
     )
+
+
+def store_layout(store: torch.Tensor) -> dict:
+    """Strides of a store, flat (B, N, H, hs) or in blocks (NB, B, H, S, hs) (the ONNX artifact's
+    layout): slot n lives in block n // S at row n % S."""
+    if store.dim() == 5:
+        NB, _, _, S, _ = store.shape
+        return dict(b=store.stride(1), n=store.stride(3), h=store.stride(2), blk=store.stride(0),
+                    slots=NB * S, block_slots=S, blocked=NB > 1)  # fmt: skip
+    return dict(b=store.stride(0), n=store.stride(1), h=store.stride(2), blk=0,
+                slots=store.shape[1], block_slots=store.shape[1], blocked=False)  # fmt: skip
 
 
 def retrieve(
@@ -175,7 +195,8 @@ def retrieve(
     """Retrieval for a chunk.
 
     Args:
-        q: (B, C, H, hs) queries, beta folded in.   store_k, store_v: (B, N, H, hs) the store.
+        q: (B, C, H, hs) queries, beta folded in.
+        store_k, store_v: (B, N, H, hs) the store, or (NB, B, H, S, hs) in blocks of S.
         new_k, new_v: (B, C, H, hs) pairs completed by the chunk (pair j is tau = pos-1+j).
         pos: (B,) chunk start positions.   lengths: (B,) real tokens per row.
         window: h for the STM, 0 for none.   delay: 1 for the STM, m for the LTM.
@@ -201,16 +222,17 @@ def retrieve(
     block_m = block_m or (64 if gpu else 16)
     block_n = block_n or (64 if gpu else 32)
     head_dim = max(16, triton.next_power_of_2(hs))
+    st = store_layout(store_k)
     y = torch.empty(B, C, H, hs, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(C, block_m), B * H)
     _retrieval_kernel[grid](
         q, store_k, store_v, new_k, new_v, pos, lengths, y,
         q.stride(0), q.stride(1), q.stride(2),
-        store_k.stride(0), store_k.stride(1), store_k.stride(2),
+        st["b"], st["n"], st["h"], st["blk"],
         new_k.stride(0), new_k.stride(1), new_k.stride(2),
         y.stride(0), y.stride(1), y.stride(2),
-        C, H, store_k.shape[1], hs,
-        WINDOW=window, DELAY=delay, RING=ring,
+        C, H, st["slots"], st["block_slots"], hs,
+        WINDOW=window, DELAY=delay, RING=ring, BLOCKED=st["blocked"],
         HALF_DOT=half_dot and store_k.dtype in (torch.float16, torch.bfloat16),
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim, EVEN_D=head_dim == hs,
         num_warps=num_warps, num_stages=num_stages,
@@ -222,10 +244,10 @@ def retrieve(
 def _decode_split_kernel(
     Q, KS, VS, KN, VN, POS, LEN, M_PART, L_PART, ACC_PART,
     stride_qb, stride_qh,
-    stride_sb, stride_sn, stride_sh,
+    stride_sb, stride_sn, stride_sh, stride_blk,
     stride_nb, stride_nh,
-    H, SLOTS, D, SPLIT_SIZE,
-    WINDOW: tl.constexpr, DELAY: tl.constexpr, RING: tl.constexpr,
+    H, SLOTS, BLOCK_SLOTS, D, SPLIT_SIZE,
+    WINDOW: tl.constexpr, DELAY: tl.constexpr, RING: tl.constexpr, BLOCKED: tl.constexpr,
     NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):  # fmt: skip
     """Decode (C = 1), flash-decoding style: program (b*H + h, split) reduces one slice of the
@@ -259,7 +281,13 @@ def _decode_split_kernel(
             slot = tau % SLOTS
         else:
             slot = tau
-        ptr = slot[:, None] * stride_sn + offs_d[None, :]
+        if BLOCKED:
+            ptr = (slot // BLOCK_SLOTS)[:, None] * stride_blk + (slot % BLOCK_SLOTS)[
+                :, None
+            ] * stride_sn
+        else:
+            ptr = slot[:, None] * stride_sn
+        ptr += offs_d[None, :]
         k = tl.load(ks + ptr, mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         v = tl.load(vs + ptr, mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         s = tl.where(ok, tl.sum(k * q[None, :], 1), float("-inf"))  # (BLOCK_N,)
@@ -341,7 +369,8 @@ def retrieve_decode(
     if C != 1:
         raise ValueError(f"retrieve_decode takes one query per sequence, got a chunk of {C}")
     head_dim = max(16, triton.next_power_of_2(hs))
-    reach = store_k.shape[1] + 1  # most pairs one query can see
+    st = store_layout(store_k)
+    reach = st["slots"] + 1  # most pairs one query can see
     splits = min(max_splits, triton.next_power_of_2(triton.cdiv(reach, split_size)))
     split_size = triton.cdiv(reach, splits)
     m_part = torch.empty(B * H * splits, dtype=torch.float32, device=q.device)
@@ -350,10 +379,10 @@ def retrieve_decode(
     _decode_split_kernel[(B * H, splits)](
         q, store_k, store_v, new_k, new_v, pos, lengths, m_part, l_part, acc_part,
         q.stride(0), q.stride(2),
-        store_k.stride(0), store_k.stride(1), store_k.stride(2),
+        st["b"], st["n"], st["h"], st["blk"],
         new_k.stride(0), new_k.stride(2),
-        H, store_k.shape[1], hs, split_size,
-        WINDOW=window, DELAY=delay, RING=ring,
+        H, st["slots"], st["block_slots"], hs, split_size,
+        WINDOW=window, DELAY=delay, RING=ring, BLOCKED=st["blocked"],
         NUM_SPLITS=splits, BLOCK_N=block_n, HEAD_DIM=head_dim,
         num_warps=num_warps,
     )  # fmt: skip

@@ -131,6 +131,7 @@ def gated_key_scan(
     block_t: int = 16,
     num_warps: int = 4,
     segment: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Unit keys of a chunk; s and mx are updated in place.
 
@@ -143,6 +144,7 @@ def gated_key_scan(
         segment: tokens per program (a multiple of block_t); a chunk longer than that is scanned
             in parallel segments. Default: enough segments for about 1024 programs on a GPU,
             one segment under the interpreter.
+        out: (B, C, H, hs) fp32 buffer for the keys (default: a new one).
     Returns:
         (B, C, H, hs) fp32 keys; padding positions are 0.
     """
@@ -154,7 +156,8 @@ def gated_key_scan(
     if segment % block_t:
         raise ValueError(f"segment ({segment}) must be a multiple of block_t ({block_t})")
     nseg = triton.cdiv(C, segment)
-    out = torch.empty(B, C, H, hs, dtype=torch.float32, device=k_raw.device)
+    if out is None:
+        out = torch.empty(B, C, H, hs, dtype=torch.float32, device=k_raw.device)
     head_dim = max(16, triton.next_power_of_2(hs))
 
     def launch(s_in, mx_in, s_out, mx_out, lam_out, from_zero, write_keys, write_state):

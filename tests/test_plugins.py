@@ -1,0 +1,123 @@
+"""The plugin-side implementation of the `mosaic` ops (Triton kernels, interpreted on a CPU)
+against their ONNX function bodies run by ONNX Runtime: the two definitions of each op agree."""
+
+import numpy as np
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+pytest.importorskip("triton", reason="the plugin ops run the Triton kernels ([triton] extra)")
+ort = pytest.importorskip("onnxruntime", reason="the reference is the ONNX function ([onnx] extra)")
+
+from mosaicrt.export.graph import OPSET  # noqa: E402
+from mosaicrt.export.ops import DOMAIN, NO_WINDOW, functions  # noqa: E402
+from mosaicrt.plugins.ops import associative_memory_op, gated_key_scan_op  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ATOL = 1e-5  # fp32 kernels vs the fp32 function body on O(1) outputs
+
+
+def run_node(op: str, inputs: dict, outputs: list[str], **attrs) -> list[np.ndarray]:
+    """One mosaic node with its function body, through ONNX Runtime."""
+    elem = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.int64): TensorProto.INT64,
+            np.dtype(bool): TensorProto.BOOL}  # fmt: skip
+    node = helper.make_node(op, list(inputs), outputs, domain=DOMAIN, **attrs)
+    graph = helper.make_graph(
+        [node],
+        op,
+        [helper.make_tensor_value_info(k, elem[v.dtype], v.shape) for k, v in inputs.items()],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)],
+        functions=functions(),
+    )
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, inputs)
+
+
+def step_positions(pos: np.ndarray, lengths: np.ndarray, C: int) -> tuple:
+    """t and new_tau as the step graph computes them."""
+    t = pos[:, None] + np.arange(C)[None, :]
+    valid = np.arange(C)[None, :] < lengths[:, None]
+    return t, np.where(valid & (t >= 1), t - 1, -1), valid
+
+
+def store_positions(kind: str, pos: np.ndarray, NB: int, S: int) -> np.ndarray:
+    """store_tau (NB, B, S) as the step graph computes it."""
+    last = (pos - 2)[None, :, None]
+    slot = np.arange(S)[None, None, :]
+    if kind == "stm":
+        tau = last - np.mod(last - slot, S)
+    else:
+        tau = np.arange(NB)[:, None, None] * S + slot + 0 * last
+    return np.where((tau >= 0) & (tau <= last), tau, -1)
+
+
+@pytest.mark.parametrize("kind", ["stm", "ltm"])
+@pytest.mark.parametrize("chunk", [1, 9])
+def test_associative_memory_plugin_op_matches_the_function(kind, chunk):
+    rng = np.random.default_rng(chunk)
+    B, H, hs, window, delay = 4, 2, 16, 6, (1 if kind == "stm" else 4)
+    NB, S = (1, window - 1) if kind == "stm" else (3, 8)
+    pos = np.array([0, 3, 17, 11])  # t < m and t < h, ring wrap-around, a long store
+    lengths = np.array([chunk, max(chunk - 3, 1), chunk, 0])
+    t, new_tau, _ = step_positions(pos, lengths, chunk)
+
+    def unit(*shape):
+        x = rng.standard_normal(shape).astype(np.float32)
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    inputs = {
+        "q": unit(B, chunk, H, hs),
+        "t": t,
+        "store_k": unit(NB, B, H, S, hs),
+        "store_v": 3 * rng.standard_normal((NB, B, H, S, hs)).astype(np.float32),
+        "store_tau": store_positions(kind, pos, NB, S),
+        "new_k": unit(B, chunk, H, hs),
+        "new_v": 3 * rng.standard_normal((B, chunk, H, hs)).astype(np.float32),
+        "new_tau": new_tau,
+        "beta0": rng.uniform(0.5, 2, H).astype(np.float32),
+        "beta1": rng.uniform(0.5, 2, H).astype(np.float32),
+        "alpha": rng.uniform(0.2, 0.8, H).astype(np.float32),
+    }
+    window_attr = window if kind == "stm" else NO_WINDOW
+    (want,) = run_node("AssociativeMemory", inputs, ["y"], kind=kind, window=window_attr,
+                       delay=delay)  # fmt: skip
+    x = {k: torch.from_numpy(v).to(DEVICE) for k, v in inputs.items()}
+    y = torch.full(want.shape, float("nan"), device=DEVICE)  # every element must be written
+    associative_memory_op(x["q"], x["t"], x["store_k"], x["store_v"], x["new_k"], x["new_v"],
+                          x["new_tau"], x["beta0"], x["beta1"], x["alpha"], kind, window_attr,
+                          delay, y)  # fmt: skip
+    got = y.cpu().numpy()
+    for b in range(3):  # row 3 has no real tokens: its outputs are never read
+        n = lengths[b]
+        assert np.abs(got[b, :n] - want[b, :n]).max() <= ATOL
+
+
+@pytest.mark.parametrize("chunk", [1, 21])
+def test_gated_key_scan_plugin_op_matches_the_function(chunk):
+    rng = np.random.default_rng(chunk)
+    B, H, hs = 3, 2, 16
+    lengths = np.array([chunk, max(chunk - 5, 1), 0])
+    valid = np.arange(chunk)[None, :] < lengths[:, None]
+    s_in = rng.standard_normal((B, H, hs)).astype(np.float32)
+    s_in /= np.linalg.norm(s_in, axis=-1, keepdims=True)
+    inputs = {
+        "k_raw": rng.standard_normal((B, chunk, H, hs)).astype(np.float32),
+        "log_g": rng.standard_normal((B, chunk, H)).astype(np.float32),
+        "log_lam": -0.1 * rng.random((B, chunk, H)).astype(np.float32),
+        "valid": valid,
+        "s_in": s_in,
+        "mx_in": rng.standard_normal((B, H)).astype(np.float32),
+    }
+    want = run_node("GatedKeyScan", inputs, ["keys", "s_out", "mx_out"], eps=1e-6)
+    x = {k: torch.from_numpy(v).to(DEVICE) for k, v in inputs.items()}
+    keys = torch.full(want[0].shape, float("nan"), device=DEVICE)
+    s_out = torch.full(want[1].shape, float("nan"), device=DEVICE)
+    mx_out = torch.full(want[2].shape, float("nan"), device=DEVICE)
+    gated_key_scan_op(*x.values(), 1e-6, keys, s_out, mx_out)
+    assert np.abs(keys.cpu().numpy()[valid] - want[0][valid]).max() <= ATOL
+    assert np.abs(s_out.cpu().numpy()[:2] - want[1][:2]).max() <= ATOL  # row 2 is idle
+    np.testing.assert_allclose(mx_out.cpu().numpy()[:2], want[2][:2], rtol=1e-6)
