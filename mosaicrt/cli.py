@@ -114,6 +114,21 @@ def read_token_array(path: str):
     return ids.astype(np.int64)
 
 
+def cmd_build(args: argparse.Namespace) -> int:
+    from mosaicrt.plugins.engine import build_engine
+
+    build_engine(
+        args.artifact,
+        args.output,
+        max_batch=args.max_batch,
+        max_context=args.max_context,
+        max_chunk=args.max_chunk,
+        target=args.target,
+        timing_cache=args.timing_cache,
+    )
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from mosaicrt.export.artifact import export_artifact
     from mosaicrt.model.config import normalize_dtype
@@ -389,6 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="emit logits of each row's last token only (no `score`)",
     )
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("build", help="build a TensorRT engine from an ONNX artifact")
+    from mosaicrt.plugins.engine import add_build_args
+
+    add_build_args(p)
+    p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("bench", help="latency or throughput through the runtime")
     p.add_argument("mode", choices=["latency", "throughput"])

@@ -1,0 +1,266 @@
+"""Build a TensorRT engine from an ONNX artifact: `mosaicrt build` and the repository's build.py.
+
+    python build.py ARTIFACT_DIR -o ENGINE_DIR [--target sm86] [--max-batch 8] [--max-context N]
+
+The mosaic nodes become plugin layers (mosaicrt.plugins.tensorrt), never their inlined ONNX
+functions: the build checks it and stops otherwise. Two optimization profiles: 0 decodes (chunk 1),
+1 prefills (chunk 2 .. max-chunk). Precision comes from the ONNX types (a strongly typed network).
+TensorRT-RTX builds ahead of time for the --target GPU architecture on any machine, a CPU-only one
+included; full TensorRT builds for the local GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import json
+import math
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+import onnx
+
+from mosaicrt import __version__
+from mosaicrt.errors import BackendError, InputError
+from mosaicrt.export.artifact import MODEL_FILE, read_manifest
+from mosaicrt.export.io_spec import INPUT_IDS
+from mosaicrt.export.ops import DOMAIN, PLUGIN_VERSION
+
+ENGINE_FILE = "model.engine"
+BUILD_MANIFEST = "build_manifest.json"
+RTX_TARGETS = ("sm75", "sm80", "sm86", "sm89", "sm120")
+PLUGIN_SOURCES = ("tensorrt.py", "ops.py", "kernels/retrieval.py", "kernels/scan.py")
+
+
+def add_build_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("artifact", help="ONNX artifact directory (mosaicrt export)")
+    parser.add_argument("-o", "--output", required=True, help="engine directory to write")
+    parser.add_argument("--max-batch", type=int, default=8, help="most sequences per step")
+    parser.add_argument(
+        "--max-context", type=int, help="most tokens per sequence (default: the artifact's)"
+    )
+    parser.add_argument("--max-chunk", type=int, default=512, help="most prefill tokens per step")
+    parser.add_argument(
+        "--target",
+        help=f"TensorRT-RTX: GPU architecture to build for ({', '.join(RTX_TARGETS)}); "
+        "full TensorRT builds for the local GPU",
+    )
+    parser.add_argument(
+        "--timing-cache", help="full TensorRT: timing cache file (default ENGINE_DIR/timing.cache)"
+    )
+
+
+class Phases:
+    """Numbered build phases with their elapsed time: `with phases("parsing"):`."""
+
+    def __init__(self, total: int, log=print) -> None:
+        self.total, self.done, self.log, self.start = total, 0, log, time.perf_counter()
+
+    @contextmanager
+    def __call__(self, what: str):
+        self.done += 1
+        t0 = time.perf_counter()
+        self.log(f"[{self.done}/{self.total}] {what} ...")
+        yield
+        self.log(f"[{self.done}/{self.total}] {what}: {time.perf_counter() - t0:.2f} s")
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def sha256(*paths: Path) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def onnx_files(artifact: Path) -> list[Path]:
+    """model.onnx and its external data files, in a stable order."""
+    model = onnx.load(artifact / MODEL_FILE, load_external_data=False)
+    data = {
+        entry.value
+        for tensor in model.graph.initializer
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    return [artifact / MODEL_FILE] + [artifact / name for name in sorted(data)]
+
+
+def mosaic_node_names(path: Path) -> list[str]:
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise BackendError(
+            f"TensorRT cannot parse {path}: not an ONNX model ({exc}); re-export it with "
+            "`mosaicrt export`"
+        ) from None
+    return [node.name for node in model.graph.node if node.domain == DOMAIN]
+
+
+def profile_shape(name: str, shape, batch: int, chunk: int, blocks: int) -> tuple[int, ...]:
+    """An input's shape with its dynamic dimensions set: the chunk (input_ids' second), the LTM
+    blocks (an LTM store's first), the batch (every other)."""
+    dims = []
+    for axis, dim in enumerate(shape):
+        if dim != -1:
+            dims.append(dim)
+        elif name == INPUT_IDS and axis == 1:
+            dims.append(chunk)
+        elif ".ltm." in name and axis == 0:
+            dims.append(blocks)
+        else:
+            dims.append(batch)
+    return tuple(dims)
+
+
+def build_engine(
+    artifact: str | Path,
+    output: str | Path,
+    max_batch: int = 8,
+    max_context: int | None = None,
+    max_chunk: int = 512,
+    target: str | None = None,
+    timing_cache: str | Path | None = None,
+    log=print,
+) -> dict:
+    """Build ENGINE_DIR/model.engine and its build_manifest.json; returns the manifest."""
+    artifact, output = Path(artifact), Path(output)
+    phases = Phases(6, log)
+    with phases("reading the artifact"):
+        manifest, model_config = read_manifest(artifact)
+        max_context = max_context or manifest["max_context"]
+        for flag, value in (("max-batch", max_batch), ("max-context", max_context),
+                            ("max-chunk", max_chunk)):  # fmt: skip
+            if value < 1:
+                raise InputError(f"--{flag} must be >= 1, got {value}")
+        if max_chunk < 2:
+            raise InputError("--max-chunk must be >= 2: profile 1 prefills chunks of 2 or more")
+        if target and target.lower() not in RTX_TARGETS:
+            raise InputError(
+                f"unknown --target {target!r}: TensorRT-RTX builds for {', '.join(RTX_TARGETS)} "
+                "(no Hopper: on an H100/H200 build with full TensorRT, without --target)"
+            )
+        block = manifest["ltm_block"]
+        blocks = max(1, math.ceil(max_context / block))
+        mosaic_nodes = mosaic_node_names(artifact / MODEL_FILE)
+    with phases("loading TensorRT and registering the mosaic plugins"):
+        from mosaicrt.plugins.tensorrt import FLAVOUR, register, trt
+
+        if target and FLAVOUR != "tensorrt_rtx":
+            raise InputError(
+                "--target is for TensorRT-RTX ahead-of-time builds; full TensorRT builds for the "
+                "local GPU: drop --target"
+            )
+        plugins = register()
+        logger = trt.Logger(trt.Logger.WARNING)
+        builder = trt.Builder(logger)
+    with phases("parsing the ONNX model"):
+        network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(artifact / MODEL_FILE)):
+            errors = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
+            raise BackendError(
+                f"TensorRT cannot parse {artifact / MODEL_FILE}: {errors}. Re-export it with "
+                "`mosaicrt export`"
+            )
+        plugin_layers = [
+            network.get_layer(i).name
+            for i in range(network.num_layers)
+            if network.get_layer(i).type == trt.LayerType.PLUGIN_V3
+        ]
+        if len(plugin_layers) != len(mosaic_nodes):
+            raise BackendError(
+                f"{len(mosaic_nodes)} mosaic nodes but {len(plugin_layers)} plugin layers: this "
+                "TensorRT parser inlined the ops' ONNX functions instead of using the plugins; "
+                "use TensorRT >= 10.15 or TensorRT-RTX >= 1.0"
+            )
+    with phases("configuring profiles and targets"):
+        config = builder.create_builder_config()  # the builder's, not the model's
+        profiles = {"decode": (1, 1), "prefill": (2, max_chunk)}
+        shapes: dict[str, dict] = {}
+        for label, (lo, hi) in profiles.items():
+            profile = builder.create_optimization_profile()
+            for i in range(network.num_inputs):
+                tensor = network.get_input(i)
+                smallest = profile_shape(tensor.name, tensor.shape, 1, lo, 1)
+                largest = profile_shape(tensor.name, tensor.shape, max_batch, hi, blocks)
+                profile.set_shape(tensor.name, smallest, largest, largest)
+                shapes.setdefault(label, {})[tensor.name] = [list(smallest), list(largest)]
+            config.add_optimization_profile(profile)
+        targets = ["local GPU"]
+        cache_path = None
+        if FLAVOUR == "tensorrt_rtx":
+            # A timing cache makes TensorRT-RTX query a GPU; ahead-of-time builds go without.
+            if target:
+                config.num_compute_capabilities = 1
+                config.set_compute_capability(getattr(trt.ComputeCapability, target.upper()), 0)
+                targets = [target.lower()]
+            else:
+                targets = ["TensorRT-RTX default targets"]
+        else:
+            cache_path = Path(timing_cache) if timing_cache else output / "timing.cache"
+            cache = config.create_timing_cache(
+                cache_path.read_bytes() if cache_path.exists() else b""
+            )
+            config.set_timing_cache(cache, ignore_mismatch=False)
+    with phases(f"building the engine ({', '.join(targets)})"):
+        engine = builder.build_serialized_network(network, config)
+        if engine is None:
+            raise BackendError("TensorRT could not build the engine: see its log above")
+        engine = bytes(engine)
+        missing = [name for name in plugins if name.encode() not in engine]
+        if missing:
+            raise BackendError(f"the engine lacks the plugins {missing}: rebuild with --debug")
+    with phases("writing the engine and its manifest"):
+        output.mkdir(parents=True, exist_ok=True)
+        (output / ENGINE_FILE).write_bytes(engine)
+        if cache_path is not None:
+            cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+        plugin_dir = Path(__file__).parent
+        result = {
+            "format": "mosaicrt-tensorrt-engine",
+            "mosaicrt_version": __version__,
+            "tensorrt_flavour": FLAVOUR,
+            "tensorrt_version": trt.__version__,
+            "cuda": cuda_version(FLAVOUR),
+            "targets": targets,
+            "plugins": [
+                {"name": name, "namespace": DOMAIN, "version": PLUGIN_VERSION} for name in plugins
+            ],
+            "plugin_source_sha256": sha256(*(plugin_dir / f for f in PLUGIN_SOURCES)),
+            "onnx_sha256": sha256(*onnx_files(artifact)),
+            "artifact": str(artifact.resolve()),
+            "source_checkpoint": manifest.get("source_checkpoint"),
+            "dtype": manifest["dtype"],
+            "state_dtype": manifest["state_dtype"],
+            "last_only": manifest["last_only"],
+            "ltm_block": block,
+            "max_batch": max_batch,
+            "max_context": max_context,
+            "max_chunk": max_chunk,
+            "profiles": shapes,
+            "plugin_layers": len(plugin_layers),
+            "engine_file": ENGINE_FILE,
+            "engine_bytes": len(engine),
+            "timing_cache": str(cache_path) if cache_path else None,
+            "build_time_s": round(phases.elapsed, 3),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "config": model_config.to_dict(),
+        }
+        (output / BUILD_MANIFEST).write_text(json.dumps(result, indent=2) + "\n")
+    log(f"engine: {output / ENGINE_FILE} ({len(engine) / 2**20:.1f} MiB, {phases.elapsed:.1f} s)")
+    return result
+
+
+def cuda_version(flavour: str) -> str | None:
+    """The CUDA major version the TensorRT wheels were built for (from the package names)."""
+    for dist in importlib.metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower().replace("-", "_")
+        if name.startswith(f"{flavour}_cu") and name[len(flavour) + 3 :].split("_")[0].isdigit():
+            return name[len(flavour) + 3 :].split("_")[0]
+    return None

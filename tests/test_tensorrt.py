@@ -1,0 +1,197 @@
+"""TensorRT plugins and engine builds. TensorRT-RTX builds engines ahead of time on this CPU, so the
+whole build path runs here; running an engine needs a GPU and is tested where there is one."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+pytest.importorskip("onnxruntime", reason="needs the [onnx] extra to export artifacts")
+P = pytest.importorskip(
+    "mosaicrt.plugins.tensorrt",
+    reason="needs TensorRT-RTX ([tensorrt] extra) or full TensorRT",
+    exc_type=ImportError,
+)
+
+from mosaicrt.errors import BackendError  # noqa: E402
+from mosaicrt.export.artifact import export_artifact  # noqa: E402
+from mosaicrt.export.ops import DOMAIN, NO_WINDOW  # noqa: E402
+from mosaicrt.model import preset, random_model, save_checkpoint  # noqa: E402
+
+trt = P.trt
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """A tiny checkpoint exported in fp32 and fp16."""
+    root = tmp_path_factory.mktemp("trt")
+    save_checkpoint(random_model(preset("tiny")), root / "ckpt")
+    for dtype in ("float32", "float16"):
+        export_artifact(root / "ckpt", root / dtype, dtype=dtype, max_context=512)
+    return root
+
+
+def build(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "build.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,
+    )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_build_py_makes_an_engine_with_both_plugins(artifacts, tmp_path, dtype):
+    proc = build(artifacts / dtype, "-o", tmp_path / "engine", "--target", "sm86",
+                 "--max-batch", "4", "--max-chunk", "64")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    for phase in range(1, 7):
+        assert f"[{phase}/6]" in proc.stdout
+    engine = (tmp_path / "engine" / "model.engine").read_bytes()
+    assert b"GatedKeyScan" in engine and b"AssociativeMemory" in engine
+    manifest = json.loads((tmp_path / "engine" / "build_manifest.json").read_text())
+    nodes = [
+        n for n in onnx.load(artifacts / dtype / "model.onnx").graph.node if n.domain == DOMAIN
+    ]
+    assert manifest["plugin_layers"] == len(nodes) == 6  # 2 layers x (scan + STM + LTM)
+    assert manifest["tensorrt_flavour"] == P.FLAVOUR
+    assert manifest["targets"] == ["sm86"]
+    assert {p["name"] for p in manifest["plugins"]} == {"GatedKeyScan", "AssociativeMemory"}
+    assert manifest["dtype"] == dtype
+    assert len(manifest["onnx_sha256"]) == len(manifest["plugin_source_sha256"]) == 64
+    assert manifest["profiles"]["decode"]["input_ids"] == [[1, 1], [4, 1]]
+    assert manifest["profiles"]["prefill"]["input_ids"] == [[1, 2], [4, 64]]
+    ltm = manifest["profiles"]["decode"]["past.0.ltm.keys"]
+    assert ltm[1][0] == 4  # 512 tokens of context in blocks of 128
+
+
+def test_mosaic_nodes_parse_as_plugin_layers(artifacts):
+    """Every mosaic node is a PLUGIN_V3 layer of the parsed network, with the shapes of the op."""
+    P.register()
+    logger = trt.Logger(trt.Logger.ERROR)
+    network = trt.Builder(logger).create_network(
+        1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    )
+    parser = trt.OnnxParser(network, logger)
+    assert parser.parse_from_file(str(artifacts / "float32" / "model.onnx"))
+    layers = {network.get_layer(i).name: network.get_layer(i) for i in range(network.num_layers)}
+    for layer in range(2):
+        scan = layers[f"/model/layers.{layer}/GatedKeyScan"]
+        assert scan.type == trt.LayerType.PLUGIN_V3
+        assert tuple(scan.get_output(0).shape) == (-1, -1, 8, 16)  # keys of both memories
+        assert tuple(scan.get_output(2).shape) == (-1, 8)  # running max
+        for kind in ("stm", "ltm"):
+            memory = layers[f"/model/layers.{layer}/{kind}/AssociativeMemory"]
+            assert memory.type == trt.LayerType.PLUGIN_V3
+            assert tuple(memory.get_output(0).shape) == (-1, -1, 4, 16)
+            assert memory.get_output(0).dtype == trt.DataType.FLOAT
+
+
+def test_plugin_fields_survive_serialization():
+    """What the engine stores (get_fields_to_serialize) rebuilds the same plugin at runtime."""
+    creator = P.MosaicPluginCreator(P.OPS["AssociativeMemory"])
+    fields = {"kind": "ltm", "window": NO_WINDOW, "delay": 256}
+    collection, _arrays = P.encode_fields(creator.spec, fields)
+    plugin = creator.create_plugin("m", collection, None)
+    again = creator.create_plugin("m", plugin.get_fields_to_serialize(), None)
+    assert again.fields == fields
+    assert (again.plugin_name, again.plugin_namespace, again.plugin_version) == (
+        "AssociativeMemory",
+        "mosaic",
+        "1",
+    )
+    scan = P.MosaicPluginCreator(P.OPS["GatedKeyScan"])
+    collection, _arrays = P.encode_fields(scan.spec, {"eps": 1e-6})
+    eps = scan.create_plugin("s", collection, None).fields["eps"]
+    assert eps == pytest.approx(1e-6, rel=1e-7)
+    # The parser hands ONNX INT attributes over as int32.
+    parsed = trt.PluginFieldCollection(
+        [
+            trt.PluginField("kind", np.frombuffer(b"stm", np.int8), trt.PluginFieldType.CHAR),
+            trt.PluginField("window", np.array([6], np.int32), trt.PluginFieldType.INT32),
+            trt.PluginField("delay", np.array([1], np.int32), trt.PluginFieldType.INT32),
+        ]
+    )
+    assert creator.create_plugin("m", parsed, None).fields == {
+        "kind": "stm",
+        "window": 6,
+        "delay": 1,
+    }
+    with pytest.raises(BackendError, match="missing attributes"):
+        creator.create_plugin("m", trt.PluginFieldCollection([]), None)
+
+
+def descs(*types):
+    out = []
+    for t in types:
+        d = trt.DynamicPluginTensorDesc()
+        d.desc.type, d.desc.format = t, trt.TensorFormat.LINEAR
+        out.append(d)
+    return out
+
+
+def test_plugin_formats():
+    """Linear fp32 everywhere but the stores (fp32/fp16/bf16, keys and values alike), int64
+    positions and a bool mask; outputs fp32."""
+    F32, F16, BF16, I64 = (
+        trt.DataType.FLOAT,
+        trt.DataType.HALF,
+        trt.DataType.BF16,
+        trt.DataType.INT64,
+    )
+    memory = P.MosaicPlugin(P.OPS["AssociativeMemory"], {"kind": "ltm", "window": 0, "delay": 4})
+    for store in (F32, F16, BF16):
+        io = descs(F32, I64, store, store, I64, F32, F32, I64, F32, F32, F32, F32)
+        assert all(memory.supports_format_combination(pos, io, 11) for pos in range(12))
+    io = descs(F32, I64, F16, BF16, I64, F32, F32, I64, F32, F32, F32, F32)
+    assert not memory.supports_format_combination(3, io, 11)  # values must match keys
+    io = descs(F16, I64, F32, F32, I64, F32, F32, I64, F32, F32, F32, F32)
+    assert not memory.supports_format_combination(0, io, 11)  # queries are fp32
+    io = descs(F32, I64, F32, F32, I64, F32, F32, I64, F32, F32, F32, F16)
+    assert not memory.supports_format_combination(11, io, 11)  # output fp32
+    scan = P.MosaicPlugin(P.OPS["GatedKeyScan"], {"eps": 1e-6})
+    io = descs(F32, F32, F32, trt.DataType.BOOL, F32, F32, F32, F32, F32)
+    assert all(scan.supports_format_combination(pos, io, 6) for pos in range(9))
+    io[0].desc.format = trt.TensorFormat.HWC8
+    assert not scan.supports_format_combination(0, io, 6)
+    assert scan.get_output_data_types([F32] * 6) == [F32] * 3
+
+
+def test_build_errors_are_one_line_with_a_fix(artifacts, tmp_path):
+    proc = build(artifacts / "float32", "-o", tmp_path / "e", "--target", "sm90")
+    assert proc.returncode == 2 and "unknown --target 'sm90'" in proc.stderr
+    assert "full TensorRT" in proc.stderr
+    proc = build(artifacts / "ckpt", "-o", tmp_path / "e")
+    assert proc.returncode == 2 and "not an ONNX artifact" in proc.stderr
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in (artifacts / "float32").iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "model.onnx").write_bytes(b"not a protobuf")
+    proc = build(broken, "-o", tmp_path / "e")
+    assert proc.returncode == 2 and "cannot parse" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_missing_tensorrt_is_a_clear_error(artifacts, tmp_path):
+    """With neither TensorRT nor TensorRT-RTX importable (shadowed by modules that fail)."""
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    for name in ("tensorrt", "tensorrt_rtx"):
+        (shadow / f"{name}.py").write_text(f"raise ImportError('no {name} here')\n")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "build.py"), str(artifacts / "float32"), "-o",
+         str(tmp_path / "e")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "PYTHONPATH": f"{shadow}:{ROOT}"},
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "TensorRT is not installed" in proc.stderr and "mosaicrt[tensorrt]" in proc.stderr
