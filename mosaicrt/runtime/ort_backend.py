@@ -1,17 +1,11 @@
-"""The ONNX Runtime backend: runs an exported step graph; this module owns the state buffers.
-
-State per layer and memory, allocated once by `new_state` (numpy, fp32):
-    s, mx, k_pend, v_pend   (B, H, hs) / (B, H): fed in, replaced by the graph's present.* outputs
-    STM ring                (1, B, H, h-1, hs): fed whole (constant size)
-    LTM store               (NB_cap, B, H, S, hs), blocks of S pairs: only the leading blocks that
-                            hold readable pairs are fed, as a zero-copy view of the buffer
-The graph returns the pairs each step completes; `step` writes them into the ring and the store.
+"""The ONNX Runtime backend: runs an exported step graph over numpy state buffers
+(mosaicrt.runtime.graph_state): the LTM store's readable blocks are fed as a zero-copy view, and
+the pairs each step completes are written into the ring and the store in place.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,18 +15,15 @@ from mosaicrt.errors import BackendError, CapacityError
 from mosaicrt.export import io_spec
 from mosaicrt.export.artifact import MODEL_FILE, read_manifest
 from mosaicrt.runtime.backend import Backend
+from mosaicrt.runtime.graph_state import (
+    GraphState,
+    allocate,
+    readable_blocks,
+    reset_rows,
+    write_new_pairs,
+)
 
-
-@dataclass
-class OrtState:
-    pos: np.ndarray  # (B,) int64, tokens consumed per row
-    small: dict[str, np.ndarray]  # past.{l}.{M}.{s,mx,k_pend,v_pend}
-    stores: dict[str, np.ndarray]  # past.{l}.{M}.{keys,values}
-    capacity: int
-
-    @property
-    def batch_size(self) -> int:
-        return self.pos.shape[0]
+OrtState = GraphState  # numpy buffers
 
 
 class OrtBackend(Backend):
@@ -109,39 +100,17 @@ class OrtBackend(Backend):
                 f"max_context {self.max_context}: re-export with a larger "
                 "--max-context or lower --max-context here"
             )
-        cfg = self.config
-        H, hs, S = cfg.num_heads, cfg.head_dim, self.block
-        heads = H * len(cfg.memories)
-        blocks = max(1, -(-(capacity - 1) // S))
-        small, stores = {}, {}
-        for layer in range(cfg.num_layers):
-            for field in io_spec.SMALL_FIELDS:
-                shape = (batch, heads) if field == "mx" else (batch, heads, hs)
-                fill = -np.inf if field == "mx" else 0.0
-                small[io_spec.small_name("past", layer, field)] = np.full(shape, fill, np.float32)
-            for memory in cfg.memories:
-                shape = (
-                    (1, batch, H, cfg.stm_window - 1, hs)
-                    if memory == "stm"
-                    else (blocks, batch, H, S, hs)
-                )
-                for field in io_spec.STORE_FIELDS:
-                    name = io_spec.store_name(layer, memory, field)
-                    stores[name] = np.zeros(shape, self.store_dtype)
-        return OrtState(np.zeros(batch, np.int64), small, stores, capacity)
+
+        def full(shape: tuple, value: float, is_store: bool) -> np.ndarray:
+            return np.full(shape, value, self.store_dtype if is_store else np.float32)
+
+        return allocate(self.config, batch, capacity, self.block, full, np.zeros(batch, np.int64))
 
     def reset(self, state: OrtState, rows: torch.Tensor) -> None:
-        rows = rows.numpy()
-        state.pos[rows] = 0
-        for name, array in state.small.items():
-            array[rows] = -np.inf if name.endswith(".mx") else 0.0
+        reset_rows(state, rows.numpy())
 
     def readable_blocks(self, pos: np.ndarray, chunk: int) -> int:
-        """LTM blocks holding a pair some query of this chunk can see: tau <= min(p-2, p+C-1-m)."""
-        readable = int(
-            np.clip(np.minimum(pos - 1, pos + chunk - self.config.ltm_delay), 0, None).max()
-        )
-        return max(1, -(-readable // self.block))
+        return readable_blocks(self.config, self.block, pos, chunk)
 
     def step(
         self, ids: torch.Tensor, lengths: torch.Tensor, state: OrtState, last_only: bool
@@ -171,39 +140,16 @@ class OrtBackend(Backend):
         outputs = dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
         for name, array in state.small.items():
             np.copyto(array, outputs["present" + name[len("past") :]])  # small: (B, nM*H, hs)
-        self._write_pairs(state, outputs, lengths_np, C)
+        write_new_pairs(
+            self.config,
+            self.block,
+            state,
+            lambda layer, field: outputs[io_spec.new_pairs_name(layer, field)],
+            lengths_np,
+            np.arange(C),
+        )
         state.pos += lengths_np
         logits = outputs[io_spec.LOGITS]
         if last_only and not self.last_only_graph:
             logits = logits[np.arange(len(lengths_np)), np.maximum(lengths_np - 1, 0)]
         return torch.from_numpy(logits)
-
-    def _write_pairs(
-        self, state: OrtState, outputs: dict[str, np.ndarray], lengths: np.ndarray, C: int
-    ) -> None:
-        """Store the pairs this step completed: pair j of row b is tau = pos_b - 1 + j."""
-        cfg, S = self.config, self.block
-        j = np.arange(C)[None, :]
-        tau = state.pos[:, None] - 1 + j  # (B, C)
-        ok = (j < lengths[:, None]) & (tau >= 0)
-        ring = cfg.stm_window - 1
-        newest = (state.pos + lengths - 2)[:, None]
-        rows = {
-            "ltm": np.nonzero(ok),  # a ring keeps only its newest h-1 pairs:
-            "stm": np.nonzero(ok & (tau > newest - ring)),
-        }
-        H = cfg.num_heads
-        for layer in range(cfg.num_layers):
-            for field in io_spec.STORE_FIELDS:
-                new = outputs[io_spec.new_pairs_name(layer, field)]  # (B, C, nM*H, hs)
-                for i, memory in enumerate(cfg.memories):
-                    b, c = rows[memory]
-                    if not len(b):
-                        continue
-                    pairs = new[b, c, i * H : (i + 1) * H]  # (n, H, hs)
-                    store = state.stores[io_spec.store_name(layer, memory, field)]
-                    t = tau[b, c]
-                    if memory == "stm":
-                        store[0, b, :, t % ring] = pairs
-                    else:
-                        store[t // S, b, :, t % S] = pairs

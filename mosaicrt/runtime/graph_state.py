@@ -1,0 +1,109 @@
+"""The step graph's decode state and its bookkeeping, shared by the backends that run the exported
+graph: numpy arrays for ONNX Runtime, torch CUDA tensors for TensorRT (the code below is written in
+the operations both libraries share).
+
+Per layer and memory, allocated once:
+    s, mx, k_pend, v_pend   (B, nM*H, hs) / (B, nM*H): fed in, replaced by the present.* outputs
+    STM ring                (1, B, H, h-1, hs): fed whole (constant size)
+    LTM store               (NB_cap, B, H, S, hs), blocks of S pairs: only the leading blocks that
+                            hold readable pairs are fed, as a view of the buffer
+The graph returns the pairs each step completes; `write_new_pairs` puts them into the ring and
+the store, in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from mosaicrt.export import io_spec
+from mosaicrt.model.config import ModelConfig
+
+
+@dataclass
+class GraphState:
+    pos: Any  # (B,) int64, tokens consumed per row
+    small: dict[str, Any]  # past.{l}.{s,mx,k_pend,v_pend}
+    stores: dict[str, Any]  # past.{l}.{M}.{keys,values}
+    capacity: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.pos.shape[0]
+
+
+def allocate(
+    config: ModelConfig,
+    batch: int,
+    capacity: int,
+    block: int,
+    full: Callable[[tuple, float, bool], Any],
+    pos: Any,
+) -> GraphState:
+    """A fresh state; full(shape, value, is_store) makes a buffer (fp32 unless a store)."""
+    H, hs = config.num_heads, config.head_dim
+    heads = H * len(config.memories)
+    blocks = max(1, -(-(capacity - 1) // block))
+    small, stores = {}, {}
+    for layer in range(config.num_layers):
+        for field in io_spec.SMALL_FIELDS:
+            shape = (batch, heads) if field == "mx" else (batch, heads, hs)
+            value = float("-inf") if field == "mx" else 0.0
+            small[io_spec.small_name("past", layer, field)] = full(shape, value, False)
+        for memory in config.memories:
+            slots = (1, config.stm_window - 1) if memory == "stm" else (blocks, block)
+            for field in io_spec.STORE_FIELDS:
+                stores[io_spec.store_name(layer, memory, field)] = full(
+                    (slots[0], batch, H, slots[1], hs), 0.0, True
+                )
+    return GraphState(pos, small, stores, capacity)
+
+
+def reset_rows(state: GraphState, rows: Any) -> None:
+    """Forget the sequences in `rows` (B,) bool; stores stay (positions guard them)."""
+    state.pos[rows] = 0
+    for name, array in state.small.items():
+        array[rows] = float("-inf") if name.endswith(".mx") else 0.0
+
+
+def readable_blocks(config: ModelConfig, block: int, pos: Any, chunk: int) -> int:
+    """LTM blocks holding a pair some query of this chunk can see: tau <= min(p-2, p+C-1-m)."""
+    readable = max(0, int((pos + min(chunk - config.ltm_delay, -1)).max()))
+    return max(1, -(-readable // block))
+
+
+def write_new_pairs(
+    config: ModelConfig,
+    block: int,
+    state: GraphState,
+    new_pairs: Callable[[int, str], Any],
+    lengths: Any,
+    steps: Any,
+) -> None:
+    """Store the pairs a step completed (before state.pos advances): pair j of row b is
+    tau = pos_b - 1 + j. new_pairs(layer, field) is the graph's (B, C, nM*H, hs) output;
+    steps is arange(C) in the state's array library."""
+    S, H, ring = block, config.num_heads, config.stm_window - 1
+    j = steps[None, :]
+    tau = state.pos[:, None] - 1 + j  # (B, C)
+    ok = (j < lengths[:, None]) & (tau >= 0)
+    newest = (state.pos + lengths - 2)[:, None]
+    xp = torch if isinstance(ok, torch.Tensor) else np
+    rows = {"ltm": xp.where(ok), "stm": xp.where(ok & (tau > newest - ring))}  # ring: newest h-1
+    for layer in range(config.num_layers):
+        for field in io_spec.STORE_FIELDS:
+            new = new_pairs(layer, field)
+            for i, memory in enumerate(config.memories):
+                b, c = rows[memory]
+                if not len(b):
+                    continue
+                pairs = new[b, c, i * H : (i + 1) * H]  # (n, H, hs)
+                store = state.stores[io_spec.store_name(layer, memory, field)]
+                t = tau[b, c]
+                if memory == "stm":
+                    store[0, b, :, t % ring] = pairs
+                else:
+                    store[t // S, b, :, t % S] = pairs
