@@ -156,9 +156,10 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"the torch reference needs the checkpoint {args.artifact} was exported "
             f"from ({checkpoint or 'not recorded'} is not there): pass --checkpoint"
         )
-    passed = run_check(args.artifact, checkpoint, args.atol, args.rtol)
+    passed = run_check(args.artifact, checkpoint, args.atol, args.rtol, args.engine)
+    against = "onnxruntime and tensorrt" if args.engine else "onnxruntime"
     print(
-        f"check {'PASSED' if passed else 'FAILED'}: onnxruntime vs torch reference "
+        f"check {'PASSED' if passed else 'FAILED'}: {against} vs torch reference "
         f"(atol {args.atol}, rtol {args.rtol})"
     )
     return 0 if passed else 1
@@ -344,8 +345,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backend",
         default="auto",
-        help=f"one of {', '.join(BACKENDS)} (default auto: onnxruntime for an "
-        "artifact, torch for a checkpoint)",
+        help=f"one of {', '.join(BACKENDS)} (default auto: tensorrt for an engine directory, "
+        "onnxruntime for an artifact, torch for a checkpoint)",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument(
@@ -430,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint", help="the source checkpoint (default: the one recorded at export)"
     )
+    p.add_argument("--engine", help="also run this TensorRT engine (built from the artifact)")
     p.add_argument("--atol", type=float, default=1e-4)
     p.add_argument("--rtol", type=float, default=1e-3)
     p.set_defaults(func=cmd_check)

@@ -195,3 +195,88 @@ def test_missing_tensorrt_is_a_clear_error(artifacts, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert "TensorRT is not installed" in proc.stderr and "mosaicrt[tensorrt]" in proc.stderr
+
+
+def built_engine(artifact: Path, output: Path, target: str | None = "sm86") -> Path:
+    args = [artifact, "-o", output, "--max-batch", "4", "--max-chunk", "64"]
+    proc = build(*args, *(["--target", target] if target else []))
+    assert proc.returncode == 0, proc.stderr
+    return output
+
+
+def mosaicrt_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "mosaicrt.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_engine_without_a_gpu_is_a_clear_error(artifacts, tmp_path):
+    engine = built_engine(artifacts / "float32", tmp_path / "engine")
+    proc = mosaicrt_cli("generate", engine, "--prompt", "hi")  # auto: an engine dir -> tensorrt
+    assert proc.returncode == 2
+    assert f"built with {P.FLAVOUR} {trt.__version__} for sm86" in proc.stderr
+    assert "needs a CUDA GPU" in proc.stderr and "--backend onnxruntime" in proc.stderr
+
+
+def test_engine_from_another_tensorrt_is_refused(artifacts, tmp_path):
+    engine = built_engine(artifacts / "float32", tmp_path / "engine")
+    manifest = json.loads((engine / "build_manifest.json").read_text())
+    manifest["tensorrt_version"] = "0.9.0"
+    (engine / "build_manifest.json").write_text(json.dumps(manifest))
+    proc = mosaicrt_cli("generate", engine, "--backend", "tensorrt", "--prompt", "hi")
+    assert proc.returncode == 2
+    assert f"built with {P.FLAVOUR} 0.9.0 for sm86; this process has {P.FLAVOUR}" in proc.stderr
+    assert "rebuild it here: `mosaicrt build" in proc.stderr
+    proc = mosaicrt_cli("generate", artifacts / "float32", "--backend", "tensorrt", "--prompt", "x")
+    assert proc.returncode == 2 and "build an engine from it" in proc.stderr
+
+
+def local_target() -> str | None:
+    """The --target for this GPU, or a reason why no engine can run here."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    if P.FLAVOUR == "tensorrt":
+        return ""  # full TensorRT builds for the local GPU
+    here = f"sm{major}{minor}"
+    return here if here in ("sm75", "sm80", "sm86", "sm89", "sm120") else None
+
+
+RUNS_ENGINES = pytest.mark.skipif(
+    local_target() is None,
+    reason="running an engine needs a CUDA GPU with a TensorRT that targets it (full TensorRT, "
+    "or TensorRT-RTX on sm75/80/86/89/120, no Hopper); this machine has none",
+)
+
+
+@pytest.mark.gpu
+@RUNS_ENGINES
+def test_fp16_engine_matches_onnxruntime_through_polygraphy(artifacts, tmp_path):
+    """mosaicrt check: ONNX Runtime, the torch reference and the engine on the same real decode
+    states, compared by Polygraphy's Comparator within 1e-3 (fp16 weights and stores)."""
+    engine = built_engine(artifacts / "float16", tmp_path / "engine", local_target() or None)
+    proc = mosaicrt_cli("check", artifacts / "float16", "--engine", engine, "--atol", "1e-3",
+                        "--rtol", "1e-2")  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "PASSED" in proc.stdout and "tensorrt" in proc.stdout
+
+
+@pytest.mark.gpu
+@RUNS_ENGINES
+def test_engine_greedy_generation_equals_the_reference(artifacts, tmp_path):
+    engine = built_engine(artifacts / "float32", tmp_path / "engine", local_target() or None)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"input_ids": [1, 2, 3]}\n{"input_ids": [5, 8, 13, 21, 34, 55, 89]}\n')
+    outputs = []
+    for model, backend in ((engine, "tensorrt"), (artifacts / "ckpt", "torch")):
+        proc = mosaicrt_cli("generate", model, "--backend", backend, "--input", prompts,
+                            "--max-new-tokens", "20", "--max-context", "256")  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        outputs.append(proc.stdout)
+    assert outputs[0] == outputs[1]

@@ -21,18 +21,28 @@ def open_backend(
     dtype: str | None = None,
     kernels: str = "torch",
 ) -> Backend:
-    """The backend `name` for model_dir. 'auto': ONNX Runtime for an exported artifact, torch for
-    a checkpoint directory."""
+    """The backend `name` for model_dir. 'auto': TensorRT for an engine directory, ONNX Runtime
+    for an exported artifact, torch for a checkpoint directory."""
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    from mosaicrt.runtime.trt_backend import is_engine_dir
+
     if name == "auto":
-        name = "onnxruntime" if is_artifact(model_dir) else "torch"
-    if name == "tensorrt":
-        raise BackendError(
-            "the TensorRT backend is not part of mosaicrt yet: use --backend onnxruntime or torch"
-        )
+        if is_engine_dir(model_dir):
+            name = "tensorrt"
+        else:
+            name = "onnxruntime" if is_artifact(model_dir) else "torch"
     if kernels != "torch" and name != "torch":
         raise BackendError(f"--kernels {kernels} applies to the torch backend only")
+    if name == "tensorrt":
+        from mosaicrt.runtime.trt_backend import TrtBackend
+
+        if is_artifact(model_dir):
+            raise BackendError(
+                f"{model_dir} is an ONNX artifact: build an engine from it with `mosaicrt build "
+                f"{model_dir} -o ENGINE_DIR`, or use --backend onnxruntime"
+            )
+        return TrtBackend(model_dir, device=device)
     if name == "onnxruntime":
         if not is_artifact(model_dir) and (Path(model_dir) / "model.safetensors").exists():
             raise BackendError(

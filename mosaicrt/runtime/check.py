@@ -100,6 +100,41 @@ class TorchReferenceRunner(BaseRunner):
         return out
 
 
+class TensorRTRunner(BaseRunner):
+    """A Polygraphy runner over a mosaicrt engine (its plugins registered by the backend)."""
+
+    def __init__(self, engine_dir: str | Path) -> None:
+        super().__init__(name="tensorrt", prefix="trt-runner")
+        self.engine_dir = engine_dir
+
+    def activate_impl(self) -> None:
+        from mosaicrt.runtime.trt_backend import TrtBackend
+
+        self.backend = TrtBackend(self.engine_dir)
+
+    def deactivate_impl(self) -> None:
+        del self.backend
+
+    def get_input_metadata_impl(self):
+        from polygraphy.common import TensorMetadata
+
+        meta = TensorMetadata()
+        for value in io_spec.graph_inputs(self.backend.config):
+            meta.add(value.name, None, None)
+        return meta
+
+    def infer_impl(self, feed_dict: dict[str, np.ndarray]) -> OrderedDict:
+        start = time.perf_counter()
+        feeds = {k: torch.from_numpy(v).cuda() for k, v in feed_dict.items()}
+        outputs = self.backend.run_graph(feeds)
+        out = OrderedDict(  # numpy has no bf16: those compare as fp32
+            (k, (v.float() if v.dtype == torch.bfloat16 else v).cpu().numpy())
+            for k, v in outputs.items()
+        )
+        self.inference_time = time.perf_counter() - start
+        return out
+
+
 def check_inputs(backend: OrtBackend, seed: int = 0) -> list[dict[str, np.ndarray]]:
     """Feeds at real states: two rows prefilled to different positions, then a decode step and
     a prefill chunk, each with every new pair valid (positions >= 1, no padding)."""
@@ -136,8 +171,15 @@ def check_inputs(backend: OrtBackend, seed: int = 0) -> list[dict[str, np.ndarra
     return feeds
 
 
-def run_check(artifact: str | Path, checkpoint: str | Path, atol: float, rtol: float) -> bool:
-    """Compare ONNX Runtime with the torch reference; True when every output is within tolerance."""
+def run_check(
+    artifact: str | Path,
+    checkpoint: str | Path,
+    atol: float,
+    rtol: float,
+    engine: str | Path | None = None,
+) -> bool:
+    """Compare ONNX Runtime with the torch reference (and a TensorRT engine built from the
+    artifact); True when every output is within tolerance."""
     try:
         from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
         from polygraphy.comparator import Comparator, CompareFunc
@@ -152,6 +194,8 @@ def run_check(artifact: str | Path, checkpoint: str | Path, atol: float, rtol: f
         OnnxrtRunner(SessionFromOnnx(str(Path(artifact) / "model.onnx"), providers=["cpu"])),
         TorchReferenceRunner(checkpoint, backend.block, backend.last_only_graph),
     ]
+    if engine is not None:
+        runners.append(TensorRTRunner(engine))
     with G_LOGGER.verbosity(G_LOGGER.WARNING):  # the per-output error report is what matters
         results = Comparator.run(runners, data_loader=feeds)
     return bool(

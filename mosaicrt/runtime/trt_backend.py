@@ -1,0 +1,199 @@
+"""The TensorRT backend: runs an engine built by `mosaicrt build` over torch CUDA state buffers
+(mosaicrt.runtime.graph_state, the layout ONNX Runtime uses), bound to the engine by address.
+
+Before deserializing, the engine's build manifest is checked against this process: the TensorRT
+flavour and version, and the GPU architecture it was built for. The mosaic plugins are registered
+first (a Python plugin lives in the process, not in the engine).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from mosaicrt.errors import BackendError, CapacityError, CheckpointError
+from mosaicrt.export import io_spec
+from mosaicrt.model.checkpoint import TORCH_DTYPES
+from mosaicrt.model.config import ModelConfig
+from mosaicrt.runtime.backend import Backend
+from mosaicrt.runtime.graph_state import (
+    GraphState,
+    allocate,
+    readable_blocks,
+    reset_rows,
+    write_new_pairs,
+)
+
+BUILD_MANIFEST, ENGINE_FORMAT = "build_manifest.json", "mosaicrt-tensorrt-engine"
+
+
+def is_engine_dir(path: str | Path) -> bool:
+    return (Path(path) / BUILD_MANIFEST).is_file()
+
+
+def read_build_manifest(engine_dir: str | Path) -> dict:
+    path = Path(engine_dir) / BUILD_MANIFEST
+    if not path.is_file():
+        raise CheckpointError(
+            f"{engine_dir} is not a TensorRT engine directory (no {BUILD_MANIFEST}): build one "
+            f"with `mosaicrt build ARTIFACT_DIR -o {engine_dir}`"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}): rebuild the engine") from None
+    if manifest.get("format") != ENGINE_FORMAT:
+        raise CheckpointError(f"{path} is not a mosaicrt engine manifest: rebuild the engine")
+    return manifest
+
+
+def check_runtime(manifest: dict, engine_dir: str | Path) -> None:
+    """Refuse an engine this process cannot run, saying what it was built with and what runs."""
+    built = (
+        f"built with {manifest['tensorrt_flavour']} {manifest['tensorrt_version']} for "
+        f"{', '.join(manifest['targets'])}"
+    )
+    rebuild = f"rebuild it here: `mosaicrt build {manifest['artifact']} -o {engine_dir}`"
+    from mosaicrt.plugins.tensorrt import FLAVOUR, trt
+
+    running = f"this process has {FLAVOUR} {trt.__version__}"
+    if (FLAVOUR, trt.__version__) != (manifest["tensorrt_flavour"], manifest["tensorrt_version"]):
+        raise BackendError(f"{engine_dir} was {built}; {running}: {rebuild}")
+    if not torch.cuda.is_available():
+        raise BackendError(
+            f"{engine_dir} is a TensorRT engine ({built}); running it needs a CUDA GPU and "
+            "this machine has none: use --backend onnxruntime with the ONNX artifact"
+        )
+    major, minor = torch.cuda.get_device_capability()
+    here = f"sm{major}{minor}"
+    running += f" on {here}"
+    if FLAVOUR == "tensorrt_rtx" and manifest["targets"][0].startswith("sm"):
+        if here not in manifest["targets"]:
+            raise BackendError(f"{engine_dir} was {built}; {running}: {rebuild} --target {here}")
+
+
+class TrtBackend(Backend):
+    name = "tensorrt"
+
+    def __init__(self, engine_dir: str | Path, device: str = "auto") -> None:
+        if device not in ("auto", "cuda") and not device.startswith("cuda"):
+            raise BackendError("the TensorRT backend runs on a CUDA GPU: use --device cuda")
+        self.manifest = manifest = read_build_manifest(engine_dir)
+        check_runtime(manifest, engine_dir)
+        from mosaicrt.plugins.tensorrt import register, trt
+
+        register()
+        self.trt, self.device = trt, torch.device("cuda")
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        engine = (Path(engine_dir) / manifest["engine_file"]).read_bytes()
+        self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(engine)
+        if self.engine is None:
+            raise BackendError(
+                f"TensorRT could not deserialize {engine_dir}/{manifest['engine_file']} (see its "
+                f"log above): rebuild it with `mosaicrt build {manifest['artifact']}`"
+            )
+        self.context = self.engine.create_execution_context()
+        self.config = ModelConfig.from_dict(manifest["config"])
+        self.block, self.max_context = manifest["ltm_block"], manifest["max_context"]
+        self.max_batch, self.max_chunk = manifest["max_batch"], manifest["max_chunk"]
+        self.last_only_graph = bool(manifest["last_only"])
+        self.store_dtype = TORCH_DTYPES[manifest["state_dtype"]["stores"]]
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.output_names = [
+            n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT
+        ]
+        self.torch_dtypes = {
+            trt.DataType.FLOAT: torch.float32,
+            trt.DataType.HALF: torch.float16,
+            trt.DataType.BF16: torch.bfloat16,
+        }
+        self.stream = torch.cuda.Stream()
+        self.profile = -1
+
+    def new_state(self, batch: int, capacity: int) -> GraphState:
+        if batch > self.max_batch or capacity > self.max_context:
+            raise CapacityError(
+                f"{batch} sequences of {capacity} tokens exceed the engine's {self.max_batch} x "
+                f"{self.max_context}: rebuild with larger --max-batch / --max-context"
+            )
+
+        def full(shape: tuple, value: float, is_store: bool) -> torch.Tensor:
+            dtype = self.store_dtype if is_store else torch.float32
+            return torch.full(shape, value, dtype=dtype, device=self.device)
+
+        pos = torch.zeros(batch, dtype=torch.int64, device=self.device)
+        return allocate(self.config, batch, capacity, self.block, full, pos)
+
+    def reset(self, state: GraphState, rows: torch.Tensor) -> None:
+        reset_rows(state, rows.to(self.device))
+
+    def run_graph(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One execution of the step graph: CUDA tensors by input name in, by output name out."""
+        chunk = feeds[io_spec.INPUT_IDS].shape[1]
+        profile = 0 if chunk == 1 else 1  # the build's profiles: decode, then prefill
+        if profile != self.profile:
+            self.context.set_optimization_profile_async(profile, self.stream.cuda_stream)
+            self.profile = profile
+        for name, tensor in feeds.items():
+            self.context.set_input_shape(name, tuple(tensor.shape))
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        outputs = {}
+        for name in self.output_names:
+            shape = tuple(self.context.get_tensor_shape(name))
+            dtype = self.torch_dtypes[self.engine.get_tensor_dtype(name)]
+            outputs[name] = torch.empty(shape, dtype=dtype, device=self.device)
+            self.context.set_tensor_address(name, outputs[name].data_ptr())
+        self.stream.wait_stream(torch.cuda.current_stream())
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise BackendError("TensorRT failed to run the engine: see its log above")
+        torch.cuda.current_stream().wait_stream(self.stream)
+        return outputs
+
+    def step(
+        self, ids: torch.Tensor, lengths: torch.Tensor, state: GraphState, last_only: bool
+    ) -> torch.Tensor:
+        B, C = ids.shape
+        lengths = lengths.to(self.device)
+        reach = int((state.pos + lengths).max())
+        if reach > state.capacity:
+            raise CapacityError(
+                f"a sequence would reach {reach} tokens but the state holds {state.capacity}: "
+                "raise --max-context"
+            )
+        if C > self.max_chunk:
+            raise CapacityError(
+                f"a chunk of {C} tokens exceeds the engine's --max-chunk {self.max_chunk}: "
+                f"lower --prefill-chunk to {self.max_chunk} or rebuild"
+            )
+        if not last_only and self.last_only_graph:
+            raise BackendError(
+                "this engine returns last-position logits only (exported with --last-only): "
+                "re-export and rebuild without it to score every position"
+            )
+        nb = readable_blocks(self.config, self.block, state.pos, C)
+        feeds = {
+            io_spec.INPUT_IDS: ids.to(self.device, torch.int64),
+            io_spec.LENGTHS: lengths,
+            io_spec.POSITIONS: state.pos.clone(),
+        }
+        feeds.update(state.small)
+        for name, store in state.stores.items():
+            feeds[name] = store if ".stm." in name else store[:nb]  # leading blocks: a view
+        outputs = self.run_graph(feeds)
+        for name, tensor in state.small.items():
+            tensor.copy_(outputs["present" + name[len("past") :]])
+        write_new_pairs(
+            self.config,
+            self.block,
+            state,
+            lambda layer, field: outputs[io_spec.new_pairs_name(layer, field)],
+            lengths,
+            torch.arange(C, device=self.device),
+        )
+        state.pos += lengths
+        logits = outputs[io_spec.LOGITS]
+        if last_only and not self.last_only_graph:
+            logits = logits[torch.arange(B, device=self.device), (lengths - 1).clamp(min=0)]
+        return logits.float().cpu()
