@@ -76,8 +76,30 @@ def test_bench_reports(tiny, tmp_path, mode):
     )
     state = report["memory"]["state"]
     assert state["ltm_store_bytes"] == 2 * (26 - 1) * 2 * 64 * 4 * 2  # batch x slots x pair
+    assert abs(state["ltm_bytes_per_token_ratio"] - 1) <= 0.05  # allocated vs the formula
     assert 0 < report["roofline"]["decode_fraction"] and 0 < report["roofline"]["prefill_fraction"]
     assert report["machine"]["bandwidth_gb_s"] > 0 and report["machine"]["cpu_cores"] >= 1
+
+
+def test_bench_measures_the_onnxruntime_state(tiny, tmp_path):
+    """The LTM bytes per token of the ONNX Runtime state (blocks of 128 pairs), measured on its
+    buffers, within 5 % of the formula."""
+    pytest.importorskip("onnxruntime", reason="needs the [onnx] extra")
+    from mosaicrt.export.artifact import export_artifact
+
+    export_artifact(tiny, tmp_path / "onnx", max_context=512)
+    out = tmp_path / "report.json"
+    args = ["bench", "latency", str(tmp_path / "onnx"), "--batch", "2", "--input-len", "20",
+            "--output-len", "4", "--iters", "1", "--json", str(out)]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "mosaicrt.cli", *args], capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["backend"] == "onnxruntime"
+    state = report["memory"]["state"]
+    assert state["ltm_bytes_per_token_formula"] == 2 * 2 * 64 * 4  # layers x (key + value) fp32
+    assert abs(state["ltm_bytes_per_token_ratio"] - 1) <= 0.05
+    assert state["ltm_store_bytes"] == 2 * 2 * (128 * 2) * 64 * 4  # 2 layers x k/v x 1 block/row
 
 
 def test_full_recompute_decodes_like_the_cached_backend(tiny):

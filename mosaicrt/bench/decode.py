@@ -96,17 +96,23 @@ def open_backends(
     device: str = "cpu",
     dtype: str = "float32",
 ) -> dict[str, Backend]:
-    """torch: the eager cached decoder; torch+triton: with the Triton kernels (and CUDA graphs for
-    decode on a GPU); onnxruntime: the exported artifact; full-recompute: no state at all."""
+    """torch: the eager cached decoder; torch.compile: the same through torch.compile; torch+triton:
+    with the Triton kernels (and CUDA graphs for decode on a GPU); onnxruntime: the exported
+    artifact; full-recompute: no state at all."""
     ckpt = workdir / "ckpt"
     write_checkpoint(random_tensors(config, 0), config, ckpt)
     backends: dict[str, Backend] = {}
     for name in names:
-        if name in ("torch", "torch+triton"):
+        if name in ("torch", "torch.compile", "torch+triton"):
             from mosaicrt.runtime.torch_backend import TorchBackend
 
-            kernels = "triton" if name == "torch+triton" else "torch"
-            backends[name] = TorchBackend(ckpt, device=device, dtype=dtype, kernels=kernels)
+            backends[name] = TorchBackend(
+                ckpt,
+                device=device,
+                dtype=dtype,
+                kernels="triton" if name == "torch+triton" else "torch",
+                compile=name == "torch.compile",
+            )
         elif name == "onnxruntime":
             from mosaicrt.export.artifact import export_artifact
             from mosaicrt.runtime.ort_backend import OrtBackend

@@ -79,6 +79,12 @@ def measure_gpu_bandwidth_gb_s(gib: float = 2.0) -> float:
     return 2 * src.numel() * 2 / (ms * 1e-3) / 1e9
 
 
+def measure_gpu_peak_gflops(n: int = 8192) -> float:
+    """bf16 matmul throughput on the GPU, the prefill roofline's denominator there."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    return 2 * n**3 / (cuda_ms(lambda: a @ a, iters=10) * 1e-3) / 1e9
+
+
 def gpu_info() -> dict:
     """GPU name, CUDA and Triton versions, driver and clocks (nvidia-smi), where present."""
     info = {"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda}

@@ -15,11 +15,17 @@ from pathlib import Path
 
 import torch
 
-from mosaicrt.bench.machine import machine_info, measure_bandwidth_gb_s, measure_peak_gflops
+from mosaicrt.bench.machine import (
+    machine_info,
+    measure_bandwidth_gb_s,
+    measure_gpu_bandwidth_gb_s,
+    measure_gpu_peak_gflops,
+    measure_peak_gflops,
+)
 from mosaicrt.bench.metrics import RequestTiming, request_metrics
 from mosaicrt.bench.roofline import decode_bytes, prefill_flops
-from mosaicrt.model.config import parameter_count
-from mosaicrt.model.state import memory_plan
+from mosaicrt.bench.state_bytes import measure_state, store_dtype
+from mosaicrt.model.config import DTYPE_BYTES, parameter_count
 from mosaicrt.runtime.backend import Backend
 from mosaicrt.runtime.generator import ContinuousBatcher, Request, RunLimits
 from mosaicrt.runtime.sampling import SamplingParams
@@ -89,10 +95,15 @@ def run_bench(
     report = request_metrics(timings, duration)
     peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the probes below
 
-    bandwidth, peak = measure_bandwidth_gb_s(), measure_peak_gflops()
-    plan = memory_plan(config, limits.max_context, batch, "float32")
+    on_gpu = torch.device(getattr(backend, "device", "cpu")).type == "cuda"
+    if on_gpu:
+        bandwidth, peak = measure_gpu_bandwidth_gb_s(), measure_gpu_peak_gflops()
+    else:
+        bandwidth, peak = measure_bandwidth_gb_s(), measure_peak_gflops()
+    elem = DTYPE_BYTES[store_dtype(backend)]
     mid = [input_len + output_len // 2] * batch  # contexts halfway through decoding
-    roof_decode_ms = 1e3 * decode_bytes(config, mid) / (bandwidth * 1e9)
+    step_bytes = decode_bytes(config, mid, elem)
+    roof_decode_ms = 1e3 * step_bytes / (bandwidth * 1e9)
     roof_prefill_ms = 1e3 * batch * prefill_flops(config, input_len) / (peak * 1e9)
     report.update(
         {
@@ -108,17 +119,11 @@ def run_bench(
                 "peak_gpu_bytes": (
                     torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
                 ),
-                "state": {
-                    "ltm_store_bytes": plan.ltm_bytes_per_token
-                    * max(limits.max_context - 1, 1)
-                    * batch,
-                    "stm_ring_bytes": plan.stm_bytes_per_sequence * batch,
-                    "recurrence_bytes": plan.recurrence_bytes_per_sequence * batch,
-                    "weights_bytes": parameter_count(config) * 4,
-                },
+                "state": measure_state(backend, batch, limits.max_context)
+                | {"weights_bytes": parameter_count(config) * DTYPE_BYTES[store_dtype(backend)]},
             },
             "roofline": {
-                "decode_bytes_per_step": decode_bytes(config, mid),
+                "decode_bytes_per_step": step_bytes,
                 "decode_roofline_ms": roof_decode_ms,
                 "decode_fraction": roof_decode_ms / report["tpot_ms"]["mean"]
                 if report["tpot_ms"]["mean"]

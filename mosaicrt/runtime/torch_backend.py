@@ -77,11 +77,13 @@ class TorchBackend(Backend):
         dtype: str | None = None,
         kernels: str = "torch",
         cuda_graphs: bool = True,
+        compile: bool = False,
     ) -> None:
         """dtype: compute dtype; default fp32 on CPU and the checkpoint's dtype on a GPU.
         kernels: "torch" (the reference code) or "triton" (the kernels in mosaicrt.plugins).
         cuda_graphs: with Triton kernels on a GPU, run decode steps as CUDA graphs (one per
-        state, that is per batch size)."""
+        state, that is per batch size).
+        compile: run steps through torch.compile (dynamic shapes; the first steps compile)."""
         self.device = pick_device(device)
         if dtype is None and self.device.type == "cpu":
             dtype = "float32"
@@ -94,6 +96,7 @@ class TorchBackend(Backend):
         # The reference code sizes its LTM reads on the host, so only the kernels are capturable.
         self.cuda_graphs = cuda_graphs and kernels == "triton" and self.device.type == "cuda"
         self.graphs: dict[int, DecodeGraph] = {}
+        self.step_fn = torch.compile(self.model.step, dynamic=True) if compile else self.model.step
 
     def new_state(self, batch: int, capacity: int) -> DecodeState:
         return self.model.new_state(batch, capacity)
@@ -113,5 +116,5 @@ class TorchBackend(Backend):
                 graph = self.graphs[id(state)] = DecodeGraph(self.model, state)
                 weakref.finalize(state, self.graphs.pop, id(state), None)
             return graph(ids, lengths).float().cpu()
-        logits = self.model.step(ids.to(self.device), state, lengths.to(self.device), last_only)
+        logits = self.step_fn(ids.to(self.device), state, lengths.to(self.device), last_only)
         return logits.float().cpu()
