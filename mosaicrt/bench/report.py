@@ -33,6 +33,10 @@ def markdown(result: dict) -> str:
     """The table of a result file, whichever benchmark wrote it."""
     if result["benchmark"] == "kernels":
         return kernels_markdown(result)
+    if result["benchmark"] == "sweep":
+        from mosaicrt.bench.sweep import markdown as sweep_markdown
+
+        return sweep_markdown(result)
     m = result["machine"]
     dtype = result.get("dtype", "float32")
     lines = [
