@@ -114,6 +114,12 @@ def read_token_array(path: str):
     return ids.astype(np.int64)
 
 
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from mosaicrt.plugins.engine import build_engine
 
@@ -166,6 +172,25 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.mode == "compare":
+        from mosaicrt.bench import decode
+
+        decode.main(
+            [
+                "--checkpoint",
+                args.model,
+                "--backends",
+                args.backends,
+                "--contexts",
+                args.contexts,
+                "--steps",
+                str(args.iters),
+                "--device",
+                args.device if args.device != "auto" else ("cuda" if torch_cuda() else "cpu"),
+            ]  # fmt: skip
+            + (["--json", args.json] if args.json else [])
+        )
+        return 0
     from mosaicrt.bench.serving import print_table, run_bench, write_json
     from mosaicrt.runtime.backends import open_backend
     from mosaicrt.runtime.generator import check_ids
@@ -413,7 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("bench", help="latency or throughput through the runtime")
-    p.add_argument("mode", choices=["latency", "throughput"])
+    p.add_argument(
+        "mode",
+        choices=["latency", "throughput", "compare"],
+        help="compare: decode TPOT of several backends side by side, ratios vs torch eager",
+    )
     add_run_args(p)
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     p.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
@@ -424,6 +453,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--iters", type=int, default=3, help="latency: timed rounds")
     p.add_argument("--json", help="write the report here")
+    p.add_argument(
+        "--backends",
+        default="torch,torch.compile,onnxruntime,full-recompute",
+        help="compare: backends to run (torch, torch.compile, torch+triton, onnxruntime, "
+        "full-recompute)",
+    )
+    p.add_argument("--contexts", default="1024,4096", help="compare: decode contexts")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("check", help="compare an artifact's backends with the torch reference")

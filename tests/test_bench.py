@@ -102,6 +102,29 @@ def test_bench_measures_the_onnxruntime_state(tiny, tmp_path):
     assert state["ltm_store_bytes"] == 2 * 2 * (128 * 2) * 64 * 4  # 2 layers x k/v x 1 block/row
 
 
+def test_bench_compare_reports_ratios_against_torch_eager(tiny, tmp_path):
+    pytest.importorskip("onnxruntime", reason="needs the [onnx] extra")
+    out = tmp_path / "compare.json"
+    args = ["bench", "compare", str(tiny), "--backends", "torch,onnxruntime,full-recompute",
+            "--contexts", "16,40", "--iters", "3", "--device", "cpu",
+            "--json", str(out)]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "mosaicrt.cli", *args], capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["backend"], r["context"]) for r in rows} == {
+        (b, c) for b in ("torch", "onnxruntime", "full-recompute") for c in (16, 40)
+    }
+    for r in rows:
+        assert r["tpot_ms"]["p50"] > 0 and 0 < r["roofline_fraction"]
+        torch_p50 = next(
+            x["tpot_ms"]["p50"]
+            for x in rows
+            if x["backend"] == "torch" and x["context"] == r["context"]
+        )
+        assert r["speedup_vs_torch"] == pytest.approx(torch_p50 / r["tpot_ms"]["p50"])
+
+
 def test_full_recompute_decodes_like_the_cached_backend(tiny):
     from mosaicrt.bench.decode import FullRecompute
     from mosaicrt.runtime.generator import RunLimits, generate

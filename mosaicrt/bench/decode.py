@@ -27,7 +27,7 @@ from mosaicrt.bench.machine import (
 )
 from mosaicrt.bench.roofline import decode_bytes
 from mosaicrt.model.checkpoint import random_tensors, write_checkpoint
-from mosaicrt.model.config import DTYPE_BYTES, ModelConfig, preset
+from mosaicrt.model.config import DTYPE_BYTES, ModelConfig, load_config, preset
 from mosaicrt.runtime.backend import Backend
 
 
@@ -95,12 +95,15 @@ def open_backends(
     max_context: int,
     device: str = "cpu",
     dtype: str = "float32",
+    checkpoint: Path | None = None,
 ) -> dict[str, Backend]:
     """torch: the eager cached decoder; torch.compile: the same through torch.compile; torch+triton:
     with the Triton kernels (and CUDA graphs for decode on a GPU); onnxruntime: the exported
     artifact; full-recompute: no state at all."""
-    ckpt = workdir / "ckpt"
-    write_checkpoint(random_tensors(config, 0), config, ckpt)
+    ckpt = checkpoint
+    if ckpt is None:
+        ckpt = workdir / "ckpt"
+        write_checkpoint(random_tensors(config, 0), config, ckpt)
     backends: dict[str, Backend] = {}
     for name in names:
         if name in ("torch", "torch.compile", "torch+triton"):
@@ -122,9 +125,9 @@ def open_backends(
         elif name == "full-recompute":  # through ONNX Runtime, the fastest full forward here
             backends[name] = FullRecompute(
                 backends.get("onnxruntime")
-                or open_backends(["onnxruntime"], config, workdir / "recompute", max_context)[
-                    "onnxruntime"
-                ]
+                or open_backends(
+                    ["onnxruntime"], config, workdir / "recompute", max_context, checkpoint=ckpt
+                )["onnxruntime"]
             )
         else:
             raise SystemExit(f"unknown backend {name!r}")
@@ -134,6 +137,9 @@ def open_backends(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="mini")
+    parser.add_argument(
+        "--checkpoint", help="benchmark this checkpoint instead of random weights of --preset"
+    )
     parser.add_argument("--backends", default="torch,onnxruntime,full-recompute")
     parser.add_argument("--contexts", default="1024,4096")
     parser.add_argument("--stm-only-contexts", default="1024,4096,16384")
@@ -151,13 +157,19 @@ def main(argv: list[str] | None = None) -> None:
     bandwidth = measure_gpu_bandwidth_gb_s() if gpu else measure_bandwidth_gb_s()
     elem = DTYPE_BYTES[args.dtype]
     rows: list[dict] = []
+    checkpoint = Path(args.checkpoint) if args.checkpoint else None
+    base = load_config(checkpoint) if checkpoint else preset(args.preset)
+    if checkpoint:  # its own memories: no STM-only variant
+        plans = [(base.use_ltm, int(c)) for c in args.contexts.split(",") if c]
     with tempfile.TemporaryDirectory() as tmp:
         for use_ltm in sorted({u for u, _ in plans}, reverse=True):
-            config = preset(args.preset).replace(use_ltm=use_ltm)
+            config = base.replace(use_ltm=use_ltm)
             contexts = [c for u, c in plans if u == use_ltm]
             capacity = max(contexts) + args.warmup + args.steps + 1
             workdir = Path(tmp) / f"ltm{int(use_ltm)}"
-            backends = open_backends(names, config, workdir, capacity, args.device, args.dtype)
+            backends = open_backends(
+                names, config, workdir, capacity, args.device, args.dtype, checkpoint
+            )
             times = {}
             for name, backend in backends.items():  # one runtime at a time: their thread pools
                 recompute = name == "full-recompute"  # seconds per token: a few steps suffice
@@ -212,8 +224,8 @@ def main(argv: list[str] | None = None) -> None:
             row["speedup_vs_torch"] = ref["tpot_ms"]["p50"] / row["tpot_ms"]["p50"]
     result = {
         "benchmark": "decode_tpot_batch1",
-        "preset": args.preset,
-        "config": preset(args.preset).to_dict(),
+        "preset": str(checkpoint) if checkpoint else args.preset,
+        "config": base.to_dict(),
         "batch": 1,
         "device": args.device,
         "dtype": args.dtype,
