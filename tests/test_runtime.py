@@ -101,3 +101,47 @@ def test_memory_plan_matches_the_contract_and_the_allocation():
         for t in vars(m).values()
     )
     assert allocated == plan.state_bytes
+
+
+def run(batcher) -> None:
+    while batcher.busy:
+        batcher.step()
+
+
+def test_a_session_continues_from_its_state(tiny_backend):
+    """Turn 2 of a session, fed only its new tokens, equals one pass over all the tokens so far;
+    a request beside it in the batch is unaffected, and the session's row is kept in between."""
+    from mosaicrt.runtime.generator import ContinuousBatcher, Request
+
+    limits = RunLimits(max_batch=2, max_context=64, prefill_chunk=4)
+    p1, p2, other = [5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [40, 41, 42, 43]
+    batcher = ContinuousBatcher(tiny_backend, SamplingParams(), limits, ignore_eos=True)
+    turn1 = Request(0, list(p1), 5, session="chat")
+    batcher.submit(turn1)
+    run(batcher)
+    assert turn1.output == generate(tiny_backend, [p1], 5, limits=limits)[0]
+    alone = Request(1, list(other), 6)  # takes the other row: the session keeps its own
+    batcher.submit(alone)
+    run(batcher)
+    turn2 = Request(2, list(p2), 6, session="chat", end_session=True)
+    batcher.check_session(turn2)
+    batcher.submit(turn2)
+    batcher.submit(Request(3, list(other), 6))
+    run(batcher)
+    want = generate(tiny_backend, [p1 + turn1.output + p2], 6, limits=limits)[0]
+    assert turn2.output == want
+    assert alone.output == generate(tiny_backend, [other], 6, limits=limits)[0]
+    assert "chat" not in batcher.sessions  # ended: its row is free again
+
+
+def test_a_session_past_its_context_is_refused(tiny_backend):
+    from mosaicrt.runtime.generator import ContinuousBatcher, Request
+
+    limits = RunLimits(max_batch=1, max_context=20)
+    batcher = ContinuousBatcher(tiny_backend, SamplingParams(), limits, ignore_eos=True)
+    batcher.submit(Request(0, [1] * 10, 5, session=7))
+    run(batcher)
+    with pytest.raises(CapacityError, match="the session would reach 22 tokens"):
+        batcher.check_session(Request(1, [2] * 2, 5, session=7))
+    batcher.release(7)
+    assert not batcher.sessions

@@ -61,17 +61,33 @@ def check_request(
 
 @dataclass
 class Request:
-    """One generation request and its progress through the batch."""
+    """One generation request and its progress through the batch.
+
+    A request with a `session` keeps its row (and so its memory state) after it finishes; the next
+    request of that session continues from it instead of starting over, until one with
+    `end_session` finishes or the session is released."""
 
     rid: int
     prompt: list[int]
     max_new_tokens: int
     output: list[int] = field(default_factory=list)
     fed: int = 0  # prompt tokens consumed so far
+    sampling: SamplingParams | None = None  # None: the batcher's
+    session: object | None = None
+    end_session: bool = False
 
     @property
     def prefilling(self) -> bool:
         return self.fed < len(self.prompt)
+
+
+@dataclass
+class Session:
+    """A conversation that keeps its row of the state between requests."""
+
+    row: int
+    tokens: int = 0  # tokens the row has consumed
+    pending: list[int] = field(default_factory=list)  # generated, not yet consumed
 
 
 class ContinuousBatcher:
@@ -95,26 +111,62 @@ class ContinuousBatcher:
         self.rows: list[Request | None] = [None] * limits.max_batch
         self.waiting: deque[Request] = deque()
         self.eos = None if ignore_eos else backend.config.eos_token_id  # benchmarks ignore EOS
+        self.sessions: dict[object, Session] = {}  # open sessions and the rows they keep
 
     def submit(self, request: Request) -> None:
-        """Queue a request that passed check_request."""
+        """Queue a request that passed check_request (for a session: check_session too)."""
         self.waiting.append(request)
+
+    def check_session(self, request: Request) -> None:
+        """Refuse a continuation that would overflow its row's context."""
+        session = self.sessions.get(request.session)
+        if session is None:
+            return
+        total = session.tokens + len(session.pending) + len(request.prompt)
+        total += request.max_new_tokens
+        if total > self.limits.max_context:
+            raise CapacityError(
+                f"the session would reach {total} tokens ({session.tokens} so far) but "
+                f"--max-context is {self.limits.max_context}: end the session and start a new one"
+            )
+
+    def release(self, session: object) -> None:
+        """Close a session and free its row (no-op for an unknown one)."""
+        self.sessions.pop(session, None)
 
     @property
     def busy(self) -> bool:
         return bool(self.waiting) or any(r is not None for r in self.rows)
 
     def _admit(self) -> None:
-        free = [i for i, r in enumerate(self.rows) if r is None]
-        taken = []
-        for row in free[: len(self.waiting)]:
-            request = self.waiting.popleft()
+        kept = {s.row for s in self.sessions.values()}
+        fresh, placed = [], []
+        for request in self.waiting:
+            session = self.sessions.get(request.session)
+            if session is not None:  # a continuation: its own row, once the last turn is done
+                row = session.row if self.rows[session.row] is None else None
+                if row is not None:
+                    request.prompt = session.pending + request.prompt
+                    session.pending = []
+            else:
+                row = next(
+                    (i for i, r in enumerate(self.rows) if r is None and i not in kept), None
+                )
+                if row is not None:
+                    fresh.append(row)
+                    if request.session is not None:
+                        self.sessions[request.session] = Session(row)
+                        kept.add(row)
+            if row is None:
+                continue
             self.rows[row] = request
-            self.sampler.start(request.rid)
-            taken.append(row)
-        if taken:
+            self.sampler.start(request.rid, request.sampling)
+            placed.append(request)
+        for request in placed:
+            self.waiting.remove(request)
+        if fresh:
             mask = torch.zeros(len(self.rows), dtype=torch.bool)
-            mask[taken] = True
+            mask[fresh] = True
             self.backend.reset(self.state, mask)
 
     def step(self) -> list[tuple[Request, int, bool]]:
@@ -151,7 +203,21 @@ class ContinuousBatcher:
             events.append((r, token, finished))
             if finished:
                 self.rows[i] = None
+                self.sampler.finish(r.rid)
+                self._finish_turn(r)
         return events
+
+    def _finish_turn(self, request: Request) -> None:
+        session = self.sessions.get(request.session)
+        if session is None:
+            return
+        if request.end_session:
+            del self.sessions[request.session]
+            return
+        # The row has consumed the prompt and every new token but the last, which the next turn
+        # feeds first: the session then equals one pass over all its tokens.
+        session.tokens += len(request.prompt) + len(request.output) - 1
+        session.pending = [request.output[-1]]
 
 
 def generate(

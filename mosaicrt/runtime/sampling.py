@@ -50,18 +50,26 @@ class Sampler:
     request's tokens do not depend on what else is in the batch."""
 
     def __init__(self, params: SamplingParams) -> None:
-        self.params = params
-        self.generators: dict[int, torch.Generator] = {}
+        self.params = params  # the default; a request may bring its own
+        self.requests: dict[int, tuple[SamplingParams, torch.Generator]] = {}
 
-    def start(self, request_id: int) -> None:
-        self.generators[request_id] = torch.Generator().manual_seed(self.params.seed + request_id)
+    def start(self, request_id: int, params: SamplingParams | None = None) -> None:
+        params = params or self.params
+        seed = params.seed if params is not self.params else params.seed + request_id
+        self.requests[request_id] = (params, torch.Generator().manual_seed(seed))
+
+    def finish(self, request_id: int) -> None:
+        self.requests.pop(request_id, None)
 
     def __call__(self, logits: torch.Tensor, request_ids: list[int]) -> list[int]:
         """logits (B, V) for requests request_ids -> one token id per row."""
-        if self.params.greedy:
-            return logits.argmax(dim=-1).tolist()
+        greedy = logits.argmax(dim=-1).tolist()
         tokens = []
-        for row, rid in zip(logits.cpu(), request_ids):
-            probs = torch.softmax(filtered_logits(row, self.params), dim=-1)
-            tokens.append(int(torch.multinomial(probs, 1, generator=self.generators[rid])))
+        for i, (row, rid) in enumerate(zip(logits.cpu(), request_ids)):
+            params, generator = self.requests.get(rid, (self.params, None))
+            if params.greedy:
+                tokens.append(greedy[i])
+                continue
+            probs = torch.softmax(filtered_logits(row, params), dim=-1)
+            tokens.append(int(torch.multinomial(probs, 1, generator=generator)))
         return tokens
