@@ -135,6 +135,49 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_triton_export(args: argparse.Namespace) -> int:
+    from mosaicrt.runtime.serving.repository import export_repository
+
+    home = export_repository(
+        args.model,
+        args.output,
+        backend=args.backend,
+        max_batch=args.max_batch,
+        max_context=args.max_context,
+        instances=args.instances,
+        prefill_chunk=args.prefill_chunk,
+        idle_timeout_s=args.idle_timeout,
+        device=args.device,
+    )
+    print(f"model repository: {args.output} (model `mosaicrt`: {home})")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from mosaicrt.runtime.serving.server import TritonServer
+
+    server = TritonServer(args.repo, args.http_port, args.grpc_port, args.metrics_port)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    server.start()
+    print(
+        f"tritonserver ready: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics "
+        f"127.0.0.1:{server.metrics_port} (log {server.log_path}); Ctrl-C stops it",
+        flush=True,
+    )
+    try:
+        while not stop.is_set() and server.process.poll() is None:
+            stop.wait(1.0)
+    except KeyboardInterrupt:
+        pass
+    code = server.stop()
+    print(f"tritonserver stopped (exit code {code})")
+    return 0 if code == 0 else 1
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from mosaicrt.export.artifact import export_artifact
     from mosaicrt.model.config import normalize_dtype
@@ -436,6 +479,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_build_args(p)
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("triton-export", help="write a Triton Inference Server model repository")
+    p.add_argument("model", help="ONNX artifact, TensorRT engine or checkpoint directory")
+    p.add_argument("-o", "--output", required=True, help="model repository to write")
+    p.add_argument(
+        "--backend",
+        choices=["onnxruntime", "tensorrt", "torch"],
+        help="default: the one the model directory is for",
+    )
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    p.add_argument("--max-context", type=int, default=4096, help="tokens per sequence")
+    p.add_argument("--instances", type=int, default=1, help="model instances (processes)")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per step")
+    p.add_argument(
+        "--idle-timeout", type=float, default=600.0, help="seconds before an idle sequence is freed"
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.set_defaults(func=cmd_triton_export)
+
+    p = sub.add_parser("serve", help="run tritonserver on 127.0.0.1 for a model repository")
+    p.add_argument("repo")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="latency or throughput through the runtime")
     p.add_argument(

@@ -1,0 +1,148 @@
+"""Serving through Triton Inference Server: aggregate output tokens/s with 1 and with N concurrent
+streaming clients (in-flight batching at work), and the per-request overhead of the server path
+against the same request through `mosaicrt generate`'s code in-process.
+
+Each client sends its requests one after another over a gRPC stream (greedy); tokens are counted
+as they arrive (a request may stop early at EOS).
+
+    python -m mosaicrt.bench.serve --json bench/results/serve_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from mosaicrt.bench.machine import machine_info
+from mosaicrt.export.artifact import export_artifact
+from mosaicrt.model.checkpoint import random_tensors, write_checkpoint
+from mosaicrt.model.config import preset
+from mosaicrt.runtime.generator import RunLimits, generate
+from mosaicrt.runtime.ort_backend import OrtBackend
+from mosaicrt.runtime.serving.repository import export_repository
+from mosaicrt.runtime.serving.server import TritonServer
+
+
+def stream_tokens(url: str, prompt: list[int], max_new_tokens: int, sequence_id: int) -> int:
+    """One greedy streaming request; returns the number of tokens received."""
+    import queue
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    done: queue.Queue = queue.Queue()
+    count = 0
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: done.put((result, error)))
+    ids = grpcclient.InferInput("input_ids", [len(prompt)], "INT64")
+    ids.set_data_from_numpy(np.array(prompt, dtype=np.int64))
+    limit = grpcclient.InferInput("max_new_tokens", [1], "INT32")
+    limit.set_data_from_numpy(np.array([max_new_tokens], dtype=np.int32))
+    try:
+        client.async_stream_infer("mosaicrt", [ids, limit], sequence_id=sequence_id,
+                                  sequence_start=True, sequence_end=True,
+                                  enable_empty_final_response=True)  # fmt: skip
+        while True:
+            result, error = done.get(timeout=600)
+            if error is not None:
+                raise RuntimeError(str(error))
+            out = result.as_numpy("output_ids")
+            count += 0 if out is None else len(out)
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                return count
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def clients_run(url: str, clients: int, requests_each: int, prompt_len: int, new: int) -> dict:
+    """`clients` threads, each sending requests_each requests in turn; aggregate tokens/s."""
+    gen = torch.Generator().manual_seed(clients)
+    prompts = torch.randint(1, 8000, (clients, requests_each, prompt_len), generator=gen).tolist()
+    counts = [0] * clients
+
+    def client(c: int) -> None:
+        for r in range(requests_each):
+            counts[c] += stream_tokens(url, prompts[c][r], new, 1 + c * 1000 + r)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    return {"clients": clients, "output_tokens": sum(counts), "wall_s": wall,
+            "output_tokens_per_s": sum(counts) / wall}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="mini")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=3, help="requests per client")
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--json", help="write results here")
+    args = parser.parse_args(argv)
+    config = preset(args.preset)
+    context = args.prompt_len + args.new_tokens
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_checkpoint(random_tensors(config, 0), config, tmp / "ckpt")
+        export_artifact(tmp / "ckpt", tmp / "onnx", max_context=context)
+        export_repository(tmp / "onnx", tmp / "repo", max_batch=args.clients,
+                          max_context=context, prefill_chunk=args.prompt_len)  # fmt: skip
+        with TritonServer(tmp / "repo") as server:
+            stream_tokens(server.grpc_url, [1] * args.prompt_len, 4, 999_999)  # warm up
+            one = clients_run(server.grpc_url, 1, args.requests, args.prompt_len, args.new_tokens)
+            many = clients_run(server.grpc_url, args.clients, args.requests, args.prompt_len,
+                               args.new_tokens)  # fmt: skip
+            prompt = [7] * args.prompt_len
+            served = []
+            for i in range(5):
+                t0 = time.perf_counter()
+                stream_tokens(server.grpc_url, prompt, args.new_tokens, 500_000 + i)
+                served.append(time.perf_counter() - t0)
+        backend = OrtBackend(tmp / "onnx", device="cpu")
+        limits = RunLimits(max_batch=1, max_context=context, prefill_chunk=args.prompt_len)
+        direct = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            generate(backend, [prompt], args.new_tokens, limits=limits)
+            direct.append(time.perf_counter() - t0)
+    result = {
+        "benchmark": "serve",
+        "preset": args.preset,
+        "backend": "onnxruntime",
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "requests_per_client": args.requests,
+        "one_client": one,
+        "many_clients": many,
+        "speedup": many["output_tokens_per_s"] / one["output_tokens_per_s"],
+        "request_ms_server": 1e3 * statistics.median(served),
+        "request_ms_in_process": 1e3 * statistics.median(direct),
+        "overhead_ms_per_request": 1e3 * (statistics.median(served) - statistics.median(direct)),
+        "machine": machine_info(),
+    }
+    print(
+        f"1 client {one['output_tokens_per_s']:.1f} tokens/s; {args.clients} clients "
+        f"{many['output_tokens_per_s']:.1f} tokens/s ({result['speedup']:.1f}x); one request "
+        f"{result['request_ms_server']:.1f} ms served vs {result['request_ms_in_process']:.1f} ms "
+        f"in process (overhead {result['overhead_ms_per_request']:.1f} ms)"
+    )
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""`mosaicrt triton-export`: a Triton Inference Server model repository serving one mosaicrt model.
+
+REPO/mosaicrt/config.pbtxt        Python backend, decoupled, sequence batcher
+REPO/mosaicrt/1/model.py          mosaicrt.runtime.serving.triton_model
+REPO/mosaicrt/1/mosaicrt.json     backend, device and limits the model opens
+REPO/mosaicrt/1/model/            the artifact, engine or checkpoint (a copy)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from mosaicrt.errors import InputError
+
+MODEL_NAME = "mosaicrt"
+SETTINGS = "mosaicrt.json"
+MODEL_PY = Path(__file__).with_name("triton_model.py")  # imports Triton's Python-backend utils
+
+CONFIG = """\
+name: "{name}"
+backend: "python"
+max_batch_size: 0
+model_transaction_policy {{ decoupled: true }}
+input [
+  {{ name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] }},
+  {{ name: "max_new_tokens" data_type: TYPE_INT32 dims: [ 1 ] }},
+  {{ name: "temperature" data_type: TYPE_FP32 dims: [ 1 ] optional: true }},
+  {{ name: "top_k" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
+  {{ name: "top_p" data_type: TYPE_FP32 dims: [ 1 ] optional: true }},
+  {{ name: "seed" data_type: TYPE_INT64 dims: [ 1 ] optional: true }}
+]
+output [
+  {{ name: "output_ids" data_type: TYPE_INT64 dims: [ -1 ] }}
+]
+instance_group [ {{ count: {instances} kind: {kind} }} ]
+sequence_batching {{
+  max_sequence_idle_microseconds: {idle_us}
+  oldest {{ max_candidate_sequences: {candidates} max_queue_delay_microseconds: 0 }}
+  control_input [
+    {{ name: "START" control [ {{ kind: CONTROL_SEQUENCE_START int32_false_true: [ 0, 1 ] }} ] }},
+    {{ name: "END" control [ {{ kind: CONTROL_SEQUENCE_END int32_false_true: [ 0, 1 ] }} ] }},
+    {{ name: "READY" control [ {{ kind: CONTROL_SEQUENCE_READY int32_false_true: [ 0, 1 ] }} ] }}
+  ]
+}}
+"""
+
+
+def model_kind(model_dir: Path) -> str:
+    """Which backend a model directory is for."""
+    if (model_dir / "build_manifest.json").is_file():
+        return "tensorrt"
+    if (model_dir / "manifest.json").is_file():
+        return "onnxruntime"
+    if (model_dir / "config.json").is_file():
+        return "torch"
+    raise InputError(
+        f"{model_dir} is neither an ONNX artifact, a TensorRT engine nor a checkpoint: give "
+        "`mosaicrt triton-export` the output of `mosaicrt export`, `mosaicrt build` or `init`"
+    )
+
+
+def export_repository(
+    model_dir: str | Path,
+    repo: str | Path,
+    backend: str | None = None,
+    max_batch: int = 8,
+    max_context: int = 4096,
+    instances: int = 1,
+    prefill_chunk: int = 512,
+    idle_timeout_s: float = 600.0,
+    device: str = "auto",
+) -> Path:
+    """Write the repository; returns the model's directory."""
+    model_dir, repo = Path(model_dir), Path(repo)
+    found = model_kind(model_dir)
+    backend = backend or found
+    if backend != found:
+        raise InputError(
+            f"{model_dir} is for the {found} backend, not {backend}: drop --backend or give "
+            f"the matching model directory"
+        )
+    for flag, value in (("max-batch", max_batch), ("max-context", max_context),
+                        ("instances", instances), ("prefill-chunk", prefill_chunk)):  # fmt: skip
+        if value < 1:
+            raise InputError(f"--{flag} must be >= 1, got {value}")
+    home = repo / MODEL_NAME
+    version = home / "1"
+    if version.exists():
+        shutil.rmtree(version)
+    version.mkdir(parents=True)
+    (home / "config.pbtxt").write_text(
+        CONFIG.format(
+            name=MODEL_NAME,
+            instances=instances,
+            kind="KIND_GPU" if backend == "tensorrt" else "KIND_CPU",
+            idle_us=int(idle_timeout_s * 1e6),
+            candidates=max(16, 4 * max_batch),
+        )
+    )
+    shutil.copy(MODEL_PY, version / "model.py")
+    shutil.copytree(model_dir, version / "model")
+    settings = {
+        "backend": backend,
+        "device": device,
+        "max_batch": max_batch,
+        "max_context": max_context,
+        "prefill_chunk": prefill_chunk,
+        "idle_timeout_s": idle_timeout_s,
+    }
+    (version / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
+    return home

@@ -1,0 +1,189 @@
+"""A real `tritonserver` on 127.0.0.1 for a model repository: `mosaicrt serve` and the tests.
+
+The binary comes from the `nvidia-pytriton` wheel (which also ships the Python backend and its
+stubs) or from PATH. The Python backend's stub must run this interpreter: the server gets this
+environment's bin first on PATH and its libpython's directory on LD_LIBRARY_PATH, and a backend
+directory whose python/ holds links to the backend library, its utils and the stub for this
+Python version.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from mosaicrt.errors import BackendError
+
+
+def pytriton_root() -> Path | None:
+    try:
+        import pytriton
+    except ImportError:
+        return None
+    return Path(pytriton.__file__).parent / "tritonserver"
+
+
+def server_binary() -> Path:
+    root = pytriton_root()
+    if root is not None and (root / "bin" / "tritonserver").is_file():
+        return root / "bin" / "tritonserver"
+    found = shutil.which("tritonserver")
+    if found:
+        return Path(found)
+    raise BackendError(
+        "no tritonserver found: pip install 'mosaicrt[serve]' (the nvidia-pytriton wheel ships "
+        "the server), or put NVIDIA's tritonserver on PATH"
+    )
+
+
+def backend_directory(where: Path) -> Path:
+    """where/python/ with the Python backend and the stub for this interpreter's version."""
+    root = pytriton_root()
+    if root is None:
+        return Path("/opt/tritonserver/backends")  # a tritonserver from PATH brings its own
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    python = where / "python"
+    python.mkdir(parents=True, exist_ok=True)
+    stub = "triton_python_backend_stub"
+    for name, source in (
+        ("libtriton_python.so", root / "backends/python/libtriton_python.so"),
+        ("triton_python_backend_utils.py", root / "backends/python/triton_python_backend_utils.py"),
+        (stub, root / "python_backend_stubs" / version / stub),
+    ):
+        if not source.exists():
+            raise BackendError(f"the Triton Python backend has no {name} for Python {version}")
+        if not (python / name).exists():
+            (python / name).symlink_to(source)
+    return where
+
+
+def server_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    if sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        libdir = sysconfig.get_config_var("LIBDIR")
+        env["LD_LIBRARY_PATH"] = libdir + (os.pathsep + env["LD_LIBRARY_PATH"]
+                                           if env.get("LD_LIBRARY_PATH") else "")  # fmt: skip
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TritonServer:
+    """`with TritonServer(repo) as server:` a ready server; stopped cleanly on exit."""
+
+    def __init__(
+        self,
+        repo: str | Path,
+        http_port: int | None = None,
+        grpc_port: int | None = None,
+        metrics_port: int | None = None,
+        log: str | Path | None = None,
+        exit_timeout_s: int = 5,
+    ) -> None:
+        self.repo = Path(repo)
+        if not (self.repo / "mosaicrt" / "config.pbtxt").is_file():
+            raise BackendError(
+                f"{repo} is not a mosaicrt model repository: create one with "
+                f"`mosaicrt triton-export MODEL_DIR -o {repo}`"
+            )
+        self.http_port = http_port or free_port()
+        self.grpc_port = grpc_port or free_port()
+        self.metrics_port = metrics_port or free_port()
+        self.exit_timeout_s = exit_timeout_s
+        self.workdir = Path(tempfile.mkdtemp(prefix="mosaicrt-triton-"))
+        self.log_path = Path(log) if log else self.workdir / "server.log"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def start(self, timeout_s: float = 120.0) -> TritonServer:
+        command = [
+            str(server_binary()),
+            f"--model-repository={self.repo}",
+            f"--backend-directory={backend_directory(self.workdir / 'backends')}",
+            "--http-address=127.0.0.1", f"--http-port={self.http_port}",
+            "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
+            "--metrics-address=127.0.0.1", f"--metrics-port={self.metrics_port}",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
+        ]  # fmt: skip
+        self.log = open(self.log_path, "w")
+        self.process = subprocess.Popen(
+            command, env=server_env(), stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise BackendError(
+                    f"tritonserver exited with code {self.process.returncode} while starting: "
+                    f"{self.last_error()} (log: {self.log_path})"
+                )
+            if self.ready():
+                return self
+            time.sleep(0.25)
+        self.stop()
+        raise BackendError(
+            f"tritonserver was not ready after {timeout_s:.0f} s (log: {self.log_path})"
+        )
+
+    def ready(self) -> bool:
+        url = f"http://{self.http_url}/v2/health/ready"
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                return response.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
+
+    def last_error(self) -> str:
+        lines = [line for line in self.log_path.read_text().splitlines() if "rror" in line]
+        return lines[-1].strip() if lines else "no error in its log"
+
+    def stop(self) -> int | None:
+        """SIGTERM and wait; then SIGKILL the server (its stubs clean up after it); the whole
+        process group only as a last resort. Returns the server's exit code."""
+        if self.process is None:
+            return None
+        code = self.process.poll()
+        if code is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                code = self.process.wait(self.exit_timeout_s + 15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                code = self.process.wait(10)
+                time.sleep(3)  # the stubs notice and remove their shared memory
+                try:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self.log.close()
+        shutil.rmtree(self.workdir / "backends", ignore_errors=True)
+        self.process = None
+        return code
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
