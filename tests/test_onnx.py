@@ -228,3 +228,20 @@ def test_bf16_artifact_builds_and_is_refused_by_the_cpu_provider(oracle_ckpt, tm
     )
     with pytest.raises(BackendError, match="bf16 artifact.*TensorRT"):
         OrtBackend(artifact)
+
+
+def test_large_models_stream_their_weights_to_external_data(oracle_ckpt, tmp_path, monkeypatch):
+    """Above the size threshold the weights go straight to model.onnx.data as the graph is built;
+    the artifact runs and gives the same logits as the all-in-one file."""
+    import mosaicrt.export.artifact as artifact_module
+
+    inline = export_artifact(oracle_ckpt, tmp_path / "inline", max_context=64)
+    monkeypatch.setattr(artifact_module, "EXTERNAL_DATA_BYTES", 0)
+    external = export_artifact(oracle_ckpt, tmp_path / "external", max_context=64)
+    data = external / "model.onnx.data"
+    assert data.stat().st_size > (external / "model.onnx").stat().st_size
+    assert not (inline / "model.onnx.data").exists()
+    ids = torch.randint(0, 50, (2, 9))
+    limits = RunLimits(max_batch=2, max_context=64)
+    want = score(OrtBackend(inline, device="cpu"), ids, limits)
+    assert torch.equal(score(OrtBackend(external, device="cpu"), ids, limits), want)

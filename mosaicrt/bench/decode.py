@@ -146,9 +146,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--prefill-chunk", type=int, default=512)
+    parser.add_argument(
+        "--recompute-max-context",
+        type=int,
+        default=4096,
+        help="full recompute only up to this context (each of its steps is a whole forward)",
+    )
     parser.add_argument("--device", default="cpu", help="for the torch backends: cpu or cuda")
     parser.add_argument("--dtype", default="float32", help="torch backends: float32, bfloat16")
     parser.add_argument("--json", help="write results here")
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="add this run's rows to the --json file (backends too large to load together run "
+        "one per process)",
+    )
     args = parser.parse_args(argv)
     names = args.backends.split(",")
     plans = [(True, int(c)) for c in args.contexts.split(",") if c]
@@ -179,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
                         prefill(backend, c, capacity, c if recompute else args.prefill_chunk),
                     )
                     for c in tqdm(contexts, desc=f"prefill {name}")
+                    if not recompute or c <= args.recompute_max_context
                 }
                 times.update(
                     interleaved_tpot(
@@ -194,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
                         "backend": name,
                         "use_ltm": use_ltm,
                         "context": context,
+                        "bandwidth_gb_s": bandwidth,
                         "tpot_ms": {
                             "p50": 1e3 * tpot,
                             "mean": 1e3 * statistics.fmean(samples),
@@ -209,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
                     f"  roofline {1e3 * roof:6.2f} ms ({100 * roof / tpot:5.1f} %)"
                 )
             del backends
+    if args.append and args.json and Path(args.json).exists():
+        rows = json.loads(Path(args.json).read_text())["rows"] + rows
     for row in rows:
         ref = next(
             (

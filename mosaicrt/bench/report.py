@@ -111,8 +111,10 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
+    backends = sorted({r["backend"] for r in result["rows"]})
+    colors = {name: f"C{i}" for i, name in enumerate(backends)}  # one color per backend
     for use_ltm in (True, False):
-        for backend in sorted({r["backend"] for r in result["rows"]}):
+        for backend in backends:
             rows = [
                 r for r in result["rows"] if r["backend"] == backend and r["use_ltm"] == use_ltm
             ]
@@ -121,6 +123,7 @@ def plot(result: dict, path: str) -> None:
                     [r["context"] for r in rows],
                     [r["tpot_ms"]["p50"] for r in rows],
                     marker="o",
+                    color=colors[backend],
                     linestyle="-" if use_ltm else "--",
                     label=f"{backend} ({'STM+LTM' if use_ltm else 'STM only'})",
                 )

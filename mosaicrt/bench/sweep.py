@@ -57,7 +57,7 @@ def plot(result: dict, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    from matplotlib.ticker import ScalarFormatter
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for name, data in result["backends"].items():
@@ -76,9 +76,12 @@ def plot(result: dict, path: str) -> None:
     right.set_xlabel("inter-token latency (ms)")
     right.set_ylabel("fraction of tokens")
     right.set_title("latency CDF")
+    batches = [r["batch"] for r in next(iter(result["backends"].values()))["rows"]]
+    left.set_xticks(batches, [str(b) for b in batches])
+    left.minorticks_off()
+    right.xaxis.set_major_formatter(ScalarFormatter())
+    right.xaxis.set_minor_formatter(ScalarFormatter())
     for ax in (left, right):
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -18,7 +18,7 @@ from mosaicrt import __version__
 from mosaicrt.errors import CheckpointError
 from mosaicrt.export import io_spec
 from mosaicrt.export.builder import build_step_model
-from mosaicrt.export.graph import OPSET
+from mosaicrt.export.graph import OPSET, ExternalData
 from mosaicrt.export.ops import DOMAIN, DOMAIN_VERSION
 from mosaicrt.model.checkpoint import load_model
 from mosaicrt.model.config import DTYPE_BYTES, DTYPES, ModelConfig, load_config, save_config
@@ -49,26 +49,25 @@ def export_artifact(
     out.mkdir(parents=True, exist_ok=True)
     steps = tqdm(total=4, desc="export", disable=not progress)
     model = load_model(checkpoint, dtype=None)
-    steps.update(1)
-    proto = build_step_model(model, last_only=last_only, dtype=dtype)
+    config = model.config
     steps.update(1)
     size = sum(t.numel() * DTYPE_BYTES[dtype] for t in model.state_dict().values())
-    (out / (MODEL_FILE + ".data")).unlink(missing_ok=True)
-    if size > EXTERNAL_DATA_BYTES:
-        onnx.save(
-            proto,
-            str(out / MODEL_FILE),
-            save_as_external_data=True,
-            location=MODEL_FILE + ".data",
-            size_threshold=1024,
-        )
-    else:
-        onnx.save(proto, str(out / MODEL_FILE))
+    data = out / (MODEL_FILE + ".data")
+    data.unlink(missing_ok=True)
+    # Above the protobuf limit, weights stream into model.onnx.data as the graph is built.
+    external = ExternalData(data) if size > EXTERNAL_DATA_BYTES else None
+    try:
+        proto = build_step_model(model, last_only=last_only, dtype=dtype, external=external)
+    finally:
+        if external is not None:
+            external.close()
+    del model  # the weights are in the proto or the data file now
+    steps.update(1)
+    (out / MODEL_FILE).write_bytes(proto.SerializeToString())  # external tensors: written
     steps.update(1)
     onnx.checker.check_model(str(out / MODEL_FILE), full_check=True)
     steps.update(1)
     steps.close()
-    config = model.config
     save_config(config.replace(torch_dtype=dtype), out)
     tokenizer = Path(checkpoint) / "tokenizer.json"
     if tokenizer.is_file():

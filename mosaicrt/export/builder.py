@@ -35,7 +35,7 @@ import torch
 from onnx import helper
 
 from mosaicrt.export import io_spec
-from mosaicrt.export.graph import FLOAT, ONNX_DTYPES, OPSET, GraphBuilder
+from mosaicrt.export.graph import FLOAT, ONNX_DTYPES, OPSET, ExternalData, GraphBuilder
 from mosaicrt.export.ops import DOMAIN, DOMAIN_VERSION, NO_WINDOW, functions, plugin_attrs
 from mosaicrt.model.mmv2 import MMv2
 
@@ -54,11 +54,13 @@ def as_dtype(array: np.ndarray, dtype: str) -> np.ndarray:
 
 
 class StepGraphBuilder:
-    def __init__(self, model: MMv2, last_only: bool, dtype: str) -> None:
+    def __init__(
+        self, model: MMv2, last_only: bool, dtype: str, external: ExternalData | None = None
+    ) -> None:
         self.model, self.config = model, model.config
         self.last_only = last_only
         self.dtype = dtype  # weights, their MatMuls and the stores; the rest runs in fp32
-        self.g = GraphBuilder()
+        self.g = GraphBuilder(external=external)
 
     def half(self) -> bool:
         return self.dtype != "float32"
@@ -335,7 +337,11 @@ class StepGraphBuilder:
 
 
 def build_step_model(
-    model: MMv2, last_only: bool = False, dtype: str = "float32"
+    model: MMv2,
+    last_only: bool = False,
+    dtype: str = "float32",
+    external: ExternalData | None = None,
 ) -> onnx.ModelProto:
-    """The ONNX step graph of `model`: weights, weight MatMuls and stores in `dtype`."""
-    return StepGraphBuilder(model, last_only, dtype).build()
+    """The ONNX step graph of `model`: weights, weight MatMuls and stores in `dtype` (written to
+    `external` as they are made, when given)."""
+    return StepGraphBuilder(model, last_only, dtype, external).build()

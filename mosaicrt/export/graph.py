@@ -15,11 +15,37 @@ ONNX_DTYPES = {
 }
 
 
+class ExternalData:
+    """Writes initializers straight into the external data file as they are made, so a large
+    model's weights are never held in memory a second time (as protobuf bytes)."""
+
+    def __init__(self, path) -> None:
+        self.path, self.file, self.offset = path, open(path, "wb"), 0
+
+    def tensor(self, name: str, array: np.ndarray) -> TensorProto:
+        array = np.ascontiguousarray(array)
+        proto = numpy_helper.from_array(array.reshape(-1)[:0], name)  # name and element type
+        del proto.dims[:]
+        proto.dims.extend(array.shape)
+        proto.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.path.name), ("offset", self.offset),
+                           ("length", array.nbytes)):  # fmt: skip
+            entry = proto.external_data.add()
+            entry.key, entry.value = key, str(value)
+        self.file.write(array.view(np.uint8).data)
+        self.offset += array.nbytes
+        return proto
+
+    def close(self) -> None:
+        self.file.close()
+
+
 class GraphBuilder:
     """Collects nodes and initializers; `op` returns the output name(s) of the node it adds."""
 
-    def __init__(self, prefix: str = "") -> None:
+    def __init__(self, prefix: str = "", external: ExternalData | None = None) -> None:
         self.prefix = prefix
+        self.external = external  # where large initializers go, if anywhere
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.counter = 0
@@ -69,7 +95,10 @@ class GraphBuilder:
 
     def weight(self, name: str, array: np.ndarray) -> str:
         """A graph initializer (model weights)."""
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        if self.external is not None and array.nbytes >= 1024:
+            self.initializers.append(self.external.tensor(name, array))
+        else:
+            self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
     def ints(self, *values: int) -> str:

@@ -83,7 +83,8 @@ class TorchBackend(Backend):
         kernels: "torch" (the reference code) or "triton" (the kernels in mosaicrt.plugins).
         cuda_graphs: with Triton kernels on a GPU, run decode steps as CUDA graphs (one per
         state, that is per batch size).
-        compile: run steps through torch.compile (dynamic shapes; the first steps compile)."""
+        compile: run decode steps through torch.compile (dynamic shapes; the first steps
+        compile); prefill chunks stay eager."""
         self.device = pick_device(device)
         if dtype is None and self.device.type == "cpu":
             dtype = "float32"
@@ -96,7 +97,9 @@ class TorchBackend(Backend):
         # The reference code sizes its LTM reads on the host, so only the kernels are capturable.
         self.cuda_graphs = cuda_graphs and kernels == "triton" and self.device.type == "cuda"
         self.graphs: dict[int, DecodeGraph] = {}
-        self.step_fn = torch.compile(self.model.step, dynamic=True) if compile else self.model.step
+        self.decode_fn = self.model.step
+        if compile:
+            self.decode_fn = torch.compile(self.model.step, dynamic=True)
 
     def new_state(self, batch: int, capacity: int) -> DecodeState:
         return self.model.new_state(batch, capacity)
@@ -116,5 +119,6 @@ class TorchBackend(Backend):
                 graph = self.graphs[id(state)] = DecodeGraph(self.model, state)
                 weakref.finalize(state, self.graphs.pop, id(state), None)
             return graph(ids, lengths).float().cpu()
-        logits = self.step_fn(ids.to(self.device), state, lengths.to(self.device), last_only)
+        step = self.decode_fn if ids.shape[1] == 1 else self.model.step
+        logits = step(ids.to(self.device), state, lengths.to(self.device), last_only)
         return logits.float().cpu()
