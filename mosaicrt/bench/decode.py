@@ -28,7 +28,7 @@ from mosaicrt.bench.machine import (
 from mosaicrt.bench.roofline import decode_bytes
 from mosaicrt.model.checkpoint import random_tensors, write_checkpoint
 from mosaicrt.model.config import DTYPE_BYTES, ModelConfig, load_config, preset
-from mosaicrt.runtime.backend import Backend
+from mosaicrt.runtime.backend import Backend, torch_threads_for
 
 
 def prefill(backend: Backend, context: int, capacity: int, chunk: int):
@@ -134,6 +134,20 @@ def open_backends(
     return backends
 
 
+def measure(name: str, backend: Backend, contexts: list[int], capacity: int, args) -> dict:
+    """Prefill a state per context, then time single-token steps of all of them in turn."""
+    recompute = name == "full-recompute"  # seconds per token: a few steps suffice
+    cases = {
+        (name, c): (
+            backend,
+            prefill(backend, c, capacity, c if recompute else args.prefill_chunk),
+        )
+        for c in tqdm(contexts, desc=f"prefill {name}")
+        if not recompute or c <= args.recompute_max_context
+    }
+    return interleaved_tpot(cases, 3 if recompute else args.steps, 1 if recompute else args.warmup)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="mini")
@@ -184,21 +198,8 @@ def main(argv: list[str] | None = None) -> None:
             )
             times = {}
             for name, backend in backends.items():  # one runtime at a time: their thread pools
-                recompute = name == "full-recompute"  # seconds per token: a few steps suffice
-                cases = {
-                    (name, c): (
-                        backend,
-                        prefill(backend, c, capacity, c if recompute else args.prefill_chunk),
-                    )
-                    for c in tqdm(contexts, desc=f"prefill {name}")
-                    if not recompute or c <= args.recompute_max_context
-                }
-                times.update(
-                    interleaved_tpot(
-                        cases, 3 if recompute else args.steps, 1 if recompute else args.warmup
-                    )
-                )
-                del cases
+                with torch_threads_for(getattr(backend, "inner", backend)):
+                    times.update(measure(name, backend, contexts, capacity, args))
             for (name, context), samples in times.items():
                 tpot = statistics.median(samples)
                 roof = decode_bytes(config, [context], elem) / (bandwidth * 1e9)

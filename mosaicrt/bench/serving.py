@@ -26,7 +26,7 @@ from mosaicrt.bench.metrics import RequestTiming, request_metrics
 from mosaicrt.bench.roofline import decode_bytes, prefill_flops
 from mosaicrt.bench.state_bytes import measure_state, store_dtype
 from mosaicrt.model.config import DTYPE_BYTES, parameter_count
-from mosaicrt.runtime.backend import Backend
+from mosaicrt.runtime.backend import Backend, torch_threads_for
 from mosaicrt.runtime.generator import ContinuousBatcher, Request, RunLimits
 from mosaicrt.runtime.sampling import SamplingParams
 
@@ -35,6 +35,13 @@ def run_requests(
     backend: Backend, prompts: list[list[int]], output_len: int, limits: RunLimits
 ) -> tuple[list[RequestTiming], float]:
     """Submit all prompts at once; return each request's token timestamps and the wall time."""
+    with torch_threads_for(backend):
+        return _run_requests(backend, prompts, output_len, limits)
+
+
+def _run_requests(
+    backend: Backend, prompts: list[list[int]], output_len: int, limits: RunLimits
+) -> tuple[list[RequestTiming], float]:
     batcher = ContinuousBatcher(backend, SamplingParams(), limits, ignore_eos=True)
     requests = [Request(i, p, output_len) for i, p in enumerate(prompts)]
     times: dict[int, list[float]] = {r.rid: [] for r in requests}

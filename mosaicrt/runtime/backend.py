@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -15,6 +17,10 @@ class Backend(ABC):
 
     name: str
     config: ModelConfig
+    # torch intra-op threads while this backend runs (None: torch's default). A backend that
+    # computes in its own thread pool asks for 1: between its steps the runtime's small torch ops
+    # would otherwise wake torch's workers, whose spinning takes the cores from it.
+    torch_threads: int | None = None
 
     @abstractmethod
     def new_state(self, batch: int, capacity: int) -> Any:
@@ -30,3 +36,16 @@ class Backend(ABC):
     ) -> torch.Tensor:
         """Consume ids (B, C) int64, lengths (B,) real tokens per row; return (B, V) or (B, C, V)
         fp32 CPU logits, updating the state in place."""
+
+
+@contextmanager
+def torch_threads_for(backend: Backend) -> Iterator[None]:
+    """Run a block with the torch thread count the backend asks for, then restore it."""
+    wanted, before = backend.torch_threads, torch.get_num_threads()
+    if wanted is not None and wanted != before:
+        torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        if wanted is not None and wanted != before:
+            torch.set_num_threads(before)

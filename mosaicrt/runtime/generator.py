@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from mosaicrt.errors import CapacityError, InputError, MosaicError
-from mosaicrt.runtime.backend import Backend
+from mosaicrt.runtime.backend import Backend, torch_threads_for
 from mosaicrt.runtime.sampling import Sampler, SamplingParams
 
 
@@ -253,9 +253,15 @@ def generate(
     batcher = ContinuousBatcher(backend, sampling, limits)
     for request in requests:
         batcher.submit(request)
-    with tqdm(
-        total=len(requests) * max_new_tokens, desc="generating", unit="tok", disable=not progress
-    ) as bar:
+    with (
+        torch_threads_for(backend),
+        tqdm(
+            total=len(requests) * max_new_tokens,
+            desc="generating",
+            unit="tok",
+            disable=not progress,
+        ) as bar,
+    ):
         while batcher.busy:
             for request, _, finished in batcher.step():
                 bar.update(1 + (max_new_tokens - len(request.output) if finished else 0))
@@ -278,8 +284,9 @@ def score(backend: Backend, ids: torch.Tensor, limits: RunLimits = RunLimits()) 
         raise InputError(f"token id {bad} is outside [0, {vocab}): check the vocabulary size")
     state = backend.new_state(B, T)
     parts = []
-    for start in range(0, T, limits.prefill_chunk):
-        chunk = ids[:, start : start + limits.prefill_chunk]  # (B, C)
-        lengths = torch.full((B,), chunk.shape[1], dtype=torch.int64)
-        parts.append(backend.step(chunk, lengths, state, last_only=False))
+    with torch_threads_for(backend):
+        for start in range(0, T, limits.prefill_chunk):
+            chunk = ids[:, start : start + limits.prefill_chunk]  # (B, C)
+            lengths = torch.full((B,), chunk.shape[1], dtype=torch.int64)
+            parts.append(backend.step(chunk, lengths, state, last_only=False))
     return torch.cat(parts, dim=1)

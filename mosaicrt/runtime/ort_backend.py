@@ -28,6 +28,7 @@ OrtState = GraphState  # numpy buffers
 
 class OrtBackend(Backend):
     name = "onnxruntime"
+    torch_threads = 1  # ONNX Runtime computes in its own pool; torch only keeps the books
 
     def __init__(
         self, artifact: str | Path, device: str = "auto", threads: int | None = None

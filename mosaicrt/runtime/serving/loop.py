@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mosaicrt.errors import MosaicError
-from mosaicrt.runtime.backend import Backend
+from mosaicrt.runtime.backend import Backend, torch_threads_for
 from mosaicrt.runtime.generator import ContinuousBatcher, Request, RunLimits, check_request
 from mosaicrt.runtime.sampling import SamplingParams
 
@@ -90,10 +90,11 @@ class ServingLoop:
         self.batcher.submit(request)
 
     def _run(self) -> None:
-        while self._drain(wait=not self.batcher.busy):
-            if self.batcher.busy:
-                self._step()
-            self._expire_sessions()
+        with torch_threads_for(self.backend):
+            while self._drain(wait=not self.batcher.busy):
+                if self.batcher.busy:
+                    self._step()
+                self._expire_sessions()
 
     def _drain(self, wait: bool) -> bool:
         """Accept the queued requests, waiting up to a second for one when there is nothing to
