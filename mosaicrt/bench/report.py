@@ -33,6 +33,8 @@ def markdown(result: dict) -> str:
     """The table of a result file, whichever benchmark wrote it."""
     if result["benchmark"] == "kernels":
         return kernels_markdown(result)
+    if result["benchmark"] == "serve":
+        return serve_markdown(result)
     if result["benchmark"] == "sweep":
         from mosaicrt.bench.sweep import markdown as sweep_markdown
 
@@ -89,6 +91,22 @@ def kernels_markdown(result: dict) -> str:
             f"bandwidth | {b['tiling']} |"
         )
     return "\n".join(lines)
+
+
+def serve_markdown(result: dict) -> str:
+    m, one, many = result["machine"], result["one_client"], result["many_clients"]
+    return (
+        f"Machine: {m['cpu']}, {m['cpu_cores']} cores; {result['preset']} preset through "
+        f"{result['backend']}, {result['prompt_len']} prompt tokens and up to "
+        f"{result['new_tokens']} new tokens per request, {result['requests_per_client']} requests "
+        f"per client in turn ({m['date'][:10]}).\n\n"
+        "| clients | output tokens/s | vs one client |\n| --- | --- | --- |\n"
+        f"| 1 | {one['output_tokens_per_s']:.1f} | 1.0x |\n"
+        f"| {many['clients']} | {many['output_tokens_per_s']:.1f} | {result['speedup']:.1f}x |\n\n"
+        f"One request alone: {result['request_ms_server']:.0f} ms through the server, "
+        f"{result['request_ms_in_process']:.0f} ms through `generate`'s code in process "
+        f"(overhead {result['overhead_ms_per_request']:.0f} ms)."
+    )
 
 
 def update_readme(path: Path, results: Path = RESULTS) -> str:

@@ -41,7 +41,7 @@ class Backend(ABC):
 @contextmanager
 def torch_threads_for(backend: Backend) -> Iterator[None]:
     """Run a block with the torch thread count the backend asks for, then restore it."""
-    wanted, before = backend.torch_threads, torch.get_num_threads()
+    wanted, before = getattr(backend, "torch_threads", None), torch.get_num_threads()
     if wanted is not None and wanted != before:
         torch.set_num_threads(wanted)
     try:
