@@ -280,3 +280,19 @@ def test_engine_greedy_generation_equals_the_reference(artifacts, tmp_path):
         assert proc.returncode == 0, proc.stderr
         outputs.append(proc.stdout)
     assert outputs[0] == outputs[1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_device_pointers_become_tensors_without_a_copy():
+    """What enqueue does with TensorRT's pointers: a view of the same memory, bf16 included."""
+    import torch
+
+    types = [(torch.float32, trt.DataType.FLOAT), (torch.bfloat16, trt.DataType.BF16),
+             (torch.int64, trt.DataType.INT64)]  # fmt: skip
+    for dtype, trt_type in types:
+        x = torch.arange(24, device="cuda").reshape(2, 3, 4).to(dtype)
+        desc = trt.PluginTensorDesc()
+        desc.type, desc.dims = trt_type, trt.Dims(list(x.shape))
+        view = P.device_tensor(x.data_ptr(), desc)
+        assert view.dtype == dtype and view.data_ptr() == x.data_ptr() and torch.equal(view, x)
