@@ -161,18 +161,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     server = TritonServer(args.repo, args.http_port, args.grpc_port, args.metrics_port)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    for signum in (signal.SIGINT, signal.SIGTERM):  # also when started with SIGINT ignored
+        signal.signal(signum, lambda *_: stop.set())
     server.start()
     print(
         f"tritonserver ready: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics "
         f"127.0.0.1:{server.metrics_port} (log {server.log_path}); Ctrl-C stops it",
         flush=True,
     )
-    try:
-        while not stop.is_set() and server.process.poll() is None:
-            stop.wait(1.0)
-    except KeyboardInterrupt:
-        pass
+    while not stop.is_set() and server.process.poll() is None:
+        stop.wait(1.0)
     code = server.stop()
     print(f"tritonserver stopped (exit code {code})")
     return 0 if code == 0 else 1
@@ -489,7 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: the one the model directory is for",
     )
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
-    p.add_argument("--max-context", type=int, default=4096, help="tokens per sequence")
+    p.add_argument(
+        "--max-context",
+        type=int,
+        help="tokens per sequence (default: the artifact's or engine's, 4096 for a checkpoint)",
+    )
     p.add_argument("--instances", type=int, default=1, help="model instances (processes)")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per step")
     p.add_argument(

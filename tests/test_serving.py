@@ -179,3 +179,44 @@ def test_a_two_turn_sequence_equals_one_pass(server):
     backend = OrtBackend(artifact, device="cpu")
     limits = RunLimits(max_batch=1, max_context=MAX_CONTEXT)
     assert second == generate(backend, [[5, 6, 7, 8] + first + [9, 10, 11]], 7, limits=limits)[0]
+
+
+def test_mosaicrt_serve_starts_and_stops_on_ctrl_c(server, tmp_path):
+    """The CLI: triton-export, then serve until SIGINT, which stops the server cleanly."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from mosaicrt.runtime.serving.server import free_port
+
+    _, artifact = server
+    cli = [sys.executable, "-m", "mosaicrt.cli"]
+    too_long = subprocess.run(cli + ["triton-export", str(artifact), "-o", str(tmp_path / "r"),
+                              "--max-context", "4096"], capture_output=True, text=True)  # fmt: skip
+    assert too_long.returncode == 2 and "exceeds the 64 tokens" in too_long.stderr
+    made = subprocess.run(cli + ["triton-export", str(artifact), "-o", str(tmp_path / "repo")],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    proc = subprocess.Popen(
+        cli + ["serve", str(tmp_path / "repo"), "--http-port", str(http), "--grpc-port",
+               str(grpc), "--metrics-port", str(metrics)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready") as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "tritonserver ready" in out and "stopped (exit code 0)" in out

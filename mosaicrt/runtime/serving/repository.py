@@ -61,12 +61,20 @@ def model_kind(model_dir: Path) -> str:
     )
 
 
+def model_max_context(model_dir: Path) -> int | None:
+    """The context an artifact or engine was made for (None for a checkpoint)."""
+    for manifest in ("build_manifest.json", "manifest.json"):
+        if (model_dir / manifest).is_file():
+            return int(json.loads((model_dir / manifest).read_text())["max_context"])
+    return None
+
+
 def export_repository(
     model_dir: str | Path,
     repo: str | Path,
     backend: str | None = None,
     max_batch: int = 8,
-    max_context: int = 4096,
+    max_context: int | None = None,
     instances: int = 1,
     prefill_chunk: int = 512,
     idle_timeout_s: float = 600.0,
@@ -80,6 +88,13 @@ def export_repository(
         raise InputError(
             f"{model_dir} is for the {found} backend, not {backend}: drop --backend or give "
             f"the matching model directory"
+        )
+    limit = model_max_context(model_dir)
+    max_context = max_context or limit or 4096
+    if limit and max_context > limit:
+        raise InputError(
+            f"--max-context {max_context} exceeds the {limit} tokens {model_dir} was built for: "
+            f"lower it, or re-export / rebuild with a larger --max-context"
         )
     for flag, value in (("max-batch", max_batch), ("max-context", max_context),
                         ("instances", instances), ("prefill-chunk", prefill_chunk)):  # fmt: skip

@@ -156,8 +156,13 @@ class TritonServer:
             return False
 
     def last_error(self) -> str:
-        lines = [line for line in self.log_path.read_text().splitlines() if "rror" in line]
-        return lines[-1].strip() if lines else "no error in its log"
+        """The model's load failure if there is one (it names the cause), else the last error."""
+        lines = self.log_path.read_text().splitlines()
+        for line in lines:
+            if "failed to load '" in line:
+                return line.strip()
+        errors = [line for line in lines if "rror" in line]
+        return errors[-1].strip() if errors else "no error in its log"
 
     def stop(self) -> int | None:
         """SIGTERM and wait; then SIGKILL the server (its stubs clean up after it); the whole
