@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from mosaicrt.errors import BackendError, CapacityError
 from mosaicrt.export import io_spec
 from mosaicrt.model.config import ModelConfig
 
@@ -107,3 +108,52 @@ def write_new_pairs(
                     store[0, b, :, t % ring] = pairs
                 else:
                     store[t // S, b, :, t % S] = pairs
+
+
+def graph_step(
+    config: ModelConfig,
+    block: int,
+    state: GraphState,
+    ids: Any,
+    lengths: Any,
+    last_only: bool,
+    last_only_graph: bool,
+    run: Callable[[dict[str, Any]], dict[str, Any]],
+    arange: Callable[[int], Any],
+) -> Any:
+    """One step of the exported graph over `state`, in place: feed the state (the LTM store's
+    readable blocks only, as a view), run, keep the present state and store the new pairs.
+    ids (B, C) and lengths (B,) are int64 in the state's array library, whose arange is given;
+    run(feeds) -> outputs by name. Returns (B, V) logits with last_only, else (B, C, V)."""
+    reach = int((state.pos + lengths).max())
+    if reach > state.capacity:
+        raise CapacityError(
+            f"a sequence would reach {reach} tokens but the state holds {state.capacity}: "
+            "raise --max-context"
+        )
+    if not last_only and last_only_graph:
+        raise BackendError(
+            "this model returns last-position logits only (exported with --last-only): "
+            "re-export it without --last-only to score every position"
+        )
+    nb = readable_blocks(config, block, state.pos, ids.shape[1])
+    feeds = {io_spec.INPUT_IDS: ids, io_spec.LENGTHS: lengths, io_spec.POSITIONS: state.pos + 0}
+    feeds.update(state.small)
+    for name, store in state.stores.items():
+        feeds[name] = store if ".stm." in name else store[:nb]  # leading blocks: a view
+    outputs = run(feeds)
+    for name, buffer in state.small.items():
+        buffer[...] = outputs["present" + name[len("past") :]]  # (B, nM*H, hs)
+    write_new_pairs(
+        config,
+        block,
+        state,
+        lambda layer, field: outputs[io_spec.new_pairs_name(layer, field)],
+        lengths,
+        arange(ids.shape[1]),
+    )
+    state.pos += lengths
+    logits = outputs[io_spec.LOGITS]
+    if last_only and not last_only_graph:
+        logits = logits[arange(len(lengths)), (lengths - 1).clip(min=0)]
+    return logits

@@ -18,9 +18,9 @@ from mosaicrt.runtime.backend import Backend
 from mosaicrt.runtime.graph_state import (
     GraphState,
     allocate,
+    graph_step,
     readable_blocks,
     reset_rows,
-    write_new_pairs,
 )
 
 OrtState = GraphState  # numpy buffers
@@ -116,41 +116,15 @@ class OrtBackend(Backend):
     def step(
         self, ids: torch.Tensor, lengths: torch.Tensor, state: OrtState, last_only: bool
     ) -> torch.Tensor:
-        ids_np, lengths_np = ids.numpy().astype(np.int64), lengths.numpy().astype(np.int64)
-        reach = state.pos + lengths_np
-        if int(reach.max()) > state.capacity:
-            raise CapacityError(
-                f"a sequence would reach {int(reach.max())} tokens but the state "
-                f"holds {state.capacity}: raise --max-context"
-            )
-        if not last_only and self.last_only_graph:
-            raise BackendError(
-                "this artifact returns last-position logits only (exported with "
-                "--last-only): re-export without it to score every position"
-            )
-        C = ids_np.shape[1]
-        nb = self.readable_blocks(state.pos, C)
-        feeds = {
-            io_spec.INPUT_IDS: ids_np,
-            io_spec.LENGTHS: lengths_np,
-            io_spec.POSITIONS: state.pos.copy(),
-        }
-        feeds.update(state.small)
-        for name, store in state.stores.items():
-            feeds[name] = store if ".stm." in name else store[:nb]  # leading blocks: a view
-        outputs = dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
-        for name, array in state.small.items():
-            np.copyto(array, outputs["present" + name[len("past") :]])  # small: (B, nM*H, hs)
-        write_new_pairs(
+        logits = graph_step(
             self.config,
             self.block,
             state,
-            lambda layer, field: outputs[io_spec.new_pairs_name(layer, field)],
-            lengths_np,
-            np.arange(C),
+            ids.numpy().astype(np.int64),
+            lengths.numpy().astype(np.int64),
+            last_only,
+            self.last_only_graph,
+            lambda feeds: dict(zip(self.output_names, self.session.run(self.output_names, feeds))),
+            np.arange,
         )
-        state.pos += lengths_np
-        logits = outputs[io_spec.LOGITS]
-        if last_only and not self.last_only_graph:
-            logits = logits[np.arange(len(lengths_np)), np.maximum(lengths_np - 1, 0)]
         return torch.from_numpy(logits)

@@ -18,13 +18,7 @@ from mosaicrt.export import io_spec
 from mosaicrt.model.checkpoint import TORCH_DTYPES
 from mosaicrt.model.config import ModelConfig
 from mosaicrt.runtime.backend import Backend
-from mosaicrt.runtime.graph_state import (
-    GraphState,
-    allocate,
-    readable_blocks,
-    reset_rows,
-    write_new_pairs,
-)
+from mosaicrt.runtime.graph_state import GraphState, allocate, graph_step, reset_rows
 
 BUILD_MANIFEST, ENGINE_FORMAT = "build_manifest.json", "mosaicrt-tensorrt-engine"
 
@@ -154,46 +148,21 @@ class TrtBackend(Backend):
     def step(
         self, ids: torch.Tensor, lengths: torch.Tensor, state: GraphState, last_only: bool
     ) -> torch.Tensor:
-        B, C = ids.shape
-        lengths = lengths.to(self.device)
-        reach = int((state.pos + lengths).max())
-        if reach > state.capacity:
-            raise CapacityError(
-                f"a sequence would reach {reach} tokens but the state holds {state.capacity}: "
-                "raise --max-context"
-            )
+        C = ids.shape[1]
         if C > self.max_chunk:
             raise CapacityError(
                 f"a chunk of {C} tokens exceeds the engine's --max-chunk {self.max_chunk}: "
                 f"lower --prefill-chunk to {self.max_chunk} or rebuild"
             )
-        if not last_only and self.last_only_graph:
-            raise BackendError(
-                "this engine returns last-position logits only (exported with --last-only): "
-                "re-export and rebuild without it to score every position"
-            )
-        nb = readable_blocks(self.config, self.block, state.pos, C)
-        feeds = {
-            io_spec.INPUT_IDS: ids.to(self.device, torch.int64),
-            io_spec.LENGTHS: lengths,
-            io_spec.POSITIONS: state.pos.clone(),
-        }
-        feeds.update(state.small)
-        for name, store in state.stores.items():
-            feeds[name] = store if ".stm." in name else store[:nb]  # leading blocks: a view
-        outputs = self.run_graph(feeds)
-        for name, tensor in state.small.items():
-            tensor.copy_(outputs["present" + name[len("past") :]])
-        write_new_pairs(
+        logits = graph_step(
             self.config,
             self.block,
             state,
-            lambda layer, field: outputs[io_spec.new_pairs_name(layer, field)],
-            lengths,
-            torch.arange(C, device=self.device),
+            ids.to(self.device, torch.int64),
+            lengths.to(self.device, torch.int64),
+            last_only,
+            self.last_only_graph,
+            self.run_graph,
+            lambda n: torch.arange(n, device=self.device),
         )
-        state.pos += lengths
-        logits = outputs[io_spec.LOGITS]
-        if last_only and not self.last_only_graph:
-            logits = logits[torch.arange(B, device=self.device), (lengths - 1).clamp(min=0)]
         return logits.float().cpu()
