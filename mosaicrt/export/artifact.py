@@ -80,11 +80,13 @@ def export_artifact(
     return out
 
 
-def sha256(path: Path) -> str:
+def sha256(*paths: Path) -> str:
+    """SHA-256 of the files' bytes in turn, read in 1 MiB blocks (weights can be gigabytes)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
+    for path in paths:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 

@@ -12,7 +12,6 @@ included; full TensorRT builds for the local GPU.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.metadata
 import json
 import math
@@ -25,7 +24,7 @@ import onnx
 
 from mosaicrt import __version__
 from mosaicrt.errors import BackendError, InputError
-from mosaicrt.export.artifact import MODEL_FILE, read_manifest
+from mosaicrt.export.artifact import MODEL_FILE, read_manifest, sha256
 from mosaicrt.export.io_spec import INPUT_IDS
 from mosaicrt.export.ops import DOMAIN, PLUGIN_VERSION
 
@@ -72,34 +71,26 @@ class Phases:
         return time.perf_counter() - self.start
 
 
-def sha256(*paths: Path) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-def onnx_files(artifact: Path) -> list[Path]:
-    """model.onnx and its external data files, in a stable order."""
-    model = onnx.load(artifact / MODEL_FILE, load_external_data=False)
-    data = {
-        entry.value
-        for tensor in model.graph.initializer
-        for entry in tensor.external_data
-        if entry.key == "location"
-    }
-    return [artifact / MODEL_FILE] + [artifact / name for name in sorted(data)]
-
-
-def mosaic_node_names(path: Path) -> list[str]:
+def read_graph(path: Path) -> onnx.ModelProto:
+    """The artifact's graph without its weights, refused with the fix if it is not ONNX."""
     try:
-        model = onnx.load(path, load_external_data=False)
+        return onnx.load(path, load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError and friends
         raise BackendError(
             f"TensorRT cannot parse {path}: not an ONNX model ({exc}); re-export it with "
             "`mosaicrt export`"
         ) from None
-    return [node.name for node in model.graph.node if node.domain == DOMAIN]
+
+
+def onnx_files(artifact: Path, graph: onnx.ModelProto) -> list[Path]:
+    """model.onnx and its external data files, in a stable order."""
+    data = {
+        entry.value
+        for tensor in graph.graph.initializer
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    return [artifact / MODEL_FILE] + [artifact / name for name in sorted(data)]
 
 
 def profile_shape(name: str, shape, batch: int, chunk: int, blocks: int) -> tuple[int, ...]:
@@ -147,7 +138,8 @@ def build_engine(
             )
         block = manifest["ltm_block"]
         blocks = max(1, math.ceil(max_context / block))
-        mosaic_nodes = mosaic_node_names(artifact / MODEL_FILE)
+        graph = read_graph(artifact / MODEL_FILE)
+        mosaic_nodes = [node.name for node in graph.graph.node if node.domain == DOMAIN]
     with phases("loading TensorRT and registering the mosaic plugins"):
         from mosaicrt.plugins.tensorrt import FLAVOUR, register, trt
 
@@ -233,7 +225,7 @@ def build_engine(
                 {"name": name, "namespace": DOMAIN, "version": PLUGIN_VERSION} for name in plugins
             ],
             "plugin_source_sha256": sha256(*(plugin_dir / f for f in PLUGIN_SOURCES)),
-            "onnx_sha256": sha256(*onnx_files(artifact)),
+            "onnx_sha256": sha256(*onnx_files(artifact, graph)),
             "artifact": str(artifact.resolve()),
             "source_checkpoint": manifest.get("source_checkpoint"),
             "dtype": manifest["dtype"],
