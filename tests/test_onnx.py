@@ -1,14 +1,13 @@
 """ONNX export and the ONNX Runtime backend against the reference and the float64 oracle."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import onnx
 import oracle
 import pytest
 import torch
+from helpers import mosaicrt
 
 from mosaicrt.errors import BackendError, CapacityError, CheckpointError
 from mosaicrt.export.artifact import export_artifact
@@ -27,15 +26,6 @@ ATOL_TORCH = 1e-5  # fp32 ONNX Runtime vs fp32 reference
 def artifact(oracle_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("artifact")
     return export_artifact(oracle_ckpt, out, max_context=200, ltm_block=4)
-
-
-def mosaicrt(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "mosaicrt.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def test_artifact_carries_custom_ops_with_function_bodies(artifact):

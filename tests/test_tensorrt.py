@@ -17,6 +17,8 @@ P = pytest.importorskip(
     exc_type=ImportError,
 )
 
+from helpers import mosaicrt  # noqa: E402
+
 from mosaicrt.errors import BackendError  # noqa: E402
 from mosaicrt.export.artifact import export_artifact  # noqa: E402
 from mosaicrt.export.ops import DOMAIN, NO_WINDOW  # noqa: E402
@@ -204,19 +206,10 @@ def built_engine(artifact: Path, output: Path, target: str | None = "sm86") -> P
     return output
 
 
-def mosaicrt_cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "mosaicrt.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
 def test_engine_without_a_gpu_is_a_clear_error(artifacts, tmp_path):
     engine = built_engine(artifacts / "float32", tmp_path / "engine")
-    proc = mosaicrt_cli("generate", engine, "--prompt", "hi")  # auto: an engine dir -> tensorrt
+    proc = mosaicrt("generate", engine, "--prompt", "hi")  # auto: an engine dir -> tensorrt
     assert proc.returncode == 2
     assert f"built with {P.FLAVOUR} {trt.__version__} for sm86" in proc.stderr
     assert "needs a CUDA GPU" in proc.stderr and "--backend onnxruntime" in proc.stderr
@@ -227,11 +220,11 @@ def test_engine_from_another_tensorrt_is_refused(artifacts, tmp_path):
     manifest = json.loads((engine / "build_manifest.json").read_text())
     manifest["tensorrt_version"] = "0.9.0"
     (engine / "build_manifest.json").write_text(json.dumps(manifest))
-    proc = mosaicrt_cli("generate", engine, "--backend", "tensorrt", "--prompt", "hi")
+    proc = mosaicrt("generate", engine, "--backend", "tensorrt", "--prompt", "hi")
     assert proc.returncode == 2
     assert f"built with {P.FLAVOUR} 0.9.0 for sm86; this process has {P.FLAVOUR}" in proc.stderr
     assert "rebuild it here: `mosaicrt build" in proc.stderr
-    proc = mosaicrt_cli("generate", artifacts / "float32", "--backend", "tensorrt", "--prompt", "x")
+    proc = mosaicrt("generate", artifacts / "float32", "--backend", "tensorrt", "--prompt", "x")
     assert proc.returncode == 2 and "build an engine from it" in proc.stderr
 
 
@@ -261,7 +254,7 @@ def test_fp16_engine_matches_onnxruntime_through_polygraphy(artifacts, tmp_path)
     """mosaicrt check: ONNX Runtime, the torch reference and the engine on the same real decode
     states, compared by Polygraphy's Comparator within 1e-3 (fp16 weights and stores)."""
     engine = built_engine(artifacts / "float16", tmp_path / "engine", local_target() or None)
-    proc = mosaicrt_cli("check", artifacts / "float16", "--engine", engine, "--atol", "1e-3",
+    proc = mosaicrt("check", artifacts / "float16", "--engine", engine, "--atol", "1e-3",
                         "--rtol", "1e-2")  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "PASSED" in proc.stdout and "tensorrt" in proc.stdout
@@ -275,7 +268,7 @@ def test_engine_greedy_generation_equals_the_reference(artifacts, tmp_path):
     prompts.write_text('{"input_ids": [1, 2, 3]}\n{"input_ids": [5, 8, 13, 21, 34, 55, 89]}\n')
     outputs = []
     for model, backend in ((engine, "tensorrt"), (artifacts / "ckpt", "torch")):
-        proc = mosaicrt_cli("generate", model, "--backend", backend, "--input", prompts,
+        proc = mosaicrt("generate", model, "--backend", backend, "--input", prompts,
                             "--max-new-tokens", "20", "--max-context", "256")  # fmt: skip
         assert proc.returncode == 0, proc.stderr
         outputs.append(proc.stdout)
