@@ -2,10 +2,8 @@
 real server on loopback further down."""
 
 import os
-import queue
 import threading
 
-import numpy as np
 import pytest
 
 from mosaicrt.errors import CapacityError, InputError
@@ -103,36 +101,10 @@ def server(tiny_ckpt, tmp_path_factory):
 
 def stream(url: str, prompt, max_new_tokens, sequence_id, start=True, end=True, with_max=True):
     """One streaming request over gRPC: (tokens, error message or None)."""
-    import tritonclient.grpc as grpcclient
+    from mosaicrt.runtime.serving.client import stream_generate
 
-    responses: queue.Queue = queue.Queue()
-    client = grpcclient.InferenceServerClient(url)
-    client.start_stream(callback=lambda result, error: responses.put((result, error)))
-    inputs = [grpcclient.InferInput("input_ids", [len(prompt)], "INT64")]
-    inputs[0].set_data_from_numpy(np.array(prompt, dtype=np.int64))
-    if with_max:
-        inputs.append(grpcclient.InferInput("max_new_tokens", [1], "INT32"))
-        inputs[1].set_data_from_numpy(np.array([max_new_tokens], dtype=np.int32))
-    tokens, error = [], None
-    try:
-        client.async_stream_infer("mosaicrt", inputs, sequence_id=sequence_id,
-                                  sequence_start=start, sequence_end=end,
-                                  enable_empty_final_response=True)  # fmt: skip
-        while True:
-            result, err = responses.get(timeout=120)
-            if err is not None:
-                error = str(err)
-                break
-            response = result.get_response()
-            out = result.as_numpy("output_ids")
-            if out is not None:
-                tokens += out.tolist()
-            if response.parameters["triton_final_response"].bool_param:
-                break
-    finally:
-        client.stop_stream()
-        client.close()
-    return tokens, error
+    n = max_new_tokens if with_max else None
+    return stream_generate(url, prompt, n, sequence_id, start=start, end=end, timeout_s=120)
 
 
 def test_concurrent_streams_equal_generate_alone_and_bad_requests_fail_alone(server):

@@ -26,40 +26,17 @@ from mosaicrt.model.checkpoint import random_tensors, write_checkpoint
 from mosaicrt.model.config import preset
 from mosaicrt.runtime.generator import RunLimits, generate
 from mosaicrt.runtime.ort_backend import OrtBackend
+from mosaicrt.runtime.serving.client import stream_generate
 from mosaicrt.runtime.serving.repository import export_repository
 from mosaicrt.runtime.serving.server import TritonServer
 
 
 def stream_tokens(url: str, prompt: list[int], max_new_tokens: int, sequence_id: int) -> int:
     """One greedy streaming request; returns the number of tokens received."""
-    import queue
-
-    import numpy as np
-    import tritonclient.grpc as grpcclient
-
-    done: queue.Queue = queue.Queue()
-    count = 0
-    client = grpcclient.InferenceServerClient(url)
-    client.start_stream(callback=lambda result, error: done.put((result, error)))
-    ids = grpcclient.InferInput("input_ids", [len(prompt)], "INT64")
-    ids.set_data_from_numpy(np.array(prompt, dtype=np.int64))
-    limit = grpcclient.InferInput("max_new_tokens", [1], "INT32")
-    limit.set_data_from_numpy(np.array([max_new_tokens], dtype=np.int32))
-    try:
-        client.async_stream_infer("mosaicrt", [ids, limit], sequence_id=sequence_id,
-                                  sequence_start=True, sequence_end=True,
-                                  enable_empty_final_response=True)  # fmt: skip
-        while True:
-            result, error = done.get(timeout=600)
-            if error is not None:
-                raise RuntimeError(str(error))
-            out = result.as_numpy("output_ids")
-            count += 0 if out is None else len(out)
-            if result.get_response().parameters["triton_final_response"].bool_param:
-                return count
-    finally:
-        client.stop_stream()
-        client.close()
+    tokens, error = stream_generate(url, prompt, max_new_tokens, sequence_id)
+    if error is not None:
+        raise RuntimeError(error)
+    return len(tokens)
 
 
 def clients_run(url: str, clients: int, requests_each: int, prompt_len: int, new: int) -> dict:
