@@ -114,12 +114,6 @@ def read_token_array(path: str):
     return ids.astype(np.int64)
 
 
-def torch_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def cmd_build(args: argparse.Namespace) -> int:
     from mosaicrt.plugins.engine import build_engine
 
@@ -215,6 +209,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.mode == "compare":
         from mosaicrt.bench import decode
+        from mosaicrt.runtime.torch_backend import pick_device
 
         decode.main(
             [
@@ -227,7 +222,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 "--steps",
                 str(args.iters),
                 "--device",
-                args.device if args.device != "auto" else ("cuda" if torch_cuda() else "cpu"),
+                pick_device(args.device).type,
             ]  # fmt: skip
             + (["--json", args.json] if args.json else [])
         )

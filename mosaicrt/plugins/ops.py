@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mosaicrt.plugins.kernels.retrieval import retrieve, retrieve_decode
+from mosaicrt.plugins.kernels.retrieval import retrieve_any
 from mosaicrt.plugins.kernels.scan import gated_key_scan
 
 
@@ -66,9 +66,8 @@ def associative_memory_op(
         n = n.clamp(max=window - delay)
     beta = beta1 * n[..., None].float() ** alpha + beta0  # (B, C, H)
     qb = (q.float() * beta[..., None]).contiguous()
-    kernel = retrieve_decode if q.shape[1] == 1 else retrieve
     y.copy_(
-        kernel(
+        retrieve_any(
             qb,
             store_k,
             store_v,

@@ -37,11 +37,10 @@ class TritonKernels:
         k_pairs: torch.Tensor,
         v_pairs: torch.Tensor,
     ) -> torch.Tensor:
-        from mosaicrt.plugins.kernels.retrieval import retrieve, retrieve_decode
+        from mosaicrt.plugins.kernels.retrieval import retrieve_any
 
         stm = mem.kind == "stm"
-        kernel = retrieve_decode if q.shape[1] == 1 else retrieve  # decode: split the store
-        return kernel(
+        return retrieve_any(
             q.contiguous(),
             st.keys,
             st.vals,

@@ -394,3 +394,9 @@ def retrieve_decode(
         NUM_SPLITS=splits, HEAD_DIM=head_dim,
     )  # fmt: skip
     return y
+
+
+def retrieve_any(q: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """`retrieve_decode` for one query per sequence (split across the store), else `retrieve`;
+    same arguments (the decode kernel's own tiling keywords excepted)."""
+    return (retrieve_decode if q.shape[1] == 1 else retrieve)(q, *args, **kwargs)
