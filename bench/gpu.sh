@@ -9,7 +9,7 @@ GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | awk '{print 
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-timeout 130 python3 -m mosaicrt.bench.kernels --json "$OUT/kernels_$GPU.json" 2>&1 | tail -7
+timeout 200 python3 -m mosaicrt.bench.kernels --json "$OUT/kernels_$GPU.json" 2>&1 | tail -7
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_plugins.py 2>&1 \
     | tee "$OUT/gpu_tests.log" | tail -5
 timeout 90 python3 -m mosaicrt.bench.decode --device cuda --dtype bfloat16 \

@@ -29,7 +29,11 @@ CHUNK_TILINGS = [
     (128, 128, 8, 2),
 ]  # block_m, block_n, warps, stages
 DECODE_TILINGS = [(16, 128, 8), (32, 128, 8), (32, 128, 4), (64, 128, 8)]  # splits, block_n, warps
-SCAN_TILINGS = [(t, 4, seg) for t in (16, 32) for seg in (256, 512, 1024)]  # block_t, warps, seg
+SCAN_TILINGS = [
+    (warps, stages, seg)
+    for warps, stages in [(1, 2), (1, 3), (2, 2)]
+    for seg in (64, 128, 256, 512)
+]  # warps, stages, tokens per program
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -176,21 +180,20 @@ def bench_scan(B: int, C: int, H: int, hs: int, bandwidth: float) -> dict:
     want = reference_scan(k[:, :n].float(), g[:, :n], lam[:, :n], valid, st, 1e-6)
     nbytes = scan_bytes(B, C, H, hs, 2)
     tilings = []
-    for block_t, warps, seg in SCAN_TILINGS:
+    for warps, stages, seg in SCAN_TILINGS:
+        opts = dict(num_warps=warps, num_stages=stages)
         s, mx = fresh_state()
         got = gated_key_scan(k[:, :n], g[:, :n], lam[:, :n], lengths.clamp(max=n), s, mx, 1e-6,
-                             block_t=block_t, num_warps=warps, segment=128)  # fmt: skip
+                             segment=min(seg, 128), **opts)  # fmt: skip
         err = rel_err(got, want)
         s, mx = fresh_state()
-        ms = cuda_ms(
-            lambda: gated_key_scan(
-                k, g, lam, lengths, s, mx, 1e-6, block_t=block_t, num_warps=warps, segment=seg
-            )  # fmt: skip
-        )
+        run = lambda: gated_key_scan(k, g, lam, lengths, s, mx, 1e-6, segment=seg, **opts)  # noqa: E731
+        ms = graph_ms(run)
         tilings.append(
             {
-                "tiling": [block_t, warps, seg],
+                "tiling": [warps, stages, seg],
                 "ms": ms,
+                "eager_ms": cuda_ms(run),
                 "bandwidth_fraction": nbytes / (ms * 1e-3) / 1e9 / bandwidth,
                 "rel_err": err,
             }
@@ -212,6 +215,9 @@ def bench_scan(B: int, C: int, H: int, hs: int, bandwidth: float) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write results here")
+    parser.add_argument(
+        "--only", default="chunk,decode,scan", help="comma-separated subset of chunk,decode,scan"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit(
@@ -223,34 +229,43 @@ def main(argv: list[str] | None = None) -> None:
         "benchmark": "kernels",
         "machine": machine_info(),
         "copy_bandwidth_gb_s": bandwidth,
-        "chunk_retrieval": [bench_chunk(8192, 16, 128)],
-        "decode_retrieval": [bench_decode(32768, b, 16, 128, bandwidth) for b in (1, 8)],
-        "gated_scan": [bench_scan(B, 8192, 16, 128, bandwidth) for B in (8, 1)],
     }
+    parts = args.only.split(",")
+    if "chunk" in parts:
+        result["chunk_retrieval"] = [bench_chunk(8192, 16, 128)]
+    if "decode" in parts:
+        result["decode_retrieval"] = [bench_decode(32768, b, 16, 128, bandwidth) for b in (1, 8)]
+    if "scan" in parts:
+        result["gated_scan"] = [bench_scan(B, 8192, 16, 128, bandwidth) for B in (8, 1)]
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(f"{result['machine'].get('gpu')}: copy bandwidth {bandwidth:.0f} GB/s")
-    for r in result["chunk_retrieval"]:
+    for r in result.get("chunk_retrieval", []):
         b = r["best"] or {}
         print(
             f"chunk T={r['T']} hs={r['head_dim']}: best {b.get('tiling')} {b.get('ms', 0):.3f} ms "
             f"{b.get('tflops', 0):.0f} TFLOP/s; sdpa flash {r['sdpa_flash_ms']:.3f} ms "
             f"{r['sdpa_tflops']:.0f} TFLOP/s; ratio {r['throughput_vs_sdpa']}"
         )
-    for r in result["decode_retrieval"]:
+    for r in result.get("decode_retrieval", []):
         b = r["best"] or {}
         print(
             f"decode ctx={r['context']} B={r['batch']}: best {b.get('tiling')} graph "
             f"{b.get('graph_ms', 0):.4f} ms eager {b.get('ms', 0):.4f} ms, "
             f"{r['bandwidth_fraction']} of bandwidth"
         )
-    for r in result["gated_scan"]:
+    for r in result.get("gated_scan", []):
         b = r["best"] or {}
         print(
             f"scan B={r['batch']} C={r['chunk']}: best {b.get('tiling')} {b.get('ms', 0):.3f} ms, "
             f"{r['bandwidth_fraction']} of bandwidth"
         )
+        for t in r["tilings"]:
+            print(
+                f"  {t['tiling']}: {t['ms']:.3f} ms (eager {t['eager_ms']:.3f}), "
+                f"{100 * t['bandwidth_fraction']:.0f} %, rel err {t['rel_err']:.1e}"
+            )
 
 
 if __name__ == "__main__":

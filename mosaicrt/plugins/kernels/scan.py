@@ -1,17 +1,21 @@
 """The gated key scan in Triton (eq. 8 in its log-space stabilised form), state in and out.
 
-A program walks a segment of the chunk in blocks of BLOCK_T tokens for one (sequence, head).
-Inside a block the recurrence is solved in parallel: with Lam(j, i) = sum_{j < l <= i} log_lam_l
-(a masked cumulative sum: the same terms the sequential recurrence multiplies),
-    k_bar_i = sum_{j <= i} exp(log_g_j + Lam(j, i)) k~_j + exp(Lam(-1, i)) k_bar_in,
-shifted by the running max M_i so no exponent overflows (k_bar = exp(M) * s), and the state
-(s, M) of the block's last token carries to the next block.
-
-A long chunk is cut into segments scanned in parallel (a GPU has far more cores than a batch has
-sequence-heads), in three launches: (1) each segment's end state from a zero start, with its
-total log-decay; (2) per (sequence, head), the segments' incoming states, chained in order:
+A program walks a segment of the chunk token by token for one (sequence, head), exactly as eq. 8
+reads (k_bar = exp(mx) * s, mx the running max of the log-weights, so no gate overflows):
+    mx_t = max(mx_{t-1} + log_lam_t, log_g_t),
+    s_t = exp(mx_{t-1} + log_lam_t - mx_t) s_{t-1} + exp(log_g_t - mx_t) k~_t,
+    k_t = s_t / max(||s_t||, eps exp(-mx_t)).
+The work per token is one fused multiply-add per channel and a norm, so the scan is bound by
+reading k~ and writing keys, provided enough programs run at once: one warp per program, and a
+long chunk is cut into segments scanned in parallel, in three launches: (1) each segment's end
+state from a zero start, with its total log-decay; (2) per (sequence, head), the segments'
+incoming states, chained in order:
     k_bar_out = exp(Lam_seg) k_bar_in + k_bar_local;
 (3) each segment again from its incoming state, writing the keys.
+
+(A block-parallel form, each block of 16-64 tokens solved by one (T x T) @ (T x hs) product of its
+decay matrix, ran at a third of the bandwidth on an H200: the layout changes, barriers and
+reductions per block cost more than the one multiply-add per channel they replace.)
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+FLOOR = tl.constexpr(-1e30)  # running-max floor: keeps exp(-inf - -inf) out of a fresh state
 
 
 @triton.jit
@@ -31,59 +37,51 @@ def _scan_segment_kernel(
     stride_ob, stride_oc, stride_oh,
     C, SEG, H, D, eps,
     FROM_ZERO: tl.constexpr, WRITE_KEYS: tl.constexpr, WRITE_STATE: tl.constexpr,
-    BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
 ):  # fmt: skip
-    """Program (b*H + h, segment): tokens [segment*SEG, segment*SEG + SEG) of the chunk.
+    """Program (b*H + h, segment): tokens [segment*SEG, segment*SEG + SEG) of the chunk, one by one.
     State buffers are (B, NSEG, H, hs) and (B, NSEG, H); with one segment, the state itself."""
     pid = tl.program_id(0)
     seg = tl.program_id(1)
     b = pid // H
     h = pid % H
     offs_d = tl.arange(0, HEAD_DIM)
-    offs_t = tl.arange(0, BLOCK_T)
-    in_d = offs_d < D  # HEAD_DIM is hs rounded up to a power of two
+    in_d = offs_d < D
     length = tl.load(LEN + b)
     s_at = b * stride_sb + seg * stride_sg + h * stride_sh + offs_d
     mx_at = b * stride_mb + seg * stride_mg + h
     if FROM_ZERO:
         s = tl.zeros([HEAD_DIM], dtype=tl.float32)
-        mx_in = tl.max(tl.full([BLOCK_T], float("-inf"), dtype=tl.float32), 0)
+        mx = tl.max(tl.full([HEAD_DIM], float("-inf"), dtype=tl.float32), 0)
     else:
         s = tl.load(S_IN + s_at, mask=in_d, other=0.0)  # (HEAD_DIM,)
-        mx_in = tl.load(MX_IN + mx_at)  # -inf before the first token
-    mx = mx_in
-    lam_total = tl.sum(tl.zeros([BLOCK_T], dtype=tl.float32), 0)
-    later = offs_t[None, :] > offs_t[:, None]  # [j, l]: l > j
-    causal = offs_t[None, :] <= offs_t[:, None]  # [i, j]: j <= i
-    last_row = offs_t == BLOCK_T - 1
+        mx = tl.load(MX_IN + mx_at)  # -inf before the first token
+    lam_total = tl.sum(tl.zeros([HEAD_DIM], dtype=tl.float32), 0)
     first = seg * SEG
-    for start in range(first, tl.minimum(first + SEG, C), BLOCK_T):  # padding writes zeros
-        t = start + offs_t
-        real = t < length  # padding tokens are no-ops: no input, no decay
-        g_ptr = b * stride_gb + t * stride_gc + h
-        log_g = tl.load(LOG_G + g_ptr, mask=real, other=float("-inf"))
-        lam = tl.load(LOG_LAM + g_ptr, mask=real, other=0.0)
-        k = tl.load(K + b * stride_kb + t[:, None] * stride_kc + h * stride_kh + offs_d[None, :],
-                    mask=real[:, None] & in_d[None, :], other=0.0).to(tl.float32)  # fmt: skip
-        # Lam[j, i] = sum_l lam_l [j < l <= i], then W[i, j] = log_g_j + Lam[j, i] for j <= i.
-        lam_after = tl.cumsum(tl.where(later, lam[None, :], 0.0), axis=1)  # [j, i]
-        w = tl.where(causal, tl.trans(lam_after) + log_g[None, :], float("-inf"))  # [i, j]
-        w_state = mx + tl.cumsum(lam, axis=0)  # (BLOCK_T,) log-weight of the carried state
-        m = tl.maximum(tl.maximum(tl.max(w, 1), w_state), -1e30)  # floor: no -inf - -inf
-        e = tl.exp(w - m[:, None])
-        s_all = tl.dot(e, k, input_precision="ieee") + tl.exp(w_state - m)[:, None] * s[None, :]
+    stop = tl.minimum(first + SEG, C)
+    real_stop = tl.maximum(tl.minimum(stop, length), first)  # padding tokens are no-ops
+    for t in range(first, real_stop):
+        log_g = tl.load(LOG_G + b * stride_gb + t * stride_gc + h)
+        lam = tl.load(LOG_LAM + b * stride_gb + t * stride_gc + h)
+        k = tl.load(K + b * stride_kb + t * stride_kc + h * stride_kh + offs_d, mask=in_d,
+                    other=0.0).to(tl.float32)  # fmt: skip
+        carried = mx + lam
+        mx_new = tl.maximum(carried, log_g)
+        s = tl.exp(carried - mx_new) * s + tl.exp(log_g - mx_new) * k
+        mx = mx_new
+        lam_total += lam
         if WRITE_KEYS:
-            # ||k_bar|| vs eps  <=>  ||s|| vs eps * exp(-m).
-            norm = tl.maximum(tl.sqrt(tl.sum(s_all * s_all, 1)), eps * tl.exp(-m))
-            k_bar = tl.where(real[:, None], s_all / norm[:, None], 0.0)
-            tl.store(OUT + b * stride_ob + t[:, None] * stride_oc + h * stride_oh
-                     + offs_d[None, :], k_bar, mask=(t < C)[:, None] & in_d[None, :])  # fmt: skip
-        s = tl.sum(tl.where(last_row[:, None], s_all, 0.0), 0)  # padding rows change nothing
-        mx = tl.sum(tl.where(last_row, m, 0.0), 0)
-        lam_total += tl.sum(lam, 0)
+            # ||k_bar|| vs eps  <=>  ||s|| vs eps * exp(-mx).
+            norm = tl.maximum(tl.sqrt(tl.sum(s * s, 0)), eps * tl.exp(-mx))
+            tl.store(OUT + b * stride_ob + t * stride_oc + h * stride_oh + offs_d, s / norm,
+                     mask=in_d)  # fmt: skip
+    if WRITE_KEYS:
+        for t in range(real_stop, stop):
+            tl.store(OUT + b * stride_ob + t * stride_oc + h * stride_oh + offs_d,
+                     tl.zeros([HEAD_DIM], dtype=tl.float32), mask=in_d)  # fmt: skip
     if WRITE_STATE:
         tl.store(S_OUT + s_at, s, mask=in_d)
-        tl.store(MX_OUT + mx_at, tl.where(length > 0, mx, mx_in))  # an idle row keeps -inf
+        tl.store(MX_OUT + mx_at, mx)
     if FROM_ZERO:
         tl.store(LAM_OUT + mx_at, lam_total)
 
@@ -113,7 +111,7 @@ def _chain_segments_kernel(
                         mask=in_d, other=0.0)  # fmt: skip
         m_loc = tl.load(MX_LOC + b * stride_nb + seg * stride_ng + h)
         carried = mx + tl.load(LAM_SEG + b * stride_nb + seg * stride_ng + h)
-        m = tl.maximum(tl.maximum(carried, m_loc), -1e30)
+        m = tl.maximum(tl.maximum(carried, m_loc), FLOOR)
         s = tl.exp(carried - m) * s + tl.exp(m_loc - m) * s_loc
         mx = m
     tl.store(S + b * stride_sb + h * stride_sh + offs_d, s, mask=in_d)
@@ -128,8 +126,8 @@ def gated_key_scan(
     s: torch.Tensor,
     mx: torch.Tensor,
     eps: float,
-    block_t: int = 16,
-    num_warps: int = 4,
+    num_warps: int = 1,
+    num_stages: int = 3,
     segment: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -139,11 +137,10 @@ def gated_key_scan(
         k_raw: (B, C, H, hs) key projections.   log_g, log_lam: (B, C, H) fp32.
         lengths: (B,) real tokens per row (the rest is padding and leaves the state alone).
         s: (B, H, hs) fp32 stabilised state.   mx: (B, H) fp32 running max.
-        block_t: tokens solved in parallel per step of a program's loop.
-        num_warps: warps per program.
-        segment: tokens per program (a multiple of block_t); a chunk longer than that is scanned
-            in parallel segments. Default: enough segments for about 1024 programs on a GPU,
-            one segment under the interpreter.
+        num_warps, num_stages: warps per program, software-pipelining depth of its token loop.
+        segment: tokens per program; a chunk longer than that is scanned in parallel segments.
+            Default: enough segments for about 4096 programs on a GPU (at least 64 tokens
+            each), one segment under the interpreter.
         out: (B, C, H, hs) fp32 buffer for the keys (default: a new one).
     Returns:
         (B, C, H, hs) fp32 keys; padding positions are 0.
@@ -151,10 +148,8 @@ def gated_key_scan(
     B, C, H, hs = k_raw.shape
     k_raw, log_g, log_lam = k_raw.contiguous(), log_g.contiguous(), log_lam.contiguous()
     if segment is None:
-        wanted = triton.cdiv(1024, B * H) if k_raw.is_cuda else 1
-        segment = max(256, triton.cdiv(triton.cdiv(C, wanted), block_t) * block_t)
-    if segment % block_t:
-        raise ValueError(f"segment ({segment}) must be a multiple of block_t ({block_t})")
+        wanted = triton.cdiv(4096, B * H) if k_raw.is_cuda else 1
+        segment = max(64, triton.cdiv(C, wanted))
     nseg = triton.cdiv(C, segment)
     if out is None:
         out = torch.empty(B, C, H, hs, dtype=torch.float32, device=k_raw.device)
@@ -170,7 +165,7 @@ def gated_key_scan(
             out.stride(0), out.stride(1), out.stride(2),
             C, segment, H, hs, eps,
             FROM_ZERO=from_zero, WRITE_KEYS=write_keys, WRITE_STATE=write_state,
-            BLOCK_T=block_t, HEAD_DIM=head_dim, num_warps=num_warps,
+            HEAD_DIM=head_dim, num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
 
     if nseg == 1:
