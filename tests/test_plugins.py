@@ -9,7 +9,7 @@ from onnx import TensorProto, helper
 pytest.importorskip("triton", reason="the plugin ops run the Triton kernels ([triton] extra)")
 ort = pytest.importorskip("onnxruntime", reason="the reference is the ONNX function ([onnx] extra)")
 
-from mosaicrt.export.graph import OPSET  # noqa: E402
+from mosaicrt.export.graph import IR_VERSION, OPSET  # noqa: E402
 from mosaicrt.export.ops import DOMAIN, NO_WINDOW, functions  # noqa: E402
 from mosaicrt.plugins.ops import associative_memory_op, gated_key_scan_op  # noqa: E402
 
@@ -32,6 +32,7 @@ def run_node(op: str, inputs: dict, outputs: list[str], **attrs) -> list[np.ndar
         graph,
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)],
         functions=functions(),
+        ir_version=IR_VERSION,
     )
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, inputs)

@@ -28,7 +28,16 @@ CHUNK_TILINGS = [
     (64, 64, 4, 2),
     (128, 128, 8, 2),
 ]  # block_m, block_n, warps, stages
-DECODE_TILINGS = [(16, 128, 8), (32, 128, 8), (32, 128, 4), (64, 128, 8)]  # splits, block_n, warps
+DECODE_TILINGS = [
+    (16, 128, 8, 3),
+    (32, 128, 8, 3),
+    (16, 128, 8, 4),
+    (16, 64, 4, 4),
+    (32, 64, 4, 4),
+    (16, 256, 8, 3),
+    (8, 128, 8, 3),
+    (16, 128, 4, 4),
+]  # splits, block_n, warps, stages
 SCAN_TILINGS = [
     (warps, stages, seg)
     for warps, stages in [(1, 2), (1, 3), (2, 2)]
@@ -126,18 +135,18 @@ def bench_decode(context: int, B: int, H: int, hs: int, bandwidth: float) -> dic
     )
     nbytes = 2 * B * (context + 1) * H * hs * 2
     tilings = []
-    for splits, bn, warps in DECODE_TILINGS:
+    for splits, bn, warps, stages in DECODE_TILINGS:
 
         def ours():
             return retrieve_decode(q, store_k, store_v, new_k, new_v, pos, lengths, window=0,
                                    delay=1, ring=False, max_splits=splits, block_n=bn,
-                                   num_warps=warps)  # fmt: skip
+                                   num_warps=warps, num_stages=stages)  # fmt: skip
 
         err = rel_err(ours(), want)
         eager, graphed = cuda_ms(ours), graph_ms(ours)
         tilings.append(
             {
-                "tiling": [splits, bn, warps],
+                "tiling": [splits, bn, warps, stages],
                 "ms": eager,
                 "graph_ms": graphed,
                 "bandwidth_fraction": nbytes / (graphed * 1e-3) / 1e9 / bandwidth,
@@ -255,6 +264,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{b.get('graph_ms', 0):.4f} ms eager {b.get('ms', 0):.4f} ms, "
             f"{r['bandwidth_fraction']} of bandwidth"
         )
+        for t in r["tilings"]:
+            print(f"  {t['tiling']}: {t['graph_ms']:.4f} ms, {100 * t['bandwidth_fraction']:.0f} %")
     for r in result.get("gated_scan", []):
         b = r["best"] or {}
         print(

@@ -35,7 +35,14 @@ import torch
 from onnx import helper
 
 from mosaicrt.export import io_spec
-from mosaicrt.export.graph import FLOAT, ONNX_DTYPES, OPSET, ExternalData, GraphBuilder
+from mosaicrt.export.graph import (
+    FLOAT,
+    IR_VERSION,
+    ONNX_DTYPES,
+    OPSET,
+    ExternalData,
+    GraphBuilder,
+)
 from mosaicrt.export.ops import DOMAIN, DOMAIN_VERSION, NO_WINDOW, functions, plugin_attrs
 from mosaicrt.model.mmv2 import MMv2
 
@@ -331,7 +338,7 @@ class StepGraphBuilder:
                 helper.make_opsetid(DOMAIN, DOMAIN_VERSION),
             ],
             functions=functions(),
-            ir_version=9,
+            ir_version=IR_VERSION,
             producer_name="mosaicrt",
         )
 

@@ -7,6 +7,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 18  # default-domain opset of the artifact and of the function bodies
+IR_VERSION = 9  # the lowest IR with opset 18, readable by every ONNX Runtime >= 1.15
 FLOAT = TensorProto.FLOAT
 ONNX_DTYPES = {
     "float32": TensorProto.FLOAT,

@@ -358,6 +358,7 @@ def retrieve_decode(
     block_n: int = 128,
     max_splits: int = 16,
     num_warps: int = 8,
+    num_stages: int = 3,
 ) -> torch.Tensor:
     """Retrieval for one query per sequence (C = 1), split across the store and reduced.
 
@@ -384,7 +385,7 @@ def retrieve_decode(
         H, st["slots"], st["block_slots"], hs, split_size,
         WINDOW=window, DELAY=delay, RING=ring, BLOCKED=st["blocked"],
         NUM_SPLITS=splits, BLOCK_N=block_n, HEAD_DIM=head_dim,
-        num_warps=num_warps,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     y = torch.empty(B, 1, H, hs, dtype=torch.float32, device=q.device)
     _decode_reduce_kernel[(B * H,)](
