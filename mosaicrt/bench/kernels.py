@@ -21,7 +21,7 @@ import torch
 
 from mosaicrt.bench.machine import cuda_ms, machine_info, measure_gpu_bandwidth_gb_s
 
-# The tilings tried; the fastest of earlier sweeps (bench/results/kernels_h100.json) are the
+# The tilings tried; the fastest of earlier sweeps (bench/results/kernels_h*.json) are the
 # kernels' defaults.
 CHUNK_TILINGS = [
     (64, 64, 4, 3),

@@ -68,7 +68,7 @@ def kernels_markdown(result: dict) -> str:
         "| kernel | shape | time (ms) | measure | best tiling |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for r in result["chunk_retrieval"]:
+    for r in result.get("chunk_retrieval", []):
         b = r["best"]
         lines.append(
             f"| chunk retrieval | T={r['T']}, {r['heads']} heads of {r['head_dim']}, bf16 "
@@ -76,14 +76,14 @@ def kernels_markdown(result: dict) -> str:
             f"| {b['tflops']:.0f} vs {r['sdpa_tflops']:.0f} TFLOP/s: "
             f"{r['throughput_vs_sdpa']:.2f}x SDPA flash | {b['tiling']} |"
         )
-    for r in result["decode_retrieval"]:
+    for r in result.get("decode_retrieval", []):
         b = r["best"]
         lines.append(
             f"| decode retrieval | batch {r['batch']}, context {r['context']}, {r['heads']} heads "
             f"of {r['head_dim']}, bf16 | {b['graph_ms']:.3f} | "
             f"{100 * r['bandwidth_fraction']:.0f} % of bandwidth | {b['tiling']} |"
         )
-    for r in result["gated_scan"]:
+    for r in result.get("gated_scan", []):
         b = r["best"]
         lines.append(
             f"| gated key scan | batch {r['batch']}, chunk {r['chunk']}, {r['heads']} heads of "

@@ -358,13 +358,13 @@ def retrieve_decode(
     block_n: int = 128,
     max_splits: int = 16,
     num_warps: int = 8,
-    num_stages: int = 3,
+    num_stages: int = 4,
 ) -> torch.Tensor:
     """Retrieval for one query per sequence (C = 1), split across the store and reduced.
 
     Same arguments as `retrieve` with C = 1. The number of splits follows the store's size, not
     the positions, so the launch shape is static (capturable in a CUDA graph). The tiling
-    defaults are the measured best on an H100 (bench/results/kernels_h100.json).
+    defaults are the measured best on an H100 and an H200 (bench/results/kernels_*.json).
     """
     B, C, H, hs = q.shape
     if C != 1:
