@@ -147,3 +147,20 @@ def test_readme_results_match_the_committed_json():
     assert update_readme(readme) == readme.read_text(), (
         "README results are stale: run python -m mosaicrt.bench.report --readme README.md"
     )
+
+
+def test_ort_ceiling_reads_the_bytes_the_roofline_counts(tmp_path):
+    """The ceiling benchmark's MatMuls read the weights and the valid pairs of bench.roofline."""
+    from mosaicrt.bench import ort_ceiling
+    from mosaicrt.bench.roofline import decode_bytes
+
+    config, context = preset("tiny"), 40
+    out = tmp_path / "ceiling.json"
+    ort_ceiling.main(["--preset", "tiny", "--context", str(context), "--json", str(out)])
+    result = json.loads(out.read_text())
+    weights_only = decode_bytes(config, [])
+    assert result["stores"]["bytes"] == decode_bytes(config, [context]) - weights_only
+    # Every weight matrix is read; what the ceiling leaves out is norms and per-head scalars.
+    assert 0.99 * weights_only <= result["weights"]["bytes"] <= weights_only
+    for part in ("weights", "stores", "step"):
+        assert result[part]["ms"] > 0 and result[part]["roofline_fraction"] > 0

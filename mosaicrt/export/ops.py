@@ -123,13 +123,16 @@ def associative_memory_function() -> onnx.FunctionProto:
     beta = g.op("Add", g.op("Mul", beta1, g.op("Pow", g.unsqueeze(n, 2), alpha)), beta0)  # (B,C,H)
     qb = g.op("Mul", q, g.unsqueeze(beta, 3))  # (B, C, H, hs)
 
-    def visible(tau: str, tq: str) -> str:
+    def mask(tau: str, tq: str) -> str:
+        """0 where pair tau is visible to query tq, -inf elsewhere: added to the scores (a
+        broadcast Add is far cheaper than a broadcast Where over every head's scores)."""
         age = g.op("Sub", tq, tau)
-        return g.op(
+        visible = g.op(
             "And",
             g.op("And", g.op("GreaterOrEqual", tau, zero), g.op("GreaterOrEqual", age, delay)),
             g.op("LessOrEqual", age, g.op("Sub", window, one)),
         )
+        return g.op("Where", visible, g.const(0.0), g.const(NEG_INF))
 
     # Stores may be fp16/bf16: the products run in fp32 (scores reach beta ~ 150). For fp32 stores
     # the Cast is a no-op that ONNX Runtime removes.
@@ -139,12 +142,11 @@ def associative_memory_function() -> onnx.FunctionProto:
     s_old = g.op("MatMul", store_k, q_cols)  # (NB, B, H, S, C)
     tau_old = g.unsqueeze(store_tau, 2, 4)  # (NB, B, 1, S, 1)
     t_old = g.unsqueeze(t, 0, 2, 3)  # (1, B, 1, 1, C)
-    s_old = g.op("Where", visible(tau_old, t_old), s_old, g.const(NEG_INF))
+    s_old = g.op("Add", s_old, mask(tau_old, t_old))
     # New pairs of this chunk.
     q_rows = g.op("Transpose", qb, perm=[0, 2, 1, 3])  # (B, H, C, hs)
     s_new = g.op("MatMul", q_rows, g.op("Transpose", new_k, perm=[0, 2, 3, 1]))  # (B, H, C, C')
-    vis_new = visible(g.unsqueeze(new_tau, 1, 2), g.unsqueeze(t, 1, 3))  # (B, 1, C, C')
-    s_new = g.op("Where", vis_new, s_new, g.const(NEG_INF))
+    s_new = g.op("Add", s_new, mask(g.unsqueeze(new_tau, 1, 2), g.unsqueeze(t, 1, 3)))
 
     # Scores to (NB, B, H, C, S) before the exp, so the probabilities meet the values in a plain
     # MatMul (a transposed operand would take a slower, fused path over the whole store).
