@@ -104,6 +104,23 @@ def test_continuous_batching_gives_each_request_its_own_result(artifact):
         assert got == generate(backend, [prompt], 9, SamplingParams(), RunLimits(max_context=64))[0]
 
 
+def test_io_binding_runs_the_same_steps_as_numpy_feeds(oracle_ckpt, artifact):
+    """The IOBinding path (device tensors bound by pointer, as with the CUDA provider) on the
+    CPU: same logits bit for bit, and continuous batching (row resets) on the torch state."""
+    config, _ = oracle.load_checkpoint(oracle_ckpt)
+    ids = torch.from_numpy(np.random.default_rng(8).integers(0, config["vocab_size"], (2, 30)))
+    limits = RunLimits(max_context=40, prefill_chunk=7)
+    bound = OrtBackend(artifact, device="cpu", io_binding=True)
+    assert isinstance(bound.new_state(1, 8).pos, torch.Tensor)
+    assert torch.equal(
+        score(bound, ids, limits), score(OrtBackend(artifact, device="cpu"), ids, limits)
+    )
+    prompts = [[1 + i] * (1 + 4 * i) for i in range(5)]
+    batching = RunLimits(max_batch=2, max_context=48, prefill_chunk=4)
+    for prompt, got in zip(prompts, generate(bound, prompts, 7, SamplingParams(), batching)):
+        assert got == oracle.greedy(oracle_ckpt, prompt, 7)
+
+
 @pytest.mark.slow
 def test_step_graph_greedy_equals_full_recompute_for_1000_tokens(tmp_path):
     config = preset("tiny").replace(stm_window=8, ltm_delay=4, eos_token_id=None)
@@ -187,7 +204,7 @@ def test_cuda_execution_provider_matches_reference(oracle_ckpt, artifact):
     ids = torch.from_numpy(np.random.default_rng(3).integers(0, config["vocab_size"], (2, 40)))
     limits = RunLimits(max_context=40, prefill_chunk=8)
     backend = OrtBackend(artifact, device="cuda")
-    assert backend.session.get_providers()[0] == "CUDAExecutionProvider"
+    assert backend.session.get_providers()[0] == "CUDAExecutionProvider" and backend.io_binding
     got = score(backend, ids, limits)
     want = score(TorchBackend(oracle_ckpt, device="cpu"), ids, limits)
     assert (got - want).abs().max() <= ATOL_ORACLE

@@ -1,12 +1,18 @@
-"""The ONNX Runtime backend: runs an exported step graph over numpy state buffers
+"""The ONNX Runtime backend: runs an exported step graph over state buffers allocated once
 (mosaicrt.runtime.graph_state): the LTM store's readable blocks are fed as a zero-copy view, and
 the pairs each step completes are written into the ring and the store in place.
+
+On the CPU provider the state is numpy arrays, fed by value (ONNX Runtime wraps them without a
+copy). With the CUDA provider the state is torch tensors on the GPU, bound to the graph by
+pointer (IOBinding) together with preallocated output buffers, so no step moves state between
+host and device; the same binding path runs on the CPU with `io_binding=True` (the tests).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -23,7 +29,8 @@ from mosaicrt.runtime.graph_state import (
     reset_rows,
 )
 
-OrtState = GraphState  # numpy buffers
+OrtState = GraphState  # numpy buffers, or torch tensors on the device with IOBinding
+NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
 
 class OrtBackend(Backend):
@@ -31,8 +38,14 @@ class OrtBackend(Backend):
     torch_threads = 1  # ONNX Runtime computes in its own pool; torch only keeps the books
 
     def __init__(
-        self, artifact: str | Path, device: str = "auto", threads: int | None = None
+        self,
+        artifact: str | Path,
+        device: str = "auto",
+        threads: int | None = None,
+        io_binding: bool | None = None,
     ) -> None:
+        """device: auto (the CUDA provider when onnxruntime-gpu and a GPU are there), cpu or
+        cuda. io_binding: state as device tensors bound by pointer (default: on CUDA only)."""
         try:
             import onnxruntime as ort
         except ImportError:
@@ -47,13 +60,18 @@ class OrtBackend(Backend):
                 "bf16 MatMul; build a TensorRT engine from it, or export fp16/fp32"
             )
         self.store_dtype = {"float32": np.float32, "float16": np.float16}[stores]
-        providers = ["CPUExecutionProvider"]
-        if device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers: list = ["CPUExecutionProvider"]
+        cuda = (
+            "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+        )
+        if device in ("auto", "cuda") and cuda:
             providers.insert(0, "CUDAExecutionProvider")
         elif device.startswith("cuda"):
             raise BackendError(
                 "--device cuda needs onnxruntime-gpu and a CUDA GPU: use --device cpu"
             )
+        self.device = torch.device("cuda" if providers[0] == "CUDAExecutionProvider" else "cpu")
+        self.io_binding = self.device.type == "cuda" if io_binding is None else io_binding
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or os.cpu_count() or 1
@@ -69,6 +87,13 @@ class OrtBackend(Backend):
                 "re-export the artifact with `mosaicrt export`"
             ) from None
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.output_specs = {
+            o.name: (
+                o.shape,
+                {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}[o.type],
+            )
+            for o in self.session.get_outputs()
+        }
         self.block = int(self.manifest["ltm_block"])
         self.max_context = int(self.manifest["max_context"])
         self.last_only_graph = bool(self.manifest["last_only"])
@@ -102,29 +127,74 @@ class OrtBackend(Backend):
                 "--max-context or lower --max-context here"
             )
 
-        def full(shape: tuple, value: float, is_store: bool) -> np.ndarray:
-            return np.full(shape, value, self.store_dtype if is_store else np.float32)
-
-        return allocate(self.config, batch, capacity, self.block, full, np.zeros(batch, np.int64))
+        full: Callable[[tuple, float, bool], Any]
+        if self.io_binding:
+            store = torch.float16 if self.store_dtype == np.float16 else torch.float32
+            dtypes = {True: store, False: torch.float32}
+            full = lambda shape, value, is_store: torch.full(  # noqa: E731
+                shape, value, dtype=dtypes[is_store], device=self.device
+            )
+            pos = torch.zeros(batch, dtype=torch.int64, device=self.device)
+        else:
+            full = lambda shape, value, is_store: np.full(  # noqa: E731
+                shape, value, self.store_dtype if is_store else np.float32
+            )
+            pos = np.zeros(batch, np.int64)
+        return allocate(self.config, batch, capacity, self.block, full, pos)
 
     def reset(self, state: OrtState, rows: torch.Tensor) -> None:
-        reset_rows(state, rows.numpy())
+        reset_rows(state, rows.to(self.device) if self.io_binding else rows.numpy())
 
     def readable_blocks(self, pos: np.ndarray, chunk: int) -> int:
         return readable_blocks(self.config, self.block, pos, chunk)
 
+    def run_bound(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One run with every input and output bound by pointer: tensors on self.device by
+        input name in, freshly allocated ones by output name out."""
+        binding = self.session.io_binding()
+        where = (self.device.type, self.device.index or 0)
+        for name, tensor in feeds.items():
+            tensor = tensor.contiguous()
+            feeds[name] = tensor  # kept alive until the run ends
+            binding.bind_input(name, *where, NUMPY_DTYPES[tensor.dtype], tuple(tensor.shape),
+                               tensor.data_ptr())  # fmt: skip
+        dims = {
+            "batch": feeds[io_spec.INPUT_IDS].shape[0],
+            "chunk": feeds[io_spec.INPUT_IDS].shape[1],
+        }
+        outputs = {}
+        for name, (shape, dtype) in self.output_specs.items():
+            tensor = torch.empty([dims.get(d, d) for d in shape], dtype=dtype, device=self.device)
+            binding.bind_output(name, *where, NUMPY_DTYPES[dtype], tuple(tensor.shape),
+                                tensor.data_ptr())  # fmt: skip
+            outputs[name] = tensor
+        if self.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()  # the inputs are written
+        self.session.run_with_iobinding(binding)  # returns when the outputs are written
+        return outputs
+
+    def run_numpy(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One run with numpy arrays by input name in, by output name out."""
+        return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+
     def step(
         self, ids: torch.Tensor, lengths: torch.Tensor, state: OrtState, last_only: bool
     ) -> torch.Tensor:
+        if self.io_binding:
+            device, to_state = self.device, lambda x: x.to(self.device, torch.int64)
+            run, arange = self.run_bound, lambda n: torch.arange(n, device=device)
+        else:
+            to_state = lambda x: x.numpy().astype(np.int64)  # noqa: E731
+            run, arange = self.run_numpy, np.arange
         logits = graph_step(
             self.config,
             self.block,
             state,
-            ids.numpy().astype(np.int64),
-            lengths.numpy().astype(np.int64),
+            to_state(ids),
+            to_state(lengths),
             last_only,
             self.last_only_graph,
-            lambda feeds: dict(zip(self.output_names, self.session.run(self.output_names, feeds))),
-            np.arange,
+            run,
+            arange,
         )
-        return torch.from_numpy(logits)
+        return logits.float().cpu() if self.io_binding else torch.from_numpy(logits)
