@@ -23,6 +23,8 @@ from mosaicrt.errors import BackendError  # noqa: E402
 from mosaicrt.export.artifact import export_artifact  # noqa: E402
 from mosaicrt.export.ops import DOMAIN, NO_WINDOW  # noqa: E402
 from mosaicrt.model import preset, random_model, save_checkpoint  # noqa: E402
+from mosaicrt.runtime.generator import RunLimits, generate  # noqa: E402
+from mosaicrt.runtime.sampling import SamplingParams  # noqa: E402
 
 trt = P.trt
 ROOT = Path(__file__).resolve().parents[1]
@@ -273,6 +275,23 @@ def test_engine_greedy_generation_equals_the_reference(artifacts, tmp_path):
         assert proc.returncode == 0, proc.stderr
         outputs.append(proc.stdout)
     assert outputs[0] == outputs[1]
+
+
+@pytest.mark.gpu
+@RUNS_ENGINES
+def test_cuda_graph_decode_equals_eager_engine_runs(artifacts, tmp_path):
+    """Decode steps replayed from the captured graph give the eager engine's logits, with rows
+    joining and leaving a running batch (continuous batching resets rows of the same state)."""
+    from mosaicrt.runtime.trt_backend import TrtBackend
+
+    engine = built_engine(artifacts / "float32", tmp_path / "engine", local_target() or None)
+    prompts = [[1 + i] * (2 + 3 * i) for i in range(5)]
+    limits = RunLimits(max_batch=2, max_context=64, prefill_chunk=4)
+    runs = [
+        generate(TrtBackend(engine, cuda_graphs=graphs), prompts, 12, SamplingParams(), limits)
+        for graphs in (True, False)
+    ]
+    assert runs[0] == runs[1]
 
 
 @pytest.mark.gpu

@@ -4,11 +4,18 @@
 Before deserializing, the engine's build manifest is checked against this process: the TensorRT
 flavour and version, and the GPU architecture it was built for. The mosaic plugins are registered
 first (a Python plugin lives in the process, not in the engine).
+
+Decode steps (chunk 1) run as CUDA graphs, one captured per state (that is, per batch size):
+static ids, lengths and positions buffers, the state's own tensors, and the whole stores bound (the
+plugins' kernels read only the pairs each position can see, so binding the capacity costs no
+bandwidth and keeps every address fixed). The bookkeeping around the engine (capacity check,
+writing the new pairs) stays eager.
 """
 
 from __future__ import annotations
 
 import json
+import weakref
 from pathlib import Path
 
 import torch
@@ -68,10 +75,38 @@ def check_runtime(manifest: dict, engine_dir: str | Path) -> None:
             raise BackendError(f"{engine_dir} was {built}; {running}: {rebuild} --target {here}")
 
 
+class CapturedDecode:
+    """The engine's decode profile for one state, captured as a CUDA graph over static buffers;
+    called with the step's feeds, it copies the per-step inputs in and replays."""
+
+    def __init__(self, backend: "TrtBackend", state: GraphState) -> None:
+        B, device = state.batch_size, state.pos.device
+        self.feeds = {
+            io_spec.INPUT_IDS: torch.zeros(B, 1, dtype=torch.int64, device=device),
+            io_spec.LENGTHS: torch.zeros(B, dtype=torch.int64, device=device),
+            io_spec.POSITIONS: torch.zeros(B, dtype=torch.int64, device=device),
+            **state.small,
+            **state.stores,  # whole: see the module docstring
+        }
+        backend.run_graph(self.feeds)  # TensorRT finishes its deferred work before a capture
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, stream=backend.stream):
+            self.outputs = backend.run_graph(self.feeds)
+
+    def __call__(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for name in (io_spec.INPUT_IDS, io_spec.LENGTHS, io_spec.POSITIONS):
+            self.feeds[name].copy_(feeds[name])
+        self.graph.replay()
+        return self.outputs
+
+
 class TrtBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, engine_dir: str | Path, device: str = "auto") -> None:
+    def __init__(
+        self, engine_dir: str | Path, device: str = "auto", cuda_graphs: bool = True
+    ) -> None:
+        """cuda_graphs: run decode steps as CUDA graphs (one captured per state)."""
         if device not in ("auto", "cuda") and not device.startswith("cuda"):
             raise BackendError("the TensorRT backend runs on a CUDA GPU: use --device cuda")
         self.manifest = manifest = read_build_manifest(engine_dir)
@@ -105,6 +140,8 @@ class TrtBackend(Backend):
         }
         self.stream = torch.cuda.Stream()
         self.profile = -1
+        self.cuda_graphs = cuda_graphs
+        self.graphs: dict[int, CapturedDecode] = {}
 
     def new_state(self, batch: int, capacity: int) -> GraphState:
         if batch > self.max_batch or capacity > self.max_context:
@@ -154,6 +191,12 @@ class TrtBackend(Backend):
                 f"a chunk of {C} tokens exceeds the engine's --max-chunk {self.max_chunk}: "
                 f"lower --prefill-chunk to {self.max_chunk} or rebuild"
             )
+        run = self.run_graph
+        if C == 1 and self.cuda_graphs:
+            run = self.graphs.get(id(state))
+            if run is None:
+                run = self.graphs[id(state)] = CapturedDecode(self, state)
+                weakref.finalize(state, self.graphs.pop, id(state), None)
         logits = graph_step(
             self.config,
             self.block,
@@ -162,7 +205,7 @@ class TrtBackend(Backend):
             lengths.to(self.device, torch.int64),
             last_only,
             self.last_only_graph,
-            self.run_graph,
+            run,
             lambda n: torch.arange(n, device=self.device),
         )
         return logits.float().cpu()
