@@ -280,15 +280,19 @@ def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
-def test_cuda_graph_decode_equals_eager_kernels(tmp_path):
-    """Decode steps replayed from a CUDA graph give the logits of the same kernels run eagerly,
-    with rows at different positions and an idle row, and the states stay equal."""
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_graph_decode_equals_eager_kernels(tmp_path, compile):
+    """Decode steps replayed from a CUDA graph (of the step as written, or torch.compile'd) give
+    the logits of the same kernels run eagerly, with rows at different positions and an idle row,
+    and the states stay equal."""
     from mosaicrt.model import random_model, save_checkpoint
     from mosaicrt.runtime.torch_backend import TorchBackend
 
     config = preset("tiny").replace(stm_window=H, ltm_delay=M)
     save_checkpoint(random_model(config), tmp_path)
-    graphed = TorchBackend(tmp_path, device="cuda", dtype="float32", kernels="triton")
+    graphed = TorchBackend(
+        tmp_path, device="cuda", dtype="float32", kernels="triton", compile=compile
+    )
     eager = TorchBackend(
         tmp_path, device="cuda", dtype="float32", kernels="triton", cuda_graphs=False
     )

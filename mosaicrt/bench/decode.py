@@ -98,23 +98,24 @@ def open_backends(
     checkpoint: Path | None = None,
 ) -> dict[str, Backend]:
     """torch: the eager cached decoder; torch.compile: the same through torch.compile; torch+triton:
-    with the Triton kernels (and CUDA graphs for decode on a GPU); onnxruntime: the exported
-    artifact; full-recompute: no state at all."""
+    with the Triton kernels (and CUDA graphs for decode on a GPU); torch.compile+triton: both
+    (the compiled step inside the CUDA graph); onnxruntime: the exported artifact;
+    full-recompute: no state at all."""
     ckpt = checkpoint
     if ckpt is None:
         ckpt = workdir / "ckpt"
         write_checkpoint(random_tensors(config, 0), config, ckpt)
     backends: dict[str, Backend] = {}
     for name in names:
-        if name in ("torch", "torch.compile", "torch+triton"):
+        if name in ("torch", "torch.compile", "torch+triton", "torch.compile+triton"):
             from mosaicrt.runtime.torch_backend import TorchBackend
 
             backends[name] = TorchBackend(
                 ckpt,
                 device=device,
                 dtype=dtype,
-                kernels="triton" if name == "torch+triton" else "torch",
-                compile=name == "torch.compile",
+                kernels="triton" if name.endswith("+triton") else "torch",
+                compile=name.startswith("torch.compile"),
             )
         elif name == "onnxruntime":
             from mosaicrt.export.artifact import export_artifact

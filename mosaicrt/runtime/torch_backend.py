@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import weakref
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from mosaicrt.errors import BackendError
 from mosaicrt.model.checkpoint import TORCH_DTYPES, load_model
-from mosaicrt.model.mmv2 import MMv2, check_capacity
+from mosaicrt.model.mmv2 import check_capacity
 from mosaicrt.model.state import DecodeState
 from mosaicrt.runtime.backend import Backend
 
@@ -44,9 +45,10 @@ def triton_kernels(device: torch.device):
 
 class DecodeGraph:
     """One decode step (C = 1, last-token logits) of one state, captured as a CUDA graph over
-    static input buffers; replaying it runs every kernel of the step with one launch."""
+    static input buffers; replaying it runs every kernel of the step with one launch.
+    advance: the model's `advance`, or a torch.compile of it (fewer, fused kernels)."""
 
-    def __init__(self, model: MMv2, state: DecodeState) -> None:
+    def __init__(self, advance: Callable, state: DecodeState) -> None:
         B, device = state.pos.shape[0], state.pos.device
         self.ids = torch.zeros(B, 1, dtype=torch.int64, device=device)
         self.lengths = torch.zeros(B, dtype=torch.int64, device=device)  # 0: rows stay as they are
@@ -54,11 +56,11 @@ class DecodeGraph:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # compile kernels, create handles; length 0 changes nothing
             for _ in range(2):
-                model.advance(self.ids, state, self.lengths, last_only=True)
+                advance(self.ids, state, self.lengths, last_only=True)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = model.advance(self.ids, state, self.lengths, last_only=True)  # (B, V)
+            self.logits = advance(self.ids, state, self.lengths, last_only=True)  # (B, V)
 
     def __call__(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         self.ids.copy_(ids, non_blocking=True)
@@ -84,7 +86,7 @@ class TorchBackend(Backend):
         cuda_graphs: with Triton kernels on a GPU, run decode steps as CUDA graphs (one per
         state, that is per batch size).
         compile: run decode steps through torch.compile (dynamic shapes; the first steps
-        compile); prefill chunks stay eager."""
+        compile; inside the CUDA graph when there is one); prefill chunks stay eager."""
         self.device = pick_device(device)
         if dtype is None and self.device.type == "cpu":
             dtype = "float32"
@@ -97,9 +99,10 @@ class TorchBackend(Backend):
         # The reference code sizes its LTM reads on the host, so only the kernels are capturable.
         self.cuda_graphs = cuda_graphs and kernels == "triton" and self.device.type == "cuda"
         self.graphs: dict[int, DecodeGraph] = {}
-        self.decode_fn = self.model.step
+        self.decode_fn, self.graph_fn = self.model.step, self.model.advance
         if compile:
             self.decode_fn = torch.compile(self.model.step, dynamic=True)
+            self.graph_fn = torch.compile(self.model.advance)
 
     def new_state(self, batch: int, capacity: int) -> DecodeState:
         return self.model.new_state(batch, capacity)
@@ -116,7 +119,7 @@ class TorchBackend(Backend):
             check_capacity(state, lengths)
             graph = self.graphs.get(id(state))
             if graph is None:  # captured once per state, dropped with it
-                graph = self.graphs[id(state)] = DecodeGraph(self.model, state)
+                graph = self.graphs[id(state)] = DecodeGraph(self.graph_fn, state)
                 weakref.finalize(state, self.graphs.pop, id(state), None)
             return graph(ids, lengths).float().cpu()
         step = self.decode_fn if ids.shape[1] == 1 else self.model.step
