@@ -51,10 +51,11 @@ def markdown(result: dict) -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["rows"]:
+        speedup = f"{r['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in r else "n/a"
         lines.append(
             f"| {r['backend']} | {'yes' if r['use_ltm'] else 'no'} | {r['context']} "
             f"| {r['tpot_ms']['p50']:.2f} | {r['roofline_ms']:.2f} "
-            f"| {100 * r['roofline_fraction']:.0f} % | {r.get('speedup_vs_torch', 1):.2f}x |"
+            f"| {100 * r['roofline_fraction']:.0f} % | {speedup} |"
         )
     return "\n".join(lines)
 
