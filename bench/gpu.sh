@@ -12,8 +12,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 timeout 200 python3 -m mosaicrt.bench.kernels --json "$OUT/kernels_$GPU.json" 2>&1 | tail -7
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_plugins.py 2>&1 \
     | tee "$OUT/gpu_tests.log" | tail -5
-timeout 90 python3 -m mosaicrt.bench.decode --device cuda --dtype bfloat16 \
-    --backends torch,torch+triton --contexts 1024,4096,16384 --stm-only-contexts "" \
+timeout 240 python3 -m mosaicrt.bench.decode --device cuda --dtype bfloat16 \
+    --backends torch,torch+triton,torch.compile+triton --contexts 1024,4096,16384 --stm-only-contexts "" \
     --json "$OUT/decode_$GPU.json" 2>&1 | grep -v "it/s\]"
 CKPT=$(mktemp -d)/mini
 python3 -m mosaicrt.cli init "$CKPT" --preset mini --dtype bf16 >/dev/null

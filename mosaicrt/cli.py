@@ -521,8 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--backends",
         default="torch,torch.compile,onnxruntime,full-recompute",
-        help="compare: backends to run (torch, torch.compile, torch+triton, onnxruntime, "
-        "full-recompute)",
+        help="compare: backends to run (torch, torch.compile, torch+triton, "
+        "torch.compile+triton, onnxruntime, full-recompute)",
     )
     p.add_argument("--contexts", default="1024,4096", help="compare: decode contexts")
     p.set_defaults(func=cmd_bench)
