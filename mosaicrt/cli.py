@@ -235,7 +235,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     backend = open_backend(
-        args.backend, args.model, args.device, dtype_arg(args.dtype), args.kernels
+        args.backend,
+        args.model,
+        args.device,
+        dtype_arg(args.dtype),
+        args.kernels,
+        compile=args.compile,
     )
     dataset = None
     if args.dataset:
@@ -285,7 +290,12 @@ def cmd_score(args: argparse.Namespace) -> int:
         max_context=args.max_context or max(ids.shape[1], 1), prefill_chunk=args.prefill_chunk
     )
     backend = open_backend(
-        args.backend, args.model, args.device, dtype_arg(args.dtype), args.kernels
+        args.backend,
+        args.model,
+        args.device,
+        dtype_arg(args.dtype),
+        args.kernels,
+        compile=args.compile,
     )
     logits = score(backend, torch.from_numpy(ids), limits)
     np.save(args.output, logits.numpy().astype(np.float32))
@@ -338,7 +348,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     backend = open_backend(
-        args.backend, args.model, args.device, dtype_arg(args.dtype), args.kernels
+        args.backend,
+        args.model,
+        args.device,
+        dtype_arg(args.dtype),
+        args.kernels,
+        compile=args.compile,
     )
     config = backend.config
     limits = RunLimits(
@@ -420,6 +435,12 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
         default="torch",
         help="torch backend: torch (reference code) or triton (needs a GPU, or "
         "TRITON_INTERPRET=1 on a CPU)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch backend: decode steps through torch.compile (the first steps compile; with "
+        "--kernels triton on a GPU, the compiled step is what the CUDA graph replays)",
     )
 
 

@@ -166,6 +166,23 @@ def test_every_bad_input_gets_one_line_and_exit_2(tiny, tmp_path):
     expect_error(["init", tiny, "--preset", "tiny"], "--force")
 
 
+@pytest.mark.slow
+def test_compile_flag_decodes_the_same_tokens(tiny, tmp_path):
+    """--compile runs decode steps through torch.compile: the same greedy tokens; other
+    backends refuse the flag."""
+    outputs = []
+    for extra in ([], ["--compile"]):
+        proc = mosaicrt("generate", tiny, "--backend", "torch", "--prompt", "hello",
+                        "--max-new-tokens", 6, "--greedy", *extra)  # fmt: skip
+        outputs.append(proc.stdout)
+    assert outputs[0] == outputs[1] and outputs[0].strip()
+    mosaicrt("export", tiny, "-o", tmp_path / "onnx", "--max-context", 64)
+    expect_error(
+        ["generate", tmp_path / "onnx", "--prompt", "hi", "--compile"],
+        "--compile applies to the torch backend only",
+    )
+
+
 def test_corrupt_and_mismatched_checkpoints(tiny, tmp_path):
     import shutil
 

@@ -20,6 +20,7 @@ def open_backend(
     device: str = "auto",
     dtype: str | None = None,
     kernels: str = "torch",
+    compile: bool = False,
 ) -> Backend:
     """The backend `name` for model_dir. 'auto': TensorRT for an engine directory, ONNX Runtime
     for an exported artifact, torch for a checkpoint directory."""
@@ -34,6 +35,8 @@ def open_backend(
             name = "onnxruntime" if is_artifact(model_dir) else "torch"
     if kernels != "torch" and name != "torch":
         raise BackendError(f"--kernels {kernels} applies to the torch backend only")
+    if compile and name != "torch":
+        raise BackendError(f"--compile applies to the torch backend only, not {name}")
     if name == "tensorrt":
         from mosaicrt.runtime.trt_backend import TrtBackend
 
@@ -60,4 +63,4 @@ def open_backend(
             f"{model_dir} is an ONNX artifact: use --backend onnxruntime, or give "
             "the torch backend the checkpoint it was exported from"
         )
-    return TorchBackend(model_dir, device=device, dtype=dtype, kernels=kernels)
+    return TorchBackend(model_dir, device=device, dtype=dtype, kernels=kernels, compile=compile)
