@@ -218,7 +218,10 @@ def test_fp16_artifact_matches_the_oracle(tmp_path):
     stores = [i for i in model.graph.input if i.name.endswith(("keys", "values"))]
     assert {i.type.tensor_type.elem_type for i in stores} == {onnx.TensorProto.FLOAT16}
     ids = torch.from_numpy(np.random.default_rng(6).integers(0, 300, (2, 30)))
-    got = score(OrtBackend(artifact), ids, RunLimits(max_context=30, prefill_chunk=7))
+    limits = RunLimits(max_context=30, prefill_chunk=7)
+    got = score(OrtBackend(artifact), ids, limits)
+    # fp16 stores and new pairs through the IOBinding path too: the same run, bit for bit.
+    assert torch.equal(score(OrtBackend(artifact, io_binding=True), ids, limits), got)
     for row in range(2):
         want = oracle.logits(ckpt, ids[row].tolist())  # float64 of the same fp16 weights
         # MatMul inputs rounded to fp16 (2^-11 relative) through 2 layers: logits of magnitude
