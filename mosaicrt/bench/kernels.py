@@ -4,7 +4,8 @@
   torch.nn.functional.scaled_dot_product_attention with the flash backend, same shapes (bf16);
 - decode retrieval over a long LTM store vs the HBM roofline (bytes of the visible pairs / copy
   bandwidth measured in the same run), launched eagerly and from a CUDA graph (as decode runs);
-- the gated key scan vs the same bandwidth.
+- the gated key scan vs the same bandwidth, timed from a CUDA graph too (its three launches
+  would otherwise wait on the host at batch 1).
 
 Every tiling is checked against a torch computation of the same function before it is timed.
 
