@@ -228,20 +228,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
         return 0
     from mosaicrt.bench.serving import print_table, run_bench, write_json
-    from mosaicrt.runtime.backends import open_backend
     from mosaicrt.runtime.generator import check_ids
 
     for name in ("batch", "input_len", "output_len", "iters"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    backend = open_backend(
-        args.backend,
-        args.model,
-        args.device,
-        dtype_arg(args.dtype),
-        args.kernels,
-        compile=args.compile,
-    )
+    backend = open_run_backend(args)
     dataset = None
     if args.dataset:
         dataset = read_prompts(args.dataset)
@@ -282,14 +274,24 @@ def cmd_score(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from mosaicrt.runtime.backends import open_backend
     from mosaicrt.runtime.generator import RunLimits, score
 
     ids = read_token_array(args.input)
     limits = RunLimits(
         max_context=args.max_context or max(ids.shape[1], 1), prefill_chunk=args.prefill_chunk
     )
-    backend = open_backend(
+    backend = open_run_backend(args)
+    logits = score(backend, torch.from_numpy(ids), limits)
+    np.save(args.output, logits.numpy().astype(np.float32))
+    print(f"wrote {args.output}: float32 {list(logits.shape)}", file=sys.stderr)
+    return 0
+
+
+def open_run_backend(args: argparse.Namespace):
+    """The backend that add_run_args' options name."""
+    from mosaicrt.runtime.backends import open_backend
+
+    return open_backend(
         args.backend,
         args.model,
         args.device,
@@ -297,10 +299,6 @@ def cmd_score(args: argparse.Namespace) -> int:
         args.kernels,
         compile=args.compile,
     )
-    logits = score(backend, torch.from_numpy(ids), limits)
-    np.save(args.output, logits.numpy().astype(np.float32))
-    print(f"wrote {args.output}: float32 {list(logits.shape)}", file=sys.stderr)
-    return 0
 
 
 def dtype_arg(value: str | None) -> str | None:
@@ -332,7 +330,6 @@ def read_prompts(path: str) -> list[list[int] | MosaicError]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from mosaicrt.runtime.backends import open_backend
     from mosaicrt.runtime.generator import RunLimits, generate
     from mosaicrt.runtime.sampling import SamplingParams
     from mosaicrt.runtime.tokenizer import load_tokenizer
@@ -347,14 +344,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
     )
-    backend = open_backend(
-        args.backend,
-        args.model,
-        args.device,
-        dtype_arg(args.dtype),
-        args.kernels,
-        compile=args.compile,
-    )
+    backend = open_run_backend(args)
     config = backend.config
     limits = RunLimits(
         max_batch=args.max_batch,
