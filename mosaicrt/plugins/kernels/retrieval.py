@@ -21,6 +21,21 @@ LOG2E = 1.4426950408889634  # scores are taken in base 2: exp(s) = exp2(s * log2
 
 
 @triton.jit
+def _pair_offsets(
+    row, offs_d, SLOTS, BLOCK_SLOTS, stride_blk, stride_n, RING: tl.constexpr, BLOCKED: tl.constexpr
+):  # fmt: skip
+    """(BLOCK_N, HEAD_DIM) offsets of stored rows: modulo SLOTS in a ring; a blocked store keeps
+    row r in block r // BLOCK_SLOTS, slot r % BLOCK_SLOTS."""
+    if RING:
+        row = row % SLOTS
+    if BLOCKED:
+        ptr = (row // BLOCK_SLOTS)[:, None] * stride_blk + (row % BLOCK_SLOTS)[:, None] * stride_n
+    else:
+        ptr = row[:, None] * stride_n
+    return ptr + offs_d[None, :]
+
+
+@triton.jit
 def _attend(
     acc, l_i, m_i, q,
     K, V, stride_n, offs_d, d_ok,
@@ -29,20 +44,11 @@ def _attend(
     HALF_DOT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Fold pairs tau in [first, last] of one section into the running softmax of a query block.
-    Row of pair tau: (tau - row_shift), modulo SLOTS in a ring; a blocked store keeps row r in
-    block r // BLOCK_SLOTS, slot r % BLOCK_SLOTS. K, V point at (b, 0, h, 0)."""
+    Row of pair tau: tau - row_shift (see _pair_offsets). K, V point at (b, 0, h, 0)."""
     for start in range(first, last + 1, BLOCK_N):
         tau = start + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-        row = tau - row_shift
-        if RING:
-            row = row % SLOTS
-        if BLOCKED:
-            ptr = (row // BLOCK_SLOTS)[:, None] * stride_blk + (row % BLOCK_SLOTS)[
-                :, None
-            ] * stride_n
-        else:
-            ptr = row[:, None] * stride_n
-        ptr += offs_d[None, :]
+        ptr = _pair_offsets(tau - row_shift, offs_d, SLOTS, BLOCK_SLOTS, stride_blk, stride_n,
+                            RING, BLOCKED)  # fmt: skip
         if MASKED:
             ok = tau <= last
             k = tl.load(K + ptr, mask=ok[:, None] & d_ok[None, :], other=0.0)
@@ -277,17 +283,7 @@ def _decode_split_kernel(
     for start in range(first, store_last + 1, BLOCK_N):
         tau = start + tl.arange(0, BLOCK_N)
         ok = tau <= store_last
-        if RING:
-            slot = tau % SLOTS
-        else:
-            slot = tau
-        if BLOCKED:
-            ptr = (slot // BLOCK_SLOTS)[:, None] * stride_blk + (slot % BLOCK_SLOTS)[
-                :, None
-            ] * stride_sn
-        else:
-            ptr = slot[:, None] * stride_sn
-        ptr += offs_d[None, :]
+        ptr = _pair_offsets(tau, offs_d, SLOTS, BLOCK_SLOTS, stride_blk, stride_sn, RING, BLOCKED)
         k = tl.load(ks + ptr, mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         v = tl.load(vs + ptr, mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         s = tl.where(ok, tl.sum(k * q[None, :], 1), float("-inf"))  # (BLOCK_N,)
