@@ -156,7 +156,9 @@ def test_ort_ceiling_reads_the_bytes_the_roofline_counts(tmp_path):
 
     config, context = preset("tiny"), 40
     out = tmp_path / "ceiling.json"
-    ort_ceiling.main(["--preset", "tiny", "--context", str(context), "--json", str(out)])
+    ort_ceiling.main(
+        ["--preset", "tiny", "--context", str(context), "--steps", "5", "--json", str(out)]
+    )
     result = json.loads(out.read_text())
     weights_only = decode_bytes(config, [])
     assert result["stores"]["bytes"] == decode_bytes(config, [context]) - weights_only
@@ -164,3 +166,16 @@ def test_ort_ceiling_reads_the_bytes_the_roofline_counts(tmp_path):
     assert 0.99 * weights_only <= result["weights"]["bytes"] <= weights_only
     for part in ("weights", "stores", "step"):
         assert result[part]["ms"] > 0 and result[part]["roofline_fraction"] > 0
+    # The real step graph, measured in the same run: its MatMuls are among its nodes, its
+    # session.run is part of its TPOT, and the budget is the arithmetic the docstring states.
+    step, budget = result["step_graph"], result["budget"]
+    assert 0 < step["matmul_nodes"] < step["nodes"]
+    assert 0 < step["session_run_ms"] < step["tpot_ms"]
+    roofline_ms = decode_bytes(config, [context]) / (result["bandwidth_gb_s"] * 1e9) * 1e3
+    assert step["roofline_fraction"] == pytest.approx(roofline_ms / step["tpot_ms"])
+    assert budget["step_ms"] == pytest.approx(roofline_ms / 0.8)
+    assert budget["left_ms"] == pytest.approx(budget["step_ms"] - result["step"]["ms"])
+    other = step["nodes"] - step["matmul_nodes"]
+    assert budget["dispatch_floor_ms"] == pytest.approx(
+        other * result["dispatch_us_per_node"] / 1e3
+    )

@@ -7,6 +7,12 @@ p @ values over each layer's LTM blocks and STM ring (fed as inputs, as the runt
 Bytes over the read bandwidth measured in the same run, divided by the time, is the roofline
 fraction of a graph that had no other node: the ceiling for the decode benchmark's fraction.
 
+In the same run it measures what the rest of a step costs: the exported step graph of a random
+checkpoint (the nodes ONNX Runtime runs after its optimizations, its decode TPOT at the context, and
+the runtime's bookkeeping around session.run), and ONNX Runtime's cost per node of a chain of small
+elementwise nodes. With those it states the budget of a target fraction (default 80 %): the step
+time it allows, minus the MatMuls' time, against the other nodes' dispatch alone.
+
     python -m mosaicrt.bench.ort_ceiling --preset mini --context 4096 \\
         --json bench/results/ort_ceiling_cpu.json
 """
@@ -17,16 +23,23 @@ import argparse
 import json
 import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import onnx
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from mosaicrt.bench.decode import prefill
 from mosaicrt.bench.machine import machine_info, measure_bandwidth_gb_s
-from mosaicrt.export.artifact import DEFAULT_LTM_BLOCK
+from mosaicrt.bench.roofline import decode_bytes
+from mosaicrt.export.artifact import DEFAULT_LTM_BLOCK, MODEL_FILE, export_artifact
 from mosaicrt.export.graph import IR_VERSION, OPSET
+from mosaicrt.model.checkpoint import random_tensors, write_checkpoint
 from mosaicrt.model.config import ModelConfig, preset
+from mosaicrt.runtime.ort_backend import OrtBackend
 
 
 def weight_shapes(config: ModelConfig) -> list[tuple[int, int]]:
@@ -53,6 +66,17 @@ def store_shapes(config: ModelConfig, context: int, block: int) -> list[tuple[tu
     return stores
 
 
+def session_options(threads: int):
+    """The options the ONNX Runtime backend runs with."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return options
+
+
 def session(nodes: list, inputs: list, outputs: list[str], inits: list, threads: int):
     import onnxruntime as ort
 
@@ -66,12 +90,8 @@ def session(nodes: list, inputs: list, outputs: list[str], inits: list, threads:
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
     )
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
     return ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"]
     )
 
 
@@ -126,18 +146,98 @@ def stores_case(config: ModelConfig, context: int, block: int, threads: int) -> 
     return median_ms(lambda: sess.run(outs, feeds), 30), nbytes
 
 
+def dispatch_case(config: ModelConfig, threads: int, nodes: int = 1000) -> float:
+    """Microseconds per node of a chain of small elementwise nodes on a hidden vector (1, 1, d):
+    the least any non-MatMul node of a decode step costs."""
+    rng = np.random.default_rng(2)
+    shape = [1, 1, config.hidden_size]
+    chain, prev = [], "x"
+    for i in range(nodes):  # alternating ops, so no optimizer pass merges the chain
+        chain.append(helper.make_node("Mul" if i % 2 else "Add", [prev, "c"], [f"y{i}"]))
+        prev = f"y{i}"
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)]
+    inits = [numpy_helper.from_array(np.full([1], 1.0001, np.float32), "c")]
+    sess = session(chain, inputs, [prev], inits, threads)
+    feeds = {"x": rng.standard_normal(shape).astype(np.float32)}
+    return 1e3 * median_ms(lambda: sess.run([prev], feeds), 100) / nodes
+
+
+def optimized_nodes(model_path: Path, threads: int, workdir: Path) -> tuple[int, int]:
+    """(all nodes, MatMul nodes) of the graph ONNX Runtime runs, function bodies inlined."""
+    import onnxruntime as ort
+
+    options = session_options(threads)
+    options.optimized_model_filepath = str(workdir / "optimized.onnx")
+    options.log_severity_level = 3  # the note that an optimized model is machine-specific
+    ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    return len(ops), sum(op in ("MatMul", "FusedMatMul", "Gemm") for op in ops)
+
+
+def step_case(config: ModelConfig, context: int, block: int, threads: int, steps: int) -> dict:
+    """The exported step graph of a random checkpoint at this context, batch 1: its node counts,
+    decode TPOT, and the time of session.run within it (the rest is the runtime's bookkeeping)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        write_checkpoint(random_tensors(config, 0), config, workdir / "ckpt")
+        warmup = 3
+        capacity = context + warmup + steps  # each step adds a token: the context drifts by this
+        artifact = export_artifact(
+            workdir / "ckpt", workdir / "onnx", max_context=capacity, ltm_block=block
+        )
+        nodes, matmuls = optimized_nodes(artifact / MODEL_FILE, threads, workdir)
+        backend = OrtBackend(artifact, device="cpu", threads=threads)
+        torch.set_num_threads(backend.torch_threads)
+        state = prefill(backend, context, capacity, 512)
+        run_times: list[float] = []
+        run = backend.run_numpy
+
+        def timed_run(feeds):
+            t0 = time.perf_counter()
+            outputs = run(feeds)
+            run_times.append(time.perf_counter() - t0)
+            return outputs
+
+        backend.run_numpy = timed_run  # type: ignore[method-assign]
+        token, one = torch.tensor([[1]]), torch.ones(1, dtype=torch.int64)
+        tpot_ms = median_ms(lambda: backend.step(token, one, state, True), steps, warmup)
+        del run_times[:warmup]
+        return {
+            "nodes": nodes,
+            "matmul_nodes": matmuls,
+            "tpot_ms": tpot_ms,
+            "session_run_ms": 1e3 * statistics.median(run_times),
+        }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="mini")
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--block", type=int, default=DEFAULT_LTM_BLOCK)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--target", type=float, default=0.8, help="roofline fraction to budget")
+    parser.add_argument("--steps", type=int, default=30, help="timed decode steps")
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args(argv)
     config = preset(args.preset)
     bandwidth = measure_bandwidth_gb_s()
     w_ms, w_bytes = weights_case(config, args.threads)
     s_ms, s_bytes = stores_case(config, args.context, args.block, args.threads)
+    per_node_us = dispatch_case(config, args.threads)
+    step = step_case(config, args.context, args.block, args.threads, args.steps)
+    roofline_ms = decode_bytes(config, [args.context]) / (bandwidth * 1e9) * 1e3
+    step["roofline_fraction"] = roofline_ms / step["tpot_ms"]
+    step["bookkeeping_ms"] = step["tpot_ms"] - step["session_run_ms"]
+    other_nodes = step["nodes"] - step["matmul_nodes"]
+    budget = {
+        "target_fraction": args.target,
+        "step_ms": roofline_ms / args.target,  # the longest step that meets the target
+        "matmul_ms": w_ms + s_ms,  # the ceiling's MatMuls, nothing else
+        "left_ms": roofline_ms / args.target - (w_ms + s_ms),
+        "dispatch_floor_ms": other_nodes * per_node_us / 1e3,
+        "bookkeeping_ms": step["bookkeeping_ms"],
+    }
 
     def fraction(nbytes: int, ms: float) -> float:
         return nbytes / (bandwidth * 1e9) / (ms * 1e-3)
@@ -157,6 +257,9 @@ def main(argv: list[str] | None = None) -> None:
             "bytes": w_bytes + s_bytes,
             "roofline_fraction": fraction(w_bytes + s_bytes, w_ms + s_ms),
         },
+        "dispatch_us_per_node": per_node_us,
+        "step_graph": step,
+        "budget": budget,
     }
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -168,6 +271,18 @@ def main(argv: list[str] | None = None) -> None:
             f"  {part:8s} {r['bytes'] / 1e6:7.1f} MB in {r['ms']:6.2f} ms: "
             f"{100 * r['roofline_fraction']:.0f} % of the roofline"
         )
+    print(
+        f"  step graph: {step['nodes']} nodes ({step['matmul_nodes']} MatMul), TPOT "
+        f"{step['tpot_ms']:.2f} ms = {100 * step['roofline_fraction']:.0f} % of the roofline "
+        f"(session.run {step['session_run_ms']:.2f} ms, "
+        f"bookkeeping {step['bookkeeping_ms']:.2f} ms)"
+    )
+    print(
+        f"  at {100 * args.target:.0f} %: a step may take {budget['step_ms']:.2f} ms; the MatMuls "
+        f"alone take {budget['matmul_ms']:.2f} ms, leaving {budget['left_ms']:.2f} ms for "
+        f"{other_nodes} other nodes, whose dispatch alone costs {budget['dispatch_floor_ms']:.2f} "
+        f"ms ({per_node_us:.2f} us each), plus {budget['bookkeeping_ms']:.2f} ms of bookkeeping"
+    )
 
 
 if __name__ == "__main__":
