@@ -8,9 +8,9 @@ Bytes over the read bandwidth measured in the same run, divided by the time, is 
 fraction of a graph that had no other node: the ceiling for the decode benchmark's fraction.
 
 In the same run it measures what the rest of a step costs: the exported step graph of a random
-checkpoint (the nodes ONNX Runtime runs after its optimizations, its decode TPOT at the context, and
-the runtime's bookkeeping around session.run), and ONNX Runtime's cost per node of a chain of small
-elementwise nodes. With those it states the budget of a target fraction (default 80 %): the step
+checkpoint (the nodes ONNX Runtime runs after its optimizations, its decode TPOT at the context and
+at a short one, timed in turn, and the runtime's bookkeeping around session.run), and ONNX Runtime's
+cost per node of a chain of small elementwise nodes. With those it states the budget of a target fraction (default 80 %): the step
 time it allows, minus the MatMuls' time, against the other nodes' dispatch alone.
 
     python -m mosaicrt.bench.ort_ceiling --preset mini --context 4096 \\
@@ -174,21 +174,22 @@ def optimized_nodes(model_path: Path, threads: int, workdir: Path) -> tuple[int,
     return len(ops), sum(op in ("MatMul", "FusedMatMul", "Gemm") for op in ops)
 
 
-def step_case(config: ModelConfig, context: int, block: int, threads: int, steps: int) -> dict:
-    """The exported step graph of a random checkpoint at this context, batch 1: its node counts,
-    decode TPOT, and the time of session.run within it (the rest is the runtime's bookkeeping)."""
+def step_case(config: ModelConfig, contexts: list[int], block: int, threads: int, steps: int):
+    """The exported step graph of a random checkpoint: its node counts, and at each context
+    (batch 1, steps timed in turn) its decode TPOT and the time of session.run within it (the
+    rest is the runtime's bookkeeping)."""
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         write_checkpoint(random_tensors(config, 0), config, workdir / "ckpt")
         warmup = 3
-        capacity = context + warmup + steps  # each step adds a token: the context drifts by this
+        capacity = max(contexts) + warmup + steps  # each step adds a token
         artifact = export_artifact(
             workdir / "ckpt", workdir / "onnx", max_context=capacity, ltm_block=block
         )
         nodes, matmuls = optimized_nodes(artifact / MODEL_FILE, threads, workdir)
         backend = OrtBackend(artifact, device="cpu", threads=threads)
         torch.set_num_threads(backend.torch_threads)
-        state = prefill(backend, context, capacity, 512)
+        states = {c: prefill(backend, c, capacity, 512) for c in contexts}
         run_times: list[float] = []
         run = backend.run_numpy
 
@@ -200,14 +201,26 @@ def step_case(config: ModelConfig, context: int, block: int, threads: int, steps
 
         backend.run_numpy = timed_run  # type: ignore[method-assign]
         token, one = torch.tensor([[1]]), torch.ones(1, dtype=torch.int64)
-        tpot_ms = median_ms(lambda: backend.step(token, one, state, True), steps, warmup)
-        del run_times[:warmup]
-        return {
-            "nodes": nodes,
-            "matmul_nodes": matmuls,
-            "tpot_ms": tpot_ms,
-            "session_run_ms": 1e3 * statistics.median(run_times),
-        }
+        step_s: dict[int, list[float]] = {c: [] for c in contexts}
+        run_s: dict[int, list[float]] = {c: [] for c in contexts}
+        for i in range(warmup + steps):
+            for c, state in states.items():
+                t0 = time.perf_counter()
+                backend.step(token, one, state, True)
+                if i >= warmup:
+                    step_s[c].append(time.perf_counter() - t0)
+                    run_s[c].append(run_times[-1])
+        return (
+            nodes,
+            matmuls,
+            {
+                c: {
+                    "tpot_ms": 1e3 * statistics.median(step_s[c]),
+                    "session_run_ms": 1e3 * statistics.median(run_s[c]),
+                }
+                for c in contexts
+            },
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -218,14 +231,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--target", type=float, default=0.8, help="roofline fraction to budget")
     parser.add_argument("--steps", type=int, default=30, help="timed decode steps")
+    parser.add_argument(
+        "--short-context", type=int, default=16, help="also time the step graph here"
+    )
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args(argv)
+    if not 0 < args.short_context < args.context:
+        parser.error("--short-context must be below --context")
     config = preset(args.preset)
     bandwidth = measure_bandwidth_gb_s()
     w_ms, w_bytes = weights_case(config, args.threads)
     s_ms, s_bytes = stores_case(config, args.context, args.block, args.threads)
     per_node_us = dispatch_case(config, args.threads)
-    step = step_case(config, args.context, args.block, args.threads, args.steps)
+    short_stores_ms = stores_case(config, args.short_context, args.block, args.threads)[0]
+    nodes, matmuls, timings = step_case(
+        config, [args.short_context, args.context], args.block, args.threads, args.steps
+    )
+    step = {"nodes": nodes, "matmul_nodes": matmuls, **timings[args.context]}
+    step["short_context"] = {
+        "context": args.short_context,
+        **timings[args.short_context],
+        "stores_ms": short_stores_ms,  # the store MatMuls alone at that context
+    }
     roofline_ms = decode_bytes(config, [args.context]) / (bandwidth * 1e9) * 1e3
     step["roofline_fraction"] = roofline_ms / step["tpot_ms"]
     step["bookkeeping_ms"] = step["tpot_ms"] - step["session_run_ms"]
@@ -276,6 +303,12 @@ def main(argv: list[str] | None = None) -> None:
         f"{step['tpot_ms']:.2f} ms = {100 * step['roofline_fraction']:.0f} % of the roofline "
         f"(session.run {step['session_run_ms']:.2f} ms, "
         f"bookkeeping {step['bookkeeping_ms']:.2f} ms)"
+    )
+    short = step["short_context"]
+    print(
+        f"  from context {args.short_context} to {args.context}: the step graph's session.run "
+        f"grows by {step['session_run_ms'] - short['session_run_ms']:.2f} ms, the store MatMuls "
+        f"alone by {s_ms - short['stores_ms']:.2f} ms"
     )
     print(
         f"  at {100 * args.target:.0f} %: a step may take {budget['step_ms']:.2f} ms; the MatMuls "
