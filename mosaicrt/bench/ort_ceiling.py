@@ -9,9 +9,10 @@ fraction of a graph that had no other node: the ceiling for the decode benchmark
 
 In the same run it measures what the rest of a step costs: the exported step graph of a random
 checkpoint (the nodes ONNX Runtime runs after its optimizations, its decode TPOT at the context and
-at a short one, timed in turn, and the runtime's bookkeeping around session.run), and ONNX Runtime's
-cost per node of a chain of small elementwise nodes. With those it states the budget of a target fraction (default 80 %): the step
-time it allows, minus the MatMuls' time, against the other nodes' dispatch alone.
+at a short one, timed in turn, and the runtime's bookkeeping around session.run), and ONNX
+Runtime's cost per node of a chain of small elementwise nodes. With those it states the budget of
+a target fraction (default 80 %): the step time it allows, minus the MatMuls' time, against the
+other nodes' dispatch alone.
 
     python -m mosaicrt.bench.ort_ceiling --preset mini --context 4096 \\
         --json bench/results/ort_ceiling_cpu.json
