@@ -40,7 +40,7 @@ from mosaicrt.export.artifact import DEFAULT_LTM_BLOCK, MODEL_FILE, export_artif
 from mosaicrt.export.graph import IR_VERSION, OPSET
 from mosaicrt.model.checkpoint import random_tensors, write_checkpoint
 from mosaicrt.model.config import ModelConfig, preset
-from mosaicrt.runtime.ort_backend import OrtBackend
+from mosaicrt.runtime.ort_backend import OrtBackend, session_options
 
 
 def weight_shapes(config: ModelConfig) -> list[tuple[int, int]]:
@@ -65,17 +65,6 @@ def store_shapes(config: ModelConfig, context: int, block: int) -> list[tuple[tu
             visible = max(0, context - config.ltm_delay + 1)
             stores.append(((max(1, -(-visible // block)), 1, H, block, hs), visible))
     return stores
-
-
-def session_options(threads: int):
-    """The options the ONNX Runtime backend runs with."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return options
 
 
 def session(nodes: list, inputs: list, outputs: list[str], inits: list, threads: int):

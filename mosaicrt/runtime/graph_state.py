@@ -100,24 +100,22 @@ def write_new_pairs(
     newest = (state.pos + lengths - 2)[:, None]
     xp = torch if isinstance(ok, torch.Tensor) else np
     rows = {"ltm": xp.where(ok), "stm": xp.where(ok & (tau > newest - ring))}  # ring: newest h-1
-    new = None
+    if not any(len(b) for b, _ in rows.values()):
+        return  # no pair completed (rows of length 0, or the first token)
+    new = xp.stack(  # (B, C, L*2, nM*H, hs), in the order of GraphState.pairs
+        [
+            new_pairs(layer, field)
+            for layer in range(config.num_layers)
+            for field in io_spec.STORE_FIELDS
+        ],
+        2,
+    )
     for i, memory in enumerate(config.memories):
         b, c = rows[memory]
-        if not len(b):
-            continue
-        if new is None:  # (B, C, L*2, nM*H, hs), in the order of GraphState.pairs
-            new = xp.stack(
-                [
-                    new_pairs(layer, field)
-                    for layer in range(config.num_layers)
-                    for field in io_spec.STORE_FIELDS
-                ],
-                2,
-            )
         t = tau[b, c]  # (n,)
-        where = (t * 0, t % ring) if memory == "stm" else (t // S, t % S)  # (block, slot)
+        block_of, slot = (t * 0, t % ring) if memory == "stm" else (t // S, t % S)
         # Advanced indices split by a slice go first: both sides are (n, L*2, H, hs).
-        state.pairs[memory][:, where[0], b, :, where[1]] = new[b, c, :, i * H : (i + 1) * H]
+        state.pairs[memory][:, block_of, b, :, slot] = new[b, c, :, i * H : (i + 1) * H]
 
 
 def graph_step(

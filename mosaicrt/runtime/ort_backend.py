@@ -33,6 +33,18 @@ OrtState = GraphState  # numpy buffers, or torch tensors on the device with IOBi
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
 
+def session_options(threads: int | None = None):
+    """The session options every step graph runs with: all graph optimizations, `threads` for
+    the operators (default: one per core), one graph node at a time."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.inter_op_num_threads = 1
+    return options
+
+
 class OrtBackend(Backend):
     name = "onnxruntime"
     torch_threads = 1  # ONNX Runtime computes in its own pool; torch only keeps the books
@@ -72,13 +84,9 @@ class OrtBackend(Backend):
             )
         self.device = torch.device("cuda" if providers[0] == "CUDAExecutionProvider" else "cpu")
         self.io_binding = self.device.type == "cuda" if io_binding is None else io_binding
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
-        options.inter_op_num_threads = 1
         try:
             self.session = ort.InferenceSession(
-                str(Path(artifact) / MODEL_FILE), options, providers=providers
+                str(Path(artifact) / MODEL_FILE), session_options(threads), providers=providers
             )
         except Exception as exc:  # ORT raises its own pybind exception types
             reason = str(exc).splitlines()[0][:300]
