@@ -14,9 +14,11 @@ pytest.importorskip("triton", reason="the Triton kernels need the triton package
 import oracle  # noqa: E402
 
 from mosaicrt.model import preset  # noqa: E402
-from mosaicrt.model.mmv2 import AssociativeMemory, gated_key_scan, reference_retrieve  # noqa: E402
+from mosaicrt.model.mmv2 import AssociativeMemory  # noqa: E402
 from mosaicrt.model.state import MemoryState  # noqa: E402
-from mosaicrt.plugins.kernels import TritonKernels  # noqa: E402
+from mosaicrt.ops.associative_memory.reference import associative_memory  # noqa: E402
+from mosaicrt.ops.gated_key_scan.reference import gated_key_scan  # noqa: E402
+from mosaicrt.runtime.torch_kernels import TritonKernels  # noqa: E402
 
 ATOL = 1e-5  # fp32 kernel vs fp32 reference on O(1) outputs
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs them interpreted
@@ -33,9 +35,31 @@ def on_device(st: MemoryState) -> MemoryState:
     return MemoryState(*(getattr(st, f).to(DEVICE, copy=True) for f in st.__dataclass_fields__))
 
 
+# beta0 = 1, beta1 = 0: a bandwidth of 1, so the tests' queries carry their own scale.
+UNIT_BANDWIDTH = {"beta0": torch.ones(1), "beta1": torch.zeros(1), "alpha": torch.ones(1)}
+
+
+def step_positions(pos, lengths, C: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """t (B, C) and new_tau (B, C) of a chunk, as the model computes them."""
+    t = pos[:, None] + torch.arange(C)
+    new_ok = (torch.arange(C)[None, :] < lengths[:, None]) & (t >= 1)
+    return t, torch.where(new_ok, t - 1, -1)
+
+
+def reference_retrieve(mem, q, pos, lengths, st, k_new, v_new) -> torch.Tensor:
+    """The reference op over the memory's stored pairs, with a bandwidth of 1."""
+    t, new_tau = step_positions(pos, lengths, q.shape[1])
+    keys, vals, tau = mem.stored_pairs(st, pos, q.shape[1])
+    p = UNIT_BANDWIDTH
+    return associative_memory(q, t, keys, vals, tau, k_new, v_new, new_tau, p["beta0"],
+                              p["beta1"], p["alpha"], mem.window, mem.delay)  # fmt: skip
+
+
 def kernel_retrieve(mem, q, pos, lengths, st, k_new, v_new) -> torch.Tensor:
-    args = (x.to(DEVICE) for x in (q, pos, lengths))
-    return TritonKernels().retrieve(mem, *args, on_device(st), k_new.to(DEVICE), v_new.to(DEVICE))
+    t, new_tau = step_positions(pos, lengths, q.shape[1])
+    args = (x.to(DEVICE) for x in (q, t, pos, k_new, v_new, new_tau))
+    params = {k: v.to(DEVICE) for k, v in UNIT_BANDWIDTH.items()}
+    return TritonKernels().retrieve(mem, on_device(st), *args, params)
 
 
 def filled_state(mem: AssociativeMemory, B: int, slots: int, dtype, gen) -> MemoryState:
@@ -76,7 +100,7 @@ def test_long_chunk_takes_the_unmasked_tiles(head_dim):
     """LTM chunks long enough that whole tiles of the store and of the chunk are visible to
     every query of a block (the unmasked path), next to the masked edge tiles; a head size that
     is not a power of two pads the tiles."""
-    from mosaicrt.plugins.kernels.retrieval import retrieve
+    from mosaicrt.ops.associative_memory.kernel import retrieve
 
     gen = torch.Generator().manual_seed(head_dim)
     mem = memory("ltm", 2, head_dim)
@@ -97,7 +121,7 @@ def test_long_chunk_takes_the_unmasked_tiles(head_dim):
 @pytest.mark.parametrize("kind", ["stm", "ltm"])
 def test_split_decode_matches_reference(kind):
     """One query per row over a long store, split in several slices and merged."""
-    from mosaicrt.plugins.kernels.retrieval import retrieve_decode
+    from mosaicrt.ops.associative_memory.kernel import retrieve_decode
 
     gen = torch.Generator().manual_seed(7)
     mem = memory(kind, 2, 32)
@@ -148,15 +172,10 @@ def test_gated_scan_matches_reference(head_dim):
         k_raw = torch.randn(B, C, heads, head_dim, generator=gen)
         log_g = 40 * torch.randn(B, C, heads, generator=gen)  # exp(40+) overflows a naive scan
         log_lam = -torch.rand(B, C, heads, generator=gen) * 3
-        want = gated_key_scan(k_raw, log_g, log_lam, valid, states[0], 1e-6)
+        want = gated_key_scan(k_raw, log_g, log_lam, valid, states[0].s, states[0].mx, 1e-6)
         kernel_state = on_device(states[1])
-        got = (
-            TritonKernels()
-            .gated_key_scan(
-                *(x.to(DEVICE) for x in (k_raw, log_g, log_lam, valid)), kernel_state, 1e-6
-            )
-            .cpu()
-        )
+        args = (x.to(DEVICE) for x in (k_raw, log_g, log_lam, valid))
+        got = TritonKernels().gated_key_scan(*args, kernel_state.s, kernel_state.mx, 1e-6).cpu()
         states[1].s.copy_(kernel_state.s)
         states[1].mx.copy_(kernel_state.mx)
         assert torch.isfinite(got).all()
@@ -170,7 +189,7 @@ def test_gated_scan_matches_reference(head_dim):
 def test_segmented_scan_matches_reference(segment):
     """A chunk cut into segments scanned in parallel and chained gives the sequential keys and
     final state; slow decays make the chaining matter, and an idle row keeps its empty state."""
-    from mosaicrt.plugins.kernels.scan import gated_key_scan as kernel_scan
+    from mosaicrt.ops.gated_key_scan.kernel import gated_key_scan as kernel_scan
 
     gen = torch.Generator().manual_seed(segment)
     B, C, heads, hs = 3, 100, 2, 24
@@ -184,7 +203,7 @@ def test_segmented_scan_matches_reference(segment):
     k_raw = torch.randn(B, C, heads, hs, generator=gen)
     log_g = torch.randn(B, C, heads, generator=gen)
     log_lam = -0.02 * torch.rand(B, C, heads, generator=gen)
-    want = gated_key_scan(k_raw, log_g, log_lam, valid, st, 1e-6)
+    want = gated_key_scan(k_raw, log_g, log_lam, valid, st.s, st.mx, 1e-6)
     args = (x.to(DEVICE) for x in (k_raw, log_g, log_lam, lengths))
     got = kernel_scan(*args, s, mx, 1e-6, segment=segment).cpu()
     assert (got[valid] - want[valid]).abs().max() <= ATOL

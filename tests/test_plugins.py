@@ -9,9 +9,10 @@ from onnx import TensorProto, helper
 pytest.importorskip("triton", reason="the plugin ops run the Triton kernels ([triton] extra)")
 ort = pytest.importorskip("onnxruntime", reason="the reference is the ONNX function ([onnx] extra)")
 
-from mosaicrt.export.graph import IR_VERSION, OPSET  # noqa: E402
-from mosaicrt.export.ops import DOMAIN, NO_WINDOW, functions  # noqa: E402
-from mosaicrt.plugins.ops import associative_memory_op, gated_key_scan_op  # noqa: E402
+from mosaicrt.export.functions import functions  # noqa: E402
+from mosaicrt.onnx_graph import IR_VERSION, OPSET  # noqa: E402
+from mosaicrt.ops import DOMAIN, plugin_specs  # noqa: E402
+from mosaicrt.ops.geometry import NO_WINDOW  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ATOL = 1e-5  # fp32 kernels vs the fp32 function body on O(1) outputs
@@ -84,13 +85,10 @@ def test_associative_memory_plugin_op_matches_the_function(kind, chunk):
         "alpha": rng.uniform(0.2, 0.8, H).astype(np.float32),
     }
     window_attr = window if kind == "stm" else NO_WINDOW
-    (want,) = run_node("AssociativeMemory", inputs, ["y"], kind=kind, window=window_attr,
-                       delay=delay)  # fmt: skip
-    x = {k: torch.from_numpy(v).to(DEVICE) for k, v in inputs.items()}
+    (want,) = run_node("AssociativeMemory", inputs, ["y"], window=window_attr, delay=delay)
+    x = [torch.from_numpy(v).to(DEVICE) for v in inputs.values()]
     y = torch.full(want.shape, float("nan"), device=DEVICE)  # every element must be written
-    associative_memory_op(x["q"], x["t"], x["store_k"], x["store_v"], x["new_k"], x["new_v"],
-                          x["new_tau"], x["beta0"], x["beta1"], x["alpha"], kind, window_attr,
-                          delay, y)  # fmt: skip
+    plugin_specs()["AssociativeMemory"].run(x, [y], {"window": window_attr, "delay": delay})
     got = y.cpu().numpy()
     for b in range(3):  # row 3 has no real tokens: its outputs are never read
         n = lengths[b]
@@ -114,11 +112,9 @@ def test_gated_key_scan_plugin_op_matches_the_function(chunk):
         "mx_in": rng.standard_normal((B, H)).astype(np.float32),
     }
     want = run_node("GatedKeyScan", inputs, ["keys", "s_out", "mx_out"], eps=1e-6)
-    x = {k: torch.from_numpy(v).to(DEVICE) for k, v in inputs.items()}
-    keys = torch.full(want[0].shape, float("nan"), device=DEVICE)
-    s_out = torch.full(want[1].shape, float("nan"), device=DEVICE)
-    mx_out = torch.full(want[2].shape, float("nan"), device=DEVICE)
-    gated_key_scan_op(*x.values(), 1e-6, keys, s_out, mx_out)
+    x = [torch.from_numpy(v).to(DEVICE) for v in inputs.values()]
+    keys, s_out, mx_out = (torch.full(w.shape, float("nan"), device=DEVICE) for w in want)
+    plugin_specs()["GatedKeyScan"].run(x, [keys, s_out, mx_out], {"eps": 1e-6})
     assert np.abs(keys.cpu().numpy()[valid] - want[0][valid]).max() <= ATOL
     assert np.abs(s_out.cpu().numpy()[:2] - want[1][:2]).max() <= ATOL  # row 2 is idle
     np.testing.assert_allclose(mx_out.cpu().numpy()[:2], want[2][:2], rtol=1e-6)

@@ -11,22 +11,24 @@ import onnx
 import pytest
 
 pytest.importorskip("onnxruntime", reason="needs the [onnx] extra to export artifacts")
-P = pytest.importorskip(
-    "mosaicrt.plugins.tensorrt",
-    reason="needs TensorRT-RTX ([tensorrt] extra) or full TensorRT",
-    exc_type=ImportError,
-)
-
 from helpers import mosaicrt  # noqa: E402
 
+import mosaicrt.plugins.tensorrt as P  # noqa: E402
 from mosaicrt.errors import BackendError  # noqa: E402
 from mosaicrt.export.artifact import export_artifact  # noqa: E402
-from mosaicrt.export.ops import DOMAIN, NO_WINDOW  # noqa: E402
+from mosaicrt.ops import DOMAIN, plugin_specs  # noqa: E402
+from mosaicrt.ops.geometry import NO_WINDOW  # noqa: E402
 from mosaicrt.model import preset, random_model, save_checkpoint  # noqa: E402
 from mosaicrt.runtime.generator import RunLimits, generate  # noqa: E402
 from mosaicrt.runtime.sampling import SamplingParams  # noqa: E402
 
-trt = P.trt
+try:
+    TENSORRT = P.load_tensorrt()
+except BackendError:
+    pytest.skip("needs TensorRT-RTX ([tensorrt] extra) or full TensorRT", allow_module_level=True)
+trt, FLAVOUR = TENSORRT.module, TENSORRT.flavour
+MosaicPlugin, MosaicPluginCreator = P.plugin_classes()
+SPECS = plugin_specs()
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -64,7 +66,7 @@ def test_build_py_makes_an_engine_with_both_plugins(artifacts, tmp_path, dtype):
         n for n in onnx.load(artifacts / dtype / "model.onnx").graph.node if n.domain == DOMAIN
     ]
     assert manifest["plugin_layers"] == len(nodes) == 6  # 2 layers x (scan + STM + LTM)
-    assert manifest["tensorrt_flavour"] == P.FLAVOUR
+    assert manifest["tensorrt_flavour"] == FLAVOUR
     assert manifest["targets"] == ["sm86"]
     assert {p["name"] for p in manifest["plugins"]} == {"GatedKeyScan", "AssociativeMemory"}
     assert manifest["dtype"] == dtype
@@ -99,8 +101,8 @@ def test_mosaic_nodes_parse_as_plugin_layers(artifacts):
 
 def test_plugin_fields_survive_serialization():
     """What the engine stores (get_fields_to_serialize) rebuilds the same plugin at runtime."""
-    creator = P.MosaicPluginCreator(P.OPS["AssociativeMemory"])
-    fields = {"kind": "ltm", "window": NO_WINDOW, "delay": 256}
+    creator = MosaicPluginCreator(SPECS["AssociativeMemory"])
+    fields = {"window": NO_WINDOW, "delay": 256}
     collection, _arrays = P.encode_fields(creator.spec, fields)
     plugin = creator.create_plugin("m", collection, None)
     again = creator.create_plugin("m", plugin.get_fields_to_serialize(), None)
@@ -110,23 +112,18 @@ def test_plugin_fields_survive_serialization():
         "mosaic",
         "1",
     )
-    scan = P.MosaicPluginCreator(P.OPS["GatedKeyScan"])
+    scan = MosaicPluginCreator(SPECS["GatedKeyScan"])
     collection, _arrays = P.encode_fields(scan.spec, {"eps": 1e-6})
     eps = scan.create_plugin("s", collection, None).fields["eps"]
     assert eps == pytest.approx(1e-6, rel=1e-7)
     # The parser hands ONNX INT attributes over as int32.
     parsed = trt.PluginFieldCollection(
         [
-            trt.PluginField("kind", np.frombuffer(b"stm", np.int8), trt.PluginFieldType.CHAR),
             trt.PluginField("window", np.array([6], np.int32), trt.PluginFieldType.INT32),
             trt.PluginField("delay", np.array([1], np.int32), trt.PluginFieldType.INT32),
         ]
     )
-    assert creator.create_plugin("m", parsed, None).fields == {
-        "kind": "stm",
-        "window": 6,
-        "delay": 1,
-    }
+    assert creator.create_plugin("m", parsed, None).fields == {"window": 6, "delay": 1}
     with pytest.raises(BackendError, match="missing attributes"):
         creator.create_plugin("m", trt.PluginFieldCollection([]), None)
 
@@ -149,7 +146,7 @@ def test_plugin_formats():
         trt.DataType.BF16,
         trt.DataType.INT64,
     )
-    memory = P.MosaicPlugin(P.OPS["AssociativeMemory"], {"kind": "ltm", "window": 0, "delay": 4})
+    memory = MosaicPlugin(SPECS["AssociativeMemory"], {"window": NO_WINDOW, "delay": 4})
     for store in (F32, F16, BF16):
         io = descs(F32, I64, store, store, I64, F32, F32, I64, F32, F32, F32, F32)
         assert all(memory.supports_format_combination(pos, io, 11) for pos in range(12))
@@ -159,7 +156,7 @@ def test_plugin_formats():
     assert not memory.supports_format_combination(0, io, 11)  # queries are fp32
     io = descs(F32, I64, F32, F32, I64, F32, F32, I64, F32, F32, F32, F16)
     assert not memory.supports_format_combination(11, io, 11)  # output fp32
-    scan = P.MosaicPlugin(P.OPS["GatedKeyScan"], {"eps": 1e-6})
+    scan = MosaicPlugin(SPECS["GatedKeyScan"], {"eps": 1e-6})
     io = descs(F32, F32, F32, trt.DataType.BOOL, F32, F32, F32, F32, F32)
     assert all(scan.supports_format_combination(pos, io, 6) for pos in range(9))
     io[0].desc.format = trt.TensorFormat.HWC8
@@ -213,7 +210,7 @@ def test_engine_without_a_gpu_is_a_clear_error(artifacts, tmp_path):
     engine = built_engine(artifacts / "float32", tmp_path / "engine")
     proc = mosaicrt("generate", engine, "--prompt", "hi")  # auto: an engine dir -> tensorrt
     assert proc.returncode == 2
-    assert f"built with {P.FLAVOUR} {trt.__version__} for sm86" in proc.stderr
+    assert f"built with {FLAVOUR} {trt.__version__} for sm86" in proc.stderr
     assert "needs a CUDA GPU" in proc.stderr and "--backend onnxruntime" in proc.stderr
 
 
@@ -224,7 +221,7 @@ def test_engine_from_another_tensorrt_is_refused(artifacts, tmp_path):
     (engine / "build_manifest.json").write_text(json.dumps(manifest))
     proc = mosaicrt("generate", engine, "--backend", "tensorrt", "--prompt", "hi")
     assert proc.returncode == 2
-    assert f"built with {P.FLAVOUR} 0.9.0 for sm86; this process has {P.FLAVOUR}" in proc.stderr
+    assert f"built with {FLAVOUR} 0.9.0 for sm86; this process has {FLAVOUR}" in proc.stderr
     assert "rebuild it here: `mosaicrt build" in proc.stderr
     proc = mosaicrt("generate", artifacts / "float32", "--backend", "tensorrt", "--prompt", "x")
     assert proc.returncode == 2 and "build an engine from it" in proc.stderr
@@ -237,7 +234,7 @@ def local_target() -> str | None:
     if not torch.cuda.is_available():
         return None
     major, minor = torch.cuda.get_device_capability()
-    if P.FLAVOUR == "tensorrt":
+    if FLAVOUR == "tensorrt":
         return ""  # full TensorRT builds for the local GPU
     here = f"sm{major}{minor}"
     return here if here in ("sm75", "sm80", "sm86", "sm89", "sm120") else None

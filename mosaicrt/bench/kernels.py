@@ -61,7 +61,7 @@ def graph_ms(fn) -> float:
 
 def bench_chunk(T: int, H: int, hs: int) -> dict:
     """Prefill of T tokens from scratch vs SDPA flash on the same (B=1, H, T, hs) bf16 shapes."""
-    from mosaicrt.plugins.kernels.retrieval import retrieve
+    from mosaicrt.ops.associative_memory.kernel import retrieve
 
     dev, bf16 = "cuda", torch.bfloat16
     q = torch.randn(1, T, H, hs, device=dev, dtype=bf16)
@@ -119,7 +119,7 @@ def bench_chunk(T: int, H: int, hs: int) -> dict:
 
 def bench_decode(context: int, B: int, H: int, hs: int, bandwidth: float) -> dict:
     """One query per sequence over `context` stored bf16 pairs (LTM, delay 1) and one new pair."""
-    from mosaicrt.plugins.kernels.retrieval import retrieve_decode
+    from mosaicrt.ops.associative_memory.kernel import retrieve_decode
 
     dev, bf16 = "cuda", torch.bfloat16
     store_k = torch.randn(B, context, H, hs, device=dev, dtype=bf16)
@@ -171,9 +171,8 @@ def bench_decode(context: int, B: int, H: int, hs: int, bandwidth: float) -> dic
 
 def bench_scan(B: int, C: int, H: int, hs: int, bandwidth: float) -> dict:
     """The key scan over a chunk of C tokens (bf16 projections in, fp32 unit keys out)."""
-    from mosaicrt.model.mmv2 import gated_key_scan as reference_scan
-    from mosaicrt.model.state import MemoryState
-    from mosaicrt.plugins.kernels.scan import gated_key_scan, scan_bytes
+    from mosaicrt.ops.gated_key_scan.kernel import gated_key_scan, scan_bytes
+    from mosaicrt.ops.gated_key_scan.reference import gated_key_scan as reference_scan
 
     dev = "cuda"
     k = torch.randn(B, C, H, hs, device=dev, dtype=torch.bfloat16)
@@ -185,9 +184,8 @@ def bench_scan(B: int, C: int, H: int, hs: int, bandwidth: float) -> dict:
 
     # Check on the first 512 tokens against the reference recurrence (sequential in torch).
     n = min(C, 512)
-    st = MemoryState(*fresh_state(), None, None, None, None)
     valid = torch.ones(B, n, dtype=torch.bool, device=dev)
-    want = reference_scan(k[:, :n].float(), g[:, :n], lam[:, :n], valid, st, 1e-6)
+    want = reference_scan(k[:, :n].float(), g[:, :n], lam[:, :n], valid, *fresh_state(), 1e-6)
     nbytes = scan_bytes(B, C, H, hs, 2)
     tilings = []
     for warps, stages, seg in SCAN_TILINGS:

@@ -37,7 +37,7 @@ from mosaicrt.bench.decode import prefill
 from mosaicrt.bench.machine import machine_info, measure_bandwidth_gb_s
 from mosaicrt.bench.roofline import decode_bytes
 from mosaicrt.export.artifact import DEFAULT_LTM_BLOCK, MODEL_FILE, export_artifact
-from mosaicrt.export.graph import IR_VERSION, OPSET
+from mosaicrt.onnx_graph import IR_VERSION, OPSET
 from mosaicrt.model.checkpoint import random_tensors, write_checkpoint
 from mosaicrt.model.config import ModelConfig, preset
 from mosaicrt.runtime.ort_backend import OrtBackend, session_options

@@ -35,16 +35,10 @@ import torch
 from onnx import helper
 
 from mosaicrt.export import io_spec
-from mosaicrt.export.graph import (
-    FLOAT,
-    IR_VERSION,
-    ONNX_DTYPES,
-    OPSET,
-    ExternalData,
-    GraphBuilder,
-)
-from mosaicrt.export.ops import DOMAIN, DOMAIN_VERSION, NO_WINDOW, functions, plugin_attrs
+from mosaicrt.export.functions import functions, plugin_attrs
 from mosaicrt.model.mmv2 import MMv2
+from mosaicrt.onnx_graph import FLOAT, IR_VERSION, ONNX_DTYPES, OPSET, ExternalData, GraphBuilder
+from mosaicrt.ops import DOMAIN, DOMAIN_VERSION
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -206,7 +200,7 @@ class StepGraphBuilder:
         ]
         ys = []
         for i, kind in enumerate(cfg.memories):
-            window, delay = (cfg.stm_window, 1) if kind == "stm" else (NO_WINDOW, cfg.ltm_delay)
+            mem = getattr(self.model.layers[layer], kind)
             heads = slice(i * H, (i + 1) * H)
             store_k = io_spec.store_name(layer, kind, "keys")
             store_v = io_spec.store_name(layer, kind, "values")
@@ -226,9 +220,8 @@ class StepGraphBuilder:
                     g.const(p["alpha"][heads]),
                     domain=DOMAIN,
                     name=f"/model/layers.{layer}/{kind}/AssociativeMemory",
-                    kind=kind,
-                    window=window,
-                    delay=delay,
+                    window=mem.window,
+                    delay=mem.delay,
                     **plugin_attrs(),
                 )
             )

@@ -20,6 +20,9 @@ from torch import nn
 from mosaicrt.errors import CapacityError
 from mosaicrt.model.config import ModelConfig
 from mosaicrt.model.state import DecodeState, MemoryState
+from mosaicrt.ops import geometry
+from mosaicrt.ops.associative_memory.reference import associative_memory
+from mosaicrt.ops.gated_key_scan.reference import gated_key_scan, l2_normalize
 
 
 class RMSNorm(nn.Module):
@@ -36,58 +39,20 @@ class RMSNorm(nn.Module):
         return (xf * self.weight.float()).to(x.dtype)
 
 
-def l2_normalize(x: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
-    """x / max(||x||, eps) over the last dimension."""
-    return x / x.norm(dim=-1, keepdim=True).clamp(min=eps)
-
-
-def gated_key_scan(
-    k_raw: torch.Tensor,
-    log_g: torch.Tensor,
-    log_lam: torch.Tensor,
-    valid: torch.Tensor,
-    st: MemoryState,
-    eps: float,
-) -> torch.Tensor:
-    """Eq. 8, k_bar_t = g_t * k~_t + lam_t * k_bar_{t-1}, in the exact log-space stabilised form.
-
-    The state keeps s = exp(-mx) * k_bar with a running max mx of the log-weights, so no gate
-    ever overflows. Padding steps (valid False) leave the state unchanged.
-
-    Args:
-        k_raw: (B, C, H, hs) fp32 key projections k~.   log_g, log_lam: (B, C, H) fp32.
-        valid: (B, C) bool.   st: the memory's state; s and mx are updated in place.
-    Returns:
-        (B, C, H, hs) fp32 unit keys k_t = k_bar_t / max(||k_bar_t||, eps).
-    """
-    s, mx = st.s, st.mx  # (B, H, hs), (B, H)
-    keys = []
-    for i in range(k_raw.shape[1]):
-        carried = mx + log_lam[:, i]  # (B, H) log-weight of the old state
-        mx_new = torch.maximum(carried, log_g[:, i])
-        s_new = (
-            torch.exp(carried - mx_new)[..., None] * s
-            + torch.exp(log_g[:, i] - mx_new)[..., None] * k_raw[:, i]
-        )
-        ok = valid[:, i, None]  # (B, 1)
-        s = torch.where(ok[..., None], s_new, s)
-        mx = torch.where(ok, mx_new, mx)
-        # ||k_bar|| vs eps  <=>  ||s|| vs eps * exp(-mx): the same max, without leaving log-space.
-        keys.append(l2_normalize(s, eps * torch.exp(-mx)[..., None]))
-    st.s.copy_(s)
-    st.mx.copy_(mx)
-    return torch.stack(keys, dim=1)  # (B, C, H, hs)
-
-
 class AssociativeMemory(nn.Module):
-    """One memory (STM or LTM): gated keys, look-ahead values, retrieval with bandwidth beta(n)."""
+    """One memory (STM or LTM): gated keys, look-ahead values, retrieval with bandwidth beta(n).
+
+    Which memory it is comes down to its (window, delay) (mosaicrt.ops.geometry): a memory with a
+    window keeps its pairs in a ring of window - 1 slots, one without keeps them all."""
 
     def __init__(self, config: ModelConfig, kind: str) -> None:
         super().__init__()
-        assert kind in ("stm", "ltm")
         d, H, hs = config.hidden_size, config.num_heads, config.head_dim
-        self.kind, self.H, self.hs = kind, H, hs
-        self.window, self.delay = config.stm_window, config.ltm_delay
+        self.H, self.hs = H, hs
+        self.window, self.delay = geometry.memory_window_delay(
+            kind, config.stm_window, config.ltm_delay
+        )
+        self.ring = geometry.has_window(self.window)
         self.eps = config.key_norm_eps
         self.key_proj = nn.Linear(d, H * hs, bias=False)  # W_phi
         self.key_gate = nn.Linear(d, H, bias=False)  # W_g, log of the input gate
@@ -99,7 +64,7 @@ class AssociativeMemory(nn.Module):
         self.bandwidth_beta0 = nn.Parameter(torch.empty(H))  # beta0 = exp(min(theta, 10))
         self.bandwidth_beta1 = nn.Parameter(torch.empty(H))  # beta1 = exp(min(theta, 10))
         self.bandwidth_alpha = nn.Parameter(torch.empty(H))  # alpha = min(|theta|, 1)
-        self.kernels: MemoryKernels | None = None  # None: the reference code below
+        self.kernels: MemoryKernels | None = None  # None: the reference ops
 
     def transforms(self) -> dict[str, torch.Tensor]:
         """The Tab. 6 reparameterisations, each (H,) fp32."""
@@ -111,18 +76,6 @@ class AssociativeMemory(nn.Module):
             "alpha": self.bandwidth_alpha.float().abs().clamp(max=1.0),
         }
 
-    def visible_count(self, t: torch.Tensor) -> torch.Tensor:
-        """n_t = |S(t)|: min(t, h-1) for the STM, max(0, t-m+1) for the LTM."""
-        if self.kind == "stm":
-            return t.clamp(max=self.window - 1)
-        return (t - self.delay + 1).clamp(min=0)
-
-    def visible(self, t: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-        """Is pair tau in S(t)? STM: t-h+1 <= tau <= t-1; LTM: tau <= t-m (eq. 10)."""
-        if self.kind == "stm":
-            return (tau <= t - 1) & (tau >= t - self.window + 1)
-        return tau <= t - self.delay
-
     def stored_pairs(
         self, st: MemoryState, pos: torch.Tensor, C: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -131,14 +84,10 @@ class AssociativeMemory(nn.Module):
         Before the chunk a row at position p has completed pairs tau in [0, p-2].
         Returns keys, vals (B, N, H, hs) and their positions tau (B, N), -1 for an empty slot.
         """
-        if self.kind == "stm":
-            slots = st.keys.shape[1]  # h - 1, pair tau lives in slot tau mod (h-1)
-            last = (pos - 2)[:, None]  # (B, 1) newest stored pair
-            idx = torch.arange(slots, device=pos.device)[None, :]
-            tau = last - torch.remainder(last - idx, slots)  # newest tau <= last in each slot
-            return st.keys, st.vals, torch.where(tau >= 0, tau, -1)
-        # LTM: read only what some query of the chunk can see: tau <= min(p-2, p+C-1-m).
-        n = int((torch.minimum(pos - 1, pos + C - self.delay)).clamp(min=0).max())
+        if self.ring:
+            slots = torch.arange(st.keys.shape[1], device=pos.device)
+            return st.keys, st.vals, geometry.ring_positions(pos - 2, st.keys.shape[1], slots)
+        n = geometry.readable_pairs(pos, C, self.delay)
         tau = torch.arange(n, device=pos.device)[None, :].expand(pos.shape[0], n)
         return st.keys[:, :n], st.vals[:, :n], torch.where(tau <= (pos - 2)[:, None], tau, -1)
 
@@ -151,11 +100,11 @@ class AssociativeMemory(nn.Module):
         ok: torch.Tensor,
     ) -> None:
         """Write completed pairs (B, C, H, hs) at positions tau (B, C) where ok, in place."""
-        if self.kind == "stm":
+        if self.ring:
             slots = st.keys.shape[1]
             newest = torch.where(ok, tau, -1).amax(dim=1, keepdim=True)  # (B, 1)
             ok = ok & (tau > newest - slots)  # a ring keeps only the newest h-1 pairs
-            slot = torch.remainder(tau, slots)
+            slot = geometry.ring_slot(tau, slots)
         else:
             slot = tau
         if keys.shape[1] == 1:  # decode: one pair per row, written with no host sync
@@ -179,13 +128,13 @@ class AssociativeMemory(nn.Module):
         B, C, _ = u.shape
         H, hs = self.H, self.hs
         p = self.transforms()
+        ops = self.kernels or REFERENCE_OPS
 
         # Keys (eq. 8), fp32.
         k_raw = self.key_proj(u).float().view(B, C, H, hs)
         log_g = self.key_gate(u).float()  # (B, C, H)
         log_lam = -self.key_decay(u).float().abs()  # (B, C, H)
-        scan = self.kernels.gated_key_scan if self.kernels else gated_key_scan
-        keys = scan(k_raw, log_g, log_lam, valid, st, self.eps)  # (B, C, H, hs)
+        keys = ops.gated_key_scan(k_raw, log_g, log_lam, valid, st.s, st.mx, self.eps)
 
         # Values (eq. 9) of the pairs this chunk completes: pair j is tau = pos-1+j; its key and
         # v~ come from the token before chunk token j (the pending one for j = 0), v~_{tau+1} from
@@ -197,20 +146,16 @@ class AssociativeMemory(nn.Module):
         v_pairs = p["alpha_psi"][:, None] * l2_normalize(
             gamma * v_prev + (1 - gamma) * v_raw, self.eps
         )  # (B, C, H, hs)
-        steps = torch.arange(C, device=u.device)
-        tau_new = pos[:, None] - 1 + steps  # (B, C)
-        new_ok = valid & (tau_new >= 0)
+        t = pos[:, None] + torch.arange(C, device=u.device)  # (B, C) query positions
+        new_ok = valid & (t >= 1)
+        new_tau = torch.where(new_ok, t - 1, -1)  # (B, C)
 
-        # Retrieval: beta(n_t) folded into the query, softmax scale exactly beta (no 1/sqrt(hs)).
-        t = pos[:, None] + steps  # (B, C) query positions
-        beta = p["beta1"] * self.visible_count(t)[..., None].float() ** p["alpha"] + p["beta0"]
-        q = beta[..., None] * keys  # (B, C, H, hs)
-        retrieve = self.kernels.retrieve if self.kernels else reference_retrieve
-        lengths = valid.sum(dim=1)  # (B,)
-        y = retrieve(self, q, pos, lengths, st, k_pairs, v_pairs)  # (B, C, H, hs)
+        # Retrieval over the stored pairs and this chunk's, beta(n_t) inside the op.
+        y = ops.retrieve(self, st, keys, t, pos, k_pairs, v_pairs, new_tau, p)  # (B, C, H, hs)
 
         # Update the state in place: publish the new pairs, keep the last real token pending.
-        self.write_pairs(st, k_pairs, v_pairs, tau_new, new_ok)
+        self.write_pairs(st, k_pairs, v_pairs, t - 1, new_ok)
+        lengths = valid.sum(dim=1)
         last = (lengths - 1).clamp(min=0)
         has = (lengths > 0)[:, None, None]
         rows = torch.arange(B, device=u.device)
@@ -219,52 +164,9 @@ class AssociativeMemory(nn.Module):
         return y.reshape(B, C, H * hs).to(u.dtype)
 
 
-def reference_retrieve(
-    mem: AssociativeMemory,
-    q: torch.Tensor,
-    pos: torch.Tensor,
-    lengths: torch.Tensor,
-    st: MemoryState,
-    k_pairs: torch.Tensor,
-    v_pairs: torch.Tensor,
-) -> torch.Tensor:
-    """Softmax over the stored pairs and the chunk's new pairs together, visibility by eq. 10.
-
-    Args:
-        q: (B, C, H, hs) queries with beta(n_t) folded in.   pos: (B,) chunk start positions.
-        lengths: (B,) real tokens of each row's chunk.
-        st: the memory's state (stores as before this chunk).
-        k_pairs, v_pairs: (B, C, H, hs) the pairs the chunk completes (pair j is tau = pos-1+j,
-            which exists when tau >= 0 and chunk token j is real).
-    Returns:
-        (B, C, H, hs) fp32; rows whose visible set is empty are 0.
-    """
-    C = q.shape[1]
-    steps = torch.arange(C, device=q.device)
-    t = pos[:, None] + steps  # (B, C)
-    tau_new = torch.where((steps[None, :] < lengths[:, None]) & (t >= 1), t - 1, -1)
-    k_old, v_old, tau_old = mem.stored_pairs(st, pos, C)  # (B, N, H, hs), (B, N)
-    scores = torch.cat(
-        [
-            torch.einsum("bchd,bnhd->bhcn", q, k_old.float()),  # (B, H, C, N)
-            torch.einsum("bchd,bjhd->bhcj", q, k_pairs),  # (B, H, C, C)
-        ],
-        dim=-1,
-    )
-    tau = torch.cat([tau_old, tau_new], dim=1)  # (B, N + C)
-    mask = (tau[:, None, :] >= 0) & mem.visible(t[..., None], tau[:, None, :])  # (B, C, N+C)
-    scores = scores.masked_fill(~mask[:, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    probs = torch.where(mask.any(-1)[:, None, :, None], probs, 0.0)  # empty S(t) -> y = 0
-    n_old = k_old.shape[1]
-    return torch.einsum("bhcn,bnhd->bchd", probs[..., :n_old], v_old.float()) + torch.einsum(
-        "bhcj,bjhd->bchd", probs[..., n_old:], v_pairs
-    )  # (B, C, H, hs)
-
-
 class MemoryKernels(Protocol):
-    """Replacement implementations of the two hot spots (e.g. Triton kernels), same contracts as
-    gated_key_scan and reference_retrieve."""
+    """The implementations of the two ops a memory runs: REFERENCE_OPS by default, or others
+    (e.g. the Triton kernels, mosaicrt.runtime.torch_kernels) with the same contracts."""
 
     def gated_key_scan(
         self,
@@ -272,20 +174,41 @@ class MemoryKernels(Protocol):
         log_g: torch.Tensor,
         log_lam: torch.Tensor,
         valid: torch.Tensor,
-        st: MemoryState,
+        s: torch.Tensor,
+        mx: torch.Tensor,
         eps: float,
-    ) -> torch.Tensor: ...
+    ) -> torch.Tensor:
+        """mosaicrt.ops.gated_key_scan, state (s, mx) updated in place; returns the keys."""
 
     def retrieve(
         self,
         mem: AssociativeMemory,
-        q: torch.Tensor,
-        pos: torch.Tensor,
-        lengths: torch.Tensor,
         st: MemoryState,
-        k_pairs: torch.Tensor,
-        v_pairs: torch.Tensor,
-    ) -> torch.Tensor: ...
+        q: torch.Tensor,
+        t: torch.Tensor,
+        pos: torch.Tensor,
+        new_k: torch.Tensor,
+        new_v: torch.Tensor,
+        new_tau: torch.Tensor,
+        params: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """mosaicrt.ops.associative_memory over mem's stores in st and the chunk's new pairs."""
+
+
+class ReferenceOps:
+    """The ops' torch references, reading the stores through AssociativeMemory.stored_pairs."""
+
+    gated_key_scan = staticmethod(gated_key_scan)
+
+    @staticmethod
+    def retrieve(mem, st, q, t, pos, new_k, new_v, new_tau, params) -> torch.Tensor:
+        keys, vals, tau = mem.stored_pairs(st, pos, q.shape[1])  # (B, N, H, hs), (B, N)
+        return associative_memory(q, t, keys, vals, tau, new_k, new_v, new_tau, params["beta0"],
+                                  params["beta1"], params["alpha"], mem.window,
+                                  mem.delay)  # fmt: skip
+
+
+REFERENCE_OPS = ReferenceOps()
 
 
 class FeedForward(nn.Module):

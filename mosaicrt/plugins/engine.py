@@ -26,12 +26,16 @@ from mosaicrt import __version__
 from mosaicrt.errors import BackendError, InputError
 from mosaicrt.export.artifact import MODEL_FILE, read_manifest, sha256
 from mosaicrt.export.io_spec import INPUT_IDS
-from mosaicrt.export.ops import DOMAIN, PLUGIN_VERSION
+from mosaicrt.ops import DOMAIN, PLUGIN_VERSION, source_files
 
 ENGINE_FILE = "model.engine"
 BUILD_MANIFEST = "build_manifest.json"
 RTX_TARGETS = ("sm75", "sm80", "sm86", "sm89", "sm120")
-PLUGIN_SOURCES = ("tensorrt.py", "ops.py", "kernels/retrieval.py", "kernels/scan.py")
+
+
+def plugin_sources() -> list[Path]:
+    """The code a plugin runs: the generic plugin class and every op's kernel and plugin op."""
+    return [Path(__file__).with_name("tensorrt.py")] + source_files()
 
 
 def add_build_args(parser: argparse.ArgumentParser) -> None:
@@ -141,14 +145,16 @@ def build_engine(
         graph = read_graph(artifact / MODEL_FILE)
         mosaic_nodes = [node.name for node in graph.graph.node if node.domain == DOMAIN]
     with phases("loading TensorRT and registering the mosaic plugins"):
-        from mosaicrt.plugins.tensorrt import FLAVOUR, register, trt
+        from mosaicrt.plugins.tensorrt import load_tensorrt, register
 
+        tensorrt = load_tensorrt()
+        trt, FLAVOUR = tensorrt.module, tensorrt.flavour
         if target and FLAVOUR != "tensorrt_rtx":
             raise InputError(
                 "--target is for TensorRT-RTX ahead-of-time builds; full TensorRT builds for the "
                 "local GPU: drop --target"
             )
-        plugins = register()
+        plugins = register(log)
         logger = trt.Logger(trt.Logger.WARNING)
         builder = trt.Builder(logger)
     with phases("parsing the ONNX model"):
@@ -213,7 +219,6 @@ def build_engine(
         (output / ENGINE_FILE).write_bytes(engine)
         if cache_path is not None:
             cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
-        plugin_dir = Path(__file__).parent
         result = {
             "format": "mosaicrt-tensorrt-engine",
             "mosaicrt_version": __version__,
@@ -224,7 +229,7 @@ def build_engine(
             "plugins": [
                 {"name": name, "namespace": DOMAIN, "version": PLUGIN_VERSION} for name in plugins
             ],
-            "plugin_source_sha256": sha256(*(plugin_dir / f for f in PLUGIN_SOURCES)),
+            "plugin_source_sha256": sha256(*plugin_sources()),
             "onnx_sha256": sha256(*onnx_files(artifact, graph)),
             "artifact": str(artifact.resolve()),
             "source_checkpoint": manifest.get("source_checkpoint"),

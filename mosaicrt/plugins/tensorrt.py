@@ -2,32 +2,48 @@
 IPluginCreatorV3One creators (namespace "mosaic", version "1"), for full TensorRT (`tensorrt`) and
 TensorRT-RTX (`tensorrt_rtx`) alike, whichever is installed (full TensorRT first).
 
-A plugin's build side (output shapes and types, formats, fields) is plain TensorRT; its enqueue
-views TensorRT's device pointers as torch tensors and runs mosaicrt.plugins.ops (the Triton
-kernels) on TensorRT's stream. The engine stores the fields; the deserializing process must call
-`register()` before it deserializes (a Python plugin cannot be embedded in an engine).
+One generic plugin class serves every op: what differs per op (input types, output shapes,
+attributes, what enqueue runs) is the op's PluginSpec (mosaicrt.ops.*.plugin_op). A plugin's build
+side is plain TensorRT; its enqueue views TensorRT's device pointers as torch tensors and runs the
+op's Triton kernel on TensorRT's stream. The engine stores the attributes; the deserializing process
+must call `register()` before it deserializes (a Python plugin cannot be embedded in an engine).
+
+Importing this module does nothing else: TensorRT is imported on first use (`load_tensorrt`), and
+TensorRT-RTX's parser link is made by `register()`, which says so when it makes it.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Callable
 
 import numpy as np
 
 from mosaicrt.errors import BackendError
-from mosaicrt.export.ops import DOMAIN, PLUGIN_VERSION
+from mosaicrt.ops import DOMAIN, PLUGIN_VERSION, PluginSpec, plugin_specs
 
 
-def import_tensorrt() -> tuple[ModuleType, str]:
-    """(module, flavour): full TensorRT if it imports, else TensorRT-RTX, else a clear error."""
+@dataclass(frozen=True)
+class TensorRT:
+    module: ModuleType  # tensorrt or tensorrt_rtx
+    flavour: str  # "tensorrt" or "tensorrt_rtx"
+
+    @property
+    def version(self) -> str:
+        return self.module.__version__
+
+
+@functools.cache
+def load_tensorrt() -> TensorRT:
+    """Full TensorRT if it imports, else TensorRT-RTX, else a clear error."""
     try:
         import tensorrt as trt
 
         trt.Builder  # the PyPI placeholder package imports but has no bindings
-        return trt, "tensorrt"
+        return TensorRT(trt, "tensorrt")
     except (ImportError, AttributeError, OSError):
         pass
     try:
@@ -37,19 +53,19 @@ def import_tensorrt() -> tuple[ModuleType, str]:
             "TensorRT is not installed: pip install 'mosaicrt[tensorrt]' (TensorRT-RTX, builds "
             "engines on any machine) or NVIDIA's full TensorRT for your GPU"
         ) from None
-    rtx_parser_alias()
-    return trt, "tensorrt_rtx"
+    return TensorRT(trt, "tensorrt_rtx")
 
 
-def rtx_parser_alias() -> None:
+def rtx_parser_alias() -> str | None:
     """TensorRT-RTX's ONNX parser dlopens the unversioned libtensorrt_rtx.so to add a plugin layer;
-    the wheel ships only libtensorrt_rtx.so.1, and without the alias the process aborts."""
+    the wheel ships only libtensorrt_rtx.so.1, and without the alias the process aborts. Makes the
+    link if it is missing; returns what was done (None if nothing)."""
     import tensorrt_rtx_libs
 
     libs = os.path.dirname(tensorrt_rtx_libs.__file__)
     alias = os.path.join(libs, "libtensorrt_rtx.so")
     if os.path.lexists(alias):
-        return
+        return None
     try:
         os.symlink("libtensorrt_rtx.so.1", alias)
     except OSError as e:
@@ -57,87 +73,33 @@ def rtx_parser_alias() -> None:
             f"TensorRT-RTX's parser needs {alias} and it cannot be created ({e.strerror}): run "
             f"`ln -s libtensorrt_rtx.so.1 {alias}` once with write access to {libs}"
         ) from None
+    return f"created {alias} -> libtensorrt_rtx.so.1 (TensorRT-RTX's ONNX parser loads it)"
 
 
-trt, FLAVOUR = import_tensorrt()
-F32, F16, BF16 = trt.DataType.FLOAT, trt.DataType.HALF, trt.DataType.BF16
-I64, BOOL = trt.DataType.INT64, trt.DataType.BOOL
-STORE_TYPES = (F32, F16, BF16)
+def trt_type(name: str):
+    """The TensorRT DataType of an element type name of a PluginSpec."""
+    trt = load_tensorrt().module
+    return {"float32": trt.DataType.FLOAT, "float16": trt.DataType.HALF,
+            "bfloat16": trt.DataType.BF16, "int64": trt.DataType.INT64,
+            "bool": trt.DataType.BOOL}[name]  # fmt: skip
 
 
-@dataclass(frozen=True)
-class OpSpec:
-    """What TensorRT needs to know about one mosaic op (its ONNX signature: mosaicrt.export.ops)."""
-
-    name: str
-    inputs: tuple[tuple, ...]  # per input: the data types it accepts
-    same_type: dict[int, int]  # input index -> the input whose type it must share
-    outputs: tuple[int, ...]  # per output: the input whose shape it has (all outputs fp32)
-    fields: dict[str, type]  # attribute name -> int, float or str
-    run: Callable  # (inputs, outputs, fields) on torch tensors
+def _field_types() -> dict:
+    trt = load_tensorrt().module
+    return {
+        int: (trt.PluginFieldType.INT64, np.int64),
+        float: (trt.PluginFieldType.FLOAT32, np.float32),
+        str: (trt.PluginFieldType.CHAR, np.int8),
+    }
 
 
-def _run_scan(inputs: list, outputs: list, fields: dict) -> None:
-    from mosaicrt.plugins.ops import gated_key_scan_op
-
-    gated_key_scan_op(*inputs, fields["eps"], *outputs)
-
-
-def _run_memory(inputs: list, outputs: list, fields: dict) -> None:
-    from mosaicrt.plugins.ops import associative_memory_op
-
-    q, t, store_k, store_v, _store_tau, new_k, new_v, new_tau, beta0, beta1, alpha = inputs
-    associative_memory_op(q, t, store_k, store_v, new_k, new_v, new_tau, beta0, beta1, alpha,
-                          fields["kind"], fields["window"], fields["delay"],
-                          outputs[0])  # fmt: skip
-
-
-OPS = {
-    "GatedKeyScan": OpSpec(
-        name="GatedKeyScan",
-        # k_raw, log_g, log_lam, valid, s_in, mx_in -> keys, s_out, mx_out
-        inputs=((F32,), (F32,), (F32,), (BOOL,), (F32,), (F32,)),
-        same_type={},
-        outputs=(0, 4, 5),
-        fields={"eps": float},
-        run=_run_scan,
-    ),
-    "AssociativeMemory": OpSpec(
-        name="AssociativeMemory",
-        # q, t, store_k, store_v, store_tau, new_k, new_v, new_tau, beta0, beta1, alpha -> y
-        inputs=(
-            (F32,),
-            (I64,),
-            STORE_TYPES,
-            STORE_TYPES,
-            (I64,),
-            (F32,),
-            (F32,),
-            (I64,),
-            (F32,),
-            (F32,),
-            (F32,),
-        ),  # fmt: skip
-        same_type={3: 2},
-        outputs=(0,),
-        fields={"kind": str, "window": int, "delay": int},
-        run=_run_memory,
-    ),
-}
-
-_FIELD_TYPES = {
-    int: (trt.PluginFieldType.INT64, np.int64),
-    float: (trt.PluginFieldType.FLOAT32, np.float32),
-    str: (trt.PluginFieldType.CHAR, np.int8),
-}
-
-
-def encode_fields(spec: OpSpec, fields: dict) -> tuple[trt.PluginFieldCollection, list]:
+def encode_fields(spec: PluginSpec, fields: dict) -> tuple:
     """The plugin's attributes as TensorRT serializes them into the engine, and the arrays behind
     them: a PluginField points at its array's memory, so the caller keeps them alive."""
+    trt, types = load_tensorrt().module, _field_types()
     arrays, out = [], []
     for name, kind in spec.fields.items():
-        field_type, dtype = _FIELD_TYPES[kind]
+        field_type, dtype = types[kind]
         value = fields[name]
         data = np.frombuffer(value.encode(), np.int8) if kind is str else np.array([value], dtype)
         arrays.append(data)
@@ -145,7 +107,7 @@ def encode_fields(spec: OpSpec, fields: dict) -> tuple[trt.PluginFieldCollection
     return trt.PluginFieldCollection(out), arrays
 
 
-def decode_fields(spec: OpSpec, collection) -> dict:
+def decode_fields(spec: PluginSpec, collection) -> dict:
     """Attributes from a PluginFieldCollection (the parser's, INT as int32, or the engine's)."""
     fields = {}
     for field in collection:
@@ -162,12 +124,12 @@ def decode_fields(spec: OpSpec, collection) -> dict:
     return fields
 
 
-_TORCH_VIEWS = {  # TensorRT type -> (array-interface typestr, torch dtype to view as)
-    F32: ("<f4", None),
-    F16: ("<f2", None),
-    BF16: ("<i2", "bfloat16"),  # no array-interface code for bf16: bits as int16, then a view
-    I64: ("<i8", None),
-    BOOL: ("|b1", None),
+_TORCH_VIEWS = {  # element type -> (array-interface typestr, torch dtype to view as)
+    "float32": ("<f4", None),
+    "float16": ("<f2", None),
+    "bfloat16": ("<i2", "bfloat16"),  # no array-interface code for bf16: bits as int16, then a view
+    "int64": ("<i8", None),
+    "bool": ("|b1", None),
 }
 
 
@@ -183,108 +145,138 @@ class _DeviceArray:
         }
 
 
+@functools.cache
+def _views_by_trt_type() -> dict:
+    return {trt_type(name): view for name, view in _TORCH_VIEWS.items()}
+
+
 def device_tensor(pointer: int, desc):
+    """TensorRT's device pointer as a torch tensor of the descriptor's type and shape."""
     import torch
 
-    typestr, view = _TORCH_VIEWS[desc.type]
+    typestr, view = _views_by_trt_type()[desc.type]
     tensor = torch.as_tensor(_DeviceArray(pointer, tuple(desc.dims), typestr), device="cuda")
     return tensor.view(getattr(torch, view)) if view else tensor
 
 
-class MosaicPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):  # fmt: skip  # noqa: E501
-    """One mosaic op as a TensorRT plugin."""
+@functools.cache
+def plugin_classes() -> tuple[type, type]:
+    """(MosaicPlugin, MosaicPluginCreator), built on the TensorRT this process loads."""
+    trt = load_tensorrt().module
+    F32, BUILD = trt.DataType.FLOAT, trt.TensorRTPhase.BUILD
 
-    def __init__(self, spec: OpSpec, fields: dict) -> None:
-        trt.IPluginV3.__init__(self)
-        trt.IPluginV3OneCore.__init__(self)
-        trt.IPluginV3OneBuild.__init__(self)
-        trt.IPluginV3OneRuntime.__init__(self)
-        self.spec, self.fields = spec, dict(fields)
-        self.plugin_name, self.plugin_namespace = spec.name, DOMAIN
-        self.plugin_version, self.num_outputs = PLUGIN_VERSION, len(spec.outputs)
+    class MosaicPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):  # fmt: skip  # noqa: E501
+        """One mosaic op as a TensorRT plugin. A plugin made in the BUILD phase (the builder
+        times tactics with made-up inputs) writes zeros instead of running the op: its kernels
+        take loop bounds from the position inputs, which hold garbage then."""
 
-    # IPluginV3
-    def get_capability_interface(self, capability_type):
-        return self
+        def __init__(self, spec: PluginSpec, fields: dict, phase=None) -> None:
+            trt.IPluginV3.__init__(self)
+            trt.IPluginV3OneCore.__init__(self)
+            trt.IPluginV3OneBuild.__init__(self)
+            trt.IPluginV3OneRuntime.__init__(self)
+            self.spec, self.fields, self.phase = spec, dict(fields), phase
+            self.plugin_name, self.plugin_namespace = spec.name, DOMAIN
+            self.plugin_version, self.num_outputs = PLUGIN_VERSION, len(spec.outputs)
 
-    def clone(self) -> MosaicPlugin:
-        return MosaicPlugin(self.spec, self.fields)
+        def get_capability_interface(self, capability_type):
+            return self
 
-    # Build
-    def get_output_data_types(self, input_types) -> list:
-        return [F32] * len(self.spec.outputs)
+        def clone(self) -> MosaicPlugin:
+            return MosaicPlugin(self.spec, self.fields, self.phase)
 
-    def get_output_shapes(self, inputs, shape_inputs, expr_builder) -> list:
-        return [inputs[i] for i in self.spec.outputs]
+        def get_output_data_types(self, input_types) -> list:
+            return [F32] * len(self.spec.outputs)
 
-    def supports_format_combination(self, pos: int, in_out, num_inputs: int) -> bool:
-        desc = in_out[pos].desc
-        if desc.format != trt.TensorFormat.LINEAR:
-            return False
-        if pos >= num_inputs:
-            return desc.type == F32
-        if pos in self.spec.same_type:
-            return desc.type == in_out[self.spec.same_type[pos]].desc.type
-        return desc.type in self.spec.inputs[pos]
+        def get_output_shapes(self, inputs, shape_inputs, expr_builder) -> list:
+            return [inputs[i] for i in self.spec.outputs]
 
-    def configure_plugin(self, inputs, outputs) -> None:
-        pass
+        def supports_format_combination(self, pos: int, in_out, num_inputs: int) -> bool:
+            desc = in_out[pos].desc
+            if desc.format != trt.TensorFormat.LINEAR:
+                return False
+            if pos >= num_inputs:
+                return desc.type == F32
+            if pos in self.spec.same_type:
+                return desc.type == in_out[self.spec.same_type[pos]].desc.type
+            return desc.type in [trt_type(n) for n in self.spec.inputs[pos]]
 
-    def get_workspace_size(self, inputs, outputs) -> int:
-        return 0
+        def configure_plugin(self, inputs, outputs) -> None:
+            pass
 
-    def get_valid_tactics(self) -> list:
-        return []
+        def get_workspace_size(self, inputs, outputs) -> int:
+            return 0
 
-    def set_tactic(self, tactic: int) -> None:
-        pass
+        def get_valid_tactics(self) -> list:
+            return []
 
-    # Runtime
-    def on_shape_change(self, inputs, outputs) -> None:
-        pass
+        def set_tactic(self, tactic: int) -> None:
+            pass
 
-    def attach_to_context(self, context) -> MosaicPlugin:
-        return self.clone()
+        def on_shape_change(self, inputs, outputs) -> None:
+            pass
 
-    def get_fields_to_serialize(self) -> trt.PluginFieldCollection:
-        collection, self._field_arrays = encode_fields(self.spec, self.fields)
-        return collection
+        def attach_to_context(self, context) -> MosaicPlugin:
+            return self.clone()
 
-    def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream) -> None:
-        import torch
+        def get_fields_to_serialize(self):
+            collection, self._field_arrays = encode_fields(self.spec, self.fields)
+            return collection
 
-        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-            ins = [device_tensor(p, d) for p, d in zip(inputs, input_desc)]
-            outs = [device_tensor(p, d) for p, d in zip(outputs, output_desc)]
+        def run(self, ins: list, outs: list) -> None:
+            """The op on torch tensors (zeros while the builder times tactics)."""
+            if self.phase == BUILD:
+                for out in outs:
+                    out.zero_()
+                return
             self.spec.run(ins, outs, self.fields)
 
+        def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream) -> None:
+            import torch
 
-class MosaicPluginCreator(trt.IPluginCreatorV3One):
-    def __init__(self, spec: OpSpec) -> None:
-        trt.IPluginCreatorV3One.__init__(self)
-        self.spec = spec
-        self.name, self.plugin_namespace, self.plugin_version = spec.name, DOMAIN, PLUGIN_VERSION
-        self._field_arrays = [np.zeros(0, _FIELD_TYPES[kind][1]) for kind in spec.fields.values()]
-        self.field_names = trt.PluginFieldCollection(
-            [
-                trt.PluginField(name, data, _FIELD_TYPES[kind][0])
-                for (name, kind), data in zip(spec.fields.items(), self._field_arrays)
-            ]
-        )
+            with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+                ins = [device_tensor(p, d) for p, d in zip(inputs, input_desc)]
+                outs = [device_tensor(p, d) for p, d in zip(outputs, output_desc)]
+                self.run(ins, outs)
 
-    def create_plugin(self, name: str, field_collection, phase) -> MosaicPlugin:
-        return MosaicPlugin(self.spec, decode_fields(self.spec, field_collection))
+    class MosaicPluginCreator(trt.IPluginCreatorV3One):
+        def __init__(self, spec: PluginSpec) -> None:
+            trt.IPluginCreatorV3One.__init__(self)
+            self.spec = spec
+            self.name, self.plugin_namespace = spec.name, DOMAIN
+            self.plugin_version = PLUGIN_VERSION
+            types = _field_types()
+            self._field_arrays = [np.zeros(0, types[kind][1]) for kind in spec.fields.values()]
+            self.field_names = trt.PluginFieldCollection(
+                [
+                    trt.PluginField(name, data, types[kind][0])
+                    for (name, kind), data in zip(spec.fields.items(), self._field_arrays)
+                ]
+            )
+
+        def create_plugin(self, name: str, field_collection, phase) -> MosaicPlugin:
+            return MosaicPlugin(self.spec, decode_fields(self.spec, field_collection), phase)
+
+    return MosaicPlugin, MosaicPluginCreator
 
 
-_CREATORS: list[MosaicPluginCreator] = []  # the registry does not keep Python creators alive
+_CREATORS: list = []  # the registry does not keep Python creators alive
 
 
-def register() -> list[str]:
-    """Register the mosaic plugin creators (once per process); returns their names."""
-    registry = trt.get_plugin_registry()
-    for spec in OPS.values():
+def register(log=lambda message: print(message, file=sys.stderr)) -> list[str]:
+    """Load TensorRT and register the mosaic plugin creators (once per process); returns the op
+    names. With TensorRT-RTX, first makes the parser's library link if it is missing (logged)."""
+    tensorrt = load_tensorrt()
+    if tensorrt.flavour == "tensorrt_rtx":
+        done = rtx_parser_alias()
+        if done:
+            log(done)
+    registry = tensorrt.module.get_plugin_registry()
+    creator_class = plugin_classes()[1]
+    specs = plugin_specs()
+    for spec in specs.values():
         if registry.get_creator(spec.name, PLUGIN_VERSION, DOMAIN) is None:
-            creator = MosaicPluginCreator(spec)
+            creator = creator_class(spec)
             registry.register_creator(creator, DOMAIN)
             _CREATORS.append(creator)
-    return list(OPS)
+    return list(specs)

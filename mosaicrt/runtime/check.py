@@ -19,6 +19,7 @@ from mosaicrt.errors import BackendError
 from mosaicrt.export import io_spec
 from mosaicrt.model.checkpoint import load_model
 from mosaicrt.model.state import DecodeState
+from mosaicrt.ops import geometry
 from mosaicrt.runtime.ort_backend import OrtBackend
 
 try:
@@ -91,7 +92,7 @@ class TorchReferenceRunner(BaseRunner):
             for field, attr in (("keys", "keys"), ("values", "vals")):
                 parts = []
                 for memory, st in memories.items():
-                    slot = tau % ring if memory == "stm" else tau
+                    slot = geometry.ring_slot(tau, ring) if memory == "stm" else tau
                     parts.append(getattr(st, attr)[rows, slot])  # (B, C, H, hs)
                 store_dtype = feed_dict[io_spec.store_name(layer, "stm", field)].dtype
                 pairs = torch.cat(parts, 2).float().numpy()

@@ -23,6 +23,7 @@ import torch
 from mosaicrt.errors import BackendError, CapacityError
 from mosaicrt.export import io_spec
 from mosaicrt.model.config import ModelConfig
+from mosaicrt.ops import geometry
 
 
 @dataclass
@@ -76,12 +77,6 @@ def reset_rows(state: GraphState, rows: Any) -> None:
         array[rows] = float("-inf") if name.endswith(".mx") else 0.0
 
 
-def readable_blocks(config: ModelConfig, block: int, pos: Any, chunk: int) -> int:
-    """LTM blocks holding a pair some query of this chunk can see: tau <= min(p-2, p+C-1-m)."""
-    readable = max(0, int((pos + min(chunk - config.ltm_delay, -1)).max()))
-    return max(1, -(-readable // block))
-
-
 def write_new_pairs(
     config: ModelConfig,
     block: int,
@@ -113,7 +108,10 @@ def write_new_pairs(
     for i, memory in enumerate(config.memories):
         b, c = rows[memory]
         t = tau[b, c]  # (n,)
-        block_of, slot = (t * 0, t % ring) if memory == "stm" else (t // S, t % S)
+        if memory == "stm":
+            block_of, slot = t * 0, geometry.ring_slot(t, ring)
+        else:
+            block_of, slot = t // S, t % S
         # Advanced indices split by a slice go first: both sides are (n, L*2, H, hs).
         state.pairs[memory][:, block_of, b, :, slot] = new[b, c, :, i * H : (i + 1) * H]
 
@@ -144,7 +142,7 @@ def graph_step(
             "this model returns last-position logits only (exported with --last-only): "
             "re-export it without --last-only to score every position"
         )
-    nb = readable_blocks(config, block, state.pos, ids.shape[1])
+    nb = geometry.readable_blocks(state.pos, ids.shape[1], config.ltm_delay, block)
     feeds = {io_spec.INPUT_IDS: ids, io_spec.LENGTHS: lengths, io_spec.POSITIONS: state.pos + 0}
     feeds.update(state.small)
     for name, store in state.stores.items():

@@ -21,13 +21,8 @@ from mosaicrt.errors import BackendError, CapacityError
 from mosaicrt.export import io_spec
 from mosaicrt.export.artifact import MODEL_FILE, read_manifest
 from mosaicrt.runtime.backend import Backend
-from mosaicrt.runtime.graph_state import (
-    GraphState,
-    allocate,
-    graph_step,
-    readable_blocks,
-    reset_rows,
-)
+from mosaicrt.ops import geometry
+from mosaicrt.runtime.graph_state import GraphState, allocate, graph_step, reset_rows
 
 OrtState = GraphState  # numpy buffers, or torch tensors on the device with IOBinding
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
@@ -154,7 +149,7 @@ class OrtBackend(Backend):
         reset_rows(state, rows.to(self.device) if self.io_binding else rows.numpy())
 
     def readable_blocks(self, pos: np.ndarray, chunk: int) -> int:
-        return readable_blocks(self.config, self.block, pos, chunk)
+        return geometry.readable_blocks(pos, chunk, self.config.ltm_delay, self.block)
 
     def run_bound(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One run with every input and output bound by pointer: tensors on self.device by

@@ -35,7 +35,7 @@ def triton_kernels(device: torch.device):
             "TRITON_INTERPRET=1"
         )
     try:
-        from mosaicrt.plugins.kernels import TritonKernels
+        from mosaicrt.runtime.torch_kernels import TritonKernels
     except ImportError:
         raise BackendError(
             "the Triton kernels need triton: pip install 'mosaicrt[triton]'"

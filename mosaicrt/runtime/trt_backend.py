@@ -57,10 +57,12 @@ def check_runtime(manifest: dict, engine_dir: str | Path) -> None:
         f"{', '.join(manifest['targets'])}"
     )
     rebuild = f"rebuild it here: `mosaicrt build {manifest['artifact']} -o {engine_dir}`"
-    from mosaicrt.plugins.tensorrt import FLAVOUR, trt
+    from mosaicrt.plugins.tensorrt import load_tensorrt
 
-    running = f"this process has {FLAVOUR} {trt.__version__}"
-    if (FLAVOUR, trt.__version__) != (manifest["tensorrt_flavour"], manifest["tensorrt_version"]):
+    tensorrt = load_tensorrt()
+    FLAVOUR = tensorrt.flavour
+    running = f"this process has {FLAVOUR} {tensorrt.version}"
+    if (FLAVOUR, tensorrt.version) != (manifest["tensorrt_flavour"], manifest["tensorrt_version"]):
         raise BackendError(f"{engine_dir} was {built}; {running}: {rebuild}")
     if not torch.cuda.is_available():
         raise BackendError(
@@ -111,9 +113,10 @@ class TrtBackend(Backend):
             raise BackendError("the TensorRT backend runs on a CUDA GPU: use --device cuda")
         self.manifest = manifest = read_build_manifest(engine_dir)
         check_runtime(manifest, engine_dir)
-        from mosaicrt.plugins.tensorrt import register, trt
+        from mosaicrt.plugins.tensorrt import load_tensorrt, register
 
         register()
+        trt = load_tensorrt().module
         self.trt, self.device = trt, torch.device("cuda")
         self.logger = trt.Logger(trt.Logger.WARNING)
         engine = (Path(engine_dir) / manifest["engine_file"]).read_bytes()

@@ -24,7 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-FLOOR = tl.constexpr(-1e30)  # running-max floor: keeps exp(-inf - -inf) out of a fresh state
+from mosaicrt.ops.gated_key_scan import FLOOR as RUNNING_MAX_FLOOR
+
+FLOOR = tl.constexpr(RUNNING_MAX_FLOOR)
 
 
 @triton.jit

@@ -17,7 +17,6 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634  # scores are taken in base 2: exp(s) = exp2(s * log2(e))
 
 
 @triton.jit

@@ -1,10 +1,11 @@
-"""A small helper that emits ONNX nodes with generated names, for graphs and function bodies."""
+"""A small helper that emits ONNX nodes with generated names, for graphs and function bodies
+(the ops' ONNX functions in mosaicrt.ops and the step graph in mosaicrt.export)."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
 OPSET = 18  # default-domain opset of the artifact and of the function bodies
 IR_VERSION = 9  # the lowest IR with opset 18, readable by every ONNX Runtime >= 1.15
@@ -94,6 +95,17 @@ class GraphBuilder:
             self.constants[key] = out
         return self.constants[key]
 
+    def attribute(self, attr: str, kind: int) -> str:
+        """In a function body: a Constant whose value is the function's attribute `attr` (a
+        reference, filled per node); kind is AttributeProto.FLOAT or AttributeProto.INT."""
+        out = self.fresh(attr)
+        node = helper.make_node("Constant", [], [out], name=f"/{out}")
+        field = {AttributeProto.FLOAT: "value_float", AttributeProto.INT: "value_int"}[kind]
+        node.attribute.append(helper.make_attribute_ref(field, kind))
+        node.attribute[-1].ref_attr_name = attr
+        self.nodes.append(node)
+        return out
+
     def weight(self, name: str, array: np.ndarray) -> str:
         """A graph initializer (model weights)."""
         if self.external is not None and array.nbytes >= 1024:
@@ -108,9 +120,6 @@ class GraphBuilder:
     # Shape helpers used throughout (all take/return tensor names).
     def unsqueeze(self, x: str, *axes: int) -> str:
         return self.op("Unsqueeze", x, self.ints(*axes))
-
-    def squeeze(self, x: str, *axes: int) -> str:
-        return self.op("Squeeze", x, self.ints(*axes))
 
     def reshape(self, x: str, *shape: int) -> str:
         return self.op("Reshape", x, self.ints(*shape))

@@ -1,0 +1,24 @@
+"""mosaic::AssociativeMemory (version 1), attributes window, delay: retrieval by kernel regression
+with the adaptive bandwidth (eq. 6, 10), over stored pairs and the pairs the chunk completes.
+
+    q (B, C, H, hs) unit keys of the queries, t (B, C) int64 their positions,
+    store_k, store_v (stored pairs), store_tau (their positions, -1 for an empty slot),
+    new_k, new_v (B, C, H, hs) the pairs this chunk completes, new_tau (B, C) (-1: none),
+    beta0, beta1, alpha (H,) fp32 bandwidth parameters (already transformed)
+    ->  y (B, C, H, hs) fp32
+
+Pair tau is visible to query t when tau >= 0 and delay <= t - tau <= window - 1
+(mosaicrt.ops.geometry: the STM has window h and delay 1, the LTM no window and delay m).
+beta(n_t), n_t the size of the visible set, scales the query; softmax scale 1 (no 1/sqrt(hs));
+one softmax over stored and new pairs together; an empty visible set gives 0. Products and
+softmax run in fp32 whatever the stores' type.
+
+Store layouts: the reference takes (B, N, H, hs) with store_tau (B, N); the ONNX function and the
+plugin take the exported graph's blocks, (NB, B, H, S, hs) with store_tau (NB, B, S); the kernel
+takes either (a store with a window is a ring of window - 1 slots).
+
+Implementations: reference.py (torch), onnx.py (the function body), kernel.py (Triton, with the
+query already scaled), plugin_op.py (beta(n), then the kernel).
+"""
+
+NAME = "AssociativeMemory"

@@ -1,0 +1,101 @@
+"""AssociativeMemory as an ONNX function body (standard ops only; stock ONNX Runtime inlines it).
+
+Stored pairs come in blocks of S, (NB, B, H, S, hs), with their positions (NB, B, S); the chunk's
+new pairs beside them. beta(n_t) scales the query; one softmax runs over stored and new pairs
+together (a shared max, merged sums), in fp32 whatever the stores' type.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import AttributeProto, helper
+
+from mosaicrt.onnx_graph import FLOAT, OPSET, GraphBuilder
+from mosaicrt.ops import DOMAIN
+from mosaicrt.ops.associative_memory import NAME
+
+NEG_INF = float("-inf")
+
+
+def function() -> onnx.FunctionProto:
+    g = GraphBuilder()
+    inputs = [
+        "q",
+        "t",
+        "store_k",
+        "store_v",
+        "store_tau",
+        "new_k",
+        "new_v",
+        "new_tau",
+        "beta0",
+        "beta1",
+        "alpha",
+    ]
+    q, t, store_k, store_v, store_tau, new_k, new_v, new_tau, beta0, beta1, alpha = inputs
+    window = g.attribute("window", AttributeProto.INT)
+    delay = g.attribute("delay", AttributeProto.INT)
+    one, zero = g.const(1, np.int64), g.const(0, np.int64)
+
+    # beta(n_t) folded into the query.
+    n = g.op("Min", g.op("Add", g.op("Sub", t, delay), one), g.op("Sub", window, delay))
+    n = g.op("Cast", g.op("Max", n, zero), to=1)  # (B, C) fp32
+    beta = g.op("Add", g.op("Mul", beta1, g.op("Pow", g.unsqueeze(n, 2), alpha)), beta0)  # (B,C,H)
+    qb = g.op("Mul", q, g.unsqueeze(beta, 3))  # (B, C, H, hs)
+
+    def mask(tau: str, tq: str) -> str:
+        """0 where pair tau is visible to query tq, -inf elsewhere: added to the scores (a
+        broadcast Add is far cheaper than a broadcast Where over every head's scores)."""
+        age = g.op("Sub", tq, tau)
+        visible = g.op(
+            "And",
+            g.op("And", g.op("GreaterOrEqual", tau, zero), g.op("GreaterOrEqual", age, delay)),
+            g.op("LessOrEqual", age, g.op("Sub", window, one)),
+        )
+        return g.op("Where", visible, g.const(0.0), g.const(NEG_INF))
+
+    # Stores may be fp16/bf16: the products run in fp32 (scores reach beta ~ 150). For fp32 stores
+    # the Cast is a no-op that ONNX Runtime removes.
+    store_k, store_v = g.op("Cast", store_k, to=FLOAT), g.op("Cast", store_v, to=FLOAT)
+    # Stored pairs: keys on the left, so no store is transposed.
+    q_cols = g.op("Transpose", qb, perm=[0, 2, 3, 1])  # (B, H, hs, C)
+    s_old = g.op("MatMul", store_k, q_cols)  # (NB, B, H, S, C)
+    tau_old = g.unsqueeze(store_tau, 2, 4)  # (NB, B, 1, S, 1)
+    t_old = g.unsqueeze(t, 0, 2, 3)  # (1, B, 1, 1, C)
+    s_old = g.op("Add", s_old, mask(tau_old, t_old))
+    # New pairs of this chunk.
+    q_rows = g.op("Transpose", qb, perm=[0, 2, 1, 3])  # (B, H, C, hs)
+    s_new = g.op("MatMul", q_rows, g.op("Transpose", new_k, perm=[0, 2, 3, 1]))  # (B, H, C, C')
+    s_new = g.op("Add", s_new, mask(g.unsqueeze(new_tau, 1, 2), g.unsqueeze(t, 1, 3)))
+
+    # Scores to (NB, B, H, C, S) before the exp, so the probabilities meet the values in a plain
+    # MatMul (a transposed operand would take a slower, fused path over the whole store).
+    s_old = g.op("Transpose", s_old, perm=[0, 1, 2, 4, 3])  # (NB, B, H, C, S)
+    # One softmax over both parts: a shared max (0 when the set is empty), then merged sums.
+    m_old = g.op("ReduceMax", s_old, g.ints(0, 4), keepdims=0)  # (B, H, C)
+    m = g.op("Max", m_old, g.op("ReduceMax", s_new, g.ints(3), keepdims=0))  # (B, H, C)
+    m = g.op("Where", g.op("IsInf", m), g.const(0.0), m)
+    e_old = g.op("Exp", g.op("Sub", s_old, g.unsqueeze(m, 0, 4)))  # (NB, B, H, C, S)
+    e_new = g.op("Exp", g.op("Sub", s_new, g.unsqueeze(m, 3)))  # (B, H, C, C')
+    denom = g.op(
+        "Add",
+        g.op("ReduceSum", e_old, g.ints(0, 4), keepdims=0),
+        g.op("ReduceSum", e_new, g.ints(3), keepdims=0),
+    )  # (B, H, C)
+    y_old = g.op(
+        "ReduceSum", g.op("MatMul", e_old, store_v), g.ints(0), keepdims=0
+    )  # (B, H, C, hs)
+    y_new = g.op("MatMul", e_new, g.op("Transpose", new_v, perm=[0, 2, 1, 3]))  # (B, H, C, hs)
+    # A non-empty set has denom >= 1 (its max term is exp(0)); an empty one has 0 / 1 = 0.
+    y = g.op("Div", g.op("Add", y_old, y_new), g.unsqueeze(g.op("Max", denom, g.const(1.0)), 3))
+    g.op("Transpose", y, perm=[0, 2, 1, 3], outputs=["y"])  # (B, C, H, hs)
+    return helper.make_function(
+        DOMAIN,
+        NAME,
+        inputs,
+        ["y"],
+        g.nodes,
+        [helper.make_opsetid("", OPSET)],
+        attributes=["window", "delay"],
+    )
