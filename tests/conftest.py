@@ -1,5 +1,6 @@
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,3 +27,35 @@ def oracle_ckpt(request, tmp_path_factory) -> Path:
     """A random checkpoint written by the independent writer in tests/oracle.py."""
     out = tmp_path_factory.mktemp(f"oracle_{request.param}")
     return oracle.write_random_checkpoint(out, **ORACLE_CONFIGS[request.param])
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """The `tiny` preset with random weights (seed 0), as `mosaicrt init DIR --preset tiny`
+    writes it. Session-wide: tests copy it before they change it."""
+    from mosaicrt.model import preset, random_model, save_checkpoint
+
+    out = tmp_path_factory.mktemp("tiny") / "ckpt"
+    save_checkpoint(random_model(preset("tiny")), out)
+    return out
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run `mosaicrt ARGS...` in this process (cli.main) and capture what it prints."""
+    from mosaicrt.cli import main
+
+    def run(*args) -> CliResult:
+        capsys.readouterr()  # drop what came before
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return CliResult(code, out, err)
+
+    return run

@@ -1,14 +1,13 @@
 """Benchmark metrics on hand-built timings, and `mosaicrt bench` reports on a tiny model."""
 
+import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from mosaicrt.bench.metrics import RequestTiming, request_metrics, summary
-from mosaicrt.model import preset, random_model, save_checkpoint
+from mosaicrt.model import preset
 
 
 def test_request_metrics_follow_the_definitions():
@@ -28,39 +27,16 @@ def test_request_metrics_follow_the_definitions():
     assert summary([1, 2, 3, 4])["p50"] == 2.5
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "ckpt"
-    save_checkpoint(random_model(preset("tiny")), out)
-    return out
+@pytest.fixture
+def tiny(tiny_ckpt):
+    return tiny_ckpt
 
 
 @pytest.mark.parametrize("mode", ["latency", "throughput"])
-def test_bench_reports(tiny, tmp_path, mode):
+def test_bench_reports(cli, tiny, tmp_path, mode):
     out = tmp_path / "report.json"
-    args = [
-        sys.executable,
-        "-m",
-        "mosaicrt.cli",
-        "bench",
-        mode,
-        str(tiny),
-        "--backend",
-        "torch",
-        "--batch",
-        "2",
-        "--input-len",
-        "20",
-        "--output-len",
-        "6",
-        "--warmup",
-        "1",
-        "--iters",
-        "2",
-        "--json",
-        str(out),
-    ]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    proc = cli("bench", mode, tiny, "--backend", "torch", "--batch", 2, "--input-len", 20,
+               "--output-len", 6, "--warmup", 1, "--iters", 2, "--json", out)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "ttft_ms" in proc.stdout and "output tokens/s" in proc.stdout
     report = json.loads(out.read_text())
@@ -81,7 +57,7 @@ def test_bench_reports(tiny, tmp_path, mode):
     assert report["machine"]["bandwidth_gb_s"] > 0 and report["machine"]["cpu_cores"] >= 1
 
 
-def test_bench_measures_the_onnxruntime_state(tiny, tmp_path):
+def test_bench_measures_the_onnxruntime_state(cli, tiny, tmp_path):
     """The LTM bytes per token of the ONNX Runtime state (blocks of 128 pairs), measured on its
     buffers, within 5 % of the formula."""
     pytest.importorskip("onnxruntime", reason="needs the [onnx] extra")
@@ -89,10 +65,8 @@ def test_bench_measures_the_onnxruntime_state(tiny, tmp_path):
 
     export_artifact(tiny, tmp_path / "onnx", max_context=512)
     out = tmp_path / "report.json"
-    args = ["bench", "latency", str(tmp_path / "onnx"), "--batch", "2", "--input-len", "20",
-            "--output-len", "4", "--iters", "1", "--json", str(out)]  # fmt: skip
-    proc = subprocess.run([sys.executable, "-m", "mosaicrt.cli", *args], capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    proc = cli("bench", "latency", tmp_path / "onnx", "--batch", 2, "--input-len", 20,
+               "--output-len", 4, "--iters", 1, "--json", out)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     assert report["backend"] == "onnxruntime"
@@ -102,14 +76,11 @@ def test_bench_measures_the_onnxruntime_state(tiny, tmp_path):
     assert state["ltm_store_bytes"] == 2 * 2 * (128 * 2) * 64 * 4  # 2 layers x k/v x 1 block/row
 
 
-def test_bench_compare_reports_ratios_against_torch_eager(tiny, tmp_path):
+def test_bench_compare_reports_ratios_against_torch_eager(cli, tiny, tmp_path):
     pytest.importorskip("onnxruntime", reason="needs the [onnx] extra")
     out = tmp_path / "compare.json"
-    args = ["bench", "compare", str(tiny), "--backends", "torch,onnxruntime,full-recompute",
-            "--contexts", "16,40", "--iters", "3", "--device", "cpu",
-            "--json", str(out)]  # fmt: skip
-    proc = subprocess.run([sys.executable, "-m", "mosaicrt.cli", *args], capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    proc = cli("bench", "compare", tiny, "--backends", "torch,onnxruntime,full-recompute",
+               "--contexts", "16,40", "--iters", 3, "--device", "cpu", "--json", out)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())["rows"]
     assert {(r["backend"], r["context"]) for r in rows} == {
@@ -156,9 +127,10 @@ def test_ort_ceiling_reads_the_bytes_the_roofline_counts(tmp_path):
 
     config, context = preset("tiny"), 40
     out = tmp_path / "ceiling.json"
-    ort_ceiling.main(
-        ["--preset", "tiny", "--context", str(context), "--steps", "5", "--json", str(out)]
-    )
+    parser = argparse.ArgumentParser()
+    ort_ceiling.add_cli_args(parser)
+    args = ["--preset", "tiny", "--context", str(context), "--steps", "5", "--json", str(out)]
+    assert ort_ceiling.main(parser.parse_args(args)) == 0
     result = json.loads(out.read_text())
     weights_only = decode_bytes(config, [])
     assert result["stores"]["bytes"] == decode_bytes(config, [context]) - weights_only

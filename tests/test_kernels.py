@@ -1,9 +1,6 @@
 """Triton kernels against the reference code (under TRITON_INTERPRET=1 on a CPU)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -213,87 +210,31 @@ def test_segmented_scan_matches_reference(segment):
     assert torch.isneginf(mx[2]).all()
 
 
-def test_cli_with_triton_kernels_matches_the_oracle(oracle_ckpt, tmp_path):
+def test_cli_with_triton_kernels_matches_the_oracle(cli, oracle_ckpt, tmp_path):
     config, _ = oracle.load_checkpoint(oracle_ckpt)
     rng = np.random.default_rng(4)
     T = 2 * config["stm_window"] + config["ltm_delay"] + 2
     ids = rng.integers(0, config["vocab_size"], (2, T))
     np.save(tmp_path / "ids.npy", ids)
-    env = dict(os.environ, TRITON_INTERPRET="1") if DEVICE == "cpu" else dict(os.environ)
-    run = [sys.executable, "-m", "mosaicrt.cli"]
-    proc = subprocess.run(
-        run
-        + [
-            "score",
-            str(oracle_ckpt),
-            "--backend",
-            "torch",
-            "--kernels",
-            "triton",
-            "--input",
-            str(tmp_path / "ids.npy"),
-            "--output",
-            str(tmp_path / "logits.npy"),
-            "--prefill-chunk",
-            "7",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    proc = cli("score", oracle_ckpt, "--backend", "torch", "--kernels", "triton", "--input",
+               tmp_path / "ids.npy", "--output", tmp_path / "logits.npy", "--prefill-chunk", 7,
+               "--device", DEVICE)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     logits = np.load(tmp_path / "logits.npy")
     for row in range(2):
         assert np.abs(logits[row] - oracle.logits(oracle_ckpt, ids[row].tolist())).max() <= 1e-4
     prompts = [rng.integers(0, config["vocab_size"], n).tolist() for n in (3, 10)]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"input_ids": p}) + "\n" for p in prompts))
-    proc = subprocess.run(
-        run
-        + [
-            "generate",
-            str(oracle_ckpt),
-            "--kernels",
-            "triton",
-            "--input",
-            str(tmp_path / "p.jsonl"),
-            "--max-new-tokens",
-            "5",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    proc = cli("generate", oracle_ckpt, "--kernels", "triton", "--input", tmp_path / "p.jsonl",
+               "--max-new-tokens", 5, "--device", DEVICE)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     for prompt, line in zip(prompts, proc.stdout.splitlines()):
         assert json.loads(line)["output_ids"] == oracle.greedy(oracle_ckpt, prompt, 5)
 
 
-def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(tmp_path):
-    from mosaicrt.model import random_model, save_checkpoint
-
-    save_checkpoint(random_model(preset("tiny")), tmp_path)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mosaicrt.cli",
-            "generate",
-            str(tmp_path),
-            "--device",
-            "cpu",
-            "--kernels",
-            "triton",
-            "--prompt",
-            "hi",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(cli, tiny_ckpt, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    proc = cli("generate", tiny_ckpt, "--device", "cpu", "--kernels", "triton", "--prompt", "hi")
     assert proc.returncode == 2 and "TRITON_INTERPRET=1" in proc.stderr
 
 

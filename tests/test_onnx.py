@@ -7,12 +7,11 @@ import onnx
 import oracle
 import pytest
 import torch
-from helpers import mosaicrt
 
 from mosaicrt.errors import BackendError, CapacityError, CheckpointError
 from mosaicrt.export.artifact import export_artifact
-from mosaicrt.ops import DOMAIN
 from mosaicrt.model import preset, random_model, save_checkpoint
+from mosaicrt.ops import DOMAIN
 from mosaicrt.runtime.generator import RunLimits, generate, score
 from mosaicrt.runtime.ort_backend import OrtBackend
 from mosaicrt.runtime.sampling import SamplingParams
@@ -67,23 +66,13 @@ def test_onnxruntime_matches_oracle_and_reference(oracle_ckpt, artifact):
         assert np.abs(got[row].double().numpy() - f64).max() <= ATOL_ORACLE
 
 
-def test_cli_onnxruntime_greedy_matches_oracle(oracle_ckpt, artifact, tmp_path):
+def test_cli_onnxruntime_greedy_matches_oracle(cli, oracle_ckpt, artifact, tmp_path):
     config, _ = oracle.load_checkpoint(oracle_ckpt)
     rng = np.random.default_rng(2)
     prompts = [rng.integers(0, config["vocab_size"], n).tolist() for n in (2, 9, 23)]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"input_ids": p}) + "\n" for p in prompts))
-    proc = mosaicrt(
-        "generate",
-        artifact,
-        "--backend",
-        "onnxruntime",
-        "--input",
-        tmp_path / "p.jsonl",
-        "--max-new-tokens",
-        6,
-        "--max-batch",
-        2,
-    )
+    proc = cli("generate", artifact, "--backend", "onnxruntime", "--input", tmp_path / "p.jsonl",
+               "--max-new-tokens", 6, "--max-batch", 2)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "memory plan" in proc.stderr
     for prompt, line in zip(prompts, proc.stdout.splitlines()):
@@ -135,15 +124,15 @@ def test_step_graph_greedy_equals_full_recompute_for_1000_tokens(tmp_path):
     [streamed] = generate(
         backend, [prompt], 1000, SamplingParams(), RunLimits(max_context=1010, prefill_chunk=3)
     )
-    ids = list(prompt)
-    for _ in range(1000):  # every token from a fresh state over the whole sequence
-        state = backend.new_state(1, len(ids))
-        logits = backend.step(torch.tensor([ids]), torch.tensor([len(ids)]), state, last_only=True)
-        ids.append(int(logits[0].argmax()))
-    assert streamed == ids[len(prompt) :]
+    # Full recompute: the logits of every prefix from a fresh state, in one pass over the
+    # whole sequence (the graph is causal: position t sees tokens <= t only); greedy decoding
+    # from scratch picks the argmax at every position.
+    ids = torch.tensor([prompt + streamed])
+    logits = score(backend, ids, RunLimits(max_context=ids.shape[1], prefill_chunk=ids.shape[1]))
+    assert logits[0, len(prompt) - 1 : -1].argmax(-1).tolist() == streamed
 
 
-def test_artifact_errors(artifact, tmp_path):
+def test_artifact_errors(cli, artifact, tmp_path):
     import shutil
 
     other = tmp_path / "other"
@@ -153,7 +142,7 @@ def test_artifact_errors(artifact, tmp_path):
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="exported by mosaicrt 0.0.1.*re-export"):
         OrtBackend(other)
-    proc = mosaicrt("generate", other, "--prompt", "x")
+    proc = cli("generate", other, "--prompt", "x")
     assert proc.returncode == 2 and "re-export" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
@@ -173,18 +162,18 @@ def test_artifact_errors(artifact, tmp_path):
         OrtBackend(artifact).new_state(1, 500)
 
 
-def test_check_compares_with_polygraphy(tmp_path):
+def test_check_compares_with_polygraphy(cli, tmp_path):
     ckpt, other = tmp_path / "ckpt", tmp_path / "other"
     config = preset("tiny").replace(stm_window=6, ltm_delay=4)
     save_checkpoint(random_model(config, seed=1), ckpt)
     save_checkpoint(random_model(config, seed=2), other)
     export_artifact(ckpt, tmp_path / "onnx", max_context=64, ltm_block=4)
-    proc = mosaicrt("check", tmp_path / "onnx")
+    proc = cli("check", tmp_path / "onnx")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "check PASSED" in proc.stdout
     assert "PASSED | Output: 'logits'" in proc.stdout + proc.stderr
     assert "PASSED | Output: 'new.1.values'" in proc.stdout + proc.stderr
-    proc = mosaicrt("check", tmp_path / "onnx", "--checkpoint", other)
+    proc = cli("check", tmp_path / "onnx", "--checkpoint", other)
     assert proc.returncode == 1 and "check FAILED" in proc.stdout
 
 

@@ -7,7 +7,6 @@ import torch
 
 from mosaicrt.errors import CapacityError, InputError
 from mosaicrt.model import memory_plan, preset
-from mosaicrt.model.checkpoint import random_tensors, write_checkpoint
 from mosaicrt.runtime.generator import RunLimits, generate
 from mosaicrt.runtime.sampling import SamplingParams, filtered_logits
 from mosaicrt.runtime.torch_backend import TorchBackend
@@ -39,10 +38,8 @@ def test_bad_sampling_params():
 
 
 @pytest.fixture(scope="module")
-def tiny_backend(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny")
-    write_checkpoint(random_tensors(preset("tiny"), 0), preset("tiny"), out)
-    return TorchBackend(out, device="cpu")
+def tiny_backend(tiny_ckpt):
+    return TorchBackend(tiny_ckpt, device="cpu")
 
 
 def test_sampled_tokens_do_not_depend_on_the_batch(tiny_backend):

@@ -7,17 +7,9 @@ import threading
 import pytest
 
 from mosaicrt.errors import CapacityError, InputError
-from mosaicrt.model import preset, random_model, save_checkpoint
 from mosaicrt.runtime.generator import RunLimits, generate
 from mosaicrt.runtime.serving.loop import ServingLoop
 from mosaicrt.runtime.torch_backend import TorchBackend
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp("serve") / "ckpt"
-    save_checkpoint(random_model(preset("tiny"), seed=3), out)
-    return out
 
 
 class Collect:

@@ -16,9 +16,9 @@ from helpers import mosaicrt  # noqa: E402
 import mosaicrt.plugins.tensorrt as P  # noqa: E402
 from mosaicrt.errors import BackendError  # noqa: E402
 from mosaicrt.export.artifact import export_artifact  # noqa: E402
+from mosaicrt.model import preset, random_model, save_checkpoint  # noqa: E402
 from mosaicrt.ops import DOMAIN, plugin_specs  # noqa: E402
 from mosaicrt.ops.geometry import NO_WINDOW  # noqa: E402
-from mosaicrt.model import preset, random_model, save_checkpoint  # noqa: E402
 from mosaicrt.runtime.generator import RunLimits, generate  # noqa: E402
 from mosaicrt.runtime.sampling import SamplingParams  # noqa: E402
 
@@ -42,6 +42,17 @@ def artifacts(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def engine(artifacts, tmp_path_factory):
+    """The fp32 artifact's sm86 engine, built once for the module (by build.py, as a user does:
+    the build test reads its output)."""
+    out = tmp_path_factory.mktemp("engine") / "sm86"
+    proc = build(artifacts / "float32", "-o", out, "--target", "sm86", "--max-batch", "4",
+                 "--max-chunk", "64")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return out, proc.stdout
+
+
 def build(*args, cwd=None):
     return subprocess.run(
         [sys.executable, str(ROOT / "build.py"), *map(str, args)],
@@ -53,15 +64,20 @@ def build(*args, cwd=None):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_build_py_makes_an_engine_with_both_plugins(artifacts, tmp_path, dtype):
-    proc = build(artifacts / dtype, "-o", tmp_path / "engine", "--target", "sm86",
-                 "--max-batch", "4", "--max-chunk", "64")  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+def test_build_py_makes_an_engine_with_both_plugins(cli, artifacts, engine, tmp_path, dtype):
+    if dtype == "float32":
+        out, stdout = engine
+    else:
+        out = tmp_path / "engine"
+        result = cli("build", artifacts / dtype, "-o", out, "--target", "sm86",
+                     "--max-batch", "4", "--max-chunk", "64")  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        stdout = result.stdout
     for phase in range(1, 7):
-        assert f"[{phase}/6]" in proc.stdout
-    engine = (tmp_path / "engine" / "model.engine").read_bytes()
-    assert b"GatedKeyScan" in engine and b"AssociativeMemory" in engine
-    manifest = json.loads((tmp_path / "engine" / "build_manifest.json").read_text())
+        assert f"[{phase}/6]" in stdout
+    engine_bytes = (out / "model.engine").read_bytes()
+    assert b"GatedKeyScan" in engine_bytes and b"AssociativeMemory" in engine_bytes
+    manifest = json.loads((out / "build_manifest.json").read_text())
     nodes = [
         n for n in onnx.load(artifacts / dtype / "model.onnx").graph.node if n.domain == DOMAIN
     ]
@@ -164,18 +180,18 @@ def test_plugin_formats():
     assert scan.get_output_data_types([F32] * 6) == [F32] * 3
 
 
-def test_build_errors_are_one_line_with_a_fix(artifacts, tmp_path):
-    proc = build(artifacts / "float32", "-o", tmp_path / "e", "--target", "sm90")
+def test_build_errors_are_one_line_with_a_fix(cli, artifacts, tmp_path):
+    proc = cli("build", artifacts / "float32", "-o", tmp_path / "e", "--target", "sm90")
     assert proc.returncode == 2 and "unknown --target 'sm90'" in proc.stderr
     assert "full TensorRT" in proc.stderr
-    proc = build(artifacts / "ckpt", "-o", tmp_path / "e")
+    proc = cli("build", artifacts / "ckpt", "-o", tmp_path / "e")
     assert proc.returncode == 2 and "not an ONNX artifact" in proc.stderr
     broken = tmp_path / "broken"
     broken.mkdir()
     for f in (artifacts / "float32").iterdir():
         (broken / f.name).write_bytes(f.read_bytes())
     (broken / "model.onnx").write_bytes(b"not a protobuf")
-    proc = build(broken, "-o", tmp_path / "e")
+    proc = cli("build", broken, "-o", tmp_path / "e")
     assert proc.returncode == 2 and "cannot parse" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
@@ -206,24 +222,25 @@ def built_engine(artifact: Path, output: Path, target: str | None = "sm86") -> P
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
-def test_engine_without_a_gpu_is_a_clear_error(artifacts, tmp_path):
-    engine = built_engine(artifacts / "float32", tmp_path / "engine")
-    proc = mosaicrt("generate", engine, "--prompt", "hi")  # auto: an engine dir -> tensorrt
+def test_engine_without_a_gpu_is_a_clear_error(cli, engine):
+    proc = cli("generate", engine[0], "--prompt", "hi")  # auto: an engine dir -> tensorrt
     assert proc.returncode == 2
     assert f"built with {FLAVOUR} {trt.__version__} for sm86" in proc.stderr
     assert "needs a CUDA GPU" in proc.stderr and "--backend onnxruntime" in proc.stderr
 
 
-def test_engine_from_another_tensorrt_is_refused(artifacts, tmp_path):
-    engine = built_engine(artifacts / "float32", tmp_path / "engine")
-    manifest = json.loads((engine / "build_manifest.json").read_text())
+def test_engine_from_another_tensorrt_is_refused(cli, artifacts, engine, tmp_path):
+    import shutil
+
+    other = shutil.copytree(engine[0], tmp_path / "engine")
+    manifest = json.loads((other / "build_manifest.json").read_text())
     manifest["tensorrt_version"] = "0.9.0"
-    (engine / "build_manifest.json").write_text(json.dumps(manifest))
-    proc = mosaicrt("generate", engine, "--backend", "tensorrt", "--prompt", "hi")
+    (other / "build_manifest.json").write_text(json.dumps(manifest))
+    proc = cli("generate", other, "--backend", "tensorrt", "--prompt", "hi")
     assert proc.returncode == 2
     assert f"built with {FLAVOUR} 0.9.0 for sm86; this process has {FLAVOUR}" in proc.stderr
     assert "rebuild it here: `mosaicrt build" in proc.stderr
-    proc = mosaicrt("generate", artifacts / "float32", "--backend", "tensorrt", "--prompt", "x")
+    proc = cli("generate", artifacts / "float32", "--backend", "tensorrt", "--prompt", "x")
     assert proc.returncode == 2 and "build an engine from it" in proc.stderr
 
 
@@ -240,6 +257,20 @@ def local_target() -> str | None:
     return here if here in ("sm75", "sm80", "sm86", "sm89", "sm120") else None
 
 
+@pytest.fixture(scope="module")
+def local_engine(artifacts, tmp_path_factory):
+    """local_engine(dtype): the artifact's engine for this GPU, built once per dtype."""
+    built = {}
+
+    def get(dtype: str) -> Path:
+        if dtype not in built:
+            out = tmp_path_factory.mktemp("local") / dtype
+            built[dtype] = built_engine(artifacts / dtype, out, local_target() or None)
+        return built[dtype]
+
+    return get
+
+
 RUNS_ENGINES = pytest.mark.skipif(
     local_target() is None,
     reason="running an engine needs a CUDA GPU with a TensorRT that targets it (full TensorRT, "
@@ -249,10 +280,10 @@ RUNS_ENGINES = pytest.mark.skipif(
 
 @pytest.mark.gpu
 @RUNS_ENGINES
-def test_fp16_engine_matches_onnxruntime_through_polygraphy(artifacts, tmp_path):
+def test_fp16_engine_matches_onnxruntime_through_polygraphy(artifacts, local_engine):
     """mosaicrt check: ONNX Runtime, the torch reference and the engine on the same real decode
     states, compared by Polygraphy's Comparator within 1e-3 (fp16 weights and stores)."""
-    engine = built_engine(artifacts / "float16", tmp_path / "engine", local_target() or None)
+    engine = local_engine("float16")
     proc = mosaicrt("check", artifacts / "float16", "--engine", engine, "--atol", "1e-3",
                         "--rtol", "1e-2")  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -261,8 +292,8 @@ def test_fp16_engine_matches_onnxruntime_through_polygraphy(artifacts, tmp_path)
 
 @pytest.mark.gpu
 @RUNS_ENGINES
-def test_engine_greedy_generation_equals_the_reference(artifacts, tmp_path):
-    engine = built_engine(artifacts / "float32", tmp_path / "engine", local_target() or None)
+def test_engine_greedy_generation_equals_the_reference(artifacts, local_engine, tmp_path):
+    engine = local_engine("float32")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"input_ids": [1, 2, 3]}\n{"input_ids": [5, 8, 13, 21, 34, 55, 89]}\n')
     outputs = []
@@ -276,12 +307,12 @@ def test_engine_greedy_generation_equals_the_reference(artifacts, tmp_path):
 
 @pytest.mark.gpu
 @RUNS_ENGINES
-def test_cuda_graph_decode_equals_eager_engine_runs(artifacts, tmp_path):
+def test_cuda_graph_decode_equals_eager_engine_runs(local_engine):
     """Decode steps replayed from the captured graph give the eager engine's logits, with rows
     joining and leaving a running batch (continuous batching resets rows of the same state)."""
     from mosaicrt.runtime.trt_backend import TrtBackend
 
-    engine = built_engine(artifacts / "float32", tmp_path / "engine", local_target() or None)
+    engine = local_engine("float32")
     prompts = [[1 + i] * (2 + 3 * i) for i in range(5)]
     limits = RunLimits(max_batch=2, max_context=64, prefill_chunk=4)
     runs = [

@@ -149,45 +149,58 @@ def measure(name: str, backend: Backend, contexts: list[int], capacity: int, arg
     return interleaved_tpot(cases, 3 if recompute else args.steps, 1 if recompute else args.warmup)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="mini")
-    parser.add_argument(
-        "--checkpoint", help="benchmark this checkpoint instead of random weights of --preset"
+DEFAULT_BACKENDS = "torch,torch.compile,onnxruntime,full-recompute"
+
+
+def add_cli_args(p: argparse.ArgumentParser) -> None:
+    """`mosaicrt bench compare [MODEL]` and `python -m mosaicrt.bench.decode [MODEL]`."""
+    p.add_argument(
+        "model", nargs="?", help="checkpoint to benchmark (default: random weights of --preset)"
     )
-    parser.add_argument("--backends", default="torch,onnxruntime,full-recompute")
-    parser.add_argument("--contexts", default="1024,4096")
-    parser.add_argument("--stm-only-contexts", default="1024,4096,16384")
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--prefill-chunk", type=int, default=512)
-    parser.add_argument(
+    p.add_argument("--preset", default="mini")
+    p.add_argument("--backends", default=DEFAULT_BACKENDS,
+                   help="backends to run (torch, torch.compile, torch+triton, "
+                   "torch.compile+triton, onnxruntime, full-recompute)")  # fmt: skip
+    p.add_argument("--contexts", default="1024,4096", help="decode contexts")
+    p.add_argument(
+        "--stm-only-contexts",
+        default="1024,4096,16384",
+        help="contexts of the same preset without its LTM (random weights only)",
+    )
+    p.add_argument("--steps", "--iters", dest="steps", type=int, default=40, help="timed steps")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--prefill-chunk", type=int, default=512)
+    p.add_argument(
         "--recompute-max-context",
         type=int,
         default=4096,
         help="full recompute only up to this context (each of its steps is a whole forward)",
     )
-    parser.add_argument("--device", default="cpu", help="for the torch backends: cpu or cuda")
-    parser.add_argument("--dtype", default="float32", help="torch backends: float32, bfloat16")
-    parser.add_argument("--json", help="write results here")
-    parser.add_argument(
+    p.add_argument("--device", default="auto", help="for the torch backends: cpu, cuda or auto")
+    p.add_argument("--dtype", default="float32", help="torch backends: float32, bfloat16")
+    p.add_argument("--json", help="write results here")
+    p.add_argument(
         "--append",
         action="store_true",
         help="add this run's rows to the --json file (backends too large to load together run "
         "one per process)",
     )
-    args = parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> int:
+    from mosaicrt.runtime.torch_backend import pick_device
+
+    args.device = pick_device(args.device).type
     names = args.backends.split(",")
     plans = [(True, int(c)) for c in args.contexts.split(",") if c]
     plans += [(False, int(c)) for c in args.stm_only_contexts.split(",") if c]
     gpu = args.device.startswith("cuda")
     bandwidth = measure_gpu_bandwidth_gb_s() if gpu else measure_bandwidth_gb_s()
-    elem = DTYPE_BYTES[args.dtype]
-    rows: list[dict] = []
-    checkpoint = Path(args.checkpoint) if args.checkpoint else None
+    checkpoint = Path(args.model) if args.model else None
     base = load_config(checkpoint) if checkpoint else preset(args.preset)
     if checkpoint:  # its own memories: no STM-only variant
         plans = [(base.use_ltm, int(c)) for c in args.contexts.split(",") if c]
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for use_ltm in sorted({u for u, _ in plans}, reverse=True):
             config = base.replace(use_ltm=use_ltm)
@@ -201,45 +214,11 @@ def main(argv: list[str] | None = None) -> None:
             for name, backend in backends.items():  # one runtime at a time: their thread pools
                 with torch_threads_for(getattr(backend, "inner", backend)):
                     times.update(measure(name, backend, contexts, capacity, args))
-            for (name, context), samples in times.items():
-                tpot = statistics.median(samples)
-                roof = decode_bytes(config, [context], elem) / (bandwidth * 1e9)
-                rows.append(
-                    {
-                        "backend": name,
-                        "use_ltm": use_ltm,
-                        "context": context,
-                        "bandwidth_gb_s": bandwidth,
-                        "tpot_ms": {
-                            "p50": 1e3 * tpot,
-                            "mean": 1e3 * statistics.fmean(samples),
-                            "min": 1e3 * min(samples),
-                        },
-                        "bytes_per_step": decode_bytes(config, [context], elem),
-                        "roofline_ms": 1e3 * roof,
-                        "roofline_fraction": roof / tpot,
-                    }
-                )
-                print(
-                    f"{name:12s} ltm={use_ltm!s:5} ctx={context:6d} tpot p50 {1e3 * tpot:7.2f} ms"
-                    f"  roofline {1e3 * roof:6.2f} ms ({100 * roof / tpot:5.1f} %)"
-                )
+            rows += tpot_rows(times, config, bandwidth, DTYPE_BYTES[args.dtype])
             del backends
     if args.append and args.json and Path(args.json).exists():
         rows = json.loads(Path(args.json).read_text())["rows"] + rows
-    for row in rows:
-        ref = next(
-            (
-                r
-                for r in rows
-                if r["backend"] == "torch"
-                and r["use_ltm"] == row["use_ltm"]
-                and r["context"] == row["context"]
-            ),
-            None,
-        )
-        if ref:
-            row["speedup_vs_torch"] = ref["tpot_ms"]["p50"] / row["tpot_ms"]["p50"]
+    add_speedups(rows)
     result = {
         "benchmark": "decode_tpot_batch1",
         "preset": str(checkpoint) if checkpoint else args.preset,
@@ -257,7 +236,57 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def tpot_rows(times: dict, config: ModelConfig, bandwidth: float, elem: int) -> list[dict]:
+    """One row per (backend, context): TPOT against the roofline, printed as it is made."""
+    rows = []
+    for (name, context), samples in times.items():
+        tpot = statistics.median(samples)
+        step_bytes = decode_bytes(config, [context], elem)
+        roof = step_bytes / (bandwidth * 1e9)
+        rows.append(
+            {
+                "backend": name,
+                "use_ltm": config.use_ltm,
+                "context": context,
+                "bandwidth_gb_s": bandwidth,
+                "tpot_ms": {
+                    "p50": 1e3 * tpot,
+                    "mean": 1e3 * statistics.fmean(samples),
+                    "min": 1e3 * min(samples),
+                },
+                "bytes_per_step": step_bytes,
+                "roofline_ms": 1e3 * roof,
+                "roofline_fraction": roof / tpot,
+            }
+        )
+        print(
+            f"{name:12s} ltm={config.use_ltm!s:5} ctx={context:6d} tpot p50 {1e3 * tpot:7.2f} ms"
+            f"  roofline {1e3 * roof:6.2f} ms ({100 * roof / tpot:5.1f} %)"
+        )
+    return rows
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """speedup_vs_torch on every row that has a torch eager row of the same memory and context."""
+    for row in rows:
+        ref = next(
+            (
+                r
+                for r in rows
+                if r["backend"] == "torch"
+                and r["use_ltm"] == row["use_ltm"]
+                and r["context"] == row["context"]
+            ),
+            None,
+        )
+        if ref:
+            row["speedup_vs_torch"] = ref["tpot_ms"]["p50"] / row["tpot_ms"]["p50"]
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_cli_args(parser)
+    raise SystemExit(main(parser.parse_args()))

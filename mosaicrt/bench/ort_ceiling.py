@@ -36,10 +36,11 @@ from onnx import TensorProto, helper, numpy_helper
 from mosaicrt.bench.decode import prefill
 from mosaicrt.bench.machine import machine_info, measure_bandwidth_gb_s
 from mosaicrt.bench.roofline import decode_bytes
+from mosaicrt.errors import InputError
 from mosaicrt.export.artifact import DEFAULT_LTM_BLOCK, MODEL_FILE, export_artifact
-from mosaicrt.onnx_graph import IR_VERSION, OPSET
 from mosaicrt.model.checkpoint import random_tensors, write_checkpoint
 from mosaicrt.model.config import ModelConfig, preset
+from mosaicrt.onnx_graph import IR_VERSION, OPSET
 from mosaicrt.runtime.ort_backend import OrtBackend, session_options
 
 
@@ -180,16 +181,7 @@ def step_case(config: ModelConfig, contexts: list[int], block: int, threads: int
         backend = OrtBackend(artifact, device="cpu", threads=threads)
         torch.set_num_threads(backend.torch_threads)
         states = {c: prefill(backend, c, capacity, 512) for c in contexts}
-        run_times: list[float] = []
-        run = backend.run_numpy
-
-        def timed_run(feeds):
-            t0 = time.perf_counter()
-            outputs = run(feeds)
-            run_times.append(time.perf_counter() - t0)
-            return outputs
-
-        backend.run_numpy = timed_run  # type: ignore[method-assign]
+        backend.run_seconds = run_times = []  # the backend's timing hook: session.run's time
         token, one = torch.tensor([[1]]), torch.ones(1, dtype=torch.int64)
         step_s: dict[int, list[float]] = {c: [] for c in contexts}
         run_s: dict[int, list[float]] = {c: [] for c in contexts}
@@ -213,21 +205,30 @@ def step_case(config: ModelConfig, contexts: list[int], block: int, threads: int
         )
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="mini")
-    parser.add_argument("--context", type=int, default=4096)
-    parser.add_argument("--block", type=int, default=DEFAULT_LTM_BLOCK)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--target", type=float, default=0.8, help="roofline fraction to budget")
-    parser.add_argument("--steps", type=int, default=30, help="timed decode steps")
-    parser.add_argument(
-        "--short-context", type=int, default=16, help="also time the step graph here"
-    )
-    parser.add_argument("--json", help="write results here")
-    args = parser.parse_args(argv)
+def add_cli_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="mini")
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--block", type=int, default=DEFAULT_LTM_BLOCK)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--target", type=float, default=0.8, help="roofline fraction to budget")
+    p.add_argument("--steps", type=int, default=30, help="timed decode steps")
+    p.add_argument("--short-context", type=int, default=16, help="also time the step graph here")
+    p.add_argument("--json", help="write results here")
+
+
+def main(args: argparse.Namespace) -> int:
     if not 0 < args.short_context < args.context:
-        parser.error("--short-context must be below --context")
+        raise InputError("--short-context must be below --context")
+    result = measure(args)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print_summary(result)
+    return 0
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Every case of the module docstring, in one run, against the bandwidth measured in it."""
     config = preset(args.preset)
     bandwidth = measure_bandwidth_gb_s()
     w_ms, w_bytes = weights_case(config, args.threads)
@@ -259,11 +260,12 @@ def main(argv: list[str] | None = None) -> None:
     def fraction(nbytes: int, ms: float) -> float:
         return nbytes / (bandwidth * 1e9) / (ms * 1e-3)
 
-    result = {
+    return {
         "benchmark": "ort_ceiling",
         "machine": machine_info(),
         "preset": args.preset,
         "context": args.context,
+        "short_context": args.short_context,
         "ltm_block": args.block,
         "threads": args.threads,
         "bandwidth_gb_s": bandwidth,
@@ -278,10 +280,13 @@ def main(argv: list[str] | None = None) -> None:
         "step_graph": step,
         "budget": budget,
     }
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"read bandwidth {bandwidth:.1f} GB/s, {args.preset} at context {args.context}:")
+
+
+def print_summary(result: dict) -> None:
+    step, budget = result["step_graph"], result["budget"]
+    short = step["short_context"]
+    print(f"read bandwidth {result['bandwidth_gb_s']:.1f} GB/s, {result['preset']} at context "
+          f"{result['context']}:")  # fmt: skip
     for part in ("weights", "stores", "step"):
         r = result[part]
         print(
@@ -294,19 +299,23 @@ def main(argv: list[str] | None = None) -> None:
         f"(session.run {step['session_run_ms']:.2f} ms, "
         f"bookkeeping {step['bookkeeping_ms']:.2f} ms)"
     )
-    short = step["short_context"]
     print(
-        f"  from context {args.short_context} to {args.context}: the step graph's session.run "
+        f"  from context {short['context']} to {result['context']}: the step graph's session.run "
         f"grows by {step['session_run_ms'] - short['session_run_ms']:.2f} ms, the store MatMuls "
-        f"alone by {s_ms - short['stores_ms']:.2f} ms"
+        f"alone by {result['stores']['ms'] - short['stores_ms']:.2f} ms"
     )
+    other_nodes = step["nodes"] - step["matmul_nodes"]
     print(
-        f"  at {100 * args.target:.0f} %: a step may take {budget['step_ms']:.2f} ms; the MatMuls "
-        f"alone take {budget['matmul_ms']:.2f} ms, leaving {budget['left_ms']:.2f} ms for "
-        f"{other_nodes} other nodes, whose dispatch alone costs {budget['dispatch_floor_ms']:.2f} "
-        f"ms ({per_node_us:.2f} us each), plus {budget['bookkeeping_ms']:.2f} ms of bookkeeping"
+        f"  at {100 * budget['target_fraction']:.0f} %: a step may take "
+        f"{budget['step_ms']:.2f} ms; the MatMuls alone take {budget['matmul_ms']:.2f} ms, "
+        f"leaving {budget['left_ms']:.2f} ms "
+        f"for {other_nodes} other nodes, whose dispatch alone costs "
+        f"{budget['dispatch_floor_ms']:.2f} ms ({result['dispatch_us_per_node']:.2f} us each), "
+        f"plus {budget['bookkeeping_ms']:.2f} ms of bookkeeping"
     )
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_cli_args(parser)
+    raise SystemExit(main(parser.parse_args()))

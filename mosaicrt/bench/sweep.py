@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mosaicrt.bench.batching import run_requests
 from mosaicrt.bench.decode import open_backends
 from mosaicrt.bench.machine import machine_info
 from mosaicrt.bench.metrics import request_metrics
-from mosaicrt.bench.serving import run_requests
 from mosaicrt.model.config import preset
 from mosaicrt.runtime.generator import RunLimits
 

@@ -18,10 +18,10 @@ from mosaicrt import __version__
 from mosaicrt.errors import CheckpointError
 from mosaicrt.export import io_spec
 from mosaicrt.export.builder import build_step_model
-from mosaicrt.onnx_graph import OPSET, ExternalData
-from mosaicrt.ops import DOMAIN, DOMAIN_VERSION
 from mosaicrt.model.checkpoint import load_model
 from mosaicrt.model.config import DTYPE_BYTES, DTYPES, ModelConfig, load_config, save_config
+from mosaicrt.onnx_graph import OPSET, ExternalData
+from mosaicrt.ops import DOMAIN, DOMAIN_VERSION
 
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"

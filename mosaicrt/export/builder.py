@@ -165,20 +165,27 @@ class StepGraphBuilder:
             eps=cfg.key_norm_eps,
             **plugin_attrs(),
         )
+        k_pairs, v_pairs = self.new_pairs(layer, keys, v_raw, p, past, step)
+        ys = self.retrievals(layer, keys, k_pairs, v_pairs, p, step)
+        # Keep the last real token's key and v~ pending (rows of length 0 keep theirs).
+        for field, x in (("k_pend", keys), ("v_pend", v_raw)):
+            last = self.last_real(x, step)
+            g.op("Where", step["has"], last, past[field], outputs=[present[field]])
+        g.scope = ""
+        y = ys[0] if nM == 1 else g.op("Concat", *ys, axis=2)  # (B, C, nM*H, hs)
+        return g.reshape(y, 0, 0, nM * H * hs)
 
-        # Pairs completed by this chunk: pair j is tau = pos-1+j, from the token before chunk
-        # token j (the pending one for j = 0) and v~ of chunk token j (eq. 9's look-ahead).
-        k_pairs = g.op(
-            "Concat",
-            g.unsqueeze(past["k_pend"], 1),
-            g.op("Slice", keys, g.ints(0), step["C-1"], g.ints(1)),
-            axis=1,
-        )
-        v_prev = g.op(
-            "Concat",
-            g.unsqueeze(past["v_pend"], 1),
-            g.op("Slice", v_raw, g.ints(0), step["C-1"], g.ints(1)),
-            axis=1,
+    def new_pairs(
+        self, layer: int, keys: str, v_raw: str, p: dict, past: dict, step: dict
+    ) -> tuple[str, str]:
+        """The pairs this chunk completes, (B, C, nM*H, hs) each, also emitted as the graph's
+        new.{layer}.{keys,values} in the export dtype: pair j is tau = pos-1+j, from the token
+        before chunk token j (the pending one for j = 0) and v~ of chunk token j (eq. 9)."""
+        g = self.g
+        k_pairs, v_prev = (
+            g.op("Concat", g.unsqueeze(past[pending], 1),
+                 g.op("Slice", x, g.ints(0), step["C-1"], g.ints(1)), axis=1)  # fmt: skip
+            for pending, x in (("k_pend", keys), ("v_pend", v_raw))
         )
         gamma = p["gamma"][:, None]  # (nM*H, 1)
         mixed = g.op(
@@ -186,13 +193,16 @@ class StepGraphBuilder:
         )
         v_pairs = g.op("Mul", g.const(p["alpha_psi"][:, None]), self.l2_normalize(mixed))
         for name, pairs in (("keys", k_pairs), ("values", v_pairs)):  # stored in the export dtype
-            g.op(
-                "Cast",
-                pairs,
-                to=ONNX_DTYPES[self.dtype],
-                outputs=[io_spec.new_pairs_name(layer, name)],
-            )
+            g.op("Cast", pairs, to=ONNX_DTYPES[self.dtype],
+                 outputs=[io_spec.new_pairs_name(layer, name)])  # fmt: skip
+        return k_pairs, v_pairs
 
+    def retrievals(
+        self, layer: int, keys: str, k_pairs: str, v_pairs: str, p: dict, step: dict
+    ) -> list[str]:
+        """One AssociativeMemory node per memory, on its heads: y (B, C, H, hs) each."""
+        g, cfg = self.g, self.config
+        H, nM = cfg.num_heads, len(cfg.memories)
         split = g.ints(*[H] * nM)
         per_mem = [
             g.op("Split", x, split, axis=2, outputs=nM) if nM > 1 else [x]
@@ -202,15 +212,13 @@ class StepGraphBuilder:
         for i, kind in enumerate(cfg.memories):
             mem = getattr(self.model.layers[layer], kind)
             heads = slice(i * H, (i + 1) * H)
-            store_k = io_spec.store_name(layer, kind, "keys")
-            store_v = io_spec.store_name(layer, kind, "values")
             ys.append(
                 g.op(
                     "AssociativeMemory",
                     per_mem[0][i],
                     step["t"],
-                    store_k,
-                    store_v,
+                    io_spec.store_name(layer, kind, "keys"),
+                    io_spec.store_name(layer, kind, "values"),
                     step[f"tau_{kind}"],
                     per_mem[1][i],
                     per_mem[2][i],
@@ -225,25 +233,7 @@ class StepGraphBuilder:
                     **plugin_attrs(),
                 )
             )
-
-        # Keep the last real token's key and v~ pending (rows of length 0 keep theirs).
-        g.op(
-            "Where",
-            step["has"],
-            self.last_real(keys, step),
-            past["k_pend"],
-            outputs=[present["k_pend"]],
-        )
-        g.op(
-            "Where",
-            step["has"],
-            self.last_real(v_raw, step),
-            past["v_pend"],
-            outputs=[present["v_pend"]],
-        )
-        g.scope = ""
-        y = ys[0] if nM == 1 else g.op("Concat", *ys, axis=2)  # (B, C, nM*H, hs)
-        return g.reshape(y, 0, 0, nM * H * hs)
+        return ys
 
     def step_inputs(self) -> dict[str, str]:
         """Everything derived from ids, lengths and positions, computed once per step."""

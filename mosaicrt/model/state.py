@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mosaicrt.model.config import DTYPE_BYTES, ModelConfig
+from mosaicrt.model.config import DTYPE_BYTES, ModelConfig, normalize_dtype, parameter_count
 
 
 @dataclass
@@ -139,4 +139,45 @@ def memory_plan(
         recurrence_bytes_per_sequence=recurrence,
         max_context=max_context,
         max_batch=max_batch,
+    )
+
+
+def inspect_report(
+    config: ModelConfig, max_context: int, max_batch: int, store_dtype: str | None = None
+) -> dict:
+    """What `mosaicrt inspect` shows: the config, the parameter count and the memory plan."""
+    store_dtype = normalize_dtype(store_dtype) if store_dtype else config.torch_dtype
+    plan = memory_plan(config, max_context, max_batch, store_dtype)
+    return {
+        "config": config.to_dict(),
+        "parameters": parameter_count(config),
+        "memory_plan": {
+            "store_dtype": store_dtype,
+            "max_context": max_context,
+            "max_batch": max_batch,
+            "ltm_bytes_per_token": plan.ltm_bytes_per_token,
+            "stm_bytes_per_sequence": plan.stm_bytes_per_sequence,
+            "recurrence_bytes_per_sequence": plan.recurrence_bytes_per_sequence,
+            "bytes_per_sequence": plan.bytes_per_sequence,
+            "state_bytes": plan.state_bytes,
+        },
+    }
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return ""
+
+
+def plan_line(config: ModelConfig, max_batch: int, max_context: int) -> str:
+    """One line on the state a run allocates (fp32 stores), printed before generation."""
+    plan = memory_plan(config, max_context, max_batch, "float32")
+    return (
+        f"memory plan: {max_batch} x {max_context} tokens -> "
+        f"{human_bytes(plan.state_bytes)} of state (LTM {human_bytes(plan.ltm_bytes_per_token)}"
+        f"/token, STM {human_bytes(plan.stm_bytes_per_sequence)}/sequence)"
     )

@@ -23,13 +23,14 @@ from pathlib import Path
 import onnx
 
 from mosaicrt import __version__
-from mosaicrt.errors import BackendError, InputError
+from mosaicrt.errors import BackendError, CheckpointError, InputError
 from mosaicrt.export.artifact import MODEL_FILE, read_manifest, sha256
 from mosaicrt.export.io_spec import INPUT_IDS
 from mosaicrt.ops import DOMAIN, PLUGIN_VERSION, source_files
 
 ENGINE_FILE = "model.engine"
 BUILD_MANIFEST = "build_manifest.json"
+ENGINE_FORMAT = "mosaicrt-tensorrt-engine"
 RTX_TARGETS = ("sm75", "sm80", "sm86", "sm89", "sm120")
 
 
@@ -123,33 +124,22 @@ def build_engine(
     timing_cache: str | Path | None = None,
     log=print,
 ) -> dict:
-    """Build ENGINE_DIR/model.engine and its build_manifest.json; returns the manifest."""
+    """Build ENGINE_DIR/model.engine and its build_manifest.json; returns the manifest.
+    The phases are numbered and timed on `log`."""
     artifact, output = Path(artifact), Path(output)
     phases = Phases(6, log)
     with phases("reading the artifact"):
         manifest, model_config = read_manifest(artifact)
         max_context = max_context or manifest["max_context"]
-        for flag, value in (("max-batch", max_batch), ("max-context", max_context),
-                            ("max-chunk", max_chunk)):  # fmt: skip
-            if value < 1:
-                raise InputError(f"--{flag} must be >= 1, got {value}")
-        if max_chunk < 2:
-            raise InputError("--max-chunk must be >= 2: profile 1 prefills chunks of 2 or more")
-        if target and target.lower() not in RTX_TARGETS:
-            raise InputError(
-                f"unknown --target {target!r}: TensorRT-RTX builds for {', '.join(RTX_TARGETS)} "
-                "(no Hopper: on an H100/H200 build with full TensorRT, without --target)"
-            )
-        block = manifest["ltm_block"]
-        blocks = max(1, math.ceil(max_context / block))
+        check_limits(max_batch, max_context, max_chunk, target)
         graph = read_graph(artifact / MODEL_FILE)
         mosaic_nodes = [node.name for node in graph.graph.node if node.domain == DOMAIN]
     with phases("loading TensorRT and registering the mosaic plugins"):
         from mosaicrt.plugins.tensorrt import load_tensorrt, register
 
         tensorrt = load_tensorrt()
-        trt, FLAVOUR = tensorrt.module, tensorrt.flavour
-        if target and FLAVOUR != "tensorrt_rtx":
+        trt = tensorrt.module
+        if target and tensorrt.flavour != "tensorrt_rtx":
             raise InputError(
                 "--target is for TensorRT-RTX ahead-of-time builds; full TensorRT builds for the "
                 "local GPU: drop --target"
@@ -158,54 +148,15 @@ def build_engine(
         logger = trt.Logger(trt.Logger.WARNING)
         builder = trt.Builder(logger)
     with phases("parsing the ONNX model"):
-        network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-        parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(artifact / MODEL_FILE)):
-            errors = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
-            raise BackendError(
-                f"TensorRT cannot parse {artifact / MODEL_FILE}: {errors}. Re-export it with "
-                "`mosaicrt export`"
-            )
-        plugin_layers = [
-            network.get_layer(i).name
-            for i in range(network.num_layers)
-            if network.get_layer(i).type == trt.LayerType.PLUGIN_V3
-        ]
-        if len(plugin_layers) != len(mosaic_nodes):
-            raise BackendError(
-                f"{len(mosaic_nodes)} mosaic nodes but {len(plugin_layers)} plugin layers: this "
-                "TensorRT parser inlined the ops' ONNX functions instead of using the plugins; "
-                "use TensorRT >= 10.15 or TensorRT-RTX >= 1.0"
-            )
+        network, _parser, plugin_layers = parse(
+            trt, builder, logger, artifact / MODEL_FILE, mosaic_nodes
+        )
     with phases("configuring profiles and targets"):
         config = builder.create_builder_config()  # the builder's, not the model's
-        profiles = {"decode": (1, 1), "prefill": (2, max_chunk)}
-        shapes: dict[str, dict] = {}
-        for label, (lo, hi) in profiles.items():
-            profile = builder.create_optimization_profile()
-            for i in range(network.num_inputs):
-                tensor = network.get_input(i)
-                smallest = profile_shape(tensor.name, tensor.shape, 1, lo, 1)
-                largest = profile_shape(tensor.name, tensor.shape, max_batch, hi, blocks)
-                profile.set_shape(tensor.name, smallest, largest, largest)
-                shapes.setdefault(label, {})[tensor.name] = [list(smallest), list(largest)]
-            config.add_optimization_profile(profile)
-        targets = ["local GPU"]
-        cache_path = None
-        if FLAVOUR == "tensorrt_rtx":
-            # A timing cache makes TensorRT-RTX query a GPU; ahead-of-time builds go without.
-            if target:
-                config.num_compute_capabilities = 1
-                config.set_compute_capability(getattr(trt.ComputeCapability, target.upper()), 0)
-                targets = [target.lower()]
-            else:
-                targets = ["TensorRT-RTX default targets"]
-        else:
-            cache_path = Path(timing_cache) if timing_cache else output / "timing.cache"
-            cache = config.create_timing_cache(
-                cache_path.read_bytes() if cache_path.exists() else b""
-            )
-            config.set_timing_cache(cache, ignore_mismatch=False)
+        blocks = max(1, math.ceil(max_context / manifest["ltm_block"]))
+        shapes = add_profiles(builder, network, config, max_batch, max_chunk, blocks)
+        precision = set_precision(trt, config, manifest["dtype"])
+        targets, cache_path = set_targets(tensorrt, config, target, timing_cache, output)
     with phases(f"building the engine ({', '.join(targets)})"):
         engine = builder.build_serialized_network(network, config)
         if engine is None:
@@ -219,39 +170,148 @@ def build_engine(
         (output / ENGINE_FILE).write_bytes(engine)
         if cache_path is not None:
             cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
-        result = {
-            "format": "mosaicrt-tensorrt-engine",
-            "mosaicrt_version": __version__,
-            "tensorrt_flavour": FLAVOUR,
-            "tensorrt_version": trt.__version__,
-            "cuda": cuda_version(FLAVOUR),
-            "targets": targets,
-            "plugins": [
-                {"name": name, "namespace": DOMAIN, "version": PLUGIN_VERSION} for name in plugins
-            ],
-            "plugin_source_sha256": sha256(*plugin_sources()),
-            "onnx_sha256": sha256(*onnx_files(artifact, graph)),
-            "artifact": str(artifact.resolve()),
-            "source_checkpoint": manifest.get("source_checkpoint"),
-            "dtype": manifest["dtype"],
-            "state_dtype": manifest["state_dtype"],
-            "last_only": manifest["last_only"],
-            "ltm_block": block,
-            "max_batch": max_batch,
-            "max_context": max_context,
-            "max_chunk": max_chunk,
-            "profiles": shapes,
-            "plugin_layers": len(plugin_layers),
-            "engine_file": ENGINE_FILE,
-            "engine_bytes": len(engine),
-            "timing_cache": str(cache_path) if cache_path else None,
-            "build_time_s": round(phases.elapsed, 3),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "config": model_config.to_dict(),
-        }
+        result = engine_manifest(
+            tensorrt=tensorrt, targets=targets, plugins=plugins, artifact=artifact, graph=graph,
+            manifest=manifest, model_config=model_config, precision=precision,
+            limits=dict(max_batch=max_batch, max_context=max_context, max_chunk=max_chunk),
+            shapes=shapes, plugin_layers=len(plugin_layers), engine_bytes=len(engine),
+            cache_path=cache_path, elapsed=phases.elapsed,
+        )  # fmt: skip
         (output / BUILD_MANIFEST).write_text(json.dumps(result, indent=2) + "\n")
     log(f"engine: {output / ENGINE_FILE} ({len(engine) / 2**20:.1f} MiB, {phases.elapsed:.1f} s)")
     return result
+
+
+def engine_manifest(
+    *, tensorrt, targets, plugins, artifact, graph, manifest, model_config, precision, limits,
+    shapes, plugin_layers, engine_bytes, cache_path, elapsed,
+) -> dict:  # fmt: skip
+    """What build_manifest.json records: how, from what and for what the engine was built."""
+    return {
+        "format": ENGINE_FORMAT,
+        "mosaicrt_version": __version__,
+        "tensorrt_flavour": tensorrt.flavour,
+        "tensorrt_version": tensorrt.version,
+        "cuda": cuda_version(tensorrt.flavour),
+        "targets": targets,
+        "plugins": [
+            {"name": name, "namespace": DOMAIN, "version": PLUGIN_VERSION} for name in plugins
+        ],
+        "plugin_source_sha256": sha256(*plugin_sources()),
+        "onnx_sha256": sha256(*onnx_files(artifact, graph)),
+        "artifact": str(artifact.resolve()),
+        "source_checkpoint": manifest.get("source_checkpoint"),
+        "dtype": manifest["dtype"],
+        "state_dtype": manifest["state_dtype"],
+        "precision_flags": precision,
+        "last_only": manifest["last_only"],
+        "ltm_block": manifest["ltm_block"],
+        **limits,
+        "profiles": shapes,
+        "plugin_layers": plugin_layers,
+        "engine_file": ENGINE_FILE,
+        "engine_bytes": engine_bytes,
+        "timing_cache": str(cache_path) if cache_path else None,
+        "build_time_s": round(elapsed, 3),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": model_config.to_dict(),
+    }
+
+
+def check_limits(max_batch: int, max_context: int, max_chunk: int, target: str | None) -> None:
+    for flag, value in (("max-batch", max_batch), ("max-context", max_context),
+                        ("max-chunk", max_chunk)):  # fmt: skip
+        if value < 1:
+            raise InputError(f"--{flag} must be >= 1, got {value}")
+    if max_chunk < 2:
+        raise InputError("--max-chunk must be >= 2: profile 1 prefills chunks of 2 or more")
+    if target and target.lower() not in RTX_TARGETS:
+        raise InputError(
+            f"unknown --target {target!r}: TensorRT-RTX builds for {', '.join(RTX_TARGETS)} "
+            "(no Hopper: on an H100/H200 build with full TensorRT, without --target)"
+        )
+
+
+def parse(trt, builder, logger, model: Path, mosaic_nodes: list[str]) -> tuple:
+    """A strongly typed network from the ONNX file, every mosaic node a plugin layer: (network,
+    its parser, which must outlive it, plugin layer names)."""
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(model)):
+        errors = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
+        raise BackendError(
+            f"TensorRT cannot parse {model}: {errors}. Re-export it with `mosaicrt export`"
+        )
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    plugin_layers = [layer.name for layer in layers if layer.type == trt.LayerType.PLUGIN_V3]
+    if len(plugin_layers) != len(mosaic_nodes):
+        raise BackendError(
+            f"{len(mosaic_nodes)} mosaic nodes but {len(plugin_layers)} plugin layers: this "
+            "TensorRT parser inlined the ops' ONNX functions instead of using the plugins; "
+            "use TensorRT >= 10.15 or TensorRT-RTX >= 1.0"
+        )
+    return network, parser, plugin_layers  # the network refers to the parser's weights
+
+
+def add_profiles(builder, network, config, max_batch: int, max_chunk: int, blocks: int) -> dict:
+    """Profile 0 decodes (chunk 1), profile 1 prefills (chunks 2..max_chunk); returns the
+    smallest and largest shape of every input per profile."""
+    shapes: dict[str, dict] = {}
+    for label, (lo, hi) in {"decode": (1, 1), "prefill": (2, max_chunk)}.items():
+        profile = builder.create_optimization_profile()
+        for i in range(network.num_inputs):
+            tensor = network.get_input(i)
+            smallest = profile_shape(tensor.name, tensor.shape, 1, lo, 1)
+            largest = profile_shape(tensor.name, tensor.shape, max_batch, hi, blocks)
+            profile.set_shape(tensor.name, smallest, largest, largest)
+            shapes.setdefault(label, {})[tensor.name] = [list(smallest), list(largest)]
+        config.add_optimization_profile(profile)
+    return shapes
+
+
+def set_precision(trt, config, dtype: str) -> dict:
+    """Precision comes from the ONNX types; TF32 (on by default) would round an fp32 artifact's
+    products to 10-bit mantissas, so it is cleared for fp32. Returns the flags as built."""
+    if dtype == "float32":
+        config.clear_flag(trt.BuilderFlag.TF32)
+    return {"strongly_typed": True, "tf32": bool(config.get_flag(trt.BuilderFlag.TF32))}
+
+
+def set_targets(tensorrt, config, target: str | None, timing_cache, output: Path) -> tuple:
+    """TensorRT-RTX: the --target architecture (ahead of time, no timing cache, which would
+    query a GPU); full TensorRT: the local GPU, with a timing cache. Returns (targets, cache)."""
+    trt = tensorrt.module
+    if tensorrt.flavour == "tensorrt_rtx":
+        if not target:
+            return ["TensorRT-RTX default targets"], None
+        config.num_compute_capabilities = 1
+        config.set_compute_capability(getattr(trt.ComputeCapability, target.upper()), 0)
+        return [target.lower()], None
+    cache_path = Path(timing_cache) if timing_cache else output / "timing.cache"
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.exists() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    return ["local GPU"], cache_path
+
+
+def read_build_manifest(engine_dir: str | Path) -> dict:
+    """An engine directory's build manifest, refused with the fix if it is not one."""
+    path = Path(engine_dir) / BUILD_MANIFEST
+    if not path.is_file():
+        raise CheckpointError(
+            f"{engine_dir} is not a TensorRT engine directory (no {BUILD_MANIFEST}): build one "
+            f"with `mosaicrt build ARTIFACT_DIR -o {engine_dir}`"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}): rebuild the engine") from None
+    if manifest.get("format") != ENGINE_FORMAT:
+        raise CheckpointError(f"{path} is not a mosaicrt engine manifest: rebuild the engine")
+    return manifest
+
+
+def is_engine_dir(path: str | Path) -> bool:
+    return (Path(path) / BUILD_MANIFEST).is_file()
 
 
 def cuda_version(flavour: str) -> str | None:

@@ -1,7 +1,8 @@
-"""Pick a backend by name for a model directory."""
+"""Pick a backend by name for a model directory; the command-line options that name one."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from mosaicrt.errors import BackendError
@@ -26,7 +27,7 @@ def open_backend(
     for an exported artifact, torch for a checkpoint directory."""
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
-    from mosaicrt.runtime.trt_backend import is_engine_dir
+    from mosaicrt.plugins.engine import is_engine_dir
 
     if name == "auto":
         if is_engine_dir(model_dir):
@@ -64,3 +65,42 @@ def open_backend(
             "the torch backend the checkpoint it was exported from"
         )
     return TorchBackend(model_dir, device=device, dtype=dtype, kernels=kernels, compile=compile)
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """The options of the commands that run a model: score, generate, bench, eval."""
+    p.add_argument("model", help="checkpoint directory (torch) or ONNX artifact (onnxruntime)")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        help=f"one of {', '.join(BACKENDS)} (default auto: tensorrt for an engine directory, "
+        "onnxruntime for an artifact, torch for a checkpoint)",
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument(
+        "--dtype",
+        help="compute dtype fp32|fp16|bf16 (default fp32 on CPU, the checkpoint's on GPU)",
+    )
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per step")
+    p.add_argument(
+        "--kernels",
+        default="torch",
+        help="torch backend: torch (reference code) or triton (needs a GPU, or "
+        "TRITON_INTERPRET=1 on a CPU)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch backend: decode steps through torch.compile (the first steps compile; with "
+        "--kernels triton on a GPU, the compiled step is what the CUDA graph replays)",
+    )
+
+
+def open_run_backend(args: argparse.Namespace):
+    """The backend that add_run_args' options name."""
+    from mosaicrt.model.config import normalize_dtype
+
+    dtype = normalize_dtype(args.dtype) if args.dtype else None
+    return open_backend(
+        args.backend, args.model, args.device, dtype, args.kernels, compile=args.compile
+    )

@@ -11,6 +11,7 @@ host and device; the same binding path runs on the CPU with `io_binding=True` (t
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,8 +21,8 @@ import torch
 from mosaicrt.errors import BackendError, CapacityError
 from mosaicrt.export import io_spec
 from mosaicrt.export.artifact import MODEL_FILE, read_manifest
-from mosaicrt.runtime.backend import Backend
 from mosaicrt.ops import geometry
+from mosaicrt.runtime.backend import Backend
 from mosaicrt.runtime.graph_state import GraphState, allocate, graph_step, reset_rows
 
 OrtState = GraphState  # numpy buffers, or torch tensors on the device with IOBinding
@@ -97,6 +98,7 @@ class OrtBackend(Backend):
             )
             for o in self.session.get_outputs()
         }
+        self.run_seconds: list[float] | None = None  # a list: each session.run's time is added
         self.block = int(self.manifest["ltm_block"])
         self.max_context = int(self.manifest["max_context"])
         self.last_only_graph = bool(self.manifest["last_only"])
@@ -178,7 +180,12 @@ class OrtBackend(Backend):
 
     def run_numpy(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One run with numpy arrays by input name in, by output name out."""
-        return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+        if self.run_seconds is None:
+            return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+        start = time.perf_counter()
+        outputs = self.session.run(self.output_names, feeds)
+        self.run_seconds.append(time.perf_counter() - start)
+        return dict(zip(self.output_names, outputs))
 
     def step(
         self, ids: torch.Tensor, lengths: torch.Tensor, state: OrtState, last_only: bool

@@ -11,7 +11,7 @@ import torch
 
 from mosaicrt.errors import BackendError
 from mosaicrt.model.checkpoint import TORCH_DTYPES, load_model
-from mosaicrt.model.mmv2 import check_capacity
+from mosaicrt.model.mmv2 import MMv2, check_capacity
 from mosaicrt.model.state import DecodeState
 from mosaicrt.runtime.backend import Backend
 
@@ -74,15 +74,16 @@ class TorchBackend(Backend):
 
     def __init__(
         self,
-        model_dir: str | Path,
+        model: str | Path | MMv2,
         device: str = "auto",
         dtype: str | None = None,
         kernels: str = "torch",
         cuda_graphs: bool = True,
         compile: bool = False,
     ) -> None:
-        """dtype: compute dtype; default fp32 on CPU and the checkpoint's dtype on a GPU.
-        kernels: "torch" (the reference code) or "triton" (the kernels in mosaicrt.plugins).
+        """model: a checkpoint directory, or an MMv2 (moved to the device and dtype).
+        dtype: compute dtype; default fp32 on CPU and the checkpoint's dtype on a GPU.
+        kernels: "torch" (the reference ops) or "triton" (the ops' Triton kernels).
         cuda_graphs: with Triton kernels on a GPU, run decode steps as CUDA graphs (one per
         state, that is per batch size).
         compile: run decode steps through torch.compile (dynamic shapes; the first steps
@@ -90,7 +91,11 @@ class TorchBackend(Backend):
         self.device = pick_device(device)
         if dtype is None and self.device.type == "cpu":
             dtype = "float32"
-        self.model = load_model(model_dir, TORCH_DTYPES[dtype] if dtype else None, self.device)
+        torch_dtype = TORCH_DTYPES[dtype] if dtype else None
+        if isinstance(model, MMv2):
+            self.model = model.to(device=self.device, dtype=torch_dtype).eval()
+        else:
+            self.model = load_model(model, torch_dtype, self.device)
         self.config = self.model.config
         if kernels == "triton":
             self.model.use_kernels(triton_kernels(self.device))

@@ -14,40 +14,18 @@ writing the new pairs) stays eager.
 
 from __future__ import annotations
 
-import json
 import weakref
 from pathlib import Path
 
 import torch
 
-from mosaicrt.errors import BackendError, CapacityError, CheckpointError
+from mosaicrt.errors import BackendError, CapacityError
 from mosaicrt.export import io_spec
 from mosaicrt.model.checkpoint import TORCH_DTYPES
 from mosaicrt.model.config import ModelConfig
+from mosaicrt.plugins.engine import read_build_manifest
 from mosaicrt.runtime.backend import Backend
 from mosaicrt.runtime.graph_state import GraphState, allocate, graph_step, reset_rows
-
-BUILD_MANIFEST, ENGINE_FORMAT = "build_manifest.json", "mosaicrt-tensorrt-engine"
-
-
-def is_engine_dir(path: str | Path) -> bool:
-    return (Path(path) / BUILD_MANIFEST).is_file()
-
-
-def read_build_manifest(engine_dir: str | Path) -> dict:
-    path = Path(engine_dir) / BUILD_MANIFEST
-    if not path.is_file():
-        raise CheckpointError(
-            f"{engine_dir} is not a TensorRT engine directory (no {BUILD_MANIFEST}): build one "
-            f"with `mosaicrt build ARTIFACT_DIR -o {engine_dir}`"
-        )
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}): rebuild the engine") from None
-    if manifest.get("format") != ENGINE_FORMAT:
-        raise CheckpointError(f"{path} is not a mosaicrt engine manifest: rebuild the engine")
-    return manifest
 
 
 def check_runtime(manifest: dict, engine_dir: str | Path) -> None:

@@ -18,7 +18,6 @@ import triton
 import triton.language as tl
 
 
-
 @triton.jit
 def _pair_offsets(
     row, offs_d, SLOTS, BLOCK_SLOTS, stride_blk, stride_n, RING: tl.constexpr, BLOCKED: tl.constexpr
@@ -107,11 +106,8 @@ def _retrieval_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     d_ok = offs_d < D  # HEAD_DIM is hs rounded up to a power of two
     q_mask = (offs_m[:, None] < C) & d_ok[None, :]
-    q = tl.load(
-        Q + b * stride_qb + offs_m[:, None] * stride_qc + h * stride_qh + offs_d[None, :],
-        mask=q_mask,
-        other=0.0,
-    ).to(tl.float32)
+    q_ptr = Q + b * stride_qb + offs_m[:, None] * stride_qc + h * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptr, mask=q_mask, other=0.0).to(tl.float32)
     q = q * 1.4426950408889634  # log2(e): the softmax runs on exp2
 
     t = pos + offs_m  # query positions (BLOCK_M,)
@@ -162,11 +158,8 @@ def _retrieval_kernel(
                                 False, False, True, EVEN_D, HALF_DOT, BLOCK_N)  # fmt: skip
     # A non-empty set has l >= 1 (its max term is exp2(0)); an empty one has acc = 0.
     y = acc / tl.maximum(l_i, 1.0)[:, None]
-    tl.store(
-        Y + b * stride_yb + offs_m[:, None] * stride_yc + h * stride_yh + offs_d[None, :],
-        y,
-        mask=q_mask,
-    )
+    y_ptr = Y + b * stride_yb + offs_m[:, None] * stride_yc + h * stride_yh + offs_d[None, :]
+    tl.store(y_ptr, y, mask=q_mask)
 
 
 def store_layout(store: torch.Tensor) -> dict:

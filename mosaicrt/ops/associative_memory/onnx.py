@@ -18,22 +18,26 @@ from mosaicrt.ops.associative_memory import NAME
 NEG_INF = float("-inf")
 
 
+INPUTS = ("q", "t", "store_k", "store_v", "store_tau", "new_k", "new_v", "new_tau", "beta0",
+          "beta1", "alpha")  # fmt: skip
+
+
+def visibility_mask(g: GraphBuilder, tau: str, tq: str, window: str, delay: str) -> str:
+    """0 where pair tau is visible to query tq, -inf elsewhere: added to the scores (a broadcast
+    Add is far cheaper than a broadcast Where over every head's scores)."""
+    one, zero = g.const(1, np.int64), g.const(0, np.int64)
+    age = g.op("Sub", tq, tau)
+    visible = g.op(
+        "And",
+        g.op("And", g.op("GreaterOrEqual", tau, zero), g.op("GreaterOrEqual", age, delay)),
+        g.op("LessOrEqual", age, g.op("Sub", window, one)),
+    )
+    return g.op("Where", visible, g.const(0.0), g.const(NEG_INF))
+
+
 def function() -> onnx.FunctionProto:
     g = GraphBuilder()
-    inputs = [
-        "q",
-        "t",
-        "store_k",
-        "store_v",
-        "store_tau",
-        "new_k",
-        "new_v",
-        "new_tau",
-        "beta0",
-        "beta1",
-        "alpha",
-    ]
-    q, t, store_k, store_v, store_tau, new_k, new_v, new_tau, beta0, beta1, alpha = inputs
+    q, t, store_k, store_v, store_tau, new_k, new_v, new_tau, beta0, beta1, alpha = INPUTS
     window = g.attribute("window", AttributeProto.INT)
     delay = g.attribute("delay", AttributeProto.INT)
     one, zero = g.const(1, np.int64), g.const(0, np.int64)
@@ -44,17 +48,6 @@ def function() -> onnx.FunctionProto:
     beta = g.op("Add", g.op("Mul", beta1, g.op("Pow", g.unsqueeze(n, 2), alpha)), beta0)  # (B,C,H)
     qb = g.op("Mul", q, g.unsqueeze(beta, 3))  # (B, C, H, hs)
 
-    def mask(tau: str, tq: str) -> str:
-        """0 where pair tau is visible to query tq, -inf elsewhere: added to the scores (a
-        broadcast Add is far cheaper than a broadcast Where over every head's scores)."""
-        age = g.op("Sub", tq, tau)
-        visible = g.op(
-            "And",
-            g.op("And", g.op("GreaterOrEqual", tau, zero), g.op("GreaterOrEqual", age, delay)),
-            g.op("LessOrEqual", age, g.op("Sub", window, one)),
-        )
-        return g.op("Where", visible, g.const(0.0), g.const(NEG_INF))
-
     # Stores may be fp16/bf16: the products run in fp32 (scores reach beta ~ 150). For fp32 stores
     # the Cast is a no-op that ONNX Runtime removes.
     store_k, store_v = g.op("Cast", store_k, to=FLOAT), g.op("Cast", store_v, to=FLOAT)
@@ -63,11 +56,12 @@ def function() -> onnx.FunctionProto:
     s_old = g.op("MatMul", store_k, q_cols)  # (NB, B, H, S, C)
     tau_old = g.unsqueeze(store_tau, 2, 4)  # (NB, B, 1, S, 1)
     t_old = g.unsqueeze(t, 0, 2, 3)  # (1, B, 1, 1, C)
-    s_old = g.op("Add", s_old, mask(tau_old, t_old))
+    s_old = g.op("Add", s_old, visibility_mask(g, tau_old, t_old, window, delay))
     # New pairs of this chunk.
     q_rows = g.op("Transpose", qb, perm=[0, 2, 1, 3])  # (B, H, C, hs)
     s_new = g.op("MatMul", q_rows, g.op("Transpose", new_k, perm=[0, 2, 3, 1]))  # (B, H, C, C')
-    s_new = g.op("Add", s_new, mask(g.unsqueeze(new_tau, 1, 2), g.unsqueeze(t, 1, 3)))
+    new_mask = visibility_mask(g, g.unsqueeze(new_tau, 1, 2), g.unsqueeze(t, 1, 3), window, delay)
+    s_new = g.op("Add", s_new, new_mask)
 
     # Scores to (NB, B, H, C, S) before the exp, so the probabilities meet the values in a plain
     # MatMul (a transposed operand would take a slower, fused path over the whole store).
@@ -93,7 +87,7 @@ def function() -> onnx.FunctionProto:
     return helper.make_function(
         DOMAIN,
         NAME,
-        inputs,
+        list(INPUTS),
         ["y"],
         g.nodes,
         [helper.make_opsetid("", OPSET)],

@@ -48,8 +48,9 @@ def associative_memory(
 def run(inputs: list, outputs: list, fields: dict) -> None:
     """The plugin's enqueue on torch views of TensorRT's buffers."""
     q, t, store_k, store_v, _store_tau, new_k, new_v, new_tau, beta0, beta1, alpha = inputs
-    outputs[0].copy_(associative_memory(q, t, store_k, store_v, new_k, new_v, new_tau, beta0,
-                                        beta1, alpha, fields["window"], fields["delay"]))  # fmt: skip
+    y = associative_memory(q, t, store_k, store_v, new_k, new_v, new_tau, beta0, beta1, alpha,
+                           fields["window"], fields["delay"])  # fmt: skip
+    outputs[0].copy_(y)
 
 
 PLUGIN = PluginSpec(

@@ -1,5 +1,5 @@
-"""`mosaicrt bench latency|throughput`: requests through the continuous batcher, timed per
-token, reported as TTFT/TPOT/ITL/E2EL, tokens per second, memory, and roofline fractions.
+"""`mosaicrt bench latency|throughput`: requests in process through the continuous batcher, timed
+per token, reported as TTFT/TPOT/ITL/E2EL, tokens per second, memory, and roofline fractions.
 
 latency:    --iters rounds of --batch requests submitted together (after --warmup rounds).
 throughput: --num-requests requests (default 4 x --batch) queued at once on --batch rows.
@@ -8,6 +8,7 @@ Requests ignore EOS so every one produces exactly --output-len tokens.
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import time
@@ -25,8 +26,10 @@ from mosaicrt.bench.machine import (
 from mosaicrt.bench.metrics import RequestTiming, request_metrics
 from mosaicrt.bench.roofline import decode_bytes, prefill_flops
 from mosaicrt.bench.state_bytes import measure_state, store_dtype
+from mosaicrt.errors import InputError, MosaicError
 from mosaicrt.model.config import DTYPE_BYTES, parameter_count
 from mosaicrt.runtime.backend import Backend, torch_threads_for
+from mosaicrt.runtime.backends import add_run_args, open_run_backend
 from mosaicrt.runtime.generator import ContinuousBatcher, Request, RunLimits
 from mosaicrt.runtime.sampling import SamplingParams
 
@@ -101,17 +104,6 @@ def run_bench(
         )
     report = request_metrics(timings, duration)
     peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the probes below
-
-    on_gpu = torch.device(getattr(backend, "device", "cpu")).type == "cuda"
-    if on_gpu:
-        bandwidth, peak = measure_gpu_bandwidth_gb_s(), measure_gpu_peak_gflops()
-    else:
-        bandwidth, peak = measure_bandwidth_gb_s(), measure_peak_gflops()
-    elem = DTYPE_BYTES[store_dtype(backend)]
-    mid = [input_len + output_len // 2] * batch  # contexts halfway through decoding
-    step_bytes = decode_bytes(config, mid, elem)
-    roof_decode_ms = 1e3 * step_bytes / (bandwidth * 1e9)
-    roof_prefill_ms = 1e3 * batch * prefill_flops(config, input_len) / (peak * 1e9)
     report.update(
         {
             "mode": mode,
@@ -129,21 +121,39 @@ def run_bench(
                 "state": measure_state(backend, batch, limits.max_context)
                 | {"weights_bytes": parameter_count(config) * DTYPE_BYTES[store_dtype(backend)]},
             },
-            "roofline": {
-                "decode_bytes_per_step": step_bytes,
-                "decode_roofline_ms": roof_decode_ms,
-                "decode_fraction": roof_decode_ms / report["tpot_ms"]["mean"]
-                if report["tpot_ms"]["mean"]
-                else None,
-                "prefill_flops": batch * prefill_flops(config, input_len),
-                "prefill_roofline_ms": roof_prefill_ms,
-                "prefill_fraction": roof_prefill_ms / report["ttft_ms"]["mean"],
-            },
-            "machine": machine_info() | {"bandwidth_gb_s": bandwidth, "peak_gflops": peak},
             "config": config.to_dict(),
         }
     )
+    report.update(roofline(backend, report, batch, input_len, output_len))
     return report
+
+
+def roofline(backend: Backend, report: dict, batch: int, input_len: int, output_len: int) -> dict:
+    """Decode bytes per step over the memory bandwidth and prefill FLOPs over the matmul peak,
+    both measured now (on the GPU for a GPU backend), against the measured TPOT and TTFT."""
+    config = backend.config
+    on_gpu = torch.device(getattr(backend, "device", "cpu")).type == "cuda"
+    if on_gpu:
+        bandwidth, peak = measure_gpu_bandwidth_gb_s(), measure_gpu_peak_gflops()
+    else:
+        bandwidth, peak = measure_bandwidth_gb_s(), measure_peak_gflops()
+    elem = DTYPE_BYTES[store_dtype(backend)]
+    mid = [input_len + output_len // 2] * batch  # contexts halfway through decoding
+    step_bytes = decode_bytes(config, mid, elem)
+    roof_decode_ms = 1e3 * step_bytes / (bandwidth * 1e9)
+    roof_prefill_ms = 1e3 * batch * prefill_flops(config, input_len) / (peak * 1e9)
+    tpot = report["tpot_ms"]["mean"]
+    return {
+        "roofline": {
+            "decode_bytes_per_step": step_bytes,
+            "decode_roofline_ms": roof_decode_ms,
+            "decode_fraction": roof_decode_ms / tpot if tpot else None,
+            "prefill_flops": batch * prefill_flops(config, input_len),
+            "prefill_roofline_ms": roof_prefill_ms,
+            "prefill_fraction": roof_prefill_ms / report["ttft_ms"]["mean"],
+        },
+        "machine": machine_info() | {"bandwidth_gb_s": bandwidth, "peak_gflops": peak},
+    }
 
 
 def print_table(report: dict) -> None:
@@ -178,3 +188,42 @@ def print_table(report: dict) -> None:
 def write_json(report: dict, path: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def add_cli_args(p: argparse.ArgumentParser) -> None:
+    """`mosaicrt bench latency|throughput MODEL ...`"""
+    add_run_args(p)
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    p.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
+    p.add_argument("--output-len", type=int, default=32, help="new tokens per request")
+    p.add_argument("--context", type=int, help="decode at this context (sets --input-len)")
+    p.add_argument("--dataset", help='JSONL of {"input_ids": [...]} prompts instead of random')
+    p.add_argument("--num-requests", type=int, help="throughput: requests queued (4x batch)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    p.add_argument("--iters", type=int, default=3, help="latency: timed rounds")
+    p.add_argument("--json", help="write the report here")
+
+
+def main(args: argparse.Namespace) -> int:
+    """args.mode is latency or throughput (the bench command sets it)."""
+    from mosaicrt.runtime.files import read_prompts
+    from mosaicrt.runtime.generator import check_ids
+
+    for name in ("batch", "input_len", "output_len", "iters"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    backend = open_run_backend(args)
+    dataset = None
+    if args.dataset:
+        dataset = read_prompts(args.dataset)
+        for number, ids in enumerate(dataset, start=1):
+            if isinstance(ids, MosaicError):
+                raise ids
+            check_ids(ids, backend.config.vocab_size, f"{args.dataset} line {number}")
+    report = run_bench(backend, args.mode, args.batch, args.context or args.input_len,
+                       args.output_len, args.warmup, args.iters, args.num_requests,
+                       dataset)  # fmt: skip
+    print_table(report)
+    if args.json:
+        write_json(report, args.json)
+    return 0

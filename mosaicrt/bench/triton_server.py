@@ -5,7 +5,7 @@ against the same request through `mosaicrt generate`'s code in-process.
 Each client sends its requests one after another over a gRPC stream (greedy); tokens are counted
 as they arrive (a request may stop early at EOS).
 
-    python -m mosaicrt.bench.serve --json bench/results/serve_cpu.json
+    python -m mosaicrt.bench.triton_server --json bench/results/serve_cpu.json
 """
 
 from __future__ import annotations

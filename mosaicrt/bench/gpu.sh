@@ -2,7 +2,7 @@
 # Everything that needs a CUDA GPU, in one run: the kernel benchmark, the kernel tests on the GPU,
 # the decode benchmark of the torch backends and `mosaicrt bench` with the Triton kernels.
 # Results go to $OUT (default bench/results).
-#   bash bench/gpu.sh
+#   bash mosaicrt/bench/gpu.sh
 set -uo pipefail
 OUT=${OUT:-bench/results}
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | awk '{print tolower($2)}')

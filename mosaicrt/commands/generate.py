@@ -1,0 +1,107 @@
+"""`mosaicrt generate MODEL --input prompts.jsonl | --prompt TEXT`: new tokens or text."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from mosaicrt.errors import InputError, MosaicError
+from mosaicrt.runtime.backends import add_run_args, open_run_backend
+
+
+def add_cli_args(p: argparse.ArgumentParser) -> None:
+    add_run_args(p)
+    p.add_argument("--input", help='JSONL, one {"input_ids": [...]} per line')
+    p.add_argument("--prompt", help="text, encoded with the model's tokenizer")
+    p.add_argument("--output", default="-", help="JSONL to write (default stdout)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
+    p.add_argument("--temperature", type=float, help="sample at this temperature")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    p.add_argument(
+        "--max-context",
+        type=int,
+        help="tokens per sequence, prompt + new (default: the artifact's, or 4096)",
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    from mosaicrt.runtime.generator import RunLimits
+    from mosaicrt.runtime.sampling import SamplingParams
+
+    if (args.input is None) == (args.prompt is None):
+        raise InputError("give exactly one of --input prompts.jsonl or --prompt TEXT")
+    greedy = args.greedy or (args.temperature is None and args.top_k == 0 and args.top_p == 1.0)
+    sampling = SamplingParams(
+        greedy=greedy,
+        temperature=args.temperature or 1.0,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    backend = open_run_backend(args)
+    limits = RunLimits(
+        max_batch=args.max_batch,
+        max_context=args.max_context or getattr(backend, "max_context", 4096),
+        prefill_chunk=args.prefill_chunk,
+    )
+    if args.prompt is not None:
+        return generate_text(args, backend, sampling, limits)
+    return generate_jsonl(args, backend, sampling, limits)
+
+
+def generate_text(args: argparse.Namespace, backend, sampling, limits) -> int:
+    """--prompt: text in, the prompt and its continuation out."""
+    from mosaicrt.runtime.generator import generate
+    from mosaicrt.runtime.tokenizer import load_tokenizer
+
+    if not args.prompt:
+        raise InputError("--prompt is empty: give some text")
+    config = backend.config
+    tokenizer = load_tokenizer(args.model, config.vocab_size)
+    bos = [config.bos_token_id] if config.bos_token_id is not None else []
+    [result] = generate(
+        backend, [bos + tokenizer.encode(args.prompt)], args.max_new_tokens, sampling, limits
+    )
+    if isinstance(result, MosaicError):
+        raise result
+    print(args.prompt + tokenizer.decode(result))
+    return 0
+
+
+def generate_jsonl(args: argparse.Namespace, backend, sampling, limits) -> int:
+    """--input: one output line per input line, {"output_ids": ...} or {"error": ...}."""
+    from mosaicrt.model.state import plan_line
+    from mosaicrt.runtime.files import open_output, read_prompts
+    from mosaicrt.runtime.generator import generate
+
+    requests = read_prompts(args.input)
+    good = [i for i, r in enumerate(requests) if not isinstance(r, MosaicError)]
+    outputs = generate(
+        backend,
+        [requests[i] for i in good],
+        args.max_new_tokens,
+        sampling,
+        limits,
+        progress=sys.stderr.isatty(),
+        on_start=lambda run: print(
+            plan_line(backend.config, run.max_batch, run.max_context), file=sys.stderr
+        ),
+    )
+    results = list(requests)
+    for i, out in zip(good, outputs):
+        results[i] = out
+    failed = 0
+    with open_output(args.output) as fh:
+        for number, result in enumerate(results, start=1):
+            if isinstance(result, MosaicError):
+                failed += 1
+                print(f"error: request {number}: {result}", file=sys.stderr)
+                fh.write(json.dumps({"error": str(result)}) + "\n")
+            else:
+                fh.write(json.dumps({"output_ids": result}) + "\n")
+    return 2 if failed else 0

@@ -1,0 +1,54 @@
+"""`mosaicrt inspect MODEL`: config, parameter count and the decode state's memory plan."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+PLAN_ROWS = (
+    "ltm_bytes_per_token",
+    "stm_bytes_per_sequence",
+    "recurrence_bytes_per_sequence",
+    "bytes_per_sequence",
+    "state_bytes",
+)
+
+
+def add_cli_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model")
+    p.add_argument("--max-context", type=int, default=4096)
+    p.add_argument("--max-batch", type=int, default=1)
+    p.add_argument("--state-dtype", help="dtype of the stores (default: the checkpoint's)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+
+def main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from mosaicrt.model.config import load_config
+    from mosaicrt.model.state import human_bytes, inspect_report
+
+    config = load_config(args.model)
+    report = inspect_report(config, args.max_context, args.max_batch, args.state_dtype)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    console = Console()
+    table = Table(title=f"{args.model}", show_header=False)
+    for key, value in config.to_dict().items():
+        table.add_row(key, str(value))
+    table.add_row("parameters", f"{report['parameters']:,}")
+    console.print(table)
+    plan = report["memory_plan"]
+    mem = Table(
+        title=f"memory plan: {args.max_batch} x {args.max_context} tokens, stores in "
+        f"{plan['store_dtype']}"
+    )
+    mem.add_column("state")
+    mem.add_column("bytes", justify="right")
+    mem.add_column("", justify="right")
+    for key in PLAN_ROWS:
+        mem.add_row(key, f"{plan[key]:,}", human_bytes(plan[key]))
+    console.print(mem)
+    return 0

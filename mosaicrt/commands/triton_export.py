@@ -1,0 +1,45 @@
+"""`mosaicrt triton-export MODEL_DIR -o REPO`: a Triton Inference Server model repository."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_cli_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="ONNX artifact, TensorRT engine or checkpoint directory")
+    p.add_argument("-o", "--output", required=True, help="model repository to write")
+    p.add_argument(
+        "--backend",
+        choices=["onnxruntime", "tensorrt", "torch"],
+        help="default: the one the model directory is for",
+    )
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    p.add_argument(
+        "--max-context",
+        type=int,
+        help="tokens per sequence (default: the artifact's or engine's, 4096 for a checkpoint)",
+    )
+    p.add_argument("--instances", type=int, default=1, help="model instances (processes)")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per step")
+    p.add_argument(
+        "--idle-timeout", type=float, default=600.0, help="seconds before an idle sequence is freed"
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from mosaicrt.runtime.serving.repository import export_repository
+
+    home = export_repository(
+        args.model,
+        args.output,
+        backend=args.backend,
+        max_batch=args.max_batch,
+        max_context=args.max_context,
+        instances=args.instances,
+        prefill_chunk=args.prefill_chunk,
+        idle_timeout_s=args.idle_timeout,
+        device=args.device,
+    )
+    print(f"model repository: {args.output} (model `mosaicrt`: {home})")
+    return 0
