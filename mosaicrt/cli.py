@@ -11,6 +11,7 @@ import sys
 import traceback
 
 from mosaicrt import __version__
+from mosaicrt.argtypes import Parser
 from mosaicrt.errors import MosaicError
 
 COMMANDS = {  # name -> (help, module with add_cli_args(parser) and main(args))
@@ -24,11 +25,13 @@ COMMANDS = {  # name -> (help, module with add_cli_args(parser) and main(args))
     "check": ("compare an artifact's backends with the torch reference", "check"),
     "score": ("logits of token arrays", "score"),
     "generate": ("generate tokens or text", "generate"),
+    "train": ("train a byte-level model on the CPU (the demo model's recipe)", "train"),
+    "eval": ("recall at long contexts, or bits per byte, through any backend", "eval"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mosaicrt", description=__doc__.splitlines()[0])
+    parser = Parser(prog="mosaicrt", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"mosaicrt {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -41,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a bad argument (one line, code 2)
+        return int(exc.code or 0)
     try:
         return args.func(args)
     except MosaicError as exc:

@@ -28,13 +28,17 @@ def test_top_k_and_top_p_filters():
 
 def test_bad_sampling_params():
     for kwargs, match in [
-        (dict(temperature=0.0), "temperature"),
-        (dict(top_k=-1), "top-k"),
-        (dict(top_p=0.0), "top-p"),
-        (dict(top_p=1.5), "top-p"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=float("inf")), "temperature"),
+        (dict(top_k=-1), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(seed=2**64), "seed"),
     ]:
         with pytest.raises(InputError, match=match):
             SamplingParams(greedy=False, **kwargs)
+    assert SamplingParams(greedy=False, temperature=0.0).greedy  # temperature 0 is greedy
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ import argparse
 import json
 import resource
 import time
-from pathlib import Path
 
 import torch
 
+from mosaicrt.argtypes import nonneg_int, positive_int
 from mosaicrt.bench.machine import (
     machine_info,
     measure_bandwidth_gb_s,
@@ -26,8 +26,9 @@ from mosaicrt.bench.machine import (
 from mosaicrt.bench.metrics import RequestTiming, request_metrics
 from mosaicrt.bench.roofline import decode_bytes, prefill_flops
 from mosaicrt.bench.state_bytes import measure_state, store_dtype
-from mosaicrt.errors import InputError, MosaicError
+from mosaicrt.errors import MosaicError
 from mosaicrt.model.config import DTYPE_BYTES, parameter_count
+from mosaicrt.outputs import atomic_file, check_output_file
 from mosaicrt.runtime.backend import Backend, torch_threads_for
 from mosaicrt.runtime.backends import add_run_args, open_run_backend
 from mosaicrt.runtime.generator import ContinuousBatcher, Request, RunLimits
@@ -54,8 +55,9 @@ def _run_requests(
     while batcher.busy:
         events = batcher.step()
         now = time.perf_counter()
-        for request, _, _ in events:
-            times[request.rid].append(now)
+        for request, token, _ in events:
+            if token is not None:
+                times[request.rid].append(now)
     duration = time.perf_counter() - start
     timings = [RequestTiming(start, tuple(times[r.rid]), len(r.prompt)) for r in requests]
     return timings, duration
@@ -186,21 +188,23 @@ def print_table(report: dict) -> None:
 
 
 def write_json(report: dict, path: str) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(report, indent=2) + "\n")
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:
     """`mosaicrt bench latency|throughput MODEL ...`"""
     add_run_args(p)
-    p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
-    p.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
-    p.add_argument("--output-len", type=int, default=32, help="new tokens per request")
-    p.add_argument("--context", type=int, help="decode at this context (sets --input-len)")
+    p.add_argument("--batch", type=positive_int, default=1, help="sequences decoded together")
+    p.add_argument("--input-len", type=positive_int, default=128, help="prompt tokens per request")
+    p.add_argument("--output-len", type=positive_int, default=32, help="new tokens per request")
+    p.add_argument("--context", type=positive_int, help="decode at this context (sets --input-len)")
     p.add_argument("--dataset", help='JSONL of {"input_ids": [...]} prompts instead of random')
-    p.add_argument("--num-requests", type=int, help="throughput: requests queued (4x batch)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    p.add_argument("--iters", type=int, default=3, help="latency: timed rounds")
+    p.add_argument(
+        "--num-requests", type=positive_int, help="throughput: requests queued (4x batch)"
+    )
+    p.add_argument("--warmup", type=nonneg_int, default=1, help="untimed rounds first")
+    p.add_argument("--iters", type=positive_int, default=3, help="latency: timed rounds")
     p.add_argument("--json", help="write the report here")
 
 
@@ -209,9 +213,8 @@ def main(args: argparse.Namespace) -> int:
     from mosaicrt.runtime.files import read_prompts
     from mosaicrt.runtime.generator import check_ids
 
-    for name in ("batch", "input_len", "output_len", "iters"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.json:
+        check_output_file(args.json, inputs=[args.model, args.dataset], flag="--json")
     backend = open_run_backend(args)
     dataset = None
     if args.dataset:

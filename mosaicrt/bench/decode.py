@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -20,14 +21,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from mosaicrt.argtypes import context_list, nonneg_int, optional_context_list, positive_int
 from mosaicrt.bench.machine import (
     machine_info,
     measure_bandwidth_gb_s,
     measure_gpu_bandwidth_gb_s,
 )
 from mosaicrt.bench.roofline import decode_bytes
+from mosaicrt.errors import InputError
 from mosaicrt.model.checkpoint import random_tensors, write_checkpoint
 from mosaicrt.model.config import DTYPE_BYTES, ModelConfig, load_config, preset
+from mosaicrt.outputs import atomic_file, check_output_file
 from mosaicrt.runtime.backend import Backend, torch_threads_for
 
 
@@ -101,6 +105,7 @@ def open_backends(
     with the Triton kernels (and CUDA graphs for decode on a GPU); torch.compile+triton: both
     (the compiled step inside the CUDA graph); onnxruntime: the exported artifact;
     full-recompute: no state at all."""
+    workdir.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint
     if ckpt is None:
         ckpt = workdir / "ckpt"
@@ -149,7 +154,10 @@ def measure(name: str, backend: Backend, contexts: list[int], capacity: int, arg
     return interleaved_tpot(cases, 3 if recompute else args.steps, 1 if recompute else args.warmup)
 
 
+DECODE_BACKENDS = ("torch", "torch.compile", "torch+triton", "torch.compile+triton",
+                   "onnxruntime", "full-recompute")  # fmt: skip
 DEFAULT_BACKENDS = "torch,torch.compile,onnxruntime,full-recompute"
+MAX_CONTEXT = 1 << 20  # contexts beyond this would take hours to prefill
 
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:
@@ -161,18 +169,23 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backends", default=DEFAULT_BACKENDS,
                    help="backends to run (torch, torch.compile, torch+triton, "
                    "torch.compile+triton, onnxruntime, full-recompute)")  # fmt: skip
-    p.add_argument("--contexts", default="1024,4096", help="decode contexts")
+    p.add_argument(
+        "--contexts", type=context_list, default=[1024, 4096], help="decode contexts: 1024,4096"
+    )
     p.add_argument(
         "--stm-only-contexts",
-        default="1024,4096,16384",
+        type=optional_context_list,
+        default=[1024, 4096, 16384],
         help="contexts of the same preset without its LTM (random weights only)",
     )
-    p.add_argument("--steps", "--iters", dest="steps", type=int, default=40, help="timed steps")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--prefill-chunk", type=int, default=512)
+    p.add_argument(
+        "--steps", "--iters", dest="steps", type=positive_int, default=40, help="timed steps"
+    )
+    p.add_argument("--warmup", type=nonneg_int, default=5)
+    p.add_argument("--prefill-chunk", type=positive_int, default=512)
     p.add_argument(
         "--recompute-max-context",
-        type=int,
+        type=positive_int,
         default=4096,
         help="full recompute only up to this context (each of its steps is a whole forward)",
     )
@@ -190,16 +203,29 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from mosaicrt.runtime.torch_backend import pick_device
 
+    if args.json:
+        check_output_file(args.json, inputs=[args.model], flag="--json")
     args.device = pick_device(args.device).type
-    names = args.backends.split(",")
-    plans = [(True, int(c)) for c in args.contexts.split(",") if c]
-    plans += [(False, int(c)) for c in args.stm_only_contexts.split(",") if c]
-    gpu = args.device.startswith("cuda")
-    bandwidth = measure_gpu_bandwidth_gb_s() if gpu else measure_bandwidth_gb_s()
+    names = [n.strip() for n in args.backends.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(DECODE_BACKENDS)) or ([] if names else ["(none)"])
+    if unknown:
+        raise InputError(
+            f"--backends: unknown {', '.join(unknown)}; choose from {', '.join(DECODE_BACKENDS)}"
+        )
     checkpoint = Path(args.model) if args.model else None
     base = load_config(checkpoint) if checkpoint else preset(args.preset)
+    plans = [(True, c) for c in args.contexts] + [(False, c) for c in args.stm_only_contexts]
     if checkpoint:  # its own memories: no STM-only variant
-        plans = [(base.use_ltm, int(c)) for c in args.contexts.split(",") if c]
+        plans = [(base.use_ltm, c) for c in args.contexts]
+    longest = max(c for _, c in plans)
+    if longest > MAX_CONTEXT:
+        raise InputError(
+            f"--contexts {longest}: the benchmark decodes at most {MAX_CONTEXT} tokens of context "
+            "(each context is prefilled first)"
+        )
+    check_state_fits(base, longest + args.warmup + args.steps + 1)
+    gpu = args.device.startswith("cuda")
+    bandwidth = measure_gpu_bandwidth_gb_s() if gpu else measure_bandwidth_gb_s()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for use_ltm in sorted({u for u, _ in plans}, reverse=True):
@@ -234,9 +260,23 @@ def main(args: argparse.Namespace) -> int:
         "rows": rows,
     }
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        with atomic_file(args.json) as tmp:
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def check_state_fits(config: ModelConfig, capacity: int) -> None:
+    """Refuse a context whose batch-1 decode state alone would not fit in this machine's memory
+    (it would swap or be killed, not fail)."""
+    from mosaicrt.model.state import human_bytes, memory_plan
+
+    need = memory_plan(config, capacity, 1, "float32").state_bytes
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have // 2:
+        raise InputError(
+            f"a context of {capacity} tokens needs {human_bytes(need)} of decode state and this "
+            f"machine has {human_bytes(have)} of memory: lower --contexts"
+        )
 
 
 def tpot_rows(times: dict, config: ModelConfig, bandwidth: float, elem: int) -> list[dict]:

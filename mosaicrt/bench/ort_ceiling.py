@@ -33,6 +33,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from mosaicrt.argtypes import positive_int, probability
 from mosaicrt.bench.decode import prefill
 from mosaicrt.bench.machine import machine_info, measure_bandwidth_gb_s
 from mosaicrt.bench.roofline import decode_bytes
@@ -207,12 +208,14 @@ def step_case(config: ModelConfig, contexts: list[int], block: int, threads: int
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="mini")
-    p.add_argument("--context", type=int, default=4096)
-    p.add_argument("--block", type=int, default=DEFAULT_LTM_BLOCK)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--target", type=float, default=0.8, help="roofline fraction to budget")
-    p.add_argument("--steps", type=int, default=30, help="timed decode steps")
-    p.add_argument("--short-context", type=int, default=16, help="also time the step graph here")
+    p.add_argument("--context", type=positive_int, default=4096)
+    p.add_argument("--block", type=positive_int, default=DEFAULT_LTM_BLOCK)
+    p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1)
+    p.add_argument("--target", type=probability, default=0.8, help="roofline fraction to budget")
+    p.add_argument("--steps", type=positive_int, default=30, help="timed decode steps")
+    p.add_argument(
+        "--short-context", type=positive_int, default=16, help="also time the step graph here"
+    )
     p.add_argument("--json", help="write results here")
 
 

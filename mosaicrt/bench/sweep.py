@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mosaicrt.argtypes import positive_int
 from mosaicrt.bench.batching import run_requests
 from mosaicrt.bench.decode import open_backends
 from mosaicrt.bench.machine import machine_info
@@ -111,8 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backends", default="onnxruntime,torch")
     parser.add_argument("--batches", default="1,2,4,8,16")
     parser.add_argument("--cdf-batches", default="1,8", help="batch sizes whose ITLs are kept")
-    parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--input-len", type=positive_int, default=128)
+    parser.add_argument("--output-len", type=positive_int, default=32)
     parser.add_argument("--json", help="write results here")
     parser.add_argument("--plot", help="write a PNG here")
     args = parser.parse_args(argv)

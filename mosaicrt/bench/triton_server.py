@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from mosaicrt.argtypes import positive_int
 from mosaicrt.bench.machine import machine_info
 from mosaicrt.export.artifact import export_artifact
 from mosaicrt.model.checkpoint import random_tensors, write_checkpoint
@@ -63,10 +64,10 @@ def clients_run(url: str, clients: int, requests_each: int, prompt_len: int, new
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="mini")
-    parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=3, help="requests per client")
-    parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--clients", type=positive_int, default=16)
+    parser.add_argument("--requests", type=positive_int, default=3, help="requests per client")
+    parser.add_argument("--prompt-len", type=positive_int, default=64)
+    parser.add_argument("--new-tokens", type=positive_int, default=32)
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args(argv)
     config = preset(args.preset)

@@ -22,5 +22,6 @@ def main(args: argparse.Namespace) -> int:
         max_chunk=args.max_chunk,
         target=args.target,
         timing_cache=args.timing_cache,
+        force=args.force,
     )
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mosaicrt.argtypes import nonneg_float
 from mosaicrt.errors import InputError
 
 
@@ -14,8 +15,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
         "--checkpoint", help="the source checkpoint (default: the one recorded at export)"
     )
     p.add_argument("--engine", help="also run this TensorRT engine (built from the artifact)")
-    p.add_argument("--atol", type=float, default=1e-4)
-    p.add_argument("--rtol", type=float, default=1e-3)
+    p.add_argument("--atol", type=nonneg_float, default=1e-4)
+    p.add_argument("--rtol", type=nonneg_float, default=1e-3)
 
 
 def main(args: argparse.Namespace) -> int:

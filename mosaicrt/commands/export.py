@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mosaicrt.argtypes import add_weight_check_arg, positive_int
+
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint")
@@ -17,7 +19,7 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--max-context",
-        type=int,
+        type=positive_int,
         default=4096,
         help="most tokens one sequence may hold at run time",
     )
@@ -26,6 +28,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="emit logits of each row's last token only (no `score`)",
     )
+    p.add_argument("--force", action="store_true", help="replace an existing artifact")
+    add_weight_check_arg(p)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -39,6 +43,8 @@ def main(args: argparse.Namespace) -> int:
         max_context=args.max_context,
         last_only=args.last_only,
         progress=sys.stderr.isatty(),
+        force=args.force,
+        check_weights=not args.no_weight_check,
     )
     print(out)
     return 0

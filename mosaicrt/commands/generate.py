@@ -6,7 +6,9 @@ import argparse
 import json
 import sys
 
+from mosaicrt.argtypes import nonneg_float, nonneg_int, positive_int, probability, seed
 from mosaicrt.errors import InputError, MosaicError
+from mosaicrt.outputs import atomic_file, check_output_file
 from mosaicrt.runtime.backends import add_run_args, open_run_backend
 
 
@@ -15,16 +17,16 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", help='JSONL, one {"input_ids": [...]} per line')
     p.add_argument("--prompt", help="text, encoded with the model's tokenizer")
     p.add_argument("--output", default="-", help="JSONL to write (default stdout)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
-    p.add_argument("--temperature", type=float, help="sample at this temperature")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    p.add_argument("--temperature", type=nonneg_float, help="sample at this temperature")
+    p.add_argument("--top-k", type=nonneg_int, default=0)
+    p.add_argument("--top-p", type=probability, default=1.0)
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--max-batch", type=positive_int, default=8, help="sequences decoded together")
     p.add_argument(
         "--max-context",
-        type=int,
+        type=positive_int,
         help="tokens per sequence, prompt + new (default: the artifact's, or 4096)",
     )
 
@@ -35,10 +37,13 @@ def main(args: argparse.Namespace) -> int:
 
     if (args.input is None) == (args.prompt is None):
         raise InputError("give exactly one of --input prompts.jsonl or --prompt TEXT")
+    if args.prompt is not None and args.output != "-":
+        raise InputError("--output is for --input: --prompt prints its text")
+    check_output_file(args.output, inputs=[args.input, args.model])
     greedy = args.greedy or (args.temperature is None and args.top_k == 0 and args.top_p == 1.0)
     sampling = SamplingParams(
         greedy=greedy,
-        temperature=args.temperature or 1.0,
+        temperature=1.0 if args.temperature is None else args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
@@ -74,16 +79,15 @@ def generate_text(args: argparse.Namespace, backend, sampling, limits) -> int:
 
 
 def generate_jsonl(args: argparse.Namespace, backend, sampling, limits) -> int:
-    """--input: one output line per input line, {"output_ids": ...} or {"error": ...}."""
+    """--input: output line N answers input line N, {"output_ids": ...} or {"error": ...};
+    request N samples from --seed + N - 1, whatever the other lines hold."""
     from mosaicrt.model.state import plan_line
-    from mosaicrt.runtime.files import open_output, read_prompts
+    from mosaicrt.runtime.files import read_prompts
     from mosaicrt.runtime.generator import generate
 
-    requests = read_prompts(args.input)
-    good = [i for i, r in enumerate(requests) if not isinstance(r, MosaicError)]
-    outputs = generate(
+    results = generate(
         backend,
-        [requests[i] for i in good],
+        read_prompts(args.input),
         args.max_new_tokens,
         sampling,
         limits,
@@ -92,16 +96,17 @@ def generate_jsonl(args: argparse.Namespace, backend, sampling, limits) -> int:
             plan_line(backend.config, run.max_batch, run.max_context), file=sys.stderr
         ),
     )
-    results = list(requests)
-    for i, out in zip(good, outputs):
-        results[i] = out
-    failed = 0
-    with open_output(args.output) as fh:
-        for number, result in enumerate(results, start=1):
-            if isinstance(result, MosaicError):
-                failed += 1
-                print(f"error: request {number}: {result}", file=sys.stderr)
-                fh.write(json.dumps({"error": str(result)}) + "\n")
-            else:
-                fh.write(json.dumps({"output_ids": result}) + "\n")
-    return 2 if failed else 0
+    lines = []
+    for number, result in enumerate(results, start=1):
+        if isinstance(result, MosaicError):
+            print(f"error: request {number}: {result}", file=sys.stderr)
+            lines.append(json.dumps({"error": str(result)}))
+        else:
+            lines.append(json.dumps({"output_ids": result}))
+    text = "".join(line + "\n" for line in lines)
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        with atomic_file(args.output) as tmp:
+            tmp.write_text(text)
+    return 2 if any(isinstance(r, MosaicError) for r in results) else 0

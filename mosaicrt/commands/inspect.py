@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+
+from mosaicrt.argtypes import add_weight_check_arg, positive_int
 
 PLAN_ROWS = (
     "ltm_bytes_per_token",
@@ -16,10 +19,11 @@ PLAN_ROWS = (
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model")
-    p.add_argument("--max-context", type=int, default=4096)
-    p.add_argument("--max-batch", type=int, default=1)
+    p.add_argument("--max-context", type=positive_int, default=4096)
+    p.add_argument("--max-batch", type=positive_int, default=1)
     p.add_argument("--state-dtype", help="dtype of the stores (default: the checkpoint's)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    add_weight_check_arg(p)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -31,6 +35,8 @@ def main(args: argparse.Namespace) -> int:
 
     config = load_config(args.model)
     report = inspect_report(config, args.max_context, args.max_batch, args.state_dtype)
+    if not args.no_weight_check:
+        report["weights_finite"] = check_weights(Path(args.model), config)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -39,6 +45,8 @@ def main(args: argparse.Namespace) -> int:
     for key, value in config.to_dict().items():
         table.add_row(key, str(value))
     table.add_row("parameters", f"{report['parameters']:,}")
+    if "weights_finite" in report:
+        table.add_row("weights", "all finite (scanned)")
     console.print(table)
     plan = report["memory_plan"]
     mem = Table(
@@ -52,3 +60,17 @@ def main(args: argparse.Namespace) -> int:
         mem.add_row(key, f"{plan[key]:,}", human_bytes(plan[key]))
     console.print(mem)
     return 0
+
+
+def check_weights(model: Path, config) -> bool:
+    """Scan a checkpoint's or artifact's weights for NaN and inf (a CheckpointError names the
+    first bad tensor); an engine's weights are in its engine file, which is not scanned."""
+    if (model / "manifest.json").is_file():
+        from mosaicrt.runtime.ort_backend import check_graph_weights
+
+        check_graph_weights(model / "model.onnx")
+    elif not (model / "build_manifest.json").is_file():
+        from mosaicrt.model.checkpoint import load_tensors
+
+        load_tensors(model, config, check_finite=True)
+    return True

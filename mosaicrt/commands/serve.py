@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from mosaicrt.argtypes import port
+
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("repo")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--http-port", type=port, default=8000)
+    p.add_argument("--grpc-port", type=port, default=8001)
+    p.add_argument("--metrics-port", type=port, default=8002)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mosaicrt.argtypes import add_weight_check_arg, positive_float, positive_int
+
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="ONNX artifact, TensorRT engine or checkpoint directory")
@@ -13,18 +15,23 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
         choices=["onnxruntime", "tensorrt", "torch"],
         help="default: the one the model directory is for",
     )
-    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    p.add_argument("--max-batch", type=positive_int, default=8, help="sequences decoded together")
     p.add_argument(
         "--max-context",
-        type=int,
+        type=positive_int,
         help="tokens per sequence (default: the artifact's or engine's, 4096 for a checkpoint)",
     )
-    p.add_argument("--instances", type=int, default=1, help="model instances (processes)")
-    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per step")
+    p.add_argument("--instances", type=positive_int, default=1, help="model instances (processes)")
+    p.add_argument("--prefill-chunk", type=positive_int, default=512, help="prompt tokens per step")
     p.add_argument(
-        "--idle-timeout", type=float, default=600.0, help="seconds before an idle sequence is freed"
+        "--idle-timeout",
+        type=positive_float,
+        default=600.0,
+        help="seconds before an idle sequence is freed",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--force", action="store_true", help="replace an existing repository")
+    add_weight_check_arg(p)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -40,6 +47,8 @@ def main(args: argparse.Namespace) -> int:
         prefill_chunk=args.prefill_chunk,
         idle_timeout_s=args.idle_timeout,
         device=args.device,
+        force=args.force,
+        check_weights=not args.no_weight_check,
     )
     print(f"model repository: {args.output} (model `mosaicrt`: {home})")
     return 0

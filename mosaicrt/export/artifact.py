@@ -15,13 +15,14 @@ import onnx
 from tqdm import tqdm
 
 from mosaicrt import __version__
-from mosaicrt.errors import CheckpointError
+from mosaicrt.errors import CheckpointError, InputError
 from mosaicrt.export import io_spec
 from mosaicrt.export.builder import build_step_model
 from mosaicrt.model.checkpoint import load_model
 from mosaicrt.model.config import DTYPE_BYTES, DTYPES, ModelConfig, load_config, save_config
 from mosaicrt.onnx_graph import OPSET, ExternalData
 from mosaicrt.ops import DOMAIN, DOMAIN_VERSION
+from mosaicrt.outputs import atomic_dir, check_output_dir
 
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
@@ -39,45 +40,51 @@ def export_artifact(
     last_only: bool = False,
     ltm_block: int = DEFAULT_LTM_BLOCK,
     progress: bool = False,
+    force: bool = False,
+    check_weights: bool = True,
 ) -> Path:
-    """Export a checkpoint to an ONNX artifact directory and check it with onnx.checker."""
+    """Export a checkpoint to an ONNX artifact directory and check it with onnx.checker. The
+    directory is written whole or not at all; an existing one is replaced only with force."""
     if dtype not in DTYPES:
         raise CheckpointError(f"unknown export dtype {dtype!r}: use fp32, fp16 or bf16")
     if max_context < 2:
-        raise CheckpointError(f"--max-context must be >= 2, got {max_context}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+        raise InputError(f"--max-context must be >= 2, got {max_context}")
+    out = check_output_dir(out_dir, inputs=[checkpoint], force=force, what="artifact")
     steps = tqdm(total=4, desc="export", disable=not progress)
-    model = load_model(checkpoint, dtype=None)
+    model = load_model(checkpoint, dtype=None, check_finite=check_weights)
     config = model.config
     steps.update(1)
+    with atomic_dir(out) as tmp:
+        write_graph(model, tmp, dtype, last_only, steps)
+        save_config(config.replace(torch_dtype=dtype), tmp)
+        tokenizer = Path(checkpoint) / "tokenizer.json"
+        if tokenizer.is_file():
+            shutil.copy(tokenizer, tmp / "tokenizer.json")
+        manifest = make_manifest(
+            config, dtype, max_context, last_only, ltm_block, sha256(tmp / MODEL_FILE)
+        )
+        manifest["source_checkpoint"] = str(Path(checkpoint).resolve())
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    steps.close()
+    return out
+
+
+def write_graph(model, out: Path, dtype: str, last_only: bool, steps) -> None:
+    """model.onnx (and model.onnx.data above the protobuf limit) into out, checked."""
     size = sum(t.numel() * DTYPE_BYTES[dtype] for t in model.state_dict().values())
-    data = out / (MODEL_FILE + ".data")
-    data.unlink(missing_ok=True)
     # Above the protobuf limit, weights stream into model.onnx.data as the graph is built.
-    external = ExternalData(data) if size > EXTERNAL_DATA_BYTES else None
+    external = ExternalData(out / (MODEL_FILE + ".data")) if size > EXTERNAL_DATA_BYTES else None
     try:
         proto = build_step_model(model, last_only=last_only, dtype=dtype, external=external)
     finally:
         if external is not None:
             external.close()
-    del model  # the weights are in the proto or the data file now
     steps.update(1)
     (out / MODEL_FILE).write_bytes(proto.SerializeToString())  # external tensors: written
+    del proto
     steps.update(1)
     onnx.checker.check_model(str(out / MODEL_FILE), full_check=True)
     steps.update(1)
-    steps.close()
-    save_config(config.replace(torch_dtype=dtype), out)
-    tokenizer = Path(checkpoint) / "tokenizer.json"
-    if tokenizer.is_file():
-        shutil.copy(tokenizer, out / "tokenizer.json")
-    manifest = make_manifest(
-        config, dtype, max_context, last_only, ltm_block, sha256(out / MODEL_FILE)
-    )
-    manifest["source_checkpoint"] = str(Path(checkpoint).resolve())
-    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    return out
 
 
 def sha256(*paths: Path) -> str:

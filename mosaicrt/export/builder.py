@@ -183,8 +183,12 @@ class StepGraphBuilder:
         before chunk token j (the pending one for j = 0) and v~ of chunk token j (eq. 9)."""
         g = self.g
         k_pairs, v_prev = (
-            g.op("Concat", g.unsqueeze(past[pending], 1),
-                 g.op("Slice", x, g.ints(0), step["C-1"], g.ints(1)), axis=1)  # fmt: skip
+            g.op(
+                "Concat",
+                g.unsqueeze(past[pending], 1),
+                g.op("Slice", x, g.ints(0), step["C-1"], g.ints(1)),
+                axis=1,
+            )  # fmt: skip
             for pending, x in (("k_pend", keys), ("v_pend", v_raw))
         )
         gamma = p["gamma"][:, None]  # (nM*H, 1)

@@ -94,7 +94,9 @@ def write_checkpoint(
         _write_index(out, shards, shapes, total)
         (out / SINGLE_FILE).unlink(missing_ok=True)
     else:
-        save_file(shard, str(out / SINGLE_FILE), metadata={"format": "pt"})
+        partial = out / (SINGLE_FILE + ".partial")  # renamed into place once complete
+        save_file(shard, str(partial), metadata={"format": "pt"})
+        partial.replace(out / SINGLE_FILE)
         (out / INDEX_FILE).unlink(missing_ok=True)
     save_config(config, out)
     return out
@@ -155,8 +157,14 @@ def _tensor_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def load_tensors(model_dir: str | Path, config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Read every tensor and check names, shapes and dtypes against the config."""
+WEIGHT_CHECK_HINT = "or pass --no-weight-check to skip this scan"
+
+
+def load_tensors(
+    model_dir: str | Path, config: ModelConfig, check_finite: bool = True
+) -> dict[str, torch.Tensor]:
+    """Read every tensor and check names, shapes and dtypes against the config, and (unless
+    check_finite is False) that every value is finite."""
     model_dir = Path(model_dir)
     tensors: dict[str, torch.Tensor] = {}
     for path in _tensor_files(model_dir):
@@ -169,7 +177,27 @@ def load_tensors(model_dir: str | Path, config: ModelConfig) -> dict[str, torch.
                 f"{path} is corrupt or not a safetensors file ({exc}): re-create or re-download it"
             ) from None
     check_tensors(tensors, config, model_dir)
+    if check_finite:
+        check_finite_tensors(tensors.items(), model_dir)
     return tensors
+
+
+def check_finite_tensors(tensors, where) -> None:
+    """Raise a CheckpointError naming the first tensor (name, array) that holds NaN or inf."""
+    for name, tensor in tensors:
+        finite = tensor.isfinite() if isinstance(tensor, torch.Tensor) else _np_isfinite(tensor)
+        if not bool(finite.all()):
+            bad = "NaN" if bool((tensor != tensor).any()) else "inf"
+            raise CheckpointError(
+                f"{where}: tensor {name} holds {bad} values: the weights are corrupt; restore or "
+                f"re-create them ({WEIGHT_CHECK_HINT})"
+            )
+
+
+def _np_isfinite(array):
+    import numpy as np
+
+    return np.isfinite(array)
 
 
 def check_tensors(tensors: dict[str, torch.Tensor], config: ModelConfig, where: Path) -> None:
@@ -205,11 +233,15 @@ def check_tensors(tensors: dict[str, torch.Tensor], config: ModelConfig, where: 
 
 
 def load_model(
-    model_dir: str | Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+    model_dir: str | Path,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    check_finite: bool = True,
 ) -> MMv2:
-    """Load a checkpoint directory into an MMv2 in eval mode (dtype: default the checkpoint's)."""
+    """Load a checkpoint directory into an MMv2 in eval mode (dtype: default the checkpoint's);
+    check_finite: refuse weights that hold NaN or inf (naming the tensor)."""
     config = load_config(model_dir)
-    tensors = load_tensors(model_dir, config)
+    tensors = load_tensors(model_dir, config, check_finite)
     dtype = dtype or TORCH_DTYPES[config.torch_dtype]
     with torch.device("meta"):
         model = MMv2(config)
@@ -217,6 +249,20 @@ def load_model(
         {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}, strict=True, assign=True
     )
     return model.eval()
+
+
+DEMO_DIR = Path(__file__).with_name("demo")  # the trained demo model, shipped in the package
+
+
+def demo_checkpoint() -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
+    """The packaged demo model's config and tensors (`mosaicrt init DIR --preset demo`)."""
+    if not (DEMO_DIR / SINGLE_FILE).is_file():
+        raise CheckpointError(
+            f"the demo model's weights are missing from this installation ({DEMO_DIR}): "
+            "reinstall mosaicrt, or train them with `mosaicrt train DIR --preset demo`"
+        )
+    config = load_config(DEMO_DIR)
+    return config, iter(load_tensors(DEMO_DIR, config).items())
 
 
 def random_model(config: ModelConfig, seed: int = 0) -> MMv2:

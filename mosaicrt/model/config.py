@@ -136,6 +136,21 @@ PRESETS: dict[str, ModelConfig] = {
         eos_token_id=257,
         torch_dtype="float32",
     ),
+    # The trained demo model's shape (mosaicrt train --preset demo): byte-level, ~3.7M parameters,
+    # a 64-token STM window and a 16-token LTM delay; `init --preset demo` writes its weights.
+    "demo": ModelConfig(
+        vocab_size=258,
+        hidden_size=256,
+        num_layers=4,
+        num_heads=4,
+        head_dim=64,
+        intermediate_size=640,
+        stm_window=64,
+        ltm_delay=16,
+        bos_token_id=256,
+        eos_token_id=257,
+        torch_dtype="float32",
+    ),
     # ~40M parameters, the CPU benchmark shape: d=512, 8 layers, 8 heads of 64, FFN 1536, V=8192.
     "mini": ModelConfig(
         vocab_size=8192,

@@ -23,10 +23,12 @@ from pathlib import Path
 import onnx
 
 from mosaicrt import __version__
+from mosaicrt.argtypes import positive_int
 from mosaicrt.errors import BackendError, CheckpointError, InputError
 from mosaicrt.export.artifact import MODEL_FILE, read_manifest, sha256
 from mosaicrt.export.io_spec import INPUT_IDS
 from mosaicrt.ops import DOMAIN, PLUGIN_VERSION, source_files
+from mosaicrt.outputs import atomic_dir, check_output_dir
 
 ENGINE_FILE = "model.engine"
 BUILD_MANIFEST = "build_manifest.json"
@@ -42,16 +44,21 @@ def plugin_sources() -> list[Path]:
 def add_build_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("artifact", help="ONNX artifact directory (mosaicrt export)")
     parser.add_argument("-o", "--output", required=True, help="engine directory to write")
-    parser.add_argument("--max-batch", type=int, default=8, help="most sequences per step")
+    parser.add_argument("--max-batch", type=positive_int, default=8, help="most sequences per step")
     parser.add_argument(
-        "--max-context", type=int, help="most tokens per sequence (default: the artifact's)"
+        "--max-context",
+        type=positive_int,
+        help="most tokens per sequence (default: the artifact's)",
     )
-    parser.add_argument("--max-chunk", type=int, default=512, help="most prefill tokens per step")
+    parser.add_argument(
+        "--max-chunk", type=positive_int, default=512, help="most prefill tokens per step"
+    )
     parser.add_argument(
         "--target",
         help=f"TensorRT-RTX: GPU architecture to build for ({', '.join(RTX_TARGETS)}); "
         "full TensorRT builds for the local GPU",
     )
+    parser.add_argument("--force", action="store_true", help="replace an existing engine")
     parser.add_argument(
         "--timing-cache", help="full TensorRT: timing cache file (default ENGINE_DIR/timing.cache)"
     )
@@ -123,12 +130,15 @@ def build_engine(
     target: str | None = None,
     timing_cache: str | Path | None = None,
     log=print,
+    force: bool = False,
 ) -> dict:
     """Build ENGINE_DIR/model.engine and its build_manifest.json; returns the manifest.
-    The phases are numbered and timed on `log`."""
+    The phases are numbered and timed on `log`. The directory is written whole at the end, or
+    not at all; an existing one is replaced only with force."""
     artifact, output = Path(artifact), Path(output)
     phases = Phases(6, log)
     with phases("reading the artifact"):
+        check_output_dir(output, inputs=[artifact], force=force, flag="-o", what="engine")
         manifest, model_config = read_manifest(artifact)
         max_context = max_context or manifest["max_context"]
         check_limits(max_batch, max_context, max_chunk, target)
@@ -165,11 +175,12 @@ def build_engine(
         missing = [name for name in plugins if name.encode() not in engine]
         if missing:
             raise BackendError(f"the engine lacks the plugins {missing}: rebuild with --debug")
-    with phases("writing the engine and its manifest"):
-        output.mkdir(parents=True, exist_ok=True)
-        (output / ENGINE_FILE).write_bytes(engine)
-        if cache_path is not None:
-            cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    with phases("writing the engine and its manifest"), atomic_dir(output) as tmp:
+        (tmp / ENGINE_FILE).write_bytes(engine)
+        if cache_path is not None:  # the default cache lives in the engine directory
+            in_output = cache_path.resolve().parent == output.resolve()
+            target_cache = tmp / cache_path.name if in_output else cache_path
+            target_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
         result = engine_manifest(
             tensorrt=tensorrt, targets=targets, plugins=plugins, artifact=artifact, graph=graph,
             manifest=manifest, model_config=model_config, precision=precision,
@@ -177,7 +188,7 @@ def build_engine(
             shapes=shapes, plugin_layers=len(plugin_layers), engine_bytes=len(engine),
             cache_path=cache_path, elapsed=phases.elapsed,
         )  # fmt: skip
-        (output / BUILD_MANIFEST).write_text(json.dumps(result, indent=2) + "\n")
+        (tmp / BUILD_MANIFEST).write_text(json.dumps(result, indent=2) + "\n")
     log(f"engine: {output / ENGINE_FILE} ({len(engine) / 2**20:.1f} MiB, {phases.elapsed:.1f} s)")
     return result
 

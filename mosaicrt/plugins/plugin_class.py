@@ -94,6 +94,7 @@ class MosaicPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, t
             outs = [device_tensor(p, d) for p, d in zip(outputs, output_desc)]
             self.run(ins, outs)
 
+
 class MosaicPluginCreator(trt.IPluginCreatorV3One):
     def __init__(self, spec: PluginSpec) -> None:
         trt.IPluginCreatorV3One.__init__(self)

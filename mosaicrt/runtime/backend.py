@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from mosaicrt.errors import BackendError
 from mosaicrt.model.config import ModelConfig
 
 
@@ -30,6 +31,10 @@ class Backend(ABC):
     def reset(self, state: Any, rows: torch.Tensor) -> None:
         """Free the sequences in `rows` (B,) bool so new requests can take them."""
 
+    def first_nonfinite_layer(self, state: Any, row: int) -> int | None:
+        """The first layer whose state in `row` holds NaN or inf, if the backend can tell."""
+        return None
+
     @abstractmethod
     def step(
         self, ids: torch.Tensor, lengths: torch.Tensor, state: Any, last_only: bool
@@ -49,3 +54,17 @@ def torch_threads_for(backend: Backend) -> Iterator[None]:
     finally:
         if wanted is not None and wanted != before:
             torch.set_num_threads(before)
+
+
+def nonfinite_error(backend: Backend, state: Any, row: int) -> BackendError:
+    """The error for a row whose logits are NaN or inf, naming the first layer where it shows."""
+    layer = backend.first_nonfinite_layer(state, row)
+    where = (
+        f"from layer {layer} on (its memory state went non-finite first)"
+        if layer is not None
+        else "after the last layer's memories (FFN, final norm or LM head)"
+    )
+    return BackendError(
+        f"the model produced non-finite logits (NaN or inf) {where}: the weights or the "
+        "computation overflow (weights are scanned at load unless --no-weight-check)"
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mosaicrt.errors import BackendError
+from mosaicrt.errors import BackendError, CheckpointError
 from mosaicrt.runtime.backend import Backend
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
@@ -22,6 +22,7 @@ def open_backend(
     dtype: str | None = None,
     kernels: str = "torch",
     compile: bool = False,
+    check_weights: bool = True,
 ) -> Backend:
     """The backend `name` for model_dir. 'auto': TensorRT for an engine directory, ONNX Runtime
     for an exported artifact, torch for a checkpoint directory."""
@@ -29,6 +30,11 @@ def open_backend(
         raise BackendError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
     from mosaicrt.plugins.engine import is_engine_dir
 
+    if (Path(model_dir) / "model.onnx").is_file() and not is_artifact(model_dir):
+        raise CheckpointError(
+            f"{model_dir} has model.onnx but no manifest.json: it is not a complete mosaicrt "
+            "artifact; re-export it with `mosaicrt export`"
+        )
     if name == "auto":
         if is_engine_dir(model_dir):
             name = "tensorrt"
@@ -38,6 +44,11 @@ def open_backend(
         raise BackendError(f"--kernels {kernels} applies to the torch backend only")
     if compile and name != "torch":
         raise BackendError(f"--compile applies to the torch backend only, not {name}")
+    if dtype is not None and name != "torch":
+        raise BackendError(
+            f"--dtype applies to the torch backend only: the {name} backend runs the precision "
+            f"{model_dir} was exported or built with (re-export with `mosaicrt export --dtype`)"
+        )
     if name == "tensorrt":
         from mosaicrt.runtime.trt_backend import TrtBackend
 
@@ -56,7 +67,7 @@ def open_backend(
             )
         from mosaicrt.runtime.ort_backend import OrtBackend
 
-        return OrtBackend(model_dir, device=device)
+        return OrtBackend(model_dir, device=device, check_weights=check_weights)
     from mosaicrt.runtime.torch_backend import TorchBackend
 
     if is_artifact(model_dir):
@@ -64,11 +75,14 @@ def open_backend(
             f"{model_dir} is an ONNX artifact: use --backend onnxruntime, or give "
             "the torch backend the checkpoint it was exported from"
         )
-    return TorchBackend(model_dir, device=device, dtype=dtype, kernels=kernels, compile=compile)
+    return TorchBackend(model_dir, device=device, dtype=dtype, kernels=kernels, compile=compile,
+                        check_weights=check_weights)  # fmt: skip
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
     """The options of the commands that run a model: score, generate, bench, eval."""
+    from mosaicrt.argtypes import add_weight_check_arg, positive_int
+
     p.add_argument("model", help="checkpoint directory (torch) or ONNX artifact (onnxruntime)")
     p.add_argument(
         "--backend",
@@ -81,7 +95,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
         "--dtype",
         help="compute dtype fp32|fp16|bf16 (default fp32 on CPU, the checkpoint's on GPU)",
     )
-    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per step")
+    p.add_argument("--prefill-chunk", type=positive_int, default=512, help="prompt tokens per step")
     p.add_argument(
         "--kernels",
         default="torch",
@@ -94,6 +108,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
         help="torch backend: decode steps through torch.compile (the first steps compile; with "
         "--kernels triton on a GPU, the compiled step is what the CUDA graph replays)",
     )
+    add_weight_check_arg(p)
 
 
 def open_run_backend(args: argparse.Namespace):
@@ -101,6 +116,5 @@ def open_run_backend(args: argparse.Namespace):
     from mosaicrt.model.config import normalize_dtype
 
     dtype = normalize_dtype(args.dtype) if args.dtype else None
-    return open_backend(
-        args.backend, args.model, args.device, dtype, args.kernels, compile=args.compile
-    )
+    return open_backend(args.backend, args.model, args.device, dtype, args.kernels,
+                        compile=args.compile, check_weights=not args.no_weight_check)  # fmt: skip

@@ -183,7 +183,7 @@ def run_check(
     artifact); True when every output is within tolerance."""
     try:
         from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-        from polygraphy.comparator import Comparator, CompareFunc
+        from polygraphy.comparator import Comparator, SimpleCompareFunc
         from polygraphy.logger import G_LOGGER
     except ImportError:
         raise BackendError(
@@ -199,8 +199,20 @@ def run_check(
         runners.append(TensorRTRunner(engine))
     with G_LOGGER.verbosity(G_LOGGER.WARNING):  # the per-output error report is what matters
         results = Comparator.run(runners, data_loader=feeds)
-    return bool(
-        Comparator.compare_accuracy(
-            results, compare_func=CompareFunc.simple(atol={"": atol}, rtol={"": rtol})
-        )
-    )
+    nonfinite = nonfinite_outputs(results)
+    for line in nonfinite:
+        print(f"check: {line}")
+    compare = SimpleCompareFunc(atol={"": atol}, rtol={"": rtol})
+    return not nonfinite and bool(Comparator.compare_accuracy(results, compare_func=compare))
+
+
+def nonfinite_outputs(results) -> list[str]:
+    """'output X of runner Y holds NaN/inf (step i)' for every output that is not finite: such
+    outputs fail the check whatever the tolerances."""
+    found = []
+    for runner, iterations in results:
+        for step, outputs in enumerate(iterations):
+            for name, array in outputs.items():
+                if not np.isfinite(np.asarray(array, dtype=np.float64)).all():
+                    found.append(f"output {name!r} of {runner} holds NaN or inf (step {step})")
+    return found

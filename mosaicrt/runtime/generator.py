@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from mosaicrt.errors import CapacityError, InputError, MosaicError
-from mosaicrt.runtime.backend import Backend, torch_threads_for
+from mosaicrt.runtime.backend import Backend, nonfinite_error, torch_threads_for
 from mosaicrt.runtime.sampling import Sampler, SamplingParams
 
 
@@ -75,6 +75,7 @@ class Request:
     sampling: SamplingParams | None = None  # None: the batcher's
     session: object | None = None
     end_session: bool = False
+    error: MosaicError | None = None  # why it stopped early, if it failed
 
     @property
     def prefilling(self) -> bool:
@@ -169,8 +170,9 @@ class ContinuousBatcher:
             mask[fresh] = True
             self.backend.reset(self.state, mask)
 
-    def step(self) -> list[tuple[Request, int, bool]]:
-        """Run one model step; return (request, new token, finished) for each token produced."""
+    def step(self) -> list[tuple[Request, int | None, bool]]:
+        """Run one model step; return (request, new token, finished) for each token produced, and
+        (request, None, True) for a request that failed in it (request.error says why)."""
         self._admit()
         B = len(self.rows)
         prefill = any(r is not None and r.prefilling for r in self.rows)
@@ -187,14 +189,16 @@ class ContinuousBatcher:
         for i, f in enumerate(feeds):
             ids[i, : len(f)] = torch.tensor(f, dtype=torch.int64)
         logits = self.backend.step(ids, lengths, self.state, last_only=True)  # (B, V)
-        ready = []
+        finite = logits.isfinite().all(dim=-1)  # (B,)
+        ready, events = [], []
         for i, r in enumerate(self.rows):
             if r is None or not feeds[i]:
                 continue
             r.fed += len(feeds[i]) if prefill else 0
-            if not r.prefilling:
+            if not finite[i]:  # this row's numbers overflowed: it fails alone
+                events.append(self.fail(i, nonfinite_error(self.backend, self.state, i)))
+            elif not r.prefilling:
                 ready.append(i)
-        events = []
         tokens = self.sampler(logits[ready], [self.rows[i].rid for i in ready]) if ready else []
         for i, token in zip(ready, tokens):
             r = self.rows[i]
@@ -206,6 +210,15 @@ class ContinuousBatcher:
                 self.sampler.finish(r.rid)
                 self._finish_turn(r)
         return events
+
+    def fail(self, row: int, error: MosaicError) -> tuple[Request, None, bool]:
+        """End the request in `row` with an error; its row (and session) is freed."""
+        request = self.rows[row]
+        request.error = error
+        self.rows[row] = None
+        self.sampler.finish(request.rid)
+        self.sessions.pop(request.session, None)  # its state is no longer one to continue
+        return request, None, True
 
     def _finish_turn(self, request: Request) -> None:
         session = self.sessions.get(request.session)
@@ -222,14 +235,16 @@ class ContinuousBatcher:
 
 def generate(
     backend: Backend,
-    prompts: list[list[int]],
+    prompts: list[list[int] | MosaicError],
     max_new_tokens: int,
     sampling: SamplingParams = SamplingParams(),
     limits: RunLimits = RunLimits(),
     progress: bool = False,
     on_start: Callable[[RunLimits], None] | None = None,
 ) -> list[list[int] | MosaicError]:
-    """New tokens for every prompt (stopping at EOS, which is kept, or max_new_tokens).
+    """New tokens for every prompt (stopping at EOS, which is kept, or max_new_tokens). A prompt
+    that is already an error (a bad input line) stays one, and keeps its place: prompt i is
+    request i whatever the others are (its sampling seed is the batch's seed + i).
 
     on_start is called with the limits the state is sized for, once the requests are admitted and
     before the state is allocated (the CLI prints the memory plan there).
@@ -240,6 +255,8 @@ def generate(
     requests = []
     for i, ids in enumerate(prompts):
         try:
+            if isinstance(ids, MosaicError):
+                raise ids
             check_request(ids, max_new_tokens, backend.config.vocab_size, limits, "the prompt")
             requests.append(Request(i, list(ids), max_new_tokens))
             results.append(requests[-1].output)
@@ -263,16 +280,19 @@ def generate(
         ) as bar,
     ):
         while batcher.busy:
-            for request, _, finished in batcher.step():
-                bar.update(1 + (max_new_tokens - len(request.output) if finished else 0))
+            for request, token, finished in batcher.step():
+                bar.update((token is not None) + (max_new_tokens - len(request.output)) * finished)
+    for request in requests:
+        if request.error is not None:
+            results[request.rid] = request.error
     return results
 
 
 def score(backend: Backend, ids: torch.Tensor, limits: RunLimits = RunLimits()) -> torch.Tensor:
     """Logits (B, T, V) fp32 of every position of ids (B, T), prefilled chunk by chunk."""
     B, T = ids.shape
-    if T == 0:
-        raise InputError("the token array has no positions (T = 0): give at least one token")
+    if B == 0 or T == 0:
+        raise InputError(f"the token array has shape [{B}, {T}]: give at least one token")
     if T > limits.max_context:
         raise CapacityError(
             f"sequences of {T} tokens exceed --max-context {limits.max_context}: "
@@ -288,5 +308,10 @@ def score(backend: Backend, ids: torch.Tensor, limits: RunLimits = RunLimits()) 
         for start in range(0, T, limits.prefill_chunk):
             chunk = ids[:, start : start + limits.prefill_chunk]  # (B, C)
             lengths = torch.full((B,), chunk.shape[1], dtype=torch.int64)
-            parts.append(backend.step(chunk, lengths, state, last_only=False))
+            logits = backend.step(chunk, lengths, state, last_only=False)  # (B, C, V)
+            bad = (~logits.isfinite()).flatten(1).any(dim=1).nonzero()
+            if len(bad):
+                row = int(bad[0])
+                raise InputError(f"sequence {row}: {nonfinite_error(backend, state, row)}")
+            parts.append(logits)
     return torch.cat(parts, dim=1)

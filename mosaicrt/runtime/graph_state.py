@@ -70,6 +70,19 @@ def allocate(
     return GraphState(pos, small, stores, pairs, capacity)
 
 
+def first_nonfinite_layer(state: GraphState, row: int) -> int | None:
+    """The first layer whose constant-size state in `row` holds NaN or inf (present.* of the
+    last step; mx is -inf by design before a sequence's first token)."""
+    layers = sorted({int(name.split(".")[1]) for name in state.small})
+    for layer in layers:
+        for field in ("s", "k_pend", "v_pend"):
+            values = state.small[f"past.{layer}.{field}"][row]
+            finite = values.isfinite() if isinstance(values, torch.Tensor) else np.isfinite(values)
+            if not bool(finite.all()):
+                return layer
+    return None
+
+
 def reset_rows(state: GraphState, rows: Any) -> None:
     """Forget the sequences in `rows` (B,) bool; stores stay (positions guard them)."""
     state.pos[rows] = 0

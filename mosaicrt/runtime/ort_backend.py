@@ -18,12 +18,18 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from mosaicrt.errors import BackendError, CapacityError
+from mosaicrt.errors import BackendError, CapacityError, CheckpointError
 from mosaicrt.export import io_spec
 from mosaicrt.export.artifact import MODEL_FILE, read_manifest
 from mosaicrt.ops import geometry
 from mosaicrt.runtime.backend import Backend
-from mosaicrt.runtime.graph_state import GraphState, allocate, graph_step, reset_rows
+from mosaicrt.runtime.graph_state import (
+    GraphState,
+    allocate,
+    first_nonfinite_layer,
+    graph_step,
+    reset_rows,
+)
 
 OrtState = GraphState  # numpy buffers, or torch tensors on the device with IOBinding
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
@@ -41,6 +47,52 @@ def session_options(threads: int | None = None):
     return options
 
 
+def wanted_providers(device: str) -> list[str]:
+    """The providers to ask for: CUDA first where onnxruntime-gpu and a GPU are there."""
+    import onnxruntime as ort
+
+    cuda = "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+    if device in ("auto", "cuda") and cuda:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        raise BackendError("--device cuda needs onnxruntime-gpu and a CUDA GPU: use --device cpu")
+    return ["CPUExecutionProvider"]
+
+
+def open_session(artifact: str | Path, threads: int | None, providers: list[str]):
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(
+            str(Path(artifact) / MODEL_FILE), session_options(threads), providers=providers
+        )
+    except Exception as exc:  # ORT raises its own pybind exception types
+        reason = str(exc).splitlines()[0][:300]
+        raise BackendError(
+            f"ONNX Runtime cannot load {artifact}/{MODEL_FILE} ({reason}): "
+            "re-export the artifact with `mosaicrt export`"
+        ) from None
+
+
+def check_graph_weights(model_file: Path) -> None:
+    """Every weight of the graph (external data included) is finite, or a CheckpointError names
+    the first that is not. A missing or truncated file is a CheckpointError too."""
+    import onnx
+    from onnx import numpy_helper
+
+    from mosaicrt.model.checkpoint import check_finite_tensors
+
+    try:
+        model = onnx.load(str(model_file), load_external_data=True)
+    except Exception as exc:  # protobuf's DecodeError, a missing or short external data file
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise CheckpointError(
+            f"{model_file} cannot be read ({reason}): re-export the artifact with `mosaicrt export`"
+        ) from None
+    arrays = ((t.name, numpy_helper.to_array(t)) for t in model.graph.initializer)
+    check_finite_tensors(arrays, model_file)
+
+
 class OrtBackend(Backend):
     name = "onnxruntime"
     torch_threads = 1  # ONNX Runtime computes in its own pool; torch only keeps the books
@@ -51,11 +103,15 @@ class OrtBackend(Backend):
         device: str = "auto",
         threads: int | None = None,
         io_binding: bool | None = None,
+        check_weights: bool = True,
+        providers: list[str] | None = None,
     ) -> None:
         """device: auto (the CUDA provider when onnxruntime-gpu and a GPU are there), cpu or
-        cuda. io_binding: state as device tensors bound by pointer (default: on CUDA only)."""
+        cuda. io_binding: state as device tensors bound by pointer (default: on CUDA only).
+        check_weights: refuse weights that hold NaN or inf. providers: ask ONNX Runtime for
+        these instead (the device is the one the session runs on, whatever was asked)."""
         try:
-            import onnxruntime as ort
+            import onnxruntime  # noqa: F401
         except ImportError:
             raise BackendError(
                 "onnxruntime is not installed: pip install 'mosaicrt[onnx]'"
@@ -68,28 +124,19 @@ class OrtBackend(Backend):
                 "bf16 MatMul; build a TensorRT engine from it, or export fp16/fp32"
             )
         self.store_dtype = {"float32": np.float32, "float16": np.float16}[stores]
-        providers: list = ["CPUExecutionProvider"]
-        cuda = (
-            "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
-        )
-        if device in ("auto", "cuda") and cuda:
-            providers.insert(0, "CUDAExecutionProvider")
-        elif device.startswith("cuda"):
+        if check_weights:
+            check_graph_weights(Path(artifact) / MODEL_FILE)
+        self.session = open_session(artifact, threads, providers or wanted_providers(device))
+        # ONNX Runtime falls back to the CPU when a provider fails to load (missing CUDA
+        # libraries): the state goes where the session really runs.
+        on_cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"
+        if device.startswith("cuda") and not on_cuda:
             raise BackendError(
-                "--device cuda needs onnxruntime-gpu and a CUDA GPU: use --device cpu"
+                "--device cuda: ONNX Runtime could not start its CUDA provider (see its log "
+                "above: CUDA or cuDNN libraries): fix that, or use --device cpu"
             )
-        self.device = torch.device("cuda" if providers[0] == "CUDAExecutionProvider" else "cpu")
+        self.device = torch.device("cuda" if on_cuda else "cpu")
         self.io_binding = self.device.type == "cuda" if io_binding is None else io_binding
-        try:
-            self.session = ort.InferenceSession(
-                str(Path(artifact) / MODEL_FILE), session_options(threads), providers=providers
-            )
-        except Exception as exc:  # ORT raises its own pybind exception types
-            reason = str(exc).splitlines()[0][:300]
-            raise BackendError(
-                f"ONNX Runtime cannot load {artifact}/{MODEL_FILE} ({reason}): "
-                "re-export the artifact with `mosaicrt export`"
-            ) from None
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.output_specs = {
             o.name: (
@@ -102,14 +149,34 @@ class OrtBackend(Backend):
         self.block = int(self.manifest["ltm_block"])
         self.max_context = int(self.manifest["max_context"])
         self.last_only_graph = bool(self.manifest["last_only"])
-        expected = {i.name for i in self.session.get_inputs()}
+        self.check_graph(artifact)
+
+    def check_graph(self, artifact: str | Path) -> None:
+        """The graph's inputs and outputs are the ones the config and manifest describe."""
+        found = {i.name: i.shape for i in self.session.get_inputs()}
         names = {io_spec.INPUT_IDS, io_spec.LENGTHS, io_spec.POSITIONS} | set(self._state_names())
-        if expected != names:
-            missing = sorted(names - expected)[:3] + sorted(expected - names)[:3]
+        if set(found) != names:
+            missing = sorted(names - set(found))[:3] + sorted(set(found) - names)[:3]
             raise BackendError(
                 f"{artifact}: graph inputs do not match the manifest's state layout "
                 f"({', '.join(missing)}): re-export the artifact"
             )
+        expected = {v.name: v.type.tensor_type.shape for v in io_spec.graph_inputs(self.config)}
+        expected_outputs = io_spec.graph_outputs(self.config, self.last_only_graph)
+        expected.update({v.name: v.type.tensor_type.shape for v in expected_outputs})
+        found.update({o.name: o.shape for o in self.session.get_outputs()})
+        for name, shape in expected.items():
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in shape.dim]
+            got = found.get(name)
+            if (
+                got is None
+                or len(got) != len(dims)
+                or any(d is not None and g != d for d, g in zip(dims, got))
+            ):
+                raise BackendError(
+                    f"{artifact}: its config.json does not match its graph ({name} has shape "
+                    f"{got}, the config implies {[d or '?' for d in dims]}): re-export the artifact"
+                )
 
     def _state_names(self) -> list[str]:
         cfg = self.config
@@ -146,6 +213,9 @@ class OrtBackend(Backend):
             )
             pos = np.zeros(batch, np.int64)
         return allocate(self.config, batch, capacity, self.block, full, pos)
+
+    def first_nonfinite_layer(self, state: GraphState, row: int) -> int | None:
+        return first_nonfinite_layer(state, row)
 
     def reset(self, state: OrtState, rows: torch.Tensor) -> None:
         reset_rows(state, rows.to(self.device) if self.io_binding else rows.numpy())

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from mosaicrt.errors import InputError
 
+SEED_LIMIT = 2**64
+
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """greedy, or sampling at `temperature` (0 means greedy) from the top_k tokens (0: all)
+    whose probabilities first reach top_p, with a generator seeded from `seed`. Messages name
+    the fields as requests spell them; the command line's options have the same names."""
+
     greedy: bool = True
     temperature: float = 1.0
     top_k: int = 0  # 0 keeps the whole vocabulary
@@ -18,15 +25,18 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
             raise InputError(
-                f"--temperature must be > 0, got {self.temperature} "
-                "(use --greedy for deterministic decoding)"
+                f"temperature must be a finite number >= 0 (0: greedy), got {self.temperature}"
             )
+        if self.temperature == 0:
+            object.__setattr__(self, "greedy", True)
         if self.top_k < 0:
-            raise InputError(f"--top-k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise InputError(f"--top-p must be in (0, 1], got {self.top_p}")
+            raise InputError(f"top_k must be >= 0, got {self.top_k}")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise InputError(f"seed must be in [0, 2^64), got {self.seed}")
 
 
 def filtered_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -54,9 +64,11 @@ class Sampler:
         self.requests: dict[int, tuple[SamplingParams, torch.Generator]] = {}
 
     def start(self, request_id: int, params: SamplingParams | None = None) -> None:
+        """A request's own params keep their seed; with the batch's, request i draws from
+        seed + i (mod 2^64), whatever the other requests are."""
         params = params or self.params
         seed = params.seed if params is not self.params else params.seed + request_id
-        self.requests[request_id] = (params, torch.Generator().manual_seed(seed))
+        self.requests[request_id] = (params, torch.Generator().manual_seed(seed % SEED_LIMIT))
 
     def finish(self, request_id: int) -> None:
         self.requests.pop(request_id, None)

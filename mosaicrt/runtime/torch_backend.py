@@ -80,6 +80,7 @@ class TorchBackend(Backend):
         kernels: str = "torch",
         cuda_graphs: bool = True,
         compile: bool = False,
+        check_weights: bool = True,
     ) -> None:
         """model: a checkpoint directory, or an MMv2 (moved to the device and dtype).
         dtype: compute dtype; default fp32 on CPU and the checkpoint's dtype on a GPU.
@@ -87,7 +88,8 @@ class TorchBackend(Backend):
         cuda_graphs: with Triton kernels on a GPU, run decode steps as CUDA graphs (one per
         state, that is per batch size).
         compile: run decode steps through torch.compile (dynamic shapes; the first steps
-        compile; inside the CUDA graph when there is one); prefill chunks stay eager."""
+        compile; inside the CUDA graph when there is one); prefill chunks stay eager.
+        check_weights: refuse a checkpoint whose weights hold NaN or inf."""
         self.device = pick_device(device)
         if dtype is None and self.device.type == "cpu":
             dtype = "float32"
@@ -95,7 +97,7 @@ class TorchBackend(Backend):
         if isinstance(model, MMv2):
             self.model = model.to(device=self.device, dtype=torch_dtype).eval()
         else:
-            self.model = load_model(model, torch_dtype, self.device)
+            self.model = load_model(model, torch_dtype, self.device, check_weights)
         self.config = self.model.config
         if kernels == "triton":
             self.model.use_kernels(triton_kernels(self.device))
@@ -114,6 +116,13 @@ class TorchBackend(Backend):
 
     def reset(self, state: DecodeState, rows: torch.Tensor) -> None:
         state.reset(rows.to(self.device))
+
+    def first_nonfinite_layer(self, state: DecodeState, row: int) -> int | None:
+        for layer, memories in enumerate(state.memories):
+            for st in memories.values():
+                if not all(bool(x[row].isfinite().all()) for x in (st.s, st.k_pend, st.v_pend)):
+                    return layer
+        return None
 
     @torch.inference_mode()
     def step(

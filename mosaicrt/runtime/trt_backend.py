@@ -25,7 +25,13 @@ from mosaicrt.model.checkpoint import TORCH_DTYPES
 from mosaicrt.model.config import ModelConfig
 from mosaicrt.plugins.engine import read_build_manifest
 from mosaicrt.runtime.backend import Backend
-from mosaicrt.runtime.graph_state import GraphState, allocate, graph_step, reset_rows
+from mosaicrt.runtime.graph_state import (
+    GraphState,
+    allocate,
+    first_nonfinite_layer,
+    graph_step,
+    reset_rows,
+)
 
 
 def check_runtime(manifest: dict, engine_dir: str | Path) -> None:
@@ -137,6 +143,9 @@ class TrtBackend(Backend):
 
         pos = torch.zeros(batch, dtype=torch.int64, device=self.device)
         return allocate(self.config, batch, capacity, self.block, full, pos)
+
+    def first_nonfinite_layer(self, state: GraphState, row: int) -> int | None:
+        return first_nonfinite_layer(state, row)
 
     def reset(self, state: GraphState, rows: torch.Tensor) -> None:
         reset_rows(state, rows.to(self.device))

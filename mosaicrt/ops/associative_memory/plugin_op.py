@@ -56,8 +56,19 @@ def run(inputs: list, outputs: list, fields: dict) -> None:
 PLUGIN = PluginSpec(
     name=NAME,
     # q, t, store_k, store_v, store_tau, new_k, new_v, new_tau, beta0, beta1, alpha -> y
-    inputs=(("float32",), ("int64",), STORE_TYPES, STORE_TYPES, ("int64",), ("float32",),
-            ("float32",), ("int64",), ("float32",), ("float32",), ("float32",)),  # fmt: skip
+    inputs=(
+        ("float32",),
+        ("int64",),
+        STORE_TYPES,
+        STORE_TYPES,
+        ("int64",),
+        ("float32",),
+        ("float32",),
+        ("int64",),
+        ("float32",),
+        ("float32",),
+        ("float32",),
+    ),  # fmt: skip
     same_type={3: 2},
     outputs=(0,),
     fields={"window": int, "delay": int},

@@ -121,6 +121,10 @@ class ServingLoop:
         now = time.monotonic()
         for request, token, finished in events:
             job = self.jobs[request.rid]
+            if request.error is not None:
+                del self.jobs[request.rid]
+                job.on_error(request.error)
+                continue
             job.on_token(token)
             if request.session is not None:
                 self.last_used[request.session] = now

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from mosaicrt.errors import InputError
+from mosaicrt.outputs import atomic_dir, check_output_dir
 
 MODEL_NAME = "mosaicrt"
 SETTINGS = "mosaicrt.json"
@@ -63,10 +64,34 @@ def model_kind(model_dir: Path) -> str:
 
 def model_max_context(model_dir: Path) -> int | None:
     """The context an artifact or engine was made for (None for a checkpoint)."""
-    for manifest in ("build_manifest.json", "manifest.json"):
-        if (model_dir / manifest).is_file():
-            return int(json.loads((model_dir / manifest).read_text())["max_context"])
+    from mosaicrt.export.artifact import MANIFEST_FILE, read_manifest
+    from mosaicrt.plugins.engine import BUILD_MANIFEST, read_build_manifest
+
+    if (model_dir / BUILD_MANIFEST).is_file():
+        return int(read_build_manifest(model_dir)["max_context"])
+    if (model_dir / MANIFEST_FILE).is_file():
+        return int(read_manifest(model_dir)[0]["max_context"])
     return None
+
+
+def check_model(model_dir: Path, backend: str, check_weights: bool) -> None:
+    """What `score` would check, before anything is written: an artifact or checkpoint is
+    loaded by its backend on the CPU (manifest, graph, config, weights); an engine's manifest
+    is read and its engine file checked (running it needs its GPU)."""
+    if backend == "tensorrt":
+        from mosaicrt.plugins.engine import ENGINE_FILE, read_build_manifest
+
+        manifest = read_build_manifest(model_dir)
+        engine = model_dir / manifest.get("engine_file", ENGINE_FILE)
+        if not engine.is_file() or engine.stat().st_size != manifest.get("engine_bytes"):
+            raise InputError(
+                f"{engine} is missing or not the size its build manifest records: rebuild the "
+                "engine with `mosaicrt build`"
+            )
+        return
+    from mosaicrt.runtime.backends import open_backend
+
+    open_backend(backend, model_dir, device="cpu", check_weights=check_weights)
 
 
 def export_repository(
@@ -79,9 +104,13 @@ def export_repository(
     prefill_chunk: int = 512,
     idle_timeout_s: float = 600.0,
     device: str = "auto",
+    force: bool = False,
+    check_weights: bool = True,
 ) -> Path:
-    """Write the repository; returns the model's directory."""
+    """Write the repository, whole or not at all, after checking the model; returns the
+    model's directory in it. An existing repository is replaced only with force."""
     model_dir, repo = Path(model_dir), Path(repo)
+    check_output_dir(repo, inputs=[model_dir], force=force, what="model repository")
     found = model_kind(model_dir)
     backend = backend or found
     if backend != found:
@@ -100,10 +129,19 @@ def export_repository(
                         ("instances", instances), ("prefill-chunk", prefill_chunk)):  # fmt: skip
         if value < 1:
             raise InputError(f"--{flag} must be >= 1, got {value}")
+    check_model(model_dir, backend, check_weights)
+    with atomic_dir(repo) as tmp:
+        write_repository(tmp, model_dir, backend, max_batch, max_context, instances,
+                         prefill_chunk, idle_timeout_s, device)  # fmt: skip
+    return repo / MODEL_NAME
+
+
+def write_repository(
+    repo: Path, model_dir: Path, backend: str, max_batch: int, max_context: int,
+    instances: int, prefill_chunk: int, idle_timeout_s: float, device: str,
+) -> None:  # fmt: skip
     home = repo / MODEL_NAME
     version = home / "1"
-    if version.exists():
-        shutil.rmtree(version)
     version.mkdir(parents=True)
     (home / "config.pbtxt").write_text(
         CONFIG.format(
@@ -125,4 +163,3 @@ def export_repository(
         "idle_timeout_s": idle_timeout_s,
     }
     (version / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
-    return home

@@ -1,0 +1,108 @@
+"""Argument types for the command line: every number is checked where it enters (finite, in
+range, no silent default), and a bad one is one line, `error: argument --x: ...`, exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 64-bit seeds
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block) that start with `error:`; exit code 2."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def seed(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2^64), got {value}")
+    return value
+
+
+def nonneg_float(text: str) -> float:
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def probability(text: str) -> float:
+    """A top-p: in (0, 1]."""
+    value = _float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def context_list(text: str) -> list[int]:
+    """Comma-separated positive token counts: 1024,4096."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"{text!r}: give token counts, e.g. 1024,4096")
+    return [positive_int(p) for p in parts]
+
+
+def optional_context_list(text: str) -> list[int]:
+    """context_list, or "" for none."""
+    return context_list(text) if text.strip() else []
+
+
+def port(text: str) -> int:
+    """A TCP port: 1-65535."""
+    value = _int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port in 1-65535, got {value}")
+    return value
+
+
+def add_weight_check_arg(p: argparse.ArgumentParser) -> None:
+    """--no-weight-check, for every command that loads weights."""
+    p.add_argument(
+        "--no-weight-check",
+        action="store_true",
+        help="skip the scan of every weight for NaN and inf at load (for huge checkpoints)",
+    )

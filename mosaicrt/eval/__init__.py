@@ -1,0 +1,1 @@
+"""Quality measures of a trained model through any backend: long-context recall, bits per byte."""
