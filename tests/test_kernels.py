@@ -273,3 +273,27 @@ def test_cuda_graph_decode_equals_eager_kernels(tmp_path, compile):
     for a, b in zip(states[0].memories, states[1].memories):
         for kind in a:
             assert (a[kind].keys - b[kind].keys).abs().max() <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_cuda_graph_decode_step_makes_no_sync(tiny_ckpt):
+    """A decode step replayed from its CUDA graph (inputs copied in, the graph replayed) makes
+    no device-to-host copy or synchronisation; the backend's capacity check reads host
+    positions."""
+    from mosaicrt.runtime.torch_backend import TorchBackend
+
+    backend = TorchBackend(tiny_ckpt, device="cuda", dtype="float32", kernels="triton")
+    state = backend.new_state(3, 64)
+    backend.step(torch.ones(3, 5, dtype=torch.int64), torch.tensor([5, 3, 0]), state, True)
+    one, ids = torch.ones(3, dtype=torch.int64), torch.ones(3, 1, dtype=torch.int64)
+    backend.step(ids, one, state, True)  # captures the graph
+    graph = backend.graphs[id(state)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(10):
+            graph(ids, one)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert state.pos.tolist() == [16, 14, 11]

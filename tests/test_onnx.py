@@ -244,3 +244,17 @@ def test_large_models_stream_their_weights_to_external_data(oracle_ckpt, tmp_pat
     limits = RunLimits(max_batch=2, max_context=64)
     want = score(OrtBackend(inline, device="cpu"), ids, limits)
     assert torch.equal(score(OrtBackend(external, device="cpu"), ids, limits), want)
+
+
+def test_the_device_is_where_the_session_runs(artifact):
+    """Asked for CUDA then the CPU on a machine where the CUDA provider cannot start, ONNX
+    Runtime runs on the CPU: the backend says so and keeps its state in host arrays."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ORT warns that the provider is not available
+        backend = OrtBackend(artifact, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    if backend.session.get_providers()[0] == "CUDAExecutionProvider":
+        pytest.skip("the CUDA provider started here: nothing falls back")
+    assert backend.device.type == "cpu" and not backend.io_binding
+    assert isinstance(backend.new_state(1, 8).pos, np.ndarray)

@@ -86,6 +86,9 @@ def test_build_py_makes_an_engine_with_both_plugins(cli, artifacts, engine, tmp_
     assert manifest["targets"] == ["sm86"]
     assert {p["name"] for p in manifest["plugins"]} == {"GatedKeyScan", "AssociativeMemory"}
     assert manifest["dtype"] == dtype
+    # TF32 (on by default) is cleared for fp32 artifacts; the manifest says how it was built.
+    assert manifest["precision_flags"]["tf32"] is (dtype != "float32")
+    assert manifest["precision_flags"]["strongly_typed"] is True
     assert len(manifest["onnx_sha256"]) == len(manifest["plugin_source_sha256"]) == 64
     assert manifest["profiles"]["decode"]["input_ids"] == [[1, 1], [4, 1]]
     assert manifest["profiles"]["prefill"]["input_ids"] == [[1, 2], [4, 64]]
@@ -336,3 +339,52 @@ def test_device_pointers_become_tensors_without_a_copy():
         desc.type, desc.dims = trt_type, trt.Dims(list(x.shape))
         view = P.device_tensor(x.data_ptr(), desc)
         assert view.dtype == dtype and view.data_ptr() == x.data_ptr() and torch.equal(view, x)
+
+
+def test_plugin_fields_round_trip_through_a_build(artifacts, tmp_path, monkeypatch):
+    """The attributes the parser hands to the plugins of a real TensorRT-RTX build, and what
+    they serialize into the engine: the LTM's "no window" survives the parser's int32."""
+    from mosaicrt.plugins.engine import build_engine
+
+    made = []
+    create = MosaicPluginCreator.create_plugin
+
+    def recording(self, name, fields, phase):
+        plugin = create(self, name, fields, phase)
+        made.append(plugin)
+        return plugin
+
+    monkeypatch.setattr(MosaicPluginCreator, "create_plugin", recording)
+    build_engine(artifacts / "float32", tmp_path / "e", max_batch=2, max_chunk=8, target="sm86",
+                 log=lambda *_: None)  # fmt: skip
+    config = preset("tiny")
+    memories = sorted(
+        (p.fields["window"], p.fields["delay"]) for p in made if p.spec.name == "AssociativeMemory"
+    )
+    assert memories == [(config.stm_window, 1)] * 2 + [(NO_WINDOW, config.ltm_delay)] * 2
+    for plugin in made:
+        assert plugin.phase == trt.TensorRTPhase.BUILD
+        assert P.decode_fields(plugin.spec, plugin.get_fields_to_serialize()) == plugin.fields
+
+
+def test_plugins_made_for_the_build_write_zeros(artifacts):
+    """While the builder times tactics it runs the plugins on made-up inputs: a BUILD-phase
+    plugin writes zeros and returns; a RUNTIME-phase one runs the op (the kernels, interpreted
+    on a CPU), on the same tensors."""
+    import torch
+
+    rng = torch.Generator().manual_seed(0)
+    B, C, H, hs = 2, 3, 2, 16
+    valid = torch.ones(B, C, dtype=torch.bool)
+    inputs = [torch.randn(B, C, H, hs, generator=rng), torch.randn(B, C, H, generator=rng),
+              -torch.rand(B, C, H, generator=rng), valid, torch.randn(B, H, hs, generator=rng),
+              torch.zeros(B, H)]  # fmt: skip
+    spec = SPECS["GatedKeyScan"]
+    for phase in (trt.TensorRTPhase.BUILD, trt.TensorRTPhase.RUNTIME):
+        outputs = [torch.full(inputs[i].shape, float("nan")) for i in spec.outputs]
+        MosaicPlugin(spec, {"eps": 1e-6}, phase).run(inputs, outputs)
+        if phase == trt.TensorRTPhase.BUILD:
+            assert all(bool((out == 0).all()) for out in outputs)
+        else:
+            assert all(bool(out.isfinite().all()) for out in outputs)
+            assert outputs[0].abs().sum() > 0

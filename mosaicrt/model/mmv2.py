@@ -252,8 +252,9 @@ class Layer(nn.Module):
 
 
 def check_capacity(state: DecodeState, lengths: torch.Tensor) -> None:
-    """Refuse a step that would take a sequence past the state's capacity."""
-    reach = int((state.pos + lengths).max())
+    """Refuse a step that would take a sequence past the state's capacity (lengths (B,) on the
+    CPU, against the state's host positions: nothing is read back from a device)."""
+    reach = int((state.host_pos + lengths).max())
     if reach > state.capacity:
         raise CapacityError(
             f"a sequence would reach {reach} tokens but the state holds {state.capacity}: "
@@ -303,14 +304,17 @@ class MMv2(nn.Module):
         B, C = ids.shape
         if lengths is None:
             lengths = torch.full((B,), C, dtype=torch.int64, device=ids.device)
-        check_capacity(state, lengths)
-        return self.advance(ids, state, lengths, last_only)
+        check_capacity(state, lengths.cpu())
+        logits = self.advance(ids, state, lengths, last_only)
+        state.host_pos += lengths.cpu()
+        return logits
 
     def advance(
         self, ids: torch.Tensor, state: DecodeState, lengths: torch.Tensor, last_only: bool
     ) -> torch.Tensor:
-        """`step` without the capacity check. With kernels that take the whole store (the Triton
-        ones) a decode step (C = 1) makes no host sync, so it can be captured in a CUDA graph."""
+        """`step` without the capacity check and without updating state.host_pos (the caller
+        does both). With kernels that take the whole store (the Triton ones) a decode step
+        (C = 1) makes no host sync, so it can be captured in a CUDA graph."""
         B, C = ids.shape
         valid = torch.arange(C, device=ids.device)[None, :] < lengths[:, None]  # (B, C)
         pos = state.pos.clone()

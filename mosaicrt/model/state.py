@@ -65,6 +65,7 @@ class DecodeState:
     pos: torch.Tensor  # (B,) int64, tokens consumed so far
     memories: list[dict[str, MemoryState]]  # per layer: {"stm": ..., "ltm": ...}
     capacity: int  # most tokens one sequence may consume
+    host_pos: torch.Tensor  # (B,) int64 on the CPU: pos, kept in step by whoever advances it
 
     @classmethod
     def allocate(
@@ -87,6 +88,7 @@ class DecodeState:
             pos=torch.zeros(batch, dtype=torch.int64, device=device),
             memories=memories,
             capacity=capacity,
+            host_pos=torch.zeros(batch, dtype=torch.int64),
         )
 
     @property
@@ -94,7 +96,9 @@ class DecodeState:
         return self.pos.shape[0]
 
     def reset(self, rows: torch.Tensor) -> None:
-        """Free the sequences in `rows` (B,) bool so new requests can use them."""
+        """Free the sequences in `rows` (B,) bool (on the CPU) so new requests can use them."""
+        self.host_pos[rows.cpu()] = 0
+        rows = rows.to(self.pos.device)
         self.pos[rows] = 0
         for layer in self.memories:
             for mem in layer.values():

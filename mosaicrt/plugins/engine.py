@@ -282,10 +282,16 @@ def add_profiles(builder, network, config, max_batch: int, max_chunk: int, block
 
 def set_precision(trt, config, dtype: str) -> dict:
     """Precision comes from the ONNX types; TF32 (on by default) would round an fp32 artifact's
-    products to 10-bit mantissas, so it is cleared for fp32. Returns the flags as built."""
+    products to 10-bit mantissas, so it is cleared for fp32. TensorRT-RTX engines require
+    application-provided memory, which its stream capture needs (the backend captures decode
+    steps). Returns the flags as built."""
     if dtype == "float32":
         config.clear_flag(trt.BuilderFlag.TF32)
-    return {"strongly_typed": True, "tf32": bool(config.get_flag(trt.BuilderFlag.TF32))}
+    flags = {"strongly_typed": True, "tf32": bool(config.get_flag(trt.BuilderFlag.TF32))}
+    if hasattr(trt.BuilderFlag, "REQUIRE_USER_ALLOCATION"):
+        config.set_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION)
+        flags["require_user_allocation"] = True
+    return flags
 
 
 def set_targets(tensorrt, config, target: str | None, timing_cache, output: Path) -> tuple:

@@ -62,6 +62,7 @@ class TorchReferenceRunner(BaseRunner):
         chunk = feed[io_spec.INPUT_IDS].shape[1]
         state = DecodeState.allocate(cfg, len(pos), max(fed_slots + 1, int(pos.max()) + chunk))
         state.pos.copy_(torch.from_numpy(pos))
+        state.host_pos.copy_(state.pos)
         for layer, memories in enumerate(state.memories):
             for i, (memory, st) in enumerate(memories.items()):
                 for field in io_spec.SMALL_FIELDS:

@@ -9,7 +9,12 @@ Per layer and memory, allocated once:
                             hold readable pairs are fed, as a view of the buffer
 Every layer's rings (keys and values) are views of one buffer, and so are the stores, so that
 `write_new_pairs` puts the pairs a step completes (graph outputs) into all layers at once, in
-place: two scatters per step instead of four per layer.
+place: two scatters per step instead of four per layer. Each view starts on a 256-byte boundary
+(TensorRT's alignment for bound addresses).
+
+The positions live twice: `pos` in the state's library (fed to the graph) and `host_pos` in
+numpy, kept in step with it, so that the bookkeeping (capacity, readable blocks, where the new
+pairs go) reads no device memory: a decode step on the GPU makes no device-to-host copy.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ import torch
 
 from mosaicrt.errors import BackendError, CapacityError
 from mosaicrt.export import io_spec
-from mosaicrt.model.config import ModelConfig
+from mosaicrt.model.config import DTYPE_BYTES, ModelConfig
 from mosaicrt.ops import geometry
+
+ALIGN = 256  # bytes: TensorRT wants every bound address aligned to this
 
 
 @dataclass
@@ -33,6 +40,7 @@ class GraphState:
     stores: dict[str, Any]  # past.{l}.{M}.{keys,values}: views of `pairs`
     pairs: dict[str, Any]  # per memory: (L*2, NB, B, H, S, hs), layer-major, keys then values
     capacity: int
+    host_pos: np.ndarray  # (B,) int64, pos on the host (pos itself for a numpy state)
 
     @property
     def batch_size(self) -> int:
@@ -46,6 +54,7 @@ def allocate(
     block: int,
     full: Callable[[tuple, float, bool], Any],
     pos: Any,
+    store_dtype: str = "float32",
 ) -> GraphState:
     """A fresh state; full(shape, value, is_store) makes a buffer (fp32 unless a store)."""
     H, hs = config.num_heads, config.head_dim
@@ -56,18 +65,45 @@ def allocate(
         for field in io_spec.SMALL_FIELDS:
             shape = (batch, heads) if field == "mx" else (batch, heads, hs)
             value = float("-inf") if field == "mx" else 0.0
-            small[io_spec.small_name("past", layer, field)] = full(shape, value, False)
+            small[io_spec.small_name("past", layer, field)] = aligned(full, shape, value)
     fields = io_spec.STORE_FIELDS
     for memory in config.memories:
         nb, slots = (1, config.stm_window - 1) if memory == "stm" else (blocks, block)
         shape = (config.num_layers * len(fields), nb, batch, H, slots, hs)
-        pairs[memory] = full(shape, 0.0, True)
+        pairs[memory] = aligned_views(full, shape, DTYPE_BYTES[store_dtype])
         for layer in range(config.num_layers):
             for i, field in enumerate(fields):
                 stores[io_spec.store_name(layer, memory, field)] = pairs[memory][
                     layer * len(fields) + i
                 ]
-    return GraphState(pos, small, stores, pairs, capacity)
+    host_pos = pos if isinstance(pos, np.ndarray) else np.zeros(batch, np.int64)
+    return GraphState(pos, small, stores, pairs, capacity, host_pos)
+
+
+def address(x: Any) -> int:
+    return x.data_ptr() if isinstance(x, torch.Tensor) else x.ctypes.data
+
+
+def aligned_views(
+    full: Callable, shape: tuple, elem: int, value: float = 0.0, is_store: bool = True
+) -> Any:
+    """A (K, ...) array filled with `value` whose K sub-arrays each start on an ALIGN-byte
+    boundary: one flat buffer, the first sub-array at an aligned address, the others a padded
+    stride apart."""
+    rows, numel = shape[0], int(np.prod(shape[1:]))
+    unit = ALIGN // elem
+    stride = -(-numel // unit) * unit
+    flat = full((rows * stride + unit,), value, is_store)
+    start = (-address(flat) % ALIGN) // elem
+    strides = (stride,) + tuple(int(np.prod(shape[i + 1 :])) for i in range(1, len(shape)))
+    if isinstance(flat, torch.Tensor):
+        return flat[start:].as_strided(shape, strides)
+    return np.lib.stride_tricks.as_strided(flat[start:], shape, [s * elem for s in strides])
+
+
+def aligned(full: Callable, shape: tuple, value: float) -> Any:
+    """An fp32 array of `shape` filled with `value`, starting on an ALIGN-byte boundary."""
+    return aligned_views(full, (1, *shape), 4, value, False)[0]
 
 
 def first_nonfinite_layer(state: GraphState, row: int) -> int | None:
@@ -83,9 +119,11 @@ def first_nonfinite_layer(state: GraphState, row: int) -> int | None:
     return None
 
 
-def reset_rows(state: GraphState, rows: Any) -> None:
-    """Forget the sequences in `rows` (B,) bool; stores stay (positions guard them)."""
+def reset_rows(state: GraphState, rows: Any, host_rows: np.ndarray) -> None:
+    """Forget the sequences in `rows` (B,) bool (host_rows: the same mask in numpy); stores
+    stay (positions guard them)."""
     state.pos[rows] = 0
+    state.host_pos[host_rows] = 0
     for name, array in state.small.items():
         array[rows] = float("-inf") if name.endswith(".mx") else 0.0
 
@@ -95,29 +133,26 @@ def write_new_pairs(
     block: int,
     state: GraphState,
     new_pairs: Callable[[int, str], Any],
-    lengths: Any,
-    steps: Any,
+    host_lengths: np.ndarray,
+    chunk: int,
+    to_state: Callable[[np.ndarray], Any],
 ) -> None:
-    """Store the pairs a step completed (before state.pos advances): pair j of row b is
-    tau = pos_b - 1 + j. new_pairs(layer, field) is the graph's (B, C, nM*H, hs) output;
-    steps is arange(C) in the state's array library."""
+    """Store the pairs a step completed (before the positions advance): pair j of row b is
+    tau = pos_b - 1 + j. new_pairs(layer, field) is the graph's (B, C, nM*H, hs) output. Where
+    each pair goes is worked out on the host; to_state moves those indices to the state."""
     S, H, ring = block, config.num_heads, config.stm_window - 1
-    j = steps[None, :]
-    tau = state.pos[:, None] - 1 + j  # (B, C)
-    ok = (j < lengths[:, None]) & (tau >= 0)
-    newest = (state.pos + lengths - 2)[:, None]
-    xp = torch if isinstance(ok, torch.Tensor) else np
-    rows = {"ltm": xp.where(ok), "stm": xp.where(ok & (tau > newest - ring))}  # ring: newest h-1
+    j = np.arange(chunk)[None, :]
+    tau = state.host_pos[:, None] - 1 + j  # (B, C)
+    ok = (j < host_lengths[:, None]) & (tau >= 0)
+    newest = (state.host_pos + host_lengths - 2)[:, None]
+    rows = {"ltm": np.nonzero(ok), "stm": np.nonzero(ok & (tau > newest - ring))}  # ring: h-1
     if not any(len(b) for b, _ in rows.values()):
         return  # no pair completed (rows of length 0, or the first token)
-    new = xp.stack(  # (B, C, L*2, nM*H, hs), in the order of GraphState.pairs
-        [
-            new_pairs(layer, field)
-            for layer in range(config.num_layers)
-            for field in io_spec.STORE_FIELDS
-        ],
-        2,
-    )
+    parts = [
+        new_pairs(layer, f) for layer in range(config.num_layers) for f in io_spec.STORE_FIELDS
+    ]
+    xp = torch if isinstance(parts[0], torch.Tensor) else np
+    new = xp.stack(parts, 2)  # (B, C, L*2, nM*H, hs), in the order of GraphState.pairs
     for i, memory in enumerate(config.memories):
         b, c = rows[memory]
         t = tau[b, c]  # (n,)
@@ -125,6 +160,7 @@ def write_new_pairs(
             block_of, slot = t * 0, geometry.ring_slot(t, ring)
         else:
             block_of, slot = t // S, t % S
+        b, c, block_of, slot = map(to_state, (b, c, block_of, slot))
         # Advanced indices split by a slice go first: both sides are (n, L*2, H, hs).
         state.pairs[memory][:, block_of, b, :, slot] = new[b, c, :, i * H : (i + 1) * H]
 
@@ -134,17 +170,19 @@ def graph_step(
     block: int,
     state: GraphState,
     ids: Any,
-    lengths: Any,
+    host_lengths: np.ndarray,
     last_only: bool,
     last_only_graph: bool,
     run: Callable[[dict[str, Any]], dict[str, Any]],
-    arange: Callable[[int], Any],
+    to_state: Callable[[np.ndarray], Any],
 ) -> Any:
     """One step of the exported graph over `state`, in place: feed the state (the LTM store's
     readable blocks only, as a view), run, keep the present state and store the new pairs.
-    ids (B, C) and lengths (B,) are int64 in the state's array library, whose arange is given;
-    run(feeds) -> outputs by name. Returns (B, V) logits with last_only, else (B, C, V)."""
-    reach = int((state.pos + lengths).max())
+    ids (B, C) int64 in the state's library, host_lengths (B,) int64 numpy; to_state moves a
+    numpy array to the state's library (and device); run(feeds) -> outputs by name. Returns
+    (B, V) logits with last_only, else (B, C, V). Reads nothing back from the state's device."""
+    lengths = to_state(host_lengths)
+    reach = int((state.host_pos + host_lengths).max())
     if reach > state.capacity:
         raise CapacityError(
             f"a sequence would reach {reach} tokens but the state holds {state.capacity}: "
@@ -155,7 +193,7 @@ def graph_step(
             "this model returns last-position logits only (exported with --last-only): "
             "re-export it without --last-only to score every position"
         )
-    nb = geometry.readable_blocks(state.pos, ids.shape[1], config.ltm_delay, block)
+    nb = geometry.readable_blocks(state.host_pos, ids.shape[1], config.ltm_delay, block)
     feeds = {io_spec.INPUT_IDS: ids, io_spec.LENGTHS: lengths, io_spec.POSITIONS: state.pos + 0}
     feeds.update(state.small)
     for name, store in state.stores.items():
@@ -168,11 +206,16 @@ def graph_step(
         block,
         state,
         lambda layer, field: outputs[io_spec.new_pairs_name(layer, field)],
-        lengths,
-        arange(ids.shape[1]),
+        host_lengths,
+        ids.shape[1],
+        to_state,
     )
     state.pos += lengths
+    if state.host_pos is not state.pos:
+        state.host_pos += host_lengths
     logits = outputs[io_spec.LOGITS]
     if last_only and not last_only_graph:
-        logits = logits[arange(len(lengths)), (lengths - 1).clip(min=0)]
+        logits = logits[
+            to_state(np.arange(len(host_lengths))), to_state((host_lengths - 1).clip(0))
+        ]
     return logits

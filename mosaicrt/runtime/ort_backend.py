@@ -212,13 +212,15 @@ class OrtBackend(Backend):
                 shape, value, self.store_dtype if is_store else np.float32
             )
             pos = np.zeros(batch, np.int64)
-        return allocate(self.config, batch, capacity, self.block, full, pos)
+        stores = self.manifest["state_dtype"]["stores"]
+        return allocate(self.config, batch, capacity, self.block, full, pos, stores)
 
     def first_nonfinite_layer(self, state: GraphState, row: int) -> int | None:
         return first_nonfinite_layer(state, row)
 
     def reset(self, state: OrtState, rows: torch.Tensor) -> None:
-        reset_rows(state, rows.to(self.device) if self.io_binding else rows.numpy())
+        host = rows.numpy()
+        reset_rows(state, rows.to(self.device) if self.io_binding else host, host)
 
     def readable_blocks(self, pos: np.ndarray, chunk: int) -> int:
         return geometry.readable_blocks(pos, chunk, self.config.ltm_delay, self.block)
@@ -257,24 +259,25 @@ class OrtBackend(Backend):
         self.run_seconds.append(time.perf_counter() - start)
         return dict(zip(self.output_names, outputs))
 
+    def to_state(self, array: np.ndarray) -> Any:
+        """A host int64 array in the state's library: numpy, or a tensor on the device."""
+        if self.io_binding:
+            return torch.as_tensor(array, dtype=torch.int64).to(self.device, non_blocking=True)
+        return array
+
     def step(
         self, ids: torch.Tensor, lengths: torch.Tensor, state: OrtState, last_only: bool
     ) -> torch.Tensor:
-        if self.io_binding:
-            device, to_state = self.device, lambda x: x.to(self.device, torch.int64)
-            run, arange = self.run_bound, lambda n: torch.arange(n, device=device)
-        else:
-            to_state = lambda x: x.numpy().astype(np.int64)  # noqa: E731
-            run, arange = self.run_numpy, np.arange
+        run = self.run_bound if self.io_binding else self.run_numpy
         logits = graph_step(
             self.config,
             self.block,
             state,
-            to_state(ids),
-            to_state(lengths),
+            self.to_state(ids.numpy().astype(np.int64)),
+            lengths.numpy().astype(np.int64),
             last_only,
             self.last_only_graph,
             run,
-            arange,
+            self.to_state,
         )
         return logits.float().cpu() if self.io_binding else torch.from_numpy(logits)

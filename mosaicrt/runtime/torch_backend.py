@@ -106,16 +106,16 @@ class TorchBackend(Backend):
         # The reference code sizes its LTM reads on the host, so only the kernels are capturable.
         self.cuda_graphs = cuda_graphs and kernels == "triton" and self.device.type == "cuda"
         self.graphs: dict[int, DecodeGraph] = {}
-        self.decode_fn, self.graph_fn = self.model.step, self.model.advance
+        self.decode_fn, self.graph_fn = self.model.advance, self.model.advance
         if compile:
-            self.decode_fn = torch.compile(self.model.step, dynamic=True)
+            self.decode_fn = torch.compile(self.model.advance, dynamic=True)
             self.graph_fn = torch.compile(self.model.advance)
 
     def new_state(self, batch: int, capacity: int) -> DecodeState:
         return self.model.new_state(batch, capacity)
 
     def reset(self, state: DecodeState, rows: torch.Tensor) -> None:
-        state.reset(rows.to(self.device))
+        state.reset(rows)
 
     def first_nonfinite_layer(self, state: DecodeState, row: int) -> int | None:
         for layer, memories in enumerate(state.memories):
@@ -128,14 +128,15 @@ class TorchBackend(Backend):
     def step(
         self, ids: torch.Tensor, lengths: torch.Tensor, state: DecodeState, last_only: bool
     ) -> torch.Tensor:
+        check_capacity(state, lengths)  # host positions: no device read
         if self.cuda_graphs and ids.shape[1] == 1 and last_only:
-            lengths = lengths.to(self.device)
-            check_capacity(state, lengths)
             graph = self.graphs.get(id(state))
             if graph is None:  # captured once per state, dropped with it
                 graph = self.graphs[id(state)] = DecodeGraph(self.graph_fn, state)
                 weakref.finalize(state, self.graphs.pop, id(state), None)
-            return graph(ids, lengths).float().cpu()
-        step = self.decode_fn if ids.shape[1] == 1 else self.model.step
-        logits = step(ids.to(self.device), state, lengths.to(self.device), last_only)
+            logits = graph(ids, lengths)
+        else:
+            advance = self.decode_fn if ids.shape[1] == 1 else self.model.advance
+            logits = advance(ids.to(self.device), state, lengths.to(self.device), last_only)
+        state.host_pos += lengths
         return logits.float().cpu()

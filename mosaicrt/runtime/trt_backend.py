@@ -14,9 +14,11 @@ writing the new pairs) stays eager.
 
 from __future__ import annotations
 
+import sys
 import weakref
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mosaicrt.errors import BackendError, CapacityError
@@ -26,6 +28,7 @@ from mosaicrt.model.config import ModelConfig
 from mosaicrt.plugins.engine import read_build_manifest
 from mosaicrt.runtime.backend import Backend
 from mosaicrt.runtime.graph_state import (
+    ALIGN,
     GraphState,
     allocate,
     first_nonfinite_layer,
@@ -61,9 +64,19 @@ def check_runtime(manifest: dict, engine_dir: str | Path) -> None:
             raise BackendError(f"{engine_dir} was {built}; {running}: {rebuild} --target {here}")
 
 
+def bind(context, name: str, tensor: torch.Tensor) -> None:
+    """Bind a tensor's address to the context, or say which tensor TensorRT refused."""
+    if tensor.data_ptr() % ALIGN:
+        raise BackendError(f"tensor {name!r} is not {ALIGN}-byte aligned for TensorRT")
+    if not context.set_tensor_address(name, tensor.data_ptr()):
+        raise BackendError(f"TensorRT refused the address of tensor {name!r}")
+
+
 class CapturedDecode:
-    """The engine's decode profile for one state, captured as a CUDA graph over static buffers;
-    called with the step's feeds, it copies the per-step inputs in and replays."""
+    """The engine's decode profile for one state, captured as a CUDA graph over static buffers,
+    on an execution context of its own (prefill steps and other states shape and bind the
+    backend's main context, never this one); called with the step's feeds, it copies the
+    per-step inputs in and replays."""
 
     def __init__(self, backend: "TrtBackend", state: GraphState) -> None:
         B, device = state.batch_size, state.pos.device
@@ -74,10 +87,11 @@ class CapturedDecode:
             **state.small,
             **state.stores,  # whole: see the module docstring
         }
-        backend.run_graph(self.feeds)  # TensorRT finishes its deferred work before a capture
+        self.context, self.memory = backend.new_context()
+        backend.run_graph(self.feeds, self.context)  # deferred work finishes before a capture
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, stream=backend.stream):
-            self.outputs = backend.run_graph(self.feeds)
+            self.outputs = backend.run_graph(self.feeds, self.context)
 
     def __call__(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for name in (io_spec.INPUT_IDS, io_spec.LENGTHS, io_spec.POSITIONS):
@@ -110,7 +124,8 @@ class TrtBackend(Backend):
                 f"TensorRT could not deserialize {engine_dir}/{manifest['engine_file']} (see its "
                 f"log above): rebuild it with `mosaicrt build {manifest['artifact']}`"
             )
-        self.context = self.engine.create_execution_context()
+        self.context, self.memory = self.new_context()
+        self.profiles: dict[int, int] = {}  # id(context) -> the profile it is set to
         self.config = ModelConfig.from_dict(manifest["config"])
         self.block, self.max_context = manifest["ltm_block"], manifest["max_context"]
         self.max_batch, self.max_chunk = manifest["max_batch"], manifest["max_chunk"]
@@ -126,9 +141,32 @@ class TrtBackend(Backend):
             trt.DataType.BF16: torch.bfloat16,
         }
         self.stream = torch.cuda.Stream()
-        self.profile = -1
         self.cuda_graphs = cuda_graphs
-        self.graphs: dict[int, CapturedDecode] = {}
+        self.graphs: dict[int, CapturedDecode | None] = {}  # None: that state decodes eagerly
+
+    def new_context(self) -> tuple:
+        """An execution context on device memory this backend allocates (a fixed address, as
+        stream capture and TensorRT-RTX's REQUIRE_USER_ALLOCATION want), with TensorRT-RTX's
+        shape-specialized kernels compiled eagerly (not lazily in the background, which a
+        capture would record half-done). Returns (context, its memory)."""
+        trt = self.trt
+        if hasattr(self.engine, "create_runtime_config"):  # TensorRT-RTX
+            config = self.engine.create_runtime_config()
+            config.set_execution_context_allocation_strategy(
+                trt.ExecutionContextAllocationStrategy.USER_MANAGED
+            )
+            strategy = trt.DynamicShapesKernelSpecializationStrategy.EAGER
+            config.dynamic_shapes_kernel_specialization_strategy = strategy
+            context = self.engine.create_execution_context(config)
+        else:
+            strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+            context = self.engine.create_execution_context(strategy)
+        if context is None:
+            raise BackendError("TensorRT could not create an execution context: see its log above")
+        size = self.engine.device_memory_size_v2
+        memory = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
+        context.set_device_memory(memory.data_ptr(), size)
+        return context, memory
 
     def new_state(self, batch: int, capacity: int) -> GraphState:
         if batch > self.max_batch or capacity > self.max_context:
@@ -142,35 +180,61 @@ class TrtBackend(Backend):
             return torch.full(shape, value, dtype=dtype, device=self.device)
 
         pos = torch.zeros(batch, dtype=torch.int64, device=self.device)
-        return allocate(self.config, batch, capacity, self.block, full, pos)
+        stores = self.manifest["state_dtype"]["stores"]
+        return allocate(self.config, batch, capacity, self.block, full, pos, stores)
 
     def first_nonfinite_layer(self, state: GraphState, row: int) -> int | None:
         return first_nonfinite_layer(state, row)
 
     def reset(self, state: GraphState, rows: torch.Tensor) -> None:
-        reset_rows(state, rows.to(self.device))
+        reset_rows(state, rows.to(self.device), rows.numpy())
 
-    def run_graph(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One execution of the step graph: CUDA tensors by input name in, by output name out."""
+    def run_graph(self, feeds: dict[str, torch.Tensor], context=None) -> dict[str, torch.Tensor]:
+        """One execution of the step graph on `context` (default: the backend's main one): CUDA
+        tensors by input name in, by output name out. Every shape and address is set again, so
+        a context another state or chunk size used last is right for this one."""
+        context = context or self.context
         chunk = feeds[io_spec.INPUT_IDS].shape[1]
         profile = 0 if chunk == 1 else 1  # the build's profiles: decode, then prefill
-        if profile != self.profile:
-            self.context.set_optimization_profile_async(profile, self.stream.cuda_stream)
-            self.profile = profile
+        if self.profiles.get(id(context)) != profile:
+            if not context.set_optimization_profile_async(profile, self.stream.cuda_stream):
+                raise BackendError(f"TensorRT refused optimization profile {profile}")
+            self.profiles[id(context)] = profile
         for name, tensor in feeds.items():
-            self.context.set_input_shape(name, tuple(tensor.shape))
-            self.context.set_tensor_address(name, tensor.data_ptr())
+            if not context.set_input_shape(name, tuple(tensor.shape)):
+                raise BackendError(
+                    f"TensorRT refused the shape {tuple(tensor.shape)} of input {name!r} "
+                    f"(profile {profile}): the engine was built for other limits; rebuild it"
+                )
+            bind(context, name, tensor)
         outputs = {}
         for name in self.output_names:
-            shape = tuple(self.context.get_tensor_shape(name))
+            shape = tuple(context.get_tensor_shape(name))
             dtype = self.torch_dtypes[self.engine.get_tensor_dtype(name)]
             outputs[name] = torch.empty(shape, dtype=dtype, device=self.device)
-            self.context.set_tensor_address(name, outputs[name].data_ptr())
+            bind(context, name, outputs[name])
         self.stream.wait_stream(torch.cuda.current_stream())
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
+        if not context.execute_async_v3(self.stream.cuda_stream):
             raise BackendError("TensorRT failed to run the engine: see its log above")
         torch.cuda.current_stream().wait_stream(self.stream)
         return outputs
+
+    def decode_runner(self, state: GraphState):
+        """The captured decode graph of this state, made on first use; the eager run_graph when
+        the context cannot be captured (said once)."""
+        if id(state) not in self.graphs:
+            captured = None
+            context, _ = self.new_context()
+            if hasattr(context, "is_stream_capturable") and not context.is_stream_capturable(
+                self.stream.cuda_stream
+            ):
+                print("TensorRT says this engine's decode step cannot be captured in a CUDA "
+                      "graph: decoding eagerly", file=sys.stderr)  # fmt: skip
+            else:
+                captured = CapturedDecode(self, state)
+            self.graphs[id(state)] = captured
+            weakref.finalize(state, self.graphs.pop, id(state), None)
+        return self.graphs[id(state)] or self.run_graph
 
     def step(
         self, ids: torch.Tensor, lengths: torch.Tensor, state: GraphState, last_only: bool
@@ -181,21 +245,20 @@ class TrtBackend(Backend):
                 f"a chunk of {C} tokens exceeds the engine's --max-chunk {self.max_chunk}: "
                 f"lower --prefill-chunk to {self.max_chunk} or rebuild"
             )
-        run = self.run_graph
-        if C == 1 and self.cuda_graphs:
-            run = self.graphs.get(id(state))
-            if run is None:
-                run = self.graphs[id(state)] = CapturedDecode(self, state)
-                weakref.finalize(state, self.graphs.pop, id(state), None)
+        run = self.decode_runner(state) if C == 1 and self.cuda_graphs else self.run_graph
         logits = graph_step(
             self.config,
             self.block,
             state,
-            ids.to(self.device, torch.int64),
-            lengths.to(self.device, torch.int64),
+            self.to_state(ids.numpy().astype(np.int64)),
+            lengths.numpy().astype(np.int64),
             last_only,
             self.last_only_graph,
             run,
-            lambda n: torch.arange(n, device=self.device),
+            self.to_state,
         )
         return logits.float().cpu()
+
+    def to_state(self, array: np.ndarray) -> torch.Tensor:
+        """A host int64 array as a tensor on the GPU (a host-to-device copy, no sync)."""
+        return torch.as_tensor(array, dtype=torch.int64).to(self.device, non_blocking=True)

@@ -1,0 +1,84 @@
+"""The exported graph's state (runtime/graph_state.py): every address a backend binds is
+256-byte aligned, and the bookkeeping of a decode step reads nothing back from a GPU."""
+
+import numpy as np
+import pytest
+import torch
+
+from mosaicrt.export import io_spec
+from mosaicrt.model import preset
+from mosaicrt.runtime.graph_state import ALIGN, address, allocate, graph_step
+
+STORE_DTYPES = {"float32": (np.float32, torch.float32), "float16": (np.float16, torch.float16),
+                "bfloat16": (None, torch.bfloat16)}  # fmt: skip
+
+
+def full_fn(lib: str, store: str, device="cpu"):
+    np_dtype, torch_dtype = STORE_DTYPES[store]
+    if lib == "numpy":
+        return lambda shape, value, is_store: np.full(
+            shape, value, np_dtype if is_store else np.float32
+        )
+    return lambda shape, value, is_store: torch.full(
+        shape, value, dtype=torch_dtype if is_store else torch.float32, device=device
+    )
+
+
+@pytest.mark.parametrize("name", ["tiny", "demo", "mini", "small", "large"])
+def test_every_bound_address_is_256_byte_aligned(name):
+    config = preset(name)
+    capacity = 2 * 128 + 3  # three LTM blocks
+    batches = (1,) if name == "large" else (1, 3)  # odd batches misalign unpadded views
+    for store in STORE_DTYPES:
+        for lib in ("numpy", "torch"):
+            if lib == "numpy" and store == "bfloat16":
+                continue  # numpy has no bf16: bf16 states are torch tensors (TensorRT)
+            for batch in batches:
+                pos = np.zeros(batch, np.int64) if lib == "numpy" else torch.zeros(batch)
+                state = allocate(config, batch, capacity, 128, full_fn(lib, store), pos, store)
+                views = list(state.stores.values()) + list(state.small.values())
+                misaligned = [address(v) % ALIGN for v in views if address(v) % ALIGN]
+                assert not misaligned, (name, store, lib, batch)
+                ltm = [v for k, v in state.stores.items() if ".ltm." in k]
+                assert all(address(v[:1]) == address(v) for v in ltm)  # readable prefixes too
+                del state
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_decode_bookkeeping_makes_no_device_sync():
+    """graph_state on CUDA tensors (the TensorRT backend's state), with the engine replaced by
+    outputs of the right shapes: a decode step's feeds, present state and new pairs make no
+    device-to-host copy or synchronisation."""
+    config = preset("tiny")
+    B, heads, hs = 3, 2 * config.num_heads, config.head_dim
+    state = allocate(config, B, 300, 128, full_fn("torch", "float32", "cuda"),
+                     torch.zeros(B, dtype=torch.int64, device="cuda"))  # fmt: skip
+
+    def run(feeds):
+        out = {io_spec.LOGITS: torch.randn(B, 1, config.vocab_size, device="cuda")}
+        for layer in range(config.num_layers):
+            for field in io_spec.SMALL_FIELDS:
+                out[io_spec.small_name("present", layer, field)] = torch.zeros_like(
+                    feeds[io_spec.small_name("past", layer, field)]
+                )
+            for field in io_spec.STORE_FIELDS:
+                out[io_spec.new_pairs_name(layer, field)] = torch.randn(
+                    B, 1, heads, hs, device="cuda"
+                )
+        return out
+
+    def to_state(array):
+        return torch.as_tensor(array, dtype=torch.int64).to("cuda", non_blocking=True)
+
+    ids = torch.ones(B, 1, dtype=torch.int64, device="cuda")
+    for _ in range(3):  # warm up allocations and kernels
+        graph_step(config, 128, state, ids, np.ones(B, np.int64), True, False, run, to_state)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(20):
+            graph_step(config, 128, state, ids, np.ones(B, np.int64), True, False, run, to_state)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert state.host_pos.tolist() == state.pos.tolist() == [23] * B
