@@ -112,7 +112,7 @@ def run(batcher) -> None:
 def test_a_session_continues_from_its_state(tiny_backend):
     """Turn 2 of a session, fed only its new tokens, equals one pass over all the tokens so far;
     a request beside it in the batch is unaffected, and the session's row is kept in between."""
-    from mosaicrt.runtime.generator import ContinuousBatcher, Request
+    from mosaicrt.runtime.batcher import ContinuousBatcher, Request
 
     limits = RunLimits(max_batch=2, max_context=64, prefill_chunk=4)
     p1, p2, other = [5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [40, 41, 42, 43]
@@ -136,7 +136,7 @@ def test_a_session_continues_from_its_state(tiny_backend):
 
 
 def test_a_session_past_its_context_is_refused(tiny_backend):
-    from mosaicrt.runtime.generator import ContinuousBatcher, Request
+    from mosaicrt.runtime.batcher import ContinuousBatcher, Request
 
     limits = RunLimits(max_batch=1, max_context=20)
     batcher = ContinuousBatcher(tiny_backend, SamplingParams(), limits, ignore_eos=True)
@@ -146,3 +146,70 @@ def test_a_session_past_its_context_is_refused(tiny_backend):
         batcher.check_session(Request(1, [2] * 2, 5, session=7))
     batcher.release(7)
     assert not batcher.sessions
+
+
+class RowSpy:
+    """A backend that records which rows each step runs."""
+
+    def __init__(self, backend):
+        self.backend, self.steps = backend, []
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def step(self, ids, lengths, state, last_only, rows=None):
+        self.steps.append((rows.start, rows.stop))
+        return self.backend.step(ids, lengths, state, last_only, rows)
+
+
+def test_a_step_runs_only_the_rows_with_work(tiny_backend):
+    """One request in a 16-row batcher runs one row; a new request takes the lowest free row,
+    so the rows with work stay together; the tokens are those of each request alone."""
+    from mosaicrt.runtime.batcher import ContinuousBatcher, Request
+
+    spy = RowSpy(tiny_backend)
+    limits = RunLimits(max_batch=16, max_context=64, prefill_chunk=4)
+    batcher = ContinuousBatcher(spy, SamplingParams(), limits, ignore_eos=True)
+    first = Request(0, [5, 6, 7], 4)
+    batcher.submit(first)
+    run(batcher)
+    assert set(spy.steps) == {(0, 1)}
+    spy.steps.clear()
+    batcher.submit(Request(1, [9] * 6, 3))  # row 0 again
+    batcher.submit(Request(2, [8] * 2, 8))  # row 1
+    events = []
+    while batcher.busy:
+        events += batcher.step()
+    assert set(spy.steps) <= {(0, 1), (0, 2), (1, 2)} and (0, 2) in spy.steps
+    outputs = {r.rid: r.output for r, _, done in events if done}
+    for rid, prompt, n in ((1, [9] * 6, 3), (2, [8] * 2, 8)):
+        assert outputs[rid] == generate(tiny_backend, [prompt], n, limits=limits)[0]
+    assert first.output == generate(tiny_backend, [[5, 6, 7]], 4, limits=limits)[0]
+
+
+def test_sessions_beyond_the_rows_are_refused_alone(tiny_backend):
+    """With every row kept by an open session, another session is refused with a clear error
+    and every open session still continues exactly; a cancelled request frees its row."""
+    from mosaicrt.runtime.batcher import ContinuousBatcher, Request
+
+    limits = RunLimits(max_batch=2, max_context=64, prefill_chunk=4)
+    batcher = ContinuousBatcher(tiny_backend, SamplingParams(), limits, ignore_eos=True)
+    turns = {"a": Request(0, [3, 4, 5], 3, session="a"), "b": Request(1, [6, 7], 3, session="b")}
+    for request in turns.values():
+        batcher.submit(request)
+    with pytest.raises(CapacityError, match="all 2 rows hold open sessions"):
+        batcher.submit(Request(2, [1], 3, session="c"))
+    run(batcher)
+    with pytest.raises(CapacityError, match="all 2 rows hold open sessions"):
+        batcher.submit(Request(3, [1], 3, session="c"))
+    for rid, key in ((4, "a"), (5, "b")):
+        first = turns[key]
+        nxt = Request(rid, [9, 9], 4, session=key, end_session=True)
+        batcher.submit(nxt)
+        run(batcher)
+        want = generate(tiny_backend, [first.prompt + first.output + [9, 9]], 4, limits=limits)
+        assert nxt.output == want[0]
+    long = Request(6, [1, 2, 3], 50)
+    batcher.submit(long)
+    batcher.step()
+    assert batcher.cancel(6) is long and not batcher.busy

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from mosaicrt.model import preset, random_model
 from mosaicrt.runtime.generator import RunLimits, generate
 from mosaicrt.runtime.sampling import SamplingParams
+from mosaicrt.runtime.torch_backend import TorchBackend
 
 ATOL = 1e-5  # fp32 streaming vs fp32 full forward
 H, M = 8, 5  # window and delay of the test models
@@ -119,32 +120,13 @@ def test_stores_are_updated_in_place():
     ]
 
 
-class TorchModelBackend:
-    """The torch backend around an in-memory model (the CLI tests cover loading from disk)."""
-
-    name = "torch"
-
-    def __init__(self, model):
-        self.model, self.config = model, model.config
-
-    def new_state(self, batch, capacity):
-        return self.model.new_state(batch, capacity)
-
-    def reset(self, state, rows):
-        state.reset(rows)
-
-    @torch.no_grad()
-    def step(self, ids, lengths, state, last_only):
-        return self.model.step(ids, state, lengths, last_only)
-
-
 @pytest.mark.parametrize("use_ltm", [True, False])
 def test_streaming_greedy_equals_full_recompute_for_100_tokens(use_ltm):
     model = make_model(use_ltm, seed=5)
     model.config = model.config.replace(eos_token_id=None)
     prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8, 2, 8, 1, 8, 2, 8, 4, 5, 9, 0, 4, 5, 2]]
     [a, b] = generate(
-        TorchModelBackend(model),
+        TorchBackend(model, device="cpu"),
         prompts,
         100,
         SamplingParams(),

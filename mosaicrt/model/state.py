@@ -58,6 +58,9 @@ class MemoryState:
         self.v_pend[rows] = 0.0
 
 
+MEMORY_FIELDS = ("s", "mx", "k_pend", "v_pend", "keys", "vals")
+
+
 @dataclass
 class DecodeState:
     """The streaming state of a batch: a position per sequence and a MemoryState per memory."""
@@ -94,6 +97,17 @@ class DecodeState:
     @property
     def batch_size(self) -> int:
         return self.pos.shape[0]
+
+    def view(self, rows: slice) -> DecodeState:
+        """The state of a range of rows, as views: a step on it updates this state in place."""
+        memories = [
+            {
+                m: MemoryState(*(getattr(st, f)[rows] for f in MEMORY_FIELDS))
+                for m, st in layer.items()
+            }
+            for layer in self.memories
+        ]
+        return DecodeState(self.pos[rows], memories, self.capacity, self.host_pos[rows])
 
     def reset(self, rows: torch.Tensor) -> None:
         """Free the sequences in `rows` (B,) bool (on the CPU) so new requests can use them."""

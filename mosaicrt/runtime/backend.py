@@ -37,10 +37,16 @@ class Backend(ABC):
 
     @abstractmethod
     def step(
-        self, ids: torch.Tensor, lengths: torch.Tensor, state: Any, last_only: bool
+        self,
+        ids: torch.Tensor,
+        lengths: torch.Tensor,
+        state: Any,
+        last_only: bool,
+        rows: slice | None = None,
     ) -> torch.Tensor:
-        """Consume ids (B, C) int64, lengths (B,) real tokens per row; return (B, V) or (B, C, V)
-        fp32 CPU logits, updating the state in place."""
+        """Consume ids (R, C) int64, lengths (R,) real tokens per row, for the rows `rows` of the
+        state (default all B); return (R, V) or (R, C, V) fp32 CPU logits, updating those rows
+        in place. The others are not read or written (their cost is not paid)."""
 
 
 @contextmanager
@@ -68,3 +74,16 @@ def nonfinite_error(backend: Backend, state: Any, row: int) -> BackendError:
         f"the model produced non-finite logits (NaN or inf) {where}: the weights or the "
         "computation overflow (weights are scanned at load unless --no-weight-check)"
     )
+
+
+def whole_batch(
+    ids: torch.Tensor, lengths: torch.Tensor, rows: slice | None, batch: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids (R, C) and lengths (R,) of the rows `rows`, as (batch, C) and (batch,) with the other
+    rows at length 0: for a backend that steps every row."""
+    if rows is None or (rows.start, rows.stop) == (0, batch):
+        return ids, lengths
+    full_ids = torch.zeros(batch, ids.shape[1], dtype=ids.dtype)
+    full_lengths = torch.zeros(batch, dtype=lengths.dtype)
+    full_ids[rows], full_lengths[rows] = ids, lengths
+    return full_ids, full_lengths

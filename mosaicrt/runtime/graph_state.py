@@ -46,6 +46,19 @@ class GraphState:
     def batch_size(self) -> int:
         return self.pos.shape[0]
 
+    def view(self, rows: slice) -> GraphState:
+        """The state of a range of rows, as views: a step on it updates this state in place
+        (an LTM store's rows are strided then: ONNX Runtime copies what it reads)."""
+        pos = self.pos[rows]
+        return GraphState(
+            pos=pos,
+            small={k: v[rows] for k, v in self.small.items()},
+            stores={k: v[:, rows] for k, v in self.stores.items()},
+            pairs={k: v[:, :, rows] for k, v in self.pairs.items()},
+            capacity=self.capacity,
+            host_pos=pos if self.host_pos is self.pos else self.host_pos[rows],
+        )
+
 
 def allocate(
     config: ModelConfig,

@@ -266,8 +266,14 @@ class OrtBackend(Backend):
         return array
 
     def step(
-        self, ids: torch.Tensor, lengths: torch.Tensor, state: OrtState, last_only: bool
+        self,
+        ids: torch.Tensor,
+        lengths: torch.Tensor,
+        state: OrtState,
+        last_only: bool,
+        rows: slice | None = None,
     ) -> torch.Tensor:
+        state = state.view(rows) if rows else state
         run = self.run_bound if self.io_binding else self.run_numpy
         logits = graph_step(
             self.config,

@@ -13,7 +13,7 @@ from mosaicrt.errors import BackendError
 from mosaicrt.model.checkpoint import TORCH_DTYPES, load_model
 from mosaicrt.model.mmv2 import MMv2, check_capacity
 from mosaicrt.model.state import DecodeState
-from mosaicrt.runtime.backend import Backend
+from mosaicrt.runtime.backend import Backend, whole_batch
 
 
 def pick_device(device: str) -> torch.device:
@@ -126,6 +126,20 @@ class TorchBackend(Backend):
 
     @torch.inference_mode()
     def step(
+        self,
+        ids: torch.Tensor,
+        lengths: torch.Tensor,
+        state: DecodeState,
+        last_only: bool,
+        rows: slice | None = None,
+    ) -> torch.Tensor:
+        if self.cuda_graphs and ids.shape[1] == 1 and last_only:  # the graph runs every row
+            full_ids, full_lengths = whole_batch(ids, lengths, rows, state.batch_size)
+            logits = self._step(full_ids, full_lengths, state, last_only)
+            return logits[rows] if rows is not None else logits
+        return self._step(ids, lengths, state.view(rows) if rows else state, last_only)
+
+    def _step(
         self, ids: torch.Tensor, lengths: torch.Tensor, state: DecodeState, last_only: bool
     ) -> torch.Tensor:
         check_capacity(state, lengths)  # host positions: no device read

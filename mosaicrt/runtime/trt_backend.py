@@ -26,7 +26,7 @@ from mosaicrt.export import io_spec
 from mosaicrt.model.checkpoint import TORCH_DTYPES
 from mosaicrt.model.config import ModelConfig
 from mosaicrt.plugins.engine import read_build_manifest
-from mosaicrt.runtime.backend import Backend
+from mosaicrt.runtime.backend import Backend, whole_batch
 from mosaicrt.runtime.graph_state import (
     ALIGN,
     GraphState,
@@ -237,6 +237,19 @@ class TrtBackend(Backend):
         return self.graphs[id(state)] or self.run_graph
 
     def step(
+        self,
+        ids: torch.Tensor,
+        lengths: torch.Tensor,
+        state: GraphState,
+        last_only: bool,
+        rows: slice | None = None,
+    ) -> torch.Tensor:
+        """Every row runs (TensorRT binds whole buffers); rows outside `rows` take 0 tokens."""
+        full_ids, full_lengths = whole_batch(ids, lengths, rows, state.batch_size)
+        logits = self._step(full_ids, full_lengths, state, last_only)
+        return logits[rows] if rows is not None else logits
+
+    def _step(
         self, ids: torch.Tensor, lengths: torch.Tensor, state: GraphState, last_only: bool
     ) -> torch.Tensor:
         C = ids.shape[1]
