@@ -1,14 +1,20 @@
 """Serving: the background batching loop here; the Triton Inference Server model repository and a
 real server on loopback further down."""
 
+import json
 import os
+import signal
+import subprocess
+import sys
 import threading
+import time
+import urllib.request
 
 import pytest
 
 from mosaicrt.errors import CapacityError, InputError
 from mosaicrt.runtime.generator import RunLimits, generate
-from mosaicrt.runtime.serving.loop import ServingLoop
+from mosaicrt.runtime.serving.loop import Cancelled, ServingLoop
 from mosaicrt.runtime.torch_backend import TorchBackend
 
 
@@ -43,7 +49,7 @@ def test_loop_batches_concurrent_requests_and_isolates_bad_ones(tiny_ckpt):
         for i in range(8)
     ]  # fmt: skip
     bad = [Collect().submit(loop, [1, 999], 4), Collect().submit(loop, [1] * 45, 10),
-           Collect().submit(loop, [], 3)]  # fmt: skip
+           Collect().submit(loop, [], 3), Collect().submit(loop, [1], 3, session="nope")]  # fmt: skip
     for t in threads:
         t.start()
     for t in threads:
@@ -52,21 +58,42 @@ def test_loop_batches_concurrent_requests_and_isolates_bad_ones(tiny_ckpt):
     errors = [b.wait() == [] and b.error for b in bad]
     assert isinstance(errors[0], InputError) and "outside [0, 258)" in str(errors[0])
     assert isinstance(errors[1], CapacityError) and isinstance(errors[2], InputError)
-    # Two turns of a session equal one pass over every token; an idle session expires.
+    assert "session 'nope' is not open" in str(errors[3])
+    # Two turns of a session equal one pass over every token.
     first = Collect().submit(loop, [3, 4, 5], 4, session="s", start_session=True).wait()
     second = Collect().submit(loop, [6, 7], 5, session="s", end_session=True).wait()
     assert second == generate(backend, [[3, 4, 5] + first + [6, 7]], 5, limits=limits)[0]
+    # A cancelled request stops within a step and frees its row.
+    cancel = threading.Event()
+    long = Collect().submit(loop, [1, 2, 3], 40, is_cancelled=cancel.is_set)
+    while len(long.tokens) < 2:
+        time.sleep(0.01)
+    cancel.set()
+    long.wait()
+    assert isinstance(long.error, Cancelled) and len(long.tokens) < 40
+    assert Collect().submit(loop, [9, 9], 3).wait() == generate(backend, [[9, 9]], 3)[0]
     loop.stop()
 
 
 # A real Triton Inference Server on loopback, serving an ONNX Runtime artifact of the tiny model.
 
-MAX_CONTEXT = 64
+MAX_CONTEXT, MAX_BATCH = 512, 8
+
+
+def shm_regions() -> set[str]:
+    return {f for f in os.listdir("/dev/shm") if "triton" in f}
+
+
+def temp_dirs() -> set[str]:
+    import tempfile
+
+    return {f for f in os.listdir(tempfile.gettempdir()) if f.startswith("mosaicrt-triton-")}
 
 
 @pytest.fixture(scope="module")
 def server(tiny_ckpt, tmp_path_factory):
     pytest.importorskip("tritonclient.grpc", reason="needs the [serve] extra (tritonclient)")
+    from mosaicrt.export.artifact import export_artifact
     from mosaicrt.runtime.serving.repository import export_repository
     from mosaicrt.runtime.serving.server import TritonServer, server_binary
 
@@ -74,113 +101,287 @@ def server(tiny_ckpt, tmp_path_factory):
         server_binary()
     except Exception as exc:
         pytest.skip(f"no tritonserver: {exc}")
-    from mosaicrt.export.artifact import export_artifact
-
     root = tmp_path_factory.mktemp("triton")
     export_artifact(tiny_ckpt, root / "onnx", max_context=MAX_CONTEXT)
-    export_repository(root / "onnx", root / "repo", max_batch=8, max_context=MAX_CONTEXT,
+    export_repository(root / "onnx", root / "repo", max_batch=MAX_BATCH, max_context=MAX_CONTEXT,
                       prefill_chunk=8, idle_timeout_s=30)  # fmt: skip
-    shm_before = set(os.listdir("/dev/shm"))
+    shm_before, tmp_before = shm_regions(), temp_dirs()
     server = TritonServer(root / "repo").start()
-    yield server, root / "onnx"
+    yield server, root
     pgid = server.process.pid
     assert server.stop() == 0, server.log_path.read_text()[-2000:]
     with pytest.raises(ProcessLookupError):  # the stubs are gone with the server
         os.killpg(pgid, 0)
-    leaked = [f for f in set(os.listdir("/dev/shm")) - shm_before if "triton" in f]
-    assert not leaked
+    assert shm_regions() <= shm_before and temp_dirs() <= tmp_before
 
 
-def stream(url: str, prompt, max_new_tokens, sequence_id, start=True, end=True, with_max=True):
-    """One streaming request over gRPC: (tokens, error message or None)."""
-    from mosaicrt.runtime.serving.client import stream_generate
-
-    n = max_new_tokens if with_max else None
-    return stream_generate(url, prompt, n, sequence_id, start=start, end=end, timeout_s=120)
-
-
-def test_concurrent_streams_equal_generate_alone_and_bad_requests_fail_alone(server):
+@pytest.fixture(scope="module")
+def reference(server):
     from mosaicrt.runtime.ort_backend import OrtBackend
 
-    srv, artifact = server
+    backend = OrtBackend(server[1] / "onnx", device="cpu")
+    limits = RunLimits(max_batch=1, max_context=MAX_CONTEXT)
+    return lambda prompt, n: generate(backend, [prompt], n, limits=limits)[0]
+
+
+def stream(srv, prompt=None, n=8, **kw):
+    from mosaicrt.runtime.serving.client import stream_generate
+
+    return stream_generate(srv.grpc_url, prompt, n, timeout_s=120, **kw)
+
+
+def http(srv, path: str, body: dict | None = None) -> tuple[int, dict | str]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"http://{srv.http_url}{path}", data=data)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            text = response.read().decode()
+            return response.status, json.loads(text) if text.startswith("{") else text
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_plain_requests_over_grpc_and_http_with_ids_or_text(server, reference):
+    srv, _ = server
+    prompt, text = [104, 105, 33], "hi!"  # the byte tokenizer: "hi!" is [104, 105, 33]
+    bos = [256]
+    want = reference(prompt, 8)
+    assert stream(srv, prompt).tokens == want  # gRPC, a response per token
+    one = stream(srv, prompt, stream=False)  # gRPC, one response with every token
+    assert one.tokens == want and one.responses == 1
+    assert stream(srv, None, 8, text=text).tokens == reference(bos + prompt, 8)
+    code, body = http(srv, "/v2/models/mosaicrt/generate",
+                      {"input_ids": prompt, "max_new_tokens": 8})  # fmt: skip
+    assert code == 200 and body["output_ids"] == want, body
+    code, body = http(
+        srv, "/v2/models/mosaicrt/generate", {"text_input": text, "max_new_tokens": 8}
+    )
+    assert code == 200 and body["output_ids"] == reference(bos + prompt, 8), body
+    assert isinstance(body["text_output"], (str, list))
+    code, body = http(srv, "/v2/models/mosaicrt/generate_stream",
+                      {"input_ids": prompt, "max_new_tokens": 8, "stream": True})  # fmt: skip
+    events = [json.loads(line[5:]) for line in body.splitlines() if line.startswith("data:")]
+    streamed = [e["output_ids"] for e in events if e.get("output_ids") not in (None, [])]
+    assert code == 200 and streamed == want  # one token per event (a scalar in JSON)
+    infer = {
+        "inputs": [
+            {"name": "input_ids", "shape": [3], "datatype": "INT64", "data": prompt},
+            {"name": "max_new_tokens", "shape": [1], "datatype": "INT32", "data": [8]},
+        ]
+    }
+    code, body = http(srv, "/v2/models/mosaicrt_unary/infer", infer)  # fmt: skip
+    assert code == 200, body
+    outputs = {o["name"]: o["data"] for o in body["outputs"]}
+    assert outputs["output_ids"] == want
+
+
+def test_text_is_utf8_safe_and_stop_strings_end_the_request(server, reference):
+    srv, _ = server
+    prompt = list("é€".encode())  # multi-byte characters in, any bytes out
+    result = stream(srv, prompt, 12)
+    assert result.error is None and result.tokens == reference(prompt, 12)
+    want = bytes(t for t in result.tokens if t < 256).decode("utf-8", errors="replace")
+    assert result.text == want  # pieces never split a character
+    stop = want[3:5] if len(want) > 5 and "\ufffd" not in want[:5] else None
+    if stop:
+        cut = stream(srv, prompt, 12, stop=[stop])
+        assert cut.text == want[: want.index(stop)] and len(cut.tokens) < 12
+    stopped = stream(srv, prompt, 12, stop_ids=[result.tokens[2]])
+    assert stopped.tokens == result.tokens[: result.tokens.index(result.tokens[2]) + 1]
+
+
+def test_concurrent_streams_equal_generate_alone_and_bad_requests_fail_alone(server, reference):
+    srv, _ = server
     prompts = [[(11 * i + 3 * j) % 250 + 1 for j in range(2 + i % 7)] for i in range(16)]
     bad = {  # each gets an error response; the 16 others complete
-        "out of range": ([1, 2, 9999], 4, True),
-        "over capacity": ([1] * 60, 10, True),
-        "missing input": ([1, 2, 3], 4, False),
+        "out of range": dict(prompt=[1, 2, 9999], n=4),
+        "over capacity": dict(prompt=[1] * 500, n=20),
+        "missing input": dict(prompt=[1, 2, 3], n=None),
+        "temperature": dict(prompt=[1], n=2, temperature=-1.0),
+        "top_p": dict(prompt=[1], n=2, temperature=1.0, top_p=2.0),
+        "both inputs": dict(prompt=[1], n=2, text="x"),
     }
-    jobs = [(p, 12, True) for p in prompts] + list(bad.values())
+    jobs = [dict(prompt=p, n=12) for p in prompts] + list(bad.values())
     results = [None] * len(jobs)
 
     def run(i):
-        prompt, n, with_max = jobs[i]
-        results[i] = stream(srv.grpc_url, prompt, n, 100 + i, with_max=with_max)
+        results[i] = stream(srv, **jobs[i])
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(300)
-    backend = OrtBackend(artifact, device="cpu")
-    limits = RunLimits(max_batch=1, max_context=MAX_CONTEXT)
-    for prompt, (tokens, error) in zip(prompts, results):
-        assert error is None
-        assert tokens == generate(backend, [prompt], 12, limits=limits)[0]
-    errors = dict(zip(bad, (e for _, e in results[len(prompts) :])))
+    for prompt, result in zip(prompts, results):
+        assert result.error is None and result.tokens == reference(prompt, 12)
+    errors = dict(zip(bad, (r.error for r in results[len(prompts) :])))
     assert "outside [0, 258)" in errors["out of range"]
-    assert "--max-context is 64" in errors["over capacity"]
+    assert "the server's context limit is 512" in errors["over capacity"]
     assert "max_new_tokens" in errors["missing input"]
+    assert "temperature must be a finite number >= 0" in errors["temperature"]
+    assert "top_p must be in (0, 1]" in errors["top_p"]
+    assert "exactly one of input_ids or text_input" in errors["both inputs"]
+    assert not any("--" in e for e in errors.values())  # no command-line flag names
 
 
-def test_a_two_turn_sequence_equals_one_pass(server):
-    from mosaicrt.runtime.ort_backend import OrtBackend
+def test_sessions_are_isolated_and_the_extra_one_refused(server, reference):
+    srv, _ = server
+    turns = {}
+    for i in range(MAX_BATCH):  # every row kept by an open session
+        key = f"s{i}"
+        first = stream(srv, [5 + i, 6, 7], 3, session_id=key, session_start=True)
+        assert first.error is None
+        turns[key] = [5 + i, 6, 7] + first.tokens
+    extra = stream(srv, [1, 2], 3, session_id="extra", session_start=True)
+    assert f"all {MAX_BATCH} rows hold open sessions" in extra.error
+    unknown = stream(srv, [1, 2], 3, session_id="never")
+    assert "is not open" in unknown.error
+    for key, history in turns.items():
+        nxt = stream(srv, [9, 10], 4, session_id=key, session_end=True)
+        assert nxt.error is None and nxt.tokens == reference(history + [9, 10], 4)
+    assert stream(srv, [3], 3).tokens == reference([3], 3)
 
-    srv, artifact = server
-    first, error = stream(srv.grpc_url, [5, 6, 7, 8], 6, 7001, start=True, end=False)
-    assert error is None
-    second, error = stream(srv.grpc_url, [9, 10, 11], 7, 7001, start=False, end=True)
-    assert error is None
-    backend = OrtBackend(artifact, device="cpu")
-    limits = RunLimits(max_batch=1, max_context=MAX_CONTEXT)
-    assert second == generate(backend, [[5, 6, 7, 8] + first + [9, 10, 11]], 7, limits=limits)[0]
+
+def metrics(srv) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics") as response:
+        text = response.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("mosaicrt_"):
+            name, value = line.rsplit(" ", 1)
+            values[name.split("{")[0]] = values.get(name.split("{")[0], 0.0) + float(value)
+    return values
 
 
-def test_mosaicrt_serve_starts_and_stops_on_ctrl_c(server, tmp_path):
-    """The CLI: triton-export, then serve until SIGINT, which stops the server cleanly."""
-    import signal
-    import subprocess
-    import sys
-    import time
-    import urllib.request
+def test_cancelled_and_dropped_streams_free_their_rows(server):
+    """8 clients drop 400-token streams after 5 tokens (4 cancel, 4 just close): the rows free
+    within a step, so the next request starts as fast as one on an idle server."""
+    from mosaicrt.runtime.serving.client import stream_generate
 
-    from mosaicrt.runtime.serving.server import free_port
+    srv, _ = server
 
-    _, artifact = server
+    def ttft() -> float:
+        start = time.perf_counter()
+        stream_generate(srv.grpc_url, [7, 8, 9], 1, timeout_s=60)
+        return time.perf_counter() - start
+
+    idle = min(ttft() for _ in range(3))
+
+    def drop(i):
+        if i % 2:
+            stream(srv, [i + 1, 2, 3], 400, cancel_after=5)
+        else:  # a client that goes away without a word: its channel closes
+            import tritonclient.grpc as grpcclient
+
+            from mosaicrt.runtime.serving.client import inputs_for
+
+            got = threading.Event()
+            client = grpcclient.InferenceServerClient(srv.grpc_url)
+            client.start_stream(callback=lambda result, error: got.set())
+            client.async_stream_infer("mosaicrt", inputs_for([i + 1, 2, 3], None, 400))
+            got.wait(60)
+            client.close()
+
+    threads = [threading.Thread(target=drop, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    deadline = time.monotonic() + 10
+    while metrics(srv).get("mosaicrt_requests_running", 1) > 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert metrics(srv)["mosaicrt_requests_running"] == 0  # nobody decodes for the dropped
+    after = min(ttft() for _ in range(3))
+    assert after <= 2 * idle + 0.05, (idle, after)
+
+
+def test_metrics_count_tokens_latency_and_failures(server):
+    srv, _ = server
+    before = metrics(srv)
+    assert stream(srv, [1, 2, 3], 6).error is None
+    assert "outside" in stream(srv, [1, 99999], 2).error
+    after = metrics(srv)
+    assert after["mosaicrt_time_to_first_token_seconds_count"] > before.get(
+        "mosaicrt_time_to_first_token_seconds_count", 0
+    )
+    assert (
+        after["mosaicrt_output_tokens_total"] >= before.get("mosaicrt_output_tokens_total", 0) + 6
+    )
+    assert after["mosaicrt_output_tokens_per_second"] > 0
+    assert after["mosaicrt_requests_failed_total"] > before.get("mosaicrt_requests_failed_total", 0)
+    assert after["mosaicrt_state_bytes"] > 0
+
+
+def test_serve_restarts_a_dead_model_and_stops_cleanly_with_open_streams(server, reference):
+    """`mosaicrt serve`: kill -9 of the model's process makes the model not ready and the
+    server restart; Ctrl-C with a stream open ends it with an error, exits 0 within 10 s, and
+    leaves no process, shared memory or temporary directory behind."""
+    from mosaicrt.runtime.serving.server import free_port, stub_processes
+
+    _, root = server
+    long = next([k, 2] for k in range(1, 60) if len(reference([k, 2], 400)) == 400)  # no EOS
+    shm_before, tmp_before = shm_regions(), temp_dirs()
+    ports = [free_port() for _ in range(3)]
     cli = [sys.executable, "-m", "mosaicrt.cli"]
-    too_long = subprocess.run(cli + ["triton-export", str(artifact), "-o", str(tmp_path / "r"),
-                              "--max-context", "4096"], capture_output=True, text=True)  # fmt: skip
-    assert too_long.returncode == 2 and "exceeds the 64 tokens" in too_long.stderr
-    made = subprocess.run(cli + ["triton-export", str(artifact), "-o", str(tmp_path / "repo")],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert made.returncode == 0, made.stderr
-    http, grpc, metrics = free_port(), free_port(), free_port()
     proc = subprocess.Popen(
-        cli + ["serve", str(tmp_path / "repo"), "--http-port", str(http), "--grpc-port",
-               str(grpc), "--metrics-port", str(metrics)],
+        cli + ["serve", str(root / "repo"), "--http-port", str(ports[0]), "--grpc-port",
+               str(ports[1]), "--metrics-port", str(ports[2])],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+
+    def ready() -> bool:
+        try:
+            url = f"http://127.0.0.1:{ports[0]}/v2/models/mosaicrt/ready"
+            with urllib.request.urlopen(url, timeout=1) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def wait_for(condition, seconds):
+        deadline = time.monotonic() + seconds
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return condition()
+
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready") as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
+        assert wait_for(ready, 120)
+        server_pid = int(subprocess.check_output(["pgrep", "-P", str(proc.pid), "tritonserver"]))
+        stubs = stub_processes(server_pid)
+        assert stubs
+        os.kill(next(iter(stubs)), signal.SIGKILL)
+        assert wait_for(lambda: not ready(), 10)  # noticed: the server restarts
+        assert wait_for(ready, 120)
+        from mosaicrt.runtime.serving.client import stream_generate
+
+        url = f"127.0.0.1:{ports[1]}"
+        assert stream_generate(url, [1, 2, 3], 4, timeout_s=60).error is None
+        import tritonclient.grpc as grpcclient
+
+        from mosaicrt.runtime.serving.client import inputs_for
+
+        answers, first, failed = [], threading.Event(), threading.Event()
+
+        def callback(result, error):
+            answers.append(error)
+            first.set()
+            if error is not None:
+                failed.set()
+
+        client = grpcclient.InferenceServerClient(url)
+        client.start_stream(callback=callback)
+        client.async_stream_infer("mosaicrt", inputs_for(long, None, 400))
+        assert first.wait(60)  # the stream is open and decoding
+        start = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        assert failed.wait(10)  # the server ends the stream with an error; the client closes it
+        client.stop_stream()
+        client.close()
+        out, err = proc.communicate(timeout=30)
+        stopped_in = time.monotonic() - start
     finally:
         proc.kill()
     assert proc.returncode == 0, err
-    assert "tritonserver ready" in out and "stopped (exit code 0)" in out
+    assert "restarting tritonserver" in err and "stopped (exit code 0)" in out
+    assert stopped_in < 10
+    assert len(answers) < 400 and "shutting down" in str(answers[-1])
+    assert shm_regions() <= shm_before and temp_dirs() <= tmp_before

@@ -25,6 +25,7 @@ from mosaicrt.bench.machine import machine_info
 from mosaicrt.export.artifact import export_artifact
 from mosaicrt.model.checkpoint import random_tensors, write_checkpoint
 from mosaicrt.model.config import preset
+from mosaicrt.outputs import atomic_file, check_output_file
 from mosaicrt.runtime.generator import RunLimits, generate
 from mosaicrt.runtime.ort_backend import OrtBackend
 from mosaicrt.runtime.serving.client import stream_generate
@@ -32,12 +33,12 @@ from mosaicrt.runtime.serving.repository import export_repository
 from mosaicrt.runtime.serving.server import TritonServer
 
 
-def stream_tokens(url: str, prompt: list[int], max_new_tokens: int, sequence_id: int) -> int:
+def stream_tokens(url: str, prompt: list[int], max_new_tokens: int) -> int:
     """One greedy streaming request; returns the number of tokens received."""
-    tokens, error = stream_generate(url, prompt, max_new_tokens, sequence_id)
-    if error is not None:
-        raise RuntimeError(error)
-    return len(tokens)
+    result = stream_generate(url, prompt, max_new_tokens)
+    if result.error is not None:
+        raise RuntimeError(result.error)
+    return len(result.tokens)
 
 
 def clients_run(url: str, clients: int, requests_each: int, prompt_len: int, new: int) -> dict:
@@ -48,7 +49,7 @@ def clients_run(url: str, clients: int, requests_each: int, prompt_len: int, new
 
     def client(c: int) -> None:
         for r in range(requests_each):
-            counts[c] += stream_tokens(url, prompts[c][r], new, 1 + c * 1000 + r)
+            counts[c] += stream_tokens(url, prompts[c][r], new)
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
     start = time.perf_counter()
@@ -61,15 +62,18 @@ def clients_run(url: str, clients: int, requests_each: int, prompt_len: int, new
             "output_tokens_per_s": sum(counts) / wall}  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="mini")
     parser.add_argument("--clients", type=positive_int, default=16)
     parser.add_argument("--requests", type=positive_int, default=3, help="requests per client")
     parser.add_argument("--prompt-len", type=positive_int, default=64)
     parser.add_argument("--new-tokens", type=positive_int, default=32)
     parser.add_argument("--json", help="write results here")
-    args = parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.json:
+        check_output_file(args.json, flag="--json")
     config = preset(args.preset)
     context = args.prompt_len + args.new_tokens
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         export_repository(tmp / "onnx", tmp / "repo", max_batch=args.clients,
                           max_context=context, prefill_chunk=args.prompt_len)  # fmt: skip
         with TritonServer(tmp / "repo") as server:
-            stream_tokens(server.grpc_url, [1] * args.prompt_len, 4, 999_999)  # warm up
+            stream_tokens(server.grpc_url, [1] * args.prompt_len, 4)  # warm up
             one = clients_run(server.grpc_url, 1, args.requests, args.prompt_len, args.new_tokens)
             many = clients_run(server.grpc_url, args.clients, args.requests, args.prompt_len,
                                args.new_tokens)  # fmt: skip
@@ -87,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             served = []
             for i in range(5):
                 t0 = time.perf_counter()
-                stream_tokens(server.grpc_url, prompt, args.new_tokens, 500_000 + i)
+                stream_tokens(server.grpc_url, prompt, args.new_tokens)
                 served.append(time.perf_counter() - t0)
         backend = OrtBackend(tmp / "onnx", device="cpu")
         limits = RunLimits(max_batch=1, max_context=context, prefill_chunk=args.prompt_len)
@@ -108,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         "speedup": many["output_tokens_per_s"] / one["output_tokens_per_s"],
         "request_ms_server": 1e3 * statistics.median(served),
         "request_ms_in_process": 1e3 * statistics.median(direct),
+        "server_vs_in_process": statistics.median(served) / statistics.median(direct),
         "overhead_ms_per_request": 1e3 * (statistics.median(served) - statistics.median(direct)),
         "machine": machine_info(),
     }
@@ -118,9 +123,12 @@ def main(argv: list[str] | None = None) -> None:
         f"in process (overhead {result['overhead_ms_per_request']:.1f} ms)"
     )
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        with atomic_file(args.json) as out:
+            out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_cli_args(parser)
+    raise SystemExit(main(parser.parse_args()))

@@ -123,6 +123,15 @@ class ContinuousBatcher:
                 return request
         return None
 
+    def finish(self, rid: int) -> None:
+        """End a running request as complete now (a stop string seen by the caller): its
+        session, if any, continues from what it consumed, like a request that reached its limit."""
+        for row, request in enumerate(self.rows):
+            if request is not None and request.rid == rid:
+                self.rows[row] = None
+                self.sampler.finish(rid)
+                self._finish_turn(request)
+
     @property
     def busy(self) -> bool:
         return bool(self.waiting) or any(r is not None for r in self.rows)
@@ -249,12 +258,18 @@ def check_ids(ids, vocab_size: int, what: str) -> None:
         )
 
 
-def check_request(ids, max_new_tokens: int, vocab_size: int, limits: RunLimits, what: str) -> None:
+def check_request(
+    ids, max_new_tokens: int, vocab_size: int, limits: RunLimits, what: str, serving: bool = False
+) -> None:
+    """Token ids in range, and room for the prompt and max_new_tokens; the messages name the
+    command line's option, or (serving) the request's fields."""
     check_ids(ids, vocab_size, what)
     total = len(ids) + max_new_tokens
     if total > limits.max_context:
+        fix = ("lower max_new_tokens or shorten the prompt" if serving
+               else "raise --max-context or shorten the request")  # fmt: skip
+        limit = "the server's context limit" if serving else "--max-context"
         raise CapacityError(
             f"{what} needs {total} tokens ({len(ids)} prompt + {max_new_tokens} new) "
-            f"but --max-context is {limits.max_context}: raise --max-context or "
-            "shorten the request"
+            f"but {limit} is {limits.max_context}: {fix}"
         )

@@ -49,3 +49,30 @@ def load_tokenizer(model_dir: str | Path, vocab_size: int) -> Tokenizer:
             "too small for byte-level text: pass token ids with --input instead"
         )
     return ByteTokenizer()
+
+
+class TextStream:
+    """Text of a growing list of generated ids, piece by piece, never splitting a UTF-8
+    character: a piece is held back while it ends in an incomplete one."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer, self.ids, self.sent = tokenizer, [], ""
+
+    def push(self, token: int) -> str:
+        """The new text that `token` completes (possibly empty)."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete character: wait for its next byte
+            return ""
+        piece, self.sent = text[len(self.sent) :], text
+        return piece
+
+    def flush(self) -> str:
+        """What is left once no more ids come (a dangling byte decodes as U+FFFD)."""
+        text = self.tokenizer.decode(self.ids)
+        piece, self.sent = text[len(self.sent) :], text
+        return piece
+
+    @property
+    def text(self) -> str:
+        return self.sent

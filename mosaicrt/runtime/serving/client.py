@@ -1,47 +1,94 @@
-"""A minimal streaming client for the served `mosaicrt` model (tritonclient gRPC)."""
+"""A small streaming client for the served `mosaicrt` model (tritonclient gRPC): the tests and the
+serving benchmark use it; any Triton client speaks the same inputs (see triton_model)."""
 
 from __future__ import annotations
 
 import queue
+from dataclasses import dataclass, field
 
 import numpy as np
 
 
+@dataclass
+class Result:
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    error: str | None = None
+    responses: int = 0  # responses that carried tokens
+
+
+def inputs_for(prompt=None, text=None, max_new_tokens=None, stream=True, **optional) -> list:
+    """The request's input tensors: input_ids or text_input, max_new_tokens (None: left out),
+    stream, and any optional input by name (temperature=0.7, session_id="a", ...)."""
+    import tritonclient.grpc as grpcclient
+
+    def tensor(name, array, dtype):
+        t = grpcclient.InferInput(name, list(array.shape), dtype)
+        t.set_data_from_numpy(array)
+        return t
+
+    types = {"temperature": (np.float32, "FP32"), "top_p": (np.float32, "FP32"),
+             "top_k": (np.int32, "INT32"), "seed": (np.uint64, "UINT64"),
+             "session_start": (bool, "BOOL"), "session_end": (bool, "BOOL"),
+             "stop_ids": (np.int64, "INT64")}  # fmt: skip
+    out = []
+    if prompt is not None:
+        out.append(tensor("input_ids", np.array(prompt, dtype=np.int64), "INT64"))
+    if text is not None:
+        out.append(tensor("text_input", np.array([text.encode()], dtype=np.object_), "BYTES"))
+    if max_new_tokens is not None:
+        out.append(tensor("max_new_tokens", np.array([max_new_tokens], dtype=np.int32), "INT32"))
+    out.append(tensor("stream", np.array([stream]), "BOOL"))
+    for name, value in optional.items():
+        if name in ("session_id", "stop"):
+            values = [value] if isinstance(value, str) else list(value)
+            out.append(tensor(name, np.array([v.encode() for v in values], np.object_), "BYTES"))
+        else:
+            dtype, kind = types[name]
+            out.append(tensor(name, np.array(np.atleast_1d(value), dtype=dtype), kind))
+    return out
+
+
 def stream_generate(
     url: str,
-    prompt: list[int],
-    max_new_tokens: int | None,
-    sequence_id: int,
-    start: bool = True,
-    end: bool = True,
+    prompt: list[int] | None = None,
+    max_new_tokens: int | None = 16,
+    text: str | None = None,
+    stream: bool = True,
+    cancel_after: int | None = None,
     timeout_s: float = 600.0,
-) -> tuple[list[int], str | None]:
-    """One request over a gRPC stream: (tokens as they arrived, the error message or None).
-    max_new_tokens None leaves that input out (the server refuses the request)."""
+    **optional,
+) -> Result:
+    """One request over a gRPC stream: the tokens and text as they arrived, or the error.
+    cancel_after=N: stop reading after N tokens and cancel the request (stop_stream with
+    cancel_requests), as a client that goes away does."""
     import tritonclient.grpc as grpcclient
 
     responses: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
-    inputs = [grpcclient.InferInput("input_ids", [len(prompt)], "INT64")]
-    inputs[0].set_data_from_numpy(np.array(prompt, dtype=np.int64))
-    if max_new_tokens is not None:
-        inputs.append(grpcclient.InferInput("max_new_tokens", [1], "INT32"))
-        inputs[1].set_data_from_numpy(np.array([max_new_tokens], dtype=np.int32))
-    tokens: list[int] = []
+    result, cancelled = Result(), False
     try:
-        client.async_stream_infer("mosaicrt", inputs, sequence_id=sequence_id,
-                                  sequence_start=start, sequence_end=end,
+        client.async_stream_infer("mosaicrt", inputs_for(prompt, text, max_new_tokens, stream,
+                                                         **optional),
                                   enable_empty_final_response=True)  # fmt: skip
         while True:
-            result, error = responses.get(timeout=timeout_s)
+            answer, error = responses.get(timeout=timeout_s)
             if error is not None:
-                return tokens, str(error)
-            out = result.as_numpy("output_ids")
-            if out is not None:
-                tokens += out.tolist()
-            if result.get_response().parameters["triton_final_response"].bool_param:
-                return tokens, None
+                result.error = str(error)
+                return result
+            ids = answer.as_numpy("output_ids")
+            if ids is not None and ids.size:
+                result.tokens += ids.tolist()
+                result.responses += 1
+            pieces = answer.as_numpy("text_output")
+            if pieces is not None:
+                result.text += "".join(p.decode() for p in pieces.reshape(-1))
+            if cancel_after is not None and len(result.tokens) >= cancel_after:
+                cancelled = True
+                return result
+            if answer.get_response().parameters["triton_final_response"].bool_param:
+                return result
     finally:
-        client.stop_stream()  # an open stream would keep the server from stopping
+        client.stop_stream(cancel_requests=cancelled)  # an open stream keeps the server up
         client.close()

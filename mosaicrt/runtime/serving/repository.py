@@ -1,9 +1,11 @@
 """`mosaicrt triton-export`: a Triton Inference Server model repository serving one mosaicrt model.
 
-REPO/mosaicrt/config.pbtxt        Python backend, decoupled, sequence batcher
-REPO/mosaicrt/1/model.py          mosaicrt.runtime.serving.triton_model
-REPO/mosaicrt/1/mosaicrt.json     backend, device and limits the model opens
-REPO/mosaicrt/1/model/            the artifact, engine or checkpoint (a copy)
+REPO/mosaicrt/config.pbtxt          Python backend, decoupled: streaming and HTTP generate
+REPO/mosaicrt/1/model.py            mosaicrt.runtime.serving.triton_model
+REPO/mosaicrt/1/mosaicrt.json       backend, device and limits the model opens
+REPO/mosaicrt/1/model/              the artifact, engine or checkpoint (a copy)
+REPO/mosaicrt_unary/config.pbtxt    Python backend, not decoupled: unary infer, forwarded
+REPO/mosaicrt_unary/1/model.py      mosaicrt.runtime.serving.triton_unary
 """
 
 from __future__ import annotations
@@ -15,37 +17,43 @@ from pathlib import Path
 from mosaicrt.errors import InputError
 from mosaicrt.outputs import atomic_dir, check_output_dir
 
-MODEL_NAME = "mosaicrt"
+MODEL_NAME, UNARY_NAME = "mosaicrt", "mosaicrt_unary"
 SETTINGS = "mosaicrt.json"
 MODEL_PY = Path(__file__).with_name("triton_model.py")  # imports Triton's Python-backend utils
+UNARY_PY = Path(__file__).with_name("triton_unary.py")
+DRAIN_FILE_ENV = "MOSAICRT_DRAIN_FILE"  # while this file exists, the model refuses and ends work
 
-CONFIG = """\
-name: "{name}"
-backend: "python"
-max_batch_size: 0
-model_transaction_policy {{ decoupled: true }}
-input [
-  {{ name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] }},
+INPUTS = """input [
+  {{ name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] optional: true }},
+  {{ name: "text_input" data_type: TYPE_STRING dims: [ 1 ] optional: true }},
   {{ name: "max_new_tokens" data_type: TYPE_INT32 dims: [ 1 ] }},
   {{ name: "temperature" data_type: TYPE_FP32 dims: [ 1 ] optional: true }},
   {{ name: "top_k" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
   {{ name: "top_p" data_type: TYPE_FP32 dims: [ 1 ] optional: true }},
-  {{ name: "seed" data_type: TYPE_INT64 dims: [ 1 ] optional: true }}
+  {{ name: "seed" data_type: TYPE_UINT64 dims: [ 1 ] optional: true }},
+  {{ name: "stop" data_type: TYPE_STRING dims: [ -1 ] optional: true }},
+  {{ name: "stop_ids" data_type: TYPE_INT64 dims: [ -1 ] optional: true }},
+  {{ name: "stream" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
+  {{ name: "session_id" data_type: TYPE_STRING dims: [ 1 ] optional: true }},
+  {{ name: "session_start" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
+  {{ name: "session_end" data_type: TYPE_BOOL dims: [ 1 ] optional: true }}
 ]
 output [
-  {{ name: "output_ids" data_type: TYPE_INT64 dims: [ -1 ] }}
+  {{ name: "output_ids" data_type: TYPE_INT64 dims: [ -1 ] }},
+  {{ name: "text_output" data_type: TYPE_STRING dims: [ -1 ] }}
 ]
-instance_group [ {{ count: {instances} kind: {kind} }} ]
-sequence_batching {{
-  max_sequence_idle_microseconds: {idle_us}
-  oldest {{ max_candidate_sequences: {candidates} max_queue_delay_microseconds: 0 }}
-  control_input [
-    {{ name: "START" control [ {{ kind: CONTROL_SEQUENCE_START int32_false_true: [ 0, 1 ] }} ] }},
-    {{ name: "END" control [ {{ kind: CONTROL_SEQUENCE_END int32_false_true: [ 0, 1 ] }} ] }},
-    {{ name: "READY" control [ {{ kind: CONTROL_SEQUENCE_READY int32_false_true: [ 0, 1 ] }} ] }}
-  ]
-}}
 """
+
+CONFIG = (
+    """name: "{name}"
+backend: "python"
+max_batch_size: 0
+model_transaction_policy {{ decoupled: {decoupled} }}
+"""
+    + INPUTS
+    + """instance_group [ {{ count: {instances} kind: {kind} }} ]
+"""
+)
 
 
 def model_kind(model_dir: Path) -> str:
@@ -143,15 +151,15 @@ def write_repository(
     home = repo / MODEL_NAME
     version = home / "1"
     version.mkdir(parents=True)
-    (home / "config.pbtxt").write_text(
-        CONFIG.format(
-            name=MODEL_NAME,
-            instances=instances,
-            kind="KIND_GPU" if backend == "tensorrt" else "KIND_CPU",
-            idle_us=int(idle_timeout_s * 1e6),
-            candidates=max(16, 4 * max_batch),
-        )
+    kind = "KIND_GPU" if backend == "tensorrt" else "KIND_CPU"
+    config = CONFIG.format(name=MODEL_NAME, decoupled="true", instances=instances, kind=kind)
+    (home / "config.pbtxt").write_text(config)
+    unary = repo / UNARY_NAME / "1"
+    unary.mkdir(parents=True)
+    (unary.parent / "config.pbtxt").write_text(
+        CONFIG.format(name=UNARY_NAME, decoupled="false", instances=1, kind="KIND_CPU")
     )
+    shutil.copy(UNARY_PY, unary / "model.py")
     shutil.copy(MODEL_PY, version / "model.py")
     shutil.copytree(model_dir, version / "model")
     settings = {

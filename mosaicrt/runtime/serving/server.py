@@ -10,6 +10,7 @@ Python version.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -23,6 +24,7 @@ import urllib.request
 from pathlib import Path
 
 from mosaicrt.errors import BackendError
+from mosaicrt.runtime.serving.repository import DRAIN_FILE_ENV
 
 
 def pytriton_root() -> Path | None:
@@ -84,7 +86,12 @@ def free_port() -> int:
 
 
 class TritonServer:
-    """`with TritonServer(repo) as server:` a ready server; stopped cleanly on exit."""
+    """`with TritonServer(repo) as server:` a ready server; stopped cleanly on exit.
+
+    Everything the server writes besides the repository (its log, the Python backend's
+    temporary directories, the drain flag) lives in one work directory that a clean stop
+    removes. `healthy()` tells whether every model process (stub) it started is still alive:
+    Triton keeps reporting a model ready after its stub died, so `mosaicrt serve` asks this."""
 
     def __init__(
         self,
@@ -94,6 +101,7 @@ class TritonServer:
         metrics_port: int | None = None,
         log: str | Path | None = None,
         exit_timeout_s: int = 5,
+        log_verbose: int = 0,
     ) -> None:
         self.repo = Path(repo)
         if not (self.repo / "mosaicrt" / "config.pbtxt").is_file():
@@ -104,10 +112,10 @@ class TritonServer:
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
         self.metrics_port = metrics_port or free_port()
-        self.exit_timeout_s = exit_timeout_s
-        self.workdir = Path(tempfile.mkdtemp(prefix="mosaicrt-triton-"))
-        self.log_path = Path(log) if log else self.workdir / "server.log"
+        self.exit_timeout_s, self.log_verbose = exit_timeout_s, log_verbose
+        self.given_log = Path(log) if log else None
         self.process: subprocess.Popen | None = None
+        self.stubs: dict[int, str] = {}  # stub pid -> its shared-memory region
 
     @property
     def http_url(self) -> str:
@@ -118,6 +126,9 @@ class TritonServer:
         return f"127.0.0.1:{self.grpc_port}"
 
     def start(self, timeout_s: float = 120.0) -> TritonServer:
+        self.workdir = Path(tempfile.mkdtemp(prefix="mosaicrt-triton-"))
+        (self.workdir / "tmp").mkdir()
+        self.log_path = self.given_log or self.workdir / "server.log"
         command = [
             str(server_binary()),
             f"--model-repository={self.repo}",
@@ -125,27 +136,33 @@ class TritonServer:
             "--http-address=127.0.0.1", f"--http-port={self.http_port}",
             "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
             "--metrics-address=127.0.0.1", f"--metrics-port={self.metrics_port}",
-            f"--exit-timeout-secs={self.exit_timeout_s}",
+            f"--exit-timeout-secs={self.exit_timeout_s}", f"--log-verbose={self.log_verbose}",
         ]  # fmt: skip
+        env = server_env() | {"TMPDIR": str(self.workdir / "tmp"),
+                              DRAIN_FILE_ENV: str(self.drain_file)}  # fmt: skip
         self.log = open(self.log_path, "w")
         self.process = subprocess.Popen(
-            command, env=server_env(), stdout=self.log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
+            command, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                error = self.last_error()
+                self.stop()
                 raise BackendError(
-                    f"tritonserver exited with code {self.process.returncode} while starting: "
-                    f"{self.last_error()} (log: {self.log_path})"
+                    f"tritonserver exited with code {self.process_code} while starting: {error} "
+                    f"(log: {self.log_path})"
                 )
             if self.ready():
+                self.stubs = stub_processes(self.process.pid)
                 return self
             time.sleep(0.25)
         self.stop()
-        raise BackendError(
-            f"tritonserver was not ready after {timeout_s:.0f} s (log: {self.log_path})"
-        )
+        raise BackendError(f"tritonserver was not ready after {timeout_s:.0f} s")
+
+    @property
+    def drain_file(self) -> Path:
+        return self.workdir / "drain"
 
     def ready(self) -> bool:
         url = f"http://{self.http_url}/v2/health/ready"
@@ -154,6 +171,21 @@ class TritonServer:
                 return response.status == 200
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             return False
+
+    def healthy(self) -> bool:
+        """The server runs, and as many model processes (stubs) as the repository's instance
+        groups ask for are alive, every one seen so far among them."""
+        if self.process is None or self.process.poll() is not None:
+            return False
+        dead = [pid for pid in self.stubs if not alive(pid)]
+        self.stubs.update(stub_processes(self.process.pid))
+        return not dead and sum(map(alive, self.stubs)) >= self.expected_stubs()
+
+    def expected_stubs(self) -> int:
+        """Model instances in the repository: one stub process each."""
+        counts = re.findall(r"count:\s*(\d+)", "".join(
+            f.read_text() for f in self.repo.glob("*/config.pbtxt")))  # fmt: skip
+        return sum(map(int, counts))
 
     def last_error(self) -> str:
         """The model's load failure if there is one (it names the cause), else the last error."""
@@ -164,16 +196,20 @@ class TritonServer:
         errors = [line for line in lines if "rror" in line]
         return errors[-1].strip() if errors else "no error in its log"
 
-    def stop(self) -> int | None:
-        """SIGTERM and wait; then SIGKILL the server (its stubs clean up after it); the whole
-        process group only as a last resort. Returns the server's exit code."""
+    def stop(self, drain_s: float = 1.0) -> int | None:
+        """End the requests in flight with an error (the drain flag the models watch), then
+        SIGTERM and wait; then SIGKILL the server (its stubs clean up after it); the whole
+        process group only as a last resort. Shared memory a dead stub left is removed, and the
+        work directory with it. Returns the server's exit code."""
         if self.process is None:
             return None
         code = self.process.poll()
         if code is None:
+            self.drain_file.touch()
+            time.sleep(drain_s)  # error responses go out; clients close their streams
             self.process.send_signal(signal.SIGTERM)
             try:
-                code = self.process.wait(self.exit_timeout_s + 15)
+                code = self.process.wait(self.exit_timeout_s + 5)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 code = self.process.wait(10)
@@ -183,12 +219,50 @@ class TritonServer:
                 except ProcessLookupError:
                     pass
         self.log.close()
-        shutil.rmtree(self.workdir / "backends", ignore_errors=True)
-        self.process = None
+        for region in self.stubs.values():  # a stub killed outright leaves its region behind
+            Path("/dev/shm", region).unlink(missing_ok=True)
+        if code == 0 or self.given_log:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        else:  # keep the log of an unclean stop, and nothing else
+            kept = Path(tempfile.gettempdir()) / f"mosaicrt-triton-{self.process.pid}.log"
+            shutil.copy(self.log_path, kept)
+            self.log_path = kept
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        self.process_code, self.process = code, None
         return code
+
+    def restart(self) -> TritonServer:
+        self.stop(drain_s=0)
+        return self.start()
 
     def __enter__(self) -> TritonServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie waiting to be reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"
+
+
+def stub_processes(server_pid: int) -> dict[int, str]:
+    """The Python-backend stubs of a server started in its own session: pid -> the name of the
+    shared-memory region it uses (its second argument)."""
+    stubs = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+            if os.getpgid(int(proc.name)) != server_pid or b"python_backend_stub" not in args[0]:
+                continue
+        except (OSError, ProcessLookupError):
+            continue
+        stubs[int(proc.name)] = args[2].decode().lstrip("/") if len(args) > 2 else ""
+    return stubs
