@@ -86,6 +86,14 @@ def context_list(text: str) -> list[int]:
     return [positive_int(p) for p in parts]
 
 
+def count_list(text: str) -> list[int]:
+    """Comma-separated positive counts: 100, or 100,100,32."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"{text!r}: give counts, e.g. 100 or 100,100,32")
+    return [positive_int(p) for p in parts]
+
+
 def optional_context_list(text: str) -> list[int]:
     """context_list, or "" for none."""
     return context_list(text) if text.strip() else []

@@ -8,11 +8,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-import traceback
 
 from mosaicrt import __version__
 from mosaicrt.argtypes import Parser
-from mosaicrt.errors import MosaicError
+from mosaicrt.entry import run_main
 
 COMMANDS = {  # name -> (help, module with add_cli_args(parser) and main(args))
     "init": ("write a random-init checkpoint", "init"),
@@ -48,24 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a bad argument (one line, code 2)
         return int(exc.code or 0)
-    try:
-        return args.func(args)
-    except MosaicError as exc:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # an unexpected failure: one line unless --debug
-        if args.debug:
-            raise
-        print(
-            f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
-            file=sys.stderr,
-        )
-        return 1
+    return run_main(args.func, args, args.debug)
 
 
 if __name__ == "__main__":

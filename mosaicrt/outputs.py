@@ -70,6 +70,13 @@ def check_output_dir(
     return path
 
 
+def default_mode(mode: int) -> int:
+    """`mode` less the process's umask: what open() or mkdir() would have given."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return mode & ~umask
+
+
 @contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yields a temporary path beside `path`; renamed onto it when the block succeeds."""
@@ -78,6 +85,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, default_mode(0o666))  # mkstemp makes it private (0600)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -91,6 +99,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, default_mode(0o777))  # mkdtemp makes it private (0700)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / path.name)

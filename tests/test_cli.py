@@ -2,6 +2,7 @@
 it), and once as a real subprocess through the installed entry point."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -67,6 +68,11 @@ def test_init_inspect_and_text_generation(cli, tmp_path):
     ok(cli("init", tmp_path / "m", "--preset", "tiny", "--seed", 1, "--dtype", "bf16"))
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["torch_dtype"] == "bfloat16"
+    umask = os.umask(0o022)
+    os.umask(umask)  # outputs are written beside and renamed, with the modes open() would give
+    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o777 & ~umask
+    for f in (tmp_path / "m").iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
     report = json.loads(
         ok(cli("inspect", tmp_path / "m", "--max-context", 1000, "--max-batch", 2, "--json")).stdout
     )

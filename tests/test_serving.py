@@ -49,7 +49,8 @@ def test_loop_batches_concurrent_requests_and_isolates_bad_ones(tiny_ckpt):
         for i in range(8)
     ]  # fmt: skip
     bad = [Collect().submit(loop, [1, 999], 4), Collect().submit(loop, [1] * 45, 10),
-           Collect().submit(loop, [], 3), Collect().submit(loop, [1], 3, session="nope")]  # fmt: skip
+           Collect().submit(loop, [], 3),
+           Collect().submit(loop, [1], 3, session="nope")]  # fmt: skip
     for t in threads:
         t.start()
     for t in threads:

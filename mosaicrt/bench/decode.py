@@ -327,6 +327,6 @@ def add_speedups(rows: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_cli_args(parser)
-    raise SystemExit(main(parser.parse_args()))
+    from mosaicrt.entry import run_module
+
+    raise SystemExit(run_module(__doc__, add_cli_args, main))

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from mosaicrt.bench.machine import cuda_ms, machine_info, measure_gpu_bandwidth_gb_s
+from mosaicrt.errors import BackendError
 
 # The tilings tried; the fastest of earlier sweeps (bench/results/kernels_h*.json) are the
 # kernels' defaults.
@@ -220,15 +221,16 @@ def bench_scan(B: int, C: int, H: int, hs: int, bandwidth: float) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", help="write results here")
     parser.add_argument(
         "--only", default="chunk,decode,scan", help="comma-separated subset of chunk,decode,scan"
     )
-    args = parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
-        raise SystemExit(
+        raise BackendError(
             "mosaicrt.bench.kernels needs a CUDA GPU (the CPU runs the kernels only "
             "under the Triton interpreter, which says nothing about speed)"
         )
@@ -279,4 +281,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from mosaicrt.entry import run_module
+
+    raise SystemExit(run_module(__doc__, add_cli_args, main))

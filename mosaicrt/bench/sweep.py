@@ -106,8 +106,7 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="mini")
     parser.add_argument("--backends", default="onnxruntime,torch")
     parser.add_argument("--batches", default="1,2,4,8,16")
@@ -116,7 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-len", type=positive_int, default=32)
     parser.add_argument("--json", help="write results here")
     parser.add_argument("--plot", help="write a PNG here")
-    args = parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> int:
     config = preset(args.preset)
     batches = [int(b) for b in args.batches.split(",")]
     keep = set(args.cdf_batches.split(","))
@@ -141,7 +142,10 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     if args.plot:
         plot(result, args.plot)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from mosaicrt.entry import run_module
+
+    raise SystemExit(run_module(__doc__, add_cli_args, main))

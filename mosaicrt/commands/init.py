@@ -33,7 +33,7 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.dir)
     if (out / "config.json").exists() and not args.force:
         raise InputError(f"{out} already holds a checkpoint: pass --force to overwrite it")
-    check_output_dir(out, force=args.force, what="checkpoint")
+    check_output_dir(out, force=args.force, flag="DIR", what="checkpoint")
     n = parameter_count(config)
     if args.preset == "demo":
         config, tensors = demo_checkpoint()

@@ -26,17 +26,19 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=positive_int, default=d.batch, help="episodes per step")
     p.add_argument("--context", type=positive_int, default=d.context, help="tokens per episode")
     p.add_argument("--lr", type=positive_float, default=d.lr, help="peak learning rate")
+    p.add_argument("--dtype", help="fp32|fp16|bf16: the saved weights (training runs in fp32)")
     p.add_argument("--force", action="store_true", help="overwrite a checkpoint in OUT_DIR")
 
 
 def main(args: argparse.Namespace) -> int:
-    from mosaicrt.model.config import preset
+    from mosaicrt.model.config import normalize_dtype, preset
     from mosaicrt.train.loop import TrainSettings, train
 
     out = check_output_dir(args.out_dir, inputs=args.data or [], force=args.force,
                            flag="OUT_DIR", what="training run")  # fmt: skip
     settings = TrainSettings(steps=args.steps, batch=args.batch, context=args.context,
                              lr=args.lr, seed=args.seed)  # fmt: skip
-    train(out, preset(args.preset), settings, args.data, progress=sys.stderr.isatty())
+    dtype = normalize_dtype(args.dtype) if args.dtype else None
+    train(out, preset(args.preset), settings, args.data, sys.stderr.isatty(), dtype)
     print(out)
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from tqdm import tqdm
 from mosaicrt.errors import CheckpointError
 from mosaicrt.model.config import ModelConfig, load_config, save_config, tensor_shapes
 from mosaicrt.model.mmv2 import MMv2
+from mosaicrt.outputs import default_mode
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -95,7 +97,7 @@ def write_checkpoint(
         (out / SINGLE_FILE).unlink(missing_ok=True)
     else:
         partial = out / (SINGLE_FILE + ".partial")  # renamed into place once complete
-        save_file(shard, str(partial), metadata={"format": "pt"})
+        _save_file(shard, partial)
         partial.replace(out / SINGLE_FILE)
         (out / INDEX_FILE).unlink(missing_ok=True)
     save_config(config, out)
@@ -104,8 +106,14 @@ def write_checkpoint(
 
 def _save_shard(shard: dict[str, torch.Tensor], out: Path, number: int) -> str:
     name = f"shard-{number + 1:05d}.safetensors.partial"
-    save_file(shard, str(out / name), metadata={"format": "pt"})
+    _save_file(shard, out / name)
     return name
+
+
+def _save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, with the file mode open() would give (it writes files private)."""
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    os.chmod(path, default_mode(0o666))
 
 
 def _write_index(

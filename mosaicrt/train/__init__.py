@@ -1,2 +1,2 @@
 """Training a byte-level MMv2 on the CPU: text every machine has, synthetic recall episodes in it,
-and the loop (`mosaicrt train`, `python -m mosaicrt.train`)."""
+and the loop (`mosaicrt train`)."""

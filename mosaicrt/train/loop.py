@@ -12,6 +12,7 @@ loss.png (the loss curve).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import time
@@ -127,10 +128,13 @@ def train(
     settings: TrainSettings,
     data: list[str] | None = None,
     progress: bool = True,
+    dtype: str | None = None,
 ) -> Path:
-    """Train from the seed and write the checkpoint, the log and the loss plot to out_dir."""
+    """Train from the seed and write the checkpoint (its weights in dtype, default fp32: the
+    training runs in fp32 whatever it is), the log and the loss plot to out_dir."""
     if config.bos_token_id is None or config.vocab_size < 256:
         raise InputError("training needs a byte-level config (vocab >= 256 and a BOS id)")
+    require_matplotlib()
     text = load_corpus("train", data)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -158,13 +162,21 @@ def train(
                       "elapsed_s": round(time.perf_counter() - start, 1)}  # fmt: skip
             with open(log_path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{float(loss):.3f}", ans=f"{stats['answer_byte_accuracy']:.2f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", ans=f"{stats['answer_byte_accuracy']:.2f}")
         if (step + 1) % settings.save_every == 0 or step == settings.steps - 1:
-            save_checkpoint(model.eval(), out)
+            save_checkpoint(model.eval(), out, dtype)
             model.train()
     (out / "train_settings.json").write_text(json.dumps(asdict(settings), indent=2) + "\n")
     plot_loss(log_path, out / PLOT_FILE)
     return out
+
+
+def require_matplotlib() -> None:
+    """Fail before the first step, not after the last, when the loss plot cannot be drawn."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise InputError(
+            "training draws its loss curve with matplotlib: pip install 'mosaicrt[train]'"
+        )
 
 
 def plot_loss(log_path: Path, png: Path) -> None:
