@@ -10,9 +10,12 @@ regenerated from bench/results/NAME.json (and NAME.png, where present).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import re
 from pathlib import Path
+
+from mosaicrt.errors import InputError
 
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
 SECTION = re.compile(r"(<!-- results:([\w.-]+) -->\n)(.*?)(<!-- /results -->)", re.S)
@@ -29,16 +32,26 @@ def machine_line(result: dict) -> str:
     return f"Machine: {m['cpu']}, {m['cpu_cores']} cores, {m['memory_gib']} GiB; torch {m['torch']}"
 
 
+# Benchmarks whose module renders its own results (markdown(result), and plot(result, path) if any).
+OWN_RENDERING = ("demo_quality", "soak", "sweep")
+
+
+def own_module(result: dict):
+    """The benchmark's own module, where it renders its results itself; else None."""
+    if result["benchmark"] not in OWN_RENDERING:
+        return None
+    return importlib.import_module(f"mosaicrt.bench.{result['benchmark']}")
+
+
 def markdown(result: dict) -> str:
     """The table of a result file, whichever benchmark wrote it."""
     if result["benchmark"] == "kernels":
         return kernels_markdown(result)
     if result["benchmark"] == "serve":
         return serve_markdown(result)
-    if result["benchmark"] == "sweep":
-        from mosaicrt.bench.sweep import markdown as sweep_markdown
-
-        return sweep_markdown(result)
+    own = own_module(result)
+    if own is not None:
+        return own.markdown(result)
     m = result["machine"]
     dtype = result.get("dtype", "float32")
     lines = [
@@ -96,17 +109,22 @@ def kernels_markdown(result: dict) -> str:
 
 def serve_markdown(result: dict) -> str:
     m, one, many = result["machine"], result["one_client"], result["many_clients"]
+    alone, rows = result["in_process"]
     return (
         f"Machine: {m['cpu']}, {m['cpu_cores']} cores; {result['preset']} preset through "
         f"{result['backend']}, {result['prompt_len']} prompt tokens and up to "
         f"{result['new_tokens']} new tokens per request, {result['requests_per_client']} requests "
         f"per client in turn ({m['date'][:10]}).\n\n"
-        "| clients | output tokens/s | vs one client |\n| --- | --- | --- |\n"
-        f"| 1 | {one['output_tokens_per_s']:.1f} | 1.0x |\n"
-        f"| {many['clients']} | {many['output_tokens_per_s']:.1f} | {result['speedup']:.1f}x |\n\n"
+        "| clients | output tokens/s | vs one client | in process on as many rows | vs one row |\n"
+        "| --- | --- | --- | --- | --- |\n"
+        f"| 1 | {one['output_tokens_per_s']:.1f} | 1.0x | {alone['output_tokens_per_s']:.1f} | "
+        "1.0x |\n"
+        f"| {many['clients']} | {many['output_tokens_per_s']:.1f} | {result['speedup']:.1f}x | "
+        f"{rows['output_tokens_per_s']:.1f} | {result['in_process_speedup']:.1f}x |\n\n"
         f"One request alone: {result['request_ms_server']:.0f} ms through the server, "
         f"{result['request_ms_in_process']:.0f} ms through `generate`'s code in process "
-        f"(overhead {result['overhead_ms_per_request']:.0f} ms)."
+        f"(overhead {result['overhead_ms_per_request']:.0f} ms, "
+        f"{result['server_vs_in_process']:.2f}x)."
     )
 
 
@@ -115,7 +133,11 @@ def update_readme(path: Path, results: Path = RESULTS) -> str:
 
     def section(match: re.Match) -> str:
         name = match.group(2)
-        body = markdown(json.loads((results / f"{name}.json").read_text()))
+        source = results / f"{name}.json"
+        if not source.is_file():
+            raise InputError(f"{path} has a results section {name} but {source} does not exist: "
+                             "run its benchmark with --json, or remove the section")  # fmt: skip
+        body = markdown(json.loads(source.read_text()))
         if (results / f"{name}.png").exists():
             body += f"\n\n![{name}](bench/results/{name}.png)"
         return f"{match.group(1)}{body}\n{match.group(4)}"
@@ -158,22 +180,29 @@ def plot(result: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("result", nargs="?")
     parser.add_argument("--plot", help="write a PNG here")
     parser.add_argument("--readme", help="regenerate this README's results sections in place")
-    args = parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> int:
     if args.readme:
         Path(args.readme).write_text(update_readme(Path(args.readme)))
-        return
+        return 0
     if not args.result:
-        parser.error("name a result JSON, or --readme README.md")
+        raise InputError("name a result JSON, or --readme README.md")
     result = json.loads(Path(args.result).read_text())
     print(markdown(result))
     if args.plot:
-        plot(result, args.plot)
+        own = own_module(result)
+        if own is not None and not hasattr(own, "plot"):
+            raise InputError(f"{args.result}: a {result['benchmark']} result has no plot")
+        (own.plot if own is not None else plot)(result, args.plot)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from mosaicrt.entry import run_module
+
+    raise SystemExit(run_module(__doc__, add_cli_args, main))

@@ -1,9 +1,11 @@
 """Serving through Triton Inference Server: aggregate output tokens/s with 1 and with N concurrent
-streaming clients (in-flight batching at work), and the per-request overhead of the server path
-against the same request through `mosaicrt generate`'s code in-process.
+streaming clients (in-flight batching at work), the same requests through the batcher in process
+on 1 and on N rows (what batching gives without the server), and the per-request overhead of the
+server path against the same request through `mosaicrt generate`'s code in process.
 
 Each client sends its requests one after another over a gRPC stream (greedy); tokens are counted
-as they arrive (a request may stop early at EOS).
+as they arrive (a request may stop early at EOS). The artifact is exported with last_only, as for
+serving: a step needs each row's last logits only.
 
     python -m mosaicrt.bench.triton_server --json bench/results/serve_cpu.json
 """
@@ -41,10 +43,26 @@ def stream_tokens(url: str, prompt: list[int], max_new_tokens: int) -> int:
     return len(result.tokens)
 
 
+def client_prompts(clients: int, requests_each: int, prompt_len: int) -> list:
+    """(clients, requests_each, prompt_len) token ids, the same for the server and in process."""
+    gen = torch.Generator().manual_seed(clients)
+    return torch.randint(1, 8000, (clients, requests_each, prompt_len), generator=gen).tolist()
+
+
+def in_process_run(backend, clients: int, requests_each: int, prompt_len: int, new: int) -> dict:
+    """The same requests through the continuous batcher in process, on `clients` rows."""
+    prompts = [p for c in client_prompts(clients, requests_each, prompt_len) for p in c]
+    limits = RunLimits(max_batch=clients, max_context=prompt_len + new, prefill_chunk=prompt_len)
+    start = time.perf_counter()
+    tokens = sum(len(out) for out in generate(backend, prompts, new, limits=limits))
+    wall = time.perf_counter() - start
+    return {"rows": clients, "output_tokens": tokens, "wall_s": wall,
+            "output_tokens_per_s": tokens / wall}  # fmt: skip
+
+
 def clients_run(url: str, clients: int, requests_each: int, prompt_len: int, new: int) -> dict:
     """`clients` threads, each sending requests_each requests in turn; aggregate tokens/s."""
-    gen = torch.Generator().manual_seed(clients)
-    prompts = torch.randint(1, 8000, (clients, requests_each, prompt_len), generator=gen).tolist()
+    prompts = client_prompts(clients, requests_each, prompt_len)
     counts = [0] * clients
 
     def client(c: int) -> None:
@@ -79,7 +97,7 @@ def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write_checkpoint(random_tensors(config, 0), config, tmp / "ckpt")
-        export_artifact(tmp / "ckpt", tmp / "onnx", max_context=context)
+        export_artifact(tmp / "ckpt", tmp / "onnx", max_context=context, last_only=True)
         export_repository(tmp / "onnx", tmp / "repo", max_batch=args.clients,
                           max_context=context, prefill_chunk=args.prompt_len)  # fmt: skip
         with TritonServer(tmp / "repo") as server:
@@ -100,6 +118,8 @@ def main(args: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             generate(backend, [prompt], args.new_tokens, limits=limits)
             direct.append(time.perf_counter() - t0)
+        batched = [in_process_run(backend, c, args.requests, args.prompt_len, args.new_tokens)
+                   for c in (1, args.clients)]  # fmt: skip
     result = {
         "benchmark": "serve",
         "preset": args.preset,
@@ -110,6 +130,8 @@ def main(args: argparse.Namespace) -> int:
         "one_client": one,
         "many_clients": many,
         "speedup": many["output_tokens_per_s"] / one["output_tokens_per_s"],
+        "in_process": batched,
+        "in_process_speedup": batched[1]["output_tokens_per_s"] / batched[0]["output_tokens_per_s"],
         "request_ms_server": 1e3 * statistics.median(served),
         "request_ms_in_process": 1e3 * statistics.median(direct),
         "server_vs_in_process": statistics.median(served) / statistics.median(direct),
@@ -118,7 +140,8 @@ def main(args: argparse.Namespace) -> int:
     }
     print(
         f"1 client {one['output_tokens_per_s']:.1f} tokens/s; {args.clients} clients "
-        f"{many['output_tokens_per_s']:.1f} tokens/s ({result['speedup']:.1f}x); one request "
+        f"{many['output_tokens_per_s']:.1f} tokens/s ({result['speedup']:.1f}x; in process "
+        f"{result['in_process_speedup']:.1f}x); one request "
         f"{result['request_ms_server']:.1f} ms served vs {result['request_ms_in_process']:.1f} ms "
         f"in process (overhead {result['overhead_ms_per_request']:.1f} ms)"
     )
@@ -129,6 +152,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_cli_args(parser)
-    raise SystemExit(main(parser.parse_args()))
+    from mosaicrt.entry import run_module
+
+    raise SystemExit(run_module(__doc__, add_cli_args, main))
