@@ -151,14 +151,21 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name, data in result["backends"].items():
-        rows = data["recall"]
-        x = [r["context"] for r in rows]
+    names = list(result["backends"])
+    for i, name in enumerate(names):
+        rows = result["backends"][name]["recall"]
+        shift = 2 ** (0.05 * (i - (len(names) - 1) / 2))  # side by side: equal values stay visible
+        x = [r["context"] * shift for r in rows]
         y = [100 * r["accuracy"] for r in rows]
-        lo = [100 * (r["accuracy"] - wilson_interval(r["correct"], r["episodes"])[0]) for r in rows]
-        hi = [100 * (wilson_interval(r["correct"], r["episodes"])[1] - r["accuracy"]) for r in rows]
+        bounds = [wilson_interval(r["correct"], r["episodes"]) for r in rows]
+        # Distances to the interval's ends (clipped at 0: at 0 % or 100 % one end is the value).
+        lo = [max(0.0, 100 * (r["accuracy"] - b[0])) for r, b in zip(rows, bounds)]
+        hi = [max(0.0, 100 * (b[1] - r["accuracy"])) for r, b in zip(rows, bounds)]
         ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, label=name)
     ax.set_xscale("log", base=2)
+    contexts = sorted({r["context"] for d in result["backends"].values() for r in d["recall"]})
+    ax.set_xticks(contexts, [str(c) for c in contexts])
+    ax.minorticks_off()
     ax.set_xlabel("context (tokens); trained on <= 1024")
     ax.set_ylabel("recall (%), 95 % interval")
     ax.set_ylim(-2, 102)
