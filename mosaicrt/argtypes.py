@@ -78,20 +78,22 @@ def probability(text: str) -> float:
     return value
 
 
-def context_list(text: str) -> list[int]:
-    """Comma-separated positive token counts: 1024,4096."""
+def positive_int_list(text: str, example: str) -> list[int]:
+    """Comma-separated positive integers; `example` is shown when there are none."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if not parts:
-        raise argparse.ArgumentTypeError(f"{text!r}: give token counts, e.g. 1024,4096")
+        raise argparse.ArgumentTypeError(f"{text!r}: give {example}")
     return [positive_int(p) for p in parts]
+
+
+def context_list(text: str) -> list[int]:
+    """Comma-separated positive token counts: 1024,4096."""
+    return positive_int_list(text, "token counts, e.g. 1024,4096")
 
 
 def count_list(text: str) -> list[int]:
     """Comma-separated positive counts: 100, or 100,100,32."""
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    if not parts:
-        raise argparse.ArgumentTypeError(f"{text!r}: give counts, e.g. 100 or 100,100,32")
-    return [positive_int(p) for p in parts]
+    return positive_int_list(text, "counts, e.g. 100 or 100,100,32")
 
 
 def optional_context_list(text: str) -> list[int]:

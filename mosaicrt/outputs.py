@@ -8,6 +8,7 @@ existing output directory (artifact, engine, repository, checkpoint) needs --for
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -90,6 +91,12 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_json(path: str | Path, data: object, indent: int = 2) -> None:
+    """`data` as JSON (one trailing newline) at `path`, written through atomic_file."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=indent) + "\n")
 
 
 @contextmanager

@@ -9,7 +9,6 @@ Requests ignore EOS so every one produces exactly --output-len tokens.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import time
 
@@ -28,7 +27,7 @@ from mosaicrt.bench.roofline import decode_bytes, prefill_flops
 from mosaicrt.bench.state_bytes import measure_state, store_dtype
 from mosaicrt.errors import MosaicError
 from mosaicrt.model.config import DTYPE_BYTES, parameter_count
-from mosaicrt.outputs import atomic_file, check_output_file
+from mosaicrt.outputs import check_output_file, write_json
 from mosaicrt.runtime.backend import Backend, torch_threads_for
 from mosaicrt.runtime.backends import add_run_args, open_run_backend
 from mosaicrt.runtime.generator import ContinuousBatcher, Request, RunLimits
@@ -187,11 +186,6 @@ def print_table(report: dict) -> None:
     )
 
 
-def write_json(report: dict, path: str) -> None:
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-
-
 def add_cli_args(p: argparse.ArgumentParser) -> None:
     """`mosaicrt bench latency|throughput MODEL ...`"""
     add_run_args(p)
@@ -228,5 +222,5 @@ def main(args: argparse.Namespace) -> int:
                        dataset)  # fmt: skip
     print_table(report)
     if args.json:
-        write_json(report, args.json)
+        write_json(args.json, report)
     return 0

@@ -31,7 +31,7 @@ from mosaicrt.bench.roofline import decode_bytes
 from mosaicrt.errors import InputError
 from mosaicrt.model.checkpoint import random_tensors, write_checkpoint
 from mosaicrt.model.config import DTYPE_BYTES, ModelConfig, load_config, preset
-from mosaicrt.outputs import atomic_file, check_output_file
+from mosaicrt.outputs import check_output_file, write_json
 from mosaicrt.runtime.backend import Backend, torch_threads_for
 
 
@@ -260,8 +260,7 @@ def main(args: argparse.Namespace) -> int:
         "rows": rows,
     }
     if args.json:
-        with atomic_file(args.json) as tmp:
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return 0
 
 

@@ -23,7 +23,7 @@ from mosaicrt.bench.machine import machine_info
 from mosaicrt.errors import InputError
 from mosaicrt.eval.ppl import HELDOUT_BYTES, bits_per_byte
 from mosaicrt.eval.recall import ablate_ltm, run_recall, wilson_interval
-from mosaicrt.outputs import atomic_file, check_output_file
+from mosaicrt.outputs import check_output_file, write_json
 from mosaicrt.runtime.backend import torch_threads_for
 from mosaicrt.runtime.tokenizer import load_tokenizer
 from mosaicrt.train.corpus import load_corpus
@@ -115,8 +115,7 @@ def main(args: argparse.Namespace) -> int:
         agreement(result)
     print(markdown(result))
     if args.json:
-        with atomic_file(args.json) as out:
-            out.write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.json, result, indent=1)
     if args.plot:
         plot(result, args.plot)
     return 0

@@ -8,7 +8,6 @@ flat: a leak of even a few hundred bytes per step would show as a steady climb.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from mosaicrt.argtypes import positive_int
 from mosaicrt.bench.decode import open_backends
 from mosaicrt.bench.machine import machine_info
 from mosaicrt.model.config import preset
-from mosaicrt.outputs import atomic_file, check_output_file
+from mosaicrt.outputs import check_output_file, write_json
 from mosaicrt.runtime.backend import Backend, torch_threads_for
 
 
@@ -79,8 +78,7 @@ def main(args: argparse.Namespace) -> int:
             )
             del backend
     if args.json:
-        with atomic_file(args.json) as out:
-            out.write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.json, result, indent=1)
     return 0
 
 

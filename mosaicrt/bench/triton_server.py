@@ -13,7 +13,6 @@ serving: a step needs each row's last logits only.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import threading
@@ -27,7 +26,7 @@ from mosaicrt.bench.machine import machine_info
 from mosaicrt.export.artifact import export_artifact
 from mosaicrt.model.checkpoint import random_tensors, write_checkpoint
 from mosaicrt.model.config import preset
-from mosaicrt.outputs import atomic_file, check_output_file
+from mosaicrt.outputs import check_output_file, write_json
 from mosaicrt.runtime.generator import RunLimits, generate
 from mosaicrt.runtime.ort_backend import OrtBackend
 from mosaicrt.runtime.serving.client import stream_generate
@@ -146,8 +145,7 @@ def main(args: argparse.Namespace) -> int:
         f"in process (overhead {result['overhead_ms_per_request']:.1f} ms)"
     )
     if args.json:
-        with atomic_file(args.json) as out:
-            out.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return 0
 
 

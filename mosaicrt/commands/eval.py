@@ -4,13 +4,12 @@ through any backend."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from mosaicrt.argtypes import context_list, positive_int, seed
 from mosaicrt.errors import BackendError, InputError
-from mosaicrt.outputs import atomic_file, check_output_file
+from mosaicrt.outputs import check_output_file, write_json
 from mosaicrt.runtime.backends import add_run_args, open_run_backend
 
 
@@ -52,8 +51,7 @@ def main(args: argparse.Namespace) -> int:
     result = run_recall(args, backend) if args.kind == "recall" else run_ppl(args, backend)
     result.update(model=str(args.model), backend=backend.name, ablate=args.ablate)
     if args.json:
-        with atomic_file(args.json) as tmp:
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return 0
 
 

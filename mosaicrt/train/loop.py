@@ -157,12 +157,13 @@ def train(
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip))
         opt.step()
         if step % settings.log_every == 0 or step == settings.steps - 1:
-            record = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm,
+            value = loss.item()
+            record = {"step": step, "loss": value, "lr": lr, "grad_norm": grad_norm,
                       **stats, "tokens": (step + 1) * settings.batch * settings.context,
                       "elapsed_s": round(time.perf_counter() - start, 1)}  # fmt: skip
             with open(log_path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{loss.item():.3f}", ans=f"{stats['answer_byte_accuracy']:.2f}")
+            bar.set_postfix(loss=f"{value:.3f}", ans=f"{stats['answer_byte_accuracy']:.2f}")
         if (step + 1) % settings.save_every == 0 or step == settings.steps - 1:
             save_checkpoint(model.eval(), out, dtype)
             model.train()
