@@ -11,7 +11,8 @@ from mosaicrt.errors import InputError
 from mosaicrt.model import preset, random_model
 from mosaicrt.model.checkpoint import load_tensors
 from mosaicrt.model.config import load_config
-from mosaicrt.model.parallel import parallel_forward
+from mosaicrt.model.parallel import parallel_forward, shifted_retrieval
+from mosaicrt.ops import geometry
 from mosaicrt.ops.gated_key_scan.reference import PARALLEL_CHUNK
 from mosaicrt.train.corpus import MARKERS, load_corpus
 from mosaicrt.train.episodes import WORD, recall_episode, training_episode
@@ -41,6 +42,27 @@ def test_parallel_forward_equals_the_reference(use_ltm):
     missing = {n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()}
     # alpha_psi = exp(min(|theta|, 15)) at theta = 0, the Tab. 6 init: |theta| has no slope there.
     assert missing == {f"layers.{i}.{m}.value_scale" for i in range(2) for m in config.memories}
+
+
+@pytest.mark.parametrize(
+    "T, window, delay",
+    [(37, 9, 1), (64, 64, 1), (65, 64, 1), (130, 64, 1), (20, 30, 1), (1, 9, 1),
+     (37, geometry.NO_WINDOW, 5), (5, geometry.NO_WINDOW, 5), (4, geometry.NO_WINDOW, 8)],
+)  # fmt: skip
+def test_shifted_retrieval_equals_a_masked_softmax(T, window, delay):
+    """Banded (window) and causal (no window) retrieval against a dense softmax over the visible
+    sets of mosaicrt.ops.geometry, at block edges and with sequences shorter than the delay."""
+    gen = torch.Generator().manual_seed(T + delay)
+    q = torch.randn(2, 3, T, 8, generator=gen, dtype=torch.float64) * 4
+    k = torch.nn.functional.normalize(
+        torch.randn(2, 3, T, 8, generator=gen, dtype=torch.float64), dim=-1
+    )
+    v = torch.randn(2, 3, T, 8, generator=gen, dtype=torch.float64)
+    t = torch.arange(T)
+    visible = geometry.visible(t[:, None], t[None, :], window, delay)  # (T, T)
+    scores = (q @ k.transpose(-1, -2)).masked_fill(~visible, float("-inf"))
+    want = torch.nan_to_num(torch.softmax(scores, -1)) @ v  # rows with nothing visible: 0
+    assert (shifted_retrieval(q, k, v, window, delay) - want).abs().max() <= 1e-12
 
 
 def test_episodes_follow_their_format():

@@ -40,7 +40,7 @@ HEAD_PARAMS = ("bandwidth_beta0", "bandwidth_beta1", "bandwidth_alpha", "value_s
 
 @dataclass(frozen=True)
 class TrainSettings:
-    steps: int = 1000
+    steps: int = 900
     batch: int = 8  # episodes per step
     context: int = 1024  # tokens per episode (the targets are the next 1024)
     lr: float = 1.5e-3

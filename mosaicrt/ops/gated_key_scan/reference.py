@@ -53,14 +53,14 @@ def parallel_key_scan(
     stabilised by its running max; between blocks, the carried state as in the streaming form.
     k_raw (B, T, H, hs), log_g / log_lam (B, T, H) -> keys (B, T, H, hs).
     """
-    T = k_raw.shape[1]
     keys = []
     s = mx = None  # carried state: k_bar = exp(mx) * s, (B, H, hs) and (B, H)
-    for start in range(0, T, PARALLEL_CHUNK):
-        block = slice(start, start + PARALLEL_CHUNK)
-        k = k_raw[:, block].transpose(1, 2)  # (B, H, Q, hs)
-        g = log_g[:, block].transpose(1, 2)  # (B, H, Q)
-        lam = log_lam[:, block].transpose(1, 2).cumsum(-1)  # (B, H, Q)
+    # split, not slices: its backward is one concatenation, not a full-size zero tensor per block.
+    blocks = (x.split(PARALLEL_CHUNK, dim=1) for x in (k_raw, log_g, log_lam))
+    for k, g, lam in zip(*blocks):
+        k = k.transpose(1, 2)  # (B, H, Q, hs)
+        g = g.transpose(1, 2)  # (B, H, Q)
+        lam = lam.transpose(1, 2).cumsum(-1)  # (B, H, Q)
         Q = k.shape[2]
         # a[t, tau] = log g_tau + sum_{tau < i <= t} log lam_i, for tau <= t.
         a = g[..., None, :] + lam[..., :, None] - lam[..., None, :]  # (B, H, Q, Q)
