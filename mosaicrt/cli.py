@@ -18,6 +18,7 @@ COMMANDS = {  # name -> (help, module with add_cli_args(parser) and main(args))
     "inspect": ("config, parameter count and memory plan", "inspect"),
     "export": ("export a checkpoint to an ONNX artifact", "export"),
     "build": ("build a TensorRT engine from an ONNX artifact", "build"),
+    "ort-ops": ("build the native ONNX Runtime kernels of the mosaic ops", "ort_ops"),
     "triton-export": ("write a Triton Inference Server model repository", "triton_export"),
     "serve": ("run tritonserver on 127.0.0.1 for a model repository", "serve"),
     "bench": ("latency, throughput or backends compared", "bench"),

@@ -59,3 +59,23 @@ def cli(capsys):
         return CliResult(code, out, err)
 
     return run
+
+
+@pytest.fixture(scope="session", params=["functions", "native"])
+def ort_ops(request) -> str:
+    """Both ways ONNX Runtime runs the mosaic ops: their function bodies, and the native library
+    (built for this machine on first use, as `mosaicrt ort-ops build` does)."""
+    if request.param == "native":
+        request.getfixturevalue("native_ort_library")
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def native_ort_library() -> Path:
+    from mosaicrt.errors import InputError
+    from mosaicrt.ops import ort_library
+
+    try:
+        return ort_library.build_library(log=lambda message: None)
+    except InputError as exc:
+        pytest.skip(f"the native ONNX Runtime ops cannot be built here: {exc}")

@@ -53,12 +53,14 @@ def test_artifact_carries_custom_ops_with_function_bodies(artifact):
     ]
 
 
-def test_onnxruntime_matches_oracle_and_reference(oracle_ckpt, artifact):
+def test_onnxruntime_matches_oracle_and_reference(oracle_ckpt, artifact, ort_ops):
     config, _ = oracle.load_checkpoint(oracle_ckpt)
     T = 3 * config["stm_window"] + 2 * config["ltm_delay"] + 1
     ids = torch.from_numpy(np.random.default_rng(1).integers(0, config["vocab_size"], (2, T)))
     limits = RunLimits(max_context=T, prefill_chunk=6)
-    got = score(OrtBackend(artifact), ids, limits)
+    backend = OrtBackend(artifact, ort_ops=ort_ops)
+    assert backend.ort_ops == ort_ops
+    got = score(backend, ids, limits)
     want = score(TorchBackend(oracle_ckpt, device="cpu"), ids, limits)
     assert (got - want).abs().max() <= ATOL_TORCH
     for row in range(2):
@@ -111,7 +113,7 @@ def test_io_binding_runs_the_same_steps_as_numpy_feeds(oracle_ckpt, artifact):
 
 
 @pytest.mark.slow
-def test_step_graph_greedy_equals_full_recompute_for_1000_tokens(tmp_path):
+def test_step_graph_greedy_equals_full_recompute_for_1000_tokens(tmp_path, ort_ops):
     config = preset("tiny").replace(stm_window=8, ltm_delay=4, eos_token_id=None)
     model = random_model(config, seed=9)
     with torch.no_grad():
@@ -119,7 +121,8 @@ def test_step_graph_greedy_equals_full_recompute_for_1000_tokens(tmp_path):
             if name.endswith(("key_proj.weight", "value_proj.weight", "out_proj.weight")):
                 p.mul_(6.0)
     save_checkpoint(model, tmp_path / "ckpt")
-    backend = OrtBackend(export_artifact(tmp_path / "ckpt", tmp_path / "onnx", max_context=1100))
+    artifact = export_artifact(tmp_path / "ckpt", tmp_path / "onnx", max_context=1100)
+    backend = OrtBackend(artifact, ort_ops=ort_ops)
     prompt = [5, 17, 33, 2, 250, 7, 7, 100]
     [streamed] = generate(
         backend, [prompt], 1000, SamplingParams(), RunLimits(max_context=1010, prefill_chunk=3)
@@ -199,7 +202,7 @@ def test_cuda_execution_provider_matches_reference(oracle_ckpt, artifact):
     assert (got - want).abs().max() <= ATOL_ORACLE
 
 
-def test_fp16_artifact_matches_the_oracle(tmp_path):
+def test_fp16_artifact_matches_the_oracle(tmp_path, ort_ops):
     ckpt = oracle.write_random_checkpoint(tmp_path / "ckpt", dtype="float16", seed=5)
     artifact = export_artifact(ckpt, tmp_path / "onnx", dtype="float16", max_context=64)
     model = onnx.load(str(artifact / "model.onnx"))
@@ -208,9 +211,10 @@ def test_fp16_artifact_matches_the_oracle(tmp_path):
     assert {i.type.tensor_type.elem_type for i in stores} == {onnx.TensorProto.FLOAT16}
     ids = torch.from_numpy(np.random.default_rng(6).integers(0, 300, (2, 30)))
     limits = RunLimits(max_context=30, prefill_chunk=7)
-    got = score(OrtBackend(artifact), ids, limits)
+    got = score(OrtBackend(artifact, ort_ops=ort_ops), ids, limits)
     # fp16 stores and new pairs through the IOBinding path too: the same run, bit for bit.
-    assert torch.equal(score(OrtBackend(artifact, io_binding=True), ids, limits), got)
+    bound = OrtBackend(artifact, io_binding=True, ort_ops=ort_ops)
+    assert torch.equal(score(bound, ids, limits), got)
     for row in range(2):
         want = oracle.logits(ckpt, ids[row].tolist())  # float64 of the same fp16 weights
         # MatMul inputs rounded to fp16 (2^-11 relative) through 2 layers: logits of magnitude

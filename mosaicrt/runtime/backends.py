@@ -23,6 +23,7 @@ def open_backend(
     kernels: str = "torch",
     compile: bool = False,
     check_weights: bool = True,
+    ort_ops: str = "auto",
 ) -> Backend:
     """The backend `name` for model_dir. 'auto': TensorRT for an engine directory, ONNX Runtime
     for an exported artifact, torch for a checkpoint directory."""
@@ -42,6 +43,8 @@ def open_backend(
             name = "onnxruntime" if is_artifact(model_dir) else "torch"
     if kernels != "torch" and name != "torch":
         raise BackendError(f"--kernels {kernels} applies to the torch backend only")
+    if ort_ops != "auto" and name != "onnxruntime":
+        raise BackendError(f"--ort-ops {ort_ops} applies to the onnxruntime backend only")
     if compile and name != "torch":
         raise BackendError(f"--compile applies to the torch backend only, not {name}")
     if dtype is not None and name != "torch":
@@ -67,7 +70,7 @@ def open_backend(
             )
         from mosaicrt.runtime.ort_backend import OrtBackend
 
-        return OrtBackend(model_dir, device=device, check_weights=check_weights)
+        return OrtBackend(model_dir, device=device, check_weights=check_weights, ort_ops=ort_ops)
     from mosaicrt.runtime.torch_backend import TorchBackend
 
     if is_artifact(model_dir):
@@ -108,6 +111,13 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
         help="torch backend: decode steps through torch.compile (the first steps compile; with "
         "--kernels triton on a GPU, the compiled step is what the CUDA graph replays)",
     )
+    p.add_argument(
+        "--ort-ops",
+        default="auto",
+        help="onnxruntime backend: the mosaic ops as native kernels (native: built with "
+        "`mosaicrt ort-ops build`), as their ONNX function bodies (functions), or native where "
+        "built for this machine and on the CPU (auto, default)",
+    )
     add_weight_check_arg(p)
 
 
@@ -117,4 +127,5 @@ def open_run_backend(args: argparse.Namespace):
 
     dtype = normalize_dtype(args.dtype) if args.dtype else None
     return open_backend(args.backend, args.model, args.device, dtype, args.kernels,
-                        compile=args.compile, check_weights=not args.no_weight_check)  # fmt: skip
+                        compile=args.compile, check_weights=not args.no_weight_check,
+                        ort_ops=args.ort_ops)  # fmt: skip

@@ -35,16 +35,46 @@ OrtState = GraphState  # numpy buffers, or torch tensors on the device with IOBi
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
 
-def session_options(threads: int | None = None):
+ORT_OPS = ("auto", "native", "functions")
+
+
+def session_options(threads: int | None = None, library: Path | None = None):
     """The session options every step graph runs with: all graph optimizations, `threads` for
-    the operators (default: one per core), one graph node at a time."""
+    the operators (default: one per core), one graph node at a time, and the native library of
+    the mosaic ops when given (its kernels replace the ops' function bodies)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or os.cpu_count() or 1
     options.inter_op_num_threads = 1
+    if library is not None:
+        options.register_custom_ops_library(str(library))
     return options
+
+
+def native_ops_library(ort_ops: str, providers: list[str]) -> Path | None:
+    """The native mosaic-ops library to register: for `native` (required), or `auto` (when it is
+    built for this machine and the session runs on the CPU); None runs the function bodies."""
+    from mosaicrt.ops import ort_library
+
+    if ort_ops not in ORT_OPS:
+        raise BackendError(f"unknown --ort-ops {ort_ops!r}: choose one of {', '.join(ORT_OPS)}")
+    if ort_ops == "functions" or (ort_ops == "auto" and providers[0] != "CPUExecutionProvider"):
+        return None
+    library = ort_library.find_library()
+    usable = library is not None and ort_library.supported_by_runtime()
+    if ort_ops == "native" and library is None:
+        raise BackendError(
+            "--ort-ops native: the native ONNX Runtime ops are not built for this machine: run "
+            "`mosaicrt ort-ops build`, or use --ort-ops functions"
+        )
+    if ort_ops == "native" and not usable:
+        raise BackendError(
+            f"--ort-ops native needs onnxruntime >= 1.{ort_library.HEADERS_API}: upgrade it, "
+            "or use --ort-ops functions"
+        )
+    return library if usable else None
 
 
 def wanted_providers(device: str) -> list[str]:
@@ -59,12 +89,16 @@ def wanted_providers(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def open_session(artifact: str | Path, threads: int | None, providers: list[str]):
+def open_session(
+    artifact: str | Path, threads: int | None, providers: list[str], library: Path | None = None
+):
     import onnxruntime as ort
 
     try:
         return ort.InferenceSession(
-            str(Path(artifact) / MODEL_FILE), session_options(threads), providers=providers
+            str(Path(artifact) / MODEL_FILE),
+            session_options(threads, library),
+            providers=providers,
         )
     except Exception as exc:  # ORT raises its own pybind exception types
         reason = str(exc).splitlines()[0][:300]
@@ -105,11 +139,14 @@ class OrtBackend(Backend):
         io_binding: bool | None = None,
         check_weights: bool = True,
         providers: list[str] | None = None,
+        ort_ops: str = "auto",
     ) -> None:
         """device: auto (the CUDA provider when onnxruntime-gpu and a GPU are there), cpu or
         cuda. io_binding: state as device tensors bound by pointer (default: on CUDA only).
         check_weights: refuse weights that hold NaN or inf. providers: ask ONNX Runtime for
-        these instead (the device is the one the session runs on, whatever was asked)."""
+        these instead (the device is the one the session runs on, whatever was asked).
+        ort_ops: the mosaic ops as native kernels (native), as their function bodies
+        (functions), or native where built for this machine and on the CPU (auto)."""
         try:
             import onnxruntime  # noqa: F401
         except ImportError:
@@ -126,7 +163,10 @@ class OrtBackend(Backend):
         self.store_dtype = {"float32": np.float32, "float16": np.float16}[stores]
         if check_weights:
             check_graph_weights(Path(artifact) / MODEL_FILE)
-        self.session = open_session(artifact, threads, providers or wanted_providers(device))
+        providers = providers or wanted_providers(device)
+        library = native_ops_library(ort_ops, providers)
+        self.ort_ops = "native" if library else "functions"
+        self.session = open_session(artifact, threads, providers, library)
         # ONNX Runtime falls back to the CPU when a provider fails to load (missing CUDA
         # libraries): the state goes where the session really runs.
         on_cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"

@@ -1,0 +1,200 @@
+// mosaic::AssociativeMemory as a native ONNX Runtime CPU kernel (the contract: __init__.py).
+//
+// One work item per (row b, head h), run on ONNX Runtime's own thread pool. For each query of the
+// chunk, an online softmax streams the stored pairs block by block (each block of S slots is read
+// once per query, from the cache after the first), then the chunk's new pairs:
+//   scores[s] = beta(n_t) q_t . k_s   where pair s is visible (mosaicrt.ops.geometry)
+//   y_t = sum_s softmax(scores)_s v_s, 0 when nothing is visible.
+// Products and softmax in fp32 whatever the stores hold (fp32 or fp16).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "../ort_common.h"
+
+namespace mosaic {
+
+struct MemoryShape {
+  int64_t B, C, H, hs;  // q, new_k, new_v: (B, C, H, hs)
+  int64_t NB, S;        // store_k, store_v: (NB, B, H, S, hs); store_tau (NB, B, S)
+};
+
+struct MemoryInputs {
+  const float* q;
+  const int64_t* t;
+  const void* store_k;
+  const void* store_v;
+  const int64_t* store_tau;
+  const float* new_k;
+  const float* new_v;
+  const int64_t* new_tau;
+  const float* beta0;
+  const float* beta1;
+  const float* alpha;
+};
+
+// Online-softmax state of one query over the pairs seen so far: y = acc / l, scores shifted by m.
+struct Softmax {
+  float m = kNoScore;
+  float l = 0.f;
+  std::vector<float> acc;
+  explicit Softmax(int64_t hs) : acc(hs, 0.f) {}
+};
+
+// Folds `count` pairs (keys and values rows `stride` elements apart) into `state`; score[i] is the
+// query's score of pair i, kNoScore where the pair is not visible.
+template <typename T>
+void fold_pairs(const float* score, const T* values, int64_t count, int64_t stride, int64_t hs,
+                Softmax& state, float* weight) {
+  float best = kNoScore;
+  for (int64_t i = 0; i < count; ++i) best = std::max(best, score[i]);
+  if (best <= kNoScore) return;  // nothing visible in these pairs
+  const float m = std::max(state.m, best);
+  const float rescale = std::exp(state.m - m);  // 0 for the first visible pairs
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < count; ++i) {
+    weight[i] = score[i] > kNoScore ? std::exp(score[i] - m) : 0.f;
+    sum += weight[i];
+  }
+  float* acc = state.acc.data();
+  for (int64_t d = 0; d < hs; ++d) acc[d] *= rescale;
+  for (int64_t i = 0; i < count; ++i) {
+    if (weight[i] == 0.f) continue;
+    const T* v = values + i * stride;
+    const float w = weight[i];
+#pragma omp simd
+    for (int64_t d = 0; d < hs; ++d) acc[d] += w * static_cast<float>(v[d]);
+  }
+  state.l = state.l * rescale + sum;
+  state.m = m;
+}
+
+// Scores of `count` pairs against the scaled query qb; kNoScore for the invisible ones.
+template <typename T>
+void score_pairs(const float* qb, const T* keys, const int64_t* tau, int64_t count, int64_t stride,
+                 int64_t hs, int64_t t, int64_t window, int64_t delay, float* score) {
+  for (int64_t i = 0; i < count; ++i) {
+    if (!visible(t, tau[i], window, delay)) {
+      score[i] = kNoScore;
+      continue;
+    }
+    const T* k = keys + i * stride;
+    float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t d = 0; d < hs; ++d) dot += qb[d] * static_cast<float>(k[d]);
+    score[i] = dot;
+  }
+}
+
+// Every query of row b, head h.
+template <typename T>
+void memory_row_head(const MemoryInputs& in, const MemoryShape& s, int64_t window, int64_t delay,
+                     int64_t b, int64_t h, float* y) {
+  const int64_t hs = s.hs;
+  std::vector<float> qb(hs), score(std::max(s.S, s.C)), weight(std::max(s.S, s.C));
+  const T* store_k = static_cast<const T*>(in.store_k);
+  const T* store_v = static_cast<const T*>(in.store_v);
+  for (int64_t c = 0; c < s.C; ++c) {
+    const int64_t t = in.t[b * s.C + c];
+    const float n = static_cast<float>(visible_count(t, window, delay));
+    const float beta = in.beta1[h] * std::pow(n, in.alpha[h]) + in.beta0[h];
+    const float* q = in.q + ((b * s.C + c) * s.H + h) * hs;
+    for (int64_t d = 0; d < hs; ++d) qb[d] = q[d] * beta;
+    Softmax state(hs);
+    for (int64_t blk = 0; blk < s.NB; ++blk) {
+      const int64_t at = ((blk * s.B + b) * s.H + h) * s.S * hs;
+      const int64_t* tau = in.store_tau + (blk * s.B + b) * s.S;
+      score_pairs(qb.data(), store_k + at, tau, s.S, hs, hs, t, window, delay, score.data());
+      fold_pairs(score.data(), store_v + at, s.S, hs, hs, state, weight.data());
+    }
+    // The chunk's own pairs: row j of new_k / new_v, H * hs elements apart.
+    const int64_t at = (b * s.C * s.H + h) * hs;
+    score_pairs(qb.data(), in.new_k + at, in.new_tau + b * s.C, s.C, s.H * hs, hs, t, window,
+                delay, score.data());
+    fold_pairs(score.data(), in.new_v + at, s.C, s.H * hs, hs, state, weight.data());
+    float* out = y + ((b * s.C + c) * s.H + h) * hs;
+    const float inv = state.l > 0.f ? 1.f / state.l : 0.f;
+    for (int64_t d = 0; d < hs; ++d) out[d] = state.acc[d] * inv;
+  }
+}
+
+struct AssociativeMemoryKernel {
+  int64_t window, delay;
+
+  explicit AssociativeMemoryKernel(const OrtKernelInfo* info) {
+    Ort::ConstKernelInfo kernel_info(info);
+    window = kernel_info.GetAttribute<int64_t>("window");
+    delay = kernel_info.GetAttribute<int64_t>("delay");
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return guarded([&] { compute(context); });
+  }
+
+  void compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    auto q = ctx.GetInput(0), store_k = ctx.GetInput(2), store_v = ctx.GetInput(3);
+    const auto q_shape = shape_of(q, 4, "q");
+    const auto store_shape = shape_of(store_k, 5, "store_k");
+    const MemoryShape s{q_shape[0], q_shape[1], q_shape[2], q_shape[3], store_shape[0],
+                        store_shape[3]};
+    const auto type = store_k.GetTensorTypeAndShapeInfo().GetElementType();
+    if (store_v.GetTensorTypeAndShapeInfo().GetElementType() != type)
+      throw Ort::Exception("AssociativeMemory: store_k and store_v differ in type", ORT_FAIL);
+    const MemoryInputs in{
+        q.GetTensorData<float>(),
+        ctx.GetInput(1).GetTensorData<int64_t>(),
+        store_k.GetTensorRawData(),
+        store_v.GetTensorRawData(),
+        ctx.GetInput(4).GetTensorData<int64_t>(),
+        ctx.GetInput(5).GetTensorData<float>(),
+        ctx.GetInput(6).GetTensorData<float>(),
+        ctx.GetInput(7).GetTensorData<int64_t>(),
+        ctx.GetInput(8).GetTensorData<float>(),
+        ctx.GetInput(9).GetTensorData<float>(),
+        ctx.GetInput(10).GetTensorData<float>(),
+    };
+    float* y = ctx.GetOutput(0, q_shape).GetTensorMutableData<float>();
+    const int64_t window_ = window, delay_ = delay;
+    auto run = [&](auto zero) {
+      using T = decltype(zero);
+      parallel_for(ctx, s.B * s.H, s.B * s.C * s.H * s.hs * (s.NB * s.S + s.C), [&](size_t i) {
+        memory_row_head<T>(in, s, window_, delay_, i / s.H, i % s.H, y);
+      });
+    };
+    if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+      run(float{});
+    } else if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
+      run(_Float16{});
+    } else {
+      throw Ort::Exception("AssociativeMemory: stores must be float32 or float16", ORT_FAIL);
+    }
+  }
+};
+
+struct AssociativeMemoryOp
+    : Ort::CustomOpBase<AssociativeMemoryOp, AssociativeMemoryKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    return guarded([&] { *kernel = new AssociativeMemoryKernel(info); });
+  }
+  const char* GetName() const { return "AssociativeMemory"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 11; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    switch (i) {
+      case 1: case 4: case 7: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;  // t, taus
+      case 2: case 3: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;       // stores: fp32/fp16
+      default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    }
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const {
+    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+};
+
+}  // namespace mosaic

@@ -1,0 +1,68 @@
+// What the native ONNX Runtime kernels of the mosaic ops share: the memory geometry (written from
+// mosaicrt/ops/geometry.py), errors as OrtStatus, shapes, and ONNX Runtime's thread pool.
+#pragma once
+
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#undef ORT_API_MANUAL_INIT
+
+#include <cstdint>
+#include <exception>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace mosaic {
+
+// A score no visible pair can have (finite, so fast-math code never meets an infinity).
+constexpr float kNoScore = -1e30f;
+
+// Is pair tau in S(t)? tau < 0 marks an empty slot (geometry.visible).
+inline bool visible(int64_t t, int64_t tau, int64_t window, int64_t delay) {
+  const int64_t age = t - tau;
+  return tau >= 0 && age >= delay && age <= window - 1;
+}
+
+// n_t = |S(t)| = max(0, min(t - delay + 1, window - delay)) (geometry.visible_count).
+inline int64_t visible_count(int64_t t, int64_t window, int64_t delay) {
+  const int64_t n = t - delay + 1;
+  return n < 0 ? 0 : (n > window - delay ? window - delay : n);
+}
+
+// Runs f, turning an exception into the OrtStatus ONNX Runtime reports for the node.
+template <typename F>
+OrtStatusPtr guarded(F&& f) {
+  try {
+    f();
+    return nullptr;
+  } catch (const Ort::Exception& e) {
+    return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
+  } catch (const std::exception& e) {
+    return Ort::GetApi().CreateStatus(ORT_FAIL, e.what());
+  }
+}
+
+// The shape of an input, which must have `rank` dimensions.
+inline std::vector<int64_t> shape_of(const Ort::ConstValue& value, size_t rank, const char* name) {
+  auto shape = value.GetTensorTypeAndShapeInfo().GetShape();
+  if (shape.size() != rank)
+    throw Ort::Exception(std::string("mosaic op: input ") + name + " must have rank " +
+                             std::to_string(rank),
+                         ORT_INVALID_ARGUMENT);
+  return shape;
+}
+
+// f(i) for i in [0, total) on ONNX Runtime's intra-op pool; inline when the work (about `cost`
+// multiply-adds in all) is too small to pay for waking the pool.
+template <typename F>
+void parallel_for(const Ort::KernelContext& ctx, int64_t total, int64_t cost, F&& f) {
+  using Fn = std::remove_reference_t<F>;
+  if (total <= 1 || cost < (1 << 15)) {
+    for (int64_t i = 0; i < total; ++i) f(static_cast<size_t>(i));
+    return;
+  }
+  auto call = [](void* data, size_t i) { (*static_cast<Fn*>(data))(i); };
+  ctx.ParallelFor(call, static_cast<size_t>(total), 0, const_cast<Fn*>(&f));
+}
+
+}  // namespace mosaic

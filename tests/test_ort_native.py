@@ -1,0 +1,171 @@
+"""The native ONNX Runtime kernels of the mosaic ops (mosaicrt.ops.ort_library) against the ops'
+ONNX function bodies, node by node, and how the backend picks between them."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+ort = pytest.importorskip("onnxruntime", reason="the native ops are ONNX Runtime's ([onnx] extra)")
+
+from mosaicrt.errors import BackendError  # noqa: E402
+from mosaicrt.export.functions import functions, plugin_attrs  # noqa: E402
+from mosaicrt.onnx_graph import IR_VERSION, OPSET  # noqa: E402
+from mosaicrt.ops import DOMAIN  # noqa: E402
+from mosaicrt.ops.geometry import NO_WINDOW  # noqa: E402
+
+ATOL = 1e-5  # fp32 native kernels vs the fp32 function body on O(1) outputs
+ELEM = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
+        np.dtype(np.int64): TensorProto.INT64, np.dtype(bool): TensorProto.BOOL}  # fmt: skip
+
+
+def run_node(op, inputs, outputs, library=None, profile_dir=None, **attrs):
+    """One mosaic node as the step graph has it (function body attached), through ONNX Runtime,
+    with the native library registered when given. Returns the outputs, and the op types the
+    session ran when profiled."""
+    node = helper.make_node(op, list(inputs), outputs, domain=DOMAIN, **attrs, **plugin_attrs())
+    graph = helper.make_graph(
+        [node],
+        op,
+        [helper.make_tensor_value_info(k, ELEM[v.dtype], v.shape) for k, v in inputs.items()],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)],
+        functions=functions(),
+        ir_version=IR_VERSION,
+    )
+    options = ort.SessionOptions()
+    if library is not None:
+        options.register_custom_ops_library(str(library))
+    if profile_dir is not None:
+        Path(profile_dir).mkdir(parents=True, exist_ok=True)
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(profile_dir) / "profile")
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    got = session.run(None, inputs)
+    if profile_dir is None:
+        return got, None
+    events = json.loads(Path(session.end_profiling()).read_text())
+    return got, {e["args"]["op_name"] for e in events if "op_name" in e.get("args", {})}
+
+
+def memory_inputs(kind, chunk, store_dtype, seed):
+    """AssociativeMemory inputs as the step graph makes them: rows before the delay, a wrapped
+    ring, a long store, a row with no real token."""
+    rng = np.random.default_rng(seed)
+    B, H, hs, window, delay = 4, 3, 16, 6, (1 if kind == "stm" else 4)
+    NB, S = (1, window - 1) if kind == "stm" else (3, 8)
+    pos, lengths = np.array([0, 3, 17, 11]), np.array([chunk, max(chunk - 3, 1), chunk, 0])
+    t = pos[:, None] + np.arange(chunk)[None, :]
+    valid = np.arange(chunk)[None, :] < lengths[:, None]
+    last, slot = (pos - 2)[None, :, None], np.arange(S)[None, None, :]
+    tau = (
+        last - np.mod(last - slot, S)
+        if kind == "stm"
+        else np.arange(NB)[:, None, None] * S + slot + 0 * last
+    )
+
+    def unit(*shape):
+        x = rng.standard_normal(shape).astype(np.float32)
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    inputs = {
+        "q": unit(B, chunk, H, hs),
+        "t": t,
+        "store_k": unit(NB, B, H, S, hs).astype(store_dtype),
+        "store_v": (3 * rng.standard_normal((NB, B, H, S, hs))).astype(store_dtype),
+        "store_tau": np.where((tau >= 0) & (tau <= last), tau, -1),
+        "new_k": unit(B, chunk, H, hs),
+        "new_v": 3 * rng.standard_normal((B, chunk, H, hs)).astype(np.float32),
+        "new_tau": np.where(valid & (t >= 1), t - 1, -1),
+        "beta0": rng.uniform(0.5, 2, H).astype(np.float32),
+        "beta1": rng.uniform(2, 8, H).astype(np.float32),  # sharp: beta(n) up to ~50
+        "alpha": rng.uniform(0.2, 0.8, H).astype(np.float32),
+    }
+    attrs = {"window": window if kind == "stm" else NO_WINDOW, "delay": delay}
+    return inputs, attrs, lengths
+
+
+@pytest.mark.parametrize("store_dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("kind", ["stm", "ltm"])
+@pytest.mark.parametrize("chunk", [1, 9])
+def test_associative_memory_kernel_matches_the_function(
+    native_ort_library, kind, chunk, store_dtype, tmp_path
+):
+    inputs, attrs, lengths = memory_inputs(kind, chunk, store_dtype, seed=chunk)
+    (want,), ran = run_node("AssociativeMemory", inputs, ["y"], profile_dir=tmp_path / "f", **attrs)
+    assert "AssociativeMemory" not in ran  # inlined: its body's standard ops ran
+    (got,), ran = run_node(
+        "AssociativeMemory", inputs, ["y"], native_ort_library, tmp_path / "n", **attrs
+    )
+    assert ran == {"AssociativeMemory"}  # one native node
+    for b in range(3):  # row 3 has no real token: its outputs are never read
+        assert np.abs(got[b, : lengths[b]] - want[b, : lengths[b]]).max() <= ATOL
+    assert np.abs(want[0, 0]).max() == 0.0 == np.abs(got[0, 0]).max()  # t = 0: nothing visible
+
+
+@pytest.mark.parametrize("chunk", [1, 21])
+def test_gated_key_scan_kernel_matches_the_function(native_ort_library, chunk, tmp_path):
+    rng = np.random.default_rng(chunk)
+    B, H, hs = 3, 2, 16
+    lengths = np.array([chunk, max(chunk - 5, 1), 0])
+    valid = np.arange(chunk)[None, :] < lengths[:, None]
+    s_in = rng.standard_normal((B, H, hs)).astype(np.float32)
+    s_in /= np.linalg.norm(s_in, axis=-1, keepdims=True)
+    mx_in = rng.standard_normal((B, H)).astype(np.float32)
+    s_in[0, 0], mx_in[0, 0] = 0.0, -np.inf  # a fresh sequence's state
+    inputs = {
+        "k_raw": rng.standard_normal((B, chunk, H, hs)).astype(np.float32),
+        "log_g": rng.standard_normal((B, chunk, H)).astype(np.float32),
+        "log_lam": -0.1 * rng.random((B, chunk, H)).astype(np.float32),
+        "valid": valid,
+        "s_in": s_in,
+        "mx_in": mx_in,
+    }
+    names = ["keys", "s_out", "mx_out"]
+    want, _ = run_node("GatedKeyScan", inputs, names, eps=1e-6)
+    got, ran = run_node("GatedKeyScan", inputs, names, native_ort_library, tmp_path, eps=1e-6)
+    assert ran == {"GatedKeyScan"}
+    assert np.abs(got[0][valid] - want[0][valid]).max() <= ATOL
+    assert np.abs(got[1] - want[1]).max() <= ATOL  # an idle row keeps its state exactly
+    np.testing.assert_allclose(got[2], want[2], rtol=1e-6)
+
+
+def test_the_backend_picks_the_ops_it_can_run(tmp_path, monkeypatch, native_ort_library):
+    from mosaicrt.runtime.ort_backend import native_ops_library
+
+    cpu = ["CPUExecutionProvider"]
+    assert native_ops_library("auto", cpu) == native_ort_library
+    assert native_ops_library("native", cpu) == native_ort_library
+    assert native_ops_library("functions", cpu) is None
+    assert native_ops_library("auto", ["CUDAExecutionProvider", *cpu]) is None  # CPU kernels
+    monkeypatch.setenv("MOSAICRT_CACHE", str(tmp_path))  # nothing built there
+    assert native_ops_library("auto", cpu) is None
+    with pytest.raises(BackendError, match="mosaicrt ort-ops build"):
+        native_ops_library("native", cpu)
+    with pytest.raises(BackendError, match="unknown --ort-ops"):
+        native_ops_library("fast", cpu)
+
+
+def test_cli_ort_ops(cli, tmp_path, monkeypatch, native_ort_library):
+    assert cli("ort-ops", "status").stdout.strip().splitlines()[0] == str(native_ort_library)
+    monkeypatch.setenv("MOSAICRT_CACHE", str(tmp_path))
+    result = cli("ort-ops", "status")
+    assert result.returncode == 1 and "mosaicrt ort-ops build" in result.stdout
+    headerless = tmp_path / "empty"
+    headerless.mkdir()
+    result = cli("ort-ops", "build", "--headers", str(headerless))
+    assert result.returncode == 2 and "onnxruntime_cxx_api.h" in result.stderr
+    ckpt = tmp_path / "ckpt"
+    assert cli("init", ckpt, "--preset", "tiny").returncode == 0
+    result = cli("generate", ckpt, "--ort-ops", "native", "--prompt", "hi", "--max-new-tokens", "1")
+    assert (
+        result.returncode == 2
+        and "--ort-ops native applies to the onnxruntime backend" in result.stderr
+    )
