@@ -1,8 +1,8 @@
 // mosaic::AssociativeMemory as a native ONNX Runtime CPU kernel (the contract: __init__.py).
 //
-// One work item per (row b, head h), run on ONNX Runtime's own thread pool. For each query of the
-// chunk, an online softmax streams the stored pairs block by block (each block of S slots is read
-// once per query, from the cache after the first), then the chunk's new pairs:
+// One work item per (row b, head h), run on ONNX Runtime's own thread pool. Every query of the
+// chunk keeps an online softmax; the stored pairs stream through block by block (each block read
+// from memory once, for all the chunk's queries), then the chunk's new pairs:
 //   scores[s] = beta(n_t) q_t . k_s   where pair s is visible (mosaicrt.ops.geometry)
 //   y_t = sum_s softmax(scores)_s v_s, 0 when nothing is visible.
 // Products and softmax in fp32 whatever the stores hold (fp32 or fp16).
@@ -36,6 +36,8 @@ struct MemoryInputs {
   const float* alpha;
 };
 
+constexpr int64_t kTile = 64;  // value columns accumulated in registers at a time
+
 // Online-softmax state of one query over the pairs seen so far: y = acc / l, scores shifted by m.
 struct Softmax {
   float m = kNoScore;
@@ -43,6 +45,21 @@ struct Softmax {
   std::vector<float> acc;
   explicit Softmax(int64_t hs) : acc(hs, 0.f) {}
 };
+
+// acc[0:kTile] += sum_i weight[i] * values[i * stride + 0:kTile], the kTile sums held in registers
+// (accumulating in memory would chain every pair's update through a store and a load).
+template <typename T>
+void add_weighted_tile(const float* weight, const T* values, int64_t count, int64_t stride,
+                       float* acc) {
+  float tile[kTile] = {};
+  for (int64_t i = 0; i < count; ++i) {
+    const float w = weight[i];
+    const T* v = values + i * stride;
+#pragma omp simd
+    for (int64_t d = 0; d < kTile; ++d) tile[d] += w * static_cast<float>(v[d]);
+  }
+  for (int64_t d = 0; d < kTile; ++d) acc[d] += tile[d];
+}
 
 // Folds `count` pairs (keys and values rows `stride` elements apart) into `state`; score[i] is the
 // query's score of pair i, kNoScore where the pair is not visible.
@@ -57,23 +74,27 @@ void fold_pairs(const float* score, const T* values, int64_t count, int64_t stri
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < count; ++i) {
-    weight[i] = score[i] > kNoScore ? std::exp(score[i] - m) : 0.f;
+    weight[i] = std::exp(score[i] - m);  // an invisible pair's kNoScore gives exactly 0
     sum += weight[i];
   }
   float* acc = state.acc.data();
   for (int64_t d = 0; d < hs; ++d) acc[d] *= rescale;
-  for (int64_t i = 0; i < count; ++i) {
-    if (weight[i] == 0.f) continue;
-    const T* v = values + i * stride;
-    const float w = weight[i];
+  if (hs % kTile == 0) {
+    for (int64_t d0 = 0; d0 < hs; d0 += kTile) add_weighted_tile(weight, values + d0, count, stride, acc + d0);
+  } else {
+    for (int64_t i = 0; i < count; ++i) {
+      const T* v = values + i * stride;
+      const float w = weight[i];
 #pragma omp simd
-    for (int64_t d = 0; d < hs; ++d) acc[d] += w * static_cast<float>(v[d]);
+      for (int64_t d = 0; d < hs; ++d) acc[d] += w * static_cast<float>(v[d]);
+    }
   }
   state.l = state.l * rescale + sum;
   state.m = m;
 }
 
-// Scores of `count` pairs against the scaled query qb; kNoScore for the invisible ones.
+// Scores of `count` pairs (key rows `stride` elements apart) against the scaled query qb;
+// kNoScore for the invisible ones. One dot product per pair: what a single query (decode) reads.
 template <typename T>
 void score_pairs(const float* qb, const T* keys, const int64_t* tau, int64_t count, int64_t stride,
                  int64_t hs, int64_t t, int64_t window, int64_t delay, float* score) {
@@ -90,35 +111,91 @@ void score_pairs(const float* qb, const T* keys, const int64_t* tau, int64_t cou
   }
 }
 
-// Every query of row b, head h.
+// The same scores from keys transposed to (hs, count): vectorised over the pairs, no horizontal
+// sums; worth the transpose when several queries (a prefill chunk) read the same pairs.
+inline void score_transposed(const float* qb, const float* keys_t, const int64_t* tau,
+                             int64_t count, int64_t hs, int64_t t, int64_t window, int64_t delay,
+                             float* score) {
+  int64_t i0 = 0;
+  for (; i0 + kTile <= count; i0 += kTile) {  // kTile scores held in registers
+    float tile[kTile] = {};
+    for (int64_t d = 0; d < hs; ++d) {
+      const float qd = qb[d];
+      const float* row = keys_t + d * count + i0;
+#pragma omp simd
+      for (int64_t i = 0; i < kTile; ++i) tile[i] += qd * row[i];
+    }
+    std::copy(tile, tile + kTile, score + i0);
+  }
+  std::fill(score + i0, score + count, 0.f);
+  for (int64_t d = 0; d < hs; ++d) {
+    const float qd = qb[d];
+    const float* row = keys_t + d * count;
+#pragma omp simd
+    for (int64_t i = i0; i < count; ++i) score[i] += qd * row[i];
+  }
+  for (int64_t i = 0; i < count; ++i)
+    if (!visible(t, tau[i], window, delay)) score[i] = kNoScore;
+}
+
+// One set of pairs (a store block, or the chunk's new pairs) folded into every query's softmax.
+template <typename T>
+struct PairSet {
+  const T* keys;
+  const T* values;
+  const int64_t* tau;
+  int64_t count, stride;  // pairs, elements between consecutive pairs' rows
+};
+
+template <typename T>
+void fold_set(const PairSet<T>& set, const float* qb, const int64_t* t, int64_t C, int64_t hs,
+              int64_t window, int64_t delay, std::vector<Softmax>& states, float* keys_t,
+              float* score, float* weight) {
+  if (C > 1) {
+    for (int64_t i = 0; i < set.count; ++i)
+      for (int64_t d = 0; d < hs; ++d)
+        keys_t[d * set.count + i] = static_cast<float>(set.keys[i * set.stride + d]);
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    if (C > 1)
+      score_transposed(qb + c * hs, keys_t, set.tau, set.count, hs, t[c], window, delay, score);
+    else
+      score_pairs(qb, set.keys, set.tau, set.count, set.stride, hs, t[c], window, delay, score);
+    fold_pairs(score, set.values, set.count, set.stride, hs, states[c], weight);
+  }
+}
+
+// Every query of row b, head h: the stored blocks, then the chunk's own pairs.
 template <typename T>
 void memory_row_head(const MemoryInputs& in, const MemoryShape& s, int64_t window, int64_t delay,
                      int64_t b, int64_t h, float* y) {
-  const int64_t hs = s.hs;
-  std::vector<float> qb(hs), score(std::max(s.S, s.C)), weight(std::max(s.S, s.C));
+  const int64_t hs = s.hs, C = s.C, most = std::max(s.S, C);
+  const int64_t* t = in.t + b * C;
+  std::vector<float> qb(C * hs), keys_t(C > 1 ? most * hs : 0), score(most), weight(most);
+  std::vector<Softmax> states(C, Softmax(hs));
+  for (int64_t c = 0; c < C; ++c) {  // beta(n_t) folded into the query
+    const float n = static_cast<float>(visible_count(t[c], window, delay));
+    const float beta = in.beta1[h] * std::pow(n, in.alpha[h]) + in.beta0[h];
+    const float* q = in.q + ((b * C + c) * s.H + h) * hs;
+    for (int64_t d = 0; d < hs; ++d) qb[c * hs + d] = q[d] * beta;
+  }
   const T* store_k = static_cast<const T*>(in.store_k);
   const T* store_v = static_cast<const T*>(in.store_v);
-  for (int64_t c = 0; c < s.C; ++c) {
-    const int64_t t = in.t[b * s.C + c];
-    const float n = static_cast<float>(visible_count(t, window, delay));
-    const float beta = in.beta1[h] * std::pow(n, in.alpha[h]) + in.beta0[h];
-    const float* q = in.q + ((b * s.C + c) * s.H + h) * hs;
-    for (int64_t d = 0; d < hs; ++d) qb[d] = q[d] * beta;
-    Softmax state(hs);
-    for (int64_t blk = 0; blk < s.NB; ++blk) {
-      const int64_t at = ((blk * s.B + b) * s.H + h) * s.S * hs;
-      const int64_t* tau = in.store_tau + (blk * s.B + b) * s.S;
-      score_pairs(qb.data(), store_k + at, tau, s.S, hs, hs, t, window, delay, score.data());
-      fold_pairs(score.data(), store_v + at, s.S, hs, hs, state, weight.data());
-    }
-    // The chunk's own pairs: row j of new_k / new_v, H * hs elements apart.
-    const int64_t at = (b * s.C * s.H + h) * hs;
-    score_pairs(qb.data(), in.new_k + at, in.new_tau + b * s.C, s.C, s.H * hs, hs, t, window,
-                delay, score.data());
-    fold_pairs(score.data(), in.new_v + at, s.C, s.H * hs, hs, state, weight.data());
-    float* out = y + ((b * s.C + c) * s.H + h) * hs;
-    const float inv = state.l > 0.f ? 1.f / state.l : 0.f;
-    for (int64_t d = 0; d < hs; ++d) out[d] = state.acc[d] * inv;
+  for (int64_t blk = 0; blk < s.NB; ++blk) {
+    const int64_t at = ((blk * s.B + b) * s.H + h) * s.S * hs;
+    const PairSet<T> block{store_k + at, store_v + at, in.store_tau + (blk * s.B + b) * s.S,
+                           s.S, hs};
+    fold_set(block, qb.data(), t, C, hs, window, delay, states, keys_t.data(), score.data(),
+             weight.data());
+  }
+  const int64_t at = (b * C * s.H + h) * hs;  // new pair j: row j of (C, H, hs)
+  const PairSet<float> fresh{in.new_k + at, in.new_v + at, in.new_tau + b * C, C, s.H * hs};
+  fold_set(fresh, qb.data(), t, C, hs, window, delay, states, keys_t.data(), score.data(),
+           weight.data());
+  for (int64_t c = 0; c < C; ++c) {
+    float* out = y + ((b * C + c) * s.H + h) * hs;
+    const float inv = states[c].l > 0.f ? 1.f / states[c].l : 0.f;
+    for (int64_t d = 0; d < hs; ++d) out[d] = states[c].acc[d] * inv;
   }
 }
 
