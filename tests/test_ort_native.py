@@ -153,6 +153,25 @@ def test_the_backend_picks_the_ops_it_can_run(tmp_path, monkeypatch, native_ort_
         native_ops_library("fast", cpu)
 
 
+def test_without_the_library_the_function_bodies_run(tmp_path, monkeypatch):
+    """A fresh machine (nothing built): the onnxruntime backend falls back to the bodies."""
+    from mosaicrt.export.artifact import export_artifact
+    from mosaicrt.model import preset, random_model, save_checkpoint
+    from mosaicrt.runtime.generator import RunLimits, generate
+    from mosaicrt.runtime.ort_backend import OrtBackend
+    from mosaicrt.runtime.sampling import SamplingParams
+
+    monkeypatch.setenv("MOSAICRT_CACHE", str(tmp_path / "empty-cache"))
+    save_checkpoint(random_model(preset("tiny"), seed=2), tmp_path / "ckpt")
+    artifact = export_artifact(tmp_path / "ckpt", tmp_path / "onnx", max_context=64)
+    backend = OrtBackend(artifact)
+    assert backend.ort_ops == "functions"
+    [tokens] = generate(backend, [[3, 4, 5]], 8, SamplingParams(), RunLimits(max_context=16))
+    assert len(tokens) == 8
+    with pytest.raises(BackendError, match="mosaicrt ort-ops build"):
+        OrtBackend(artifact, ort_ops="native")
+
+
 def test_cli_ort_ops(cli, tmp_path, monkeypatch, native_ort_library):
     assert cli("ort-ops", "status").stdout.strip().splitlines()[0] == str(native_ort_library)
     monkeypatch.setenv("MOSAICRT_CACHE", str(tmp_path))

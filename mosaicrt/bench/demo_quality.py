@@ -59,7 +59,10 @@ def measure(name: str, backend, contexts: list[int], episodes: list[int], args) 
         if args.ppl_bytes and name != "torch+triton":
             tokenizer = load_tokenizer(args.model, backend.config.vocab_size)
             ppl = bits_per_byte(backend, tokenizer, text)
-    return {"recall": rows, "bits_per_byte": ppl and ppl["bits_per_byte"], "ppl": ppl}
+    result = {"recall": rows, "bits_per_byte": ppl and ppl["bits_per_byte"], "ppl": ppl}
+    if hasattr(backend, "ort_ops"):  # ONNX Runtime: native kernels of the mosaic ops, or bodies
+        result["ort_ops"] = backend.ort_ops
+    return result
 
 
 def agreement(result: dict) -> None:
@@ -130,8 +133,10 @@ def markdown(result: dict) -> str:
         "| backend | context | recall | 95 % interval | same answers as torch | bits per byte |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
+    ops = {"native": " (native ops)", "functions": " (function bodies)"}
     for name, data in result["backends"].items():
         bpb = f"{data['bits_per_byte']:.4f}" if data.get("bits_per_byte") else "n/a"
+        name += ops.get(data.get("ort_ops"), "")
         for row in data["recall"]:
             lo, hi = wilson_interval(row["correct"], row["episodes"])
             same = row.get("same_answers_as_torch")

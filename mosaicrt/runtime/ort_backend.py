@@ -186,6 +186,10 @@ class OrtBackend(Backend):
             for o in self.session.get_outputs()
         }
         self.run_seconds: list[float] | None = None  # a list: each session.run's time is added
+        # The CPU path's IOBinding: bound inputs by name (address, shape, array), the outputs'
+        # (batch, chunk) and buffers.
+        self.cpu_binding: tuple[Any, dict] = (self.session.io_binding(), {})
+        self.bound_outputs: tuple[tuple[int, int] | None, dict] = (None, {})
         self.block = int(self.manifest["ltm_block"])
         self.max_context = int(self.manifest["max_context"])
         self.last_only_graph = bool(self.manifest["last_only"])
@@ -291,13 +295,39 @@ class OrtBackend(Backend):
         return outputs
 
     def run_numpy(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One run with numpy arrays by input name in, by output name out."""
-        if self.run_seconds is None:
-            return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+        """One run with numpy arrays by input name in, by output name out, through an IOBinding
+        kept across steps: an input is bound again only when its buffer moved (the state's
+        buffers stay put from step to step), and the outputs go to buffers allocated once per
+        (batch, chunk) shape. The logits are returned as a copy; the other outputs are the
+        binding's buffers, valid until the next step."""
+        binding, bound = self.cpu_binding
+        for name, array in feeds.items():
+            if not array.flags.c_contiguous:  # a row range of an LTM store
+                array = np.ascontiguousarray(array)
+            where = (array.__array_interface__["data"][0], array.shape)
+            if bound.get(name, (None,))[:2] != where:
+                binding.bind_input(name, "cpu", 0, array.dtype.type, list(array.shape), where[0])
+            bound[name] = (*where, array)  # the array stays alive while it is bound
+        outputs = self.cpu_outputs(binding, *feeds[io_spec.INPUT_IDS].shape)
         start = time.perf_counter()
-        outputs = self.session.run(self.output_names, feeds)
-        self.run_seconds.append(time.perf_counter() - start)
-        return dict(zip(self.output_names, outputs))
+        self.session.run_with_iobinding(binding)
+        if self.run_seconds is not None:
+            self.run_seconds.append(time.perf_counter() - start)
+        return outputs | {io_spec.LOGITS: outputs[io_spec.LOGITS].copy()}
+
+    def cpu_outputs(self, binding: Any, batch: int, chunk: int) -> dict[str, np.ndarray]:
+        """The output buffers of a (batch, chunk) step, bound to `binding` when the shape
+        changes."""
+        if self.bound_outputs[0] != (batch, chunk):
+            dims = {"batch": batch, "chunk": chunk}
+            buffers = {}
+            for name, (shape, dtype) in self.output_specs.items():
+                array = np.empty([dims.get(d, d) for d in shape], NUMPY_DTYPES[dtype])
+                binding.bind_output(name, "cpu", 0, array.dtype.type, list(array.shape),
+                                    array.ctypes.data)  # fmt: skip
+                buffers[name] = array
+            self.bound_outputs = ((batch, chunk), buffers)
+        return self.bound_outputs[1]
 
     def to_state(self, array: np.ndarray) -> Any:
         """A host int64 array in the state's library: numpy, or a tensor on the device."""
