@@ -138,6 +138,10 @@ def test_ort_ceiling_reads_the_bytes_the_roofline_counts(tmp_path):
     assert 0.99 * weights_only <= result["weights"]["bytes"] <= weights_only
     for part in ("weights", "stores", "step"):
         assert result[part]["ms"] > 0 and result[part]["roofline_fraction"] > 0
+    graphs = result["step_graphs"]
+    assert {"functions", "native"} >= set(graphs) >= {"functions"}
+    if "native" in graphs:  # one node per mosaic op instead of its inlined body
+        assert graphs["native"]["nodes"] < graphs["functions"]["nodes"] / 2
     # The real step graph, measured in the same run: its MatMuls are among its nodes, its
     # session.run is part of its TPOT, and the budget is the arithmetic the docstring states.
     step, budget = result["step_graph"], result["budget"]

@@ -8,11 +8,12 @@ Bytes over the read bandwidth measured in the same run, divided by the time, is 
 fraction of a graph that had no other node: the ceiling for the decode benchmark's fraction.
 
 In the same run it measures what the rest of a step costs: the exported step graph of a random
-checkpoint (the nodes ONNX Runtime runs after its optimizations, its decode TPOT at the context and
-at a short one, timed in turn, and the runtime's bookkeeping around session.run), and ONNX
-Runtime's cost per node of a chain of small elementwise nodes. With those it states the budget of
-a target fraction (default 80 %): the step time it allows, minus the MatMuls' time, against the
-other nodes' dispatch alone.
+checkpoint, with the mosaic ops as their function bodies and (when built, `mosaicrt ort-ops build`)
+as the native kernels (the nodes ONNX Runtime runs after its optimizations, its decode TPOT at
+the context and at a short one, timed in turn, and the runtime's bookkeeping around session.run),
+and ONNX Runtime's cost per node of a chain of small elementwise nodes. With those it states the
+budget of a target fraction (default 80 %): the step time it allows, minus the MatMuls' time,
+against the other nodes' dispatch alone.
 
     python -m mosaicrt.bench.ort_ceiling --preset mini --context 4096 \\
         --json bench/results/ort_ceiling_cpu.json
@@ -42,7 +43,8 @@ from mosaicrt.export.artifact import DEFAULT_LTM_BLOCK, MODEL_FILE, export_artif
 from mosaicrt.model.checkpoint import random_tensors, write_checkpoint
 from mosaicrt.model.config import ModelConfig, preset
 from mosaicrt.onnx_graph import IR_VERSION, OPSET
-from mosaicrt.runtime.ort_backend import OrtBackend, session_options
+from mosaicrt.ops.ort_library import find_library
+from mosaicrt.runtime.ort_backend import OrtBackend, native_ops_library, session_options
 
 
 def weight_shapes(config: ModelConfig) -> list[tuple[int, int]]:
@@ -154,11 +156,14 @@ def dispatch_case(config: ModelConfig, threads: int, nodes: int = 1000) -> float
     return 1e3 * median_ms(lambda: sess.run([prev], feeds), 100) / nodes
 
 
-def optimized_nodes(model_path: Path, threads: int, workdir: Path) -> tuple[int, int]:
-    """(all nodes, MatMul nodes) of the graph ONNX Runtime runs, function bodies inlined."""
+def optimized_nodes(
+    model_path: Path, threads: int, workdir: Path, library: Path | None
+) -> tuple[int, int]:
+    """(all nodes, MatMul nodes) of the graph ONNX Runtime runs: function bodies inlined, or
+    the mosaic nodes on the native library's kernels."""
     import onnxruntime as ort
 
-    options = session_options(threads)
+    options = session_options(threads, library)
     options.optimized_model_filepath = str(workdir / "optimized.onnx")
     options.log_severity_level = 3  # the note that an optimized model is machine-specific
     ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
@@ -166,10 +171,12 @@ def optimized_nodes(model_path: Path, threads: int, workdir: Path) -> tuple[int,
     return len(ops), sum(op in ("MatMul", "FusedMatMul", "Gemm") for op in ops)
 
 
-def step_case(config: ModelConfig, contexts: list[int], block: int, threads: int, steps: int):
-    """The exported step graph of a random checkpoint: its node counts, and at each context
-    (batch 1, steps timed in turn) its decode TPOT and the time of session.run within it (the
-    rest is the runtime's bookkeeping)."""
+def step_case(
+    config: ModelConfig, contexts: list[int], block: int, threads: int, steps: int, ort_ops: str
+):
+    """The exported step graph of a random checkpoint with the mosaic ops as `ort_ops`: its node
+    counts, and at each context (batch 1, steps timed in turn) its decode TPOT and the time of
+    session.run within it (the rest is the runtime's bookkeeping)."""
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         write_checkpoint(random_tensors(config, 0), config, workdir / "ckpt")
@@ -178,8 +185,9 @@ def step_case(config: ModelConfig, contexts: list[int], block: int, threads: int
         artifact = export_artifact(
             workdir / "ckpt", workdir / "onnx", max_context=capacity, ltm_block=block
         )
-        nodes, matmuls = optimized_nodes(artifact / MODEL_FILE, threads, workdir)
-        backend = OrtBackend(artifact, device="cpu", threads=threads)
+        library = native_ops_library(ort_ops, ["CPUExecutionProvider"])
+        nodes, matmuls = optimized_nodes(artifact / MODEL_FILE, threads, workdir, library)
+        backend = OrtBackend(artifact, device="cpu", threads=threads, ort_ops=ort_ops)
         torch.set_num_threads(backend.torch_threads)
         states = {c: prefill(backend, c, capacity, 512) for c in contexts}
         backend.run_seconds = run_times = []  # the backend's timing hook: session.run's time
@@ -238,18 +246,25 @@ def measure(args: argparse.Namespace) -> dict:
     s_ms, s_bytes = stores_case(config, args.context, args.block, args.threads)
     per_node_us = dispatch_case(config, args.threads)
     short_stores_ms = stores_case(config, args.short_context, args.block, args.threads)[0]
-    nodes, matmuls, timings = step_case(
-        config, [args.short_context, args.context], args.block, args.threads, args.steps
-    )
-    step = {"nodes": nodes, "matmul_nodes": matmuls, **timings[args.context]}
-    step["short_context"] = {
-        "context": args.short_context,
-        **timings[args.short_context],
-        "stores_ms": short_stores_ms,  # the store MatMuls alone at that context
-    }
     roofline_ms = decode_bytes(config, [args.context]) / (bandwidth * 1e9) * 1e3
-    step["roofline_fraction"] = roofline_ms / step["tpot_ms"]
-    step["bookkeeping_ms"] = step["tpot_ms"] - step["session_run_ms"]
+    paths = ["functions"] + (["native"] if find_library() else [])
+    steps = {}
+    for ort_ops in paths:
+        contexts = [args.short_context, args.context]
+        nodes, matmuls, timings = step_case(
+            config, contexts, args.block, args.threads, args.steps, ort_ops
+        )
+        step = {"ort_ops": ort_ops, "nodes": nodes, "matmul_nodes": matmuls,
+                **timings[args.context]}  # fmt: skip
+        step["short_context"] = {
+            "context": args.short_context,
+            **timings[args.short_context],
+            "stores_ms": short_stores_ms,  # the store MatMuls alone at that context
+        }
+        step["roofline_fraction"] = roofline_ms / step["tpot_ms"]
+        step["bookkeeping_ms"] = step["tpot_ms"] - step["session_run_ms"]
+        steps[ort_ops] = step
+    step = steps[paths[-1]]  # the fastest path this machine has
     other_nodes = step["nodes"] - step["matmul_nodes"]
     budget = {
         "target_fraction": args.target,
@@ -281,6 +296,7 @@ def measure(args: argparse.Namespace) -> dict:
         },
         "dispatch_us_per_node": per_node_us,
         "step_graph": step,
+        "step_graphs": steps,
         "budget": budget,
     }
 
@@ -296,16 +312,18 @@ def print_summary(result: dict) -> None:
             f"  {part:8s} {r['bytes'] / 1e6:7.1f} MB in {r['ms']:6.2f} ms: "
             f"{100 * r['roofline_fraction']:.0f} % of the roofline"
         )
+    for path in result["step_graphs"].values():
+        print(
+            f"  step graph, mosaic ops as {path['ort_ops']}: {path['nodes']} nodes "
+            f"({path['matmul_nodes']} MatMul), TPOT {path['tpot_ms']:.2f} ms = "
+            f"{100 * path['roofline_fraction']:.0f} % of the roofline (session.run "
+            f"{path['session_run_ms']:.2f} ms, bookkeeping {path['bookkeeping_ms']:.2f} ms); "
+            f"from context {short['context']} its session.run grows by "
+            f"{path['session_run_ms'] - path['short_context']['session_run_ms']:.2f} ms"
+        )
     print(
-        f"  step graph: {step['nodes']} nodes ({step['matmul_nodes']} MatMul), TPOT "
-        f"{step['tpot_ms']:.2f} ms = {100 * step['roofline_fraction']:.0f} % of the roofline "
-        f"(session.run {step['session_run_ms']:.2f} ms, "
-        f"bookkeeping {step['bookkeeping_ms']:.2f} ms)"
-    )
-    print(
-        f"  from context {short['context']} to {result['context']}: the step graph's session.run "
-        f"grows by {step['session_run_ms'] - short['session_run_ms']:.2f} ms, the store MatMuls "
-        f"alone by {result['stores']['ms'] - short['stores_ms']:.2f} ms"
+        f"  the store MatMuls alone grow by {result['stores']['ms'] - short['stores_ms']:.2f} ms "
+        f"from context {short['context']} to {result['context']}"
     )
     other_nodes = step["nodes"] - step["matmul_nodes"]
     print(
