@@ -103,7 +103,8 @@ def open_backends(
 ) -> dict[str, Backend]:
     """torch: the eager cached decoder; torch.compile: the same through torch.compile; torch+triton:
     with the Triton kernels (and CUDA graphs for decode on a GPU); torch.compile+triton: both
-    (the compiled step inside the CUDA graph); onnxruntime: the exported artifact;
+    (the compiled step inside the CUDA graph); onnxruntime: the exported artifact (the native
+    kernels of the mosaic ops where built); onnxruntime-functions: with their function bodies;
     full-recompute: no state at all."""
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint
@@ -122,12 +123,14 @@ def open_backends(
                 kernels="triton" if name.endswith("+triton") else "torch",
                 compile=name.startswith("torch.compile"),
             )
-        elif name == "onnxruntime":
+        elif name in ("onnxruntime", "onnxruntime-functions"):
             from mosaicrt.export.artifact import export_artifact
             from mosaicrt.runtime.ort_backend import OrtBackend
 
-            export_artifact(ckpt, workdir / "onnx", max_context=max_context)
-            backends[name] = OrtBackend(workdir / "onnx", device="cpu")
+            if not (workdir / "onnx").is_dir():
+                export_artifact(ckpt, workdir / "onnx", max_context=max_context)
+            ort_ops = "functions" if name.endswith("functions") else "auto"
+            backends[name] = OrtBackend(workdir / "onnx", device="cpu", ort_ops=ort_ops)
         elif name == "full-recompute":  # through ONNX Runtime, the fastest full forward here
             backends[name] = FullRecompute(
                 backends.get("onnxruntime")
@@ -156,7 +159,7 @@ def measure(name: str, backend: Backend, contexts: list[int], capacity: int, arg
 
 DECODE_BACKENDS = ("torch", "torch.compile", "torch+triton", "torch.compile+triton",
                    "onnxruntime", "full-recompute")  # fmt: skip
-DEFAULT_BACKENDS = "torch,torch.compile,onnxruntime,full-recompute"
+DEFAULT_BACKENDS = "torch,torch.compile,onnxruntime,onnxruntime-functions,full-recompute"
 MAX_CONTEXT = 1 << 20  # contexts beyond this would take hours to prefill
 
 
@@ -168,7 +171,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="mini")
     p.add_argument("--backends", default=DEFAULT_BACKENDS,
                    help="backends to run (torch, torch.compile, torch+triton, "
-                   "torch.compile+triton, onnxruntime, full-recompute)")  # fmt: skip
+                   "torch.compile+triton, onnxruntime, onnxruntime-functions, "
+                   "full-recompute)")  # fmt: skip
     p.add_argument(
         "--contexts", type=context_list, default=[1024, 4096], help="decode contexts: 1024,4096"
     )
