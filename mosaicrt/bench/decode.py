@@ -158,7 +158,7 @@ def measure(name: str, backend: Backend, contexts: list[int], capacity: int, arg
 
 
 DECODE_BACKENDS = ("torch", "torch.compile", "torch+triton", "torch.compile+triton",
-                   "onnxruntime", "full-recompute")  # fmt: skip
+                   "onnxruntime", "onnxruntime-functions", "full-recompute")  # fmt: skip
 DEFAULT_BACKENDS = "torch,torch.compile,onnxruntime,onnxruntime-functions,full-recompute"
 MAX_CONTEXT = 1 << 20  # contexts beyond this would take hours to prefill
 

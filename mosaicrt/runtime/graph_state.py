@@ -19,6 +19,7 @@ pairs go) reads no device memory: a decode step on the GPU makes no device-to-ho
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -31,6 +32,8 @@ from mosaicrt.model.config import DTYPE_BYTES, ModelConfig
 from mosaicrt.ops import geometry
 
 ALIGN = 256  # bytes: TensorRT wants every bound address aligned to this
+# A runner's output holding every new.{l}.{keys,values} already stacked, (L*2, B, C, nM*H, hs).
+STACKED_NEW_PAIRS = "new.stacked"
 
 
 @dataclass
@@ -41,6 +44,18 @@ class GraphState:
     pairs: dict[str, Any]  # per memory: (L*2, NB, B, H, S, hs), layer-major, keys then values
     capacity: int
     host_pos: np.ndarray  # (B,) int64, pos on the host (pos itself for a numpy state)
+    views: dict[int, dict[str, Any]] = dataclasses.field(
+        default_factory=dict
+    )  # store_feeds by block count
+
+    def store_feeds(self, blocks: int) -> dict[str, Any]:
+        """The stores as a step feeds them: each STM ring whole, each LTM store's leading
+        `blocks` blocks as a view (the same view objects from step to step)."""
+        if blocks not in self.views:
+            self.views.clear()
+            self.views[blocks] = {name: store if ".stm." in name else store[:blocks]
+                                  for name, store in self.stores.items()}  # fmt: skip
+        return self.views[blocks]
 
     @property
     def batch_size(self) -> int:
@@ -149,10 +164,12 @@ def write_new_pairs(
     host_lengths: np.ndarray,
     chunk: int,
     to_state: Callable[[np.ndarray], Any],
+    stacked: Any = None,
 ) -> None:
     """Store the pairs a step completed (before the positions advance): pair j of row b is
-    tau = pos_b - 1 + j. new_pairs(layer, field) is the graph's (B, C, nM*H, hs) output. Where
-    each pair goes is worked out on the host; to_state moves those indices to the state."""
+    tau = pos_b - 1 + j. new_pairs(layer, field) is the graph's (B, C, nM*H, hs) output, or
+    `stacked` holds them all already, (L*2, B, C, nM*H, hs) in the order of GraphState.pairs.
+    Where each pair goes is worked out on the host; to_state moves those indices to the state."""
     S, H, ring = block, config.num_heads, config.stm_window - 1
     j = np.arange(chunk)[None, :]
     tau = state.host_pos[:, None] - 1 + j  # (B, C)
@@ -161,11 +178,12 @@ def write_new_pairs(
     rows = {"ltm": np.nonzero(ok), "stm": np.nonzero(ok & (tau > newest - ring))}  # ring: h-1
     if not any(len(b) for b, _ in rows.values()):
         return  # no pair completed (rows of length 0, or the first token)
-    parts = [
-        new_pairs(layer, f) for layer in range(config.num_layers) for f in io_spec.STORE_FIELDS
-    ]
-    xp = torch if isinstance(parts[0], torch.Tensor) else np
-    new = xp.stack(parts, 2)  # (B, C, L*2, nM*H, hs), in the order of GraphState.pairs
+    if stacked is None:
+        parts = [
+            new_pairs(layer, f) for layer in range(config.num_layers) for f in io_spec.STORE_FIELDS
+        ]
+        xp = torch if isinstance(parts[0], torch.Tensor) else np
+        stacked = xp.stack(parts)  # (L*2, B, C, nM*H, hs), in the order of GraphState.pairs
     for i, memory in enumerate(config.memories):
         b, c = rows[memory]
         t = tau[b, c]  # (n,)
@@ -175,7 +193,8 @@ def write_new_pairs(
             block_of, slot = t // S, t % S
         b, c, block_of, slot = map(to_state, (b, c, block_of, slot))
         # Advanced indices split by a slice go first: both sides are (n, L*2, H, hs).
-        state.pairs[memory][:, block_of, b, :, slot] = new[b, c, :, i * H : (i + 1) * H]
+        pairs = stacked[:, b, c, i * H : (i + 1) * H]  # (L*2, n, H, hs)
+        state.pairs[memory][:, block_of, b, :, slot] = pairs.swapaxes(0, 1)
 
 
 def graph_step(
@@ -209,8 +228,7 @@ def graph_step(
     nb = geometry.readable_blocks(state.host_pos, ids.shape[1], config.ltm_delay, block)
     feeds = {io_spec.INPUT_IDS: ids, io_spec.LENGTHS: lengths, io_spec.POSITIONS: state.pos + 0}
     feeds.update(state.small)
-    for name, store in state.stores.items():
-        feeds[name] = store if ".stm." in name else store[:nb]  # leading blocks: a view
+    feeds.update(state.store_feeds(nb))
     outputs = run(feeds)
     for name, buffer in state.small.items():
         buffer[...] = outputs["present" + name[len("past") :]]  # (B, nM*H, hs)
@@ -222,6 +240,7 @@ def graph_step(
         host_lengths,
         ids.shape[1],
         to_state,
+        outputs.get(STACKED_NEW_PAIRS),
     )
     state.pos += lengths
     if state.host_pos is not state.pos:

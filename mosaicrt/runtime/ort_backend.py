@@ -24,6 +24,7 @@ from mosaicrt.export.artifact import MODEL_FILE, read_manifest
 from mosaicrt.ops import geometry
 from mosaicrt.runtime.backend import Backend
 from mosaicrt.runtime.graph_state import (
+    STACKED_NEW_PAIRS,
     GraphState,
     allocate,
     first_nonfinite_layer,
@@ -302,12 +303,13 @@ class OrtBackend(Backend):
         binding's buffers, valid until the next step."""
         binding, bound = self.cpu_binding
         for name, array in feeds.items():
+            if bound.get(name) is array:  # the state's buffers, step after step
+                continue
             if not array.flags.c_contiguous:  # a row range of an LTM store
                 array = np.ascontiguousarray(array)
-            where = (array.__array_interface__["data"][0], array.shape)
-            if bound.get(name, (None,))[:2] != where:
-                binding.bind_input(name, "cpu", 0, array.dtype.type, list(array.shape), where[0])
-            bound[name] = (*where, array)  # the array stays alive while it is bound
+            binding.bind_input(name, "cpu", 0, array.dtype.type, list(array.shape),
+                               array.ctypes.data)  # fmt: skip
+            bound[name] = array  # bound by address: kept alive while it is bound
         outputs = self.cpu_outputs(binding, *feeds[io_spec.INPUT_IDS].shape)
         start = time.perf_counter()
         self.session.run_with_iobinding(binding)
@@ -320,12 +322,19 @@ class OrtBackend(Backend):
         changes."""
         if self.bound_outputs[0] != (batch, chunk):
             dims = {"batch": batch, "chunk": chunk}
-            buffers = {}
-            for name, (shape, dtype) in self.output_specs.items():
-                array = np.empty([dims.get(d, d) for d in shape], NUMPY_DTYPES[dtype])
+            shapes = {name: ([dims.get(d, d) for d in shape], NUMPY_DTYPES[dtype])
+                      for name, (shape, dtype) in self.output_specs.items()}  # fmt: skip
+            cfg = self.config
+            pair_names = [io_spec.new_pairs_name(layer, f) for layer in range(cfg.num_layers)
+                          for f in io_spec.STORE_FIELDS]  # fmt: skip
+            shape, dtype = shapes[pair_names[0]]
+            stacked = np.empty([len(pair_names), *shape], dtype)  # written in place by the run
+            buffers = {name: stacked[i] for i, name in enumerate(pair_names)}
+            buffers[STACKED_NEW_PAIRS] = stacked
+            for name, (shape, dtype) in shapes.items():
+                array = buffers.setdefault(name, np.empty(shape, dtype))
                 binding.bind_output(name, "cpu", 0, array.dtype.type, list(array.shape),
                                     array.ctypes.data)  # fmt: skip
-                buffers[name] = array
             self.bound_outputs = ((batch, chunk), buffers)
         return self.bound_outputs[1]
 
@@ -343,7 +352,8 @@ class OrtBackend(Backend):
         last_only: bool,
         rows: slice | None = None,
     ) -> torch.Tensor:
-        state = state.view(rows) if rows else state
+        if rows and (rows.start or 0, rows.stop) != (0, state.batch_size):
+            state = state.view(rows)
         run = self.run_bound if self.io_binding else self.run_numpy
         logits = graph_step(
             self.config,
