@@ -199,6 +199,75 @@ void memory_row_head(const MemoryInputs& in, const MemoryShape& s, int64_t windo
   }
 }
 
+constexpr int64_t kBlocksPerRange = 8;  // decode: stored blocks per work item
+
+// Decode (one query per row), the stored part: work item (b, r) folds blocks [r * kBlocksPerRange,
+// ...) of every head of row b into partial softmaxes, reading them in memory order (a block holds
+// all heads: the store streams through each thread as one contiguous range).
+template <typename T>
+void decode_block_range(const MemoryInputs& in, const MemoryShape& s, int64_t window,
+                        int64_t delay, int64_t b, int64_t range, const std::vector<float>& qb,
+                        std::vector<Softmax>& partial) {
+  const int64_t hs = s.hs, t = in.t[b];
+  std::vector<float> score(s.S), weight(s.S);
+  const int64_t first = range * kBlocksPerRange, last = std::min(s.NB, first + kBlocksPerRange);
+  const T* store_k = static_cast<const T*>(in.store_k);
+  const T* store_v = static_cast<const T*>(in.store_v);
+  for (int64_t blk = first; blk < last; ++blk) {
+    const int64_t* tau = in.store_tau + (blk * s.B + b) * s.S;
+    for (int64_t h = 0; h < s.H; ++h) {
+      const int64_t at = ((blk * s.B + b) * s.H + h) * s.S * hs;
+      score_pairs(qb.data() + (b * s.H + h) * hs, store_k + at, tau, s.S, hs, hs, t, window,
+                  delay, score.data());
+      fold_pairs(score.data(), store_v + at, s.S, hs, hs, partial[h], weight.data());
+    }
+  }
+}
+
+// Merges partial softmaxes of the same query into `into` (the same sums, rescaled to one max).
+inline void merge_softmax(Softmax& into, const Softmax& part) {
+  if (part.l == 0.f) return;
+  const float m = std::max(into.m, part.m);
+  const float a = std::exp(into.m - m), c = std::exp(part.m - m);
+  for (size_t d = 0; d < into.acc.size(); ++d) into.acc[d] = into.acc[d] * a + part.acc[d] * c;
+  into.l = into.l * a + part.l * c;
+  into.m = m;
+}
+
+// Decode for every row and head: the stored blocks in ranges on the thread pool, then per (b, h)
+// the partial softmaxes merged and the new pair folded in.
+template <typename T>
+void memory_decode(const Ort::KernelContext& ctx, const MemoryInputs& in, const MemoryShape& s,
+                   int64_t window, int64_t delay, float* y) {
+  const int64_t hs = s.hs, ranges = (s.NB + kBlocksPerRange - 1) / kBlocksPerRange;
+  std::vector<float> qb(s.B * s.H * hs);  // beta(n_t) folded into the query
+  for (int64_t b = 0; b < s.B; ++b) {
+    const float n = static_cast<float>(visible_count(in.t[b], window, delay));
+    for (int64_t h = 0; h < s.H; ++h) {
+      const float beta = in.beta1[h] * std::pow(n, in.alpha[h]) + in.beta0[h];
+      for (int64_t d = 0; d < hs; ++d)
+        qb[(b * s.H + h) * hs + d] = in.q[(b * s.H + h) * hs + d] * beta;
+    }
+  }
+  std::vector<std::vector<Softmax>> partial(s.B * ranges, std::vector<Softmax>(s.H, Softmax(hs)));
+  parallel_for(ctx, s.B * ranges, s.B * s.H * hs * s.NB * s.S, [&](size_t i) {
+    decode_block_range<T>(in, s, window, delay, i / ranges, i % ranges, qb, partial[i]);
+  });
+  std::vector<float> score(1), weight(1);
+  for (int64_t b = 0; b < s.B; ++b) {
+    for (int64_t h = 0; h < s.H; ++h) {
+      std::vector<Softmax> state(1, Softmax(hs));
+      for (int64_t r = 0; r < ranges; ++r) merge_softmax(state[0], partial[b * ranges + r][h]);
+      const int64_t at = (b * s.H + h) * hs;  // the row's new pair (C = 1)
+      const PairSet<float> fresh{in.new_k + at, in.new_v + at, in.new_tau + b, 1, s.H * hs};
+      fold_set(fresh, qb.data() + at, in.t + b, 1, hs, window, delay, state, nullptr,
+               score.data(), weight.data());
+      const float inv = state[0].l > 0.f ? 1.f / state[0].l : 0.f;
+      for (int64_t d = 0; d < hs; ++d) y[at + d] = state[0].acc[d] * inv;
+    }
+  }
+}
+
 struct AssociativeMemoryKernel {
   int64_t window, delay;
 
@@ -239,6 +308,10 @@ struct AssociativeMemoryKernel {
     const int64_t window_ = window, delay_ = delay;
     auto run = [&](auto zero) {
       using T = decltype(zero);
+      if (s.C == 1 && s.NB > 1) {  // decode over a long store: contiguous block ranges
+        memory_decode<T>(ctx, in, s, window_, delay_, y);
+        return;
+      }
       parallel_for(ctx, s.B * s.H, s.B * s.C * s.H * s.hs * (s.NB * s.S + s.C), [&](size_t i) {
         memory_row_head<T>(in, s, window_, delay_, i / s.H, i % s.H, y);
       });
