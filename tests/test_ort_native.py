@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from onnx import TensorProto, helper
 
 ort = pytest.importorskip("onnxruntime", reason="the native ops are ONNX Runtime's ([onnx] extra)")
@@ -14,11 +15,13 @@ from mosaicrt.errors import BackendError  # noqa: E402
 from mosaicrt.export.functions import functions, plugin_attrs  # noqa: E402
 from mosaicrt.onnx_graph import IR_VERSION, OPSET  # noqa: E402
 from mosaicrt.ops import DOMAIN  # noqa: E402
+from mosaicrt.ops.associative_memory.reference import dequantize_pairs, quantize_pairs  # noqa: E402
 from mosaicrt.ops.geometry import NO_WINDOW  # noqa: E402
 
 ATOL = 1e-5  # fp32 native kernels vs the fp32 function body on O(1) outputs
 ELEM = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
-        np.dtype(np.int64): TensorProto.INT64, np.dtype(bool): TensorProto.BOOL}  # fmt: skip
+        np.dtype(np.int64): TensorProto.INT64, np.dtype(bool): TensorProto.BOOL,
+        np.dtype(np.int8): TensorProto.INT8}  # fmt: skip
 
 
 def run_node(op, inputs, outputs, library=None, profile_dir=None, **attrs):
@@ -35,7 +38,7 @@ def run_node(op, inputs, outputs, library=None, profile_dir=None, **attrs):
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)],
-        functions=functions(),
+        functions=functions(int8_stores=op == "AssociativeMemoryInt8"),
         ir_version=IR_VERSION,
     )
     options = ort.SessionOptions()
@@ -108,6 +111,44 @@ def test_associative_memory_kernel_matches_the_function(
     for b in range(3):  # row 3 has no real token: its outputs are never read
         assert np.abs(got[b, : lengths[b]] - want[b, : lengths[b]]).max() <= ATOL
     assert np.abs(want[0, 0]).max() == 0.0 == np.abs(got[0, 0]).max()  # t = 0: nothing visible
+
+
+@pytest.mark.parametrize("kind", ["stm", "ltm"])
+@pytest.mark.parametrize("chunk", [1, 9])
+def test_int8_store_kernel_matches_the_function_and_the_dequantized_stores(
+    native_ort_library, kind, chunk, tmp_path
+):
+    """AssociativeMemoryInt8 = AssociativeMemory over the stores its int8 pairs and scales stand
+    for: the function body and the native kernel both."""
+    inputs, attrs, lengths = memory_inputs(kind, chunk, np.float32, seed=10 + chunk)
+    quantized = dict(inputs)
+    for field in ("store_k", "store_v"):
+        q, scale = quantize_pairs(torch.from_numpy(inputs[field]))
+        quantized[field], quantized[field + "_scale"] = q.numpy(), scale.numpy()
+        inputs[field] = dequantize_pairs(q, scale).numpy()
+    (want,), _ = run_node("AssociativeMemory", inputs, ["y"], **attrs)
+    (body,), ran = run_node(
+        "AssociativeMemoryInt8", quantized, ["y"], profile_dir=tmp_path / "f", **attrs
+    )
+    assert "AssociativeMemoryInt8" not in ran  # inlined
+    (got,), ran = run_node(
+        "AssociativeMemoryInt8", quantized, ["y"], native_ort_library, tmp_path / "n", **attrs
+    )
+    assert ran == {"AssociativeMemoryInt8"}
+    for b in range(3):  # row 3 has no real token
+        assert np.abs(body[b, : lengths[b]] - want[b, : lengths[b]]).max() <= ATOL
+        assert np.abs(got[b, : lengths[b]] - want[b, : lengths[b]]).max() <= ATOL
+
+
+def test_quantized_pairs_round_trip_within_half_a_scale():
+    x = torch.randn(5, 7, 3, 64) * torch.rand(5, 7, 3, 1) * 10
+    x[0, 0, 0] = 0.0  # an empty slot's pair
+    q, scale = quantize_pairs(x)
+    assert q.dtype == torch.int8 and scale.shape == x.shape[:-1]
+    error = (dequantize_pairs(q, scale) - x).abs()
+    assert bool((error <= scale[..., None] / 2 * (1 + 1e-6)).all())
+    assert float(scale[0, 0, 0]) == 0.0 and bool((q[0, 0, 0] == 0).all())
+    assert int(q.abs().max()) == 127
 
 
 @pytest.mark.parametrize("chunk", [1, 21])

@@ -24,9 +24,8 @@ from mosaicrt.bench.machine import (
 )
 from mosaicrt.bench.metrics import RequestTiming, request_metrics
 from mosaicrt.bench.roofline import decode_bytes, prefill_flops
-from mosaicrt.bench.state_bytes import measure_state, store_dtype
+from mosaicrt.bench.state_bytes import measure_state, store_dtype, weights_read_bytes
 from mosaicrt.errors import MosaicError
-from mosaicrt.model.config import DTYPE_BYTES, parameter_count
 from mosaicrt.outputs import check_output_file, write_json
 from mosaicrt.runtime.backend import Backend, torch_threads_for
 from mosaicrt.runtime.backends import add_run_args, open_run_backend
@@ -120,7 +119,11 @@ def run_bench(
                     torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
                 ),
                 "state": measure_state(backend, batch, limits.max_context)
-                | {"weights_bytes": parameter_count(config) * DTYPE_BYTES[store_dtype(backend)]},
+                | {
+                    "weights_read_bytes": decode_bytes(
+                        config, [], store_dtype(backend), weights_read_bytes(backend)
+                    )
+                },
             },
             "config": config.to_dict(),
         }
@@ -138,9 +141,8 @@ def roofline(backend: Backend, report: dict, batch: int, input_len: int, output_
         bandwidth, peak = measure_gpu_bandwidth_gb_s(), measure_gpu_peak_gflops()
     else:
         bandwidth, peak = measure_bandwidth_gb_s(), measure_peak_gflops()
-    elem = DTYPE_BYTES[store_dtype(backend)]
     mid = [input_len + output_len // 2] * batch  # contexts halfway through decoding
-    step_bytes = decode_bytes(config, mid, elem)
+    step_bytes = decode_bytes(config, mid, store_dtype(backend), weights_read_bytes(backend))
     roof_decode_ms = 1e3 * step_bytes / (bandwidth * 1e9)
     roof_prefill_ms = 1e3 * batch * prefill_flops(config, input_len) / (peak * 1e9)
     tpot = report["tpot_ms"]["mean"]

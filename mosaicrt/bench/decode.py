@@ -30,7 +30,7 @@ from mosaicrt.bench.machine import (
 from mosaicrt.bench.roofline import decode_bytes
 from mosaicrt.errors import InputError
 from mosaicrt.model.checkpoint import random_tensors, write_checkpoint
-from mosaicrt.model.config import DTYPE_BYTES, ModelConfig, load_config, preset
+from mosaicrt.model.config import ModelConfig, load_config, preset
 from mosaicrt.outputs import check_output_file, write_json
 from mosaicrt.runtime.backend import Backend, torch_threads_for
 
@@ -244,7 +244,7 @@ def main(args: argparse.Namespace) -> int:
             for name, backend in backends.items():  # one runtime at a time: their thread pools
                 with torch_threads_for(getattr(backend, "inner", backend)):
                     times.update(measure(name, backend, contexts, capacity, args))
-            rows += tpot_rows(times, config, bandwidth, DTYPE_BYTES[args.dtype])
+            rows += tpot_rows(times, config, bandwidth, args.dtype)
             del backends
     if args.append and args.json and Path(args.json).exists():
         rows = json.loads(Path(args.json).read_text())["rows"] + rows
@@ -282,12 +282,12 @@ def check_state_fits(config: ModelConfig, capacity: int) -> None:
         )
 
 
-def tpot_rows(times: dict, config: ModelConfig, bandwidth: float, elem: int) -> list[dict]:
+def tpot_rows(times: dict, config: ModelConfig, bandwidth: float, dtype: str) -> list[dict]:
     """One row per (backend, context): TPOT against the roofline, printed as it is made."""
     rows = []
     for (name, context), samples in times.items():
         tpot = statistics.median(samples)
-        step_bytes = decode_bytes(config, [context], elem)
+        step_bytes = decode_bytes(config, [context], dtype)
         roof = step_bytes / (bandwidth * 1e9)
         rows.append(
             {

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-from mosaicrt.model.config import ModelConfig, parameter_count
+from mosaicrt.model.config import DTYPE_BYTES, ModelConfig, parameter_count
+from mosaicrt.model.state import pair_bytes
 
 
-def decode_bytes(config: ModelConfig, contexts: list[int], elem: int = 4) -> int:
+def decode_bytes(
+    config: ModelConfig,
+    contexts: list[int],
+    store_dtype: str = "float32",
+    weights: int | None = None,
+) -> int:
     """Bytes one decode step must read for sequences at these contexts: the weights (without the
-    embedding table) once, plus each sequence's valid STM and LTM pairs."""
-    weights = (parameter_count(config) - config.vocab_size * config.hidden_size) * elem
-    pair = 2 * config.memory_width * elem * config.num_layers
+    embedding table) once, in the stores' dtype unless `weights` gives their bytes (quantized
+    artifacts record theirs in the manifest), plus each sequence's valid STM and LTM pairs."""
+    if weights is None:
+        elem = DTYPE_BYTES[store_dtype] if store_dtype != "int8" else 4
+        weights = (parameter_count(config) - config.vocab_size * config.hidden_size) * elem
+    pair = pair_bytes(config, store_dtype) * config.num_layers
     pairs = sum(
         min(t, config.stm_window - 1) + (max(0, t - config.ltm_delay + 1) if config.use_ltm else 0)
         for t in contexts

@@ -34,6 +34,13 @@ def store_dtype(backend: Backend) -> str:
     return str(backend.model.embed_tokens.weight.dtype).removeprefix("torch.")
 
 
+def weights_read_bytes(backend: Backend) -> int | None:
+    """Bytes of weights a decode step reads (the embedding table aside), where the artifact
+    recorded them (quantized weights); None: count parameters x the store dtype's size."""
+    manifest = getattr(backend, "manifest", None)
+    return manifest.get("weights_read_bytes") if manifest is not None else None
+
+
 def measure_state(backend: Backend, batch: int, capacity: int) -> dict:
     """The state of `batch` x `capacity` tokens, and the LTM bytes per token it costs: measured on
     two real allocations a whole number of store blocks apart, and from the formula."""

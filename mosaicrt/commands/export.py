@@ -28,14 +28,38 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="emit logits of each row's last token only (no `score`)",
     )
+    p.add_argument(
+        "--store-dtype",
+        help="fp32, fp16, bf16 or int8: what the STM and LTM stores hold (default: --dtype); "
+        "int8 keeps an fp32 scale per pair and head, read inside the retrieval",
+    )
+    p.add_argument(
+        "--quantize",
+        help="int4 or int8: weight-only block-wise quantization of every weight MatMul "
+        "(ONNX Runtime MatMulNBits; lm_head included, embeddings stay in --dtype)",
+    )
+    p.add_argument(
+        "--block-size",
+        type=positive_int,
+        default=32,
+        help="weights per quantization scale along the input dimension: 32, 64 or 128",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing artifact")
     add_weight_check_arg(p)
 
 
 def main(args: argparse.Namespace) -> int:
-    from mosaicrt.export.artifact import export_artifact
-    from mosaicrt.model.config import normalize_dtype
+    from mosaicrt.errors import InputError
+    from mosaicrt.export.artifact import STORE_DTYPES, export_artifact
+    from mosaicrt.export.quantize import WeightQuantization
+    from mosaicrt.model.config import DTYPE_ALIASES, normalize_dtype
 
+    if args.quantize is None and args.block_size != 32:
+        raise InputError("--block-size applies to --quantize: add --quantize int4 or int8")
+    quantize = WeightQuantization(args.quantize, args.block_size) if args.quantize else None
+    store_dtype = DTYPE_ALIASES.get(args.store_dtype, args.store_dtype)
+    if store_dtype is not None and store_dtype not in STORE_DTYPES:
+        raise InputError(f"--store-dtype must be fp32, fp16, bf16 or int8, got {store_dtype!r}")
     out = export_artifact(
         args.checkpoint,
         args.output,
@@ -45,6 +69,8 @@ def main(args: argparse.Namespace) -> int:
         progress=sys.stderr.isatty(),
         force=args.force,
         check_weights=not args.no_weight_check,
+        quantize=quantize,
+        store_dtype=store_dtype,
     )
     print(out)
     return 0

@@ -24,7 +24,8 @@ or out of the graph on every step would cost as much as the retrieval itself.
     RMSNorm -> MatMul(lm_head^T) -> logits (all positions, or the last real one per row)
 
 All weight MatMuls keep activations on the left and a pre-transposed constant on the right, the
-orientation ONNX Runtime prepacks; projections that read the same input share one MatMul.
+orientation ONNX Runtime prepacks; projections that read the same input share one MatMul. With
+weight quantization each becomes a MatMulNBits (export.quantize); the embedding stays a table.
 """
 
 from __future__ import annotations
@@ -32,13 +33,20 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import torch
-from onnx import helper
+from onnx import TensorProto, helper
 
 from mosaicrt.export import io_spec
 from mosaicrt.export.functions import functions, plugin_attrs
+from mosaicrt.export.quantize import MS_DOMAIN, WeightQuantization, quantize_weight
 from mosaicrt.model.mmv2 import MMv2
 from mosaicrt.onnx_graph import FLOAT, IR_VERSION, ONNX_DTYPES, OPSET, ExternalData, GraphBuilder
 from mosaicrt.ops import DOMAIN, DOMAIN_VERSION
+from mosaicrt.ops.associative_memory import INT8_MAX, NAME, NAME_INT8
+
+STORE_TYPES = ONNX_DTYPES | {"int8": TensorProto.INT8}  # what the stores may hold
+
+
+EMBEDDING = "embed_tokens.weight"  # the token table: a Gather reads one row per token
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -56,11 +64,21 @@ def as_dtype(array: np.ndarray, dtype: str) -> np.ndarray:
 
 class StepGraphBuilder:
     def __init__(
-        self, model: MMv2, last_only: bool, dtype: str, external: ExternalData | None = None
+        self,
+        model: MMv2,
+        last_only: bool,
+        dtype: str,
+        external: ExternalData | None = None,
+        quantize: WeightQuantization | None = None,
+        store_dtype: str | None = None,
     ) -> None:
         self.model, self.config = model, model.config
         self.last_only = last_only
-        self.dtype = dtype  # weights, their MatMuls and the stores; the rest runs in fp32
+        self.dtype = dtype  # weights, their MatMuls (and by default the stores); the rest fp32
+        self.store_dtype = store_dtype or dtype  # float32, float16, bfloat16 or int8
+        self.store_type = STORE_TYPES[self.store_dtype]
+        self.int8_stores = io_spec.scaled(self.store_type)
+        self.quantize = quantize  # weight-only quantization of the weight MatMuls, if any
         self.g = GraphBuilder(external=external)
 
     def half(self) -> bool:
@@ -68,8 +86,22 @@ class StepGraphBuilder:
 
     def matmul(self, x: str, weight_t: np.ndarray, name: str) -> str:
         """x @ W^T with W^T (in, out) stored as the right-hand constant, in the export dtype
-        (fp32 activations are cast to it and the product back to fp32)."""
+        (fp32 activations are cast to it and the product back to fp32), or block-quantized."""
         g = self.g
+        if self.quantize is not None:
+            q = quantize_weight(weight_t, self.quantize)
+            return g.op(
+                "MatMulNBits",
+                x,
+                g.weight(f"{name}.q{self.quantize.bits}", q["packed"]),
+                g.weight(f"{name}.scales", q["scales"]),
+                domain=MS_DOMAIN,
+                K=weight_t.shape[0],
+                N=weight_t.shape[1],
+                bits=self.quantize.bits,
+                block_size=self.quantize.block_size,
+                accuracy_level=self.quantize.accuracy_level,
+            )
         w = g.weight(name, as_dtype(weight_t, self.dtype))
         if not self.half():
             return g.op("MatMul", x, w)
@@ -196,10 +228,27 @@ class StepGraphBuilder:
             "Add", g.op("Mul", g.const(gamma), v_prev), g.op("Mul", g.const(1 - gamma), v_raw)
         )
         v_pairs = g.op("Mul", g.const(p["alpha_psi"][:, None]), self.l2_normalize(mixed))
-        for name, pairs in (("keys", k_pairs), ("values", v_pairs)):  # stored in the export dtype
-            g.op("Cast", pairs, to=ONNX_DTYPES[self.dtype],
-                 outputs=[io_spec.new_pairs_name(layer, name)])  # fmt: skip
+        for name, pairs in (("keys", k_pairs), ("values", v_pairs)):  # as the stores hold them
+            out = io_spec.new_pairs_name(layer, name)
+            if self.int8_stores:
+                self.quantize_pairs(pairs, out, out + io_spec.SCALE_SUFFIX)
+            else:
+                g.op("Cast", pairs, to=self.store_type, outputs=[out])
         return k_pairs, v_pairs
+
+    def quantize_pairs(self, pairs: str, out: str, out_scale: str) -> None:
+        """pairs (B, C, nM*H, hs) -> int8 `out` and fp32 `out_scale` (B, C, nM*H), one scale
+        per pair and head: max|x| / 127 (ops.associative_memory.reference.quantize_pairs)."""
+        g = self.g
+        scale = g.op(
+            "Div",
+            g.op("ReduceMax", g.op("Abs", pairs), g.ints(-1), keepdims=0),
+            g.const(INT8_MAX),
+            outputs=[out_scale],
+        )
+        safe = g.op("Max", scale, g.const(np.finfo(np.float32).tiny))  # an all-zero pair: 0
+        q = g.op("Round", g.op("Div", pairs, g.unsqueeze(safe, 3)))
+        g.op("Cast", q, to=TensorProto.INT8, outputs=[out])
 
     def retrievals(
         self, layer: int, keys: str, k_pairs: str, v_pairs: str, p: dict, step: dict
@@ -213,16 +262,18 @@ class StepGraphBuilder:
             for x in (keys, k_pairs, v_pairs)
         ]
         ys = []
+        op = NAME_INT8 if self.int8_stores else NAME
         for i, kind in enumerate(cfg.memories):
             mem = getattr(self.model.layers[layer], kind)
             heads = slice(i * H, (i + 1) * H)
+            stores = [io_spec.store_name(layer, kind, f) for f in io_spec.STORE_FIELDS]
+            scales = [s + io_spec.SCALE_SUFFIX for s in stores] if self.int8_stores else []
             ys.append(
                 g.op(
-                    "AssociativeMemory",
+                    op,
                     per_mem[0][i],
                     step["t"],
-                    io_spec.store_name(layer, kind, "keys"),
-                    io_spec.store_name(layer, kind, "values"),
+                    *stores,
                     step[f"tau_{kind}"],
                     per_mem[1][i],
                     per_mem[2][i],
@@ -230,8 +281,9 @@ class StepGraphBuilder:
                     g.const(p["beta0"][heads]),
                     g.const(p["beta1"][heads]),
                     g.const(p["alpha"][heads]),
+                    *scales,
                     domain=DOMAIN,
-                    name=f"/model/layers.{layer}/{kind}/AssociativeMemory",
+                    name=f"/model/layers.{layer}/{kind}/{op}",
                     window=mem.window,
                     delay=mem.delay,
                     **plugin_attrs(),
@@ -275,7 +327,7 @@ class StepGraphBuilder:
         step = self.step_inputs()
         safe_ids = g.op("Where", step["valid"], io_spec.INPUT_IDS, g.const(0, np.int64))
         table = as_dtype(_np(model.embed_tokens.weight), self.dtype)
-        x = g.op("Gather", g.weight("embed_tokens.weight", table), safe_ids)  # (B, C, d)
+        x = g.op("Gather", g.weight(EMBEDDING, table), safe_ids)  # (B, C, d)
         if self.half():
             x = g.op("Cast", x, to=FLOAT)  # the residual stream stays fp32
         f = cfg.intermediate_size
@@ -314,8 +366,8 @@ class StepGraphBuilder:
         graph = helper.make_graph(
             g.nodes,
             "mmv2_step",
-            io_spec.graph_inputs(cfg, ONNX_DTYPES[self.dtype]),
-            io_spec.graph_outputs(cfg, self.last_only, ONNX_DTYPES[self.dtype]),
+            io_spec.graph_inputs(cfg, self.store_type),
+            io_spec.graph_outputs(cfg, self.last_only, self.store_type),
             initializer=g.initializers,
         )
         return helper.make_model(
@@ -323,8 +375,9 @@ class StepGraphBuilder:
             opset_imports=[
                 helper.make_opsetid("", OPSET),
                 helper.make_opsetid(DOMAIN, DOMAIN_VERSION),
-            ],
-            functions=functions(),
+            ]
+            + ([helper.make_opsetid(MS_DOMAIN, 1)] if self.quantize else []),
+            functions=functions(self.int8_stores),
             ir_version=IR_VERSION,
             producer_name="mosaicrt",
         )
@@ -335,7 +388,10 @@ def build_step_model(
     last_only: bool = False,
     dtype: str = "float32",
     external: ExternalData | None = None,
+    quantize: WeightQuantization | None = None,
+    store_dtype: str | None = None,
 ) -> onnx.ModelProto:
     """The ONNX step graph of `model`: weights, weight MatMuls and stores in `dtype` (written to
-    `external` as they are made, when given)."""
-    return StepGraphBuilder(model, last_only, dtype, external).build()
+    `external` as they are made, when given); weight MatMuls block-quantized with `quantize`;
+    stores in `store_dtype` when given (int8: with a scale per pair and head)."""
+    return StepGraphBuilder(model, last_only, dtype, external, quantize, store_dtype).build()

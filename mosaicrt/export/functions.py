@@ -14,9 +14,10 @@ from mosaicrt.ops.associative_memory import onnx as associative_memory
 from mosaicrt.ops.gated_key_scan import onnx as gated_key_scan
 
 
-def functions() -> list[onnx.FunctionProto]:
-    """Every op's function body, for the model's function list."""
-    return [gated_key_scan.function(), associative_memory.function()]
+def functions(int8_stores: bool = False) -> list[onnx.FunctionProto]:
+    """The function bodies of the ops a step graph uses, for the model's function list:
+    AssociativeMemoryInt8 in place of AssociativeMemory for int8 stores."""
+    return [gated_key_scan.function(), associative_memory.function(int8_stores)]
 
 
 def plugin_attrs() -> dict[str, str]:

@@ -7,6 +7,10 @@ STM, [H, 2H) the LTM.
     past.{l}.{s, mx, k_pend, v_pend}   -> present.{l}.{...}   (B, nM*H, hs) / (B, nM*H), fp32
     past.{l}.{stm, ltm}.{keys, values}                         stores, (NB, B, H, S, hs)
                                        -> new.{l}.{keys, values}   (B, C, nM*H, hs) new pairs
+
+With int8 stores every store and new-pairs tensor has a companion of fp32 scales, one per pair and
+head, named with SCALE_SUFFIX: past.{l}.{M}.{keys,values}_scale (NB, B, H, S) and
+new.{l}.{keys,values}_scale (B, C, nM*H).
 """
 
 from __future__ import annotations
@@ -18,6 +22,12 @@ from mosaicrt.model.config import ModelConfig
 INPUT_IDS, LENGTHS, POSITIONS, LOGITS = "input_ids", "lengths", "positions", "logits"
 SMALL_FIELDS = ("s", "mx", "k_pend", "v_pend")  # constant-size state, re-emitted each step
 STORE_FIELDS = ("keys", "values")  # stores: read by the graph; only new pairs are emitted
+SCALE_SUFFIX = "_scale"  # int8 stores: the scales beside a store or new-pairs tensor
+
+
+def scaled(store_type: int) -> bool:
+    """Do stores of this element type carry scales (int8)?"""
+    return store_type == TensorProto.INT8
 
 
 def small_name(kind: str, layer: int, field: str) -> str:
@@ -61,13 +71,14 @@ def graph_inputs(config: ModelConfig, store_type: int = TensorProto.FLOAT) -> li
             )
         for memory in config.memories:
             for field in STORE_FIELDS:
-                inputs.append(
-                    helper.make_tensor_value_info(
-                        store_name(layer, memory, field),
-                        store_type,
-                        store_shape(config, memory),
+                name, shape = store_name(layer, memory, field), store_shape(config, memory)
+                inputs.append(helper.make_tensor_value_info(name, store_type, shape))
+                if scaled(store_type):
+                    inputs.append(
+                        helper.make_tensor_value_info(
+                            name + SCALE_SUFFIX, TensorProto.FLOAT, shape[:-1]
+                        )
                     )
-                )
     return inputs
 
 
@@ -89,18 +100,25 @@ def graph_outputs(
                 )
             )
         for field in STORE_FIELDS:
-            outputs.append(
-                helper.make_tensor_value_info(
-                    new_pairs_name(layer, field),
-                    store_type,
-                    ["batch", "chunk", heads, config.head_dim],
+            name, shape = new_pairs_name(layer, field), ["batch", "chunk", heads, config.head_dim]
+            outputs.append(helper.make_tensor_value_info(name, store_type, shape))
+            if scaled(store_type):
+                outputs.append(
+                    helper.make_tensor_value_info(
+                        name + SCALE_SUFFIX, TensorProto.FLOAT, shape[:-1]
+                    )
                 )
-            )
     return outputs
 
 
-def layout(config: ModelConfig) -> dict:
+def layout(config: ModelConfig, store_type: int = TensorProto.FLOAT) -> dict:
     """The state layout, for the manifest."""
+    scales = {
+        "store_scales": {
+            store_name("{layer}", m, "{keys,values}") + SCALE_SUFFIX: store_shape(config, m)[:-1]
+            for m in config.memories
+        }
+    }
     return {
         "heads": "per layer, STM heads first, then LTM heads",
         "small": {small_name("past", "{layer}", f): small_shape(config, f) for f in SMALL_FIELDS},
@@ -116,4 +134,4 @@ def layout(config: ModelConfig) -> dict:
                 config.head_dim,
             ]
         },
-    }
+    } | (scales if scaled(store_type) else {})

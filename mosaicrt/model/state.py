@@ -143,14 +143,22 @@ class MemoryPlan:
         return self.bytes_per_sequence * self.max_batch
 
 
+def pair_bytes(config: ModelConfig, store_dtype: str) -> int:
+    """Bytes of one stored (key, value) pair of one memory, every head: int8 stores keep an fp32
+    scale per head beside each key and each value."""
+    width = config.memory_width
+    if store_dtype == "int8":
+        return 2 * (width + 4 * config.num_heads)
+    return 2 * width * DTYPE_BYTES[store_dtype]
+
+
 def memory_plan(
     config: ModelConfig, max_context: int, max_batch: int, store_dtype: str | None = None
 ) -> MemoryPlan:
     """State sizes of `max_batch` sequences of up to `max_context` tokens, stores in store_dtype."""
-    width, layers = config.memory_width, config.num_layers
-    elem = DTYPE_BYTES[store_dtype or config.torch_dtype]
-    pair = 2 * width * elem  # one (key, value) pair of one memory
-    recurrence = len(config.memories) * layers * (3 * width + config.num_heads) * 4
+    layers = config.num_layers
+    pair = pair_bytes(config, store_dtype or config.torch_dtype)  # one pair of one memory
+    recurrence = len(config.memories) * layers * (3 * config.memory_width + config.num_heads) * 4
     return MemoryPlan(
         ltm_bytes_per_token=pair * layers if config.use_ltm else 0,
         stm_bytes_per_sequence=pair * layers * (config.stm_window - 1),

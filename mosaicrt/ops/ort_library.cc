@@ -7,6 +7,7 @@
 namespace {
 mosaic::GatedKeyScanOp gated_key_scan_op;
 mosaic::AssociativeMemoryOp associative_memory_op;
+mosaic::AssociativeMemoryInt8Op associative_memory_int8_op;
 }  // namespace
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
@@ -18,6 +19,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     if (!filled) {
       domain.Add(&gated_key_scan_op);
       domain.Add(&associative_memory_op);
+      domain.Add(&associative_memory_int8_op);
       filled = true;
     }
     Ort::UnownedSessionOptions(options).Add(domain);

@@ -25,7 +25,7 @@ import onnx
 from mosaicrt import __version__
 from mosaicrt.argtypes import positive_int
 from mosaicrt.errors import BackendError, CheckpointError, InputError
-from mosaicrt.export.artifact import MODEL_FILE, read_manifest, sha256
+from mosaicrt.export.artifact import MODEL_FILE, quantization_label, read_manifest, sha256
 from mosaicrt.export.io_spec import INPUT_IDS
 from mosaicrt.ops import DOMAIN, PLUGIN_VERSION, source_files
 from mosaicrt.outputs import atomic_dir, check_output_dir
@@ -140,6 +140,13 @@ def build_engine(
     with phases("reading the artifact"):
         check_output_dir(output, inputs=[artifact], force=force, flag="-o", what="engine")
         manifest, model_config = read_manifest(artifact)
+        quantized = quantization_label(manifest)
+        if quantized:
+            raise InputError(
+                f"{artifact} has {quantized} (ONNX Runtime's MatMulNBits, mosaic::"
+                "AssociativeMemoryInt8), which the TensorRT path does not take yet: build the "
+                "engine from an artifact exported without --quantize and --store-dtype int8"
+            )
         max_context = max_context or manifest["max_context"]
         check_limits(max_batch, max_context, max_chunk, target)
         graph = read_graph(artifact / MODEL_FILE)

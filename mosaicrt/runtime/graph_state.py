@@ -7,6 +7,7 @@ Per layer and memory, allocated once:
     STM ring                (1, B, H, h-1, hs): fed whole (constant size)
     LTM store               (NB_cap, B, H, S, hs), blocks of S pairs: only the leading blocks that
                             hold readable pairs are fed, as a view of the buffer
+    int8 stores' scales     the stores' shapes without hs, fp32, fed and written beside them
 Every layer's rings (keys and values) are views of one buffer, and so are the stores, so that
 `write_new_pairs` puts the pairs a step completes (graph outputs) into all layers at once, in
 place: two scatters per step instead of four per layer. Each view starts on a 256-byte boundary
@@ -32,18 +33,21 @@ from mosaicrt.model.config import DTYPE_BYTES, ModelConfig
 from mosaicrt.ops import geometry
 
 ALIGN = 256  # bytes: TensorRT wants every bound address aligned to this
-# A runner's output holding every new.{l}.{keys,values} already stacked, (L*2, B, C, nM*H, hs).
+# A runner's output holding every new.{l}.{keys,values} already stacked, (L*2, B, C, nM*H, hs),
+# and for int8 stores every new.{l}.{keys,values}_scale, (L*2, B, C, nM*H).
 STACKED_NEW_PAIRS = "new.stacked"
+STACKED_NEW_SCALES = "new.stacked_scale"
 
 
 @dataclass
 class GraphState:
     pos: Any  # (B,) int64, tokens consumed per row
     small: dict[str, Any]  # past.{l}.{s,mx,k_pend,v_pend}
-    stores: dict[str, Any]  # past.{l}.{M}.{keys,values}: views of `pairs`
+    stores: dict[str, Any]  # past.{l}.{M}.{keys,values}[_scale]: views of `pairs` and `scales`
     pairs: dict[str, Any]  # per memory: (L*2, NB, B, H, S, hs), layer-major, keys then values
     capacity: int
     host_pos: np.ndarray  # (B,) int64, pos on the host (pos itself for a numpy state)
+    scales: dict[str, Any] = dataclasses.field(default_factory=dict)  # int8: (L*2, NB, B, H, S)
     views: dict[int, dict[str, Any]] = dataclasses.field(
         default_factory=dict
     )  # store_feeds by block count
@@ -72,6 +76,7 @@ class GraphState:
             pairs={k: v[:, :, rows] for k, v in self.pairs.items()},
             capacity=self.capacity,
             host_pos=pos if self.host_pos is self.pos else self.host_pos[rows],
+            scales={k: v[:, :, rows] for k, v in self.scales.items()},
         )
 
 
@@ -84,11 +89,12 @@ def allocate(
     pos: Any,
     store_dtype: str = "float32",
 ) -> GraphState:
-    """A fresh state; full(shape, value, is_store) makes a buffer (fp32 unless a store)."""
+    """A fresh state; full(shape, value, is_store) makes a buffer (fp32 unless a store). int8
+    stores get their fp32 scales beside them."""
     H, hs = config.num_heads, config.head_dim
     heads = H * len(config.memories)
     blocks = max(1, -(-(capacity - 1) // block))
-    small, stores, pairs = {}, {}, {}
+    small, stores, pairs, scales = {}, {}, {}, {}
     for layer in range(config.num_layers):
         for field in io_spec.SMALL_FIELDS:
             shape = (batch, heads) if field == "mx" else (batch, heads, hs)
@@ -99,13 +105,16 @@ def allocate(
         nb, slots = (1, config.stm_window - 1) if memory == "stm" else (blocks, block)
         shape = (config.num_layers * len(fields), nb, batch, H, slots, hs)
         pairs[memory] = aligned_views(full, shape, DTYPE_BYTES[store_dtype])
+        if store_dtype == "int8":
+            scales[memory] = aligned_views(full, shape[:-1], 4, is_store=False)
         for layer in range(config.num_layers):
             for i, field in enumerate(fields):
-                stores[io_spec.store_name(layer, memory, field)] = pairs[memory][
-                    layer * len(fields) + i
-                ]
+                name = io_spec.store_name(layer, memory, field)
+                stores[name] = pairs[memory][layer * len(fields) + i]
+                if memory in scales:
+                    stores[name + io_spec.SCALE_SUFFIX] = scales[memory][layer * len(fields) + i]
     host_pos = pos if isinstance(pos, np.ndarray) else np.zeros(batch, np.int64)
-    return GraphState(pos, small, stores, pairs, capacity, host_pos)
+    return GraphState(pos, small, stores, pairs, capacity, host_pos, scales=scales)
 
 
 def address(x: Any) -> int:
@@ -165,10 +174,12 @@ def write_new_pairs(
     chunk: int,
     to_state: Callable[[np.ndarray], Any],
     stacked: Any = None,
+    stacked_scales: Any = None,
 ) -> None:
     """Store the pairs a step completed (before the positions advance): pair j of row b is
     tau = pos_b - 1 + j. new_pairs(layer, field) is the graph's (B, C, nM*H, hs) output, or
-    `stacked` holds them all already, (L*2, B, C, nM*H, hs) in the order of GraphState.pairs.
+    `stacked` holds them all already, (L*2, B, C, nM*H, hs) in the order of GraphState.pairs;
+    int8 stores' scales likewise (field keys_scale / values_scale, or `stacked_scales`).
     Where each pair goes is worked out on the host; to_state moves those indices to the state."""
     S, H, ring = block, config.num_heads, config.stm_window - 1
     j = np.arange(chunk)[None, :]
@@ -179,11 +190,12 @@ def write_new_pairs(
     if not any(len(b) for b, _ in rows.values()):
         return  # no pair completed (rows of length 0, or the first token)
     if stacked is None:
-        parts = [
-            new_pairs(layer, f) for layer in range(config.num_layers) for f in io_spec.STORE_FIELDS
-        ]
-        xp = torch if isinstance(parts[0], torch.Tensor) else np
-        stacked = xp.stack(parts)  # (L*2, B, C, nM*H, hs), in the order of GraphState.pairs
+        stacked = stack_new(config, new_pairs, "")
+    sources = [(state.pairs, stacked)]  # (destination, stacked new pairs)
+    if state.scales:
+        if stacked_scales is None:
+            stacked_scales = stack_new(config, new_pairs, io_spec.SCALE_SUFFIX)
+        sources.append((state.scales, stacked_scales))
     for i, memory in enumerate(config.memories):
         b, c = rows[memory]
         t = tau[b, c]  # (n,)
@@ -192,9 +204,21 @@ def write_new_pairs(
         else:
             block_of, slot = t // S, t % S
         b, c, block_of, slot = map(to_state, (b, c, block_of, slot))
-        # Advanced indices split by a slice go first: both sides are (n, L*2, H, hs).
-        pairs = stacked[:, b, c, i * H : (i + 1) * H]  # (L*2, n, H, hs)
-        state.pairs[memory][:, block_of, b, :, slot] = pairs.swapaxes(0, 1)
+        for destination, new in sources:
+            # Advanced indices split by a slice go first: both sides are (n, L*2, H[, hs]).
+            pairs = new[:, b, c, i * H : (i + 1) * H]  # (L*2, n, H[, hs])
+            destination[memory][:, block_of, b, :, slot] = pairs.swapaxes(0, 1)
+
+
+def stack_new(config: ModelConfig, new_pairs: Callable[[int, str], Any], suffix: str) -> Any:
+    """Every layer's new pairs (or their scales, suffix _scale) as one (L*2, B, C, nM*H[, hs])
+    array, in the order of GraphState.pairs."""
+    parts = [
+        new_pairs(layer, field + suffix)
+        for layer in range(config.num_layers)
+        for field in io_spec.STORE_FIELDS
+    ]
+    return (torch if isinstance(parts[0], torch.Tensor) else np).stack(parts)
 
 
 def graph_step(
@@ -241,6 +265,7 @@ def graph_step(
         ids.shape[1],
         to_state,
         outputs.get(STACKED_NEW_PAIRS),
+        outputs.get(STACKED_NEW_SCALES),
     )
     state.pos += lengths
     if state.host_pos is not state.pos:

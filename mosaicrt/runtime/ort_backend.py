@@ -21,10 +21,12 @@ import torch
 from mosaicrt.errors import BackendError, CapacityError, CheckpointError
 from mosaicrt.export import io_spec
 from mosaicrt.export.artifact import MODEL_FILE, read_manifest
+from mosaicrt.export.builder import STORE_TYPES
 from mosaicrt.ops import geometry
 from mosaicrt.runtime.backend import Backend
 from mosaicrt.runtime.graph_state import (
     STACKED_NEW_PAIRS,
+    STACKED_NEW_SCALES,
     GraphState,
     allocate,
     first_nonfinite_layer,
@@ -33,7 +35,11 @@ from mosaicrt.runtime.graph_state import (
 )
 
 OrtState = GraphState  # numpy buffers, or torch tensors on the device with IOBinding
-NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64,
+                torch.int8: np.int8}  # fmt: skip
+STORE_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
+TORCH_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16,
+               "tensor(int8)": torch.int8}  # fmt: skip
 
 
 ORT_OPS = ("auto", "native", "functions")
@@ -128,6 +134,14 @@ def check_graph_weights(model_file: Path) -> None:
     check_finite_tensors(arrays, model_file)
 
 
+def stacked_buffers(shapes: dict, names: list[str], stacked_name: str) -> dict[str, np.ndarray]:
+    """One buffer (len(names), *shape) whose slices are the outputs `names` (all one shape), so
+    that a run writes them already stacked; under stacked_name too."""
+    shape, dtype = shapes[names[0]]
+    stacked = np.empty([len(names), *shape], dtype)  # written in place by the run
+    return {name: stacked[i] for i, name in enumerate(names)} | {stacked_name: stacked}
+
+
 class OrtBackend(Backend):
     name = "onnxruntime"
     torch_threads = 1  # ONNX Runtime computes in its own pool; torch only keeps the books
@@ -161,7 +175,8 @@ class OrtBackend(Backend):
                 f"{artifact} is a bf16 artifact: ONNX Runtime's CPU provider has no "
                 "bf16 MatMul; build a TensorRT engine from it, or export fp16/fp32"
             )
-        self.store_dtype = {"float32": np.float32, "float16": np.float16}[stores]
+        self.store_dtype = STORE_DTYPES[stores]
+        self.store_type = STORE_TYPES[stores]
         if check_weights:
             check_graph_weights(Path(artifact) / MODEL_FILE)
         providers = providers or wanted_providers(device)
@@ -180,11 +195,7 @@ class OrtBackend(Backend):
         self.io_binding = self.device.type == "cuda" if io_binding is None else io_binding
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.output_specs = {
-            o.name: (
-                o.shape,
-                {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}[o.type],
-            )
-            for o in self.session.get_outputs()
+            o.name: (o.shape, TORCH_TYPES[o.type]) for o in self.session.get_outputs()
         }
         self.run_seconds: list[float] | None = None  # a list: each session.run's time is added
         # The CPU path's IOBinding: bound inputs by name (address, shape, array), the outputs'
@@ -206,8 +217,11 @@ class OrtBackend(Backend):
                 f"{artifact}: graph inputs do not match the manifest's state layout "
                 f"({', '.join(missing)}): re-export the artifact"
             )
-        expected = {v.name: v.type.tensor_type.shape for v in io_spec.graph_inputs(self.config)}
-        expected_outputs = io_spec.graph_outputs(self.config, self.last_only_graph)
+        expected = {
+            v.name: v.type.tensor_type.shape
+            for v in io_spec.graph_inputs(self.config, self.store_type)
+        }
+        expected_outputs = io_spec.graph_outputs(self.config, self.last_only_graph, self.store_type)
         expected.update({v.name: v.type.tensor_type.shape for v in expected_outputs})
         found.update({o.name: o.shape for o in self.session.get_outputs()})
         for name, shape in expected.items():
@@ -224,16 +238,9 @@ class OrtBackend(Backend):
                 )
 
     def _state_names(self) -> list[str]:
-        cfg = self.config
+        names = [v.name for v in io_spec.graph_inputs(self.config, self.store_type)]
         return [
-            io_spec.small_name("past", layer, f)
-            for layer in range(cfg.num_layers)
-            for f in io_spec.SMALL_FIELDS
-        ] + [
-            io_spec.store_name(layer, m, f)
-            for layer in range(cfg.num_layers)
-            for m in cfg.memories
-            for f in io_spec.STORE_FIELDS
+            n for n in names if n not in (io_spec.INPUT_IDS, io_spec.LENGTHS, io_spec.POSITIONS)
         ]
 
     def new_state(self, batch: int, capacity: int) -> OrtState:
@@ -246,8 +253,8 @@ class OrtBackend(Backend):
 
         full: Callable[[tuple, float, bool], Any]
         if self.io_binding:
-            store = torch.float16 if self.store_dtype == np.float16 else torch.float32
-            dtypes = {True: store, False: torch.float32}
+            store = {np.float16: torch.float16, np.int8: torch.int8}.get(self.store_dtype)
+            dtypes = {True: store or torch.float32, False: torch.float32}
             full = lambda shape, value, is_store: torch.full(  # noqa: E731
                 shape, value, dtype=dtypes[is_store], device=self.device
             )
@@ -327,10 +334,10 @@ class OrtBackend(Backend):
             cfg = self.config
             pair_names = [io_spec.new_pairs_name(layer, f) for layer in range(cfg.num_layers)
                           for f in io_spec.STORE_FIELDS]  # fmt: skip
-            shape, dtype = shapes[pair_names[0]]
-            stacked = np.empty([len(pair_names), *shape], dtype)  # written in place by the run
-            buffers = {name: stacked[i] for i, name in enumerate(pair_names)}
-            buffers[STACKED_NEW_PAIRS] = stacked
+            buffers = stacked_buffers(shapes, pair_names, STACKED_NEW_PAIRS)
+            if self.store_dtype == np.int8:
+                scale_names = [name + io_spec.SCALE_SUFFIX for name in pair_names]
+                buffers |= stacked_buffers(shapes, scale_names, STACKED_NEW_SCALES)
             for name, (shape, dtype) in shapes.items():
                 array = buffers.setdefault(name, np.empty(shape, dtype))
                 binding.bind_output(name, "cpu", 0, array.dtype.type, list(array.shape),

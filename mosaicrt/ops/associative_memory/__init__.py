@@ -17,8 +17,17 @@ Store layouts: the reference takes (B, N, H, hs) with store_tau (B, N); the ONNX
 plugin take the exported graph's blocks, (NB, B, H, S, hs) with store_tau (NB, B, S); the kernel
 takes either (a store with a window is a ring of window - 1 slots).
 
+mosaic::AssociativeMemoryInt8 (version 1) is the same retrieval over int8 stores: two more inputs,
+store_k_scale and store_v_scale (the stores' shape without hs, fp32), and stored pair s stands
+for (store_k[s] * store_k_scale[s], store_v[s] * store_v_scale[s]). The scales multiply the
+scores and the softmax weights inside the retrieval; no dequantized copy of a store is made
+(quantize_pairs: one scale per pair and head, max|x| / 127). ONNX function and native ONNX
+Runtime kernel only; the Triton kernels and TensorRT plugins take fp stores.
+
 Implementations: reference.py (torch), onnx.py (the function body), kernel.py (Triton, with the
 query already scaled), plugin_op.py (beta(n), then the kernel).
 """
 
 NAME = "AssociativeMemory"
+NAME_INT8 = "AssociativeMemoryInt8"  # int8 stores with a scale per pair and head
+INT8_MAX = 127.0  # a pair's scale is max|x| / INT8_MAX

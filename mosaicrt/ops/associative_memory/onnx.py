@@ -13,13 +13,14 @@ from onnx import AttributeProto, helper
 
 from mosaicrt.onnx_graph import FLOAT, OPSET, GraphBuilder
 from mosaicrt.ops import DOMAIN
-from mosaicrt.ops.associative_memory import NAME
+from mosaicrt.ops.associative_memory import NAME, NAME_INT8
 
 NEG_INF = float("-inf")
 
 
 INPUTS = ("q", "t", "store_k", "store_v", "store_tau", "new_k", "new_v", "new_tau", "beta0",
           "beta1", "alpha")  # fmt: skip
+SCALE_INPUTS = ("store_k_scale", "store_v_scale")  # AssociativeMemoryInt8: (NB, B, H, S) fp32
 
 
 def visibility_mask(g: GraphBuilder, tau: str, tq: str, window: str, delay: str) -> str:
@@ -35,7 +36,8 @@ def visibility_mask(g: GraphBuilder, tau: str, tq: str, window: str, delay: str)
     return g.op("Where", visible, g.const(0.0), g.const(NEG_INF))
 
 
-def function() -> onnx.FunctionProto:
+def function(int8_stores: bool = False) -> onnx.FunctionProto:
+    """AssociativeMemory, or AssociativeMemoryInt8 (int8 stores and their scales)."""
     g = GraphBuilder()
     q, t, store_k, store_v, store_tau, new_k, new_v, new_tau, beta0, beta1, alpha = INPUTS
     window = g.attribute("window", AttributeProto.INT)
@@ -54,6 +56,8 @@ def function() -> onnx.FunctionProto:
     # Stored pairs: keys on the left, so no store is transposed.
     q_cols = g.op("Transpose", qb, perm=[0, 2, 3, 1])  # (B, H, hs, C)
     s_old = g.op("MatMul", store_k, q_cols)  # (NB, B, H, S, C)
+    if int8_stores:  # pair s's key is store_k[s] * store_k_scale[s]
+        s_old = g.op("Mul", s_old, g.unsqueeze(SCALE_INPUTS[0], 4))
     tau_old = g.unsqueeze(store_tau, 2, 4)  # (NB, B, 1, S, 1)
     t_old = g.unsqueeze(t, 0, 2, 3)  # (1, B, 1, 1, C)
     s_old = g.op("Add", s_old, visibility_mask(g, tau_old, t_old, window, delay))
@@ -77,8 +81,12 @@ def function() -> onnx.FunctionProto:
         g.op("ReduceSum", e_old, g.ints(0, 4), keepdims=0),
         g.op("ReduceSum", e_new, g.ints(3), keepdims=0),
     )  # (B, H, C)
+    if int8_stores:  # pair s's value is store_v[s] * store_v_scale[s]: scale its weight
+        p_old = g.op("Mul", e_old, g.unsqueeze(SCALE_INPUTS[1], 3))  # (NB, B, H, C, S)
+    else:
+        p_old = e_old
     y_old = g.op(
-        "ReduceSum", g.op("MatMul", e_old, store_v), g.ints(0), keepdims=0
+        "ReduceSum", g.op("MatMul", p_old, store_v), g.ints(0), keepdims=0
     )  # (B, H, C, hs)
     y_new = g.op("MatMul", e_new, g.op("Transpose", new_v, perm=[0, 2, 1, 3]))  # (B, H, C, hs)
     # A non-empty set has denom >= 1 (its max term is exp(0)); an empty one has 0 / 1 = 0.
@@ -86,8 +94,8 @@ def function() -> onnx.FunctionProto:
     g.op("Transpose", y, perm=[0, 2, 1, 3], outputs=["y"])  # (B, C, H, hs)
     return helper.make_function(
         DOMAIN,
-        NAME,
-        list(INPUTS),
+        NAME_INT8 if int8_stores else NAME,
+        list(INPUTS + SCALE_INPUTS if int8_stores else INPUTS),
         ["y"],
         g.nodes,
         [helper.make_opsetid("", OPSET)],

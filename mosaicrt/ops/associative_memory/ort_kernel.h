@@ -5,7 +5,8 @@
 // from memory once, for all the chunk's queries), then the chunk's new pairs:
 //   scores[s] = beta(n_t) q_t . k_s   where pair s is visible (mosaicrt.ops.geometry)
 //   y_t = sum_s softmax(scores)_s v_s, 0 when nothing is visible.
-// Products and softmax in fp32 whatever the stores hold (fp32 or fp16).
+// Products and softmax in fp32 whatever the stores hold (fp32, fp16, or int8 with a scale per pair
+// and head: AssociativeMemoryInt8, the scales applied to the scores and the softmax weights).
 #pragma once
 
 #include <algorithm>
@@ -34,9 +35,16 @@ struct MemoryInputs {
   const float* beta0;
   const float* beta1;
   const float* alpha;
+  const float* store_k_scale;  // AssociativeMemoryInt8: (NB, B, H, S); nullptr for fp stores
+  const float* store_v_scale;
 };
 
 constexpr int64_t kTile = 64;  // value columns accumulated in registers at a time
+
+// The scales from pair `pair` on, or nullptr for fp stores (which have none).
+inline const float* scale_at(const float* scales, int64_t pair) {
+  return scales != nullptr ? scales + pair : nullptr;
+}
 
 // Online-softmax state of one query over the pairs seen so far: y = acc / l, scores shifted by m.
 struct Softmax {
@@ -63,9 +71,10 @@ void add_weighted_tile(const float* weight, const T* values, int64_t count, int6
 
 // Folds `count` pairs (keys and values rows `stride` elements apart) into `state`; score[i] is the
 // query's score of pair i, kNoScore where the pair is not visible.
+// value_scale (nullable): pair i's value is values[i] * value_scale[i].
 template <typename T>
-void fold_pairs(const float* score, const T* values, int64_t count, int64_t stride, int64_t hs,
-                Softmax& state, float* weight) {
+void fold_pairs(const float* score, const T* values, const float* value_scale, int64_t count,
+                int64_t stride, int64_t hs, Softmax& state, float* weight) {
   float best = kNoScore;
   for (int64_t i = 0; i < count; ++i) best = std::max(best, score[i]);
   if (best <= kNoScore) return;  // nothing visible in these pairs
@@ -76,6 +85,10 @@ void fold_pairs(const float* score, const T* values, int64_t count, int64_t stri
   for (int64_t i = 0; i < count; ++i) {
     weight[i] = std::exp(score[i] - m);  // an invisible pair's kNoScore gives exactly 0
     sum += weight[i];
+  }
+  if (value_scale != nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < count; ++i) weight[i] *= value_scale[i];
   }
   float* acc = state.acc.data();
   for (int64_t d = 0; d < hs; ++d) acc[d] *= rescale;
@@ -95,9 +108,11 @@ void fold_pairs(const float* score, const T* values, int64_t count, int64_t stri
 
 // Scores of `count` pairs (key rows `stride` elements apart) against the scaled query qb;
 // kNoScore for the invisible ones. One dot product per pair: what a single query (decode) reads.
+// key_scale (nullable): pair i's key is keys[i] * key_scale[i].
 template <typename T>
-void score_pairs(const float* qb, const T* keys, const int64_t* tau, int64_t count, int64_t stride,
-                 int64_t hs, int64_t t, int64_t window, int64_t delay, float* score) {
+void score_pairs(const float* qb, const T* keys, const float* key_scale, const int64_t* tau,
+                 int64_t count, int64_t stride, int64_t hs, int64_t t, int64_t window,
+                 int64_t delay, float* score) {
   for (int64_t i = 0; i < count; ++i) {
     if (!visible(t, tau[i], window, delay)) {
       score[i] = kNoScore;
@@ -107,7 +122,7 @@ void score_pairs(const float* qb, const T* keys, const int64_t* tau, int64_t cou
     float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
     for (int64_t d = 0; d < hs; ++d) dot += qb[d] * static_cast<float>(k[d]);
-    score[i] = dot;
+    score[i] = key_scale != nullptr ? dot * key_scale[i] : dot;
   }
 }
 
@@ -145,6 +160,8 @@ struct PairSet {
   const T* values;
   const int64_t* tau;
   int64_t count, stride;  // pairs, elements between consecutive pairs' rows
+  const float* key_scale = nullptr;  // int8 stores: per pair
+  const float* value_scale = nullptr;
 };
 
 template <typename T>
@@ -154,14 +171,16 @@ void fold_set(const PairSet<T>& set, const float* qb, const int64_t* t, int64_t 
   if (C > 1) {
     for (int64_t i = 0; i < set.count; ++i)
       for (int64_t d = 0; d < hs; ++d)
-        keys_t[d * set.count + i] = static_cast<float>(set.keys[i * set.stride + d]);
+        keys_t[d * set.count + i] = static_cast<float>(set.keys[i * set.stride + d]) *
+                                    (set.key_scale != nullptr ? set.key_scale[i] : 1.f);
   }
   for (int64_t c = 0; c < C; ++c) {
     if (C > 1)
       score_transposed(qb + c * hs, keys_t, set.tau, set.count, hs, t[c], window, delay, score);
     else
-      score_pairs(qb, set.keys, set.tau, set.count, set.stride, hs, t[c], window, delay, score);
-    fold_pairs(score, set.values, set.count, set.stride, hs, states[c], weight);
+      score_pairs(qb, set.keys, set.key_scale, set.tau, set.count, set.stride, hs, t[c], window,
+                  delay, score);
+    fold_pairs(score, set.values, set.value_scale, set.count, set.stride, hs, states[c], weight);
   }
 }
 
@@ -183,8 +202,10 @@ void memory_row_head(const MemoryInputs& in, const MemoryShape& s, int64_t windo
   const T* store_v = static_cast<const T*>(in.store_v);
   for (int64_t blk = 0; blk < s.NB; ++blk) {
     const int64_t at = ((blk * s.B + b) * s.H + h) * s.S * hs;
+    const int64_t pair0 = ((blk * s.B + b) * s.H + h) * s.S;  // scales of the block's pairs
     const PairSet<T> block{store_k + at, store_v + at, in.store_tau + (blk * s.B + b) * s.S,
-                           s.S, hs};
+                           s.S, hs, scale_at(in.store_k_scale, pair0),
+                           scale_at(in.store_v_scale, pair0)};
     fold_set(block, qb.data(), t, C, hs, window, delay, states, keys_t.data(), score.data(),
              weight.data());
   }
@@ -216,10 +237,12 @@ void decode_block_range(const MemoryInputs& in, const MemoryShape& s, int64_t wi
   for (int64_t blk = first; blk < last; ++blk) {
     const int64_t* tau = in.store_tau + (blk * s.B + b) * s.S;
     for (int64_t h = 0; h < s.H; ++h) {
-      const int64_t at = ((blk * s.B + b) * s.H + h) * s.S * hs;
-      score_pairs(qb.data() + (b * s.H + h) * hs, store_k + at, tau, s.S, hs, hs, t, window,
-                  delay, score.data());
-      fold_pairs(score.data(), store_v + at, s.S, hs, hs, partial[h], weight.data());
+      const int64_t pair0 = ((blk * s.B + b) * s.H + h) * s.S, at = pair0 * hs;
+      score_pairs(qb.data() + (b * s.H + h) * hs, store_k + at,
+                  scale_at(in.store_k_scale, pair0), tau, s.S, hs, hs, t, window, delay,
+                  score.data());
+      fold_pairs(score.data(), store_v + at, scale_at(in.store_v_scale, pair0), s.S, hs, hs,
+                 partial[h], weight.data());
     }
   }
 }
@@ -270,8 +293,9 @@ void memory_decode(const Ort::KernelContext& ctx, const MemoryInputs& in, const 
 
 struct AssociativeMemoryKernel {
   int64_t window, delay;
+  bool int8_stores;  // AssociativeMemoryInt8: int8 stores, their scales as inputs 11 and 12
 
-  explicit AssociativeMemoryKernel(const OrtKernelInfo* info) {
+  AssociativeMemoryKernel(const OrtKernelInfo* info, bool int8) : int8_stores(int8) {
     Ort::ConstKernelInfo kernel_info(info);
     window = kernel_info.GetAttribute<int64_t>("window");
     delay = kernel_info.GetAttribute<int64_t>("delay");
@@ -303,6 +327,8 @@ struct AssociativeMemoryKernel {
         ctx.GetInput(8).GetTensorData<float>(),
         ctx.GetInput(9).GetTensorData<float>(),
         ctx.GetInput(10).GetTensorData<float>(),
+        int8_stores ? ctx.GetInput(11).GetTensorData<float>() : nullptr,
+        int8_stores ? ctx.GetInput(12).GetTensorData<float>() : nullptr,
     };
     float* y = ctx.GetOutput(0, q_shape).GetTensorMutableData<float>();
     const int64_t window_ = window, delay_ = delay;
@@ -316,7 +342,12 @@ struct AssociativeMemoryKernel {
         memory_row_head<T>(in, s, window_, delay_, i / s.H, i % s.H, y);
       });
     };
-    if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+    if (int8_stores != (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8))
+      throw Ort::Exception("AssociativeMemoryInt8 takes int8 stores, AssociativeMemory fp ones",
+                           ORT_FAIL);
+    if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8) {
+      run(int8_t{});
+    } else if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
       run(float{});
     } else if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
       run(_Float16{});
@@ -326,18 +357,22 @@ struct AssociativeMemoryKernel {
   }
 };
 
-struct AssociativeMemoryOp
-    : Ort::CustomOpBase<AssociativeMemoryOp, AssociativeMemoryKernel, true> {
+// AssociativeMemory (fp32/fp16 stores, 11 inputs) or AssociativeMemoryInt8 (int8 stores and
+// their two scales, 13 inputs): one kernel.
+template <bool kInt8>
+struct AssociativeMemoryOpT
+    : Ort::CustomOpBase<AssociativeMemoryOpT<kInt8>, AssociativeMemoryKernel, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-    return guarded([&] { *kernel = new AssociativeMemoryKernel(info); });
+    return guarded([&] { *kernel = new AssociativeMemoryKernel(info, kInt8); });
   }
-  const char* GetName() const { return "AssociativeMemory"; }
+  const char* GetName() const { return kInt8 ? "AssociativeMemoryInt8" : "AssociativeMemory"; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 11; }
+  size_t GetInputTypeCount() const { return kInt8 ? 13 : 11; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
     switch (i) {
       case 1: case 4: case 7: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;  // t, taus
-      case 2: case 3: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;       // stores: fp32/fp16
+      case 2: case 3:  // stores
+        return kInt8 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
       default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
     }
   }
@@ -346,5 +381,7 @@ struct AssociativeMemoryOp
     return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
 };
+using AssociativeMemoryOp = AssociativeMemoryOpT<false>;
+using AssociativeMemoryInt8Op = AssociativeMemoryOpT<true>;
 
 }  // namespace mosaic

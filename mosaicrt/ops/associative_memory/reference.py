@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from mosaicrt.ops.associative_memory import INT8_MAX
 from mosaicrt.ops.geometry import bandwidth, visible, visible_count
 
 
@@ -42,3 +43,17 @@ def associative_memory(
     return torch.einsum("bhcn,bnhd->bchd", probs[..., :n_old], store_v.float()) + torch.einsum(
         "bhcj,bjhd->bchd", probs[..., n_old:], new_v
     )  # (B, C, H, hs)
+
+
+def quantize_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs (..., hs) -> int8 (..., hs) and one fp32 scale per pair (...), max|x| / 127, so that
+    x ~= q * scale within scale / 2 (an all-zero pair gets scale 0). The step graph emits the
+    same arithmetic (export.builder) for the stores of AssociativeMemoryInt8."""
+    scale = x.float().abs().amax(-1) / INT8_MAX  # (...)
+    q = torch.round(x.float() / scale.clamp(min=torch.finfo(torch.float32).tiny)[..., None])
+    return q.to(torch.int8), scale
+
+
+def dequantize_pairs(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The fp32 pairs (..., hs) that int8 pairs and their scales (...) stand for."""
+    return q.float() * scale[..., None]

@@ -1,0 +1,177 @@
+"""Quantized artifacts: weight-only int4/int8 MatMulNBits and int8 stores, each against a reference
+that dequantizes first and computes in fp32, and the demo model's agreement with its fp32 self."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+ort = pytest.importorskip("onnxruntime", reason="quantized artifacts run in ONNX Runtime")
+
+from mosaicrt.export.artifact import export_artifact  # noqa: E402
+from mosaicrt.export.quantize import (  # noqa: E402
+    WeightQuantization,
+    dequantize_weight,
+    quantize_weight,
+)
+from mosaicrt.model.checkpoint import load_model  # noqa: E402
+from mosaicrt.model.state import DecodeState  # noqa: E402
+from mosaicrt.ops.associative_memory.reference import dequantize_pairs, quantize_pairs  # noqa: E402
+from mosaicrt.runtime.ort_backend import OrtBackend, session_options  # noqa: E402
+
+# int8 stores vs the reference with its stores quantized and dequantized after every step: the
+# same pairs up to fp32 rounding (a value that rounding pushed across a boundary of the quantizer
+# would move by one step, max|x| / 127, and show far above this).
+ATOL_INT8_STORES = 1e-4  # measured: 5e-6
+# MatMulNBits vs MatMul of the dequantized weights, relative to the largest logit: at accuracy
+# level 0 the same fp32 products (measured: equal); at level 4 (the default) the activations are
+# rounded to int8 per block too, 1/254 of each block's largest value (measured: 0.027-0.039).
+RTOL = {0: 1e-5, 4: 0.05}
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+@pytest.mark.parametrize("block", [32, 128])
+def test_weight_quantization_round_trips_within_half_a_scale(scheme, block):
+    """Half a scale, except at the top of the range: the block's largest magnitude maps to
+    -2^(bits-1), so a value of the other sign beyond (2^(bits-1) - 1) scales is clipped."""
+    weight_t = np.random.default_rng(0).standard_normal((200, 48)).astype(np.float32)  # (K, N)
+    quant = WeightQuantization(scheme, block)
+    q = quantize_weight(weight_t, quant)
+    back = dequantize_weight(q["packed"], q["scales"], 200, quant.bits, block)
+    scale = np.repeat(q["scales"].T, block, axis=0)[:200]  # (K, N): each weight's block scale
+    assert back.shape == weight_t.shape
+    error, step = np.abs(back - weight_t), np.abs(scale) * (1 + 1e-5)
+    top = 2 ** (quant.bits - 1) - 1
+    inside = weight_t / scale <= top + 0.5  # not clipped (the scale carries the sign)
+    assert (error[inside] <= step[inside] / 2).all() and (error <= step).all()
+    assert inside.mean() > 0.9
+
+
+def dequantized_graph(artifact) -> onnx.ModelProto:
+    """The artifact's graph with every MatMulNBits replaced by a MatMul of its weights
+    dequantized in numpy: the dequantize-then-compute reference."""
+    model = onnx.load(str(artifact / "model.onnx"))
+    inits = {t.name: t for t in model.graph.initializer}
+    for i, node in enumerate(model.graph.node):
+        if node.op_type != "MatMulNBits":
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        packed, scales = (numpy_helper.to_array(inits[n]) for n in node.input[1:3])
+        weight = dequantize_weight(packed, scales, attrs["K"], attrs["bits"], attrs["block_size"])
+        name = node.input[1] + ".dequantized"
+        model.graph.initializer.append(numpy_helper.from_array(weight, name))
+        matmul = onnx.helper.make_node("MatMul", [node.input[0], name], list(node.output))
+        model.graph.node.remove(node)
+        model.graph.node.insert(i, matmul)
+    return model
+
+
+@pytest.mark.parametrize("level", [0, 4])
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_quantized_step_graph_equals_dequantize_then_compute(tiny_ckpt, tmp_path, scheme, level):
+    quant = WeightQuantization(scheme, 32, accuracy_level=level)
+    artifact = export_artifact(tiny_ckpt, tmp_path / scheme, max_context=64, quantize=quant)
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["quantization"]["weights"] == scheme
+    model = onnx.load(str(artifact / "model.onnx"))
+    assert {n.op_type for n in model.graph.node if n.domain == "com.microsoft"} == {"MatMulNBits"}
+    assert "MatMul" not in {n.op_type for n in model.graph.node}  # every weight MatMul
+    backend = OrtBackend(artifact, device="cpu", ort_ops="functions")
+    state = backend.new_state(2, 40)
+    ids = torch.randint(
+        0, backend.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0)
+    )
+    feeds = {"input_ids": ids.numpy(), "lengths": np.array([40, 33]), "positions": state.pos.copy()}
+    feeds |= state.small | state.store_feeds(backend.readable_blocks(state.pos, 40))
+    reference = ort.InferenceSession(
+        dequantized_graph(artifact).SerializeToString(), session_options(),
+        providers=["CPUExecutionProvider"],
+    )  # fmt: skip
+    want = reference.run(["logits"], feeds)[0]
+    got = backend.session.run(["logits"], feeds)[0]
+    assert np.abs(got - want).max() <= RTOL[level] * np.abs(want).max()
+
+
+def quantize_stores(state: DecodeState) -> None:
+    """Every stored pair replaced by what its int8 form and scale stand for."""
+    for memories in state.memories:
+        for st in memories.values():
+            for store in (st.keys, st.vals):
+                store.copy_(dequantize_pairs(*quantize_pairs(store)))
+
+
+def test_int8_stores_equal_the_reference_with_dequantized_stores(tiny_ckpt, tmp_path, ort_ops):
+    """Decode token by token, past the STM window and the LTM delay: each step reads int8 pairs
+    and scales where the reference reads the dequantized pairs."""
+    artifact = export_artifact(tiny_ckpt, tmp_path / "s8", max_context=256, store_dtype="int8")
+    backend = OrtBackend(artifact, device="cpu", ort_ops=ort_ops)
+    model = load_model(tiny_ckpt, dtype=torch.float32)
+    cfg = model.config
+    T = cfg.stm_window + cfg.ltm_delay + 40
+    ids = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(1))
+    state, ref_state = backend.new_state(2, T), DecodeState.allocate(cfg, 2, T)
+    ones = torch.ones(2, dtype=torch.int64)
+    worst = 0.0
+    with torch.no_grad():
+        for t in range(T):
+            got = backend.step(ids[:, t : t + 1], ones, state, last_only=True)
+            want = model.step(ids[:, t : t + 1], ref_state, ones, last_only=True)
+            quantize_stores(ref_state)
+            worst = max(worst, float((got - want).abs().max()))
+    assert worst <= ATOL_INT8_STORES
+    assert state.stores["past.0.ltm.keys"].dtype == np.int8
+    assert state.stores["past.0.ltm.keys_scale"].dtype == np.float32
+
+
+def test_int8_state_bytes_are_the_real_bytes(tiny_ckpt, tmp_path):
+    from mosaicrt.bench.state_bytes import measure_state
+
+    artifact = export_artifact(tiny_ckpt, tmp_path / "s8", max_context=600, store_dtype="int8")
+    backend = OrtBackend(artifact, device="cpu")
+    report = measure_state(backend, 1, 600)
+    assert report["store_dtype"] == "int8"
+    # A token's pairs: int8 keys and values, and an fp32 scale per head beside each.
+    cfg = backend.config
+    per_token = cfg.num_layers * 2 * (cfg.memory_width + 4 * cfg.num_heads)
+    assert report["ltm_bytes_per_token_formula"] == per_token
+    assert report["ltm_bytes_per_token_measured"] == pytest.approx(per_token, rel=0.01)
+
+
+def test_demo_model_int8_keeps_its_fp32_predictions(tmp_path):
+    """int8 weights and int8 stores against the fp32 torch reference on held-out text."""
+    from mosaicrt.eval.compare import compare_logits
+    from mosaicrt.model.checkpoint import DEMO_DIR
+    from mosaicrt.runtime.tokenizer import load_tokenizer
+    from mosaicrt.runtime.torch_backend import TorchBackend
+    from mosaicrt.train.corpus import load_corpus
+
+    artifact = export_artifact(
+        DEMO_DIR, tmp_path / "q8", max_context=1024, store_dtype="int8",
+        quantize=WeightQuantization("int8"),
+    )  # fmt: skip
+    reference = TorchBackend(DEMO_DIR, device="cpu", dtype="float32")
+    text = load_corpus("heldout")[:2048].decode("utf-8", errors="ignore")
+    tokenizer = load_tokenizer(DEMO_DIR, reference.config.vocab_size)
+    report = compare_logits(reference, OrtBackend(artifact, device="cpu"), tokenizer, text, 1024)
+    assert report["positions"] >= 2000
+    assert report["top1_agreement"] >= 0.97  # measured 0.99 over 8 KiB
+    assert report["kl_mean"] <= 1e-3
+
+
+def test_bad_quantization_options_get_one_line_and_exit_2(cli, tiny_ckpt, tmp_path):
+    for args, message in (
+        (["--quantize", "int3"], "--quantize must be int4 or int8"),
+        (["--quantize", "int4", "--block-size", "7"], "--block-size must be one of 32, 64, 128"),
+        (["--block-size", "64"], "--block-size applies to --quantize"),
+        (["--store-dtype", "int4"], "--store-dtype must be fp32, fp16, bf16 or int8"),
+    ):
+        result = cli("export", tiny_ckpt, "-o", tmp_path / "x", *args)
+        assert result.returncode == 2, args
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    artifact = export_artifact(tiny_ckpt, tmp_path / "s8", max_context=64, store_dtype="int8")
+    result = cli("build", artifact, "-o", tmp_path / "engine", "--target", "sm86")
+    assert result.returncode == 2
+    assert "int8 stores" in result.stderr and "TensorRT" in result.stderr
