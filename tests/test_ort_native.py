@@ -229,3 +229,13 @@ def test_cli_ort_ops(cli, tmp_path, monkeypatch, native_ort_library):
         result.returncode == 2
         and "--ort-ops native applies to the onnxruntime backend" in result.stderr
     )
+
+
+def test_loading_the_library_leaves_the_process_floating_point_mode_alone(native_ort_library):
+    """The kernels are compiled with -ffast-math but linked without it: crtfastmath's constructor
+    would turn on flush-to-zero for the whole process (torch and numpy included)."""
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(native_ort_library))
+    tiny = np.float32(1e-40)  # a subnormal
+    assert tiny * np.float32(1.0) == tiny
+    assert float(torch.tensor(1e-40, dtype=torch.float32) * 1.0) > 0

@@ -7,7 +7,10 @@ recall with the LTM's output zeroed, and bits per byte on held-out text.
 
 Backends: torch (the reference), onnxruntime-fp32 and onnxruntime-fp16 (artifacts exported from
 the checkpoint), torch+triton (the Triton kernels; under the interpreter on a CPU, so on fewer
-episodes and contexts: --triton-episodes, --triton-contexts).
+episodes and contexts: --triton-episodes, --triton-contexts), and quantized ONNX Runtime artifacts
+named as bench.quantization's variants: onnxruntime-int8, onnxruntime-int4+int8-stores, ... Every
+ONNX Runtime backend is also compared with the fp32 torch reference on held-out text (top-1
+agreement, KL divergence: eval.compare).
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from pathlib import Path
 
 from mosaicrt.argtypes import context_list, count_list, nonneg_int, positive_int
 from mosaicrt.bench.machine import machine_info
+from mosaicrt.bench.quantization import variant_artifact
 from mosaicrt.errors import InputError
+from mosaicrt.eval.compare import compare_logits
 from mosaicrt.eval.ppl import HELDOUT_BYTES, bits_per_byte
 from mosaicrt.eval.recall import ablate_ltm, run_recall, wilson_interval
 from mosaicrt.outputs import check_output_file, write_json
@@ -34,10 +39,13 @@ def open_backend(name: str, checkpoint: Path, workdir: Path, max_context: int):
     from mosaicrt.runtime.ort_backend import OrtBackend
     from mosaicrt.runtime.torch_backend import TorchBackend
 
-    if name.startswith("onnxruntime"):
+    if name in ("onnxruntime-fp32", "onnxruntime-fp16"):
         dtype = "float16" if name.endswith("fp16") else "float32"
         export_artifact(checkpoint, workdir / name, dtype=dtype, max_context=max_context)
         return OrtBackend(workdir / name, device="cpu")
+    if name.startswith("onnxruntime-"):  # a quantization variant
+        variant = name.removeprefix("onnxruntime-")
+        return OrtBackend(variant_artifact(variant, checkpoint, workdir, max_context), "cpu")
     kernels = "triton" if name == "torch+triton" else "torch"
     backend = TorchBackend(checkpoint, device="cpu", kernels=kernels)
     if name == "torch-no-ltm":
@@ -59,10 +67,25 @@ def measure(name: str, backend, contexts: list[int], episodes: list[int], args) 
         if args.ppl_bytes and name != "torch+triton":
             tokenizer = load_tokenizer(args.model, backend.config.vocab_size)
             ppl = bits_per_byte(backend, tokenizer, text)
-    result = {"recall": rows, "bits_per_byte": ppl and ppl["bits_per_byte"], "ppl": ppl}
-    if hasattr(backend, "ort_ops"):  # ONNX Runtime: native kernels of the mosaic ops, or bodies
-        result["ort_ops"] = backend.ort_ops
+        result = {"recall": rows, "bits_per_byte": ppl and ppl["bits_per_byte"], "ppl": ppl}
+        if hasattr(backend, "ort_ops"):  # ONNX Runtime: native kernels of the mosaic ops, or bodies
+            result["ort_ops"] = backend.ort_ops
+            if args.compare_bytes:
+                result["vs_torch_fp32"] = compare_with_reference(backend, args)
     return result
+
+
+def compare_with_reference(backend, args) -> dict:
+    """Top-1 agreement, KL and logit error against the fp32 torch reference on held-out text."""
+    from mosaicrt.runtime.torch_backend import TorchBackend
+
+    text = load_corpus("heldout")[: args.compare_bytes].decode("utf-8", errors="ignore")
+    reference = TorchBackend(args.model, device="cpu", dtype="float32")
+    tokenizer = load_tokenizer(args.model, backend.config.vocab_size)
+    report = compare_logits(reference, backend, tokenizer, text)
+    print(f"vs torch fp32: top-1 agreement {report['top1_agreement']:.4f}, "
+          f"KL {report['kl_mean']:.2e} nats", flush=True)  # fmt: skip
+    return report
 
 
 def agreement(result: dict) -> None:
@@ -89,6 +112,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=positive_int, default=8)
     parser.add_argument("--seed", type=nonneg_int, default=0)
     parser.add_argument("--ppl-bytes", type=nonneg_int, default=HELDOUT_BYTES)
+    parser.add_argument("--compare-bytes", type=nonneg_int, default=8192,
+                        help="held-out bytes on which ONNX Runtime backends are compared with "
+                        "the fp32 torch reference (0: skip)")  # fmt: skip
     parser.add_argument("--json", help="write results here (merged into an existing file)")
     parser.add_argument("--plot", help="write a PNG here")
 
@@ -130,12 +156,15 @@ def markdown(result: dict) -> str:
         f"Machine: {m['cpu']}, {m['cpu_cores']} cores; torch {m['torch']}; demo model, held-out "
         f"episodes (seed {result['seed']}), greedy answers ({m['date'][:10]}).",
         "",
-        "| backend | context | recall | 95 % interval | same answers as torch | bits per byte |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| backend | context | recall | 95 % interval | same answers as torch | bits per byte "
+        "| top-1 = torch fp32 |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     ops = {"native": " (native ops)", "functions": " (function bodies)"}
     for name, data in result["backends"].items():
         bpb = f"{data['bits_per_byte']:.4f}" if data.get("bits_per_byte") else "n/a"
+        vs = data.get("vs_torch_fp32")
+        top1 = f"{100 * vs['top1_agreement']:.1f} %" if vs else "n/a"
         name += ops.get(data.get("ort_ops"), "")
         for row in data["recall"]:
             lo, hi = wilson_interval(row["correct"], row["episodes"])
@@ -143,7 +172,7 @@ def markdown(result: dict) -> str:
             lines.append(
                 f"| {name} | {row['context']} | {row['correct']}/{row['episodes']} = "
                 f"{100 * row['accuracy']:.1f} % | {100 * lo:.1f}-{100 * hi:.1f} % | "
-                f"{'n/a' if same is None else f'{100 * same:.0f} %'} | {bpb} |"
+                f"{'n/a' if same is None else f'{100 * same:.0f} %'} | {bpb} | {top1} |"
             )
     return "\n".join(lines)
 

@@ -26,10 +26,13 @@ from pathlib import Path
 from mosaicrt.errors import InputError
 
 OPS_DIR = Path(__file__).parent
-SOURCES = ("ort_library.cc", "ort_common.h", "associative_memory/ort_kernel.h",
+SOURCES = ("ort_library.cc", "ort_common.h", "ort_simd.h", "associative_memory/ort_kernel.h",
            "gated_key_scan/ort_kernel.h")  # fmt: skip
 FLAGS = ("-std=c++17", "-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC",
-         "-shared", "-fvisibility=hidden")  # fmt: skip
+         "-fvisibility=hidden")  # fmt: skip
+# Linked in a second step without -ffast-math: with it the linker adds crtfastmath, whose
+# constructor would turn on flush-to-zero for the whole process that loads the library.
+LINK = ("-shared",)
 LIBS = ("-lmvec", "-lm")  # glibc's vector math (the softmax's exp) and libm
 LIBRARY_NAME = "libmosaic_ort.so"
 HEADER = "onnxruntime_cxx_api.h"
@@ -59,7 +62,7 @@ def build_key(headers: Path | None) -> str:
     h = hashlib.sha256()
     for name in SOURCES:
         h.update((OPS_DIR / name).read_bytes())
-    h.update(" ".join(FLAGS + LIBS).encode())
+    h.update(" ".join(FLAGS + LINK + LIBS).encode())
     h.update(cpu_features().encode())
     if headers is not None:
         h.update((headers / HEADER).read_bytes())
@@ -102,16 +105,18 @@ def build_library(headers: str | Path | None = None, log=print) -> Path:
     out = cache_dir() / f"{build_key(None)}-{build_key(include)}"
     out.mkdir(parents=True, exist_ok=True)
     target = out / LIBRARY_NAME
-    with tempfile.NamedTemporaryFile(dir=out, suffix=".so", delete=False) as tmp:
-        command = [compiler, *FLAGS, f"-I{include}", str(OPS_DIR / SOURCES[0]), "-o", tmp.name,
-                   *LIBS]  # fmt: skip
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        obj, lib = Path(tmp) / "ops.o", Path(tmp) / LIBRARY_NAME
         log(f"compiling {LIBRARY_NAME} for this CPU ...")
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            Path(tmp.name).unlink(missing_ok=True)
-            first = (done.stderr.strip().splitlines() or ["no output"])[0]
-            raise InputError(f"compiling the native ONNX Runtime ops failed: {first}")
-        os.replace(tmp.name, target)
+        for command in (
+            [compiler, *FLAGS, f"-I{include}", "-c", str(OPS_DIR / SOURCES[0]), "-o", str(obj)],
+            [compiler, *LINK, str(obj), "-o", str(lib), *LIBS],
+        ):
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                first = (done.stderr.strip().splitlines() or ["no output"])[0]
+                raise InputError(f"compiling the native ONNX Runtime ops failed: {first}")
+        os.replace(lib, target)
     return target
 
 

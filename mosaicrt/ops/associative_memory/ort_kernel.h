@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "../ort_common.h"
+#include "../ort_simd.h"
 
 namespace mosaic {
 
@@ -113,16 +114,18 @@ template <typename T>
 void score_pairs(const float* qb, const T* keys, const float* key_scale, const int64_t* tau,
                  int64_t count, int64_t stride, int64_t hs, int64_t t, int64_t window,
                  int64_t delay, float* score) {
-  for (int64_t i = 0; i < count; ++i) {
-    if (!visible(t, tau[i], window, delay)) {
-      score[i] = kNoScore;
-      continue;
-    }
-    const T* k = keys + i * stride;
-    float dot = 0.f;
+  if (!dot_rows(qb, keys, count, stride, hs, score)) {  // every slot: an empty one holds zeros
+    for (int64_t i = 0; i < count; ++i) {
+      const T* k = keys + i * stride;
+      float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-    for (int64_t d = 0; d < hs; ++d) dot += qb[d] * static_cast<float>(k[d]);
-    score[i] = key_scale != nullptr ? dot * key_scale[i] : dot;
+      for (int64_t d = 0; d < hs; ++d) dot += qb[d] * static_cast<float>(k[d]);
+      score[i] = dot;
+    }
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    const float dot = key_scale != nullptr ? score[i] * key_scale[i] : score[i];
+    score[i] = visible(t, tau[i], window, delay) ? dot : kNoScore;
   }
 }
 
