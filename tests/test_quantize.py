@@ -175,3 +175,42 @@ def test_bad_quantization_options_get_one_line_and_exit_2(cli, tiny_ckpt, tmp_pa
     result = cli("build", artifact, "-o", tmp_path / "engine", "--target", "sm86")
     assert result.returncode == 2
     assert "int8 stores" in result.stderr and "TensorRT" in result.stderr
+
+
+@pytest.mark.parametrize("rows", [1, 5, 100])  # decode (packed int8 matmul) and prefill (dense)
+def test_torch_int8_linear_equals_dequantize_then_compute(rows):
+    from mosaicrt.model.quantize import Int8Linear
+
+    linear = torch.nn.Linear(96, 40, bias=False)
+    q = Int8Linear(linear)
+    x = torch.randn(rows, 3, 96)
+    want = x @ (q.weight_int8.float() * q.scales[:, None]).T
+    assert torch.allclose(q(x), want, atol=1e-5, rtol=1e-5)
+    # Each weight within half a scale of the original.
+    error = (q.weight_int8.float() * q.scales[:, None] - linear.weight).abs()
+    assert bool((error <= q.scales[:, None] / 2 * (1 + 1e-5)).all())
+
+
+def test_torch_backend_int8_weights_keep_the_demo_models_predictions():
+    from mosaicrt.eval.compare import compare_logits
+    from mosaicrt.model.checkpoint import DEMO_DIR
+    from mosaicrt.runtime.tokenizer import load_tokenizer
+    from mosaicrt.runtime.torch_backend import TorchBackend
+    from mosaicrt.train.corpus import load_corpus
+
+    reference = TorchBackend(DEMO_DIR, device="cpu", dtype="float32")
+    quantized = TorchBackend(DEMO_DIR, device="cpu", dtype="float32", quantize="int8")
+    text = load_corpus("heldout")[:2048].decode("utf-8", errors="ignore")
+    tokenizer = load_tokenizer(DEMO_DIR, reference.config.vocab_size)
+    report = compare_logits(reference, quantized, tokenizer, text, 1024)
+    assert report["top1_agreement"] >= 0.98 and report["kl_mean"] <= 1e-3
+
+
+def test_run_options_name_the_backends_that_take_them(cli, tiny_ckpt, tmp_path):
+    artifact = export_artifact(tiny_ckpt, tmp_path / "a", max_context=64)
+    prompt = ["--prompt", "hi", "--max-new-tokens", "2"]
+    result = cli("generate", artifact, "--quantize", "int8", *prompt)
+    assert result.returncode == 2 and "mosaicrt export --quantize" in result.stderr
+    result = cli("generate", tiny_ckpt, "--backend", "torch", "--quantize", "int4", *prompt)
+    assert result.returncode == 2 and "int8" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -24,6 +24,7 @@ def open_backend(
     compile: bool = False,
     check_weights: bool = True,
     ort_ops: str = "auto",
+    quantize: str | None = None,
 ) -> Backend:
     """The backend `name` for model_dir. 'auto': TensorRT for an engine directory, ONNX Runtime
     for an exported artifact, torch for a checkpoint directory."""
@@ -47,6 +48,11 @@ def open_backend(
         raise BackendError(f"--ort-ops {ort_ops} applies to the onnxruntime backend only")
     if compile and name != "torch":
         raise BackendError(f"--compile applies to the torch backend only, not {name}")
+    if quantize is not None and name != "torch":
+        raise BackendError(
+            f"--quantize applies to the torch backend only: an ONNX artifact is quantized when "
+            f"it is exported (`mosaicrt export --quantize {quantize}`)"
+        )
     if dtype is not None and name != "torch":
         raise BackendError(
             f"--dtype applies to the torch backend only: the {name} backend runs the precision "
@@ -79,7 +85,7 @@ def open_backend(
             "the torch backend the checkpoint it was exported from"
         )
     return TorchBackend(model_dir, device=device, dtype=dtype, kernels=kernels, compile=compile,
-                        check_weights=check_weights)  # fmt: skip
+                        check_weights=check_weights, quantize=quantize)  # fmt: skip
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
@@ -118,6 +124,11 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
         "`mosaicrt ort-ops build`), as their ONNX function bodies (functions), or native where "
         "built for this machine and on the CPU (auto, default)",
     )
+    p.add_argument(
+        "--quantize",
+        help="torch backend: int8 for weight-only int8 Linear layers on the CPU (ONNX artifacts "
+        "are quantized at export: `mosaicrt export --quantize`)",
+    )
     add_weight_check_arg(p)
 
 
@@ -128,4 +139,4 @@ def open_run_backend(args: argparse.Namespace):
     dtype = normalize_dtype(args.dtype) if args.dtype else None
     return open_backend(args.backend, args.model, args.device, dtype, args.kernels,
                         compile=args.compile, check_weights=not args.no_weight_check,
-                        ort_ops=args.ort_ops)  # fmt: skip
+                        ort_ops=args.ort_ops, quantize=args.quantize)  # fmt: skip

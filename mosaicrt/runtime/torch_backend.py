@@ -12,6 +12,7 @@ import torch
 from mosaicrt.errors import BackendError
 from mosaicrt.model.checkpoint import TORCH_DTYPES, load_model
 from mosaicrt.model.mmv2 import MMv2, check_capacity
+from mosaicrt.model.quantize import quantize_linears
 from mosaicrt.model.state import DecodeState
 from mosaicrt.runtime.backend import Backend, whole_batch
 
@@ -81,6 +82,7 @@ class TorchBackend(Backend):
         cuda_graphs: bool = True,
         compile: bool = False,
         check_weights: bool = True,
+        quantize: str | None = None,
     ) -> None:
         """model: a checkpoint directory, or an MMv2 (moved to the device and dtype).
         dtype: compute dtype; default fp32 on CPU and the checkpoint's dtype on a GPU.
@@ -89,7 +91,8 @@ class TorchBackend(Backend):
         state, that is per batch size).
         compile: run decode steps through torch.compile (dynamic shapes; the first steps
         compile; inside the CUDA graph when there is one); prefill chunks stay eager.
-        check_weights: refuse a checkpoint whose weights hold NaN or inf."""
+        check_weights: refuse a checkpoint whose weights hold NaN or inf.
+        quantize: "int8" for weight-only int8 Linear layers (CPU; model.quantize)."""
         self.device = pick_device(device)
         if dtype is None and self.device.type == "cpu":
             dtype = "float32"
@@ -99,6 +102,8 @@ class TorchBackend(Backend):
         else:
             self.model = load_model(model, torch_dtype, self.device, check_weights)
         self.config = self.model.config
+        if quantize is not None:
+            quantize_linears(self.model, quantize)
         if kernels == "triton":
             self.model.use_kernels(triton_kernels(self.device))
         elif kernels != "torch":
