@@ -21,7 +21,11 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model")
     p.add_argument("--max-context", type=positive_int, default=4096)
     p.add_argument("--max-batch", type=positive_int, default=1)
-    p.add_argument("--state-dtype", help="dtype of the stores (default: the checkpoint's)")
+    p.add_argument(
+        "--state-dtype",
+        help="dtype of the stores: fp32, fp16, bf16 or int8 (default: the artifact's stores, or "
+        "the checkpoint's dtype)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     add_weight_check_arg(p)
 
@@ -30,11 +34,17 @@ def main(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from mosaicrt.export.artifact import quantization_label
     from mosaicrt.model.config import load_config
     from mosaicrt.model.state import human_bytes, inspect_report
 
     config = load_config(args.model)
-    report = inspect_report(config, args.max_context, args.max_batch, args.state_dtype)
+    manifest = artifact_manifest(Path(args.model))
+    stores = args.state_dtype or (manifest and manifest["state_dtype"]["stores"])
+    report = inspect_report(config, args.max_context, args.max_batch, stores)
+    if manifest:
+        report["quantization"] = quantization_label(manifest) or "none"
+        report["weights_read_bytes"] = manifest.get("weights_read_bytes")
     if not args.no_weight_check:
         report["weights_finite"] = check_weights(Path(args.model), config)
     if args.json:
@@ -47,6 +57,10 @@ def main(args: argparse.Namespace) -> int:
     table.add_row("parameters", f"{report['parameters']:,}")
     if "weights_finite" in report:
         table.add_row("weights", "all finite (scanned)")
+    if "quantization" in report:
+        table.add_row("quantization", report["quantization"])
+    if report.get("weights_read_bytes"):
+        table.add_row("weights read per step", human_bytes(report["weights_read_bytes"]))
     console.print(table)
     plan = report["memory_plan"]
     mem = Table(
@@ -60,6 +74,15 @@ def main(args: argparse.Namespace) -> int:
         mem.add_row(key, f"{plan[key]:,}", human_bytes(plan[key]))
     console.print(mem)
     return 0
+
+
+def artifact_manifest(model: Path) -> dict | None:
+    """The manifest of an ONNX artifact (checked by read_manifest), None for anything else."""
+    if not (model / "manifest.json").is_file():
+        return None
+    from mosaicrt.export.artifact import read_manifest
+
+    return read_manifest(model)[0]
 
 
 def check_weights(model: Path, config) -> bool:

@@ -172,7 +172,8 @@ def inspect_report(
     config: ModelConfig, max_context: int, max_batch: int, store_dtype: str | None = None
 ) -> dict:
     """What `mosaicrt inspect` shows: the config, the parameter count and the memory plan."""
-    store_dtype = normalize_dtype(store_dtype) if store_dtype else config.torch_dtype
+    if store_dtype != "int8":  # int8: stores of ONNX artifacts, a scale per pair and head
+        store_dtype = normalize_dtype(store_dtype) if store_dtype else config.torch_dtype
     plan = memory_plan(config, max_context, max_batch, store_dtype)
     return {
         "config": config.to_dict(),
