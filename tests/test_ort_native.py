@@ -1,61 +1,20 @@
 """The native ONNX Runtime kernels of the mosaic ops (mosaicrt.ops.ort_library) against the ops'
 ONNX function bodies, node by node, and how the backend picks between them."""
 
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from onnx import TensorProto, helper
 
 ort = pytest.importorskip("onnxruntime", reason="the native ops are ONNX Runtime's ([onnx] extra)")
 
+from helpers import run_node  # noqa: E402
+
 from mosaicrt.errors import BackendError  # noqa: E402
-from mosaicrt.export.functions import functions, plugin_attrs  # noqa: E402
-from mosaicrt.onnx_graph import IR_VERSION, OPSET  # noqa: E402
-from mosaicrt.ops import DOMAIN  # noqa: E402
 from mosaicrt.ops.associative_memory.reference import dequantize_pairs, quantize_pairs  # noqa: E402
 from mosaicrt.ops.geometry import NO_WINDOW  # noqa: E402
 
 ATOL = 1e-5  # fp32 native kernels vs the fp32 function body on O(1) outputs
-ELEM = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
-        np.dtype(np.int64): TensorProto.INT64, np.dtype(bool): TensorProto.BOOL,
-        np.dtype(np.int8): TensorProto.INT8}  # fmt: skip
-
-
-def run_node(op, inputs, outputs, library=None, profile_dir=None, **attrs):
-    """One mosaic node as the step graph has it (function body attached), through ONNX Runtime,
-    with the native library registered when given. Returns the outputs, and the op types the
-    session ran when profiled."""
-    node = helper.make_node(op, list(inputs), outputs, domain=DOMAIN, **attrs, **plugin_attrs())
-    graph = helper.make_graph(
-        [node],
-        op,
-        [helper.make_tensor_value_info(k, ELEM[v.dtype], v.shape) for k, v in inputs.items()],
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs],
-    )
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)],
-        functions=functions(int8_stores=op == "AssociativeMemoryInt8"),
-        ir_version=IR_VERSION,
-    )
-    options = ort.SessionOptions()
-    if library is not None:
-        options.register_custom_ops_library(str(library))
-    if profile_dir is not None:
-        Path(profile_dir).mkdir(parents=True, exist_ok=True)
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(profile_dir) / "profile")
-    session = ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    got = session.run(None, inputs)
-    if profile_dir is None:
-        return got, None
-    events = json.loads(Path(session.end_profiling()).read_text())
-    return got, {e["args"]["op_name"] for e in events if "op_name" in e.get("args", {})}
 
 
 def memory_inputs(kind, chunk, store_dtype, seed):

@@ -4,39 +4,17 @@ against their ONNX function bodies run by ONNX Runtime: the two definitions of e
 import numpy as np
 import pytest
 import torch
-from onnx import TensorProto, helper
 
 pytest.importorskip("triton", reason="the plugin ops run the Triton kernels ([triton] extra)")
 ort = pytest.importorskip("onnxruntime", reason="the reference is the ONNX function ([onnx] extra)")
 
-from mosaicrt.export.functions import functions  # noqa: E402
-from mosaicrt.onnx_graph import IR_VERSION, OPSET  # noqa: E402
-from mosaicrt.ops import DOMAIN, plugin_specs  # noqa: E402
+from helpers import run_node  # noqa: E402
+
+from mosaicrt.ops import plugin_specs  # noqa: E402
 from mosaicrt.ops.geometry import NO_WINDOW  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ATOL = 1e-5  # fp32 kernels vs the fp32 function body on O(1) outputs
-
-
-def run_node(op: str, inputs: dict, outputs: list[str], **attrs) -> list[np.ndarray]:
-    """One mosaic node with its function body, through ONNX Runtime."""
-    elem = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.int64): TensorProto.INT64,
-            np.dtype(bool): TensorProto.BOOL}  # fmt: skip
-    node = helper.make_node(op, list(inputs), outputs, domain=DOMAIN, **attrs)
-    graph = helper.make_graph(
-        [node],
-        op,
-        [helper.make_tensor_value_info(k, elem[v.dtype], v.shape) for k, v in inputs.items()],
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs],
-    )
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)],
-        functions=functions(),
-        ir_version=IR_VERSION,
-    )
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, inputs)
 
 
 def step_positions(pos: np.ndarray, lengths: np.ndarray, C: int) -> tuple:
@@ -85,7 +63,7 @@ def test_associative_memory_plugin_op_matches_the_function(kind, chunk):
         "alpha": rng.uniform(0.2, 0.8, H).astype(np.float32),
     }
     window_attr = window if kind == "stm" else NO_WINDOW
-    (want,) = run_node("AssociativeMemory", inputs, ["y"], window=window_attr, delay=delay)
+    (want,), _ = run_node("AssociativeMemory", inputs, ["y"], window=window_attr, delay=delay)
     x = [torch.from_numpy(v).to(DEVICE) for v in inputs.values()]
     y = torch.full(want.shape, float("nan"), device=DEVICE)  # every element must be written
     plugin_specs()["AssociativeMemory"].run(x, [y], {"window": window_attr, "delay": delay})
@@ -111,7 +89,7 @@ def test_gated_key_scan_plugin_op_matches_the_function(chunk):
         "s_in": s_in,
         "mx_in": rng.standard_normal((B, H)).astype(np.float32),
     }
-    want = run_node("GatedKeyScan", inputs, ["keys", "s_out", "mx_out"], eps=1e-6)
+    want, _ = run_node("GatedKeyScan", inputs, ["keys", "s_out", "mx_out"], eps=1e-6)
     x = [torch.from_numpy(v).to(DEVICE) for v in inputs.values()]
     keys, s_out, mx_out = (torch.full(w.shape, float("nan"), device=DEVICE) for w in want)
     plugin_specs()["GatedKeyScan"].run(x, [keys, s_out, mx_out], {"eps": 1e-6})

@@ -60,14 +60,18 @@ struct Softmax {
 template <typename T>
 void add_weighted_tile(const float* weight, const T* values, int64_t count, int64_t stride,
                        float* acc) {
-  float tile[kTile] = {};
+  static_assert(kTile == 4 * kLanes, "four vectors of sums");
+  F16 t0 = {}, t1 = {}, t2 = {}, t3 = {};
   for (int64_t i = 0; i < count; ++i) {
     const float w = weight[i];
     const T* v = values + i * stride;
-#pragma omp simd
-    for (int64_t d = 0; d < kTile; ++d) tile[d] += w * static_cast<float>(v[d]);
+    t0 += w * load16(v);
+    t1 += w * load16(v + kLanes);
+    t2 += w * load16(v + 2 * kLanes);
+    t3 += w * load16(v + 3 * kLanes);
   }
-  for (int64_t d = 0; d < kTile; ++d) acc[d] += tile[d];
+  const F16 tiles[4] = {t0, t1, t2, t3};
+  for (int64_t d = 0; d < kTile; ++d) acc[d] += tiles[d / kLanes][d % kLanes];
 }
 
 // Folds `count` pairs (keys and values rows `stride` elements apart) into `state`; score[i] is the
