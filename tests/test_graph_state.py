@@ -82,3 +82,48 @@ def test_decode_bookkeeping_makes_no_device_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert state.host_pos.tolist() == state.pos.tolist() == [23] * B
+
+
+@pytest.mark.parametrize("store", ["float32", "int8"])
+@pytest.mark.parametrize("positions", [[5, 0, 300], [1, 63, 64], [200]])
+def test_decode_writes_row_by_row_where_the_general_path_would(store, positions):
+    """A decode step's pairs (and int8 scales) land where the general scatter puts them: rows at
+    different positions, a row with no token, the first token (no pair), a ring wrap."""
+    from mosaicrt.runtime import graph_state
+
+    config = preset("tiny")
+    B, block = len(positions), 16
+    rng = np.random.default_rng(len(positions))
+    dtype = np.int8 if store == "int8" else np.float32
+
+    def full(shape, value, is_store):
+        return np.full(shape, value, dtype if is_store else np.float32)
+
+    lengths = np.array([1, 0, 1][:B])
+    heads, hs = config.num_heads * len(config.memories), config.head_dim
+    new = {}
+    for layer in range(config.num_layers):
+        for field in io_spec.STORE_FIELDS:
+            name = io_spec.new_pairs_name(layer, field)
+            new[name] = rng.integers(-100, 100, (B, 1, heads, hs)).astype(dtype)
+            new[name + io_spec.SCALE_SUFFIX] = rng.random((B, 1, heads), np.float32)
+    states = []
+    for few in (0, graph_state.FEW_ROWS):
+        state = allocate(config, B, 400, block, full, np.array(positions), store)
+        graph_state.FEW_ROWS, saved = few, graph_state.FEW_ROWS
+        try:
+            graph_state.write_new_pairs(config, block, state,
+                                        lambda layer, f: new[io_spec.new_pairs_name(layer, f)],
+                                        lengths, 1, lambda a: a)  # fmt: skip
+        finally:
+            graph_state.FEW_ROWS = saved
+        states.append(state)
+    general, row_by_row = states
+    for memory in config.memories:
+        np.testing.assert_array_equal(general.pairs[memory], row_by_row.pairs[memory])
+        if store == "int8":
+            np.testing.assert_array_equal(general.scales[memory], row_by_row.scales[memory])
+    tau, H = positions[0] - 1, config.num_heads  # row 0's pair, when it has one
+    if tau >= 0:
+        stored = row_by_row.pairs["ltm"][0, tau // block, 0, :, tau % block]  # layer 0's keys
+        np.testing.assert_array_equal(stored, new[io_spec.new_pairs_name(0, "keys")][0, 0, H:])

@@ -1,7 +1,6 @@
 """The native ONNX Runtime kernels of the mosaic ops (mosaicrt.ops.ort_library) against the ops'
 ONNX function bodies, node by node, and how the backend picks between them."""
 
-
 import numpy as np
 import pytest
 import torch

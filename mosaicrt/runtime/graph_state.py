@@ -37,6 +37,7 @@ ALIGN = 256  # bytes: TensorRT wants every bound address aligned to this
 # and for int8 stores every new.{l}.{keys,values}_scale, (L*2, B, C, nM*H).
 STACKED_NEW_PAIRS = "new.stacked"
 STACKED_NEW_SCALES = "new.stacked_scale"
+FEW_ROWS = 4  # a decode step with at most this many pairs writes them row by row
 
 
 @dataclass
@@ -196,6 +197,16 @@ def write_new_pairs(
         if stacked_scales is None:
             stacked_scales = stack_new(config, new_pairs, io_spec.SCALE_SUFFIX)
         sources.append((state.scales, stacked_scales))
+    if chunk == 1 and len(rows["ltm"][0]) <= FEW_ROWS:  # decode: a pair per row, plain slices
+        for b in rows["ltm"][0].tolist():
+            t = int(tau[b, 0])
+            for i, memory in enumerate(config.memories):
+                block_of, slot = (
+                    (0, geometry.ring_slot(t, ring)) if memory == "stm" else divmod(t, S)
+                )
+                for destination, new in sources:
+                    destination[memory][:, block_of, b, :, slot] = new[:, b, 0, i * H : (i + 1) * H]
+        return
     for i, memory in enumerate(config.memories):
         b, c = rows[memory]
         t = tau[b, c]  # (n,)
