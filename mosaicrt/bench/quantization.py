@@ -79,6 +79,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    import onnxruntime
+
     from mosaicrt.runtime.ort_backend import OrtBackend
 
     if args.json:
@@ -133,11 +135,34 @@ def main(args: argparse.Namespace) -> int:
         "block_size": args.block_size,
         "steps": args.steps,
         "rows": rows,
-        "machine": machine_info() | {"bandwidth_gb_s": bandwidth},
+        "machine": machine_info()
+        | {"bandwidth_gb_s": bandwidth, "onnxruntime": onnxruntime.__version__},
     }
     if args.json:
         write_json(args.json, result, indent=1)
     return 0
+
+
+def markdown(result: dict) -> str:
+    """The README's table: per context and variant, bytes read, TPOT and speed-up."""
+    m = result["machine"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cpu_cores']} cores; onnxruntime {m.get('onnxruntime', '?')}; "
+        f"measured bandwidth {m['bandwidth_gb_s']:.1f} GB/s; `{result['preset']}` preset, "
+        f"batch 1, block size {result['block_size']}, median of {result['steps']} decode steps, "
+        f"variants interleaved ({m['date'][:10]}).",
+        "",
+        "| context | variant | weights | stores | bytes per step | TPOT p50 (ms) | vs fp32 "
+        "| roofline fraction |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['context']} | {r['variant']} | {r['weights']} | {r['stores']} "
+            f"| {r['bytes_per_step'] / 2**20:.1f} MiB | {r['tpot_ms']['p50']:.2f} "
+            f"| {r['speedup_vs_fp32']:.2f}x | {100 * r['roofline_fraction']:.0f} % |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

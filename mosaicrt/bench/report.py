@@ -33,7 +33,7 @@ def machine_line(result: dict) -> str:
 
 
 # Benchmarks whose module renders its own results (markdown(result), and plot(result, path) if any).
-OWN_RENDERING = ("demo_quality", "soak", "sweep")
+OWN_RENDERING = ("demo_quality", "soak", "sweep", "quantization")
 
 
 def own_module(result: dict):

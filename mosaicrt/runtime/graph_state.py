@@ -8,6 +8,8 @@ Per layer and memory, allocated once:
     LTM store               (NB_cap, B, H, S, hs), blocks of S pairs: only the leading blocks that
                             hold readable pairs are fed, as a view of the buffer
     int8 stores' scales     the stores' shapes without hs, fp32, fed and written beside them
+The constant-size state of every layer is views of one buffer, so that a runner that writes the
+present.* outputs into one buffer of the same layout (small_layout) hands them over in one copy.
 Every layer's rings (keys and values) are views of one buffer, and so are the stores, so that
 `write_new_pairs` puts the pairs a step completes (graph outputs) into all layers at once, in
 place: two scatters per step instead of four per layer. Each view starts on a 256-byte boundary
@@ -37,6 +39,8 @@ ALIGN = 256  # bytes: TensorRT wants every bound address aligned to this
 # and for int8 stores every new.{l}.{keys,values}_scale, (L*2, B, C, nM*H).
 STACKED_NEW_PAIRS = "new.stacked"
 STACKED_NEW_SCALES = "new.stacked_scale"
+# A runner's output holding every present.* in one buffer laid out as GraphState.small_block.
+STACKED_PRESENT = "present.stacked"
 FEW_ROWS = 4  # a decode step with at most this many pairs writes them row by row
 
 
@@ -49,6 +53,7 @@ class GraphState:
     capacity: int
     host_pos: np.ndarray  # (B,) int64, pos on the host (pos itself for a numpy state)
     scales: dict[str, Any] = dataclasses.field(default_factory=dict)  # int8: (L*2, NB, B, H, S)
+    small_block: Any = None  # the one buffer `small` views (None for a view of some rows)
     views: dict[int, dict[str, Any]] = dataclasses.field(
         default_factory=dict
     )  # store_feeds by block count
@@ -93,14 +98,11 @@ def allocate(
     """A fresh state; full(shape, value, is_store) makes a buffer (fp32 unless a store). int8
     stores get their fp32 scales beside them."""
     H, hs = config.num_heads, config.head_dim
-    heads = H * len(config.memories)
     blocks = max(1, -(-(capacity - 1) // block))
-    small, stores, pairs, scales = {}, {}, {}, {}
-    for layer in range(config.num_layers):
-        for field in io_spec.SMALL_FIELDS:
-            shape = (batch, heads) if field == "mx" else (batch, heads, hs)
-            value = float("-inf") if field == "mx" else 0.0
-            small[io_spec.small_name("past", layer, field)] = aligned(full, shape, value)
+    stores, pairs, scales = {}, {}, {}
+    small_block, small = carve(full, small_layout(config, batch, "past"))
+    for name, buffer in small.items():
+        buffer[...] = float("-inf") if name.endswith(".mx") else 0.0
     fields = io_spec.STORE_FIELDS
     for memory in config.memories:
         nb, slots = (1, config.stm_window - 1) if memory == "stm" else (blocks, block)
@@ -115,7 +117,35 @@ def allocate(
                 if memory in scales:
                     stores[name + io_spec.SCALE_SUFFIX] = scales[memory][layer * len(fields) + i]
     host_pos = pos if isinstance(pos, np.ndarray) else np.zeros(batch, np.int64)
-    return GraphState(pos, small, stores, pairs, capacity, host_pos, scales=scales)
+    return GraphState(pos, small, stores, pairs, capacity, host_pos, scales, small_block)
+
+
+def small_layout(config: ModelConfig, batch: int, kind: str) -> list[tuple[str, tuple]]:
+    """(name, shape) of every past.* (kind "past") or present.* tensor, in one fixed order."""
+    heads, hs = config.num_heads * len(config.memories), config.head_dim
+    return [
+        (
+            io_spec.small_name(kind, layer, field),
+            (batch, heads) if field == "mx" else (batch, heads, hs),
+        )
+        for layer in range(config.num_layers)
+        for field in io_spec.SMALL_FIELDS
+    ]
+
+
+def carve(full: Callable, layout: list[tuple[str, tuple]]) -> tuple[Any, dict[str, Any]]:
+    """One fp32 buffer and views of it of the layout's shapes, each starting on an ALIGN-byte
+    boundary: the same layout in two buffers makes the same offsets."""
+    unit = ALIGN // 4
+    sizes = [-(-int(np.prod(shape)) // unit) * unit for _, shape in layout]
+    raw = full((sum(sizes) + unit,), 0.0, False)
+    start = (-address(raw) % ALIGN) // 4
+    block = raw[start : start + sum(sizes)]
+    views, offset = {}, 0
+    for (name, shape), size in zip(layout, sizes):
+        views[name] = block[offset : offset + int(np.prod(shape))].reshape(shape)
+        offset += size
+    return block, views
 
 
 def address(x: Any) -> int:
@@ -137,11 +167,6 @@ def aligned_views(
     if isinstance(flat, torch.Tensor):
         return flat[start:].as_strided(shape, strides)
     return np.lib.stride_tricks.as_strided(flat[start:], shape, [s * elem for s in strides])
-
-
-def aligned(full: Callable, shape: tuple, value: float) -> Any:
-    """An fp32 array of `shape` filled with `value`, starting on an ALIGN-byte boundary."""
-    return aligned_views(full, (1, *shape), 4, value, False)[0]
 
 
 def first_nonfinite_layer(state: GraphState, row: int) -> int | None:
@@ -265,8 +290,12 @@ def graph_step(
     feeds.update(state.small)
     feeds.update(state.store_feeds(nb))
     outputs = run(feeds)
-    for name, buffer in state.small.items():
-        buffer[...] = outputs["present" + name[len("past") :]]  # (B, nM*H, hs)
+    present = outputs.get(STACKED_PRESENT)
+    if state.small_block is not None and present is not None:
+        state.small_block[...] = present  # every present.* at once (the same layout)
+    else:
+        for name, buffer in state.small.items():
+            buffer[...] = outputs["present" + name[len("past") :]]  # (B, nM*H, hs)
     write_new_pairs(
         config,
         block,

@@ -27,11 +27,14 @@ from mosaicrt.runtime.backend import Backend
 from mosaicrt.runtime.graph_state import (
     STACKED_NEW_PAIRS,
     STACKED_NEW_SCALES,
+    STACKED_PRESENT,
     GraphState,
     allocate,
+    carve,
     first_nonfinite_layer,
     graph_step,
     reset_rows,
+    small_layout,
 )
 
 OrtState = GraphState  # numpy buffers, or torch tensors on the device with IOBinding
@@ -335,6 +338,9 @@ class OrtBackend(Backend):
             pair_names = [io_spec.new_pairs_name(layer, f) for layer in range(cfg.num_layers)
                           for f in io_spec.STORE_FIELDS]  # fmt: skip
             buffers = stacked_buffers(shapes, pair_names, STACKED_NEW_PAIRS)
+            full = lambda shape, value, is_store: np.empty(shape, np.float32)  # noqa: E731
+            buffers[STACKED_PRESENT], present = carve(full, small_layout(cfg, batch, "present"))
+            buffers |= present
             if self.store_dtype == np.int8:
                 scale_names = [name + io_spec.SCALE_SUFFIX for name in pair_names]
                 buffers |= stacked_buffers(shapes, scale_names, STACKED_NEW_SCALES)
