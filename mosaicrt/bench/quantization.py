@@ -1,12 +1,13 @@
 """Quantized deployment on ONNX Runtime: decode TPOT and bytes read per step of each quantization
 variant against the fp32 artifact, in one run (batch 1, random weights of a preset's shape).
 
-Every variant is exported from the same checkpoint, prefilled to each context, and decoded one
-token a step in turn with the others (decode.interleaved_tpot), so a slow spell of the machine
-hits all alike. Bytes per step are the weights the artifact really holds (its manifest) plus the
-valid stored pairs in the variant's store dtype (int8: with their scales); the read bandwidth is
-measured in the same run. What each variant does to the demo model's recall and bits per byte is
-bench.demo_quality's (backends onnxruntime-int8, onnxruntime-int4+int8-stores, ...).
+Every variant is exported from the same checkpoint, then prefilled to each context and decoded
+one token a step in a process of its own, every variant once per round for several rounds, so
+that a slow spell of the machine hits all alike. Bytes per step are the weights the artifact
+really holds (its manifest) plus the valid stored pairs in the variant's store dtype (int8: with
+their scales); the read bandwidth is measured in the same run. What each variant does to the
+demo model's recall and bits per byte is bench.demo_quality's (backends onnxruntime-int8,
+onnxruntime-int4+int8-stores, ...).
 
     python -m mosaicrt.bench.quantization --preset mini --contexts 1024,4096 \\
         --json bench/results/quantization_cpu.json
@@ -15,12 +16,18 @@ bench.demo_quality's (backends onnxruntime-int8, onnxruntime-int4+int8-stores, .
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
+import torch
+
 from mosaicrt.argtypes import context_list, positive_int
-from mosaicrt.bench.decode import interleaved_tpot, prefill
+from mosaicrt.bench.decode import prefill
 from mosaicrt.bench.machine import machine_info, measure_bandwidth_gb_s
 from mosaicrt.bench.roofline import decode_bytes
 from mosaicrt.errors import InputError
@@ -73,9 +80,45 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", default=DEFAULT_VARIANTS,
                         help=f"comma-separated; default {DEFAULT_VARIANTS}")  # fmt: skip
     parser.add_argument("--block-size", type=positive_int, default=32)
-    parser.add_argument("--steps", type=positive_int, default=32, help="timed decode steps")
-    parser.add_argument("--warmup", type=positive_int, default=4)
+    parser.add_argument("--steps", type=positive_int, default=16,
+                        help="timed decode steps per variant and round")  # fmt: skip
+    parser.add_argument("--rounds", type=positive_int, default=3,
+                        help="every variant is timed once per round, in turn")  # fmt: skip
     parser.add_argument("--json", help="write results here")
+    parser.add_argument("--time-one", nargs=3, metavar=("ARTIFACT", "CONTEXT", "STEPS"),
+                        help=argparse.SUPPRESS)  # one timing, in a process of its own  # fmt: skip
+
+
+def time_one(artifact: str, context: int, steps: int) -> list[float]:
+    """Seconds of `steps` decode steps of a fresh process's backend at this context (after 4
+    untimed ones)."""
+    from mosaicrt.runtime.ort_backend import OrtBackend
+
+    backend = OrtBackend(artifact, device="cpu")
+    state = prefill(backend, context, context + steps + 5, 512)
+    token, one = torch.tensor([[1]]), torch.ones(1, dtype=torch.int64)
+    samples = []
+    for i in range(steps + 4):
+        start = time.perf_counter()
+        backend.step(token, one, state, last_only=True)
+        samples.append(time.perf_counter() - start)
+    return samples[4:]
+
+
+def timed_in_turn(artifacts: dict[str, Path], context: int, steps: int, rounds: int) -> dict:
+    """Decode step seconds per variant: each timed in a process of its own (ONNX Runtime's
+    sessions in one process would spin their thread pools against each other), every variant
+    once per round, so that a slow spell of the machine hits all alike."""
+    times: dict = {name: [] for name in artifacts}
+    for _ in range(rounds):
+        for name, artifact in artifacts.items():
+            done = subprocess.run(
+                [sys.executable, "-m", "mosaicrt.bench.quantization", "--time-one",
+                 str(artifact), str(context), str(steps)],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            times[name] += json.loads(done.stdout.strip().splitlines()[-1])
+    return times
 
 
 def main(args: argparse.Namespace) -> int:
@@ -83,6 +126,10 @@ def main(args: argparse.Namespace) -> int:
 
     from mosaicrt.runtime.ort_backend import OrtBackend
 
+    if args.time_one:
+        artifact, context, steps = args.time_one
+        print(json.dumps(time_one(artifact, int(context), int(steps))))
+        return 0
     if args.json:
         check_output_file(args.json, flag="--json")
     names = args.variants.split(",")
@@ -91,26 +138,24 @@ def main(args: argparse.Namespace) -> int:
     if "fp32" not in names:
         raise InputError("--variants must include fp32: speed-ups are against it")
     config = preset(args.preset)
-    capacity = max(args.contexts) + args.warmup + args.steps + 1
+    capacity = max(args.contexts) + args.steps + 5
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(tmp) / "ckpt"
         write_checkpoint(random_tensors(config, 0), config, checkpoint)
-        backends = {
-            name: OrtBackend(variant_artifact(name, checkpoint, Path(tmp), capacity,
-                                              args.block_size, last_only=True), device="cpu")
-            for name in names
-        }  # fmt: skip
+        artifacts = {name: variant_artifact(name, checkpoint, Path(tmp), capacity,
+                                            args.block_size, last_only=True)
+                     for name in names}  # fmt: skip
+        manifests = {name: OrtBackend(a, device="cpu").manifest for name, a in artifacts.items()}
         bandwidth = measure_bandwidth_gb_s()
         for context in args.contexts:
-            cases = {name: (b, prefill(b, context, capacity, 512)) for name, b in backends.items()}
-            times = interleaved_tpot(cases, args.steps, args.warmup)
+            times = timed_in_turn(artifacts, context, args.steps, args.rounds)
             base = statistics.median(times["fp32"])
             for name, samples in times.items():
-                backend, tpot = backends[name], statistics.median(samples)
-                stores = backend.manifest["state_dtype"]["stores"]
+                manifest, tpot = manifests[name], statistics.median(samples)
+                stores = manifest["state_dtype"]["stores"]
                 step_bytes = decode_bytes(config, [context], stores,
-                                          backend.manifest["weights_read_bytes"])  # fmt: skip
+                                          manifest["weights_read_bytes"])  # fmt: skip
                 rows.append({
                     "variant": name,
                     "context": context,
@@ -119,21 +164,20 @@ def main(args: argparse.Namespace) -> int:
                     "tpot_ms": {"p50": 1e3 * tpot, "min": 1e3 * min(samples)},
                     "speedup_vs_fp32": base / tpot,
                     "bytes_per_step": step_bytes,
-                    "weights_bytes": backend.manifest["weights_read_bytes"],
+                    "weights_bytes": manifest["weights_read_bytes"],
                     "roofline_fraction": step_bytes / (bandwidth * 1e9) / tpot,
-                    "ort_ops": backend.ort_ops,
                 })  # fmt: skip
                 fraction = rows[-1]["roofline_fraction"]
                 print(f"{name:18s} ctx {context:6d}: tpot p50 {1e3 * tpot:7.2f} ms, "
                       f"{base / tpot:4.2f}x fp32, {step_bytes / 2**20:6.1f} MiB/step, "
-                      f"{100 * fraction:3.0f} % of {bandwidth:.1f} GB/s")  # fmt: skip
-            del cases
+                      f"{100 * fraction:3.0f} % of {bandwidth:.1f} GB/s", flush=True)  # fmt: skip
     result = {
         "benchmark": "quantization",
         "preset": args.preset,
         "batch": 1,
         "block_size": args.block_size,
-        "steps": args.steps,
+        "steps": args.steps * args.rounds,
+        "rounds": args.rounds,
         "rows": rows,
         "machine": machine_info()
         | {"bandwidth_gb_s": bandwidth, "onnxruntime": onnxruntime.__version__},
@@ -149,8 +193,8 @@ def markdown(result: dict) -> str:
     lines = [
         f"Machine: {m['cpu']}, {m['cpu_cores']} cores; onnxruntime {m.get('onnxruntime', '?')}; "
         f"measured bandwidth {m['bandwidth_gb_s']:.1f} GB/s; `{result['preset']}` preset, "
-        f"batch 1, block size {result['block_size']}, median of {result['steps']} decode steps, "
-        f"variants interleaved ({m['date'][:10]}).",
+        f"batch 1, block size {result['block_size']}, median of {result['steps']} decode steps "
+        f"in {result['rounds']} rounds, variants in turn ({m['date'][:10]}).",
         "",
         "| context | variant | weights | stores | bytes per step | TPOT p50 (ms) | vs fp32 "
         "| roofline fraction |",

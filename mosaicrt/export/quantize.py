@@ -9,8 +9,8 @@ MatMulNBits expects (the scale carries the sign of the block's largest magnitude
     W^T[k, n] ~= scales[n, k // block] * (q[n, k] - 2^(bits-1))
 
 The products run with int8 activations by default (`accuracy_level` 4), which is what makes
-MatMulNBits fast on the CPU (int8 weights at level 0 run ~10x slower than fp32); level 0 computes
-in fp32 on the dequantized weights, exactly.
+MatMulNBits fast on the CPU (int8 weights at level 0 ran 6-7x slower than fp32 here); level 0
+computes in fp32 on the dequantized weights, exactly.
 """
 
 from __future__ import annotations
