@@ -214,3 +214,14 @@ def test_run_options_name_the_backends_that_take_them(cli, tiny_ckpt, tmp_path):
     result = cli("generate", tiny_ckpt, "--backend", "torch", "--quantize", "int4", *prompt)
     assert result.returncode == 2 and "int8" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_check_measures_a_quantized_artifact_against_its_fp32_source(cli, tiny_ckpt, tmp_path):
+    artifact = export_artifact(tiny_ckpt, tmp_path / "q", max_context=256, store_dtype="int8",
+                               quantize=WeightQuantization("int8"))  # fmt: skip
+    result = cli("check", artifact, "--text-bytes", "600", "--context", "128", "--min-top1", "0.5")
+    assert result.returncode == 0, result.stderr
+    assert "int8 weights + int8 stores onnxruntime vs fp32 torch reference" in result.stdout
+    report = json.loads(result.stdout[: result.stdout.rindex("}") + 1])
+    assert report["positions"] >= 500 and 0.5 <= report["top1_agreement"] <= 1.0
+    assert report["kl_mean"] >= 0.0 and report["logit_abs_error_max"] > 0.0
