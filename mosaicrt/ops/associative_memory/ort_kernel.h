@@ -112,13 +112,14 @@ void fold_pairs(const float* score, const T* values, const float* value_scale, i
 }
 
 // Scores of `count` pairs (key rows `stride` elements apart) against the scaled query qb;
-// kNoScore for the invisible ones. One dot product per pair: what a single query (decode) reads.
+// kNoScore for the invisible ones. One dot product per pair (16 pairs reduced together, every
+// slot: an invisible one is masked after): what a single query (decode) reads.
 // key_scale (nullable): pair i's key is keys[i] * key_scale[i].
 template <typename T>
 void score_pairs(const float* qb, const T* keys, const float* key_scale, const int64_t* tau,
                  int64_t count, int64_t stride, int64_t hs, int64_t t, int64_t window,
                  int64_t delay, float* score) {
-  if (!dot_rows(qb, keys, count, stride, hs, score)) {  // every slot: an empty one holds zeros
+  if (!dot_rows(qb, keys, count, stride, hs, score)) {  // a width without a fixed-width version
     for (int64_t i = 0; i < count; ++i) {
       const T* k = keys + i * stride;
       float dot = 0.f;
