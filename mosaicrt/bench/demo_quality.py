@@ -67,11 +67,11 @@ def measure(name: str, backend, contexts: list[int], episodes: list[int], args) 
         if args.ppl_bytes and name != "torch+triton":
             tokenizer = load_tokenizer(args.model, backend.config.vocab_size)
             ppl = bits_per_byte(backend, tokenizer, text)
-        result = {"recall": rows, "bits_per_byte": ppl and ppl["bits_per_byte"], "ppl": ppl}
-        if hasattr(backend, "ort_ops"):  # ONNX Runtime: native kernels of the mosaic ops, or bodies
-            result["ort_ops"] = backend.ort_ops
-            if args.compare_bytes:
-                result["vs_torch_fp32"] = compare_with_reference(backend, args)
+    result = {"recall": rows, "bits_per_byte": ppl and ppl["bits_per_byte"], "ppl": ppl}
+    if hasattr(backend, "ort_ops"):  # ONNX Runtime: native kernels of the mosaic ops, or bodies
+        result["ort_ops"] = backend.ort_ops
+        if args.compare_bytes:  # outside ONNX Runtime's thread setting: torch runs the reference
+            result["vs_torch_fp32"] = compare_with_reference(backend, args)
     return result
 
 

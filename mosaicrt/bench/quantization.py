@@ -31,7 +31,7 @@ from mosaicrt.bench.decode import prefill
 from mosaicrt.bench.machine import machine_info, measure_bandwidth_gb_s
 from mosaicrt.bench.roofline import decode_bytes
 from mosaicrt.errors import InputError
-from mosaicrt.export.artifact import export_artifact
+from mosaicrt.export.artifact import export_artifact, read_manifest
 from mosaicrt.export.quantize import WeightQuantization
 from mosaicrt.model.checkpoint import random_tensors, write_checkpoint
 from mosaicrt.model.config import preset
@@ -124,8 +124,6 @@ def timed_in_turn(artifacts: dict[str, Path], context: int, steps: int, rounds: 
 def main(args: argparse.Namespace) -> int:
     import onnxruntime
 
-    from mosaicrt.runtime.ort_backend import OrtBackend
-
     if args.time_one:
         artifact, context, steps = args.time_one
         print(json.dumps(time_one(artifact, int(context), int(steps))))
@@ -146,7 +144,7 @@ def main(args: argparse.Namespace) -> int:
         artifacts = {name: variant_artifact(name, checkpoint, Path(tmp), capacity,
                                             args.block_size, last_only=True)
                      for name in names}  # fmt: skip
-        manifests = {name: OrtBackend(a, device="cpu").manifest for name, a in artifacts.items()}
+        manifests = {name: read_manifest(a)[0] for name, a in artifacts.items()}
         bandwidth = measure_bandwidth_gb_s()
         for context in args.contexts:
             times = timed_in_turn(artifacts, context, args.steps, args.rounds)

@@ -50,16 +50,14 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from mosaicrt.errors import InputError
-    from mosaicrt.export.artifact import STORE_DTYPES, export_artifact
+    from mosaicrt.export.artifact import export_artifact
     from mosaicrt.export.quantize import WeightQuantization
     from mosaicrt.model.config import DTYPE_ALIASES, normalize_dtype
 
     if args.quantize is None and args.block_size != 32:
         raise InputError("--block-size applies to --quantize: add --quantize int4 or int8")
     quantize = WeightQuantization(args.quantize, args.block_size) if args.quantize else None
-    store_dtype = DTYPE_ALIASES.get(args.store_dtype, args.store_dtype)
-    if store_dtype is not None and store_dtype not in STORE_DTYPES:
-        raise InputError(f"--store-dtype must be fp32, fp16, bf16 or int8, got {store_dtype!r}")
+    store_dtype = DTYPE_ALIASES.get(args.store_dtype, args.store_dtype)  # checked by the export
     out = export_artifact(
         args.checkpoint,
         args.output,

@@ -256,8 +256,8 @@ class OrtBackend(Backend):
 
         full: Callable[[tuple, float, bool], Any]
         if self.io_binding:
-            store = {np.float16: torch.float16, np.int8: torch.int8}.get(self.store_dtype)
-            dtypes = {True: store or torch.float32, False: torch.float32}
+            store = next(t for t, np_t in NUMPY_DTYPES.items() if np_t == self.store_dtype)
+            dtypes = {True: store, False: torch.float32}
             full = lambda shape, value, is_store: torch.full(  # noqa: E731
                 shape, value, dtype=dtypes[is_store], device=self.device
             )
