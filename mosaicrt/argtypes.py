@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 64-bit seeds
@@ -54,6 +55,41 @@ def seed(text: str) -> int:
     if not 0 <= value < SEED_LIMIT:
         raise argparse.ArgumentTypeError(f"must be in [0, 2^64), got {value}")
     return value
+
+
+SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+
+def parse_size(text: str) -> int:
+    """'512MiB', '2 GiB', '1.5GB', '1048576' -> bytes; InputError for anything else."""
+    from mosaicrt.errors import InputError
+
+    match = SIZE.match(str(text))
+    if not match:
+        raise InputError(
+            f"--state-memory {text!r} is not a size: give bytes, or a number with B, KiB, MiB, "
+            "GiB (or KB, MB, GB), e.g. 512MiB"
+        )
+    number, unit = match.groups()
+    size = int(float(number) * UNITS[(unit or "b").lower()])
+    if size <= 0:
+        raise InputError(f"--state-memory must be more than 0 bytes, got {text!r}")
+    return size
+
+
+def size(text: str) -> int:
+    """Bytes, or a number with B, KiB, MiB, GiB (KB, MB, GB): --state-memory."""
+    from mosaicrt.errors import InputError
+
+    try:
+        return parse_size(text)
+    except InputError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size: give bytes, or a number with B, KiB, MiB, GiB "
+            "(or KB, MB, GB), e.g. 512MiB"
+        ) from None
 
 
 def nonneg_float(text: str) -> float:

@@ -61,3 +61,17 @@ def run_node(op, inputs, outputs, library=None, profile_dir=None, **attrs):
         return got, None
     events = json.loads(Path(session.end_profiling()).read_text())
     return got, {e["args"]["op_name"] for e in events if "op_name" in e.get("args", {})}
+
+
+def pooled(stores, rng, spare: int = 3):
+    """Stores in blocks, each (NB, B, H, S[, hs]), as the step graph feeds them: one pool
+    (P, H, S[, hs]) per store with every row's blocks scattered over it in random order, unread
+    blocks noise; returns the pools and the block table (B, NB) int64."""
+    NB, B = stores[0].shape[:2]
+    table = rng.permutation(NB * B + spare)[: B * NB].reshape(B, NB).astype(np.int64)
+    pools = []
+    for store in stores:
+        pool = rng.standard_normal((NB * B + spare, *store.shape[2:])).astype(store.dtype)
+        pool[table.T] = store  # row b's block i -> pool block table[b, i]
+        pools.append(pool)
+    return pools, table

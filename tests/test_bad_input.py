@@ -20,6 +20,10 @@ pytest.importorskip("onnxruntime", reason="the table covers ONNX artifacts ([onn
 FIXTURE_SCOPE = HealthCheck.function_scoped_fixture  # tmp_path is only written, never read back
 
 
+def trt_base(model, r) -> list:
+    return ["triton-export", model, "-o", r / "repo"]
+
+
 def write(path: Path, data) -> Path:
     if isinstance(data, np.ndarray):
         np.save(path, data)
@@ -188,6 +192,14 @@ def cases(r: Path) -> list[tuple[list, str]]:
         add(gen + ["--top-p", value], "argument --top-p")
     for value in ("-1", "x"):
         add(gen + ["--top-k", value], "argument --top-k")
+    for value in ("0", "-1GiB", "12XB", "GiB", "1e9", ""):  # --state-memory: a size
+        for command in (gen, score, ["inspect", ck], ["bench", "latency", ck], trt_base(ck, r)):
+            add(command + ["--state-memory", value], "argument --state-memory")
+    for model in (ck, art):  # a budget too small for the rows and one LTM block
+        add(["generate", model, "--prompt", "hi", "--state-memory", "1KiB"],
+            "cannot hold one sequence")  # fmt: skip
+    add(score + ["--state-memory", "1KiB"], "cannot hold one sequence")
+    add(trt_base(art, r) + ["--state-memory", "1KiB"], "cannot hold one sequence")
     for value in ("-1", str(2**64), str(2**70), "1e3"):
         add(gen + ["--seed", value], "argument --seed")
         add(["init", r / "new_ck", "--preset", "tiny", "--seed", value], "argument --seed")
@@ -202,7 +214,7 @@ def cases(r: Path) -> list[tuple[list, str]]:
             add(["build", art, "-o", r / "eng", option, value], f"argument {option}")
     add(["build", art, "-o", r / "eng", "--max-chunk", "1"], "--max-chunk must be >= 2")
     add(["build", art, "-o", r / "eng", "--target", "sm90"], "unknown --target 'sm90'")
-    trt = ["triton-export", art, "-o", r / "repo"]
+    trt = trt_base(art, r)
     for option in ("--max-batch", "--max-context", "--instances", "--prefill-chunk"):
         for value in ("0", "-1"):
             add(trt + [option, value], f"argument {option}")

@@ -51,7 +51,8 @@ def test_bench_reports(cli, tiny, tmp_path, mode):
         report["output_tokens"] / report["duration_s"]
     )
     state = report["memory"]["state"]
-    assert state["ltm_store_bytes"] == 2 * (26 - 1) * 2 * 64 * 4 * 2  # batch x slots x pair
+    # A pool of one 128-pair block per row, and the scratch block: blocks x pairs x pair bytes.
+    assert state["ltm_store_bytes"] == (2 + 1) * 128 * 2 * 64 * 4 * 2
     assert abs(state["ltm_bytes_per_token_ratio"] - 1) <= 0.05  # allocated vs the formula
     assert 0 < report["roofline"]["decode_fraction"] and 0 < report["roofline"]["prefill_fraction"]
     assert report["machine"]["bandwidth_gb_s"] > 0 and report["machine"]["cpu_cores"] >= 1

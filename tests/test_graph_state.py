@@ -110,6 +110,7 @@ def test_decode_writes_row_by_row_where_the_general_path_would(store, positions)
     states = []
     for few in (0, graph_state.FEW_ROWS):
         state = allocate(config, B, 400, block, full, np.array(positions), store)
+        state.blocks.grow(np.arange(B), np.array(positions) + lengths)  # as graph_step does
         graph_state.FEW_ROWS, saved = few, graph_state.FEW_ROWS
         try:
             graph_state.write_new_pairs(config, block, state,
@@ -125,5 +126,6 @@ def test_decode_writes_row_by_row_where_the_general_path_would(store, positions)
             np.testing.assert_array_equal(general.scales[memory], row_by_row.scales[memory])
     tau, H = positions[0] - 1, config.num_heads  # row 0's pair, when it has one
     if tau >= 0:
-        stored = row_by_row.pairs["ltm"][0, tau // block, 0, :, tau % block]  # layer 0's keys
+        pool_block = row_by_row.blocks.table[0, tau // block]
+        stored = row_by_row.pairs["ltm"][0, pool_block, :, tau % block]  # layer 0's keys
         np.testing.assert_array_equal(stored, new[io_spec.new_pairs_name(0, "keys")][0, 0, H:])

@@ -29,7 +29,8 @@ def memory(kind: str, heads: int, head_dim: int) -> AssociativeMemory:
 
 def on_device(st: MemoryState) -> MemoryState:
     """The kernels' copy of a state (the reference keeps the CPU one)."""
-    return MemoryState(*(getattr(st, f).to(DEVICE, copy=True) for f in st.__dataclass_fields__))
+    fields = (getattr(st, f) for f in st.__dataclass_fields__)
+    return MemoryState(*(x.to(DEVICE, copy=True) if x is not None else None for x in fields))
 
 
 # beta0 = 1, beta1 = 0: a bandwidth of 1, so the tests' queries carry their own scale.
@@ -139,6 +140,45 @@ def test_split_decode_matches_reference(kind):
     ).cpu()
     assert (got[:4] - want[:4]).abs().max() <= ATOL
     assert got[0].abs().max() == 0
+
+
+def paged(st: MemoryState, block: int, gen) -> MemoryState:
+    """The same LTM store as a pool of blocks (P + 1, H, S, hs), each row's blocks scattered
+    over the pool in random order, and its block table: the paged state's layout."""
+    B, N, heads, hs = st.keys.shape
+    per_row = N // block
+    table = torch.randperm(B * per_row + 3, generator=gen)[: B * per_row].view(B, per_row)
+    pools = []
+    for store in (st.keys, st.vals):
+        pool = torch.randn(B * per_row + 4, heads, block, hs, generator=gen).to(store.dtype)
+        pool[table] = store.view(B, per_row, block, heads, hs).transpose(2, 3)
+        pools.append(pool)
+    return MemoryState(st.s, st.mx, st.k_pend, st.v_pend, *pools, table)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 17])
+def test_retrieval_reads_a_paged_pool_through_its_table(chunk):
+    """The paged LTM (pool and block table) gives what the flat store gives: the reference,
+    which gathers the rows' blocks, and the kernels (chunk and split decode), which follow the
+    table block by block."""
+    gen = torch.Generator().manual_seed(chunk)
+    heads, head_dim, B = 2, 16, 4
+    mem = memory("ltm", heads, head_dim)
+    pos = torch.tensor([0, 2, 40, 9])
+    lengths = torch.tensor([chunk, max(chunk - 2, 1), chunk, 0])
+    st = filled_state(mem, B, 64, torch.float32, gen)
+    pages = paged(st, 8, gen)
+    q = torch.nn.functional.normalize(torch.randn(B, chunk, heads, head_dim, generator=gen), dim=-1)
+    q = q * (1 + 20 * torch.rand(B, chunk, heads, 1, generator=gen))
+    k_new = torch.nn.functional.normalize(torch.randn(q.shape, generator=gen), dim=-1)
+    v_new = 3 * torch.randn(q.shape, generator=gen)
+    want = reference_retrieve(mem, q, pos, lengths, st, k_new, v_new)
+    from_pages = reference_retrieve(mem, q, pos, lengths, pages, k_new, v_new)
+    got = kernel_retrieve(mem, q, pos, lengths, pages, k_new, v_new).cpu()
+    for b in range(3):  # row 3 has no real tokens
+        n = int(lengths[b])
+        assert torch.equal(from_pages[b, :n], want[b, :n])
+        assert (got[b, :n] - want[b, :n]).abs().max() <= ATOL
 
 
 def test_retrieval_reads_half_precision_stores():

@@ -7,7 +7,7 @@ import torch
 
 ort = pytest.importorskip("onnxruntime", reason="the native ops are ONNX Runtime's ([onnx] extra)")
 
-from helpers import run_node  # noqa: E402
+from helpers import pooled, run_node  # noqa: E402
 
 from mosaicrt.errors import BackendError  # noqa: E402
 from mosaicrt.ops.associative_memory.reference import dequantize_pairs, quantize_pairs  # noqa: E402
@@ -18,7 +18,8 @@ ATOL = 1e-5  # fp32 native kernels vs the fp32 function body on O(1) outputs
 
 def memory_inputs(kind, chunk, store_dtype, seed):
     """AssociativeMemory inputs as the step graph makes them: rows before the delay, a wrapped
-    ring, a long store, a row with no real token."""
+    ring, a long store, a row with no real token; the stored blocks scattered over a pool larger
+    than they need, in no order."""
     rng = np.random.default_rng(seed)
     B, H, hs, window, delay = 4, 3, 16, 6, (1 if kind == "stm" else 4)
     NB, S = (1, window - 1) if kind == "stm" else (3, 8)
@@ -36,11 +37,19 @@ def memory_inputs(kind, chunk, store_dtype, seed):
         x = rng.standard_normal(shape).astype(np.float32)
         return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
+    (store_k, store_v), table = pooled(
+        [
+            unit(NB, B, H, S, hs).astype(store_dtype),
+            (3 * rng.standard_normal((NB, B, H, S, hs))).astype(store_dtype),
+        ],
+        rng,
+    )
     inputs = {
         "q": unit(B, chunk, H, hs),
         "t": t,
-        "store_k": unit(NB, B, H, S, hs).astype(store_dtype),
-        "store_v": (3 * rng.standard_normal((NB, B, H, S, hs))).astype(store_dtype),
+        "store_k": store_k,
+        "store_v": store_v,
+        "store_blocks": table,
         "store_tau": np.where((tau >= 0) & (tau <= last), tau, -1),
         "new_k": unit(B, chunk, H, hs),
         "new_v": 3 * rng.standard_normal((B, chunk, H, hs)).astype(np.float32),

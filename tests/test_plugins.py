@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("triton", reason="the plugin ops run the Triton kernels ([triton] extra)")
 ort = pytest.importorskip("onnxruntime", reason="the reference is the ONNX function ([onnx] extra)")
 
-from helpers import run_node  # noqa: E402
+from helpers import pooled, run_node  # noqa: E402
 
 from mosaicrt.ops import plugin_specs  # noqa: E402
 from mosaicrt.ops.geometry import NO_WINDOW  # noqa: E402
@@ -49,11 +49,14 @@ def test_associative_memory_plugin_op_matches_the_function(kind, chunk):
         x = rng.standard_normal(shape).astype(np.float32)
         return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
+    stores = [unit(NB, B, H, S, hs), 3 * rng.standard_normal((NB, B, H, S, hs)).astype(np.float32)]
+    (store_k, store_v), table = pooled(stores, rng)  # scattered over a pool, in random order
     inputs = {
         "q": unit(B, chunk, H, hs),
         "t": t,
-        "store_k": unit(NB, B, H, S, hs),
-        "store_v": 3 * rng.standard_normal((NB, B, H, S, hs)).astype(np.float32),
+        "store_k": store_k,
+        "store_v": store_v,
+        "store_blocks": table,
         "store_tau": store_positions(kind, pos, NB, S),
         "new_k": unit(B, chunk, H, hs),
         "new_v": 3 * rng.standard_normal((B, chunk, H, hs)).astype(np.float32),

@@ -85,7 +85,7 @@ def test_quantized_step_graph_equals_dequantize_then_compute(tiny_ckpt, tmp_path
         0, backend.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0)
     )
     feeds = {"input_ids": ids.numpy(), "lengths": np.array([40, 33]), "positions": state.pos.copy()}
-    feeds |= state.small | state.store_feeds(backend.readable_blocks(state.pos, 40))
+    feeds |= state.small | state.store_feeds(backend.readable_blocks(state.pos, 40), np.asarray)
     reference = ort.InferenceSession(
         dequantized_graph(artifact).SerializeToString(), session_options(),
         providers=["CPUExecutionProvider"],

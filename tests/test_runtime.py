@@ -100,8 +100,19 @@ def test_memory_plan_matches_the_contract_and_the_allocation():
         for layer in state.memories
         for m in layer.values()
         for t in vars(m).values()
+        if t is not None
     )
     assert allocated == plan.state_bytes
+    # Paged: the same rows, the LTM in a pool of 128-pair blocks plus a scratch block.
+    from mosaicrt.runtime.paging import StateSizes, blocks_for
+
+    paged = DecodeState.allocate(config, batch=3, capacity=1000, block=128, pool_blocks=5)
+    sizes = StateSizes.of(config, 128, "float32")
+    ltm = [layer["ltm"] for layer in paged.memories]
+    pool = sum(t.numel() * t.element_size() for st in ltm for t in (st.keys, st.vals))
+    assert pool == (5 + 1) * sizes.block_bytes
+    assert sizes.row_bytes * 3 + sizes.static_blocks(3, 100) * sizes.block_bytes >= plan.state_bytes
+    assert blocks_for(100, 128) == 1 and blocks_for(130, 128) == 2 and blocks_for(1, 128) == 0
 
 
 def run(batcher) -> None:

@@ -93,7 +93,8 @@ def test_build_py_makes_an_engine_with_both_plugins(cli, artifacts, engine, tmp_
     assert manifest["profiles"]["decode"]["input_ids"] == [[1, 1], [4, 1]]
     assert manifest["profiles"]["prefill"]["input_ids"] == [[1, 2], [4, 64]]
     ltm = manifest["profiles"]["decode"]["past.0.ltm.keys"]
-    assert ltm[1][0] == 4  # 512 tokens of context in blocks of 128
+    assert ltm[1][0] == 4 * 4  # a pool for 4 rows of 512 tokens in blocks of 128
+    assert manifest["profiles"]["decode"]["ltm_blocks"] == [[1, 1], [4, 4]]
 
 
 def test_mosaic_nodes_parse_as_plugin_layers(artifacts):
@@ -166,15 +167,19 @@ def test_plugin_formats():
         trt.DataType.INT64,
     )
     memory = MosaicPlugin(SPECS["AssociativeMemory"], {"window": NO_WINDOW, "delay": 4})
+    # q, t, store_k, store_v, store_blocks, store_tau, new_k, new_v, new_tau, beta0, beta1,
+    # alpha -> y
     for store in (F32, F16, BF16):
-        io = descs(F32, I64, store, store, I64, F32, F32, I64, F32, F32, F32, F32)
-        assert all(memory.supports_format_combination(pos, io, 11) for pos in range(12))
-    io = descs(F32, I64, F16, BF16, I64, F32, F32, I64, F32, F32, F32, F32)
-    assert not memory.supports_format_combination(3, io, 11)  # values must match keys
-    io = descs(F16, I64, F32, F32, I64, F32, F32, I64, F32, F32, F32, F32)
-    assert not memory.supports_format_combination(0, io, 11)  # queries are fp32
-    io = descs(F32, I64, F32, F32, I64, F32, F32, I64, F32, F32, F32, F16)
-    assert not memory.supports_format_combination(11, io, 11)  # output fp32
+        io = descs(F32, I64, store, store, I64, I64, F32, F32, I64, F32, F32, F32, F32)
+        assert all(memory.supports_format_combination(pos, io, 12) for pos in range(13))
+    io = descs(F32, I64, F16, BF16, I64, I64, F32, F32, I64, F32, F32, F32, F32)
+    assert not memory.supports_format_combination(3, io, 12)  # values must match keys
+    io = descs(F32, I64, F32, F32, F32, I64, F32, F32, I64, F32, F32, F32, F32)
+    assert not memory.supports_format_combination(4, io, 12)  # the block table is int64
+    io = descs(F16, I64, F32, F32, I64, I64, F32, F32, I64, F32, F32, F32, F32)
+    assert not memory.supports_format_combination(0, io, 12)  # queries are fp32
+    io = descs(F32, I64, F32, F32, I64, I64, F32, F32, I64, F32, F32, F32, F16)
+    assert not memory.supports_format_combination(12, io, 12)  # output fp32
     scan = MosaicPlugin(SPECS["GatedKeyScan"], {"eps": 1e-6})
     io = descs(F32, F32, F32, trt.DataType.BOOL, F32, F32, F32, F32, F32)
     assert all(scan.supports_format_combination(pos, io, 6) for pos in range(9))

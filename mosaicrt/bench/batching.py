@@ -3,7 +3,10 @@ per token, reported as TTFT/TPOT/ITL/E2EL, tokens per second, memory, and roofli
 
 latency:    --iters rounds of --batch requests submitted together (after --warmup rounds).
 throughput: --num-requests requests (default 4 x --batch) queued at once on --batch rows.
-Requests ignore EOS so every one produces exactly --output-len tokens.
+Requests ignore EOS so every one produces exactly --output-len tokens. Prompts are random tokens
+of --input-len, or of lengths drawn from --input-len-mix (e.g. 256-1024:90,8192:10), or a
+--dataset's. Under --state-memory the report's "pool" says how many sequences ran at once at
+most, against how many a static allocation of the same bytes holds at --max-context.
 """
 
 from __future__ import annotations
@@ -29,21 +32,24 @@ from mosaicrt.errors import MosaicError
 from mosaicrt.outputs import check_output_file, write_json
 from mosaicrt.runtime.backend import Backend, torch_threads_for
 from mosaicrt.runtime.backends import add_run_args, open_run_backend
+from mosaicrt.runtime.batcher import pool_blocks
 from mosaicrt.runtime.generator import ContinuousBatcher, Request, RunLimits
+from mosaicrt.runtime.paging import blocks_for
 from mosaicrt.runtime.sampling import SamplingParams
 
 
 def run_requests(
     backend: Backend, prompts: list[list[int]], output_len: int, limits: RunLimits
-) -> tuple[list[RequestTiming], float]:
-    """Submit all prompts at once; return each request's token timestamps and the wall time."""
+) -> tuple[list[RequestTiming], float, dict | None]:
+    """Submit all prompts at once; return each request's token timestamps, the wall time, and
+    the batcher's state pool report (None without a pool)."""
     with torch_threads_for(backend):
         return _run_requests(backend, prompts, output_len, limits)
 
 
 def _run_requests(
     backend: Backend, prompts: list[list[int]], output_len: int, limits: RunLimits
-) -> tuple[list[RequestTiming], float]:
+) -> tuple[list[RequestTiming], float, dict | None]:
     batcher = ContinuousBatcher(backend, SamplingParams(), limits, ignore_eos=True)
     requests = [Request(i, p, output_len) for i, p in enumerate(prompts)]
     times: dict[int, list[float]] = {r.rid: [] for r in requests}
@@ -58,7 +64,76 @@ def _run_requests(
                 times[request.rid].append(now)
     duration = time.perf_counter() - start
     timings = [RequestTiming(start, tuple(times[r.rid]), len(r.prompt)) for r in requests]
-    return timings, duration
+    return timings, duration, batcher.pool_report()
+
+
+def input_len_mix(text: str) -> list[tuple[int, int, float]]:
+    """'256-1024:90,8192:10' -> [(256, 1024, 0.9), (8192, 8192, 0.1)]: prompt lengths drawn
+    uniformly from each range, the ranges by weight."""
+    parts = []
+    try:
+        for item in text.split(","):
+            lengths, weight = item.split(":")
+            lo, _, hi = lengths.partition("-")
+            parts.append((int(lo), int(hi or lo), float(weight)))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a length mix: give LO-HI:WEIGHT or LEN:WEIGHT items separated by "
+            "commas, e.g. 256-1024:90,8192:10"
+        ) from None
+    if any(lo < 1 or hi < lo or w <= 0 for lo, hi, w in parts):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: lengths must be >= 1 with LO <= HI, weights > 0"
+        )
+    total = sum(w for _, _, w in parts)
+    return [(lo, hi, w / total) for lo, hi, w in parts]
+
+
+class PromptSource:
+    """Prompts for the benchmark: a dataset's in turn, or random tokens of input_len, or of
+    lengths drawn from a mix (input_len_mix)."""
+
+    def __init__(self, vocab: int, input_len: int, dataset, mix, seed: int) -> None:
+        self.vocab, self.dataset, self.mix = vocab, dataset, mix
+        self.gen, self.taken = torch.Generator().manual_seed(seed), 0
+        self.longest = input_len
+        if dataset:
+            self.longest = max(len(p) for p in dataset)
+        if mix:
+            self.longest = max(hi for _, hi, _ in mix)
+
+    def length(self) -> int:
+        pick = float(torch.rand((), generator=self.gen))
+        for lo, hi, weight in self.mix:
+            if pick < weight:
+                break
+            pick -= weight
+        return int(torch.randint(lo, hi + 1, (), generator=self.gen))
+
+    def __call__(self, n: int) -> list[list[int]]:
+        if self.dataset:
+            self.taken += n
+            return [self.dataset[(self.taken - n + i) % len(self.dataset)] for i in range(n)]
+        lengths = [self.length() if self.mix else self.longest for _ in range(n)]
+        return [torch.randint(0, self.vocab, (k,), generator=self.gen).tolist() for k in lengths]
+
+
+def pool_summary(backend: Backend, pool: dict, limits: RunLimits) -> dict:
+    """The batcher's pool report, and under a budget how many sequences of max_context a static
+    allocation of the same bytes holds, against the most that ran at once."""
+    summary = pool | {"max_context": limits.max_context, "state_memory": limits.state_memory}
+    if limits.state_memory is not None:
+        static = static_sequences(backend, limits)
+        summary["static_sequences"] = static
+        summary["admitted_vs_static"] = pool["peak_running"] / max(static, 1)
+    return summary
+
+
+def static_sequences(backend: Backend, limits: RunLimits) -> int:
+    """Sequences a static allocation (every row sized for max_context) fits in the budget."""
+    sizes = backend.state_sizes()
+    per_row = sizes.row_bytes + blocks_for(limits.max_context, sizes.block) * sizes.block_bytes
+    return min(limits.max_batch, limits.state_memory // per_row)
 
 
 def run_bench(
@@ -72,37 +147,38 @@ def run_bench(
     num_requests: int | None,
     dataset: list[list[int]] | None = None,
     seed: int = 0,
+    mix: list[tuple[int, int, float]] | None = None,
+    max_context: int | None = None,
+    state_memory: int | None = None,
+    prefix_cache: bool = True,
 ) -> dict:
-    """Run the benchmark; prompts are random (input_len tokens) or taken in turn from dataset."""
+    """Run the benchmark; prompts are random (input_len tokens, or lengths drawn from `mix`)
+    or taken in turn from dataset."""
     config = backend.config
-    gen = torch.Generator().manual_seed(seed)
-    if dataset:
-        input_len = max(len(p) for p in dataset)
+    prompts = PromptSource(config.vocab_size, input_len, dataset, mix, seed)
+    input_len = prompts.longest
     limits = RunLimits(
-        max_batch=batch, max_context=input_len + output_len, prefill_chunk=min(512, input_len)
+        max_batch=batch,
+        max_context=max(max_context or 0, input_len + output_len),
+        prefill_chunk=min(512, input_len),
+        state_memory=state_memory,
+        prefix_cache=prefix_cache,
     )
-    taken = 0
-
-    def prompts(n: int) -> list[list[int]]:
-        nonlocal taken
-        if dataset:
-            taken += n
-            return [dataset[(taken - n + i) % len(dataset)] for i in range(n)]
-        return torch.randint(0, config.vocab_size, (n, input_len), generator=gen).tolist()
-
     for _ in range(warmup):
         run_requests(backend, prompts(batch), output_len, limits)
     timings, duration = [], 0.0
     if mode == "latency":
         for _ in range(iters):
-            t, d = run_requests(backend, prompts(batch), output_len, limits)
+            t, d, pool = run_requests(backend, prompts(batch), output_len, limits)
             timings += t
             duration += d
     else:
-        timings, duration = run_requests(
+        timings, duration, pool = run_requests(
             backend, prompts(num_requests or 4 * batch), output_len, limits
         )
     report = request_metrics(timings, duration)
+    if pool is not None:
+        report["pool"] = pool_summary(backend, pool, limits)
     peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the probes below
     report.update(
         {
@@ -118,7 +194,9 @@ def run_bench(
                 "peak_gpu_bytes": (
                     torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
                 ),
-                "state": measure_state(backend, batch, limits.max_context)
+                "state": measure_state(
+                    backend, batch, limits.max_context, pool_blocks(backend, limits)
+                )
                 | {
                     "weights_read_bytes": decode_bytes(
                         config, [], store_dtype(backend), weights_read_bytes(backend)
@@ -186,6 +264,19 @@ def print_table(report: dict) -> None:
         if decode is not None
         else ""
     )
+    pool = report.get("pool")
+    if pool:
+        line = (
+            f"state pool: {pool['blocks_total']} blocks of {pool['block_bytes'] / 2**20:.2f} MiB, "
+            f"peak {pool['blocks_peak']} used, {pool['peak_running']} sequences at once at most, "
+            f"{pool['prefix_cache_hits']} prefix-cache hits, {pool['preemptions']} preemptions"
+        )
+        if "static_sequences" in pool:
+            line += (
+                f"; a static allocation of the same bytes holds {pool['static_sequences']} "
+                f"sequences of {pool['max_context']} tokens ({pool['admitted_vs_static']:.1f}x)"
+            )
+        console.print(line)
 
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:
@@ -196,6 +287,16 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=positive_int, default=32, help="new tokens per request")
     p.add_argument("--context", type=positive_int, help="decode at this context (sets --input-len)")
     p.add_argument("--dataset", help='JSONL of {"input_ids": [...]} prompts instead of random')
+    p.add_argument(
+        "--input-len-mix",
+        type=input_len_mix,
+        help="random prompts of lengths drawn from LO-HI:WEIGHT ranges, e.g. 256-1024:90,8192:10",
+    )
+    p.add_argument(
+        "--max-context",
+        type=positive_int,
+        help="tokens per sequence the state allows (default: the longest prompt + --output-len)",
+    )
     p.add_argument(
         "--num-requests", type=positive_int, help="throughput: requests queued (4x batch)"
     )
@@ -221,7 +322,9 @@ def main(args: argparse.Namespace) -> int:
             check_ids(ids, backend.config.vocab_size, f"{args.dataset} line {number}")
     report = run_bench(backend, args.mode, args.batch, args.context or args.input_len,
                        args.output_len, args.warmup, args.iters, args.num_requests,
-                       dataset)  # fmt: skip
+                       dataset, mix=args.input_len_mix, max_context=args.max_context,
+                       state_memory=args.state_memory,
+                       prefix_cache=not args.no_prefix_cache)  # fmt: skip
     print_table(report)
     if args.json:
         write_json(args.json, report)

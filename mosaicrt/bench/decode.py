@@ -71,7 +71,7 @@ class FullRecompute(Backend):
     def __init__(self, inner: Backend, chunk: int = 512) -> None:
         self.inner, self.config, self.chunk = inner, inner.config, chunk
 
-    def new_state(self, batch: int, capacity: int) -> list[list[int]]:
+    def new_state(self, batch: int, capacity: int, pool_blocks: int | None = None) -> list:
         return [[] for _ in range(batch)]
 
     def reset(self, state: list[list[int]], rows: torch.Tensor) -> None:

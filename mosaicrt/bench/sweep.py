@@ -38,7 +38,7 @@ def sweep(backend, batches: list[int], input_len: int, output_len: int, seed: in
             return ids.tolist()
 
         run_requests(backend, prompts(batch), 4, limits)  # warm up at this batch size
-        timings, duration = run_requests(backend, prompts(2 * batch), output_len, limits)
+        timings, duration, _ = run_requests(backend, prompts(2 * batch), output_len, limits)
         metrics = request_metrics(timings, duration)
         rows.append(
             {

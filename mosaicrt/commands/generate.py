@@ -9,7 +9,7 @@ import sys
 from mosaicrt.argtypes import nonneg_float, nonneg_int, positive_int, probability, seed
 from mosaicrt.errors import InputError, MosaicError
 from mosaicrt.outputs import atomic_file, check_output_file
-from mosaicrt.runtime.backends import add_run_args, open_run_backend
+from mosaicrt.runtime.backends import add_run_args, open_run_backend, state_limits
 
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:
@@ -53,6 +53,7 @@ def main(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_context=args.max_context or getattr(backend, "max_context", 4096),
         prefill_chunk=args.prefill_chunk,
+        **state_limits(args),
     )
     if args.prompt is not None:
         return generate_text(args, backend, sampling, limits)
@@ -81,9 +82,9 @@ def generate_text(args: argparse.Namespace, backend, sampling, limits) -> int:
 def generate_jsonl(args: argparse.Namespace, backend, sampling, limits) -> int:
     """--input: output line N answers input line N, {"output_ids": ...} or {"error": ...};
     request N samples from --seed + N - 1, whatever the other lines hold."""
-    from mosaicrt.model.state import plan_line
     from mosaicrt.runtime.files import read_prompts
     from mosaicrt.runtime.generator import generate
+    from mosaicrt.runtime.paging import plan_line
 
     results = generate(
         backend,
@@ -93,7 +94,8 @@ def generate_jsonl(args: argparse.Namespace, backend, sampling, limits) -> int:
         limits,
         progress=sys.stderr.isatty(),
         on_start=lambda run: print(
-            plan_line(backend.config, run.max_batch, run.max_context), file=sys.stderr
+            plan_line(backend.state_sizes(), run.max_batch, run.max_context, run.state_memory),
+            file=sys.stderr,
         ),
     )
     lines = []

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mosaicrt.argtypes import add_weight_check_arg, positive_int
+from mosaicrt.argtypes import add_weight_check_arg, positive_int, size
 
 PLAN_ROWS = (
     "ltm_bytes_per_token",
@@ -26,6 +26,12 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
         help="dtype of the stores: fp32, fp16, bf16 or int8 (default: the artifact's stores, or "
         "the checkpoint's dtype)",
     )
+    p.add_argument(
+        "--state-memory",
+        type=size,
+        metavar="SIZE",
+        help="show the LTM pool this budget of decode state holds (e.g. 2GiB)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     add_weight_check_arg(p)
 
@@ -34,7 +40,7 @@ def main(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from mosaicrt.export.artifact import quantization_label
+    from mosaicrt.export.artifact import DEFAULT_LTM_BLOCK, quantization_label
     from mosaicrt.model.config import load_config
     from mosaicrt.model.state import human_bytes, inspect_report
 
@@ -45,6 +51,10 @@ def main(args: argparse.Namespace) -> int:
     if manifest:
         report["quantization"] = quantization_label(manifest) or "none"
         report["weights_read_bytes"] = manifest.get("weights_read_bytes")
+    block = manifest["ltm_block"] if manifest else DEFAULT_LTM_BLOCK
+    stores = report["memory_plan"]["store_dtype"]
+    limits = (args.max_batch, args.max_context, args.state_memory)
+    report["state_pool"] = pool_plan(config, block, stores, *limits)
     if not args.no_weight_check:
         report["weights_finite"] = check_weights(Path(args.model), config)
     if args.json:
@@ -73,7 +83,41 @@ def main(args: argparse.Namespace) -> int:
     for key in PLAN_ROWS:
         mem.add_row(key, f"{plan[key]:,}", human_bytes(plan[key]))
     console.print(mem)
+    pool = report["state_pool"]
+    budget = human_bytes(pool["state_memory"]) if pool["state_memory"] else "static"
+    paged = Table(title=f"state pool ({budget}): LTM blocks of {pool['block']} pairs")
+    paged.add_column("pool")
+    paged.add_column("", justify="right")
+    for key in POOL_ROWS:
+        value = pool[key]
+        paged.add_row(key, human_bytes(value) if key.endswith("bytes") else f"{value:,}")
+    console.print(paged)
     return 0
+
+
+POOL_ROWS = ("block_bytes", "row_bytes", "blocks_total", "pool_bytes", "ltm_tokens",
+             "sequences_at_max_context")  # fmt: skip
+
+
+def pool_plan(config, block: int, store_dtype: str, max_batch: int, max_context: int,
+              budget: int | None) -> dict:  # fmt: skip
+    """The LTM pool of a run with these limits (runtime.paging): its blocks, and how many
+    tokens and full-length sequences it holds."""
+    from mosaicrt.runtime.paging import StateSizes, blocks_for, planned_blocks
+
+    sizes = StateSizes.of(config, block, store_dtype)
+    blocks = planned_blocks(sizes, max_batch, max_context, budget)
+    per_sequence = max(blocks_for(max_context, block), 1)
+    return {
+        "state_memory": budget,
+        "block": block,
+        "block_bytes": sizes.block_bytes,
+        "row_bytes": sizes.row_bytes,
+        "blocks_total": blocks,
+        "pool_bytes": blocks * sizes.block_bytes,
+        "ltm_tokens": blocks * block,
+        "sequences_at_max_context": min(max_batch, blocks // per_sequence),
+    }
 
 
 def artifact_manifest(model: Path) -> dict | None:

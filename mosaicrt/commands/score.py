@@ -7,7 +7,7 @@ import sys
 
 from mosaicrt.argtypes import positive_int
 from mosaicrt.outputs import atomic_file, check_output_file
-from mosaicrt.runtime.backends import add_run_args, open_run_backend
+from mosaicrt.runtime.backends import add_run_args, open_run_backend, state_limits
 
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:
@@ -28,7 +28,9 @@ def main(args: argparse.Namespace) -> int:
     check_output_file(output, inputs=[args.input, args.model])
     ids = read_token_array(args.input)
     limits = RunLimits(
-        max_context=args.max_context or max(ids.shape[1], 1), prefill_chunk=args.prefill_chunk
+        max_context=args.max_context or max(ids.shape[1], 1),
+        prefill_chunk=args.prefill_chunk,
+        **state_limits(args),
     )
     backend = open_run_backend(args)
     logits = score(backend, torch.from_numpy(ids), limits)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from mosaicrt.argtypes import add_weight_check_arg, positive_float, positive_int
+from mosaicrt.runtime.backends import add_state_args, state_limits
 
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:
@@ -30,6 +31,7 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
         help="seconds before an idle sequence is freed",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    add_state_args(p)
     p.add_argument("--force", action="store_true", help="replace an existing repository")
     add_weight_check_arg(p)
 
@@ -49,6 +51,7 @@ def main(args: argparse.Namespace) -> int:
         device=args.device,
         force=args.force,
         check_weights=not args.no_weight_check,
+        **state_limits(args),
     )
     print(f"model repository: {args.output} (model `mosaicrt`: {home})")
     return 0

@@ -7,8 +7,8 @@ follows (names and shapes in io_spec; the two memories' heads travel together wh
     past.l.{s, mx, k_pend, v_pend}     ->  present.l.{s, mx, k_pend, v_pend}   small, constant size
     past.l.{stm,ltm}.{keys, values}    ->  new.l.{keys, values}                the stores
 
-The stores are never re-emitted: the graph reads them (the runtime passes the STM ring whole and
-only the LTM blocks that hold readable pairs, as zero-copy views of its preallocated buffers) and
+The stores are never re-emitted: the graph reads them (the runtime passes its preallocated STM
+rings and LTM pool whole, and the block table of the LTM blocks that hold readable pairs) and
 returns just the pairs this chunk completed, which the runtime writes in place. Copying a store in
 or out of the graph on every step would cost as much as the retrieval itself.
 
@@ -129,16 +129,18 @@ class StepGraphBuilder:
         """Position tau of every stored slot (NB, B, S), -1 where the slot holds no pair yet.
 
         STM ring (NB = 1, S = h-1): slot i holds the newest tau <= pos-2 with tau = i mod (h-1).
-        LTM blocks: slot (b, i) holds tau = b*S + i when tau <= pos-2.
+        LTM (NB = the block table's width): slot i of row b's block n holds tau = n*S + i when
+        tau <= pos-2.
         """
         g = self.g
         last = g.unsqueeze(g.op("Sub", positions, g.const(2, np.int64)), 0, 2)  # (1, B, 1)
-        S = g.dim(store, 3)
+        S = g.dim(store, 2)
         slot = g.unsqueeze(g.arange(S), 0, 1)  # (1, 1, S)
         if kind == "stm":
             tau = g.op("Sub", last, g.op("Mod", g.op("Sub", last, slot), S))  # (1, B, S)
         else:
-            blocks = g.unsqueeze(g.op("Mul", g.arange(g.dim(store, 0)), S), 1, 2)  # (NB, 1, 1)
+            nb = g.dim(io_spec.LTM_BLOCKS, 1)
+            blocks = g.unsqueeze(g.op("Mul", g.arange(nb), S), 1, 2)  # (NB, 1, 1)
             tau = g.op("Add", blocks, slot)  # (NB, 1, S)
         # Broadcasting against `last` gives (NB, B, S).
         return g.op(
@@ -274,6 +276,7 @@ class StepGraphBuilder:
                     per_mem[0][i],
                     step["t"],
                     *stores,
+                    step[f"blocks_{kind}"],
                     step[f"tau_{kind}"],
                     per_mem[1][i],
                     per_mem[2][i],
@@ -320,6 +323,9 @@ class StepGraphBuilder:
             step[f"tau_{kind}"] = self.store_positions(
                 kind, io_spec.store_name(0, kind, "keys"), positions
             )
+        # Block tables: an STM ring is its row's own block; the LTM reads through ltm_blocks.
+        step["blocks_stm"] = g.unsqueeze(g.arange(g.dim(positions, 0)), 1)  # (B, 1)
+        step["blocks_ltm"] = io_spec.LTM_BLOCKS
         return step
 
     def build(self) -> onnx.ModelProto:

@@ -5,11 +5,14 @@ Heads of a layer's two memories travel together where their shapes agree: index 
 STM, [H, 2H) the LTM.
 
     past.{l}.{s, mx, k_pend, v_pend}   -> present.{l}.{...}   (B, nM*H, hs) / (B, nM*H), fp32
-    past.{l}.{stm, ltm}.{keys, values}                         stores, (NB, B, H, S, hs)
+    past.{l}.stm.{keys, values}        STM rings, (B, H, h-1, hs)
+    past.{l}.ltm.{keys, values}        LTM pools, (P, H, S, hs): blocks of S pairs, any row's
+    ltm_blocks                         (B, NB) int64: row b's LTM block i is pool block [b, i]
+                                       (one table for every layer; NB: the blocks it may read)
                                        -> new.{l}.{keys, values}   (B, C, nM*H, hs) new pairs
 
 With int8 stores every store and new-pairs tensor has a companion of fp32 scales, one per pair and
-head, named with SCALE_SUFFIX: past.{l}.{M}.{keys,values}_scale (NB, B, H, S) and
+head, named with SCALE_SUFFIX: past.{l}.{M}.{keys,values}_scale (the store's shape without hs) and
 new.{l}.{keys,values}_scale (B, C, nM*H).
 """
 
@@ -20,6 +23,7 @@ from onnx import TensorProto, helper
 from mosaicrt.model.config import ModelConfig
 
 INPUT_IDS, LENGTHS, POSITIONS, LOGITS = "input_ids", "lengths", "positions", "logits"
+LTM_BLOCKS = "ltm_blocks"  # the block table of the LTM pools
 SMALL_FIELDS = ("s", "mx", "k_pend", "v_pend")  # constant-size state, re-emitted each step
 STORE_FIELDS = ("keys", "values")  # stores: read by the graph; only new pairs are emitted
 SCALE_SUFFIX = "_scale"  # int8 stores: the scales beside a store or new-pairs tensor
@@ -49,11 +53,12 @@ def small_shape(config: ModelConfig, field: str) -> list:
 
 
 def store_shape(config: ModelConfig, memory: str) -> list:
-    """The STM ring is one block of S = h-1 slots; the LTM is fed its leading readable blocks."""
+    """The STM: a ring of h-1 slots per row; the LTM: a pool of blocks of S pairs, read through
+    the ltm_blocks table."""
     H, hs = config.num_heads, config.head_dim
     if memory == "stm":
-        return [1, "batch", H, config.stm_window - 1, hs]
-    return ["ltm_blocks", "batch", H, "ltm_block", hs]
+        return ["batch", H, config.stm_window - 1, hs]
+    return ["ltm_pool", H, "ltm_block", hs]
 
 
 def graph_inputs(config: ModelConfig, store_type: int = TensorProto.FLOAT) -> list:
@@ -62,6 +67,10 @@ def graph_inputs(config: ModelConfig, store_type: int = TensorProto.FLOAT) -> li
         helper.make_tensor_value_info(LENGTHS, TensorProto.INT64, ["batch"]),
         helper.make_tensor_value_info(POSITIONS, TensorProto.INT64, ["batch"]),
     ]
+    if config.use_ltm:
+        inputs.append(
+            helper.make_tensor_value_info(LTM_BLOCKS, TensorProto.INT64, ["batch", "ltm_blocks"])
+        )
     for layer in range(config.num_layers):
         for field in SMALL_FIELDS:
             inputs.append(
@@ -126,6 +135,7 @@ def layout(config: ModelConfig, store_type: int = TensorProto.FLOAT) -> dict:
             store_name("{layer}", m, "{keys,values}"): store_shape(config, m)
             for m in config.memories
         },
+        "block_table": {LTM_BLOCKS: ["batch", "ltm_blocks"]} if config.use_ltm else {},
         "new_pairs": {
             new_pairs_name("{layer}", "{keys,values}"): [
                 "batch",

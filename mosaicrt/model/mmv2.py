@@ -89,7 +89,14 @@ class AssociativeMemory(nn.Module):
             return st.keys, st.vals, geometry.ring_positions(pos - 2, st.keys.shape[1], slots)
         n = geometry.readable_pairs(pos, C, self.delay)
         tau = torch.arange(n, device=pos.device)[None, :].expand(pos.shape[0], n)
-        return st.keys[:, :n], st.vals[:, :n], torch.where(tau <= (pos - 2)[:, None], tau, -1)
+        tau = torch.where(tau <= (pos - 2)[:, None], tau, -1)
+        if st.blocks is None:
+            return st.keys[:, :n], st.vals[:, :n], tau
+        # Paged: gather each row's blocks, (B, nb, H, S, hs) -> (B, nb*S, H, hs) (a copy).
+        S = st.keys.shape[2]
+        ids = st.blocks[:, : -(-n // S)]
+        keys, vals = (x[ids].transpose(2, 3).flatten(1, 2)[:, :n] for x in (st.keys, st.vals))
+        return keys, vals, tau
 
     def write_pairs(
         self,
@@ -105,6 +112,9 @@ class AssociativeMemory(nn.Module):
             newest = torch.where(ok, tau, -1).amax(dim=1, keepdim=True)  # (B, 1)
             ok = ok & (tau > newest - slots)  # a ring keeps only the newest h-1 pairs
             slot = geometry.ring_slot(tau, slots)
+        elif st.blocks is not None:  # paged: block blocks[b, tau // S], slot tau % S
+            self.write_paged(st, keys, vals, tau, ok)
+            return
         else:
             slot = tau
         if keys.shape[1] == 1:  # decode: one pair per row, written with no host sync
@@ -120,6 +130,19 @@ class AssociativeMemory(nn.Module):
         rows, cols = ok.nonzero(as_tuple=True)
         st.keys[rows, slot[rows, cols]] = keys[rows, cols].to(st.keys.dtype)
         st.vals[rows, slot[rows, cols]] = vals[rows, cols].to(st.vals.dtype)
+
+    @staticmethod
+    def write_paged(
+        st: MemoryState, keys: torch.Tensor, vals: torch.Tensor, tau: torch.Tensor, ok: torch.Tensor
+    ) -> None:
+        """write_pairs into a pool (P + 1, H, S, hs) through the block table: pairs that are not
+        ok go to the scratch block P, so no host sync is needed to leave them out."""
+        S, scratch = st.keys.shape[2], st.keys.shape[0] - 1
+        index = (tau.clamp(min=0) // S).clamp(max=st.blocks.shape[1] - 1)  # (B, C)
+        block = torch.where(ok, st.blocks.gather(1, index), scratch)
+        slot = tau.clamp(min=0) % S
+        st.keys[block, :, slot] = keys.to(st.keys.dtype)  # (B, C, H, hs)
+        st.vals[block, :, slot] = vals.to(st.vals.dtype)
 
     def forward(
         self, u: torch.Tensor, st: MemoryState, pos: torch.Tensor, valid: torch.Tensor
@@ -279,10 +302,15 @@ class MMv2(nn.Module):
             for mem in layer.memories:
                 getattr(layer, mem).kernels = kernels
 
-    def new_state(self, batch: int, capacity: int) -> DecodeState:
-        """A fresh state for `batch` sequences of up to `capacity` tokens, on the model's device."""
+    def new_state(
+        self, batch: int, capacity: int, block: int | None = None, pool_blocks: int | None = None
+    ) -> DecodeState:
+        """A fresh state for `batch` sequences of up to `capacity` tokens, on the model's device
+        (its LTM paged in blocks of `block` pairs when given: DecodeState.allocate)."""
         w = self.embed_tokens.weight
-        return DecodeState.allocate(self.config, batch, capacity, w.dtype, w.device)
+        return DecodeState.allocate(
+            self.config, batch, capacity, w.dtype, w.device, block, pool_blocks
+        )
 
     def step(
         self,

@@ -8,6 +8,12 @@ Per layer and memory (STM, LTM), per sequence (contract, "Decoding state"):
              LTM a store of `capacity` slots (pair tau in slot tau)                   (N, H, hs)
 Plus one position per sequence: the number of tokens it has consumed.
 Stores are written in place by the step; nothing here is reallocated after `allocate`.
+
+A paged state (allocate with `block`) keeps every sequence's LTM in one pool of blocks of S
+pairs instead, keys/vals (P + 1, H, S, hs), read and written through a block table (B, NB):
+pair tau of row b is in slot tau mod S of block blocks[b, tau // S]. Block P is scratch, where
+rows with no pair to store write, so that a decode step writes without a host sync. Who holds
+which block is the runtime's business (mosaicrt.runtime.paging); the model only follows the table.
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ class MemoryState:
     mx: torch.Tensor  # (B, H) fp32, running max of the log-weights (-inf before the first token)
     k_pend: torch.Tensor  # (B, H, hs) fp32
     v_pend: torch.Tensor  # (B, H, hs) fp32
-    keys: torch.Tensor  # (B, N, H, hs) store dtype
-    vals: torch.Tensor  # (B, N, H, hs) store dtype
+    keys: torch.Tensor  # (B, N, H, hs) store dtype; paged: the pool (P + 1, H, S, hs)
+    vals: torch.Tensor
+    blocks: torch.Tensor | None = None  # paged: (B, NB) int64 block table, else None
 
     @classmethod
     def allocate(
@@ -50,15 +57,19 @@ class MemoryState:
             vals=torch.zeros(batch, slots, H, hs, dtype=dtype, device=device),
         )
 
+    def view(self, rows: slice) -> MemoryState:
+        """The state of a range of rows, as views (a pool is shared whole)."""
+        fields = [getattr(self, f)[rows] for f in ("s", "mx", "k_pend", "v_pend")]
+        if self.blocks is not None:
+            return MemoryState(*fields, self.keys, self.vals, self.blocks[rows])
+        return MemoryState(*fields, self.keys[rows], self.vals[rows])
+
     def reset(self, rows: torch.Tensor) -> None:
         """Forget the sequences in `rows` (B,) bool; stores stay (positions guard them)."""
         self.s[rows] = 0.0
         self.mx[rows] = float("-inf")
         self.k_pend[rows] = 0.0
         self.v_pend[rows] = 0.0
-
-
-MEMORY_FIELDS = ("s", "mx", "k_pend", "v_pend", "keys", "vals")
 
 
 @dataclass
@@ -69,6 +80,8 @@ class DecodeState:
     memories: list[dict[str, MemoryState]]  # per layer: {"stm": ..., "ltm": ...}
     capacity: int  # most tokens one sequence may consume
     host_pos: torch.Tensor  # (B,) int64 on the CPU: pos, kept in step by whoever advances it
+    blocks: torch.Tensor | None = None  # paged: the LTM block table (B, NB), every layer's
+    pages: object | None = None  # paged: the runtime's bookkeeping of that table
 
     @classmethod
     def allocate(
@@ -78,20 +91,38 @@ class DecodeState:
         capacity: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        block: int | None = None,
+        pool_blocks: int | None = None,
     ) -> DecodeState:
+        """Flat stores (block None), or the LTM paged in blocks of `block` pairs: a pool of
+        pool_blocks blocks (default: every row at capacity) and a scratch block."""
         slots = {"stm": config.stm_window - 1, "ltm": max(capacity - 1, 1)}
         memories = [
             {
                 mem: MemoryState.allocate(config, batch, slots[mem], dtype, device)
                 for mem in config.memories
+                if mem == "stm" or block is None
             }
             for _ in range(config.num_layers)
         ]
+        table = None
+        if block is not None and config.use_ltm:
+            per_row = -(-max(capacity - 1, 1) // block)
+            pool = (batch * per_row if pool_blocks is None else pool_blocks) + 1  # + scratch
+            table = torch.zeros(batch, per_row, dtype=torch.int64, device=device)
+            H, hs = config.num_heads, config.head_dim
+            for layer in memories:
+                ltm = MemoryState.allocate(config, batch, 1, dtype, device)
+                ltm.keys = torch.zeros(pool, H, block, hs, dtype=dtype, device=device)
+                ltm.vals = torch.zeros(pool, H, block, hs, dtype=dtype, device=device)
+                ltm.blocks = table
+                layer["ltm"] = ltm
         return cls(
             pos=torch.zeros(batch, dtype=torch.int64, device=device),
             memories=memories,
             capacity=capacity,
             host_pos=torch.zeros(batch, dtype=torch.int64),
+            blocks=table,
         )
 
     @property
@@ -100,14 +131,12 @@ class DecodeState:
 
     def view(self, rows: slice) -> DecodeState:
         """The state of a range of rows, as views: a step on it updates this state in place."""
-        memories = [
-            {
-                m: MemoryState(*(getattr(st, f)[rows] for f in MEMORY_FIELDS))
-                for m, st in layer.items()
-            }
-            for layer in self.memories
-        ]
-        return DecodeState(self.pos[rows], memories, self.capacity, self.host_pos[rows])
+        memories = [{m: st.view(rows) for m, st in layer.items()} for layer in self.memories]
+        blocks = self.blocks[rows] if self.blocks is not None else None
+        pages = self.pages.view(rows) if self.pages is not None else None
+        return DecodeState(
+            self.pos[rows], memories, self.capacity, self.host_pos[rows], blocks, pages
+        )
 
     def reset(self, rows: torch.Tensor) -> None:
         """Free the sequences in `rows` (B,) bool (on the CPU) so new requests can use them."""
@@ -198,13 +227,3 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return ""
-
-
-def plan_line(config: ModelConfig, max_batch: int, max_context: int) -> str:
-    """One line on the state a run allocates (fp32 stores), printed before generation."""
-    plan = memory_plan(config, max_context, max_batch, "float32")
-    return (
-        f"memory plan: {max_batch} x {max_context} tokens -> "
-        f"{human_bytes(plan.state_bytes)} of state (LTM {human_bytes(plan.ltm_bytes_per_token)}"
-        f"/token, STM {human_bytes(plan.stm_bytes_per_sequence)}/sequence)"
-    )

@@ -26,7 +26,7 @@ from mosaicrt import __version__
 from mosaicrt.argtypes import positive_int
 from mosaicrt.errors import BackendError, CheckpointError, InputError
 from mosaicrt.export.artifact import MODEL_FILE, quantization_label, read_manifest, sha256
-from mosaicrt.export.io_spec import INPUT_IDS
+from mosaicrt.export.io_spec import INPUT_IDS, LTM_BLOCKS
 from mosaicrt.ops import DOMAIN, PLUGIN_VERSION, source_files
 from mosaicrt.outputs import atomic_dir, check_output_dir
 
@@ -107,7 +107,8 @@ def onnx_files(artifact: Path, graph: onnx.ModelProto) -> list[Path]:
 
 def profile_shape(name: str, shape, batch: int, chunk: int, blocks: int) -> tuple[int, ...]:
     """An input's shape with its dynamic dimensions set: the chunk (input_ids' second), the LTM
-    blocks (an LTM store's first), the batch (every other)."""
+    pool (an LTM pool's first: `blocks` per row), the blocks a row reads (the block table's
+    second), the batch (every other)."""
     dims = []
     for axis, dim in enumerate(shape):
         if dim != -1:
@@ -115,6 +116,8 @@ def profile_shape(name: str, shape, batch: int, chunk: int, blocks: int) -> tupl
         elif name == INPUT_IDS and axis == 1:
             dims.append(chunk)
         elif ".ltm." in name and axis == 0:
+            dims.append(batch * blocks)
+        elif name == LTM_BLOCKS and axis == 1:
             dims.append(blocks)
         else:
             dims.append(batch)

@@ -11,6 +11,7 @@ import torch
 
 from mosaicrt.errors import BackendError
 from mosaicrt.model.config import ModelConfig
+from mosaicrt.runtime.paging import BlockTable, StateSizes
 
 
 class Backend(ABC):
@@ -24,12 +25,43 @@ class Backend(ABC):
     torch_threads: int | None = None
 
     @abstractmethod
-    def new_state(self, batch: int, capacity: int) -> Any:
-        """Preallocate the state of `batch` sequences of up to `capacity` tokens each."""
+    def new_state(self, batch: int, capacity: int, pool_blocks: int | None = None) -> Any:
+        """Preallocate the state of `batch` sequences of up to `capacity` tokens each, their LTM
+        in a pool of `pool_blocks` blocks (runtime.paging; default: every row at capacity)."""
 
     @abstractmethod
     def reset(self, state: Any, rows: torch.Tensor) -> None:
-        """Free the sequences in `rows` (B,) bool so new requests can take them."""
+        """Free the sequences in `rows` (B,) bool so new requests can take them (their LTM
+        blocks go back to the pool)."""
+
+    # Paging (runtime.paging): a backend whose state keeps its LTM in a pool of blocks says so
+    # with block_table; the batcher then admits by free blocks, preempts, and caches prefixes.
+
+    def block_table(self, state: Any) -> BlockTable | None:
+        """The state's LTM block table; None: no pool (a model without an LTM, or a backend
+        that keeps one store per row)."""
+        return None
+
+    def state_bytes(self, state: Any) -> dict[str, int]:
+        """{"ltm", "stm", "recurrence"}: bytes of the buffers `state` really holds, by kind."""
+        raise BackendError(f"the {self.name} backend does not report its state's size")
+
+    def state_sizes(self) -> StateSizes:
+        """Bytes of the state this backend allocates: per row, per LTM block."""
+        raise BackendError(f"the {self.name} backend does not report its state's size")
+
+    def snapshot(self, state: Any, row: int) -> dict[str, Any]:
+        """Copies of one row's constant-size state, and its position under "pos" (the prefix
+        cache keeps it)."""
+        raise BackendError(f"the {self.name} backend has no prefix cache")
+
+    def restore(self, state: Any, row: int, snapshot: dict[str, Any]) -> None:
+        """Put a snapshot back into a row (its LTM blocks are set through the block table)."""
+        raise BackendError(f"the {self.name} backend has no prefix cache")
+
+    def copy_block(self, state: Any, source: int, target: int) -> None:
+        """Copy LTM pool block `source` into block `target`, every layer."""
+        raise BackendError(f"the {self.name} backend has no prefix cache")
 
     def first_nonfinite_layer(self, state: Any, row: int) -> int | None:
         """The first layer whose state in `row` holds NaN or inf, if the backend can tell."""

@@ -93,6 +93,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     from mosaicrt.argtypes import add_weight_check_arg, positive_int
 
     p.add_argument("model", help="checkpoint directory (torch) or ONNX artifact (onnxruntime)")
+    add_state_args(p)
     p.add_argument(
         "--backend",
         default="auto",
@@ -130,6 +131,30 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
         "are quantized at export: `mosaicrt export --quantize`)",
     )
     add_weight_check_arg(p)
+
+
+def add_state_args(p: argparse.ArgumentParser) -> None:
+    """The decode state's budget and prefix cache (runtime.paging, runtime.prefix_cache)."""
+    from mosaicrt.argtypes import size
+
+    p.add_argument(
+        "--state-memory",
+        type=size,
+        metavar="SIZE",
+        help="bytes of decode state (e.g. 2GiB): rows take LTM blocks from one pool of this "
+        "size as they grow, so --max-batch and --max-context are limits, not allocations "
+        "(default: every row sized for --max-context)",
+    )
+    p.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="do not start requests from the state of a prompt prefix already prefilled",
+    )
+
+
+def state_limits(args: argparse.Namespace) -> dict:
+    """The RunLimits fields add_state_args' options set."""
+    return {"state_memory": args.state_memory, "prefix_cache": not args.no_prefix_cache}
 
 
 def open_run_backend(args: argparse.Namespace):

@@ -4,7 +4,17 @@ Requests wait in a queue, take the lowest free row (which is reset), prefill in 
 token per step, and leave at EOS, a stop token or max_new_tokens, freeing the row for the next one.
 A step either advances the rows still prefilling or decodes the others, and it runs only the
 range of rows that have work: one request in a 16-row batcher costs one row, not sixteen (rows
-between two working ones take 0 tokens).
+between two working ones take 0 tokens). Prefill chunks end at multiples of the prefill chunk.
+
+When the backend keeps the LTM in a pool of blocks (runtime.paging), rows are cheap and blocks
+are the budget: a request is admitted when the pool has the blocks for its prompt, and gives
+them back when it ends. When the pool runs dry mid-decode, the prefix cache gives back its
+entries first, then the youngest running request is preempted: its blocks are freed and it goes
+back to the head of the queue, to be prefilled again and to replay the tokens it had produced
+one decode step at a time, so that it resumes bit for bit where it stopped (its sampler's random
+stream included). The prefix cache (runtime.prefix_cache) starts a request from the state after
+the longest prompt prefix another request has prefilled; a request whose first chunk a running
+one is still prefilling waits for it.
 
 A request with a `session` keeps its row (and so its memory state) after it finishes; the next
 request of that session continues from it, until one with `end_session` finishes or the session
@@ -23,7 +33,11 @@ import torch
 from mosaicrt.errors import BackendError, CapacityError, InputError, MosaicError
 from mosaicrt.runtime.backend import Backend, nonfinite_error
 from mosaicrt.runtime.limits import RunLimits
+from mosaicrt.runtime.paging import OutOfBlocks, blocks_for, planned_blocks, pool_report
+from mosaicrt.runtime.prefix_cache import PrefixCache, prefix_keys
 from mosaicrt.runtime.sampling import Sampler, SamplingParams
+
+CACHE_ENTRIES_PER_ROW = 4  # the prefix cache keeps at most this many entries per row
 
 
 @dataclass
@@ -34,16 +48,23 @@ class Request:
     prompt: list[int]
     max_new_tokens: int
     output: list[int] = field(default_factory=list)
-    fed: int = 0  # prompt tokens consumed so far
+    fed: int = 0  # tokens of prompt + output consumed so far
     sampling: SamplingParams | None = None  # None: the batcher's
     session: object | None = None
     end_session: bool = False
     stop_ids: frozenset[int] = frozenset()  # tokens that end the request (kept in the output)
     error: MosaicError | None = None  # why it stopped early, if it failed
+    admitted: int = -1  # admission order (the first admission's, kept across preemptions)
+    keys: list[tuple[int, bytes]] | None = None  # prefix-cache keys of the prompt's chunks
 
     @property
     def prefilling(self) -> bool:
         return self.fed < len(self.prompt)
+
+    @property
+    def sampling_next(self) -> bool:
+        """Has it consumed every token it knows (so the next step's logits give a new one)?"""
+        return self.fed == len(self.prompt) + len(self.output)
 
 
 @dataclass
@@ -68,19 +89,42 @@ class ContinuousBatcher:
     ) -> None:
         self.backend, self.limits = backend, limits
         self.sampler = Sampler(sampling)
-        self.state = backend.new_state(limits.max_batch, limits.max_context)
+        self.state = new_batch_state(backend, limits)
+        self.table = backend.block_table(self.state)  # None: one store per row, no paging
+        self.cache = None
+        if self.table is not None and limits.prefix_cache:
+            entries = CACHE_ENTRIES_PER_ROW * limits.max_batch
+            self.cache = PrefixCache(backend, self.state, self.table, limits.prefill_chunk, entries)
         self.rows: list[Request | None] = [None] * limits.max_batch
         self.waiting: deque[Request] = deque()
         self.eos = None if ignore_eos else backend.config.eos_token_id  # benchmarks ignore EOS
         self.sessions: dict[object, Session] = {}  # open sessions and the rows they keep
+        self.admissions = self.preemptions = self.peak_running = 0
 
     # -- admission ---------------------------------------------------------------------------
 
     def submit(self, request: Request) -> None:
         """Queue a request that passed check_request; a session's is checked here (its context,
-        and a row for a new session), and refused with a CapacityError."""
+        and a row for a new session), and one the state pool cannot hold even alone is refused,
+        with a CapacityError."""
         self.check_session(request)
+        if self.table is not None:
+            tokens = len(request.prompt) + request.max_new_tokens
+            need, pool = blocks_for(tokens, self.table.block), self.table.pool
+            if need > pool.total:
+                raise CapacityError(
+                    f"a request of {tokens} tokens needs {need} LTM blocks but the state pool "
+                    f"holds {pool.total}: raise --state-memory or shorten the request"
+                )
         self.waiting.append(request)
+
+    def pool_report(self) -> dict | None:
+        """The state pool's blocks, cache hits and preemptions so far (None: no pool)."""
+        if self.table is None:
+            return None
+        hits = self.cache.hits if self.cache else 0
+        report = pool_report(self.table.pool, self.backend.state_sizes(), hits, self.preemptions)
+        return report | {"peak_running": self.peak_running}
 
     def check_session(self, request: Request) -> None:
         session = self.sessions.get(request.session)
@@ -107,7 +151,9 @@ class ContinuousBatcher:
 
     def release(self, session: object) -> None:
         """Close a session and free its row (no-op for an unknown one)."""
-        self.sessions.pop(session, None)
+        closed = self.sessions.pop(session, None)
+        if closed is not None and self.table is not None and self.rows[closed.row] is None:
+            self._reset(closed.row)  # its LTM blocks back to the pool
 
     def cancel(self, rid: int) -> Request | None:
         """Stop a request now, waiting or running; its row is free for the next (a session's
@@ -130,7 +176,7 @@ class ContinuousBatcher:
             if request is not None and request.rid == rid:
                 self.rows[row] = None
                 self.sampler.finish(rid)
-                self._finish_turn(request)
+                self._finish_turn(request, row)
 
     @property
     def busy(self) -> bool:
@@ -138,33 +184,85 @@ class ContinuousBatcher:
 
     def _admit(self) -> None:
         kept = {s.row for s in self.sessions.values()}
-        fresh, placed = [], []
+        placed = []
         for request in self.waiting:
             session = self.sessions.get(request.session)
+            entry = None
             if session is not None:  # a continuation: its own row, once the last turn is done
                 if self.rows[session.row] is not None:
                     continue
                 row = session.row
+                if self.table is not None:
+                    tokens = session.tokens + len(session.pending) + len(request.prompt)
+                    need = blocks_for(tokens, self.table.block) - int(self.table.count[row])
+                    if not self._room(need):
+                        break
                 request.prompt = session.pending + request.prompt
                 session.pending = []
             else:
                 free = [i for i, r in enumerate(self.rows) if r is None and i not in kept]
                 if not free:
                     continue
+                if self.table is not None:
+                    if self._shares_a_running_prefill(request):
+                        continue
+                    entry = self._cached_prefix(request)
+                    tokens = len(request.prompt) + len(request.output)
+                    shared = len(entry.blocks) if entry is not None else 0
+                    if not self._room(blocks_for(tokens, self.table.block) - shared, entry):
+                        break  # first come, first served: wait for blocks
                 row = free[0]  # the lowest: working rows stay together
-                fresh.append(row)
+                self._reset(row)
+                if entry is not None:
+                    self.cache.restore(entry, row)
+                    request.fed = entry.tokens
                 if request.session is not None:
                     self.sessions[request.session] = Session(row)
                     kept.add(row)
             self.rows[row] = request
-            self.sampler.start(request.rid, request.sampling)
+            if request.admitted < 0:  # a preempted request keeps its sampler's stream
+                request.admitted = self.admissions
+                self.admissions += 1
+                self.sampler.start(request.rid, request.sampling)
             placed.append(request)
         for request in placed:
             self.waiting.remove(request)
-        if fresh:
-            mask = torch.zeros(len(self.rows), dtype=torch.bool)
-            mask[fresh] = True
-            self.backend.reset(self.state, mask)
+        running = sum(r is not None for r in self.rows)
+        self.peak_running = max(self.peak_running, running)
+
+    def _reset(self, row: int) -> None:
+        """Free one row's state (and its LTM blocks)."""
+        mask = torch.zeros(len(self.rows), dtype=torch.bool)
+        mask[row] = True
+        self.backend.reset(self.state, mask)
+
+    def _room(self, need: int, entry=None) -> bool:
+        """Are `need` LTM blocks free (evicting cache entries other than `entry` if not)?"""
+        if self.table.pool.free >= need:
+            return True
+        return self.cache is not None and self.cache.evict(need, keep=entry)
+
+    def _keys(self, request: Request) -> list[tuple[int, bytes]]:
+        if request.keys is None:
+            request.keys = prefix_keys(request.prompt, self.limits.prefill_chunk)
+        return request.keys
+
+    def _cached_prefix(self, request: Request):
+        """The prefix-cache entry a fresh request starts from, if any."""
+        if self.cache is None or request.session is not None:
+            return None
+        return self.cache.lookup(self._keys(request), len(request.prompt))
+
+    def _shares_a_running_prefill(self, request: Request) -> bool:
+        """Is a running request prefilling the same first chunk (whose state this one should
+        wait for, to start from the cache)?"""
+        if self.cache is None or request.session is not None or request.output:
+            return False
+        keys = self._keys(request)
+        return bool(keys) and any(
+            r is not None and r.prefilling and r.session is None and self._keys(r)[:1] == keys[:1]
+            for r in self.rows
+        )
 
     # -- one step ----------------------------------------------------------------------------
 
@@ -172,38 +270,72 @@ class ContinuousBatcher:
         """Run one model step; return (request, new token, finished) for each token produced, and
         (request, None, True) for each request that failed in it (request.error says why)."""
         self._admit()
+        events: list[Event] = []
+        while True:
+            prefill, feeds = self._work()
+            if not feeds:
+                return events
+            lo, hi = min(feeds), max(feeds) + 1  # the range of rows that have work
+            lengths = torch.tensor([len(feeds.get(i, ())) for i in range(lo, hi)])
+            ids = torch.zeros(hi - lo, int(lengths.max()), dtype=torch.int64)
+            for i, f in feeds.items():
+                ids[i - lo, : len(f)] = torch.tensor(f, dtype=torch.int64)
+            try:
+                logits = self.backend.step(ids, lengths, self.state, True, rows=slice(lo, hi))
+            except OutOfBlocks as exc:  # nothing ran: make room, then step again
+                events += self._make_room(exc)
+                continue
+            except Exception as exc:  # the step failed: its requests fail, the others are intact
+                error = (
+                    exc if isinstance(exc, MosaicError) else BackendError(f"model failure: {exc}")
+                )
+                return events + [self.fail(i, error) for i in feeds]
+            return events + self._advance(feeds, logits, lo, prefill)
+
+    def _work(self) -> tuple[bool, dict[int, list[int]]]:
+        """(prefill?, tokens to feed by row): the rows still prefilling, a chunk each (ending at
+        a multiple of the prefill chunk), or else every other row's next token."""
         prefill = any(r is not None and r.prefilling for r in self.rows)
-        feeds = {}
+        chunk, feeds = self.limits.prefill_chunk, {}
         for i, r in enumerate(self.rows):
             if r is not None and r.prefilling == prefill:
-                feeds[i] = (
-                    r.prompt[r.fed : r.fed + self.limits.prefill_chunk]
-                    if prefill
-                    else [r.output[-1]]
-                )
-        if not feeds:
+                if prefill:
+                    feeds[i] = r.prompt[r.fed : (r.fed // chunk + 1) * chunk]
+                else:  # the last token produced, or one being replayed after a preemption
+                    feeds[i] = [(r.prompt + r.output)[r.fed]]
+        return prefill, feeds
+
+    def _make_room(self, shortage: OutOfBlocks) -> list[Event]:
+        """Free LTM blocks for a step the pool cannot serve: drop prefix-cache entries, else
+        preempt the youngest running request that is not a session's (whose earlier turns could
+        not be prefilled again); with none, the youngest fails."""
+        if self.cache is not None and self.cache.evict(shortage.needed):  # oldest use first
             return []
-        lo, hi = min(feeds), max(feeds) + 1  # the range of rows that have work
-        lengths = torch.tensor([len(feeds.get(i, ())) for i in range(lo, hi)], dtype=torch.int64)
-        ids = torch.zeros(hi - lo, int(lengths.max()), dtype=torch.int64)
-        for i, f in feeds.items():
-            ids[i - lo, : len(f)] = torch.tensor(f, dtype=torch.int64)
-        try:
-            logits = self.backend.step(ids, lengths, self.state, True, rows=slice(lo, hi))
-        except Exception as exc:  # the step failed: its requests fail, the other rows are intact
-            error = exc if isinstance(exc, MosaicError) else BackendError(f"model failure: {exc}")
-            return [self.fail(i, error) for i in feeds]
-        return self._advance(feeds, logits, lo, prefill)
+        running = [(r.admitted, i) for i, r in enumerate(self.rows) if r is not None]
+        movable = [(n, i) for n, i in running if self.rows[i].session is None]
+        if len(running) == 1 or not movable:  # nothing else to take blocks from
+            return [self.fail(max(running)[1], shortage)]
+        row = max(movable)[1]
+        request = self.rows[row]
+        self.rows[row] = None
+        self._reset(row)
+        request.fed = 0
+        self.waiting.appendleft(request)
+        self.preemptions += 1
+        return []
 
     def _advance(self, feeds: dict, logits: torch.Tensor, lo: int, prefill: bool) -> list[Event]:
         finite = logits.isfinite().all(dim=-1)  # (rows,)
         ready, events = [], []
         for i, f in feeds.items():
             r = self.rows[i]
-            r.fed += len(f) if prefill else 0
+            r.fed += len(f)
             if not finite[i - lo]:  # this row's numbers overflowed: it fails alone
                 events.append(self.fail(i, nonfinite_error(self.backend, self.state, i)))
-            elif not r.prefilling:
+                continue
+            if prefill and self.cache is not None and r.session is None:
+                self._cache_prefix(r, i)
+            if r.sampling_next:
                 ready.append(i)
         rows = [i - lo for i in ready]
         tokens = self.sampler(logits[rows], [self.rows[i].rid for i in ready]) if ready else []
@@ -215,8 +347,15 @@ class ContinuousBatcher:
             if finished:
                 self.rows[i] = None
                 self.sampler.finish(r.rid)
-                self._finish_turn(r)
+                self._finish_turn(r, i)
         return events
+
+    def _cache_prefix(self, request: Request, row: int) -> None:
+        """Keep the state of a row whose prefill has just reached a multiple of the chunk."""
+        chunk = self.limits.prefill_chunk
+        if request.fed % chunk == 0 and request.fed <= len(request.prompt):
+            p, key = self._keys(request)[request.fed // chunk - 1]
+            self.cache.insert(key, row)
 
     def fail(self, row: int, error: MosaicError) -> Event:
         """End the request in `row` with an error; its row (and session) is freed."""
@@ -230,18 +369,39 @@ class ContinuousBatcher:
         self.rows[row] = None
         self.sampler.finish(request.rid)
         self.sessions.pop(request.session, None)  # its state is no longer one to continue
+        if self.table is not None:
+            self._reset(row)  # its LTM blocks back to the pool
 
-    def _finish_turn(self, request: Request) -> None:
+    def _finish_turn(self, request: Request, row: int) -> None:
+        """A request ended complete: its session keeps the row, else its blocks go back."""
         session = self.sessions.get(request.session)
-        if session is None:
-            return
-        if request.end_session:
-            del self.sessions[request.session]
+        if session is None or request.end_session:
+            self.sessions.pop(request.session, None)
+            if self.table is not None:
+                self._reset(row)
             return
         # The row has consumed the prompt and every new token but the last, which the next turn
         # feeds first: the session then equals one pass over all its tokens.
         session.tokens += len(request.prompt) + len(request.output) - 1
         session.pending = [request.output[-1]]
+
+
+def pool_blocks(backend: Backend, limits: RunLimits) -> int | None:
+    """LTM pool blocks for these limits: what limits.state_memory holds after max_batch rows
+    (never more than a static allocation), or None for a static allocation. A budget that
+    cannot hold the rows and one block is a CapacityError."""
+    if limits.state_memory is None:
+        return None
+    sizes = backend.state_sizes()
+    blocks = planned_blocks(sizes, limits.max_batch, limits.max_context, limits.state_memory)
+    if blocks < 1 and sizes.block_bytes:
+        raise sizes.budget_error(limits.state_memory, limits.max_batch, 2)
+    return blocks
+
+
+def new_batch_state(backend: Backend, limits: RunLimits):
+    """The state of a batcher: max_batch rows, the LTM pool sized by limits.state_memory."""
+    return backend.new_state(limits.max_batch, limits.max_context, pool_blocks(backend, limits))
 
 
 def check_ids(ids, vocab_size: int, what: str) -> None:

@@ -20,6 +20,7 @@ from mosaicrt.export import io_spec
 from mosaicrt.model.checkpoint import load_model
 from mosaicrt.model.state import DecodeState
 from mosaicrt.ops import geometry
+from mosaicrt.runtime.graph_state import reference_rows
 from mosaicrt.runtime.ort_backend import OrtBackend
 
 try:
@@ -56,9 +57,7 @@ class TorchReferenceRunner(BaseRunner):
         """The graph's state inputs in the reference's layout."""
         cfg, H = self.config, self.config.num_heads
         pos = feed[io_spec.POSITIONS]
-        fed_slots = (
-            feed[io_spec.store_name(0, "ltm", "keys")].shape[0] * self.block if cfg.use_ltm else 0
-        )
+        fed_slots = feed[io_spec.LTM_BLOCKS].shape[1] * self.block if cfg.use_ltm else 0
         chunk = feed[io_spec.INPUT_IDS].shape[1]
         state = DecodeState.allocate(cfg, len(pos), max(fed_slots + 1, int(pos.max()) + chunk))
         state.pos.copy_(torch.from_numpy(pos))
@@ -70,7 +69,7 @@ class TorchReferenceRunner(BaseRunner):
                     getattr(st, field).copy_(small[:, i * H : (i + 1) * H])
                 for field, target in (("keys", st.keys), ("values", st.vals)):
                     store = torch.from_numpy(feed[io_spec.store_name(layer, memory, field)])
-                    rows = store.permute(1, 0, 3, 2, 4).flatten(1, 2)  # (B, NB*S, H, hs)
+                    rows = reference_rows(store, feed.get(io_spec.LTM_BLOCKS), memory)
                     target[:, : rows.shape[1]] = rows
         return state
 
@@ -166,9 +165,7 @@ def check_inputs(backend: OrtBackend, seed: int = 0) -> list[dict[str, np.ndarra
         }
         blocks = backend.readable_blocks(state.pos, C)
         feed.update({k: v.copy() for k, v in state.small.items()})
-        feed.update(
-            {k: (v if ".stm." in k else v[:blocks]).copy() for k, v in state.stores.items()}
-        )
+        feed.update({k: v.copy() for k, v in state.store_feeds(blocks, np.asarray).items()})
         feeds.append(feed)
     return feeds
 

@@ -16,6 +16,7 @@ from mosaicrt.errors import CapacityError, InputError, MosaicError
 from mosaicrt.runtime.backend import Backend, nonfinite_error, torch_threads_for
 from mosaicrt.runtime.batcher import ContinuousBatcher, Request, check_ids, check_request
 from mosaicrt.runtime.limits import RunLimits
+from mosaicrt.runtime.paging import blocks_for
 from mosaicrt.runtime.sampling import SamplingParams
 
 __all__ = ["ContinuousBatcher", "Request", "RunLimits", "check_ids", "generate", "score"]
@@ -57,7 +58,10 @@ def generate(
         on_start(limits)
     batcher = ContinuousBatcher(backend, sampling, limits)
     for request in requests:
-        batcher.submit(request)
+        try:
+            batcher.submit(request)
+        except MosaicError as exc:  # more than the state pool holds: this request alone fails
+            request.error = exc
     with (
         torch_threads_for(backend),
         tqdm(
@@ -90,16 +94,38 @@ def score(backend: Backend, ids: torch.Tensor, limits: RunLimits = RunLimits()) 
     if int(ids.min()) < 0 or int(ids.max()) >= vocab:
         bad = ids[(ids < 0) | (ids >= vocab)][0].item()
         raise InputError(f"token id {bad} is outside [0, {vocab}): check the vocabulary size")
-    state = backend.new_state(B, T)
+    group = rows_within_budget(backend, B, T, limits.state_memory)
     parts = []
     with torch_threads_for(backend):
-        for start in range(0, T, limits.prefill_chunk):
-            chunk = ids[:, start : start + limits.prefill_chunk]  # (B, C)
-            lengths = torch.full((B,), chunk.shape[1], dtype=torch.int64)
-            logits = backend.step(chunk, lengths, state, last_only=False)  # (B, C, V)
-            bad = (~logits.isfinite()).flatten(1).any(dim=1).nonzero()
-            if len(bad):
-                row = int(bad[0])
-                raise InputError(f"sequence {row}: {nonfinite_error(backend, state, row)}")
-            parts.append(logits)
+        for first in range(0, B, group):  # as many sequences at once as the budget holds
+            parts.append(score_rows(backend, ids[first : first + group], limits, first))
+    return torch.cat(parts, dim=0)
+
+
+def rows_within_budget(backend: Backend, batch: int, tokens: int, budget: int | None) -> int:
+    """How many sequences of `tokens` tokens to score at once: all, or what `budget` holds."""
+    if budget is None:
+        return batch
+    sizes = backend.state_sizes()
+    per_row = sizes.row_bytes + blocks_for(tokens, sizes.block) * sizes.block_bytes
+    if budget < per_row:
+        raise sizes.budget_error(budget, 1, tokens)
+    return min(batch, budget // per_row)
+
+
+def score_rows(backend: Backend, ids: torch.Tensor, limits: RunLimits, first: int) -> torch.Tensor:
+    """Logits (B, T, V) of ids (B, T), rows `first`... of the caller's batch."""
+    B, T = ids.shape
+    state = backend.new_state(B, T)
+    parts = []
+    for start in range(0, T, limits.prefill_chunk):
+        chunk = ids[:, start : start + limits.prefill_chunk]  # (B, C)
+        lengths = torch.full((B,), chunk.shape[1], dtype=torch.int64)
+        logits = backend.step(chunk, lengths, state, last_only=False)  # (B, C, V)
+        bad = (~logits.isfinite()).flatten(1).any(dim=1).nonzero()
+        if len(bad):
+            row = int(bad[0])
+            error = nonfinite_error(backend, state, row)
+            raise InputError(f"sequence {first + row}: {error}")
+        parts.append(logits)
     return torch.cat(parts, dim=1)

@@ -4,9 +4,10 @@ the operations both libraries share).
 
 Per layer and memory, allocated once:
     s, mx, k_pend, v_pend   (B, nM*H, hs) / (B, nM*H): fed in, replaced by the present.* outputs
-    STM ring                (1, B, H, h-1, hs): fed whole (constant size)
-    LTM store               (NB_cap, B, H, S, hs), blocks of S pairs: only the leading blocks that
-                            hold readable pairs are fed, as a view of the buffer
+    STM ring                (B, H, h-1, hs): fed whole (constant size)
+    LTM pool                (P, H, S, hs), blocks of S pairs shared by all rows (runtime.paging):
+                            fed whole, with the block table's leading columns that hold
+                            readable pairs (ltm_blocks, one table for every layer)
     int8 stores' scales     the stores' shapes without hs, fp32, fed and written beside them
 The constant-size state of every layer is views of one buffer, so that a runner that writes the
 present.* outputs into one buffer of the same layout (small_layout) hands them over in one copy.
@@ -33,6 +34,7 @@ from mosaicrt.errors import BackendError, CapacityError
 from mosaicrt.export import io_spec
 from mosaicrt.model.config import DTYPE_BYTES, ModelConfig
 from mosaicrt.ops import geometry
+from mosaicrt.runtime.paging import BlockPool, BlockTable, StateSizes, blocks_for
 
 ALIGN = 256  # bytes: TensorRT wants every bound address aligned to this
 # A runner's output holding every new.{l}.{keys,values} already stacked, (L*2, B, C, nM*H, hs),
@@ -49,23 +51,21 @@ class GraphState:
     pos: Any  # (B,) int64, tokens consumed per row
     small: dict[str, Any]  # past.{l}.{s,mx,k_pend,v_pend}
     stores: dict[str, Any]  # past.{l}.{M}.{keys,values}[_scale]: views of `pairs` and `scales`
-    pairs: dict[str, Any]  # per memory: (L*2, NB, B, H, S, hs), layer-major, keys then values
+    # per memory, layer-major, keys then values: "stm" (L*2, B, H, h-1, hs), "ltm" (L*2, P, H,
+    # S, hs) the pool
+    pairs: dict[str, Any]
     capacity: int
     host_pos: np.ndarray  # (B,) int64, pos on the host (pos itself for a numpy state)
-    scales: dict[str, Any] = dataclasses.field(default_factory=dict)  # int8: (L*2, NB, B, H, S)
+    scales: dict[str, Any] = dataclasses.field(default_factory=dict)  # int8: pairs without hs
     small_block: Any = None  # the one buffer `small` views (None for a view of some rows)
-    views: dict[int, dict[str, Any]] = dataclasses.field(
-        default_factory=dict
-    )  # store_feeds by block count
+    blocks: BlockTable | None = None  # the LTM block table (None without an LTM)
 
-    def store_feeds(self, blocks: int) -> dict[str, Any]:
-        """The stores as a step feeds them: each STM ring whole, each LTM store's leading
-        `blocks` blocks as a view (the same view objects from step to step)."""
-        if blocks not in self.views:
-            self.views.clear()
-            self.views[blocks] = {name: store if ".stm." in name else store[:blocks]
-                                  for name, store in self.stores.items()}  # fmt: skip
-        return self.views[blocks]
+    def store_feeds(self, blocks: int, to_state: Callable[[np.ndarray], Any]) -> dict[str, Any]:
+        """The stores as a step feeds them: rings and pools whole, and the block table's
+        leading `blocks` columns (to_state: into the state's library)."""
+        if self.blocks is None:
+            return self.stores
+        return self.stores | {io_spec.LTM_BLOCKS: to_state(self.blocks.feed(blocks))}
 
     @property
     def batch_size(self) -> int:
@@ -73,16 +73,23 @@ class GraphState:
 
     def view(self, rows: slice) -> GraphState:
         """The state of a range of rows, as views: a step on it updates this state in place
-        (an LTM store's rows are strided then: ONNX Runtime copies what it reads)."""
+        (the LTM pool is shared whole; the rings and the block table are sliced)."""
         pos = self.pos[rows]
+
+        def rows_of(mem: str, x: Any, axis: int) -> Any:
+            return x[(slice(None),) * axis + (rows,)] if mem == "stm" else x
+
         return GraphState(
             pos=pos,
             small={k: v[rows] for k, v in self.small.items()},
-            stores={k: v[:, rows] for k, v in self.stores.items()},
-            pairs={k: v[:, :, rows] for k, v in self.pairs.items()},
+            stores={
+                k: rows_of("stm" if ".stm." in k else "ltm", v, 0) for k, v in self.stores.items()
+            },  # fmt: skip
+            pairs={k: rows_of(k, v, 1) for k, v in self.pairs.items()},
             capacity=self.capacity,
             host_pos=pos if self.host_pos is self.pos else self.host_pos[rows],
-            scales={k: v[:, :, rows] for k, v in self.scales.items()},
+            scales={k: rows_of(k, v, 1) for k, v in self.scales.items()},
+            blocks=self.blocks.view(rows) if self.blocks is not None else None,
         )
 
 
@@ -94,19 +101,22 @@ def allocate(
     full: Callable[[tuple, float, bool], Any],
     pos: Any,
     store_dtype: str = "float32",
+    pool_blocks: int | None = None,
 ) -> GraphState:
     """A fresh state; full(shape, value, is_store) makes a buffer (fp32 unless a store). int8
-    stores get their fp32 scales beside them."""
+    stores get their fp32 scales beside them. The LTM pool holds pool_blocks blocks (default:
+    enough for every row at `capacity`, a static allocation)."""
     H, hs = config.num_heads, config.head_dim
-    blocks = max(1, -(-(capacity - 1) // block))
+    max_blocks = blocks_for(capacity, block)
+    total = pool_blocks if pool_blocks is not None else batch * max_blocks
     stores, pairs, scales = {}, {}, {}
     small_block, small = carve(full, small_layout(config, batch, "past"))
     for name, buffer in small.items():
         buffer[...] = float("-inf") if name.endswith(".mx") else 0.0
     fields = io_spec.STORE_FIELDS
     for memory in config.memories:
-        nb, slots = (1, config.stm_window - 1) if memory == "stm" else (blocks, block)
-        shape = (config.num_layers * len(fields), nb, batch, H, slots, hs)
+        rows, slots = (batch, config.stm_window - 1) if memory == "stm" else (max(total, 1), block)
+        shape = (config.num_layers * len(fields), rows, H, slots, hs)
         pairs[memory] = aligned_views(full, shape, DTYPE_BYTES[store_dtype])
         if store_dtype == "int8":
             scales[memory] = aligned_views(full, shape[:-1], 4, is_store=False)
@@ -117,7 +127,8 @@ def allocate(
                 if memory in scales:
                     stores[name + io_spec.SCALE_SUFFIX] = scales[memory][layer * len(fields) + i]
     host_pos = pos if isinstance(pos, np.ndarray) else np.zeros(batch, np.int64)
-    return GraphState(pos, small, stores, pairs, capacity, host_pos, scales, small_block)
+    table = BlockTable(BlockPool(total), batch, max_blocks, block) if config.use_ltm else None
+    return GraphState(pos, small, stores, pairs, capacity, host_pos, scales, small_block, table)
 
 
 def small_layout(config: ModelConfig, batch: int, kind: str) -> list[tuple[str, tuple]]:
@@ -183,12 +194,81 @@ def first_nonfinite_layer(state: GraphState, row: int) -> int | None:
 
 
 def reset_rows(state: GraphState, rows: Any, host_rows: np.ndarray) -> None:
-    """Forget the sequences in `rows` (B,) bool (host_rows: the same mask in numpy); stores
-    stay (positions guard them)."""
+    """Forget the sequences in `rows` (B,) bool (host_rows: the same mask in numpy): their LTM
+    blocks go back to the pool; rings stay (positions guard them)."""
+    if state.blocks is not None:
+        state.blocks.release(np.flatnonzero(host_rows))
     state.pos[rows] = 0
     state.host_pos[host_rows] = 0
     for name, array in state.small.items():
         array[rows] = float("-inf") if name.endswith(".mx") else 0.0
+
+
+def snapshot_row(state: GraphState, row: int) -> dict[str, Any]:
+    """Copies of one row's constant-size state (recurrences, pending pairs, STM rings and their
+    scales) and its position."""
+    parts = {name: array[row] for name, array in state.small.items()}
+    parts |= {f"pairs.{m}": state.pairs[m][:, row] for m in ("stm",) if m in state.pairs}
+    parts |= {f"scales.{m}": state.scales[m][:, row] for m in ("stm",) if m in state.scales}
+    copies = {k: v.clone() if isinstance(v, torch.Tensor) else v.copy() for k, v in parts.items()}
+    return copies | {"pos": int(state.host_pos[row])}
+
+
+def restore_row(state: GraphState, row: int, snapshot: dict[str, Any]) -> None:
+    """Put a snapshot_row back into `row` (its LTM blocks are the block table's business)."""
+    for name, array in state.small.items():
+        array[row] = snapshot[name]
+    for kind, buffers in (("pairs", state.pairs), ("scales", state.scales)):
+        if f"{kind}.stm" in snapshot:
+            buffers["stm"][:, row] = snapshot[f"{kind}.stm"]
+    state.pos[row] = snapshot["pos"]
+    state.host_pos[row] = snapshot["pos"]
+
+
+def copy_block(state: GraphState, source: int, target: int) -> None:
+    """LTM pool block `source` into block `target`, every layer, keys, values (and scales)."""
+    for buffers in (state.pairs, state.scales):
+        if "ltm" in buffers:
+            buffers["ltm"][:, target] = buffers["ltm"][:, source]
+
+
+class GraphStatePaging:
+    """The paging methods (runtime.backend.Backend) of a backend whose state is a GraphState:
+    it has `config`, `block` (pairs per LTM block) and `manifest` (the artifact's)."""
+
+    config: ModelConfig
+    block: int
+    manifest: dict
+
+    def state_sizes(self) -> StateSizes:
+        return StateSizes.of(self.config, self.block, self.manifest["state_dtype"]["stores"])
+
+    def block_table(self, state: GraphState) -> BlockTable | None:
+        return state.blocks
+
+    def state_bytes(self, state: GraphState) -> dict[str, int]:
+        out = {"ltm": 0, "stm": 0}
+        for name, buffer in state.stores.items():
+            out["ltm" if ".ltm." in name else "stm"] += buffer.nbytes
+        return out | {"recurrence": sum(buffer.nbytes for buffer in state.small.values())}
+
+    def snapshot(self, state: GraphState, row: int) -> dict[str, Any]:
+        return snapshot_row(state, row)
+
+    def restore(self, state: GraphState, row: int, snapshot: dict[str, Any]) -> None:
+        restore_row(state, row, snapshot)
+
+    def copy_block(self, state: GraphState, source: int, target: int) -> None:
+        copy_block(state, source, target)
+
+
+def reference_rows(store: torch.Tensor, table: np.ndarray | None, memory: str) -> torch.Tensor:
+    """A store as the graph is fed it, in the reference model's layout (B, N, H, hs): an STM
+    ring (B, H, h-1, hs), or an LTM pool (P, H, S, hs) read through the block table (B, NB)."""
+    if memory == "stm":
+        return store.permute(0, 2, 1, 3)
+    blocks = store[torch.from_numpy(table)]  # (B, NB, H, S, hs)
+    return blocks.permute(0, 1, 3, 2, 4).flatten(1, 2)  # (B, NB*S, H, hs)
 
 
 def write_new_pairs(
@@ -222,28 +302,33 @@ def write_new_pairs(
         if stacked_scales is None:
             stacked_scales = stack_new(config, new_pairs, io_spec.SCALE_SUFFIX)
         sources.append((state.scales, stacked_scales))
+    table = state.blocks.table if state.blocks is not None else None
     if chunk == 1 and len(rows["ltm"][0]) <= FEW_ROWS:  # decode: a pair per row, plain slices
         for b in rows["ltm"][0].tolist():
             t = int(tau[b, 0])
             for i, memory in enumerate(config.memories):
-                block_of, slot = (
-                    (0, geometry.ring_slot(t, ring)) if memory == "stm" else divmod(t, S)
-                )
+                if memory == "stm":
+                    where = b, geometry.ring_slot(t, ring)
+                else:
+                    where = int(table[b, t // S]), t % S
                 for destination, new in sources:
-                    destination[memory][:, block_of, b, :, slot] = new[:, b, 0, i * H : (i + 1) * H]
+                    destination[memory][:, where[0], :, where[1]] = new[
+                        :, b, 0, i * H : (i + 1) * H
+                    ]
         return
     for i, memory in enumerate(config.memories):
         b, c = rows[memory]
         t = tau[b, c]  # (n,)
         if memory == "stm":
-            block_of, slot = t * 0, geometry.ring_slot(t, ring)
+            where, slot = b, geometry.ring_slot(t, ring)  # the row's ring
         else:
-            block_of, slot = t // S, t % S
-        b, c, block_of, slot = map(to_state, (b, c, block_of, slot))
+            where, slot = table[b, t // S], t % S  # the pool block holding pair t
+        c, where, slot = map(to_state, (c, where, slot))
+        b = to_state(b)
         for destination, new in sources:
             # Advanced indices split by a slice go first: both sides are (n, L*2, H[, hs]).
             pairs = new[:, b, c, i * H : (i + 1) * H]  # (L*2, n, H[, hs])
-            destination[memory][:, block_of, b, :, slot] = pairs.swapaxes(0, 1)
+            destination[memory][:, where, :, slot] = pairs.swapaxes(0, 1)
 
 
 def stack_new(config: ModelConfig, new_pairs: Callable[[int, str], Any], suffix: str) -> Any:
@@ -285,10 +370,13 @@ def graph_step(
             "this model returns last-position logits only (exported with --last-only): "
             "re-export it without --last-only to score every position"
         )
+    if state.blocks is not None:  # blocks for the pairs this step completes, from the pool
+        working = np.flatnonzero(host_lengths > 0)
+        state.blocks.grow(working, state.host_pos[working] + host_lengths[working])
     nb = geometry.readable_blocks(state.host_pos, ids.shape[1], config.ltm_delay, block)
     feeds = {io_spec.INPUT_IDS: ids, io_spec.LENGTHS: lengths, io_spec.POSITIONS: state.pos + 0}
     feeds.update(state.small)
-    feeds.update(state.store_feeds(nb))
+    feeds.update(state.store_feeds(nb, to_state))
     outputs = run(feeds)
     present = outputs.get(STACKED_PRESENT)
     if state.small_block is not None and present is not None:

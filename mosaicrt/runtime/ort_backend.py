@@ -1,6 +1,7 @@
 """The ONNX Runtime backend: runs an exported step graph over state buffers allocated once
-(mosaicrt.runtime.graph_state): the LTM store's readable blocks are fed as a zero-copy view, and
-the pairs each step completes are written into the ring and the store in place.
+(mosaicrt.runtime.graph_state): the rings and the LTM pool are fed whole with the block table of
+the readable blocks, and the pairs each step completes are written into the ring and the pool
+in place.
 
 On the CPU provider the state is numpy arrays, fed by value (ONNX Runtime wraps them without a
 copy). With the CUDA provider the state is torch tensors on the GPU, bound to the graph by
@@ -29,6 +30,7 @@ from mosaicrt.runtime.graph_state import (
     STACKED_NEW_SCALES,
     STACKED_PRESENT,
     GraphState,
+    GraphStatePaging,
     allocate,
     carve,
     first_nonfinite_layer,
@@ -145,7 +147,7 @@ def stacked_buffers(shapes: dict, names: list[str], stacked_name: str) -> dict[s
     return {name: stacked[i] for i, name in enumerate(names)} | {stacked_name: stacked}
 
 
-class OrtBackend(Backend):
+class OrtBackend(GraphStatePaging, Backend):
     name = "onnxruntime"
     torch_threads = 1  # ONNX Runtime computes in its own pool; torch only keeps the books
 
@@ -246,7 +248,7 @@ class OrtBackend(Backend):
             n for n in names if n not in (io_spec.INPUT_IDS, io_spec.LENGTHS, io_spec.POSITIONS)
         ]
 
-    def new_state(self, batch: int, capacity: int) -> OrtState:
+    def new_state(self, batch: int, capacity: int, pool_blocks: int | None = None) -> OrtState:
         if capacity > self.max_context:
             raise CapacityError(
                 f"a context of {capacity} tokens exceeds the artifact's "
@@ -268,7 +270,7 @@ class OrtBackend(Backend):
             )
             pos = np.zeros(batch, np.int64)
         stores = self.manifest["state_dtype"]["stores"]
-        return allocate(self.config, batch, capacity, self.block, full, pos, stores)
+        return allocate(self.config, batch, capacity, self.block, full, pos, stores, pool_blocks)
 
     def first_nonfinite_layer(self, state: GraphState, row: int) -> int | None:
         return first_nonfinite_layer(state, row)

@@ -10,11 +10,18 @@ from typing import Callable
 import torch
 
 from mosaicrt.errors import BackendError
+from mosaicrt.export.artifact import DEFAULT_LTM_BLOCK
 from mosaicrt.model.checkpoint import TORCH_DTYPES, load_model
 from mosaicrt.model.mmv2 import MMv2, check_capacity
 from mosaicrt.model.quantize import quantize_linears
 from mosaicrt.model.state import DecodeState
 from mosaicrt.runtime.backend import Backend, whole_batch
+from mosaicrt.runtime.torch_paging import (
+    TorchStatePaging,
+    attach_pages,
+    grow_pages,
+    release_pages,
+)
 
 
 def pick_device(device: str) -> torch.device:
@@ -70,7 +77,7 @@ class DecodeGraph:
         return self.logits
 
 
-class TorchBackend(Backend):
+class TorchBackend(TorchStatePaging, Backend):
     name = "torch"
 
     def __init__(
@@ -83,6 +90,7 @@ class TorchBackend(Backend):
         compile: bool = False,
         check_weights: bool = True,
         quantize: str | None = None,
+        ltm_block: int = DEFAULT_LTM_BLOCK,
     ) -> None:
         """model: a checkpoint directory, or an MMv2 (moved to the device and dtype).
         dtype: compute dtype; default fp32 on CPU and the checkpoint's dtype on a GPU.
@@ -92,8 +100,9 @@ class TorchBackend(Backend):
         compile: run decode steps through torch.compile (dynamic shapes; the first steps
         compile; inside the CUDA graph when there is one); prefill chunks stay eager.
         check_weights: refuse a checkpoint whose weights hold NaN or inf.
-        quantize: "int8" for weight-only int8 Linear layers (CPU; model.quantize)."""
-        self.device = pick_device(device)
+        quantize: "int8" for weight-only int8 Linear layers (CPU; model.quantize).
+        ltm_block: pairs per block of the paged LTM (runtime.paging)."""
+        self.device, self.block = pick_device(device), ltm_block
         if dtype is None and self.device.type == "cpu":
             dtype = "float32"
         torch_dtype = TORCH_DTYPES[dtype] if dtype else None
@@ -116,10 +125,12 @@ class TorchBackend(Backend):
             self.decode_fn = torch.compile(self.model.advance, dynamic=True)
             self.graph_fn = torch.compile(self.model.advance)
 
-    def new_state(self, batch: int, capacity: int) -> DecodeState:
-        return self.model.new_state(batch, capacity)
+    def new_state(self, batch: int, capacity: int, pool_blocks: int | None = None) -> DecodeState:
+        state = self.model.new_state(batch, capacity, self.block, pool_blocks)
+        return attach_pages(state, self.block)
 
     def reset(self, state: DecodeState, rows: torch.Tensor) -> None:
+        release_pages(state, rows)
         state.reset(rows)
 
     def first_nonfinite_layer(self, state: DecodeState, row: int) -> int | None:
@@ -148,6 +159,7 @@ class TorchBackend(Backend):
         self, ids: torch.Tensor, lengths: torch.Tensor, state: DecodeState, last_only: bool
     ) -> torch.Tensor:
         check_capacity(state, lengths)  # host positions: no device read
+        grow_pages(state, lengths)  # LTM blocks for this step's pairs, before anything runs
         if self.cuda_graphs and ids.shape[1] == 1 and last_only:
             graph = self.graphs.get(id(state))
             if graph is None:  # captured once per state, dropped with it

@@ -1,6 +1,7 @@
 """The Triton kernels as the torch model's ops (`--kernels triton`): mosaicrt.model.MemoryKernels
 through the ops' plugin_op functions, which read whole stores (a ring for a memory with a
-window) and so make no host synchronisation in a decode step.
+window, a pool through its block table for a paged LTM) and so make no host synchronisation in
+a decode step.
 
 On a CPU they run under the Triton interpreter (TRITON_INTERPRET=1): slow, for tests.
 """
@@ -44,6 +45,6 @@ class TritonKernels:
     ) -> torch.Tensor:
         from mosaicrt.ops.associative_memory.plugin_op import associative_memory
 
-        return associative_memory(q, t, st.keys, st.vals, new_k, new_v, new_tau, params["beta0"],
-                                  params["beta1"], params["alpha"], mem.window,
+        return associative_memory(q, t, st.keys, st.vals, st.blocks, new_k, new_v, new_tau,
+                                  params["beta0"], params["beta1"], params["alpha"], mem.window,
                                   mem.delay)  # fmt: skip

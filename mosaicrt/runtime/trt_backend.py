@@ -30,6 +30,7 @@ from mosaicrt.runtime.backend import Backend, whole_batch
 from mosaicrt.runtime.graph_state import (
     ALIGN,
     GraphState,
+    GraphStatePaging,
     allocate,
     first_nonfinite_layer,
     graph_step,
@@ -85,8 +86,12 @@ class CapturedDecode:
             io_spec.LENGTHS: torch.zeros(B, dtype=torch.int64, device=device),
             io_spec.POSITIONS: torch.zeros(B, dtype=torch.int64, device=device),
             **state.small,
-            **state.stores,  # whole: see the module docstring
+            **state.stores,  # rings and pools whole: see the module docstring
         }
+        self.blocks = state.blocks  # the whole block table, copied in before each replay
+        if self.blocks is not None:
+            table = torch.from_numpy(self.blocks.table)
+            self.feeds[io_spec.LTM_BLOCKS] = table.to(device)
         self.context, self.memory = backend.new_context()
         backend.run_graph(self.feeds, self.context)  # deferred work finishes before a capture
         self.graph = torch.cuda.CUDAGraph()
@@ -96,11 +101,13 @@ class CapturedDecode:
     def __call__(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for name in (io_spec.INPUT_IDS, io_spec.LENGTHS, io_spec.POSITIONS):
             self.feeds[name].copy_(feeds[name])
+        if self.blocks is not None:  # rows' blocks past their count are read as masked
+            self.feeds[io_spec.LTM_BLOCKS].copy_(torch.from_numpy(self.blocks.table))
         self.graph.replay()
         return self.outputs
 
 
-class TrtBackend(Backend):
+class TrtBackend(GraphStatePaging, Backend):
     name = "tensorrt"
 
     def __init__(
@@ -168,7 +175,7 @@ class TrtBackend(Backend):
         context.set_device_memory(memory.data_ptr(), size)
         return context, memory
 
-    def new_state(self, batch: int, capacity: int) -> GraphState:
+    def new_state(self, batch: int, capacity: int, pool_blocks: int | None = None) -> GraphState:
         if batch > self.max_batch or capacity > self.max_context:
             raise CapacityError(
                 f"{batch} sequences of {capacity} tokens exceed the engine's {self.max_batch} x "
@@ -181,7 +188,7 @@ class TrtBackend(Backend):
 
         pos = torch.zeros(batch, dtype=torch.int64, device=self.device)
         stores = self.manifest["state_dtype"]["stores"]
-        return allocate(self.config, batch, capacity, self.block, full, pos, stores)
+        return allocate(self.config, batch, capacity, self.block, full, pos, stores, pool_blocks)
 
     def first_nonfinite_layer(self, state: GraphState, row: int) -> int | None:
         return first_nonfinite_layer(state, row)

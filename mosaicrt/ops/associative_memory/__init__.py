@@ -2,7 +2,8 @@
 with the adaptive bandwidth (eq. 6, 10), over stored pairs and the pairs the chunk completes.
 
     q (B, C, H, hs) unit keys of the queries, t (B, C) int64 their positions,
-    store_k, store_v (stored pairs), store_tau (their positions, -1 for an empty slot),
+    store_k, store_v (stored pairs), store_blocks (the graph's block table, below),
+    store_tau (their positions, -1 for an empty slot),
     new_k, new_v (B, C, H, hs) the pairs this chunk completes, new_tau (B, C) (-1: none),
     beta0, beta1, alpha (H,) fp32 bandwidth parameters (already transformed)
     ->  y (B, C, H, hs) fp32
@@ -13,12 +14,14 @@ beta(n_t), n_t the size of the visible set, scales the query; softmax scale 1 (n
 one softmax over stored and new pairs together; an empty visible set gives 0. Products and
 softmax run in fp32 whatever the stores' type.
 
-Store layouts: the reference takes (B, N, H, hs) with store_tau (B, N); the ONNX function and the
-plugin take the exported graph's blocks, (NB, B, H, S, hs) with store_tau (NB, B, S); the kernel
-takes either (a store with a window is a ring of window - 1 slots).
+Store layouts: the reference takes (B, N, H, hs) with store_tau (B, N). The ONNX function, the
+native ONNX Runtime kernel and the plugin take the exported graph's: a pool of blocks of S pairs,
+store_k, store_v (P, H, S, hs), and store_blocks (B, NB) int64, row b's i-th block being pool block
+store_blocks[b, i], with store_tau (NB, B, S) (an STM ring is a pool of one block per row). The
+kernel takes either (a store with a window is a ring of window - 1 slots).
 
 mosaic::AssociativeMemoryInt8 (version 1) is the same retrieval over int8 stores: two more inputs,
-store_k_scale and store_v_scale (the stores' shape without hs, fp32), and stored pair s stands
+store_k_scale and store_v_scale (the pools' shape without hs, fp32), and stored pair s stands
 for (store_k[s] * store_k_scale[s], store_v[s] * store_v_scale[s]). The scales multiply the
 scores and the softmax weights inside the retrieval; no dequantized copy of a store is made
 (quantize_pairs: one scale per pair and head, max|x| / 127). ONNX function and native ONNX

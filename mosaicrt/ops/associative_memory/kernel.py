@@ -20,14 +20,17 @@ import triton.language as tl
 
 @triton.jit
 def _pair_offsets(
-    row, offs_d, SLOTS, BLOCK_SLOTS, stride_blk, stride_n, RING: tl.constexpr, BLOCKED: tl.constexpr
+    row, offs_d, SLOTS, BLOCK_SLOTS, stride_blk, stride_n, TABLE,
+    RING: tl.constexpr, BLOCKED: tl.constexpr,
 ):  # fmt: skip
-    """(BLOCK_N, HEAD_DIM) offsets of stored rows: modulo SLOTS in a ring; a blocked store keeps
-    row r in block r // BLOCK_SLOTS, slot r % BLOCK_SLOTS."""
+    """(BLOCK_N, HEAD_DIM) offsets of stored rows: modulo SLOTS in a ring; a paged store keeps
+    row r in slot r % BLOCK_SLOTS of pool block TABLE[r // BLOCK_SLOTS] (TABLE: the row's
+    block table)."""
     if RING:
         row = row % SLOTS
     if BLOCKED:
-        ptr = (row // BLOCK_SLOTS)[:, None] * stride_blk + (row % BLOCK_SLOTS)[:, None] * stride_n
+        block = tl.load(TABLE + row // BLOCK_SLOTS, mask=row < SLOTS, other=0)
+        ptr = block[:, None] * stride_blk + (row % BLOCK_SLOTS)[:, None] * stride_n
     else:
         ptr = row[:, None] * stride_n
     return ptr + offs_d[None, :]
@@ -37,7 +40,7 @@ def _pair_offsets(
 def _attend(
     acc, l_i, m_i, q,
     K, V, stride_n, offs_d, d_ok,
-    first, last, row_shift, lo_t, hi_t, SLOTS, BLOCK_SLOTS, stride_blk,
+    first, last, row_shift, lo_t, hi_t, SLOTS, BLOCK_SLOTS, stride_blk, TABLE,
     RING: tl.constexpr, BLOCKED: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
     HALF_DOT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -46,7 +49,7 @@ def _attend(
     for start in range(first, last + 1, BLOCK_N):
         tau = start + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
         ptr = _pair_offsets(tau - row_shift, offs_d, SLOTS, BLOCK_SLOTS, stride_blk, stride_n,
-                            RING, BLOCKED)  # fmt: skip
+                            TABLE, RING, BLOCKED)  # fmt: skip
         if MASKED:
             ok = tau <= last
             k = tl.load(K + ptr, mask=ok[:, None] & d_ok[None, :], other=0.0)
@@ -85,9 +88,9 @@ def _attend(
 
 @triton.jit
 def _retrieval_kernel(
-    Q, KS, VS, KN, VN, POS, LEN, Y,
+    Q, KS, VS, KN, VN, POS, LEN, Y, TABLE,
     stride_qb, stride_qc, stride_qh,
-    stride_sb, stride_sn, stride_sh, stride_blk,
+    stride_sb, stride_sn, stride_sh, stride_blk, stride_tb,
     stride_nb, stride_nc, stride_nh,
     stride_yb, stride_yc, stride_yh,
     C, H, SLOTS, BLOCK_SLOTS, D,
@@ -129,32 +132,34 @@ def _retrieval_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     ks, vs = KS + b * stride_sb + h * stride_sh, VS + b * stride_sb + h * stride_sh
     kn, vn = KN + b * stride_nb + h * stride_nh, VN + b * stride_nb + h * stride_nh
+    table = TABLE + b * stride_tb  # the row's block table (paged stores)
     if WINDOW == 0:
         # Every query of the block sees tau <= full: whole tiles up to there need no mask.
         full = tl.minimum(t_first - DELAY, newest)
         store_split = lo + tl.maximum(tl.minimum(store_last, full) - lo + 1, 0) // BLOCK_N * BLOCK_N
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, ks, vs, stride_sn, offs_d, d_ok,
                                 lo, store_split - 1, 0, lo_t, hi_t, SLOTS, BLOCK_SLOTS, stride_blk,
-                                RING, BLOCKED, False, EVEN_D, HALF_DOT, BLOCK_N)  # fmt: skip
+                                table, RING, BLOCKED, False, EVEN_D, HALF_DOT, BLOCK_N)  # fmt: skip
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, ks, vs, stride_sn, offs_d, d_ok,
                                 store_split, store_last, 0, lo_t, hi_t,
                                 SLOTS, BLOCK_SLOTS, stride_blk,
-                                RING, BLOCKED, True, EVEN_D, HALF_DOT, BLOCK_N)  # fmt: skip
+                                table, RING, BLOCKED, True, EVEN_D, HALF_DOT, BLOCK_N)  # fmt: skip
         chunk_split = chunk_first + (
             tl.maximum(tl.minimum(hi, full) - chunk_first + 1, 0) // BLOCK_N * BLOCK_N
         )
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, stride_nc, offs_d, d_ok,
                                 chunk_first, chunk_split - 1, pos - 1, lo_t, hi_t, SLOTS, 1, 0,
+                                table,
                                 False, False, False, EVEN_D, HALF_DOT, BLOCK_N)  # fmt: skip
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, stride_nc, offs_d, d_ok,
-                                chunk_split, hi, pos - 1, lo_t, hi_t, SLOTS, 1, 0,
+                                chunk_split, hi, pos - 1, lo_t, hi_t, SLOTS, 1, 0, table,
                                 False, False, True, EVEN_D, HALF_DOT, BLOCK_N)  # fmt: skip
     else:  # a short window: every tile is an edge tile
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, ks, vs, stride_sn, offs_d, d_ok,
                                 lo, store_last, 0, lo_t, hi_t, SLOTS, BLOCK_SLOTS, stride_blk,
-                                RING, BLOCKED, True, EVEN_D, HALF_DOT, BLOCK_N)  # fmt: skip
+                                table, RING, BLOCKED, True, EVEN_D, HALF_DOT, BLOCK_N)  # fmt: skip
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, stride_nc, offs_d, d_ok,
-                                chunk_first, hi, pos - 1, lo_t, hi_t, SLOTS, 1, 0,
+                                chunk_first, hi, pos - 1, lo_t, hi_t, SLOTS, 1, 0, table,
                                 False, False, True, EVEN_D, HALF_DOT, BLOCK_N)  # fmt: skip
     # A non-empty set has l >= 1 (its max term is exp2(0)); an empty one has acc = 0.
     y = acc / tl.maximum(l_i, 1.0)[:, None]
@@ -162,15 +167,18 @@ def _retrieval_kernel(
     tl.store(y_ptr, y, mask=q_mask)
 
 
-def store_layout(store: torch.Tensor) -> dict:
-    """Strides of a store, flat (B, N, H, hs) or in blocks (NB, B, H, S, hs) (the ONNX artifact's
-    layout): slot n lives in block n // S at row n % S."""
-    if store.dim() == 5:
-        NB, _, _, S, _ = store.shape
-        return dict(b=store.stride(1), n=store.stride(3), h=store.stride(2), blk=store.stride(0),
-                    slots=NB * S, block_slots=S, blocked=NB > 1)  # fmt: skip
+def store_layout(store: torch.Tensor, blocks: torch.Tensor | None) -> dict:
+    """Strides of a store: flat (B, N, H, hs) (blocks None), or a pool of blocks of S pairs
+    (P, H, S, hs) with a block table (B, NB) (the ONNX artifact's layout): the row's slot n
+    lives in pool block blocks[b, n // S] at slot n % S."""
+    if blocks is not None:
+        _, _, S, _ = store.shape
+        return dict(b=0, n=store.stride(2), h=store.stride(1), blk=store.stride(0),
+                    slots=blocks.shape[1] * S, block_slots=S, blocked=True,
+                    table=blocks, table_b=blocks.stride(0))  # fmt: skip
     return dict(b=store.stride(0), n=store.stride(1), h=store.stride(2), blk=0,
-                slots=store.shape[1], block_slots=store.shape[1], blocked=False)  # fmt: skip
+                slots=store.shape[1], block_slots=store.shape[1], blocked=False,
+                table=store, table_b=0)  # fmt: skip
 
 
 def retrieve(
@@ -184,6 +192,7 @@ def retrieve(
     window: int,
     delay: int,
     ring: bool,
+    blocks: torch.Tensor | None = None,
     half_dot: bool = False,
     block_m: int | None = None,
     block_n: int | None = None,
@@ -194,11 +203,13 @@ def retrieve(
 
     Args:
         q: (B, C, H, hs) queries, beta folded in.
-        store_k, store_v: (B, N, H, hs) the store, or (NB, B, H, S, hs) in blocks of S.
+        store_k, store_v: (B, N, H, hs) the store, or a pool (P, H, S, hs) of blocks of S.
         new_k, new_v: (B, C, H, hs) pairs completed by the chunk (pair j is tau = pos-1+j).
         pos: (B,) chunk start positions.   lengths: (B,) real tokens per row.
         window: h for the STM, 0 for none.   delay: 1 for the STM, m for the LTM.
         ring: the store is a ring of N slots (STM) rather than indexed by tau (LTM).
+        blocks: (B, NB) int64, the block table of a pool: row b's slot n is in pool block
+            blocks[b, n // S]; None for a flat store.
         half_dot: multiply fp16/bf16 stores on tensor cores (fast; scores lose ~beta * 2^-9
             absolute) instead of in exact fp32 (the default, matches the reference).
         block_m, block_n, num_warps, num_stages: tiling; the defaults are the measured best on
@@ -220,13 +231,13 @@ def retrieve(
     block_m = block_m or (64 if gpu else 16)
     block_n = block_n or (64 if gpu else 32)
     head_dim = max(16, triton.next_power_of_2(hs))
-    st = store_layout(store_k)
+    st = store_layout(store_k, blocks)
     y = torch.empty(B, C, H, hs, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(C, block_m), B * H)
     _retrieval_kernel[grid](
-        q, store_k, store_v, new_k, new_v, pos, lengths, y,
+        q, store_k, store_v, new_k, new_v, pos, lengths, y, st["table"],
         q.stride(0), q.stride(1), q.stride(2),
-        st["b"], st["n"], st["h"], st["blk"],
+        st["b"], st["n"], st["h"], st["blk"], st["table_b"],
         new_k.stride(0), new_k.stride(1), new_k.stride(2),
         y.stride(0), y.stride(1), y.stride(2),
         C, H, st["slots"], st["block_slots"], hs,
@@ -240,9 +251,9 @@ def retrieve(
 
 @triton.jit
 def _decode_split_kernel(
-    Q, KS, VS, KN, VN, POS, LEN, M_PART, L_PART, ACC_PART,
+    Q, KS, VS, KN, VN, POS, LEN, M_PART, L_PART, ACC_PART, TABLE,
     stride_qb, stride_qh,
-    stride_sb, stride_sn, stride_sh, stride_blk,
+    stride_sb, stride_sn, stride_sh, stride_blk, stride_tb,
     stride_nb, stride_nh,
     H, SLOTS, BLOCK_SLOTS, D, SPLIT_SIZE,
     WINDOW: tl.constexpr, DELAY: tl.constexpr, RING: tl.constexpr, BLOCKED: tl.constexpr,
@@ -275,7 +286,8 @@ def _decode_split_kernel(
     for start in range(first, store_last + 1, BLOCK_N):
         tau = start + tl.arange(0, BLOCK_N)
         ok = tau <= store_last
-        ptr = _pair_offsets(tau, offs_d, SLOTS, BLOCK_SLOTS, stride_blk, stride_sn, RING, BLOCKED)
+        ptr = _pair_offsets(tau, offs_d, SLOTS, BLOCK_SLOTS, stride_blk, stride_sn,
+                            TABLE + b * stride_tb, RING, BLOCKED)  # fmt: skip
         k = tl.load(ks + ptr, mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         v = tl.load(vs + ptr, mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         s = tl.where(ok, tl.sum(k * q[None, :], 1), float("-inf"))  # (BLOCK_N,)
@@ -342,6 +354,7 @@ def retrieve_decode(
     window: int,
     delay: int,
     ring: bool,
+    blocks: torch.Tensor | None = None,
     split_size: int = 256,
     block_n: int = 128,
     max_splits: int = 16,
@@ -358,7 +371,7 @@ def retrieve_decode(
     if C != 1:
         raise ValueError(f"retrieve_decode takes one query per sequence, got a chunk of {C}")
     head_dim = max(16, triton.next_power_of_2(hs))
-    st = store_layout(store_k)
+    st = store_layout(store_k, blocks)
     reach = st["slots"] + 1  # most pairs one query can see
     splits = min(max_splits, triton.next_power_of_2(triton.cdiv(reach, split_size)))
     split_size = triton.cdiv(reach, splits)
@@ -366,9 +379,9 @@ def retrieve_decode(
     l_part = torch.empty_like(m_part)
     acc_part = torch.empty(B * H * splits, head_dim, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(B * H, splits)](
-        q, store_k, store_v, new_k, new_v, pos, lengths, m_part, l_part, acc_part,
+        q, store_k, store_v, new_k, new_v, pos, lengths, m_part, l_part, acc_part, st["table"],
         q.stride(0), q.stride(2),
-        st["b"], st["n"], st["h"], st["blk"],
+        st["b"], st["n"], st["h"], st["blk"], st["table_b"],
         new_k.stride(0), new_k.stride(2),
         H, st["slots"], st["block_slots"], hs, split_size,
         WINDOW=window, DELAY=delay, RING=ring, BLOCKED=st["blocked"],

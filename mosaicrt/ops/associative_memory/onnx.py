@@ -1,8 +1,10 @@
 """AssociativeMemory as an ONNX function body (standard ops only; stock ONNX Runtime inlines it).
 
-Stored pairs come in blocks of S, (NB, B, H, S, hs), with their positions (NB, B, S); the chunk's
-new pairs beside them. beta(n_t) scales the query; one softmax runs over stored and new pairs
-together (a shared max, merged sums), in fp32 whatever the stores' type.
+Stored pairs live in a pool of blocks of S pairs, (P, H, S, hs); row b's i-th block is pool block
+store_blocks[b, i], and its positions are store_tau[i, b] (NB, B, S). The body gathers each row's
+blocks, (NB, B, H, S, hs), and retrieves from them with the chunk's new pairs beside them.
+beta(n_t) scales the query; one softmax runs over stored and new pairs together (a shared max,
+merged sums), in fp32 whatever the stores' type.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from mosaicrt.ops.associative_memory import NAME, NAME_INT8
 NEG_INF = float("-inf")
 
 
-INPUTS = ("q", "t", "store_k", "store_v", "store_tau", "new_k", "new_v", "new_tau", "beta0",
-          "beta1", "alpha")  # fmt: skip
-SCALE_INPUTS = ("store_k_scale", "store_v_scale")  # AssociativeMemoryInt8: (NB, B, H, S) fp32
+INPUTS = ("q", "t", "store_k", "store_v", "store_blocks", "store_tau", "new_k", "new_v", "new_tau",
+          "beta0", "beta1", "alpha")  # fmt: skip
+SCALE_INPUTS = ("store_k_scale", "store_v_scale")  # AssociativeMemoryInt8: (P, H, S) fp32
 
 
 def visibility_mask(g: GraphBuilder, tau: str, tq: str, window: str, delay: str) -> str:
@@ -39,7 +41,9 @@ def visibility_mask(g: GraphBuilder, tau: str, tq: str, window: str, delay: str)
 def function(int8_stores: bool = False) -> onnx.FunctionProto:
     """AssociativeMemory, or AssociativeMemoryInt8 (int8 stores and their scales)."""
     g = GraphBuilder()
-    q, t, store_k, store_v, store_tau, new_k, new_v, new_tau, beta0, beta1, alpha = INPUTS
+    q, t, store_k, store_v, store_blocks, store_tau, new_k, new_v, new_tau, beta0, beta1, alpha = (
+        INPUTS
+    )
     window = g.attribute("window", AttributeProto.INT)
     delay = g.attribute("delay", AttributeProto.INT)
     one, zero = g.const(1, np.int64), g.const(0, np.int64)
@@ -50,14 +54,21 @@ def function(int8_stores: bool = False) -> onnx.FunctionProto:
     beta = g.op("Add", g.op("Mul", beta1, g.op("Pow", g.unsqueeze(n, 2), alpha)), beta0)  # (B,C,H)
     qb = g.op("Mul", q, g.unsqueeze(beta, 3))  # (B, C, H, hs)
 
+    def rows_blocks(pool: str) -> str:
+        """Pool (P, H, S[, hs]) -> every row's blocks (NB, B, H, S[, hs])."""
+        blocks = g.op("Gather", pool, store_blocks, axis=0)  # (B, NB, H, S[, hs])
+        perm = [1, 0, 2, 3, 4] if pool in (store_k, store_v) else [1, 0, 2, 3]
+        return g.op("Transpose", blocks, perm=perm)
+
     # Stores may be fp16/bf16: the products run in fp32 (scores reach beta ~ 150). For fp32 stores
     # the Cast is a no-op that ONNX Runtime removes.
-    store_k, store_v = g.op("Cast", store_k, to=FLOAT), g.op("Cast", store_v, to=FLOAT)
+    store_k = g.op("Cast", rows_blocks(store_k), to=FLOAT)
+    store_v = g.op("Cast", rows_blocks(store_v), to=FLOAT)
     # Stored pairs: keys on the left, so no store is transposed.
     q_cols = g.op("Transpose", qb, perm=[0, 2, 3, 1])  # (B, H, hs, C)
     s_old = g.op("MatMul", store_k, q_cols)  # (NB, B, H, S, C)
     if int8_stores:  # pair s's key is store_k[s] * store_k_scale[s]
-        s_old = g.op("Mul", s_old, g.unsqueeze(SCALE_INPUTS[0], 4))
+        s_old = g.op("Mul", s_old, g.unsqueeze(rows_blocks(SCALE_INPUTS[0]), 4))
     tau_old = g.unsqueeze(store_tau, 2, 4)  # (NB, B, 1, S, 1)
     t_old = g.unsqueeze(t, 0, 2, 3)  # (1, B, 1, 1, C)
     s_old = g.op("Add", s_old, visibility_mask(g, tau_old, t_old, window, delay))
@@ -82,7 +93,7 @@ def function(int8_stores: bool = False) -> onnx.FunctionProto:
         g.op("ReduceSum", e_new, g.ints(3), keepdims=0),
     )  # (B, H, C)
     if int8_stores:  # pair s's value is store_v[s] * store_v_scale[s]: scale its weight
-        p_old = g.op("Mul", e_old, g.unsqueeze(SCALE_INPUTS[1], 3))  # (NB, B, H, C, S)
+        p_old = g.op("Mul", e_old, g.unsqueeze(rows_blocks(SCALE_INPUTS[1]), 3))  # (NB,B,H,C,S)
     else:
         p_old = e_old
     y_old = g.op(

@@ -21,14 +21,15 @@ namespace mosaic {
 
 struct MemoryShape {
   int64_t B, C, H, hs;  // q, new_k, new_v: (B, C, H, hs)
-  int64_t NB, S;        // store_k, store_v: (NB, B, H, S, hs); store_tau (NB, B, S)
+  int64_t NB, S;        // store_blocks (B, NB); store_tau (NB, B, S); pool blocks of S pairs
 };
 
 struct MemoryInputs {
   const float* q;
   const int64_t* t;
-  const void* store_k;
+  const void* store_k;            // pools (P, H, S, hs): block p holds S pairs of every head
   const void* store_v;
+  const int64_t* store_blocks;    // (B, NB): row b's block i is pool block store_blocks[b, i]
   const int64_t* store_tau;
   const float* new_k;
   const float* new_v;
@@ -36,11 +37,17 @@ struct MemoryInputs {
   const float* beta0;
   const float* beta1;
   const float* alpha;
-  const float* store_k_scale;  // AssociativeMemoryInt8: (NB, B, H, S); nullptr for fp stores
+  const float* store_k_scale;  // AssociativeMemoryInt8: (P, H, S); nullptr for fp stores
   const float* store_v_scale;
 };
 
 constexpr int64_t kTile = 64;  // value columns accumulated in registers at a time
+
+// Pair 0 of head h in row b's stored block blk, as an index into a pool (P, H, S[, hs]).
+inline int64_t block_pair0(const MemoryInputs& in, const MemoryShape& s, int64_t b, int64_t blk,
+                           int64_t h) {
+  return (in.store_blocks[b * s.NB + blk] * s.H + h) * s.S;
+}
 
 // The scales from pair `pair` on, or nullptr for fp stores (which have none).
 inline const float* scale_at(const float* scales, int64_t pair) {
@@ -209,8 +216,7 @@ void memory_row_head(const MemoryInputs& in, const MemoryShape& s, int64_t windo
   const T* store_k = static_cast<const T*>(in.store_k);
   const T* store_v = static_cast<const T*>(in.store_v);
   for (int64_t blk = 0; blk < s.NB; ++blk) {
-    const int64_t at = ((blk * s.B + b) * s.H + h) * s.S * hs;
-    const int64_t pair0 = ((blk * s.B + b) * s.H + h) * s.S;  // scales of the block's pairs
+    const int64_t pair0 = block_pair0(in, s, b, blk, h), at = pair0 * hs;
     const PairSet<T> block{store_k + at, store_v + at, in.store_tau + (blk * s.B + b) * s.S,
                            s.S, hs, scale_at(in.store_k_scale, pair0),
                            scale_at(in.store_v_scale, pair0)};
@@ -231,8 +237,8 @@ void memory_row_head(const MemoryInputs& in, const MemoryShape& s, int64_t windo
 constexpr int64_t kBlocksPerRange = 8;  // decode: stored blocks per work item
 
 // Decode (one query per row), the stored part: work item (b, r) folds blocks [r * kBlocksPerRange,
-// ...) of every head of row b into partial softmaxes, reading them in memory order (a block holds
-// all heads: the store streams through each thread as one contiguous range).
+// ...) of every head of row b into partial softmaxes (a pool block holds all heads: each block
+// streams through a thread as one contiguous range).
 template <typename T>
 void decode_block_range(const MemoryInputs& in, const MemoryShape& s, int64_t window,
                         int64_t delay, int64_t b, int64_t range, const std::vector<float>& qb,
@@ -245,7 +251,7 @@ void decode_block_range(const MemoryInputs& in, const MemoryShape& s, int64_t wi
   for (int64_t blk = first; blk < last; ++blk) {
     const int64_t* tau = in.store_tau + (blk * s.B + b) * s.S;
     for (int64_t h = 0; h < s.H; ++h) {
-      const int64_t pair0 = ((blk * s.B + b) * s.H + h) * s.S, at = pair0 * hs;
+      const int64_t pair0 = block_pair0(in, s, b, blk, h), at = pair0 * hs;
       score_pairs(qb.data() + (b * s.H + h) * hs, store_k + at,
                   scale_at(in.store_k_scale, pair0), tau, s.S, hs, hs, t, window, delay,
                   score.data());
@@ -301,7 +307,7 @@ void memory_decode(const Ort::KernelContext& ctx, const MemoryInputs& in, const 
 
 struct AssociativeMemoryKernel {
   int64_t window, delay;
-  bool int8_stores;  // AssociativeMemoryInt8: int8 stores, their scales as inputs 11 and 12
+  bool int8_stores;  // AssociativeMemoryInt8: int8 stores, their scales as inputs 12 and 13
 
   AssociativeMemoryKernel(const OrtKernelInfo* info, bool int8) : int8_stores(int8) {
     Ort::ConstKernelInfo kernel_info(info);
@@ -317,9 +323,19 @@ struct AssociativeMemoryKernel {
     Ort::KernelContext ctx(context);
     auto q = ctx.GetInput(0), store_k = ctx.GetInput(2), store_v = ctx.GetInput(3);
     const auto q_shape = shape_of(q, 4, "q");
-    const auto store_shape = shape_of(store_k, 5, "store_k");
-    const MemoryShape s{q_shape[0], q_shape[1], q_shape[2], q_shape[3], store_shape[0],
-                        store_shape[3]};
+    auto store_blocks = ctx.GetInput(4);
+    const auto store_shape = shape_of(store_k, 4, "store_k");
+    const auto blocks_shape = shape_of(store_blocks, 2, "store_blocks");
+    const MemoryShape s{q_shape[0], q_shape[1], q_shape[2], q_shape[3], blocks_shape[1],
+                        store_shape[2]};
+    if (blocks_shape[0] != s.B)
+      throw Ort::Exception("AssociativeMemory: store_blocks must have a row per query row",
+                           ORT_FAIL);
+    const int64_t* table = store_blocks.GetTensorData<int64_t>();
+    for (int64_t i = 0; i < s.B * s.NB; ++i)
+      if (table[i] < 0 || table[i] >= store_shape[0])
+        throw Ort::Exception("AssociativeMemory: store_blocks names a block outside the pool",
+                             ORT_FAIL);
     const auto type = store_k.GetTensorTypeAndShapeInfo().GetElementType();
     if (store_v.GetTensorTypeAndShapeInfo().GetElementType() != type)
       throw Ort::Exception("AssociativeMemory: store_k and store_v differ in type", ORT_FAIL);
@@ -328,15 +344,16 @@ struct AssociativeMemoryKernel {
         ctx.GetInput(1).GetTensorData<int64_t>(),
         store_k.GetTensorRawData(),
         store_v.GetTensorRawData(),
-        ctx.GetInput(4).GetTensorData<int64_t>(),
-        ctx.GetInput(5).GetTensorData<float>(),
+        table,
+        ctx.GetInput(5).GetTensorData<int64_t>(),
         ctx.GetInput(6).GetTensorData<float>(),
-        ctx.GetInput(7).GetTensorData<int64_t>(),
-        ctx.GetInput(8).GetTensorData<float>(),
+        ctx.GetInput(7).GetTensorData<float>(),
+        ctx.GetInput(8).GetTensorData<int64_t>(),
         ctx.GetInput(9).GetTensorData<float>(),
         ctx.GetInput(10).GetTensorData<float>(),
-        int8_stores ? ctx.GetInput(11).GetTensorData<float>() : nullptr,
+        ctx.GetInput(11).GetTensorData<float>(),
         int8_stores ? ctx.GetInput(12).GetTensorData<float>() : nullptr,
+        int8_stores ? ctx.GetInput(13).GetTensorData<float>() : nullptr,
     };
     float* y = ctx.GetOutput(0, q_shape).GetTensorMutableData<float>();
     const int64_t window_ = window, delay_ = delay;
@@ -365,8 +382,8 @@ struct AssociativeMemoryKernel {
   }
 };
 
-// AssociativeMemory (fp32/fp16 stores, 11 inputs) or AssociativeMemoryInt8 (int8 stores and
-// their two scales, 13 inputs): one kernel.
+// AssociativeMemory (fp32/fp16 stores, 12 inputs) or AssociativeMemoryInt8 (int8 stores and
+// their two scales, 14 inputs): one kernel.
 template <bool kInt8>
 struct AssociativeMemoryOpT
     : Ort::CustomOpBase<AssociativeMemoryOpT<kInt8>, AssociativeMemoryKernel, true> {
@@ -375,10 +392,11 @@ struct AssociativeMemoryOpT
   }
   const char* GetName() const { return kInt8 ? "AssociativeMemoryInt8" : "AssociativeMemory"; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return kInt8 ? 13 : 11; }
+  size_t GetInputTypeCount() const { return kInt8 ? 14 : 12; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
     switch (i) {
-      case 1: case 4: case 7: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;  // t, taus
+      case 1: case 4: case 5: case 8:  // t, store_blocks, taus
+        return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
       case 2: case 3:  // stores
         return kInt8 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
       default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;

@@ -20,6 +20,7 @@ def associative_memory(
     t: torch.Tensor,
     store_k: torch.Tensor,
     store_v: torch.Tensor,
+    store_blocks: torch.Tensor,
     new_k: torch.Tensor,
     new_v: torch.Tensor,
     new_tau: torch.Tensor,
@@ -29,8 +30,8 @@ def associative_memory(
     window: int,
     delay: int,
 ) -> torch.Tensor:
-    """The op (its store_tau input implied by the positions); stores flat (B, N, H, hs) or in
-    blocks (NB, B, H, S, hs); a store with a window is a ring. Returns y (B, C, H, hs) fp32."""
+    """The op (its store_tau input implied by the positions): stores pools (P, H, S, hs) read
+    through store_blocks (B, NB); a store with a window is a ring. Returns y (B, C, H, hs) fp32."""
     from mosaicrt.ops.associative_memory.kernel import retrieve_any
 
     pos = t[:, 0].contiguous()
@@ -41,26 +42,28 @@ def associative_memory(
     qb = (q.float() * beta[..., None]).contiguous()
     ring = has_window(window)
     return retrieve_any(qb, store_k, store_v, new_k.contiguous(), new_v.contiguous(), pos,
-                        lengths, window=window if ring else 0, delay=delay,
-                        ring=ring)  # fmt: skip
+                        lengths, window=window if ring else 0, delay=delay, ring=ring,
+                        blocks=store_blocks)  # fmt: skip
 
 
 def run(inputs: list, outputs: list, fields: dict) -> None:
     """The plugin's enqueue on torch views of TensorRT's buffers."""
-    q, t, store_k, store_v, _store_tau, new_k, new_v, new_tau, beta0, beta1, alpha = inputs
-    y = associative_memory(q, t, store_k, store_v, new_k, new_v, new_tau, beta0, beta1, alpha,
-                           fields["window"], fields["delay"])  # fmt: skip
+    q, t, store_k, store_v, blocks, _store_tau, new_k, new_v, new_tau, beta0, beta1, alpha = inputs
+    y = associative_memory(q, t, store_k, store_v, blocks, new_k, new_v, new_tau, beta0, beta1,
+                           alpha, fields["window"], fields["delay"])  # fmt: skip
     outputs[0].copy_(y)
 
 
 PLUGIN = PluginSpec(
     name=NAME,
-    # q, t, store_k, store_v, store_tau, new_k, new_v, new_tau, beta0, beta1, alpha -> y
+    # q, t, store_k, store_v, store_blocks, store_tau, new_k, new_v, new_tau, beta0, beta1,
+    # alpha -> y
     inputs=(
         ("float32",),
         ("int64",),
         STORE_TYPES,
         STORE_TYPES,
+        ("int64",),
         ("int64",),
         ("float32",),
         ("float32",),

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from mosaicrt.errors import InputError
 from mosaicrt.outputs import atomic_dir, check_output_dir
+from mosaicrt.runtime.batcher import pool_blocks
+from mosaicrt.runtime.limits import RunLimits
 
 MODEL_NAME, UNARY_NAME = "mosaicrt", "mosaicrt_unary"
 SETTINGS = "mosaicrt.json"
@@ -82,10 +84,10 @@ def model_max_context(model_dir: Path) -> int | None:
     return None
 
 
-def check_model(model_dir: Path, backend: str, check_weights: bool) -> None:
+def check_model(model_dir: Path, backend: str, check_weights: bool):
     """What `score` would check, before anything is written: an artifact or checkpoint is
-    loaded by its backend on the CPU (manifest, graph, config, weights); an engine's manifest
-    is read and its engine file checked (running it needs its GPU)."""
+    loaded by its backend on the CPU (manifest, graph, config, weights), which is returned; an
+    engine's manifest is read and its engine file checked (running it needs its GPU): None."""
     if backend == "tensorrt":
         from mosaicrt.plugins.engine import ENGINE_FILE, read_build_manifest
 
@@ -96,10 +98,10 @@ def check_model(model_dir: Path, backend: str, check_weights: bool) -> None:
                 f"{engine} is missing or not the size its build manifest records: rebuild the "
                 "engine with `mosaicrt build`"
             )
-        return
+        return None
     from mosaicrt.runtime.backends import open_backend
 
-    open_backend(backend, model_dir, device="cpu", check_weights=check_weights)
+    return open_backend(backend, model_dir, device="cpu", check_weights=check_weights)
 
 
 def export_repository(
@@ -114,6 +116,8 @@ def export_repository(
     device: str = "auto",
     force: bool = False,
     check_weights: bool = True,
+    state_memory: int | None = None,
+    prefix_cache: bool = True,
 ) -> Path:
     """Write the repository, whole or not at all, after checking the model; returns the
     model's directory in it. An existing repository is replaced only with force."""
@@ -137,16 +141,21 @@ def export_repository(
                         ("instances", instances), ("prefill-chunk", prefill_chunk)):  # fmt: skip
         if value < 1:
             raise InputError(f"--{flag} must be >= 1, got {value}")
-    check_model(model_dir, backend, check_weights)
+    served = check_model(model_dir, backend, check_weights)
+    if served is not None and state_memory is not None:  # a budget too small is refused now
+        limits = RunLimits(max_batch, max_context, prefill_chunk, state_memory=state_memory)
+        pool_blocks(served, limits)
     with atomic_dir(repo) as tmp:
         write_repository(tmp, model_dir, backend, max_batch, max_context, instances,
-                         prefill_chunk, idle_timeout_s, device)  # fmt: skip
+                         prefill_chunk, idle_timeout_s, device, state_memory,
+                         prefix_cache)  # fmt: skip
     return repo / MODEL_NAME
 
 
 def write_repository(
     repo: Path, model_dir: Path, backend: str, max_batch: int, max_context: int,
     instances: int, prefill_chunk: int, idle_timeout_s: float, device: str,
+    state_memory: int | None = None, prefix_cache: bool = True,
 ) -> None:  # fmt: skip
     home = repo / MODEL_NAME
     version = home / "1"
@@ -169,5 +178,7 @@ def write_repository(
         "max_context": max_context,
         "prefill_chunk": prefill_chunk,
         "idle_timeout_s": idle_timeout_s,
+        "state_memory": state_memory,
+        "prefix_cache": prefix_cache,
     }
     (version / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")

@@ -26,9 +26,9 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from mosaicrt.errors import InputError, MosaicError
-from mosaicrt.model.state import memory_plan
 from mosaicrt.runtime.backends import open_backend
 from mosaicrt.runtime.limits import RunLimits
+from mosaicrt.runtime.paging import state_bytes
 from mosaicrt.runtime.sampling import SamplingParams
 from mosaicrt.runtime.serving.loop import LoopMetrics, ServingLoop
 from mosaicrt.runtime.serving.repository import DRAIN_FILE_ENV, SETTINGS
@@ -245,18 +245,19 @@ class TritonPythonModel:
             max_batch=settings["max_batch"],
             max_context=settings["max_context"],
             prefill_chunk=settings["prefill_chunk"],
+            state_memory=settings.get("state_memory"),
+            prefix_cache=settings.get("prefix_cache", True),
         )
         self.config = backend.config
         try:
             self.tokenizer = load_tokenizer(here / "model", self.config.vocab_size)
         except InputError:  # too small a vocabulary for bytes, and no tokenizer.json
             self.tokenizer = None
-        plan = memory_plan(self.config, limits.max_context, limits.max_batch)
         self.loop = ServingLoop(
             backend,
             limits,
             idle_timeout_s=settings["idle_timeout_s"],
-            metrics=TritonMetrics(plan.state_bytes),
+            metrics=TritonMetrics(state_bytes(backend, limits)),
             drain_file=os.environ.get(DRAIN_FILE_ENV),
         )
 
