@@ -311,6 +311,7 @@ def test_metrics_count_tokens_latency_and_failures(server):
     assert after["mosaicrt_output_tokens_per_second"] > 0
     assert after["mosaicrt_requests_failed_total"] > before.get("mosaicrt_requests_failed_total", 0)
     assert after["mosaicrt_state_bytes"] > 0
+    assert "mosaicrt_state_blocks_used" in after and "mosaicrt_preemptions_total" in after
 
 
 def test_serve_restarts_a_dead_model_and_stops_cleanly_with_open_streams(server, reference):

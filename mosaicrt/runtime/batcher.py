@@ -2,9 +2,10 @@
 
 Requests wait in a queue, take the lowest free row (which is reset), prefill in chunks, decode one
 token per step, and leave at EOS, a stop token or max_new_tokens, freeing the row for the next one.
-A step either advances the rows still prefilling or decodes the others, and it runs only the
-range of rows that have work: one request in a 16-row batcher costs one row, not sixteen (rows
-between two working ones take 0 tokens). Prefill chunks end at multiples of the prefill chunk.
+A step either advances rows still prefilling (a chunk each, over PREFILL_CHUNKS_PER_STEP rows at
+most) or decodes the others, alternating while both wait, and it runs only the range of rows
+that have work: one request in a 16-row batcher costs one row, not sixteen (rows between two
+working ones take 0 tokens). Prefill chunks end at multiples of the prefill chunk.
 
 When the backend keeps the LTM in a pool of blocks (runtime.paging), rows are cheap and blocks
 are the budget: a request is admitted when the pool has the blocks for its prompt, and gives
@@ -38,6 +39,7 @@ from mosaicrt.runtime.prefix_cache import PrefixCache, prefix_keys
 from mosaicrt.runtime.sampling import Sampler, SamplingParams
 
 CACHE_ENTRIES_PER_ROW = 4  # the prefix cache keeps at most this many entries per row
+PREFILL_CHUNKS_PER_STEP = 8  # rows a prefill step spans at most (a chunk each)
 
 
 @dataclass
@@ -100,6 +102,7 @@ class ContinuousBatcher:
         self.eos = None if ignore_eos else backend.config.eos_token_id  # benchmarks ignore EOS
         self.sessions: dict[object, Session] = {}  # open sessions and the rows they keep
         self.admissions = self.preemptions = self.peak_running = 0
+        self.last_prefill = False  # was the last step a prefill step?
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -293,17 +296,27 @@ class ContinuousBatcher:
             return events + self._advance(feeds, logits, lo, prefill)
 
     def _work(self) -> tuple[bool, dict[int, list[int]]]:
-        """(prefill?, tokens to feed by row): the rows still prefilling, a chunk each (ending at
-        a multiple of the prefill chunk), or else every other row's next token."""
-        prefill = any(r is not None and r.prefilling for r in self.rows)
+        """(prefill?, tokens to feed by row): rows still prefilling, a chunk each (ending at a
+        multiple of the prefill chunk), those among the PREFILL_CHUNKS_PER_STEP rows from the
+        oldest one's (a step computes every row of its range, padding included); or every other
+        row's next token. When rows of both kinds wait, steps alternate, so that prompts
+        arriving all the time do not stall the tokens of running requests."""
+        prefilling = [i for i, r in enumerate(self.rows) if r is not None and r.prefilling]
+        decoding = [i for i, r in enumerate(self.rows) if r is not None and not r.prefilling]
+        prefill = bool(prefilling) and not (decoding and self.last_prefill)
+        self.last_prefill = prefill
         chunk, feeds = self.limits.prefill_chunk, {}
-        for i, r in enumerate(self.rows):
-            if r is not None and r.prefilling == prefill:
-                if prefill:
+        if prefill:  # the rows of a step are a range, every row of it computed: keep it short
+            first = min(prefilling, key=lambda i: self.rows[i].admitted)
+            for i in prefilling:
+                if first <= i < first + PREFILL_CHUNKS_PER_STEP:
+                    r = self.rows[i]
                     feeds[i] = r.prompt[r.fed : (r.fed // chunk + 1) * chunk]
-                else:  # the last token produced, or one being replayed after a preemption
-                    feeds[i] = [(r.prompt + r.output)[r.fed]]
-        return prefill, feeds
+            return True, feeds
+        for i in decoding:  # the last token produced, or one replayed after a preemption
+            r = self.rows[i]
+            feeds[i] = [(r.prompt + r.output)[r.fed]]
+        return False, feeds
 
     def _make_room(self, shortage: OutOfBlocks) -> list[Event]:
         """Free LTM blocks for a step the pool cannot serve: drop prefix-cache entries, else

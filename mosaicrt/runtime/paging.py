@@ -132,12 +132,14 @@ class BlockTable:
         self.count = np.zeros(batch, np.int64)  # (B,) blocks each row holds
         # [changes, changes when last copied to a device]: shared with the views
         self.versions = np.zeros(2, np.int64)
+        self.fed: tuple = (None, None)  # (version and width, the array feed() gave)
 
     def view(self, rows: slice) -> BlockTable:
         """The table of a range of rows, as views: growing it grows this table."""
         table = BlockTable.__new__(BlockTable)
         table.pool, table.block, table.versions = self.pool, self.block, self.versions
         table.table, table.count = self.table[rows], self.count[rows]
+        table.fed = (None, None)
         return table
 
     def changed(self) -> None:
@@ -194,8 +196,12 @@ class BlockTable:
         self.changed()
 
     def feed(self, blocks: int) -> np.ndarray:
-        """The table's leading `blocks` columns, contiguous (B, blocks): what a step reads."""
-        return np.ascontiguousarray(self.table[:, :blocks])
+        """The table's leading `blocks` columns, contiguous (B, blocks): what a step reads (the
+        same array while the table does not change, so a runtime binds it once)."""
+        key = (int(self.versions[0]), blocks)
+        if self.fed[0] != key:
+            self.fed = (key, np.ascontiguousarray(self.table[:, :blocks]))
+        return self.fed[1]
 
 
 def planned_blocks(sizes: StateSizes, max_batch: int, max_context: int, budget: int | None) -> int:

@@ -53,7 +53,7 @@ class PrefixCache:
         self.backend, self.state, self.table = backend, state, table
         self.chunk, self.max_entries = chunk, max_entries
         self.entries: OrderedDict[bytes, CacheEntry] = OrderedDict()  # oldest use first
-        self.hits = self.misses = 0
+        self.hits = 0  # requests started from an entry
 
     def lookup(self, keys: list[tuple[int, bytes]], tokens: int) -> CacheEntry | None:
         """The longest entry among `keys` that leaves at least one of `tokens` to prefill (the
@@ -62,9 +62,7 @@ class PrefixCache:
             entry = self.entries.get(key)
             if p < tokens and entry is not None:
                 self.entries.move_to_end(key)
-                self.hits += 1
                 return entry
-        self.misses += 1
         return None
 
     def insert(self, key: bytes, row: int) -> None:
@@ -91,6 +89,7 @@ class PrefixCache:
     def restore(self, entry: CacheEntry, row: int) -> None:
         """Start `row` (holding no blocks) from an entry: its blocks shared, its partial block
         copied into a block of the row's own, its small state put back."""
+        self.hits += 1
         self.table.share(row, entry.blocks)
         if entry.partial is not None:
             [own] = self.table.pool.take(1)

@@ -88,10 +88,12 @@ class CapturedDecode:
             **state.small,
             **state.stores,  # rings and pools whole: see the module docstring
         }
-        self.blocks = state.blocks  # the whole block table, copied in before each replay
+        # The whole block table (rows' blocks past their count are masked by the positions),
+        # copied in before a replay when it changed.
+        self.blocks = state.blocks
         if self.blocks is not None:
-            table = torch.from_numpy(self.blocks.table)
-            self.feeds[io_spec.LTM_BLOCKS] = table.to(device)
+            self.blocks.take_changes()  # the copy below is current
+            self.feeds[io_spec.LTM_BLOCKS] = torch.from_numpy(self.blocks.table).to(device)
         self.context, self.memory = backend.new_context()
         backend.run_graph(self.feeds, self.context)  # deferred work finishes before a capture
         self.graph = torch.cuda.CUDAGraph()
@@ -101,7 +103,7 @@ class CapturedDecode:
     def __call__(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for name in (io_spec.INPUT_IDS, io_spec.LENGTHS, io_spec.POSITIONS):
             self.feeds[name].copy_(feeds[name])
-        if self.blocks is not None:  # rows' blocks past their count are read as masked
+        if self.blocks is not None and self.blocks.take_changes():  # the table, when it moved
             self.feeds[io_spec.LTM_BLOCKS].copy_(torch.from_numpy(self.blocks.table))
         self.graph.replay()
         return self.outputs

@@ -37,6 +37,7 @@ class LoopMetrics:
     def tokens(self, count: int) -> None: ...
     def finished(self, ok: bool) -> None: ...
     def load(self, running: int, waiting: int, rows: int, sessions: int) -> None: ...
+    def pool(self, report: dict) -> None: ...  # the batcher's pool_report
 
 
 @dataclass
@@ -233,6 +234,9 @@ class ServingLoop:
         kept = {s.row for s in b.sessions.values()}
         rows = len({i for i, r in enumerate(b.rows) if r is not None} | kept)
         self.metrics.load(running, len(b.waiting), rows, len(b.sessions))
+        report = b.pool_report()
+        if report is not None:
+            self.metrics.pool(report)
 
     # -- the sender thread -------------------------------------------------------------------
 

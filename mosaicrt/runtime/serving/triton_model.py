@@ -210,6 +210,12 @@ class TritonMetrics(LoopMetrics):
         self.sessions = metric("mosaicrt_sessions_open", "open sessions", G)
         self.state = metric("mosaicrt_state_bytes", "decode state allocated", G)
         self.state.set(state_bytes)
+        self.blocks = metric("mosaicrt_state_blocks_used", "LTM pool blocks in use", G)
+        self.shared = metric("mosaicrt_state_blocks_shared", "LTM blocks held twice or more", G)
+        self.hits = metric("mosaicrt_prefix_cache_hits_total", "requests started from the "
+                           "prefix cache", C)  # fmt: skip
+        self.preempted = metric("mosaicrt_preemptions_total", "requests preempted", C)
+        self.counted = {"prefix_cache_hits": 0, "preemptions": 0}  # what the counters hold
         self.recent: deque[float] = deque()
 
     def first_token(self, seconds: float) -> None:
@@ -234,6 +240,14 @@ class TritonMetrics(LoopMetrics):
         self.waiting.set(waiting)
         self.rows.set(rows)
         self.sessions.set(sessions)
+
+    def pool(self, report: dict) -> None:
+        self.blocks.set(report["blocks_used"])
+        self.shared.set(report["blocks_shared"])
+        for key, counter in (("prefix_cache_hits", self.hits), ("preemptions", self.preempted)):
+            if report[key] > self.counted[key]:
+                counter.increment(report[key] - self.counted[key])
+                self.counted[key] = report[key]
 
 
 class TritonPythonModel:
