@@ -288,6 +288,14 @@ def write_new_pairs(
     int8 stores' scales likewise (field keys_scale / values_scale, or `stacked_scales`).
     Where each pair goes is worked out on the host; to_state moves those indices to the state."""
     S, H, ring = block, config.num_heads, config.stm_window - 1
+    if chunk == 1:  # decode: pair pos-1 of every row with a token past its first
+        rows = np.flatnonzero((host_lengths > 0) & (state.host_pos >= 1))
+        if len(rows) == 0:
+            return
+        if len(rows) <= FEW_ROWS:
+            sources = new_pair_sources(config, state, new_pairs, stacked, stacked_scales)
+            write_decode_pairs(config, S, state, rows, sources)
+            return
     j = np.arange(chunk)[None, :]
     tau = state.host_pos[:, None] - 1 + j  # (B, C)
     ok = (j < host_lengths[:, None]) & (tau >= 0)
@@ -295,27 +303,8 @@ def write_new_pairs(
     rows = {"ltm": np.nonzero(ok), "stm": np.nonzero(ok & (tau > newest - ring))}  # ring: h-1
     if not any(len(b) for b, _ in rows.values()):
         return  # no pair completed (rows of length 0, or the first token)
-    if stacked is None:
-        stacked = stack_new(config, new_pairs, "")
-    sources = [(state.pairs, stacked)]  # (destination, stacked new pairs)
-    if state.scales:
-        if stacked_scales is None:
-            stacked_scales = stack_new(config, new_pairs, io_spec.SCALE_SUFFIX)
-        sources.append((state.scales, stacked_scales))
+    sources = new_pair_sources(config, state, new_pairs, stacked, stacked_scales)
     table = state.blocks.table if state.blocks is not None else None
-    if chunk == 1 and len(rows["ltm"][0]) <= FEW_ROWS:  # decode: a pair per row, plain slices
-        for b in rows["ltm"][0].tolist():
-            t = int(tau[b, 0])
-            for i, memory in enumerate(config.memories):
-                if memory == "stm":
-                    where = b, geometry.ring_slot(t, ring)
-                else:
-                    where = int(table[b, t // S]), t % S
-                for destination, new in sources:
-                    destination[memory][:, where[0], :, where[1]] = new[
-                        :, b, 0, i * H : (i + 1) * H
-                    ]
-        return
     for i, memory in enumerate(config.memories):
         b, c = rows[memory]
         t = tau[b, c]  # (n,)
@@ -329,6 +318,36 @@ def write_new_pairs(
             # Advanced indices split by a slice go first: both sides are (n, L*2, H[, hs]).
             pairs = new[:, b, c, i * H : (i + 1) * H]  # (L*2, n, H[, hs])
             destination[memory][:, where, :, slot] = pairs.swapaxes(0, 1)
+
+
+def new_pair_sources(config, state, new_pairs, stacked, stacked_scales) -> list[tuple]:
+    """(destination buffers by memory, the stacked new pairs) for the pairs and, with int8
+    stores, their scales."""
+    if stacked is None:
+        stacked = stack_new(config, new_pairs, "")
+    sources = [(state.pairs, stacked)]
+    if state.scales:
+        if stacked_scales is None:
+            stacked_scales = stack_new(config, new_pairs, io_spec.SCALE_SUFFIX)
+        sources.append((state.scales, stacked_scales))
+    return sources
+
+
+def write_decode_pairs(
+    config: ModelConfig, block: int, state: GraphState, rows: np.ndarray, sources: list[tuple]
+) -> None:
+    """A decode step's pair (tau = pos-1) of each of a few rows, written with plain slices."""
+    H, ring = config.num_heads, config.stm_window - 1
+    table = state.blocks.table if state.blocks is not None else None
+    for b in rows.tolist():
+        t = int(state.host_pos[b]) - 1
+        for i, memory in enumerate(config.memories):
+            if memory == "stm":
+                where = b, geometry.ring_slot(t, ring)
+            else:
+                where = int(table[b, t // block]), t % block
+            for destination, new in sources:
+                destination[memory][:, where[0], :, where[1]] = new[:, b, 0, i * H : (i + 1) * H]
 
 
 def stack_new(config: ModelConfig, new_pairs: Callable[[int, str], Any], suffix: str) -> Any:
@@ -374,7 +393,7 @@ def graph_step(
         working = np.flatnonzero(host_lengths > 0)
         state.blocks.grow(working, state.host_pos[working] + host_lengths[working])
     nb = geometry.readable_blocks(state.host_pos, ids.shape[1], config.ltm_delay, block)
-    feeds = {io_spec.INPUT_IDS: ids, io_spec.LENGTHS: lengths, io_spec.POSITIONS: state.pos + 0}
+    feeds = {io_spec.INPUT_IDS: ids, io_spec.LENGTHS: lengths, io_spec.POSITIONS: state.pos}
     feeds.update(state.small)
     feeds.update(state.store_feeds(nb, to_state))
     outputs = run(feeds)

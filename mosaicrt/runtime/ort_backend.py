@@ -207,6 +207,7 @@ class OrtBackend(GraphStatePaging, Backend):
         # (batch, chunk) and buffers.
         self.cpu_binding: tuple[Any, dict] = (self.session.io_binding(), {})
         self.bound_outputs: tuple[tuple[int, int] | None, dict] = (None, {})
+        self.staging: dict[str, np.ndarray] = {}  # ids and lengths, by input name
         self.block = int(self.manifest["ltm_block"])
         self.max_context = int(self.manifest["max_context"])
         self.last_only_graph = bool(self.manifest["last_only"])
@@ -353,6 +354,15 @@ class OrtBackend(GraphStatePaging, Backend):
             self.bound_outputs = ((batch, chunk), buffers)
         return self.bound_outputs[1]
 
+    def staged(self, name: str, array: np.ndarray) -> np.ndarray:
+        """`array` as int64 in a host buffer kept for its shape: the same buffer step after
+        step, so that the CPU binding keeps it bound."""
+        buffer = self.staging.get(name)
+        if buffer is None or buffer.shape != array.shape:
+            buffer = self.staging[name] = np.empty(array.shape, np.int64)
+        np.copyto(buffer, array, casting="unsafe")
+        return buffer
+
     def to_state(self, array: np.ndarray) -> Any:
         """A host int64 array in the state's library: numpy, or a tensor on the device."""
         if self.io_binding:
@@ -374,8 +384,8 @@ class OrtBackend(GraphStatePaging, Backend):
             self.config,
             self.block,
             state,
-            self.to_state(ids.numpy().astype(np.int64)),
-            lengths.numpy().astype(np.int64),
+            self.to_state(self.staged(io_spec.INPUT_IDS, ids.numpy())),
+            self.staged(io_spec.LENGTHS, lengths.numpy()),
             last_only,
             self.last_only_graph,
             run,
