@@ -84,7 +84,7 @@ def generate_jsonl(args: argparse.Namespace, backend, sampling, limits) -> int:
     request N samples from --seed + N - 1, whatever the other lines hold."""
     from mosaicrt.runtime.files import read_prompts
     from mosaicrt.runtime.generator import generate
-    from mosaicrt.runtime.paging import plan_line
+    from mosaicrt.runtime.paging import plan_line, run_plan
 
     results = generate(
         backend,
@@ -94,8 +94,7 @@ def generate_jsonl(args: argparse.Namespace, backend, sampling, limits) -> int:
         limits,
         progress=sys.stderr.isatty(),
         on_start=lambda run: print(
-            plan_line(backend.state_sizes(), run.max_batch, run.max_context, run.state_memory),
-            file=sys.stderr,
+            plan_line(run_plan(backend, run), run.max_context, run.state_memory), file=sys.stderr
         ),
     )
     lines = []

@@ -96,17 +96,18 @@ def main(args: argparse.Namespace) -> int:
 
 
 POOL_ROWS = ("block_bytes", "row_bytes", "blocks_total", "pool_bytes", "ltm_tokens",
-             "sequences_at_max_context")  # fmt: skip
+             "sequences_at_max_context", "prefix_cache_rows", "state_bytes")  # fmt: skip
 
 
 def pool_plan(config, block: int, store_dtype: str, max_batch: int, max_context: int,
               budget: int | None) -> dict:  # fmt: skip
     """The LTM pool of a run with these limits (runtime.paging): its blocks, and how many
     tokens and full-length sequences it holds."""
-    from mosaicrt.runtime.paging import StateSizes, blocks_for, planned_blocks
+    from mosaicrt.runtime.paging import StateSizes, blocks_for, plan_state
 
     sizes = StateSizes.of(config, block, store_dtype)
-    blocks = planned_blocks(sizes, max_batch, max_context, budget)
+    plan = plan_state(sizes, max_batch, max_context, budget, prefix_cache=True)
+    blocks = plan.blocks
     per_sequence = max(blocks_for(max_context, block), 1)
     return {
         "state_memory": budget,
@@ -117,6 +118,8 @@ def pool_plan(config, block: int, store_dtype: str, max_batch: int, max_context:
         "pool_bytes": blocks * sizes.block_bytes,
         "ltm_tokens": blocks * block,
         "sequences_at_max_context": min(max_batch, blocks // per_sequence),
+        "prefix_cache_rows": plan.cache_entries,
+        "state_bytes": plan.bytes,
     }
 
 

@@ -34,11 +34,10 @@ import torch
 from mosaicrt.errors import BackendError, CapacityError, InputError, MosaicError
 from mosaicrt.runtime.backend import Backend, nonfinite_error
 from mosaicrt.runtime.limits import RunLimits
-from mosaicrt.runtime.paging import OutOfBlocks, blocks_for, planned_blocks, pool_report
+from mosaicrt.runtime.paging import OutOfBlocks, blocks_for, pool_report, run_plan
 from mosaicrt.runtime.prefix_cache import PrefixCache, prefix_keys
 from mosaicrt.runtime.sampling import Sampler, SamplingParams
 
-CACHE_ENTRIES_PER_ROW = 4  # the prefix cache keeps at most this many entries per row
 PREFILL_CHUNKS_PER_STEP = 8  # rows a prefill step spans at most (a chunk each)
 
 
@@ -94,8 +93,8 @@ class ContinuousBatcher:
         self.state = new_batch_state(backend, limits)
         self.table = backend.block_table(self.state)  # None: one store per row, no paging
         self.cache = None
-        if self.table is not None and limits.prefix_cache:
-            entries = CACHE_ENTRIES_PER_ROW * limits.max_batch
+        entries = run_plan(backend, limits).cache_entries if self.table is not None else 0
+        if entries:  # the prefix cache, when on and the budget leaves it room
             self.cache = PrefixCache(backend, self.state, self.table, limits.prefill_chunk, entries)
         self.rows: list[Request | None] = [None] * limits.max_batch
         self.waiting: deque[Request] = deque()
@@ -400,16 +399,14 @@ class ContinuousBatcher:
 
 
 def pool_blocks(backend: Backend, limits: RunLimits) -> int | None:
-    """LTM pool blocks for these limits: what limits.state_memory holds after max_batch rows
-    (never more than a static allocation), or None for a static allocation. A budget that
-    cannot hold the rows and one block is a CapacityError."""
+    """LTM pool blocks for these limits (runtime.paging.plan_state), or None for a static
+    allocation. A budget that cannot hold the rows and one block is a CapacityError."""
     if limits.state_memory is None:
         return None
-    sizes = backend.state_sizes()
-    blocks = planned_blocks(sizes, limits.max_batch, limits.max_context, limits.state_memory)
-    if blocks < 1 and sizes.block_bytes:
-        raise sizes.budget_error(limits.state_memory, limits.max_batch, 2)
-    return blocks
+    plan = run_plan(backend, limits)
+    if plan.blocks < 1 and plan.sizes.block_bytes:
+        raise plan.sizes.budget_error(limits.state_memory, limits.max_batch, 2)
+    return plan.blocks
 
 
 def new_batch_state(backend: Backend, limits: RunLimits):

@@ -204,32 +204,67 @@ class BlockTable:
         return self.fed[1]
 
 
-def planned_blocks(sizes: StateSizes, max_batch: int, max_context: int, budget: int | None) -> int:
-    """LTM pool blocks of a run: what `budget` holds after max_batch rows, never more than a
-    static allocation (every row at max_context), which is also the default."""
+CACHE_SHARE = 0.1  # of a state budget: the prefix cache's copies of rows
+CACHE_ENTRIES_PER_ROW = 4  # prefix-cache entries per row at most
+
+
+@dataclass(frozen=True)
+class StatePlan:
+    """What a run allocates: rows, the LTM pool's blocks, and the prefix cache's entries (each
+    a copy of one row's constant-size state, kept beside the rows)."""
+
+    sizes: StateSizes
+    rows: int
+    blocks: int
+    cache_entries: int
+
+    @property
+    def bytes(self) -> int:
+        rows = (self.rows + self.cache_entries) * self.sizes.row_bytes
+        return rows + self.blocks * self.sizes.block_bytes
+
+
+def plan_state(
+    sizes: StateSizes, max_batch: int, max_context: int, budget: int | None, prefix_cache: bool
+) -> StatePlan:
+    """The state of max_batch rows of up to max_context tokens. Without a budget: a pool holding
+    every row at max_context (a static allocation) and a cache entry per row. With one: the
+    cache takes up to CACHE_SHARE of it, the rows their constant part, and the pool the rest,
+    never more than a static allocation."""
     static = sizes.static_blocks(max_batch, max_context)
-    return static if budget is None else min(sizes.budget_blocks(budget, max_batch), static)
+    if budget is None:
+        return StatePlan(sizes, max_batch, static, max_batch if prefix_cache else 0)
+    entries = 0
+    if prefix_cache and sizes.row_bytes:
+        entries = min(
+            CACHE_ENTRIES_PER_ROW * max_batch, int(CACHE_SHARE * budget) // sizes.row_bytes
+        )
+    blocks = sizes.budget_blocks(budget - entries * sizes.row_bytes, max_batch)
+    return StatePlan(sizes, max_batch, min(blocks, static), entries)
 
 
 def state_bytes(backend, limits) -> int:
     """Bytes of the decode state a run of these RunLimits allocates on this backend."""
-    sizes = backend.state_sizes()
-    blocks = planned_blocks(sizes, limits.max_batch, limits.max_context, limits.state_memory)
-    return limits.max_batch * sizes.row_bytes + blocks * sizes.block_bytes
+    return run_plan(backend, limits).bytes
 
 
-def plan_line(sizes: StateSizes, max_batch: int, max_context: int, budget: int | None) -> str:
+def run_plan(backend, limits) -> StatePlan:
+    """plan_state for a backend and RunLimits."""
+    return plan_state(backend.state_sizes(), limits.max_batch, limits.max_context,
+                      limits.state_memory, limits.prefix_cache)  # fmt: skip
+
+
+def plan_line(plan: StatePlan, max_context: int, budget: int | None) -> str:
     """One line on the state a run allocates, printed before generation."""
-    per_token = sizes.block_bytes / sizes.block
-    blocks = planned_blocks(sizes, max_batch, max_context, budget)
+    sizes = plan.sizes
     if budget is None:
-        how = f"{max_batch} x {max_context} tokens"
+        how = f"{plan.rows} x {max_context} tokens"
     else:
-        how = f"--state-memory {human_bytes(budget)}: LTM pool of {blocks} blocks"
-    total = max_batch * sizes.row_bytes + blocks * sizes.block_bytes
+        how = f"--state-memory {human_bytes(budget)}: LTM pool of {plan.blocks} blocks"
     return (
-        f"memory plan: {how} -> {human_bytes(total)} of state (LTM {human_bytes(per_token)}"
-        f"/token, {human_bytes(sizes.row_bytes)}/row constant)"
+        f"memory plan: {how} -> {human_bytes(plan.bytes)} of state (LTM "
+        f"{human_bytes(sizes.block_bytes / sizes.block)}/token, "
+        f"{human_bytes(sizes.row_bytes)}/row constant, prefix cache {plan.cache_entries} rows)"
     )
 
 
