@@ -15,7 +15,7 @@ from mosaicrt.errors import CapacityError, InputError
 from mosaicrt.runtime.batcher import ContinuousBatcher, Request
 from mosaicrt.runtime.generator import generate
 from mosaicrt.runtime.limits import RunLimits
-from mosaicrt.runtime.paging import BlockPool, BlockTable, OutOfBlocks, blocks_for
+from mosaicrt.runtime.paging import BlockPool, BlockTable, OutOfBlocks, blocks_for, plan_state
 from mosaicrt.runtime.sampling import SamplingParams
 
 BLOCK = 8  # pairs per LTM block: small, so that short sequences span many blocks
@@ -79,10 +79,14 @@ def prompts_of(lengths: list[int], shared: int, seed: int) -> list[list[int]]:
 
 
 def budget_for(backend, rows: int, sequences: float) -> int:
-    """Bytes of `rows` rows and an LTM pool of `sequences` full sequences of CONTEXT tokens."""
+    """The least --state-memory that gives `rows` rows an LTM pool of `sequences` full
+    sequences of CONTEXT tokens (the prefix cache takes its share of it)."""
     sizes = backend.state_sizes()
     blocks = int(sequences * blocks_for(CONTEXT, BLOCK))
-    return rows * sizes.row_bytes + blocks * sizes.block_bytes
+    budget = rows * sizes.row_bytes + blocks * sizes.block_bytes
+    while plan_state(sizes, rows, CONTEXT, budget, True).blocks < blocks:
+        budget += sizes.block_bytes
+    return budget
 
 
 def alone(backend, prompts, new, sampling=SamplingParams()):
@@ -216,3 +220,14 @@ def test_paged_stores_read_the_blocks_the_table_names(backends, name):
         held.append(batcher.table.row_blocks(0))
     assert max(held, key=len) != sorted(max(held, key=len))  # really out of order
     assert [r.output for r in requests] == want
+
+
+@pytest.mark.parametrize("name", ["torch", "onnxruntime"])
+def test_a_prefix_restored_outside_the_running_rows_is_read_by_its_row(backends, name):
+    """Found by hypothesis: two requests with the same 9-token prompt behind eight one-token
+    ones, a pool of 1.5 sequences. The second starts from the first's cached state at 8 tokens
+    in a row that the steps of the others do not span: its block table must still reach the
+    state's device copy."""
+    check_paging_keeps_every_token(
+        backends[name], [1, 1, 1, 1, 1, 1, 1, 1, 9, 9], list(range(10)), 1.5, 17, 4
+    )

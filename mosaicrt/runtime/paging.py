@@ -133,13 +133,14 @@ class BlockTable:
         # [changes, changes when last copied to a device]: shared with the views
         self.versions = np.zeros(2, np.int64)
         self.fed: tuple = (None, None)  # (version and width, the array feed() gave)
+        self.root = self  # the table of every row, which views of some rows share
 
     def view(self, rows: slice) -> BlockTable:
         """The table of a range of rows, as views: growing it grows this table."""
         table = BlockTable.__new__(BlockTable)
         table.pool, table.block, table.versions = self.pool, self.block, self.versions
         table.table, table.count = self.table[rows], self.count[rows]
-        table.fed = (None, None)
+        table.fed, table.root = (None, None), self.root
         return table
 
     def changed(self) -> None:

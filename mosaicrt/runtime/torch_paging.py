@@ -24,6 +24,7 @@ def attach_pages(state: DecodeState, block: int) -> DecodeState:
         batch, per_row = state.blocks.shape
         pool = state.memories[0]["ltm"].keys.shape[0] - 1  # the last block is scratch
         state.pages = BlockTable(BlockPool(pool), batch, per_row, block)
+        state.pages.mirror = state.blocks  # its copy on the state's device, every row
     return state
 
 
@@ -35,15 +36,17 @@ def release_pages(state: DecodeState, rows: torch.Tensor) -> None:
 
 def grow_pages(state: DecodeState, lengths: torch.Tensor) -> None:
     """Blocks for the pairs a step of `lengths` (B,) tokens completes, taken before it runs
-    (OutOfBlocks leaves everything as it was); the device table follows."""
+    (OutOfBlocks leaves everything as it was); the device table follows, every row of it (the
+    table may have changed in rows this step does not run, which later steps read)."""
     pages: BlockTable | None = state.pages
     if pages is None:
         return
     host = lengths.numpy()
     working = np.flatnonzero(host > 0)
     pages.grow(working, state.host_pos.numpy()[working] + host[working])
-    if pages.take_changes():
-        state.blocks.copy_(torch.from_numpy(pages.table), non_blocking=True)
+    root = pages.root  # a change may be in rows outside this step's: copy every row
+    if root.take_changes():
+        root.mirror.copy_(torch.from_numpy(root.table), non_blocking=True)
 
 
 class TorchStatePaging:
