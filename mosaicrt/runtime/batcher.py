@@ -314,7 +314,7 @@ class ContinuousBatcher:
             return True, feeds
         for i in decoding:  # the last token produced, or one replayed after a preemption
             r = self.rows[i]
-            feeds[i] = [(r.prompt + r.output)[r.fed]]
+            feeds[i] = [r.output[r.fed - len(r.prompt)]]
         return False, feeds
 
     def _make_room(self, shortage: OutOfBlocks) -> list[Event]:
