@@ -47,6 +47,9 @@ def prefix_keys(tokens: list[int], chunk: int) -> list[tuple[int, bytes]]:
 
 
 class PrefixCache:
+    """Entries keyed by the prompt prefix they hold, over one batcher's state and block table;
+    at most max_entries, least recently used evicted first."""
+
     def __init__(
         self, backend: Backend, state: Any, table: BlockTable, chunk: int, max_entries: int
     ) -> None:
