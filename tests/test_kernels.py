@@ -143,15 +143,15 @@ def test_split_decode_matches_reference(kind):
 
 
 def paged(st: MemoryState, block: int, gen) -> MemoryState:
-    """The same LTM store as a pool of blocks (P + 1, H, S, hs), each row's blocks scattered
-    over the pool in random order, and its block table: the paged state's layout."""
+    """The same LTM store as a pool of blocks (P + 1, S, H, hs), each row's blocks scattered
+    over the pool in random order, and its block table: the torch backend's paged layout."""
     B, N, heads, hs = st.keys.shape
     per_row = N // block
     table = torch.randperm(B * per_row + 3, generator=gen)[: B * per_row].view(B, per_row)
     pools = []
     for store in (st.keys, st.vals):
-        pool = torch.randn(B * per_row + 4, heads, block, hs, generator=gen).to(store.dtype)
-        pool[table] = store.view(B, per_row, block, heads, hs).transpose(2, 3)
+        pool = torch.randn(B * per_row + 4, block, heads, hs, generator=gen).to(store.dtype)
+        pool[table] = store.view(B, per_row, block, heads, hs)
         pools.append(pool)
     return MemoryState(st.s, st.mx, st.k_pend, st.v_pend, *pools, table)
 

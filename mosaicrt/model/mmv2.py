@@ -92,10 +92,10 @@ class AssociativeMemory(nn.Module):
         tau = torch.where(tau <= (pos - 2)[:, None], tau, -1)
         if st.blocks is None:
             return st.keys[:, :n], st.vals[:, :n], tau
-        # Paged: gather each row's blocks, (B, nb, H, S, hs) -> (B, nb*S, H, hs) (a copy).
-        S = st.keys.shape[2]
+        # Paged: gather each row's blocks, (B, nb, S, H, hs) -> (B, nb*S, H, hs) (one copy).
+        S = st.keys.shape[1]
         ids = st.blocks[:, : -(-n // S)]
-        keys, vals = (x[ids].transpose(2, 3).flatten(1, 2)[:, :n] for x in (st.keys, st.vals))
+        keys, vals = (x[ids].flatten(1, 2)[:, :n] for x in (st.keys, st.vals))
         return keys, vals, tau
 
     def write_pairs(
@@ -135,14 +135,14 @@ class AssociativeMemory(nn.Module):
     def write_paged(
         st: MemoryState, keys: torch.Tensor, vals: torch.Tensor, tau: torch.Tensor, ok: torch.Tensor
     ) -> None:
-        """write_pairs into a pool (P + 1, H, S, hs) through the block table: pairs that are not
+        """write_pairs into a pool (P + 1, S, H, hs) through the block table: pairs that are not
         ok go to the scratch block P, so no host sync is needed to leave them out."""
-        S, scratch = st.keys.shape[2], st.keys.shape[0] - 1
+        S, scratch = st.keys.shape[1], st.keys.shape[0] - 1
         index = (tau.clamp(min=0) // S).clamp(max=st.blocks.shape[1] - 1)  # (B, C)
         block = torch.where(ok, st.blocks.gather(1, index), scratch)
         slot = tau.clamp(min=0) % S
-        st.keys[block, :, slot] = keys.to(st.keys.dtype)  # (B, C, H, hs)
-        st.vals[block, :, slot] = vals.to(st.vals.dtype)
+        st.keys[block, slot] = keys.to(st.keys.dtype)  # (B, C, H, hs)
+        st.vals[block, slot] = vals.to(st.vals.dtype)
 
     def forward(
         self, u: torch.Tensor, st: MemoryState, pos: torch.Tensor, valid: torch.Tensor

@@ -10,7 +10,7 @@ Plus one position per sequence: the number of tokens it has consumed.
 Stores are written in place by the step; nothing here is reallocated after `allocate`.
 
 A paged state (allocate with `block`) keeps every sequence's LTM in one pool of blocks of S
-pairs instead, keys/vals (P + 1, H, S, hs), read and written through a block table (B, NB):
+pairs instead, keys/vals (P + 1, S, H, hs), read and written through a block table (B, NB):
 pair tau of row b is in slot tau mod S of block blocks[b, tau // S]. Block P is scratch, where
 rows with no pair to store write, so that a decode step writes without a host sync. Who holds
 which block is the runtime's business (mosaicrt.runtime.paging); the model only follows the table.
@@ -33,7 +33,7 @@ class MemoryState:
     mx: torch.Tensor  # (B, H) fp32, running max of the log-weights (-inf before the first token)
     k_pend: torch.Tensor  # (B, H, hs) fp32
     v_pend: torch.Tensor  # (B, H, hs) fp32
-    keys: torch.Tensor  # (B, N, H, hs) store dtype; paged: the pool (P + 1, H, S, hs)
+    keys: torch.Tensor  # (B, N, H, hs) store dtype; paged: the pool (P + 1, S, H, hs)
     vals: torch.Tensor
     blocks: torch.Tensor | None = None  # paged: (B, NB) int64 block table, else None
 
@@ -113,8 +113,8 @@ class DecodeState:
             H, hs = config.num_heads, config.head_dim
             for layer in memories:
                 ltm = MemoryState.allocate(config, batch, 1, dtype, device)
-                ltm.keys = torch.zeros(pool, H, block, hs, dtype=dtype, device=device)
-                ltm.vals = torch.zeros(pool, H, block, hs, dtype=dtype, device=device)
+                ltm.keys = torch.zeros(pool, block, H, hs, dtype=dtype, device=device)
+                ltm.vals = torch.zeros(pool, block, H, hs, dtype=dtype, device=device)
                 ltm.blocks = table
                 layer["ltm"] = ltm
         return cls(

@@ -45,6 +45,9 @@ class TritonKernels:
     ) -> torch.Tensor:
         from mosaicrt.ops.associative_memory.plugin_op import associative_memory
 
-        return associative_memory(q, t, st.keys, st.vals, st.blocks, new_k, new_v, new_tau,
+        keys, vals = st.keys, st.vals
+        if st.blocks is not None:  # a pool (P, S, H, hs), seen as the op's (P, H, S, hs)
+            keys, vals = keys.transpose(1, 2), vals.transpose(1, 2)
+        return associative_memory(q, t, keys, vals, st.blocks, new_k, new_v, new_tau,
                                   params["beta0"], params["beta1"], params["alpha"], mem.window,
                                   mem.delay)  # fmt: skip
