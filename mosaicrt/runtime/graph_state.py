@@ -84,7 +84,7 @@ class GraphState:
             small={k: v[rows] for k, v in self.small.items()},
             stores={
                 k: rows_of("stm" if ".stm." in k else "ltm", v, 0) for k, v in self.stores.items()
-            },  # fmt: skip
+            },
             pairs={k: rows_of(k, v, 1) for k, v in self.pairs.items()},
             capacity=self.capacity,
             host_pos=pos if self.host_pos is self.pos else self.host_pos[rows],
