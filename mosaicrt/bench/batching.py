@@ -27,7 +27,7 @@ from mosaicrt.bench.machine import (
 )
 from mosaicrt.bench.metrics import RequestTiming, request_metrics
 from mosaicrt.bench.roofline import decode_bytes, prefill_flops
-from mosaicrt.bench.state_bytes import measure_state, store_dtype, weights_read_bytes
+from mosaicrt.bench.state_bytes import measure_state, weights_read_bytes
 from mosaicrt.errors import MosaicError
 from mosaicrt.outputs import check_output_file, write_json
 from mosaicrt.runtime.backend import Backend, torch_threads_for
@@ -199,7 +199,7 @@ def run_bench(
                 )
                 | {
                     "weights_read_bytes": decode_bytes(
-                        config, [], store_dtype(backend), weights_read_bytes(backend)
+                        config, [], backend.store_dtype_name(), weights_read_bytes(backend)
                     )
                 },
             },
@@ -220,7 +220,7 @@ def roofline(backend: Backend, report: dict, batch: int, input_len: int, output_
     else:
         bandwidth, peak = measure_bandwidth_gb_s(), measure_peak_gflops()
     mid = [input_len + output_len // 2] * batch  # contexts halfway through decoding
-    step_bytes = decode_bytes(config, mid, store_dtype(backend), weights_read_bytes(backend))
+    step_bytes = decode_bytes(config, mid, backend.store_dtype_name(), weights_read_bytes(backend))
     roof_decode_ms = 1e3 * step_bytes / (bandwidth * 1e9)
     roof_prefill_ms = 1e3 * batch * prefill_flops(config, input_len) / (peak * 1e9)
     tpot = report["tpot_ms"]["mean"]

@@ -8,14 +8,6 @@ from mosaicrt.runtime.backend import Backend
 GROWTH = 1024  # tokens of capacity over which the LTM's growth is measured, at most
 
 
-def store_dtype(backend: Backend) -> str:
-    """The dtype the backend keeps its stores in."""
-    manifest = getattr(backend, "manifest", None)
-    if manifest is not None:
-        return manifest["state_dtype"]["stores"]
-    return str(backend.model.embed_tokens.weight.dtype).removeprefix("torch.")
-
-
 def weights_read_bytes(backend: Backend) -> int | None:
     """Bytes of weights a decode step reads (the embedding table aside), where the artifact
     recorded them (quantized weights); None: count parameters x the store dtype's size."""
@@ -39,12 +31,14 @@ def measure_state(
     if span > 0:
         grown = backend.state_bytes(backend.new_state(1, low + span))["ltm"]
         measured = (grown - backend.state_bytes(backend.new_state(1, low))["ltm"]) / span
-    formula = memory_plan(backend.config, capacity, batch, store_dtype(backend)).ltm_bytes_per_token
+    formula = memory_plan(
+        backend.config, capacity, batch, backend.store_dtype_name()
+    ).ltm_bytes_per_token
     return {
         "ltm_store_bytes": state["ltm"],
         "stm_ring_bytes": state["stm"],
         "recurrence_bytes": state["recurrence"],
-        "store_dtype": store_dtype(backend),
+        "store_dtype": backend.store_dtype_name(),
         "ltm_bytes_per_token_measured": measured,
         "ltm_bytes_per_token_formula": formula,
         "ltm_bytes_per_token_ratio": measured / formula if formula and measured else None,

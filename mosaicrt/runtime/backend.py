@@ -48,6 +48,12 @@ class Backend(ABC):
 
     def state_sizes(self) -> StateSizes:
         """Bytes of the state this backend allocates: per row, per LTM block."""
+        stores = self.store_dtype_name()  # first: a backend without a state says so
+        return StateSizes.of(self.config, self.block, stores)
+
+    def store_dtype_name(self) -> str:
+        """The dtype this backend keeps its stores in: float32, float16, bfloat16 or int8 (the
+        backends that page their state say; `block` is then their LTM block's pairs)."""
         raise BackendError(f"the {self.name} backend does not report its state's size")
 
     def snapshot(self, state: Any, row: int) -> dict[str, Any]:

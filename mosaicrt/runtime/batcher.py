@@ -95,7 +95,7 @@ class ContinuousBatcher:
         self.cache = None
         entries = run_plan(backend, limits).cache_entries if self.table is not None else 0
         if entries:  # the prefix cache, when on and the budget leaves it room
-            self.cache = PrefixCache(backend, self.state, self.table, limits.prefill_chunk, entries)
+            self.cache = PrefixCache(backend, self.state, self.table, entries)
         self.rows: list[Request | None] = [None] * limits.max_batch
         self.waiting: deque[Request] = deque()
         self.eos = None if ignore_eos else backend.config.eos_token_id  # benchmarks ignore EOS

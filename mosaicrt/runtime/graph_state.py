@@ -34,7 +34,7 @@ from mosaicrt.errors import BackendError, CapacityError
 from mosaicrt.export import io_spec
 from mosaicrt.model.config import DTYPE_BYTES, ModelConfig
 from mosaicrt.ops import geometry
-from mosaicrt.runtime.paging import BlockPool, BlockTable, StateSizes, blocks_for
+from mosaicrt.runtime.paging import BlockPool, BlockTable, blocks_for
 
 ALIGN = 256  # bytes: TensorRT wants every bound address aligned to this
 # A runner's output holding every new.{l}.{keys,values} already stacked, (L*2, B, C, nM*H, hs),
@@ -208,8 +208,9 @@ def snapshot_row(state: GraphState, row: int) -> dict[str, Any]:
     """Copies of one row's constant-size state (recurrences, pending pairs, STM rings and their
     scales) and its position."""
     parts = {name: array[row] for name, array in state.small.items()}
-    parts |= {f"pairs.{m}": state.pairs[m][:, row] for m in ("stm",) if m in state.pairs}
-    parts |= {f"scales.{m}": state.scales[m][:, row] for m in ("stm",) if m in state.scales}
+    parts["pairs.stm"] = state.pairs["stm"][:, row]
+    if state.scales:  # int8 stores
+        parts["scales.stm"] = state.scales["stm"][:, row]
     copies = {k: v.clone() if isinstance(v, torch.Tensor) else v.copy() for k, v in parts.items()}
     return copies | {"pos": int(state.host_pos[row])}
 
@@ -240,8 +241,8 @@ class GraphStatePaging:
     block: int
     manifest: dict
 
-    def state_sizes(self) -> StateSizes:
-        return StateSizes.of(self.config, self.block, self.manifest["state_dtype"]["stores"])
+    def store_dtype_name(self) -> str:
+        return self.manifest["state_dtype"]["stores"]
 
     def block_table(self, state: GraphState) -> BlockTable | None:
         return state.blocks

@@ -188,6 +188,12 @@ class BlockTable:
         self.count[row] = len(blocks)
         self.changed()
 
+    def append(self, row: int, block: int) -> None:
+        """Row `row`'s next block is `block`, which the caller took from the pool."""
+        self.table[row, self.count[row]] = block
+        self.count[row] += 1
+        self.changed()
+
     def release(self, rows) -> None:
         """Rows `rows` give their blocks back (a block shared with another holder stays)."""
         for b in rows:

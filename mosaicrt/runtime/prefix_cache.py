@@ -50,11 +50,9 @@ class PrefixCache:
     """Entries keyed by the prompt prefix they hold, over one batcher's state and block table;
     at most max_entries, least recently used evicted first."""
 
-    def __init__(
-        self, backend: Backend, state: Any, table: BlockTable, chunk: int, max_entries: int
-    ) -> None:
+    def __init__(self, backend: Backend, state: Any, table: BlockTable, max_entries: int) -> None:
         self.backend, self.state, self.table = backend, state, table
-        self.chunk, self.max_entries = chunk, max_entries
+        self.max_entries = max_entries
         self.entries: OrderedDict[bytes, CacheEntry] = OrderedDict()  # oldest use first
         self.hits = 0  # requests started from an entry
 
@@ -97,9 +95,7 @@ class PrefixCache:
         if entry.partial is not None:
             [own] = self.table.pool.take(1)
             self.backend.copy_block(self.state, entry.partial, own)
-            self.table.table[row, len(entry.blocks)] = own
-            self.table.count[row] = len(entry.blocks) + 1
-            self.table.changed()
+            self.table.append(row, own)
         self.backend.restore(self.state, row, entry.small)
 
     def evict(self, free: int, keep: CacheEntry | None = None) -> bool:

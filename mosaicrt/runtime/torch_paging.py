@@ -13,7 +13,7 @@ import torch
 
 from mosaicrt.model.config import ModelConfig
 from mosaicrt.model.state import DecodeState
-from mosaicrt.runtime.paging import BlockPool, BlockTable, StateSizes
+from mosaicrt.runtime.paging import BlockPool, BlockTable
 
 SMALL = ("s", "mx", "k_pend", "v_pend")
 
@@ -55,9 +55,6 @@ class TorchStatePaging:
 
     config: ModelConfig
     block: int
-
-    def state_sizes(self) -> StateSizes:
-        return StateSizes.of(self.config, self.block, self.store_dtype_name())
 
     def store_dtype_name(self) -> str:
         return str(self.model.embed_tokens.weight.dtype).removeprefix("torch.")
