@@ -26,16 +26,20 @@ class ExternalData:
 
     def tensor(self, name: str, array: np.ndarray) -> TensorProto:
         array = np.ascontiguousarray(array)
-        proto = numpy_helper.from_array(array.reshape(-1)[:0], name)  # name and element type
-        del proto.dims[:]
-        proto.dims.extend(array.shape)
+        element_type = numpy_helper.from_array(array.reshape(-1)[:0]).data_type
+        return self.raw(name, element_type, array.shape, array.view(np.uint8).reshape(-1))
+
+    def raw(self, name: str, element_type: int, dims, data: np.ndarray) -> TensorProto:
+        """A tensor of any element type from its bytes as ONNX lays them out (uint8 (n,);
+        4-bit types: two elements a byte, the first in the low nibble)."""
+        proto = TensorProto(name=name, data_type=element_type, dims=list(dims))
         proto.data_location = TensorProto.EXTERNAL
         for key, value in (("location", self.path.name), ("offset", self.offset),
-                           ("length", array.nbytes)):  # fmt: skip
+                           ("length", data.nbytes)):  # fmt: skip
             entry = proto.external_data.add()
             entry.key, entry.value = key, str(value)
-        self.file.write(array.view(np.uint8).data)
-        self.offset += array.nbytes
+        self.file.write(np.ascontiguousarray(data).data)
+        self.offset += data.nbytes
         return proto
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ ort = pytest.importorskip("onnxruntime", reason="the reference is the ONNX funct
 from helpers import pooled, run_node  # noqa: E402
 
 from mosaicrt.ops import plugin_specs  # noqa: E402
+from mosaicrt.ops.associative_memory.reference import quantize_pairs  # noqa: E402
 from mosaicrt.ops.geometry import NO_WINDOW  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -35,10 +36,10 @@ def store_positions(kind: str, pos: np.ndarray, NB: int, S: int) -> np.ndarray:
     return np.where((tau >= 0) & (tau <= last), tau, -1)
 
 
-@pytest.mark.parametrize("kind", ["stm", "ltm"])
-@pytest.mark.parametrize("chunk", [1, 9])
-def test_associative_memory_plugin_op_matches_the_function(kind, chunk):
-    rng = np.random.default_rng(chunk)
+def memory_inputs(kind: str, chunk: int, seed: int) -> tuple[dict, dict, np.ndarray]:
+    """One AssociativeMemory node's inputs, scattered over pools: rows at t < m and t < h, a
+    ring that wrapped, a long store, and a row of no real token (3)."""
+    rng = np.random.default_rng(seed)
     B, H, hs, window, delay = 4, 2, 16, 6, (1 if kind == "stm" else 4)
     NB, S = (1, window - 1) if kind == "stm" else (3, 8)
     pos = np.array([0, 3, 17, 11])  # t < m and t < h, ring wrap-around, a long store
@@ -65,15 +66,44 @@ def test_associative_memory_plugin_op_matches_the_function(kind, chunk):
         "beta1": rng.uniform(0.5, 2, H).astype(np.float32),
         "alpha": rng.uniform(0.2, 0.8, H).astype(np.float32),
     }
-    window_attr = window if kind == "stm" else NO_WINDOW
-    (want,), _ = run_node("AssociativeMemory", inputs, ["y"], window=window_attr, delay=delay)
+    fields = {"window": window if kind == "stm" else NO_WINDOW, "delay": delay}
+    return inputs, fields, lengths
+
+
+def run_plugin(op: str, inputs: dict, fields: dict, shape: tuple) -> np.ndarray:
     x = [torch.from_numpy(v).to(DEVICE) for v in inputs.values()]
-    y = torch.full(want.shape, float("nan"), device=DEVICE)  # every element must be written
-    plugin_specs()["AssociativeMemory"].run(x, [y], {"window": window_attr, "delay": delay})
-    got = y.cpu().numpy()
+    y = torch.full(shape, float("nan"), device=DEVICE)  # every element must be written
+    plugin_specs()[op].run(x, [y], fields)
+    return y.cpu().numpy()
+
+
+@pytest.mark.parametrize("kind", ["stm", "ltm"])
+@pytest.mark.parametrize("chunk", [1, 9])
+def test_associative_memory_plugin_op_matches_the_function(kind, chunk):
+    inputs, fields, lengths = memory_inputs(kind, chunk, seed=chunk)
+    (want,), _ = run_node("AssociativeMemory", inputs, ["y"], **fields)
+    got = run_plugin("AssociativeMemory", inputs, fields, want.shape)
     for b in range(3):  # row 3 has no real tokens: its outputs are never read
         n = lengths[b]
         assert np.abs(got[b, :n] - want[b, :n]).max() <= ATOL
+
+
+@pytest.mark.parametrize("kind", ["stm", "ltm"])
+@pytest.mark.parametrize("chunk", [1, 9])
+def test_int8_store_plugin_op_matches_the_function(kind, chunk):
+    """The plugin reads int8 pools and their scales (scattered over the pool like the pairs)
+    as the ONNX function body of AssociativeMemoryInt8 does."""
+    inputs, fields, lengths = memory_inputs(kind, chunk, seed=20 + chunk)
+    for field in ("store_k", "store_v"):
+        q, scale = quantize_pairs(torch.from_numpy(inputs[field]))
+        inputs[field] = q.numpy()
+        inputs[field + "_scale"] = scale.numpy()
+    (want,), _ = run_node("AssociativeMemoryInt8", inputs, ["y"], **fields)
+    got = run_plugin("AssociativeMemoryInt8", inputs, fields, want.shape)
+    for b in range(3):  # row 3 has no real tokens
+        n = lengths[b]
+        assert np.abs(got[b, :n] - want[b, :n]).max() <= ATOL
+    assert np.abs(got[2, 0]).max() > 0  # stored pairs were read
 
 
 @pytest.mark.parametrize("chunk", [1, 21])

@@ -11,10 +11,13 @@ from onnx import numpy_helper
 
 ort = pytest.importorskip("onnxruntime", reason="quantized artifacts run in ONNX Runtime")
 
+from mosaicrt.errors import BackendError  # noqa: E402
 from mosaicrt.export.artifact import export_artifact  # noqa: E402
 from mosaicrt.export.quantize import (  # noqa: E402
     WeightQuantization,
     dequantize_weight,
+    pack_int4,
+    qdq_model,
     quantize_weight,
 )
 from mosaicrt.model.checkpoint import load_model  # noqa: E402
@@ -95,6 +98,49 @@ def test_quantized_step_graph_equals_dequantize_then_compute(tiny_ckpt, tmp_path
     assert np.abs(got - want).max() <= RTOL[level] * np.abs(want).max()
 
 
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_qdq_view_equals_dequantize_then_compute(tiny_ckpt, tmp_path, scheme):
+    """The TensorRT view of a quantized artifact (INT4/INT8 constants, blocked DequantizeLinear,
+    MatMul; opset 21), run by ONNX Runtime, computes the dequantize-then-compute reference."""
+    quant = WeightQuantization(scheme, 32)
+    artifact = export_artifact(tiny_ckpt, tmp_path / scheme, max_context=64, quantize=quant)
+    view_dir = tmp_path / "view"
+    view_dir.mkdir()
+    view = qdq_model(artifact / "model.onnx", view_dir)
+    model = onnx.load(str(view))
+    onnx.checker.check_model(model)
+    types = [n.op_type for n in model.graph.node]
+    assert "MatMulNBits" not in types and types.count("DequantizeLinear") == 2 * 4 + 1
+    assert model.opset_import[0].version == 21 and model.ir_version == 10
+    weight = next(t for t in model.graph.initializer if t.name.endswith(".qdq") and t.dims[0] > 1)
+    want_type = onnx.TensorProto.INT4 if scheme == "int4" else onnx.TensorProto.INT8
+    assert weight.data_type == want_type
+    backend = OrtBackend(artifact, device="cpu", ort_ops="functions")
+    state = backend.new_state(2, 40)
+    ids = torch.randint(
+        0, backend.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1)
+    )
+    feeds = {"input_ids": ids.numpy(), "lengths": np.array([40, 29]), "positions": state.pos.copy()}
+    feeds |= state.small | state.store_feeds(backend.readable_blocks(state.pos, 40), np.asarray)
+    options = session_options()
+    # ONNX Runtime fuses DQ + MatMul into MatMulNBits, by default with int8 activations.
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    sessions = [
+        ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        for source in (dequantized_graph(artifact).SerializeToString(), str(view))
+    ]
+    want, got = (session.run(["logits"], feeds)[0] for session in sessions)
+    assert np.abs(got - want).max() <= RTOL[0] * np.abs(want).max()
+
+
+def test_int4_packing_is_the_onnx_layout():
+    """pack_int4 lays values out as ONNX's own INT4 tensors (first value in the low nibble)."""
+    q = np.random.default_rng(0).integers(-8, 8, size=(5, 7)).astype(np.int8)  # odd count
+    proto = onnx.helper.make_tensor("w", onnx.TensorProto.INT4, q.shape, q.reshape(-1).tolist())
+    assert pack_int4(q).tolist() == list(proto.int32_data)  # make_tensor packs into int32_data
+    assert (numpy_helper.to_array(proto).astype(np.int8) == q).all()
+
+
 def quantize_stores(state: DecodeState) -> None:
     """Every stored pair replaced by what its int8 form and scale stand for."""
     for memories in state.memories:
@@ -171,10 +217,6 @@ def test_bad_quantization_options_get_one_line_and_exit_2(cli, tiny_ckpt, tmp_pa
         result = cli("export", tiny_ckpt, "-o", tmp_path / "x", *args)
         assert result.returncode == 2, args
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    artifact = export_artifact(tiny_ckpt, tmp_path / "s8", max_context=64, store_dtype="int8")
-    result = cli("build", artifact, "-o", tmp_path / "engine", "--target", "sm86")
-    assert result.returncode == 2
-    assert "int8 stores" in result.stderr and "TensorRT" in result.stderr
 
 
 @pytest.mark.parametrize("rows", [1, 5, 100])  # decode (packed int8 matmul) and prefill (dense)
@@ -189,6 +231,47 @@ def test_torch_int8_linear_equals_dequantize_then_compute(rows):
     # Each weight within half a scale of the original.
     error = (q.weight_int8.float() * q.scales[:, None] - linear.weight).abs()
     assert bool((error <= q.scales[:, None] / 2 * (1 + 1e-5)).all())
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_torch_int4_linear_equals_dequantize_then_compute(rows):
+    """Int4Linear (PyTorch's CPU int4 layout; the CUDA one packs the same integers) computes x
+    times the weights its groups and scales stand for, each within half a scale."""
+    from mosaicrt.model.quantize import Int4Linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 48, bias=False)
+    q = Int4Linear(linear, group=128)
+    groups = linear.weight.detach().reshape(48, 2, 128)
+    scale = groups.abs().amax(-1) / 7  # (N, K / group)
+    ints = torch.clamp(torch.round(groups / scale[..., None]), -8, 7)
+    weight = (ints * scale[..., None]).reshape(48, 256)  # dequantized in the test
+    x = torch.randn(rows, 3, 256)
+    assert torch.allclose(q(x), x @ weight.T, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(q.dequantized(), weight, atol=1e-6)
+    error = (weight - linear.weight).abs().reshape(48, 2, 128)
+    assert bool((error <= scale[..., None] / 2 * (1 + 1e-5)).all())
+    with pytest.raises(BackendError, match="multiple of 128"):
+        Int4Linear(torch.nn.Linear(64, 48, bias=False))
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
+    reason="PyTorch's int4 matmul (_weight_int4pack_mm) needs a CUDA GPU of sm80 or newer",
+)
+def test_torch_backend_int4_weights_keep_the_demo_models_predictions_on_a_gpu():
+    from mosaicrt.eval.compare import compare_logits
+    from mosaicrt.model.checkpoint import DEMO_DIR
+    from mosaicrt.runtime.tokenizer import load_tokenizer
+    from mosaicrt.runtime.torch_backend import TorchBackend
+    from mosaicrt.train.corpus import load_corpus
+
+    reference = TorchBackend(DEMO_DIR, device="cuda", dtype="bfloat16")
+    quantized = TorchBackend(DEMO_DIR, device="cuda", dtype="bfloat16", quantize="int4")
+    text = load_corpus("heldout")[:2048].decode("utf-8", errors="ignore")
+    tokenizer = load_tokenizer(DEMO_DIR, reference.config.vocab_size)
+    report = compare_logits(reference, quantized, tokenizer, text, 1024)
+    assert report["top1_agreement"] >= 0.9
 
 
 def test_torch_backend_int8_weights_keep_the_demo_models_predictions():

@@ -97,6 +97,47 @@ def test_build_py_makes_an_engine_with_both_plugins(cli, artifacts, engine, tmp_
     assert manifest["profiles"]["decode"]["ltm_blocks"] == [[1, 1], [4, 4]]
 
 
+def test_quantized_artifact_builds_with_qdq_weights_and_int8_store_plugins(
+    cli, artifacts, tmp_path
+):
+    """int4 weights + int8 stores: the MatMulNBits weights are parsed from the artifact's Q/DQ
+    view (INT4 constants into DequantizeLinear), the stores reach AssociativeMemoryInt8 plugins
+    as int8 tensors with fp32 scales, and TensorRT-RTX builds the engine."""
+    from mosaicrt.export.quantize import WeightQuantization, qdq_model
+
+    quant = WeightQuantization("int4", 32)
+    artifact = export_artifact(artifacts / "ckpt", tmp_path / "q", max_context=512,
+                               quantize=quant, store_dtype="int8")  # fmt: skip
+    out = tmp_path / "engine"
+    result = cli("build", artifact, "-o", out, "--target", "sm86", "--max-batch", "4",
+                 "--max-chunk", "64")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "MatMulNBits weights parsed as Q/DQ" in result.stdout
+    manifest = json.loads((out / "build_manifest.json").read_text())
+    assert manifest["quantization"] == "int4 weights + int8 stores"
+    assert {p["name"] for p in manifest["plugins"]} == {"GatedKeyScan", "AssociativeMemoryInt8"}
+    assert manifest["plugin_layers"] == 6
+    assert b"AssociativeMemoryInt8" in (out / "model.engine").read_bytes()
+
+    P.register()
+    logger = trt.Logger(trt.Logger.ERROR)
+    network = trt.Builder(logger).create_network(
+        1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    )
+    parser = trt.OnnxParser(network, logger)
+    view = tmp_path / "view"
+    view.mkdir()
+    assert parser.parse_from_file(str(qdq_model(artifact / "model.onnx", view)))
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    dequantize = [layer for layer in layers if layer.type == trt.LayerType.DEQUANTIZE]
+    assert len(dequantize) == 2 * 4 + 1  # per layer: qkv, output, gate-up, down; then lm_head
+    assert all(layer.get_input(0).dtype == trt.DataType.INT4 for layer in dequantize)
+    memory = next(layer for layer in layers if layer.name.endswith("ltm/AssociativeMemoryInt8"))
+    assert memory.type == trt.LayerType.PLUGIN_V3
+    types = [memory.get_input(i).dtype for i in range(memory.num_inputs)]
+    assert types[2:4] == [trt.DataType.INT8] * 2 and types[12:] == [trt.DataType.FLOAT] * 2
+
+
 def test_mosaic_nodes_parse_as_plugin_layers(artifacts):
     """Every mosaic node is a PLUGIN_V3 layer of the parsed network, with the shapes of the op."""
     P.register()
@@ -180,6 +221,15 @@ def test_plugin_formats():
     assert not memory.supports_format_combination(0, io, 12)  # queries are fp32
     io = descs(F32, I64, F32, F32, I64, I64, F32, F32, I64, F32, F32, F32, F16)
     assert not memory.supports_format_combination(12, io, 12)  # output fp32
+    # AssociativeMemoryInt8: int8 stores, then their fp32 scales.
+    int8 = MosaicPlugin(SPECS["AssociativeMemoryInt8"], {"window": NO_WINDOW, "delay": 4})
+    I8 = trt.DataType.INT8
+    io = descs(F32, I64, I8, I8, I64, I64, F32, F32, I64, F32, F32, F32, F32, F32, F32)
+    assert all(int8.supports_format_combination(pos, io, 14) for pos in range(15))
+    io = descs(F32, I64, F32, F32, I64, I64, F32, F32, I64, F32, F32, F32, F32, F32, F32)
+    assert not int8.supports_format_combination(2, io, 14)  # its stores are int8
+    io = descs(F32, I64, I8, I8, I64, I64, F32, F32, I64, F32, F32, F32, F16, F32, F32)
+    assert not int8.supports_format_combination(12, io, 14)  # scales fp32
     scan = MosaicPlugin(SPECS["GatedKeyScan"], {"eps": 1e-6})
     io = descs(F32, F32, F32, trt.DataType.BOOL, F32, F32, F32, F32, F32)
     assert all(scan.supports_format_combination(pos, io, 6) for pos in range(9))

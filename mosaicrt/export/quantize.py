@@ -16,10 +16,15 @@ computes in fp32 on the dequantized weights, exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from onnx.external_data_helper import load_external_data_for_tensor
 
 from mosaicrt.errors import InputError
+from mosaicrt.onnx_graph import ExternalData
 
 MS_DOMAIN = "com.microsoft"
 BITS = {"int4": 4, "int8": 8}
@@ -79,14 +84,103 @@ def quantize_weight(weight_t: np.ndarray, quant: WeightQuantization) -> dict[str
     return {"packed": packed, "scales": scales}
 
 
+def unpack_weight(packed: np.ndarray, K: int, bits: int, block_size: int) -> np.ndarray:
+    """The signed integers (K, N) int8 of a MatMulNBits weight (int4: -8..7, int8: -128..127)."""
+    N, blocks, _ = packed.shape
+    if bits == 4:  # two values a byte, the first in the low nibble
+        q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(N, blocks * block_size)
+    else:
+        q = packed.reshape(N, blocks * block_size)
+    return (q[:, :K].astype(np.int16) - 2 ** (bits - 1)).astype(np.int8).T
+
+
 def dequantize_weight(
     packed: np.ndarray, scales: np.ndarray, K: int, bits: int, block_size: int
 ) -> np.ndarray:
     """The fp32 W^T (K, N) a MatMulNBits weight stands for (the inverse of quantize_weight)."""
-    N, blocks, _ = packed.shape
-    if bits == 4:  # two values a byte, the first in the low nibble
-        q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(N, blocks, block_size)
-    else:
-        q = packed.reshape(N, blocks, block_size)
-    values = (q.astype(np.float32) - 2 ** (bits - 1)) * scales[:, :, None]  # (N, blocks, block)
-    return values.reshape(N, blocks * block_size)[:, :K].T.copy()
+    q = unpack_weight(packed, K, bits, block_size).astype(np.float32)  # (K, N)
+    return q * np.repeat(scales.T, block_size, axis=0)[:K]
+
+
+# The TensorRT view of a quantized artifact: standard Q/DQ, which needs opset 21 (blocked
+# DequantizeLinear, INT4) and IR 10.
+QDQ_OPSET, QDQ_IR_VERSION = 21, 10
+QDQ_DATA = "qdq_weights.data"  # the view's own external data: the rewritten weights
+
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """Signed 4-bit values (any shape, int8 -8..7) as ONNX and TensorRT store INT4: row-major,
+    two a byte, the first in the low nibble. Returns uint8 (ceil(n / 2),)."""
+    nibbles = (q.reshape(-1) & 0x0F).astype(np.uint8)
+    if nibbles.size % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    return nibbles[0::2] | (nibbles[1::2] << 4)
+
+
+def qdq_model(model_path: Path, out: Path) -> Path:
+    """Write the TensorRT view of an artifact's graph to directory `out` and return its path:
+    every MatMulNBits becomes DequantizeLinear (blocked along K, no zero point: symmetric) of an
+    INT4/INT8 constant (K, N) with its scales (K / block, N), then MatMul, which TensorRT fuses
+    into a weight-only quantized GEMM. The graph and the ops' function bodies move to opset 21;
+    the artifact's own weight files are linked, not copied."""
+    model = onnx.load(model_path, load_external_data=False)
+    source = model_path.parent
+    weights = {tensor.name: tensor for tensor in model.graph.initializer}
+    for name in {entry.value for tensor in model.graph.initializer
+                 for entry in tensor.external_data if entry.key == "location"}:  # fmt: skip
+        (out / name).symlink_to((source / name).resolve())
+    external = ExternalData(out / QDQ_DATA)
+    nodes, dropped = [], set()
+    try:
+        for node in model.graph.node:
+            if node.op_type != "MatMulNBits" or node.domain != MS_DOMAIN:
+                nodes.append(node)
+                continue
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            K, N, bits, block = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
+            x, packed_name, scales_name = node.input[:3]
+            packed, scales = (read_tensor(weights[n], source) for n in (packed_name, scales_name))
+            q = unpack_weight(packed, K, bits, block)  # (K, N)
+            data = pack_int4(q) if bits == 4 else q.view(np.uint8).reshape(-1)
+            element = TensorProto.INT4 if bits == 4 else TensorProto.INT8
+            w_q, w_scales = f"{packed_name}.qdq", f"{scales_name}.qdq"
+            model.graph.initializer.extend([
+                external.raw(w_q, element, (K, N), data),
+                external.tensor(w_scales, np.ascontiguousarray(scales.T)),  # (K / block, N)
+            ])  # fmt: skip
+            dropped.update((packed_name, scales_name))
+            w = f"{node.output[0]}.weight"
+            dequantize = helper.make_node(
+                "DequantizeLinear", [w_q, w_scales], [w], name=f"{node.name}/DequantizeLinear",
+                axis=0, block_size=block,
+            )  # fmt: skip
+            matmul = helper.make_node(
+                "MatMul", [x, w], list(node.output), name=f"{node.name}/MatMul"
+            )
+            nodes += [dequantize, matmul]
+    finally:
+        external.close()
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    kept = [t for t in model.graph.initializer if t.name not in dropped]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    for imports in [model.opset_import] + [f.opset_import for f in model.functions]:
+        for opset in imports:
+            if opset.domain in ("", "ai.onnx"):
+                opset.version = QDQ_OPSET
+        ms = [o for o in imports if o.domain == MS_DOMAIN]
+        for opset in ms:
+            imports.remove(opset)
+    model.ir_version = QDQ_IR_VERSION
+    path = out / model_path.name
+    onnx.save(model, path)
+    return path
+
+
+def read_tensor(tensor: TensorProto, base: Path) -> np.ndarray:
+    """An initializer's values, read from its external data file if it has one."""
+    if tensor.data_location == TensorProto.EXTERNAL:
+        tensor = TensorProto.FromString(tensor.SerializeToString())
+        load_external_data_for_tensor(tensor, str(base))
+    return numpy_helper.to_array(tensor)

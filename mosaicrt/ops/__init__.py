@@ -45,9 +45,10 @@ class PluginSpec:
 def plugin_specs() -> dict[str, PluginSpec]:
     """Every op's plugin description, by op name."""
     from mosaicrt.ops.associative_memory.plugin_op import PLUGIN as memory
+    from mosaicrt.ops.associative_memory.plugin_op import PLUGIN_INT8 as memory_int8
     from mosaicrt.ops.gated_key_scan.plugin_op import PLUGIN as scan
 
-    return {spec.name: spec for spec in (scan, memory)}
+    return {spec.name: spec for spec in (scan, memory, memory_int8)}
 
 
 def source_files() -> list[Path]:

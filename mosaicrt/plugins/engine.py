@@ -5,6 +5,8 @@
 The mosaic nodes become plugin layers (mosaicrt.plugins.tensorrt), never their inlined ONNX
 functions: the build checks it and stops otherwise. Two optimization profiles: 0 decodes (chunk 1),
 1 prefills (chunk 2 .. max-chunk). Precision comes from the ONNX types (a strongly typed network).
+A quantized artifact's MatMulNBits weights are parsed from its Q/DQ view (export.quantize.qdq_model:
+INT4/INT8 constants, blocked DequantizeLinear, MatMul); int8 stores go to the plugins as they are.
 TensorRT-RTX builds ahead of time for the --target GPU architecture on any machine, a CPU-only one
 included; full TensorRT builds for the local GPU.
 """
@@ -15,6 +17,7 @@ import argparse
 import importlib.metadata
 import json
 import math
+import tempfile
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -27,6 +30,7 @@ from mosaicrt.argtypes import positive_int
 from mosaicrt.errors import BackendError, CheckpointError, InputError
 from mosaicrt.export.artifact import MODEL_FILE, quantization_label, read_manifest, sha256
 from mosaicrt.export.io_spec import INPUT_IDS, LTM_BLOCKS
+from mosaicrt.export.quantize import MS_DOMAIN, qdq_model
 from mosaicrt.ops import DOMAIN, PLUGIN_VERSION, source_files
 from mosaicrt.outputs import atomic_dir, check_output_dir
 
@@ -143,17 +147,12 @@ def build_engine(
     with phases("reading the artifact"):
         check_output_dir(output, inputs=[artifact], force=force, flag="-o", what="engine")
         manifest, model_config = read_manifest(artifact)
-        quantized = quantization_label(manifest)
-        if quantized:
-            raise InputError(
-                f"{artifact} has {quantized} (ONNX Runtime's MatMulNBits, mosaic::"
-                "AssociativeMemoryInt8), which the TensorRT path does not take yet: build the "
-                "engine from an artifact exported without --quantize and --store-dtype int8"
-            )
         max_context = max_context or manifest["max_context"]
         check_limits(max_batch, max_context, max_chunk, target)
         graph = read_graph(artifact / MODEL_FILE)
         mosaic_nodes = [node.name for node in graph.graph.node if node.domain == DOMAIN]
+        used_ops = sorted({node.op_type for node in graph.graph.node if node.domain == DOMAIN})
+        nbits = sum(node.domain == MS_DOMAIN for node in graph.graph.node)
     with phases("loading TensorRT and registering the mosaic plugins"):
         from mosaicrt.plugins.tensorrt import load_tensorrt, register
 
@@ -164,13 +163,17 @@ def build_engine(
                 "--target is for TensorRT-RTX ahead-of-time builds; full TensorRT builds for the "
                 "local GPU: drop --target"
             )
-        plugins = register(log)
+        register(log)
+        plugins = used_ops  # the plugins this engine's layers are made of
         logger = trt.Logger(trt.Logger.WARNING)
         builder = trt.Builder(logger)
-    with phases("parsing the ONNX model"):
-        network, _parser, plugin_layers = parse(
-            trt, builder, logger, artifact / MODEL_FILE, mosaic_nodes
-        )
+    view = tempfile.TemporaryDirectory(prefix="mosaicrt-qdq-")
+    with phases("parsing the ONNX model"), view:
+        model = artifact / MODEL_FILE
+        if nbits:
+            log(f"{nbits} MatMulNBits weights parsed as Q/DQ (opset 21 view of the artifact)")
+            model = qdq_model(model, Path(view.name))
+        network, _parser, plugin_layers = parse(trt, builder, logger, model, mosaic_nodes)
     with phases("configuring profiles and targets"):
         config = builder.create_builder_config()  # the builder's, not the model's
         blocks = max(1, math.ceil(max_context / manifest["ltm_block"]))
@@ -224,6 +227,7 @@ def engine_manifest(
         "source_checkpoint": manifest.get("source_checkpoint"),
         "dtype": manifest["dtype"],
         "state_dtype": manifest["state_dtype"],
+        "quantization": quantization_label(manifest),
         "precision_flags": precision,
         "last_only": manifest["last_only"],
         "ltm_block": manifest["ltm_block"],

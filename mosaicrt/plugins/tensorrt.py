@@ -81,7 +81,7 @@ def trt_type(name: str):
     trt = load_tensorrt().module
     return {"float32": trt.DataType.FLOAT, "float16": trt.DataType.HALF,
             "bfloat16": trt.DataType.BF16, "int64": trt.DataType.INT64,
-            "bool": trt.DataType.BOOL}[name]  # fmt: skip
+            "int8": trt.DataType.INT8, "bool": trt.DataType.BOOL}[name]  # fmt: skip
 
 
 def field_types() -> dict:
@@ -129,6 +129,7 @@ _TORCH_VIEWS = {  # element type -> (array-interface typestr, torch dtype to vie
     "float16": ("<f2", None),
     "bfloat16": ("<i2", "bfloat16"),  # no array-interface code for bf16: bits as int16, then a view
     "int64": ("<i8", None),
+    "int8": ("|i1", None),
     "bool": ("|b1", None),
 }
 

@@ -127,8 +127,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--quantize",
-        help="torch backend: int8 for weight-only int8 Linear layers on the CPU (ONNX artifacts "
-        "are quantized at export: `mosaicrt export --quantize`)",
+        help="torch backend: weight-only int8 Linear layers on the CPU, or int4 on a CUDA GPU "
+        "(ONNX artifacts are quantized at export: `mosaicrt export --quantize`)",
     )
     add_weight_check_arg(p)
 

@@ -37,6 +37,8 @@ from mosaicrt.runtime.graph_state import (
     reset_rows,
 )
 
+STORE_DTYPES = TORCH_DTYPES | {"int8": torch.int8}  # what an engine's stores may hold
+
 
 def check_runtime(manifest: dict, engine_dir: str | Path) -> None:
     """Refuse an engine this process cannot run, saying what it was built with and what runs."""
@@ -139,7 +141,7 @@ class TrtBackend(GraphStatePaging, Backend):
         self.block, self.max_context = manifest["ltm_block"], manifest["max_context"]
         self.max_batch, self.max_chunk = manifest["max_batch"], manifest["max_chunk"]
         self.last_only_graph = bool(manifest["last_only"])
-        self.store_dtype = TORCH_DTYPES[manifest["state_dtype"]["stores"]]
+        self.store_dtype = STORE_DTYPES[manifest["state_dtype"]["stores"]]
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.output_names = [
             n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT
@@ -148,6 +150,7 @@ class TrtBackend(GraphStatePaging, Backend):
             trt.DataType.FLOAT: torch.float32,
             trt.DataType.HALF: torch.float16,
             trt.DataType.BF16: torch.bfloat16,
+            trt.DataType.INT8: torch.int8,  # int8 stores' new pairs
         }
         self.stream = torch.cuda.Stream()
         self.cuda_graphs = cuda_graphs

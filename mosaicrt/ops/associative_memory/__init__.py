@@ -24,8 +24,9 @@ mosaic::AssociativeMemoryInt8 (version 1) is the same retrieval over int8 stores
 store_k_scale and store_v_scale (the pools' shape without hs, fp32), and stored pair s stands
 for (store_k[s] * store_k_scale[s], store_v[s] * store_v_scale[s]). The scales multiply the
 scores and the softmax weights inside the retrieval; no dequantized copy of a store is made
-(quantize_pairs: one scale per pair and head, max|x| / 127). ONNX function and native ONNX
-Runtime kernel only; the Triton kernels and TensorRT plugins take fp stores.
+(quantize_pairs: one scale per pair and head, max|x| / 127). Every implementation but the
+reference takes it: the function body, the native kernel, and the Triton kernels (the plugin),
+which scale each int8 tile of pairs as they load it.
 
 Implementations: reference.py (torch), onnx.py (the function body), kernel.py (Triton, with the
 query already scaled), plugin_op.py (beta(n), then the kernel).

@@ -19,47 +19,68 @@ import triton.language as tl
 
 
 @triton.jit
-def _pair_offsets(
-    row, offs_d, SLOTS, BLOCK_SLOTS, stride_blk, stride_n, TABLE,
+def _row_offsets(
+    row, SLOTS, BLOCK_SLOTS, stride_blk, stride_n, TABLE,
     RING: tl.constexpr, BLOCKED: tl.constexpr,
 ):  # fmt: skip
-    """(BLOCK_N, HEAD_DIM) offsets of stored rows: modulo SLOTS in a ring; a paged store keeps
-    row r in slot r % BLOCK_SLOTS of pool block TABLE[r // BLOCK_SLOTS] (TABLE: the row's
-    block table)."""
+    """(BLOCK_N,) offsets of stored rows: modulo SLOTS in a ring; a paged store keeps row r in
+    slot r % BLOCK_SLOTS of pool block TABLE[r // BLOCK_SLOTS] (TABLE: the row's block
+    table)."""
     if RING:
         row = row % SLOTS
     if BLOCKED:
         block = tl.load(TABLE + row // BLOCK_SLOTS, mask=row < SLOTS, other=0)
-        ptr = block[:, None] * stride_blk + (row % BLOCK_SLOTS)[:, None] * stride_n
+        return block * stride_blk + (row % BLOCK_SLOTS) * stride_n
+    return row * stride_n
+
+
+@triton.jit
+def _load_pairs(
+    K, V, KSC, VSC, row, ok, offs_d, d_ok, SLOTS, BLOCK_SLOTS, stride_blk, stride_n,
+    scale_blk, scale_n, TABLE,
+    RING: tl.constexpr, BLOCKED: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
+    SCALED: tl.constexpr,
+):  # fmt: skip
+    """The (BLOCK_N, HEAD_DIM) keys and values of stored rows `row` (rows where `ok` is false
+    read 0 when MASKED), in the store's type; int8 pairs (SCALED) come back as fp32, times the
+    scale of their row (KSC, VSC: the scales, laid out as the pairs without hs)."""
+    ptr = _row_offsets(row, SLOTS, BLOCK_SLOTS, stride_blk, stride_n, TABLE, RING, BLOCKED)
+    ptr = ptr[:, None] + offs_d[None, :]
+    if MASKED:
+        k = tl.load(K + ptr, mask=ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(V + ptr, mask=ok[:, None] & d_ok[None, :], other=0.0)
+    elif EVEN_D:
+        k = tl.load(K + ptr)
+        v = tl.load(V + ptr)
     else:
-        ptr = row[:, None] * stride_n
-    return ptr + offs_d[None, :]
+        k = tl.load(K + ptr, mask=d_ok[None, :], other=0.0)
+        v = tl.load(V + ptr, mask=d_ok[None, :], other=0.0)
+    if SCALED:
+        sptr = _row_offsets(row, SLOTS, BLOCK_SLOTS, scale_blk, scale_n, TABLE, RING, BLOCKED)
+        k_scale = tl.load(KSC + sptr, mask=ok, other=0.0)
+        v_scale = tl.load(VSC + sptr, mask=ok, other=0.0)
+        k = k.to(tl.float32) * k_scale[:, None]
+        v = v.to(tl.float32) * v_scale[:, None]
+    return k, v
 
 
 @triton.jit
 def _attend(
     acc, l_i, m_i, q,
-    K, V, stride_n, offs_d, d_ok,
-    first, last, row_shift, lo_t, hi_t, SLOTS, BLOCK_SLOTS, stride_blk, TABLE,
+    K, V, KSC, VSC, stride_n, scale_n, offs_d, d_ok,
+    first, last, row_shift, lo_t, hi_t, SLOTS, BLOCK_SLOTS, stride_blk, scale_blk, TABLE,
     RING: tl.constexpr, BLOCKED: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
-    HALF_DOT: tl.constexpr, BLOCK_N: tl.constexpr,
+    HALF_DOT: tl.constexpr, SCALED: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Fold pairs tau in [first, last] of one section into the running softmax of a query block.
-    Row of pair tau: tau - row_shift (see _pair_offsets). K, V point at (b, 0, h, 0)."""
+    Row of pair tau: tau - row_shift (see _row_offsets). K, V (and the int8 scales KSC, VSC)
+    point at (b, 0, h, 0)."""
     for start in range(first, last + 1, BLOCK_N):
         tau = start + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-        ptr = _pair_offsets(tau - row_shift, offs_d, SLOTS, BLOCK_SLOTS, stride_blk, stride_n,
-                            TABLE, RING, BLOCKED)  # fmt: skip
-        if MASKED:
-            ok = tau <= last
-            k = tl.load(K + ptr, mask=ok[:, None] & d_ok[None, :], other=0.0)
-            v = tl.load(V + ptr, mask=ok[:, None] & d_ok[None, :], other=0.0)
-        elif EVEN_D:
-            k = tl.load(K + ptr)
-            v = tl.load(V + ptr)
-        else:
-            k = tl.load(K + ptr, mask=d_ok[None, :], other=0.0)
-            v = tl.load(V + ptr, mask=d_ok[None, :], other=0.0)
+        ok = tau <= last
+        k, v = _load_pairs(K, V, KSC, VSC, tau - row_shift, ok, offs_d, d_ok, SLOTS, BLOCK_SLOTS,
+                           stride_blk, stride_n, scale_blk, scale_n, TABLE,
+                           RING, BLOCKED, MASKED, EVEN_D, SCALED)  # fmt: skip
         if HALF_DOT:  # tensor-core products of fp16/bf16 pairs, fp32 accumulation (flash style)
             s = tl.dot(q.to(k.dtype), tl.trans(k))  # (BLOCK_M, BLOCK_N)
         else:  # exact fp32 products: scores reach beta ~ 150, where half products are coarse
@@ -88,14 +109,15 @@ def _attend(
 
 @triton.jit
 def _retrieval_kernel(
-    Q, KS, VS, KN, VN, POS, LEN, Y, TABLE,
+    Q, KS, VS, KSC, VSC, KN, VN, POS, LEN, Y, TABLE,
     stride_qb, stride_qc, stride_qh,
     stride_sb, stride_sn, stride_sh, stride_blk, stride_tb,
+    scale_b, scale_n, scale_h, scale_blk,
     stride_nb, stride_nc, stride_nh,
     stride_yb, stride_yc, stride_yh,
     C, H, SLOTS, BLOCK_SLOTS, D,
     WINDOW: tl.constexpr, DELAY: tl.constexpr, RING: tl.constexpr, BLOCKED: tl.constexpr,
-    HALF_DOT: tl.constexpr,
+    HALF_DOT: tl.constexpr, SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -131,36 +153,44 @@ def _retrieval_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     ks, vs = KS + b * stride_sb + h * stride_sh, VS + b * stride_sb + h * stride_sh
+    ksc, vsc = KSC + b * scale_b + h * scale_h, VSC + b * scale_b + h * scale_h
     kn, vn = KN + b * stride_nb + h * stride_nh, VN + b * stride_nb + h * stride_nh
     table = TABLE + b * stride_tb  # the row's block table (paged stores)
     if WINDOW == 0:
         # Every query of the block sees tau <= full: whole tiles up to there need no mask.
         full = tl.minimum(t_first - DELAY, newest)
         store_split = lo + tl.maximum(tl.minimum(store_last, full) - lo + 1, 0) // BLOCK_N * BLOCK_N
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, ks, vs, stride_sn, offs_d, d_ok,
-                                lo, store_split - 1, 0, lo_t, hi_t, SLOTS, BLOCK_SLOTS, stride_blk,
-                                table, RING, BLOCKED, False, EVEN_D, HALF_DOT, BLOCK_N)  # fmt: skip
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, ks, vs, stride_sn, offs_d, d_ok,
-                                store_split, store_last, 0, lo_t, hi_t,
-                                SLOTS, BLOCK_SLOTS, stride_blk,
-                                table, RING, BLOCKED, True, EVEN_D, HALF_DOT, BLOCK_N)  # fmt: skip
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, ks, vs, ksc, vsc, stride_sn, scale_n, offs_d,
+                                d_ok, lo, store_split - 1, 0, lo_t, hi_t, SLOTS, BLOCK_SLOTS,
+                                stride_blk, scale_blk, table,
+                                RING, BLOCKED, False, EVEN_D, HALF_DOT, SCALED,
+                                BLOCK_N)  # fmt: skip
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, ks, vs, ksc, vsc, stride_sn, scale_n, offs_d,
+                                d_ok, store_split, store_last, 0, lo_t, hi_t, SLOTS, BLOCK_SLOTS,
+                                stride_blk, scale_blk, table,
+                                RING, BLOCKED, True, EVEN_D, HALF_DOT, SCALED,
+                                BLOCK_N)  # fmt: skip
         chunk_split = chunk_first + (
             tl.maximum(tl.minimum(hi, full) - chunk_first + 1, 0) // BLOCK_N * BLOCK_N
         )
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, stride_nc, offs_d, d_ok,
-                                chunk_first, chunk_split - 1, pos - 1, lo_t, hi_t, SLOTS, 1, 0,
-                                table,
-                                False, False, False, EVEN_D, HALF_DOT, BLOCK_N)  # fmt: skip
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, stride_nc, offs_d, d_ok,
-                                chunk_split, hi, pos - 1, lo_t, hi_t, SLOTS, 1, 0, table,
-                                False, False, True, EVEN_D, HALF_DOT, BLOCK_N)  # fmt: skip
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, kn, vn, stride_nc, 0, offs_d, d_ok,
+                                chunk_first, chunk_split - 1, pos - 1, lo_t, hi_t, SLOTS, 1, 0, 0,
+                                table, False, False, False, EVEN_D, HALF_DOT, False,
+                                BLOCK_N)  # fmt: skip
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, kn, vn, stride_nc, 0, offs_d, d_ok,
+                                chunk_split, hi, pos - 1, lo_t, hi_t, SLOTS, 1, 0, 0,
+                                table, False, False, True, EVEN_D, HALF_DOT, False,
+                                BLOCK_N)  # fmt: skip
     else:  # a short window: every tile is an edge tile
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, ks, vs, stride_sn, offs_d, d_ok,
-                                lo, store_last, 0, lo_t, hi_t, SLOTS, BLOCK_SLOTS, stride_blk,
-                                table, RING, BLOCKED, True, EVEN_D, HALF_DOT, BLOCK_N)  # fmt: skip
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, stride_nc, offs_d, d_ok,
-                                chunk_first, hi, pos - 1, lo_t, hi_t, SLOTS, 1, 0, table,
-                                False, False, True, EVEN_D, HALF_DOT, BLOCK_N)  # fmt: skip
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, ks, vs, ksc, vsc, stride_sn, scale_n, offs_d,
+                                d_ok, lo, store_last, 0, lo_t, hi_t, SLOTS, BLOCK_SLOTS,
+                                stride_blk, scale_blk, table,
+                                RING, BLOCKED, True, EVEN_D, HALF_DOT, SCALED,
+                                BLOCK_N)  # fmt: skip
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, kn, vn, stride_nc, 0, offs_d, d_ok,
+                                chunk_first, hi, pos - 1, lo_t, hi_t, SLOTS, 1, 0, 0,
+                                table, False, False, True, EVEN_D, HALF_DOT, False,
+                                BLOCK_N)  # fmt: skip
     # A non-empty set has l >= 1 (its max term is exp2(0)); an empty one has acc = 0.
     y = acc / tl.maximum(l_i, 1.0)[:, None]
     y_ptr = Y + b * stride_yb + offs_m[:, None] * stride_yc + h * stride_yh + offs_d[None, :]
@@ -181,6 +211,19 @@ def store_layout(store: torch.Tensor, blocks: torch.Tensor | None) -> dict:
                 table=store, table_b=0)  # fmt: skip
 
 
+def scale_layout(scales: tuple | None, store: torch.Tensor, blocks: torch.Tensor | None) -> dict:
+    """The int8 scales' pointers and strides (laid out as the store without hs: (B, N, H) or a
+    pool (P, H, S)); without scales (fp stores) the store's pointer stands in, never read."""
+    if scales is None:
+        return dict(k=store, v=store, b=0, n=0, h=0, blk=0, scaled=False)
+    k_scale, v_scale = scales
+    if k_scale.stride() != v_scale.stride() or k_scale.shape != store.shape[:-1]:
+        raise ValueError(f"scales must be laid out as the store without hs, {store.shape[:-1]}")
+    st = store_layout(k_scale.unsqueeze(-1), blocks)
+    return dict(k=k_scale, v=v_scale, b=st["b"], n=st["n"], h=st["h"], blk=st["blk"],
+                scaled=True)  # fmt: skip
+
+
 def retrieve(
     q: torch.Tensor,
     store_k: torch.Tensor,
@@ -193,6 +236,7 @@ def retrieve(
     delay: int,
     ring: bool,
     blocks: torch.Tensor | None = None,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     half_dot: bool = False,
     block_m: int | None = None,
     block_n: int | None = None,
@@ -210,6 +254,8 @@ def retrieve(
         ring: the store is a ring of N slots (STM) rather than indexed by tau (LTM).
         blocks: (B, NB) int64, the block table of a pool: row b's slot n is in pool block
             blocks[b, n // S]; None for a flat store.
+        scales: int8 stores' (k_scale, v_scale), the store's layout without hs: stored pair s
+            stands for (store_k[s] * k_scale[s], store_v[s] * v_scale[s]); None for fp stores.
         half_dot: multiply fp16/bf16 stores on tensor cores (fast; scores lose ~beta * 2^-9
             absolute) instead of in exact fp32 (the default, matches the reference).
         block_m, block_n, num_warps, num_stages: tiling; the defaults are the measured best on
@@ -231,18 +277,20 @@ def retrieve(
     block_m = block_m or (64 if gpu else 16)
     block_n = block_n or (64 if gpu else 32)
     head_dim = max(16, triton.next_power_of_2(hs))
-    st = store_layout(store_k, blocks)
+    st, sc = store_layout(store_k, blocks), scale_layout(scales, store_k, blocks)
     y = torch.empty(B, C, H, hs, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(C, block_m), B * H)
     _retrieval_kernel[grid](
-        q, store_k, store_v, new_k, new_v, pos, lengths, y, st["table"],
+        q, store_k, store_v, sc["k"], sc["v"], new_k, new_v, pos, lengths, y, st["table"],
         q.stride(0), q.stride(1), q.stride(2),
         st["b"], st["n"], st["h"], st["blk"], st["table_b"],
+        sc["b"], sc["n"], sc["h"], sc["blk"],
         new_k.stride(0), new_k.stride(1), new_k.stride(2),
         y.stride(0), y.stride(1), y.stride(2),
         C, H, st["slots"], st["block_slots"], hs,
         WINDOW=window, DELAY=delay, RING=ring, BLOCKED=st["blocked"],
         HALF_DOT=half_dot and store_k.dtype in (torch.float16, torch.bfloat16),
+        SCALED=sc["scaled"],
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim, EVEN_D=head_dim == hs,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
@@ -251,13 +299,14 @@ def retrieve(
 
 @triton.jit
 def _decode_split_kernel(
-    Q, KS, VS, KN, VN, POS, LEN, M_PART, L_PART, ACC_PART, TABLE,
+    Q, KS, VS, KSC, VSC, KN, VN, POS, LEN, M_PART, L_PART, ACC_PART, TABLE,
     stride_qb, stride_qh,
     stride_sb, stride_sn, stride_sh, stride_blk, stride_tb,
+    scale_b, scale_n, scale_h, scale_blk,
     stride_nb, stride_nh,
     H, SLOTS, BLOCK_SLOTS, D, SPLIT_SIZE,
     WINDOW: tl.constexpr, DELAY: tl.constexpr, RING: tl.constexpr, BLOCKED: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    SCALED: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):  # fmt: skip
     """Decode (C = 1), flash-decoding style: program (b*H + h, split) reduces one slice of the
     visible range [lo, hi] to a partial (max, sum, weighted values). The slice's stored pairs
@@ -283,13 +332,14 @@ def _decode_split_kernel(
     l_i = tl.sum(tl.zeros([BLOCK_N], dtype=tl.float32), 0)
     acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
     ks, vs = KS + b * stride_sb + h * stride_sh, VS + b * stride_sb + h * stride_sh
+    ksc, vsc = KSC + b * scale_b + h * scale_h, VSC + b * scale_b + h * scale_h
     for start in range(first, store_last + 1, BLOCK_N):
         tau = start + tl.arange(0, BLOCK_N)
         ok = tau <= store_last
-        ptr = _pair_offsets(tau, offs_d, SLOTS, BLOCK_SLOTS, stride_blk, stride_sn,
-                            TABLE + b * stride_tb, RING, BLOCKED)  # fmt: skip
-        k = tl.load(ks + ptr, mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        v = tl.load(vs + ptr, mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        k, v = _load_pairs(ks, vs, ksc, vsc, tau, ok, offs_d, d_ok, SLOTS, BLOCK_SLOTS,
+                           stride_blk, stride_sn, scale_blk, scale_n, TABLE + b * stride_tb,
+                           RING, BLOCKED, True, False, SCALED)  # fmt: skip
+        k, v = k.to(tl.float32), v.to(tl.float32)
         s = tl.where(ok, tl.sum(k * q[None, :], 1), float("-inf"))  # (BLOCK_N,)
         m_new = tl.maximum(m_i, tl.max(s, 0))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -355,6 +405,7 @@ def retrieve_decode(
     delay: int,
     ring: bool,
     blocks: torch.Tensor | None = None,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     split_size: int = 256,
     block_n: int = 128,
     max_splits: int = 16,
@@ -371,7 +422,7 @@ def retrieve_decode(
     if C != 1:
         raise ValueError(f"retrieve_decode takes one query per sequence, got a chunk of {C}")
     head_dim = max(16, triton.next_power_of_2(hs))
-    st = store_layout(store_k, blocks)
+    st, sc = store_layout(store_k, blocks), scale_layout(scales, store_k, blocks)
     reach = st["slots"] + 1  # most pairs one query can see
     splits = min(max_splits, triton.next_power_of_2(triton.cdiv(reach, split_size)))
     split_size = triton.cdiv(reach, splits)
@@ -379,12 +430,14 @@ def retrieve_decode(
     l_part = torch.empty_like(m_part)
     acc_part = torch.empty(B * H * splits, head_dim, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(B * H, splits)](
-        q, store_k, store_v, new_k, new_v, pos, lengths, m_part, l_part, acc_part, st["table"],
+        q, store_k, store_v, sc["k"], sc["v"], new_k, new_v, pos, lengths, m_part, l_part, acc_part,
+        st["table"],
         q.stride(0), q.stride(2),
         st["b"], st["n"], st["h"], st["blk"], st["table_b"],
+        sc["b"], sc["n"], sc["h"], sc["blk"],
         new_k.stride(0), new_k.stride(2),
         H, st["slots"], st["block_slots"], hs, split_size,
-        WINDOW=window, DELAY=delay, RING=ring, BLOCKED=st["blocked"],
+        WINDOW=window, DELAY=delay, RING=ring, BLOCKED=st["blocked"], SCALED=sc["scaled"],
         NUM_SPLITS=splits, BLOCK_N=block_n, HEAD_DIM=head_dim,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip

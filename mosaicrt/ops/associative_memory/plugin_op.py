@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from mosaicrt.ops import STORE_TYPES, PluginSpec
-from mosaicrt.ops.associative_memory import NAME
+from mosaicrt.ops.associative_memory import NAME, NAME_INT8
 from mosaicrt.ops.geometry import bandwidth, has_window, visible_count
 
 
@@ -29,9 +29,11 @@ def associative_memory(
     alpha: torch.Tensor,
     window: int,
     delay: int,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The op (its store_tau input implied by the positions): stores pools (P, H, S, hs) read
-    through store_blocks (B, NB); a store with a window is a ring. Returns y (B, C, H, hs) fp32."""
+    through store_blocks (B, NB); a store with a window is a ring; int8 stores come with their
+    scales (P, H, S). Returns y (B, C, H, hs) fp32."""
     from mosaicrt.ops.associative_memory.kernel import retrieve_any
 
     pos = t[:, 0].contiguous()
@@ -43,14 +45,18 @@ def associative_memory(
     ring = has_window(window)
     return retrieve_any(qb, store_k, store_v, new_k.contiguous(), new_v.contiguous(), pos,
                         lengths, window=window if ring else 0, delay=delay, ring=ring,
-                        blocks=store_blocks)  # fmt: skip
+                        blocks=store_blocks, scales=scales)  # fmt: skip
 
 
 def run(inputs: list, outputs: list, fields: dict) -> None:
-    """The plugin's enqueue on torch views of TensorRT's buffers."""
-    q, t, store_k, store_v, blocks, _store_tau, new_k, new_v, new_tau, beta0, beta1, alpha = inputs
+    """The plugin's enqueue on torch views of TensorRT's buffers (AssociativeMemoryInt8: two
+    more inputs, the stores' scales)."""
+    q, t, store_k, store_v, blocks, _store_tau, new_k, new_v, new_tau, beta0, beta1, alpha = inputs[
+        :12
+    ]
+    scales = tuple(inputs[12:]) or None
     y = associative_memory(q, t, store_k, store_v, blocks, new_k, new_v, new_tau, beta0, beta1,
-                           alpha, fields["window"], fields["delay"])  # fmt: skip
+                           alpha, fields["window"], fields["delay"], scales)  # fmt: skip
     outputs[0].copy_(y)
 
 
@@ -75,5 +81,15 @@ PLUGIN = PluginSpec(
     same_type={3: 2},
     outputs=(0,),
     fields={"window": int, "delay": int},
+    run=run,
+)
+
+PLUGIN_INT8 = PluginSpec(
+    name=NAME_INT8,
+    # AssociativeMemory's inputs with int8 stores, then store_k_scale, store_v_scale (P, H, S)
+    inputs=PLUGIN.inputs[:2] + (("int8",), ("int8",)) + PLUGIN.inputs[4:] + (("float32",),) * 2,
+    same_type={},
+    outputs=(0,),
+    fields=PLUGIN.fields,
     run=run,
 )
