@@ -231,3 +231,43 @@ def test_a_prefix_restored_outside_the_running_rows_is_read_by_its_row(backends,
     check_paging_keeps_every_token(
         backends[name], [1, 1, 1, 1, 1, 1, 1, 1, 9, 9], list(range(10)), 1.5, 17, 4
     )
+
+
+@pytest.mark.parametrize("name", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("room", ["roomy", "tight"])
+def test_idle_sessions_park_their_state_and_continue_exactly(backends, name, room):
+    """Four sessions on two rows: between turns a session holds LTM blocks and a copy of its
+    row's constant part, but no row, and its next turn starts from there in whichever row is
+    free; every turn equals one pass over the session's tokens. Under a budget of one sequence
+    there is no room to keep every state: the oldest give theirs back, and those sessions are
+    prefilled again from their tokens, still exactly. Nothing stays held when they end."""
+    backend = backends[name]
+    sizes = backend.state_sizes()
+    if room == "roomy":  # four row copies and a pool of two full sequences
+        budget = budget_for(backend, 2, 2)
+        while plan_state(sizes, 2, CONTEXT, budget, True).cache_entries < 4:
+            budget += sizes.row_bytes
+    else:
+        budget = budget_for(backend, 2, 1)
+    limits = RunLimits(max_batch=2, max_context=CONTEXT, prefill_chunk=8, state_memory=budget)
+    batcher = ContinuousBatcher(backend, SamplingParams(), limits, ignore_eos=True)
+    prompts = prompts_of([5, 13, 21, 9], 0, seed=3)
+    firsts = [Request(i, p, 4, session=i) for i, p in enumerate(prompts)]
+    for request in firsts:
+        batcher.submit(request)
+    while batcher.busy:
+        batcher.step()
+    assert len(batcher.sessions) == 4 and batcher.kept_rows() == set()  # no row kept
+    parked = sum(s.parked is not None for s in batcher.sessions.values())
+    assert (parked == 4) == (room == "roomy")
+    seconds = [Request(10 + i, [7, 8, 9], 5, session=i, end_session=True) for i in range(4)]
+    for request in reversed(seconds):  # the newest parked first
+        batcher.submit(request)
+    while batcher.busy:
+        batcher.step()
+    for first, second in zip(firsts, seconds):
+        assert second.error is None
+        assert second.output == alone(backend, [first.prompt + first.output + [7, 8, 9]], 5)[0]
+    assert not batcher.sessions
+    held = batcher.cache.blocks_held() if batcher.cache is not None else set()
+    assert batcher.table.pool.used == len(held)  # every other block is back in the pool

@@ -198,29 +198,46 @@ def test_a_step_runs_only_the_rows_with_work(tiny_backend):
     assert first.output == generate(tiny_backend, [[5, 6, 7]], 4, limits=limits)[0]
 
 
-def test_sessions_beyond_the_rows_are_refused_alone(tiny_backend):
-    """With every row kept by an open session, another session is refused with a clear error
-    and every open session still continues exactly; a cancelled request frees its row."""
+@pytest.mark.parametrize("memory", ["paged", "stm-only"])
+def test_sessions_beyond_the_rows(tiny_backend, memory):
+    """Three sessions on two rows. With a pool of LTM blocks an idle session keeps no row, so
+    the third is served; a model without an LTM keeps a session's row between turns, so the
+    third is refused with a clear error. Either way every open session continues exactly (one
+    pass over its tokens), and a cancelled request frees its row."""
+    from dataclasses import replace
+
+    from mosaicrt.model import random_model
     from mosaicrt.runtime.batcher import ContinuousBatcher, Request
 
+    backend = tiny_backend
+    if memory == "stm-only":
+        model = random_model(replace(tiny_backend.config, use_ltm=False), seed=1)
+        backend = TorchBackend(model, device="cpu")
     limits = RunLimits(max_batch=2, max_context=64, prefill_chunk=4)
-    batcher = ContinuousBatcher(tiny_backend, SamplingParams(), limits, ignore_eos=True)
+    batcher = ContinuousBatcher(backend, SamplingParams(), limits, ignore_eos=True)
+    assert (batcher.table is not None) == (memory == "paged")
     turns = {"a": Request(0, [3, 4, 5], 3, session="a"), "b": Request(1, [6, 7], 3, session="b")}
     for request in turns.values():
         batcher.submit(request)
-    with pytest.raises(CapacityError, match="all 2 rows hold open sessions"):
-        batcher.submit(Request(2, [1], 3, session="c"))
+    third = Request(2, [1, 8], 3, session="c")
+    if memory == "stm-only":
+        with pytest.raises(CapacityError, match="all 2 rows hold open sessions"):
+            batcher.submit(third)
+    else:
+        batcher.submit(third)
+        turns["c"] = third
     run(batcher)
-    with pytest.raises(CapacityError, match="all 2 rows hold open sessions"):
-        batcher.submit(Request(3, [1], 3, session="c"))
-    for rid, key in ((4, "a"), (5, "b")):
+    if memory == "stm-only":
+        with pytest.raises(CapacityError, match="all 2 rows hold open sessions"):
+            batcher.submit(Request(3, [1], 3, session="c"))
+    for rid, key in enumerate(turns, start=4):
         first = turns[key]
         nxt = Request(rid, [9, 9], 4, session=key, end_session=True)
         batcher.submit(nxt)
         run(batcher)
-        want = generate(tiny_backend, [first.prompt + first.output + [9, 9]], 4, limits=limits)
+        want = generate(backend, [first.prompt + first.output + [9, 9]], 4, limits=limits)
         assert nxt.output == want[0]
-    long = Request(6, [1, 2, 3], 50)
+    long = Request(9, [1, 2, 3], 50)
     batcher.submit(long)
     batcher.step()
-    assert batcher.cancel(6) is long and not batcher.busy
+    assert batcher.cancel(9) is long and not batcher.busy

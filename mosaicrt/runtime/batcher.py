@@ -17,9 +17,14 @@ stream included). The prefix cache (runtime.prefix_cache) starts a request from 
 the longest prompt prefix another request has prefilled; a request whose first chunk a running
 one is still prefilling waits for it.
 
-A request with a `session` keeps its row (and so its memory state) after it finishes; the next
-request of that session continues from it, until one with `end_session` finishes or the session
-is released. A session that cannot get a row is refused alone. A request can be cancelled at any
+A request with a `session` keeps its memory state after it finishes; the next request of that
+session continues from it, until one with `end_session` finishes or the session is released. With
+a pool of blocks, an idle session holds no row: its state is parked like a prefix-cache entry (its
+LTM blocks held, its small state copied), and its next turn starts in any free row from there.
+Parked states give their blocks back after the prefix cache's, least recently parked first; a
+session whose state was given back is prefilled again from its tokens, which it keeps. Without a
+pool, a session keeps its row between turns, and one that cannot get a row is refused alone. A
+request can be cancelled at any
 time; one whose logits go non-finite, or whose step raises, fails alone: the other rows' states
 are untouched.
 """
@@ -35,7 +40,14 @@ from mosaicrt.errors import BackendError, CapacityError, InputError, MosaicError
 from mosaicrt.runtime.backend import Backend, nonfinite_error
 from mosaicrt.runtime.limits import RunLimits
 from mosaicrt.runtime.paging import OutOfBlocks, blocks_for, pool_report, run_plan
-from mosaicrt.runtime.prefix_cache import PrefixCache, prefix_keys
+from mosaicrt.runtime.prefix_cache import (
+    CacheEntry,
+    PrefixCache,
+    keep_row,
+    prefix_keys,
+    release_entry,
+    restore_row,
+)
 from mosaicrt.runtime.sampling import Sampler, SamplingParams
 
 PREFILL_CHUNKS_PER_STEP = 8  # rows a prefill step spans at most (a chunk each)
@@ -70,11 +82,18 @@ class Request:
 
 @dataclass
 class Session:
-    """A conversation that keeps its row of the state between requests."""
+    """A conversation's state between its requests: in the row it keeps (no pool of blocks) or,
+    with a pool, parked between turns (row None)."""
 
-    row: int
-    tokens: int = 0  # tokens the row has consumed
+    row: int | None  # the row it keeps, or runs in
+    history: list[int] = field(default_factory=list)  # every token its state has consumed
     pending: list[int] = field(default_factory=list)  # generated, not yet consumed
+    parked: CacheEntry | None = None  # its state between turns, with a pool of blocks
+    parked_at: int = 0  # order of parking: the oldest parked state gives its blocks back first
+
+    @property
+    def tokens(self) -> int:
+        return len(self.history)
 
 
 Event = tuple[Request, "int | None", bool]  # (request, token or None if it failed, finished)
@@ -94,13 +113,15 @@ class ContinuousBatcher:
         self.table = backend.block_table(self.state)  # None: one store per row, no paging
         self.cache = None
         entries = run_plan(backend, limits).cache_entries if self.table is not None else 0
+        self.row_copies = entries  # copies of rows the plan budgets: cache entries, parked states
         if entries:  # the prefix cache, when on and the budget leaves it room
             self.cache = PrefixCache(backend, self.state, self.table, entries)
         self.rows: list[Request | None] = [None] * limits.max_batch
         self.waiting: deque[Request] = deque()
         self.eos = None if ignore_eos else backend.config.eos_token_id  # benchmarks ignore EOS
-        self.sessions: dict[object, Session] = {}  # open sessions and the rows they keep
-        self.admissions = self.preemptions = self.peak_running = 0
+        self.sessions: dict[object, Session] = {}  # open sessions
+        self.admissions = self.preemptions = self.peak_running = self.parkings = 0
+        self.unparked = 0  # parked session states given back for their blocks
         self.last_prefill = False  # was the last step a prefill step?
 
     # -- admission ---------------------------------------------------------------------------
@@ -131,7 +152,7 @@ class ContinuousBatcher:
     def check_session(self, request: Request) -> None:
         session = self.sessions.get(request.session)
         if session is None:
-            if request.session is not None and self.free_rows() == 0:
+            if request.session is not None and self.table is None and self.free_rows() == 0:
                 raise CapacityError(
                     f"all {len(self.rows)} rows hold open sessions: end one (session_end) or "
                     "wait until one expires"
@@ -147,15 +168,27 @@ class ContinuousBatcher:
 
     def free_rows(self) -> int:
         """Rows a new session could still keep: not kept by one, not reserved by a waiting one."""
-        kept = {s.row for s in self.sessions.values()}
         new_sessions = {r.session for r in self.waiting if r.session is not None}
-        return len(self.rows) - len(kept) - len(new_sessions - set(self.sessions))
+        return len(self.rows) - len(self.kept_rows()) - len(new_sessions - set(self.sessions))
+
+    def kept_rows(self) -> set[int]:
+        return {s.row for s in self.sessions.values() if s.row is not None}
 
     def release(self, session: object) -> None:
-        """Close a session and free its row (no-op for an unknown one)."""
-        closed = self.sessions.pop(session, None)
-        if closed is not None and self.table is not None and self.rows[closed.row] is None:
+        """Close a session and free its state (no-op for an unknown one)."""
+        closed = self._close_session(session)
+        if closed is None or closed.row is None or self.rows[closed.row] is not None:
+            return  # parked (its blocks are back) or running (freed when its turn ends)
+        if self.table is not None:
             self._reset(closed.row)  # its LTM blocks back to the pool
+
+    def _close_session(self, session: object) -> Session | None:
+        """Forget a session; a parked state gives its blocks back."""
+        closed = self.sessions.pop(session, None)
+        if closed is not None and closed.parked is not None:
+            release_entry(self.table, closed.parked)
+            closed.parked = None
+        return closed
 
     def cancel(self, rid: int) -> Request | None:
         """Stop a request now, waiting or running; its row is free for the next (a session's
@@ -163,7 +196,7 @@ class ContinuousBatcher:
         for request in self.waiting:
             if request.rid == rid:
                 self.waiting.remove(request)
-                self.sessions.pop(request.session, None)
+                self._close_session(request.session)
                 return request
         for row, request in enumerate(self.rows):
             if request is not None and request.rid == rid:
@@ -185,22 +218,37 @@ class ContinuousBatcher:
         return bool(self.waiting) or any(r is not None for r in self.rows)
 
     def _admit(self) -> None:
-        kept = {s.row for s in self.sessions.values()}
+        kept = self.kept_rows()
         placed = []
         for request in self.waiting:
             session = self.sessions.get(request.session)
             entry = None
-            if session is not None:  # a continuation: its own row, once the last turn is done
+            if session is not None and self.table is None:  # its own row, once free
                 if self.rows[session.row] is not None:
                     continue
                 row = session.row
-                if self.table is not None:
-                    tokens = session.tokens + len(session.pending) + len(request.prompt)
-                    need = blocks_for(tokens, self.table.block) - int(self.table.count[row])
-                    if not self._room(need):
-                        break
                 request.prompt = session.pending + request.prompt
                 session.pending = []
+            elif session is not None:  # any free row, from its parked state or its tokens
+                free = [i for i, r in enumerate(self.rows) if r is None and i not in kept]
+                if not free or session.row is not None:  # its last turn is still running
+                    continue
+                entry = session.parked
+                tokens = session.tokens + len(session.pending) + len(request.prompt)
+                shared = len(entry.blocks) if entry is not None else 0
+                if not self._room(blocks_for(tokens, self.table.block) - shared, entry):
+                    break
+                row = free[0]
+                self._reset(row)
+                if entry is not None:
+                    restore_row(self.backend, self.state, self.table, entry, row)
+                    release_entry(self.table, entry)  # the row holds its blocks now
+                    session.parked, entry = None, None
+                    request.prompt = session.pending + request.prompt
+                else:  # its parked state was given back: prefill every token again
+                    request.prompt = session.history + session.pending + request.prompt
+                    session.history = []
+                session.pending, session.row = [], row
             else:
                 free = [i for i, r in enumerate(self.rows) if r is None and i not in kept]
                 if not free:
@@ -220,7 +268,8 @@ class ContinuousBatcher:
                     request.fed = entry.tokens
                 if request.session is not None:
                     self.sessions[request.session] = Session(row)
-                    kept.add(row)
+                    if self.table is None:
+                        kept.add(row)
             self.rows[row] = request
             if request.admitted < 0:  # a preempted request keeps its sampler's stream
                 request.admitted = self.admissions
@@ -238,11 +287,42 @@ class ContinuousBatcher:
         mask[row] = True
         self.backend.reset(self.state, mask)
 
-    def _room(self, need: int, entry=None) -> bool:
-        """Are `need` LTM blocks free (evicting cache entries other than `entry` if not)?"""
+    def _room(self, need: int, entry: CacheEntry | None = None) -> bool:
+        """Are `need` LTM blocks free? If not, prefix-cache entries, then parked session
+        states (least recently parked first), other than `entry`, give theirs back."""
         if self.table.pool.free >= need:
             return True
-        return self.cache is not None and self.cache.evict(need, keep=entry)
+        if self.cache is not None and self.cache.evict(need, keep=entry):
+            return True
+        parked = sorted(
+            (s for s in self.sessions.values() if s.parked is not None and s.parked is not entry),
+            key=lambda s: s.parked_at,
+        )
+        for session in parked:
+            self._unpark(session)
+            if self.table.pool.free >= need:
+                return True
+        return False
+
+    def _unpark(self, session: Session) -> None:
+        """Give a parked state's blocks back: the session's next turn prefills its tokens again."""
+        release_entry(self.table, session.parked)
+        session.parked = None
+        self.unparked += 1
+
+    def _trim_row_copies(self) -> None:
+        """Parked states and prefix-cache entries share the row copies the plan budgets: past
+        that count, cache entries go first, then the oldest parked states."""
+        parked = sorted(
+            (s for s in self.sessions.values() if s.parked is not None), key=lambda s: s.parked_at
+        )
+        cached = len(self.cache.entries) if self.cache is not None else 0
+        while parked and len(parked) + cached > self.row_copies:
+            if cached:
+                self.cache.evict_oldest()
+                cached -= 1
+            else:
+                self._unpark(parked.pop(0))
 
     def _keys(self, request: Request) -> list[tuple[int, bytes]]:
         if request.keys is None:
@@ -321,7 +401,7 @@ class ContinuousBatcher:
         """Free LTM blocks for a step the pool cannot serve: drop prefix-cache entries, else
         preempt the youngest running request that is not a session's (whose earlier turns could
         not be prefilled again); with none, the youngest fails."""
-        if self.cache is not None and self.cache.evict(shortage.needed):  # oldest use first
+        if self._room(shortage.needed):  # cache entries, then parked sessions, oldest first
             return []
         running = [(r.admitted, i) for i, r in enumerate(self.rows) if r is not None]
         movable = [(n, i) for n, i in running if self.rows[i].session is None]
@@ -380,22 +460,30 @@ class ContinuousBatcher:
         request = self.rows[row]
         self.rows[row] = None
         self.sampler.finish(request.rid)
-        self.sessions.pop(request.session, None)  # its state is no longer one to continue
+        self._close_session(request.session)  # its state is no longer one to continue
         if self.table is not None:
             self._reset(row)  # its LTM blocks back to the pool
 
     def _finish_turn(self, request: Request, row: int) -> None:
-        """A request ended complete: its session keeps the row, else its blocks go back."""
+        """A request ended complete: its session keeps the row or parks its state, else its
+        blocks go back."""
         session = self.sessions.get(request.session)
         if session is None or request.end_session:
-            self.sessions.pop(request.session, None)
+            self._close_session(request.session)
             if self.table is not None:
                 self._reset(row)
             return
         # The row has consumed the prompt and every new token but the last, which the next turn
         # feeds first: the session then equals one pass over all its tokens.
-        session.tokens += len(request.prompt) + len(request.output) - 1
+        session.history += request.prompt + request.output[:-1]
         session.pending = [request.output[-1]]
+        if self.table is not None:  # park the state; the row is free for anyone
+            if self.row_copies:
+                session.parked = keep_row(self.backend, self.state, self.table, row, self._room)
+            self.parkings += 1
+            session.parked_at, session.row = self.parkings, None
+            self._reset(row)
+            self._trim_row_copies()
 
 
 def pool_blocks(backend: Backend, limits: RunLimits) -> int | None:

@@ -11,7 +11,9 @@ Entries sit at multiples of the prefill chunk, where every prefill's chunks end 
 that starts from an entry steps through exactly the chunks it would have stepped through
 alone, so its tokens are bit for bit the ones it would have produced. Entries are keyed by a hash
 chained chunk by chunk, and evicted least recently used when the pool needs their blocks or
-when there are more than `max_entries`.
+when there are more than `max_entries`. The same kind of entry parks a serving session's state
+between its turns (keep_row, restore_row, release_entry), so that an idle session holds LTM blocks
+but no row.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -44,6 +46,44 @@ def prefix_keys(tokens: list[int], chunk: int) -> list[tuple[int, bytes]]:
         key = hashlib.blake2b(key + ids[p - chunk : p].tobytes(), digest_size=16).digest()
         keys.append((p, key))
     return keys
+
+
+def keep_row(
+    backend: Backend, state: Any, table: BlockTable, row: int, room: Callable[[int], bool]
+) -> CacheEntry | None:
+    """Row `row`'s state as an entry: a snapshot of its small state, its full LTM blocks held
+    (shared, not copied), its partial last block copied into a block of the entry's own. None
+    when no block is free for that copy even after room(1), which may evict to make one."""
+    pool = table.pool
+    small = backend.snapshot(state, row)
+    p = int(small["pos"])
+    full, rest = divmod(max(p - 1, 0), table.block)
+    partial = None
+    if rest:
+        if pool.free == 0 and not room(1):
+            return None
+        [partial] = pool.take(1)
+        backend.copy_block(state, int(table.table[row, full]), partial)
+    blocks = table.row_blocks(row)[:full]
+    pool.hold(blocks)
+    return CacheEntry(p, blocks, partial, small)
+
+
+def restore_row(backend: Backend, state: Any, table: BlockTable, entry: CacheEntry, row: int):
+    """Start `row` (holding no blocks) from an entry: its blocks shared, its partial block
+    copied into a block of the row's own, its small state put back. The entry is unchanged."""
+    table.share(row, entry.blocks)
+    if entry.partial is not None:
+        [own] = table.pool.take(1)
+        backend.copy_block(state, entry.partial, own)
+        table.append(row, own)
+    backend.restore(state, row, entry.small)
+
+
+def release_entry(table: BlockTable, entry: CacheEntry) -> None:
+    """Give back the blocks an entry holds."""
+    own = [entry.partial] if entry.partial is not None else []
+    table.pool.release(entry.blocks + own)
 
 
 class PrefixCache:
@@ -71,32 +111,18 @@ class PrefixCache:
         if key in self.entries:
             self.entries.move_to_end(key)
             return
-        pool = self.table.pool
-        small = self.backend.snapshot(self.state, row)
-        p = int(small["pos"])
-        full, rest = divmod(max(p - 1, 0), self.table.block)
-        partial = None
-        if rest:
-            if pool.free == 0 and not self.evict(1):
-                return  # no block to copy the partial one into: not cached
-            [partial] = pool.take(1)
-            self.backend.copy_block(self.state, int(self.table.table[row, full]), partial)
-        blocks = self.table.row_blocks(row)[:full]
-        pool.hold(blocks)
-        self.entries[key] = CacheEntry(p, blocks, partial, small)
+        entry = keep_row(self.backend, self.state, self.table, row, self.evict)
+        if entry is None:
+            return  # no block to copy the partial one into: not cached
+        self.entries[key] = entry
         while len(self.entries) > self.max_entries:
-            self._evict_oldest()
+            self.evict_oldest()
 
     def restore(self, entry: CacheEntry, row: int) -> None:
         """Start `row` (holding no blocks) from an entry: its blocks shared, its partial block
         copied into a block of the row's own, its small state put back."""
         self.hits += 1
-        self.table.share(row, entry.blocks)
-        if entry.partial is not None:
-            [own] = self.table.pool.take(1)
-            self.backend.copy_block(self.state, entry.partial, own)
-            self.table.append(row, own)
-        self.backend.restore(self.state, row, entry.small)
+        restore_row(self.backend, self.state, self.table, entry, row)
 
     def evict(self, free: int, keep: CacheEntry | None = None) -> bool:
         """Evict least recently used entries (never `keep`) until the pool has `free` free
@@ -108,13 +134,11 @@ class PrefixCache:
                 self._drop(key)
         return self.table.pool.free >= free
 
-    def _evict_oldest(self) -> None:
+    def evict_oldest(self) -> None:
         self._drop(next(iter(self.entries)))
 
     def _drop(self, key: bytes) -> None:
-        entry = self.entries.pop(key)
-        own = [entry.partial] if entry.partial is not None else []
-        self.table.pool.release(entry.blocks + own)
+        release_entry(self.table, self.entries.pop(key))
 
     def blocks_held(self) -> set[int]:
         """The pool blocks the entries hold."""

@@ -231,8 +231,7 @@ class ServingLoop:
     def _report_load(self) -> None:
         b = self.batcher
         running = sum(r is not None for r in b.rows)
-        kept = {s.row for s in b.sessions.values()}
-        rows = len({i for i, r in enumerate(b.rows) if r is not None} | kept)
+        rows = len({i for i, r in enumerate(b.rows) if r is not None} | b.kept_rows())
         self.metrics.load(running, len(b.waiting), rows, len(b.sessions))
         report = b.pool_report()
         if report is not None:
