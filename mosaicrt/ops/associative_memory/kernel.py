@@ -161,36 +161,27 @@ def _retrieval_kernel(
         full = tl.minimum(t_first - DELAY, newest)
         store_split = lo + tl.maximum(tl.minimum(store_last, full) - lo + 1, 0) // BLOCK_N * BLOCK_N
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, ks, vs, ksc, vsc, stride_sn, scale_n, offs_d,
-                                d_ok, lo, store_split - 1, 0, lo_t, hi_t, SLOTS, BLOCK_SLOTS,
-                                stride_blk, scale_blk, table,
-                                RING, BLOCKED, False, EVEN_D, HALF_DOT, SCALED,
-                                BLOCK_N)  # fmt: skip
+            d_ok, lo, store_split - 1, 0, lo_t, hi_t, SLOTS, BLOCK_SLOTS, stride_blk, scale_blk,
+            table, RING, BLOCKED, False, EVEN_D, HALF_DOT, SCALED, BLOCK_N)  # fmt: skip
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, ks, vs, ksc, vsc, stride_sn, scale_n, offs_d,
-                                d_ok, store_split, store_last, 0, lo_t, hi_t, SLOTS, BLOCK_SLOTS,
-                                stride_blk, scale_blk, table,
-                                RING, BLOCKED, True, EVEN_D, HALF_DOT, SCALED,
-                                BLOCK_N)  # fmt: skip
+            d_ok, store_split, store_last, 0, lo_t, hi_t, SLOTS, BLOCK_SLOTS, stride_blk, scale_blk,
+            table, RING, BLOCKED, True, EVEN_D, HALF_DOT, SCALED, BLOCK_N)  # fmt: skip
         chunk_split = chunk_first + (
             tl.maximum(tl.minimum(hi, full) - chunk_first + 1, 0) // BLOCK_N * BLOCK_N
         )
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, kn, vn, stride_nc, 0, offs_d, d_ok,
-                                chunk_first, chunk_split - 1, pos - 1, lo_t, hi_t, SLOTS, 1, 0, 0,
-                                table, False, False, False, EVEN_D, HALF_DOT, False,
-                                BLOCK_N)  # fmt: skip
+            chunk_first, chunk_split - 1, pos - 1, lo_t, hi_t, SLOTS, 1, 0, 0, table,
+            False, False, False, EVEN_D, HALF_DOT, False, BLOCK_N)  # fmt: skip
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, kn, vn, stride_nc, 0, offs_d, d_ok,
-                                chunk_split, hi, pos - 1, lo_t, hi_t, SLOTS, 1, 0, 0,
-                                table, False, False, True, EVEN_D, HALF_DOT, False,
-                                BLOCK_N)  # fmt: skip
+            chunk_split, hi, pos - 1, lo_t, hi_t, SLOTS, 1, 0, 0, table,
+            False, False, True, EVEN_D, HALF_DOT, False, BLOCK_N)  # fmt: skip
     else:  # a short window: every tile is an edge tile
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, ks, vs, ksc, vsc, stride_sn, scale_n, offs_d,
-                                d_ok, lo, store_last, 0, lo_t, hi_t, SLOTS, BLOCK_SLOTS,
-                                stride_blk, scale_blk, table,
-                                RING, BLOCKED, True, EVEN_D, HALF_DOT, SCALED,
-                                BLOCK_N)  # fmt: skip
+            d_ok, lo, store_last, 0, lo_t, hi_t, SLOTS, BLOCK_SLOTS, stride_blk, scale_blk, table,
+            RING, BLOCKED, True, EVEN_D, HALF_DOT, SCALED, BLOCK_N)  # fmt: skip
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, kn, vn, stride_nc, 0, offs_d, d_ok,
-                                chunk_first, hi, pos - 1, lo_t, hi_t, SLOTS, 1, 0, 0,
-                                table, False, False, True, EVEN_D, HALF_DOT, False,
-                                BLOCK_N)  # fmt: skip
+            chunk_first, hi, pos - 1, lo_t, hi_t, SLOTS, 1, 0, 0, table,
+            False, False, True, EVEN_D, HALF_DOT, False, BLOCK_N)  # fmt: skip
     # A non-empty set has l >= 1 (its max term is exp2(0)); an empty one has acc = 0.
     y = acc / tl.maximum(l_i, 1.0)[:, None]
     y_ptr = Y + b * stride_yb + offs_m[:, None] * stride_yc + h * stride_yh + offs_d[None, :]
