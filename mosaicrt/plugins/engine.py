@@ -152,7 +152,9 @@ def build_engine(
         graph = read_graph(artifact / MODEL_FILE)
         mosaic_nodes = [node.name for node in graph.graph.node if node.domain == DOMAIN]
         used_ops = sorted({node.op_type for node in graph.graph.node if node.domain == DOMAIN})
-        nbits = sum(node.domain == MS_DOMAIN for node in graph.graph.node)
+        nbits = sum(
+            node.op_type == "MatMulNBits" and node.domain == MS_DOMAIN for node in graph.graph.node
+        )
     with phases("loading TensorRT and registering the mosaic plugins"):
         from mosaicrt.plugins.tensorrt import load_tensorrt, register
 
