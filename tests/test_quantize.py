@@ -255,37 +255,33 @@ def test_torch_int4_linear_equals_dequantize_then_compute(rows):
         Int4Linear(torch.nn.Linear(64, 48, bias=False))
 
 
+def demo_agreement(device: str, dtype: str, quantize: str) -> dict:
+    """The torch backend's demo model with `quantize` weights against itself unquantized, on
+    held-out text (eval.compare's report)."""
+    from mosaicrt.eval.compare import compare_logits
+    from mosaicrt.model.checkpoint import DEMO_DIR
+    from mosaicrt.runtime.tokenizer import load_tokenizer
+    from mosaicrt.runtime.torch_backend import TorchBackend
+    from mosaicrt.train.corpus import load_corpus
+
+    reference = TorchBackend(DEMO_DIR, device=device, dtype=dtype)
+    quantized = TorchBackend(DEMO_DIR, device=device, dtype=dtype, quantize=quantize)
+    text = load_corpus("heldout")[:2048].decode("utf-8", errors="ignore")
+    tokenizer = load_tokenizer(DEMO_DIR, reference.config.vocab_size)
+    return compare_logits(reference, quantized, tokenizer, text, 1024)
+
+
 @pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
     reason="PyTorch's int4 matmul (_weight_int4pack_mm) needs a CUDA GPU of sm80 or newer",
 )
 def test_torch_backend_int4_weights_keep_the_demo_models_predictions_on_a_gpu():
-    from mosaicrt.eval.compare import compare_logits
-    from mosaicrt.model.checkpoint import DEMO_DIR
-    from mosaicrt.runtime.tokenizer import load_tokenizer
-    from mosaicrt.runtime.torch_backend import TorchBackend
-    from mosaicrt.train.corpus import load_corpus
-
-    reference = TorchBackend(DEMO_DIR, device="cuda", dtype="bfloat16")
-    quantized = TorchBackend(DEMO_DIR, device="cuda", dtype="bfloat16", quantize="int4")
-    text = load_corpus("heldout")[:2048].decode("utf-8", errors="ignore")
-    tokenizer = load_tokenizer(DEMO_DIR, reference.config.vocab_size)
-    report = compare_logits(reference, quantized, tokenizer, text, 1024)
+    report = demo_agreement("cuda", "bfloat16", "int4")
     assert report["top1_agreement"] >= 0.9
 
 
 def test_torch_backend_int8_weights_keep_the_demo_models_predictions():
-    from mosaicrt.eval.compare import compare_logits
-    from mosaicrt.model.checkpoint import DEMO_DIR
-    from mosaicrt.runtime.tokenizer import load_tokenizer
-    from mosaicrt.runtime.torch_backend import TorchBackend
-    from mosaicrt.train.corpus import load_corpus
-
-    reference = TorchBackend(DEMO_DIR, device="cpu", dtype="float32")
-    quantized = TorchBackend(DEMO_DIR, device="cpu", dtype="float32", quantize="int8")
-    text = load_corpus("heldout")[:2048].decode("utf-8", errors="ignore")
-    tokenizer = load_tokenizer(DEMO_DIR, reference.config.vocab_size)
-    report = compare_logits(reference, quantized, tokenizer, text, 1024)
+    report = demo_agreement("cpu", "float32", "int8")
     assert report["top1_agreement"] >= 0.98 and report["kl_mean"] <= 1e-3
 
 

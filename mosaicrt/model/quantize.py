@@ -61,8 +61,7 @@ class Int4Linear(nn.Module):
         groups = weight.reshape(N, K // group, group)
         scale = groups.abs().amax(-1).clamp(min=torch.finfo(torch.float32).tiny) / 7.0
         q = (torch.clamp(torch.round(groups / scale[..., None]), -8, 7) + 8).reshape(N, K)
-        self.cuda = weight.is_cuda
-        if self.cuda:  # two values a byte, the first in the high nibble
+        if weight.is_cuda:  # two values a byte, the first in the high nibble
             q = q.to(torch.uint8)
             packed = torch.ops.aten._convert_weight_to_int4pack(
                 (q[:, ::2] << 4 | q[:, 1::2]).contiguous(), INT4_INNER_K_TILES
@@ -93,7 +92,7 @@ class Int4Linear(nn.Module):
 
     def matmul(self, rows: torch.Tensor) -> torch.Tensor:
         rows = rows.to(self.dtype)
-        if self.cuda:
+        if self.weight_int4.is_cuda:
             return torch.ops.aten._weight_int4pack_mm(
                 rows, self.weight_int4, self.group, self.scales_and_zeros
             )

@@ -294,15 +294,17 @@ class ContinuousBatcher:
             return True
         if self.cache is not None and self.cache.evict(need, keep=entry):
             return True
-        parked = sorted(
-            (s for s in self.sessions.values() if s.parked is not None and s.parked is not entry),
-            key=lambda s: s.parked_at,
-        )
-        for session in parked:
+        for session in self._parked_oldest_first():
+            if session.parked is entry:
+                continue
             self._unpark(session)
             if self.table.pool.free >= need:
                 return True
         return False
+
+    def _parked_oldest_first(self) -> list[Session]:
+        parked = (s for s in self.sessions.values() if s.parked is not None)
+        return sorted(parked, key=lambda s: s.parked_at)
 
     def _unpark(self, session: Session) -> None:
         """Give a parked state's blocks back: the session's next turn prefills its tokens again."""
@@ -313,9 +315,7 @@ class ContinuousBatcher:
     def _trim_row_copies(self) -> None:
         """Parked states and prefix-cache entries share the row copies the plan budgets: past
         that count, cache entries go first, then the oldest parked states."""
-        parked = sorted(
-            (s for s in self.sessions.values() if s.parked is not None), key=lambda s: s.parked_at
-        )
+        parked = self._parked_oldest_first()
         cached = len(self.cache.entries) if self.cache is not None else 0
         while parked and len(parked) + cached > self.row_copies:
             if cached:
