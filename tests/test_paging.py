@@ -141,6 +141,22 @@ def test_paging_with_the_triton_kernels_keeps_every_token(backends):
     assert report["preemptions"] > 0
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compile", [False, True], ids=["graphs", "compiled-graphs"])
+def test_paging_on_a_gpu_keeps_every_token(tiny_ckpt, compile):
+    """The Triton kernels compiled for the GPU, decode steps replayed from CUDA graphs (of the
+    eager or the torch.compile'd step) over the pool's block tables: 10 requests under a budget
+    of two full sequences, with preemptions and a shared prefix, keep every token (fp32)."""
+    from mosaicrt.runtime.torch_backend import TorchBackend
+
+    backend = TorchBackend(tiny_ckpt, device="cuda", dtype="float32", kernels="triton",
+                           compile=compile, ltm_block=BLOCK)  # fmt: skip
+    lengths = [38, 36, 30, 9, 33, 5, 25, 12, 40, 22]
+    report = check_paging_keeps_every_token(backend, lengths, list(range(9, -1, -1)), 2.0, 17, 20)
+    assert report["preemptions"] > 0 and report["prefix_cache_hits"] > 0
+
+
 @pytest.mark.parametrize("name", ["torch", "onnxruntime"])
 def test_a_preempted_request_resumes_its_random_stream(backends, name):
     """Sampling (seeded per request): preemption replays the tokens a request had produced,

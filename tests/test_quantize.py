@@ -271,6 +271,7 @@ def demo_agreement(device: str, dtype: str, quantize: str) -> dict:
     return compare_logits(reference, quantized, tokenizer, text, 1024)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
     reason="PyTorch's int4 matmul (_weight_int4pack_mm) needs a CUDA GPU of sm80 or newer",

@@ -1,25 +1,69 @@
 #!/usr/bin/env bash
-# Everything that needs a CUDA GPU, in one run: the kernel benchmark, the kernel tests on the GPU,
-# the decode benchmark of the torch backends and `mosaicrt bench` with the Triton kernels.
-# Results go to $OUT (default bench/results).
-#   bash mosaicrt/bench/gpu.sh
+# Everything that needs a CUDA GPU, in parts (default: all, about 9 minutes on an H200; each step
+# under its own timeout, the most telling first):
+#   tests       the tests marked `gpu` (CUDA graphs, paging through the compiled Triton kernels,
+#               int4, no-sync checks), then the kernel and plugin tests on the device
+#   decode      the decode benchmark of the `small` preset (bf16, batch 1) against the HBM
+#               roofline: the CUDA graph of the eager step, then of the torch.compile'd one
+#   throughput  `mosaicrt bench throughput` of `small` at batch 64 (output tokens/s), eager step
+#               and torch.compile'd step
+#   paged       the paged state under a 20 GiB budget with a long-tailed length mix: sequences
+#               admitted against a static allocation of the same bytes
+# Results go to $OUT (default bench/results), named after the GPU.
+#   bash mosaicrt/bench/gpu.sh [tests] [decode] [throughput] [paged]
 set -uo pipefail
 OUT=${OUT:-bench/results}
+PARTS=${*:-tests decode throughput paged}
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | awk '{print tolower($2)}')
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-timeout 200 python3 -m mosaicrt.bench.kernels --json "$OUT/kernels_$GPU.json" 2>&1 | tail -7
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_plugins.py \
-    "tests/test_quantize.py::test_torch_backend_int4_weights_keep_the_demo_models_predictions_on_a_gpu" 2>&1 \
-    | tee "$OUT/gpu_tests.log" | tail -5
-timeout 240 python3 -m mosaicrt.bench.decode --device cuda --dtype bfloat16 \
-    --backends torch,torch+triton,torch.compile+triton --contexts 1024,4096,16384 --stm-only-contexts "" \
-    --json "$OUT/decode_$GPU.json" 2>&1 | grep -v "it/s\]"
-CKPT=$(mktemp -d)/mini
-python3 -m mosaicrt.cli init "$CKPT" --preset mini --dtype bf16 >/dev/null
-for mode in latency throughput; do
-    timeout 25 python3 -m mosaicrt.cli bench "$mode" "$CKPT" --backend torch --kernels triton \
-        --device cuda --batch 8 --input-len 1024 --output-len 64 \
-        --json "$OUT/bench_${mode}_mini_$GPU.json" 2>&1 | tail -12
-done
+part() { echo "== $1 ($(date +%T))"; }
+wants() { [[ " $PARTS " == *" $1 "* ]]; }
+PYTEST="python3 -m pytest -q -p no:cacheprovider -rfEs"
+python3 -c "import xdist" 2>/dev/null && PYTEST="$PYTEST -n 6"  # Triton compiles on every core
+
+if wants tests; then
+    LOG="$OUT/gpu_tests_$GPU.log"
+    git log -1 --format="commit %h" 2>/dev/null | tee "$LOG"
+    part "tests marked gpu" | tee -a "$LOG"
+    timeout 150 $PYTEST -m gpu tests/test_graph_state.py tests/test_paging.py \
+        tests/test_kernels.py tests/test_quantize.py 2>&1 | tee -a "$LOG" | tail -25
+    part "kernel and plugin tests on the GPU" | tee -a "$LOG"
+    timeout 120 $PYTEST -m "not gpu" tests/test_kernels.py tests/test_plugins.py 2>&1 \
+        | tee -a "$LOG" | tail -25
+fi
+
+CKPT=$(mktemp -d)/small
+if wants decode || wants throughput || wants paged; then
+    part "small preset, random weights"
+    python3 -m mosaicrt.cli init "$CKPT" --preset small --dtype bf16 >/dev/null
+fi
+if wants decode; then
+    part "decode, small, batch 1"
+    JSON="$OUT/decode_small_$GPU.json"
+    rm -f "$JSON"
+    for backend in torch+triton torch.compile+triton; do  # one process each, rows appended
+        timeout 150 python3 -m mosaicrt.bench.decode "$CKPT" --device cuda --dtype bfloat16 \
+            --backends $backend --contexts 1024,4096 --append --json "$JSON" 2>&1 \
+            | grep -v "it/s\]" | tail -4
+    done
+fi
+if wants throughput; then
+    part "throughput, small, batch 64"
+    timeout 100 python3 -m mosaicrt.cli bench throughput "$CKPT" --backend torch \
+        --kernels triton --device cuda --batch 64 --num-requests 64 --input-len 1024 \
+        --output-len 128 --json "$OUT/bench_throughput_small_b64_$GPU.json" 2>&1 | tail -14
+    part "throughput, small, batch 64, torch.compile'd step"
+    timeout 150 python3 -m mosaicrt.cli bench throughput "$CKPT" --backend torch \
+        --kernels triton --compile --device cuda --batch 64 --num-requests 64 --input-len 1024 \
+        --output-len 128 --json "$OUT/bench_throughput_small_b64_compile_$GPU.json" 2>&1 | tail -14
+fi
+if wants paged; then
+    part "paged state, small, long-tailed lengths under 20 GiB"
+    timeout 120 python3 -m mosaicrt.cli bench throughput "$CKPT" --backend torch \
+        --kernels triton --device cuda --batch 64 --num-requests 64 \
+        --input-len-mix 256-1024:90,8192:10 --output-len 32 --max-context 8448 \
+        --state-memory 20GiB --warmup 0 --json "$OUT/paged_small_$GPU.json" 2>&1 | tail -14
+fi
+part "done"
