@@ -158,3 +158,16 @@ def test_ort_ceiling_reads_the_bytes_the_roofline_counts(tmp_path):
     assert budget["dispatch_floor_ms"] == pytest.approx(
         other * result["dispatch_us_per_node"] / 1e3
     )
+
+
+def test_profile_steps_tables_both_steps_by_op(tiny, tmp_path):
+    from mosaicrt.bench import profile_steps
+
+    out = tmp_path / "profile.txt"
+    args = argparse.Namespace(model=str(tiny), device="cpu", kernels="torch", compile=False,
+                              batch=3, prefill_rows=2, chunk=16, context=40,
+                              out=str(out))  # fmt: skip
+    assert profile_steps.main(args) == 0
+    text = out.read_text()
+    assert "== prefill (2 rows x 16 tokens):" in text and "== decode (3 rows):" in text
+    assert text.count("aten::mm") >= 2  # each step's table lists its matmuls

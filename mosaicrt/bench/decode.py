@@ -251,7 +251,8 @@ def main(args: argparse.Namespace) -> int:
     add_speedups(rows)
     result = {
         "benchmark": "decode_tpot_batch1",
-        "preset": str(checkpoint) if checkpoint else args.preset,
+        "preset": checkpoint.name if checkpoint else args.preset,  # init names it the preset
+        "model": str(checkpoint) if checkpoint else None,
         "config": base.to_dict(),
         "batch": 1,
         "device": args.device,

@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
-# Everything that needs a CUDA GPU, in parts (default: all, about 9 minutes on an H200; each step
-# under its own timeout, the most telling first):
+# Everything that needs a CUDA GPU, in parts (default: all, about 12 minutes on an H200; each step
+# under its own timeout, the most telling first; name parts to run fewer):
 #   tests       the tests marked `gpu` (CUDA graphs, paging through the compiled Triton kernels,
 #               int4, no-sync checks), then the kernel and plugin tests on the device
 #   decode      the decode benchmark of the `small` preset (bf16, batch 1) against the HBM
 #               roofline: the CUDA graph of the eager step, then of the torch.compile'd one
 #   throughput  `mosaicrt bench throughput` of `small` at batch 64 (output tokens/s), eager step
 #               and torch.compile'd step
+#   profile     torch.profiler over a prefill and a decode step of `small` at batch 64 (where the
+#               time goes: bench/results/profile_small_<gpu>.txt)
+#   kernels     the kernel benchmark (each kernel over a few tilings, against SDPA flash and the
+#               copy bandwidth)
 #   paged       the paged state under a 20 GiB budget with a long-tailed length mix: sequences
 #               admitted against a static allocation of the same bytes
 # Results go to $OUT (default bench/results), named after the GPU.
-#   bash mosaicrt/bench/gpu.sh [tests] [decode] [throughput] [paged]
+#   bash mosaicrt/bench/gpu.sh [tests] [decode] [throughput] [profile] [paged] [kernels]
 set -uo pipefail
 OUT=${OUT:-bench/results}
-PARTS=${*:-tests decode throughput paged}
+PARTS=${*:-tests decode throughput profile paged kernels}
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | awk '{print tolower($2)}')
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv
@@ -35,7 +39,7 @@ if wants tests; then
 fi
 
 CKPT=$(mktemp -d)/small
-if wants decode || wants throughput || wants paged; then
+if wants decode || wants throughput || wants profile || wants paged; then
     part "small preset, random weights"
     python3 -m mosaicrt.cli init "$CKPT" --preset small --dtype bf16 >/dev/null
 fi
@@ -59,11 +63,21 @@ if wants throughput; then
         --kernels triton --compile --device cuda --batch 64 --num-requests 64 --input-len 1024 \
         --output-len 128 --json "$OUT/bench_throughput_small_b64_compile_$GPU.json" 2>&1 | tail -14
 fi
+if wants profile; then
+    part "profile of the batcher's steps, small, batch 64"
+    timeout 90 python3 -m mosaicrt.bench.profile_steps "$CKPT" --device cuda --kernels triton \
+        --batch 64 --prefill-rows 8 --chunk 512 --context 1024 \
+        --out "$OUT/profile_small_$GPU.txt" 2>&1 | grep "^==\|Self CUDA time total"
+fi
 if wants paged; then
     part "paged state, small, long-tailed lengths under 20 GiB"
     timeout 120 python3 -m mosaicrt.cli bench throughput "$CKPT" --backend torch \
         --kernels triton --device cuda --batch 64 --num-requests 64 \
         --input-len-mix 256-1024:90,8192:10 --output-len 32 --max-context 8448 \
         --state-memory 20GiB --warmup 0 --json "$OUT/paged_small_$GPU.json" 2>&1 | tail -14
+fi
+if wants kernels; then
+    part "kernel benchmark"
+    timeout 200 python3 -m mosaicrt.bench.kernels --json "$OUT/kernels_$GPU.json" 2>&1 | tail -7
 fi
 part "done"

@@ -48,7 +48,7 @@ from mosaicrt.runtime.prefix_cache import (
     release_entry,
     restore_row,
 )
-from mosaicrt.runtime.sampling import Sampler, SamplingParams
+from mosaicrt.runtime.sampling import Sampler, SamplingParams, finite_rows
 
 PREFILL_CHUNKS_PER_STEP = 8  # rows a prefill step spans at most (a chunk each)
 
@@ -417,7 +417,7 @@ class ContinuousBatcher:
         return []
 
     def _advance(self, feeds: dict, logits: torch.Tensor, lo: int, prefill: bool) -> list[Event]:
-        finite = logits.isfinite().all(dim=-1)  # (rows,)
+        finite = finite_rows(logits).tolist()  # (rows,)
         ready, events = [], []
         for i, f in feeds.items():
             r = self.rows[i]
@@ -430,7 +430,9 @@ class ContinuousBatcher:
             if r.sampling_next:
                 ready.append(i)
         rows = [i - lo for i in ready]
-        tokens = self.sampler(logits[rows], [self.rows[i].rid for i in ready]) if ready else []
+        if rows != list(range(logits.shape[0])):  # some rows are still prefilling, or failed
+            logits = logits[rows]
+        tokens = self.sampler(logits, [self.rows[i].rid for i in ready]) if rows else []
         for i, token in zip(ready, tokens):
             r = self.rows[i]
             r.output.append(token)

@@ -62,7 +62,9 @@ class DecodeGraph:
         self.lengths = torch.zeros(B, dtype=torch.int64, device=device)  # 0: rows stay as they are
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # compile kernels, create handles; length 0 changes nothing
+        # Compile kernels, create handles: rows of length 0 change nothing they read (their
+        # pairs go to the pool's scratch block).
+        with torch.cuda.stream(side):
             for _ in range(2):
                 advance(self.ids, state, self.lengths, last_only=True)
         torch.cuda.current_stream().wait_stream(side)
@@ -70,6 +72,7 @@ class DecodeGraph:
         with torch.cuda.graph(self.graph):
             self.logits = advance(self.ids, state, self.lengths, last_only=True)  # (B, V)
 
+    @torch.inference_mode()  # the static buffers are inference tensors
     def __call__(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         self.ids.copy_(ids, non_blocking=True)
         self.lengths.copy_(lengths, non_blocking=True)
