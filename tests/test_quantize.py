@@ -255,17 +255,23 @@ def test_torch_int4_linear_equals_dequantize_then_compute(rows):
         Int4Linear(torch.nn.Linear(64, 48, bias=False))
 
 
-def demo_agreement(device: str, dtype: str, quantize: str) -> dict:
+def demo_agreement(device: str, dtype: str, quantize: str, anywhere: bool = False) -> dict:
     """The torch backend's demo model with `quantize` weights against itself unquantized, on
-    held-out text (eval.compare's report)."""
+    held-out text (eval.compare's report). anywhere: on a device the backend would refuse for
+    being slow there (the numbers are the same)."""
     from mosaicrt.eval.compare import compare_logits
     from mosaicrt.model.checkpoint import DEMO_DIR
+    from mosaicrt.model.quantize import replace_linears
     from mosaicrt.runtime.tokenizer import load_tokenizer
     from mosaicrt.runtime.torch_backend import TorchBackend
     from mosaicrt.train.corpus import load_corpus
 
     reference = TorchBackend(DEMO_DIR, device=device, dtype=dtype)
-    quantized = TorchBackend(DEMO_DIR, device=device, dtype=dtype, quantize=quantize)
+    if anywhere:
+        quantized = TorchBackend(DEMO_DIR, device=device, dtype=dtype)
+        replace_linears(quantized.model, quantize)
+    else:
+        quantized = TorchBackend(DEMO_DIR, device=device, dtype=dtype, quantize=quantize)
     text = load_corpus("heldout")[:2048].decode("utf-8", errors="ignore")
     tokenizer = load_tokenizer(DEMO_DIR, reference.config.vocab_size)
     return compare_logits(reference, quantized, tokenizer, text, 1024)
@@ -281,6 +287,43 @@ def test_torch_backend_int4_weights_keep_the_demo_models_predictions_on_a_gpu():
     assert report["top1_agreement"] >= 0.9
 
 
+@pytest.mark.parametrize("rows", [1, 5])
+def test_torch_fp8_linear_equals_quantize_then_compute(rows):
+    """Fp8Linear (torch._scaled_mm; it runs on the CPU too) computes the product of the fp8 rows
+    of x and of W with their scales, each value within e4m3's rounding (3 mantissa bits)."""
+    from mosaicrt.model.quantize import Fp8Linear, to_fp8_rows
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 48, bias=False)
+    q = Fp8Linear(linear)
+    x = torch.randn(rows, 3, 96)
+    x8, x_scale = to_fp8_rows(x.reshape(-1, 96))
+    w8, w_scale = to_fp8_rows(linear.weight.detach())
+    want = (x8.float() * x_scale) @ (w8.float() * w_scale).T
+    assert torch.allclose(q(x).reshape(-1, 48), want, atol=1e-5, rtol=1e-5)
+    error = (w8.float() * w_scale - linear.weight).abs()
+    assert bool((error <= linear.weight.abs() * 2**-4 + w_scale * 2**-9).all())
+    with pytest.raises(BackendError, match="multiples of 16"):
+        Fp8Linear(torch.nn.Linear(64, 4, bias=False))
+
+
+def test_fp8_weights_keep_the_demo_models_predictions():
+    """fp8 weights and activations (the layers that fit; on the CPU, where the backend would
+    refuse them for speed, the numbers are those of a GPU's fp8 matmul up to summation order)."""
+    report = demo_agreement("cpu", "float32", "fp8", anywhere=True)
+    assert report["top1_agreement"] >= 0.95, report
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+    reason="PyTorch's row-wise scaled fp8 matmul (torch._scaled_mm) needs a CUDA GPU of sm89+",
+)
+def test_torch_backend_fp8_weights_keep_the_demo_models_predictions_on_a_gpu():
+    report = demo_agreement("cuda", "bfloat16", "fp8")
+    assert report["top1_agreement"] >= 0.9, report
+
+
 def test_torch_backend_int8_weights_keep_the_demo_models_predictions():
     report = demo_agreement("cpu", "float32", "int8")
     assert report["top1_agreement"] >= 0.98 and report["kl_mean"] <= 1e-3
@@ -291,9 +334,10 @@ def test_run_options_name_the_backends_that_take_them(cli, tiny_ckpt, tmp_path):
     prompt = ["--prompt", "hi", "--max-new-tokens", "2"]
     result = cli("generate", artifact, "--quantize", "int8", *prompt)
     assert result.returncode == 2 and "mosaicrt export --quantize" in result.stderr
-    result = cli("generate", tiny_ckpt, "--backend", "torch", "--quantize", "int4", *prompt)
-    assert result.returncode == 2 and "int8" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    for scheme in ("int4", "fp8"):  # CUDA kernels, refused on the CPU
+        result = cli("generate", tiny_ckpt, "--backend", "torch", "--quantize", scheme, *prompt)
+        assert result.returncode == 2 and "int8" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_check_measures_a_quantized_artifact_against_its_fp32_source(cli, tiny_ckpt, tmp_path):

@@ -5,7 +5,11 @@ of a model becomes
 - int4 (CUDA): an Int4Linear, symmetric int4 in groups of INT4_GROUP inputs with one scale per
   group and output, multiplied by PyTorch's tiled int4 matmul (`aten._weight_int4pack_mm`, bf16
   activations, sm80+). PyTorch's CPU int4 matmul exists but ran 16x slower than an fp32 matmul on
-  a 1024 x 1024 weight here, so the CPU layout serves the tests only.
+  a 1024 x 1024 weight here, so the CPU layout serves the tests only;
+- fp8 (CUDA): an Fp8Linear, float8 e4m3 weights with one scale per output feature, and each
+  activation row quantized to float8 with its own scale as it comes, multiplied by PyTorch's
+  row-wise scaled fp8 matmul (`torch._scaled_mm`, bf16 out, sm89+). It runs on the CPU too, 80x
+  slower than an fp32 matmul at batch 1 here, so there it serves the tests only.
 The embedding and the memories' state stay as they are."""
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from torch import nn
 from mosaicrt.errors import BackendError
 
 PACKED_ROWS = 32  # more rows than this (a prefill chunk) run as a dense matmul
-TORCH_SCHEMES = {"int8": "cpu", "int4": "cuda"}  # scheme -> the device its kernel runs on
+TORCH_SCHEMES = {"int8": "cpu", "int4": "cuda", "fp8": "cuda"}  # scheme -> its kernel's device
 INT4_GROUP = 128  # inputs per int4 scale (tinygemm takes 32, 64, 128 or 256)
 INT4_INNER_K_TILES = 8  # tinygemm's tiling of the input dimension (2, 4 or 8)
 
@@ -47,6 +51,8 @@ class Int4Linear(nn.Module):
     W[n, k] ~= (q[n, k] - 8) * scale[k // group, n], q in 0..15, scale = max|group| / 7.
     The weight is packed in the tiled layout of the device's int4 matmul (CUDA: bf16 products;
     CPU: fp32, for tests)."""
+
+    SHAPES = f"in_features a multiple of {INT4_GROUP}, out_features of 16"
 
     def __init__(self, linear: nn.Linear, group: int = INT4_GROUP) -> None:
         super().__init__()
@@ -105,16 +111,59 @@ class Int4Linear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-QUANTIZED_LINEARS = {"int8": Int8Linear, "int4": Int4Linear}
+class Fp8Linear(nn.Module):
+    """x @ W^T with W (out, in) as float8 e4m3 rows, W[n] ~= w8[n] * w_scale[n] (max|row| / 448),
+    and x quantized row by row the same way as it comes (dynamic, per token)."""
+
+    SHAPES = "in_features and out_features multiples of 16"
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight.detach().float()  # (out, in)
+        N, K = weight.shape
+        if not Fp8Linear.fits(linear):
+            raise BackendError(
+                f"fp8 weights need in_features and out_features multiples of 16; this Linear is "
+                f"{K} -> {N}: use --quantize int4 or int8"
+            )
+        weight_fp8, scale = to_fp8_rows(weight)
+        self.register_buffer("weight_fp8", weight_fp8)  # (out, in) float8_e4m3fn
+        self.register_buffer("weight_scale", scale.T.contiguous())  # (1, out) fp32
+        self.in_features, self.out_features = K, N
+
+    @staticmethod
+    def fits(linear: nn.Linear) -> bool:
+        """Can the fp8 matmul take this Linear's shape?"""
+        return linear.in_features % 16 == 0 and linear.out_features % 16 == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows, row_scale = to_fp8_rows(x.reshape(-1, self.in_features))  # (M, in), (M, 1)
+        out = torch.bfloat16 if rows.is_cuda else torch.float32  # row-wise scaling: bf16 on CUDA
+        y = torch._scaled_mm(rows, self.weight_fp8.T, scale_a=row_scale,
+                             scale_b=self.weight_scale, out_dtype=out)  # fmt: skip
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+def to_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) -> float8 e4m3 (M, K) and fp32 scales (M, 1): x ~= q * scale, scale = max|row| /
+    448 (e4m3's largest value)."""
+    x = x.float()
+    top = torch.finfo(torch.float8_e4m3fn).max
+    scale = x.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / top
+    return (x / scale).clamp(-top, top).to(torch.float8_e4m3fn), scale
+
+
+QUANTIZED_LINEARS = {"int8": Int8Linear, "int4": Int4Linear, "fp8": Fp8Linear}
 
 
 def quantize_linears(model: nn.Module, scheme: str) -> nn.Module:
-    """Replace every nn.Linear of `model` (in place) by its `scheme` version (int4: every one
-    whose shape the kernels take); returns model."""
+    """Replace every nn.Linear of `model` (in place) by its `scheme` version (int4, fp8: every
+    one whose shape the kernels take), on the device the scheme's kernel runs on; returns model."""
     if scheme not in TORCH_SCHEMES:
         raise BackendError(
-            f"the torch backend quantizes weights to int8 (CPU) or int4 (CUDA), not {scheme!r}: "
-            f"use one of those, or an ONNX artifact (`mosaicrt export --quantize {scheme}`)"
+            f"the torch backend quantizes weights to int8 (CPU), int4 or fp8 (CUDA), not "
+            f"{scheme!r}: use one of those, or an ONNX artifact (`mosaicrt export --quantize "
+            f"int4|int8`)"
         )
     device = next(model.parameters()).device
     if device.type != TORCH_SCHEMES[scheme]:
@@ -122,24 +171,34 @@ def quantize_linears(model: nn.Module, scheme: str) -> nn.Module:
         other = f"--quantize {runs_here[0]}" if runs_here else "a CPU or a CUDA device"
         raise BackendError(
             f"--quantize {scheme} on the torch backend runs on {TORCH_SCHEMES[scheme]} only "
-            f"(PyTorch's {scheme} weight-packed matmul), not on {device.type}: use {other}, or "
-            f"an ONNX artifact (`mosaicrt export --quantize {scheme}`)"
+            f"(PyTorch's {scheme} matmul is fast there only), not on {device.type}: use {other}, "
+            f"or an ONNX artifact (`mosaicrt export --quantize int4|int8`)"
         )
+    if scheme == "fp8" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise BackendError(
+            f"--quantize fp8 needs a GPU with fp8 matmuls (sm89 or newer); this one is sm"
+            f"{''.join(map(str, torch.cuda.get_device_capability(device)))}: use --quantize int4"
+        )
+    return replace_linears(model, scheme)
+
+
+def replace_linears(model: nn.Module, scheme: str) -> nn.Module:
+    """Every nn.Linear of `model` whose shape `scheme`'s kernel takes, replaced in place (no
+    device check: quantize_linears makes it)."""
+    cls = QUANTIZED_LINEARS[scheme]
     linears = [
         (parent, name, child)
         for parent in list(model.modules())
         for name, child in list(parent.named_children())
         if isinstance(child, nn.Linear)
     ]
-    if scheme == "int4":  # layers too narrow for the kernels (the key gates: d -> H) stay as is
-        linears = [
-            (parent, name, child) for parent, name, child in linears if Int4Linear.fits(child)
-        ]
+    if hasattr(cls, "fits"):  # layers too narrow for the kernels (the key gates: d -> H) stay
+        linears = [(parent, name, child) for parent, name, child in linears if cls.fits(child)]
         if not linears:
             raise BackendError(
-                f"no Linear layer of this model fits the int4 kernels (in_features a multiple of "
-                f"{INT4_GROUP}, out_features of 16): use --quantize int8 or an ONNX artifact"
+                f"no Linear layer of this model fits the {scheme} kernels ({cls.SHAPES}): use "
+                "--quantize int8 or an ONNX artifact"
             )
     for parent, name, child in linears:
-        setattr(parent, name, QUANTIZED_LINEARS[scheme](child))
+        setattr(parent, name, cls(child))
     return model

@@ -50,8 +50,8 @@ def open_backend(
         raise BackendError(f"--compile applies to the torch backend only, not {name}")
     if quantize is not None and name != "torch":
         raise BackendError(
-            f"--quantize applies to the torch backend only: an ONNX artifact is quantized when "
-            f"it is exported (`mosaicrt export --quantize {quantize}`)"
+            "--quantize applies to the torch backend only: an ONNX artifact is quantized when "
+            "it is exported (`mosaicrt export --quantize int4|int8`)"
         )
     if dtype is not None and name != "torch":
         raise BackendError(
@@ -127,8 +127,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--quantize",
-        help="torch backend: weight-only int8 Linear layers on the CPU, or int4 on a CUDA GPU "
-        "(ONNX artifacts are quantized at export: `mosaicrt export --quantize`)",
+        help="torch backend: weight-only int8 Linear layers on the CPU, int4 on a CUDA GPU "
+        "(sm80+), or fp8 weights and activations on one (sm89+) (ONNX artifacts are quantized "
+        "at export: `mosaicrt export --quantize`)",
     )
     add_weight_check_arg(p)
 

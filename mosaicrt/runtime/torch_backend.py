@@ -103,7 +103,8 @@ class TorchBackend(TorchStatePaging, Backend):
         compile: run decode steps through torch.compile (dynamic shapes; the first steps
         compile; inside the CUDA graph when there is one); prefill chunks stay eager.
         check_weights: refuse a checkpoint whose weights hold NaN or inf.
-        quantize: weight-only "int8" (CPU) or "int4" (CUDA) Linear layers (model.quantize).
+        quantize: weight-only "int8" (CPU) or "int4" (CUDA), or "fp8" (CUDA) Linear layers
+        (model.quantize).
         ltm_block: pairs per block of the paged LTM (runtime.paging)."""
         self.device, self.block = pick_device(device), ltm_block
         if dtype is None and self.device.type == "cpu":
