@@ -133,6 +133,49 @@ def test_qdq_view_equals_dequantize_then_compute(tiny_ckpt, tmp_path, scheme):
     assert np.abs(got - want).max() <= RTOL[0] * np.abs(want).max()
 
 
+def test_fp8_view_equals_dequantize_then_compute(tiny_ckpt, tmp_path):
+    """The fp8 view of an fp32 artifact (`mosaicrt build --weights fp8`: every weight MatMul as a
+    FLOAT8E4M3FN constant, DequantizeLinear with a scale per column, MatMul), run by ONNX
+    Runtime, computes the graph whose weights are their fp8 values; each weight within e4m3's
+    rounding of the original."""
+    import torch
+
+    from mosaicrt.export.quantize import fp8_columns, read_tensor
+
+    artifact = export_artifact(tiny_ckpt, tmp_path / "fp32", max_context=64)
+    (tmp_path / "view").mkdir()
+    view = qdq_model(artifact / "model.onnx", tmp_path / "view", fp8_weights=True)
+    model = onnx.load(str(view))
+    onnx.checker.check_model(model)
+    reference = onnx.load(str(artifact / "model.onnx"))
+    inits = {t.name: t for t in reference.graph.initializer}
+    weight_matmuls = [n for n in reference.graph.node
+                      if n.op_type == "MatMul" and n.input[1] in inits]  # fmt: skip
+    types = [n.op_type for n in model.graph.node]
+    assert types.count("DequantizeLinear") == len(weight_matmuls) == 2 * 4 + 1
+    fp8 = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT8E4M3FN]
+    assert len(fp8) == len(weight_matmuls)
+    for node in weight_matmuls:  # the reference: the same graph with the fp8 values as fp32
+        tensor = inits[node.input[1]]
+        weight = read_tensor(tensor, artifact)
+        q, scales = fp8_columns(weight)
+        values = torch.from_numpy(q).view(torch.float8_e4m3fn).float().numpy() * scales
+        assert (np.abs(values - weight) <= np.abs(weight) * 2**-4 + scales * 2**-9).all()
+        tensor.CopyFrom(numpy_helper.from_array(values.astype(np.float32), tensor.name))
+    backend = OrtBackend(artifact, device="cpu", ort_ops="functions")
+    state = backend.new_state(2, 40)
+    ids = torch.randint(0, backend.config.vocab_size, (2, 40),
+                        generator=torch.Generator().manual_seed(1))  # fmt: skip
+    feeds = {"input_ids": ids.numpy(), "lengths": np.array([40, 29]), "positions": state.pos.copy()}
+    feeds |= state.small | state.store_feeds(backend.readable_blocks(state.pos, 40), np.asarray)
+    sessions = [
+        ort.InferenceSession(source, session_options(), providers=["CPUExecutionProvider"])
+        for source in (reference.SerializeToString(), str(view))
+    ]
+    want, got = (session.run(["logits"], feeds)[0] for session in sessions)
+    assert np.abs(got - want).max() <= RTOL[0] * np.abs(want).max()
+
+
 def test_int4_packing_is_the_onnx_layout():
     """pack_int4 lays values out as ONNX's own INT4 tensors (first value in the low nibble)."""
     q = np.random.default_rng(0).integers(-8, 8, size=(5, 7)).astype(np.int8)  # odd count

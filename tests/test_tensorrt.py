@@ -138,6 +138,39 @@ def test_quantized_artifact_builds_with_qdq_weights_and_int8_store_plugins(
     assert types[2:4] == [trt.DataType.INT8] * 2 and types[12:] == [trt.DataType.FLOAT] * 2
 
 
+def test_fp8_weights_build_as_fp8_qdq(cli, artifacts, tmp_path):
+    """--weights fp8 on an fp32 artifact: every weight MatMul reaches TensorRT as an FP8 constant
+    into a DEQUANTIZE layer, TensorRT-RTX builds the engine for sm89 (fp8), the manifest says
+    so; an artifact whose weights are quantized already is refused in one line, exit 2."""
+    from mosaicrt.export.quantize import WeightQuantization, qdq_model
+
+    out = tmp_path / "engine"
+    result = cli("build", artifacts / "float32", "-o", out, "--target", "sm89", "--weights",
+                 "fp8", "--max-batch", "2", "--max-chunk", "64")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "quantized to FP8" in result.stdout
+    manifest = json.loads((out / "build_manifest.json").read_text())
+    assert manifest["quantization"] == "fp8 weights" and manifest["targets"] == ["sm89"]
+    logger = trt.Logger(trt.Logger.ERROR)
+    network = trt.Builder(logger).create_network(
+        1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    )
+    view = tmp_path / "view"
+    view.mkdir()
+    model = qdq_model(artifacts / "float32" / "model.onnx", view, fp8_weights=True)
+    assert trt.OnnxParser(network, logger).parse_from_file(str(model))
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    dequantize = [layer for layer in layers if layer.type == trt.LayerType.DEQUANTIZE]
+    assert len(dequantize) == 2 * 4 + 1  # per layer: qkv, output, gate-up, down; then lm_head
+    assert all(layer.get_input(0).dtype == trt.DataType.FP8 for layer in dequantize)
+
+    quantized = export_artifact(artifacts / "ckpt", tmp_path / "q", max_context=512,
+                                quantize=WeightQuantization("int8", 32))  # fmt: skip
+    result = cli("build", quantized, "-o", tmp_path / "no", "--weights", "fp8")
+    assert result.returncode == 2 and "already quantized (int8)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "no").exists()
+
+
 def test_mosaic_nodes_parse_as_plugin_layers(artifacts):
     """Every mosaic node is a PLUGIN_V3 layer of the parsed network, with the shapes of the op."""
     P.register()

@@ -23,5 +23,6 @@ def main(args: argparse.Namespace) -> int:
         target=args.target,
         timing_cache=args.timing_cache,
         force=args.force,
+        weights=args.weights,
     )
     return 0

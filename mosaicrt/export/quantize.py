@@ -117,47 +117,33 @@ def pack_int4(q: np.ndarray) -> np.ndarray:
     return nibbles[0::2] | (nibbles[1::2] << 4)
 
 
-def qdq_model(model_path: Path, out: Path) -> Path:
+def qdq_model(model_path: Path, out: Path, fp8_weights: bool = False) -> Path:
     """Write the TensorRT view of an artifact's graph to directory `out` and return its path:
     every MatMulNBits becomes DequantizeLinear (blocked along K, no zero point: symmetric) of an
     INT4/INT8 constant (K, N) with its scales (K / block, N), then MatMul, which TensorRT fuses
-    into a weight-only quantized GEMM. The graph and the ops' function bodies move to opset 21;
-    the artifact's own weight files are linked, not copied."""
+    into a weight-only quantized GEMM. With fp8_weights (an artifact of fp weights), every MatMul
+    of a weight (K, N) becomes DequantizeLinear of a FLOAT8E4M3FN constant with a scale per
+    column, then MatMul. The graph and the ops' function bodies move to opset 21; the artifact's
+    own weight files are linked, not copied."""
     model = onnx.load(model_path, load_external_data=False)
     source = model_path.parent
     weights = {tensor.name: tensor for tensor in model.graph.initializer}
     for name in {entry.value for tensor in model.graph.initializer
                  for entry in tensor.external_data if entry.key == "location"}:  # fmt: skip
         (out / name).symlink_to((source / name).resolve())
+    rewrite = fp8_matmul if fp8_weights else nbits_matmul
     external = ExternalData(out / QDQ_DATA)
     nodes, dropped = [], set()
     try:
         for node in model.graph.node:
-            if node.op_type != "MatMulNBits" or node.domain != MS_DOMAIN:
+            rewritten = rewrite(node, weights, source, external)
+            if rewritten is None:
                 nodes.append(node)
                 continue
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            K, N, bits, block = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
-            x, packed_name, scales_name = node.input[:3]
-            packed, scales = (read_tensor(weights[n], source) for n in (packed_name, scales_name))
-            q = unpack_weight(packed, K, bits, block)  # (K, N)
-            data = pack_int4(q) if bits == 4 else q.view(np.uint8).reshape(-1)
-            element = TensorProto.INT4 if bits == 4 else TensorProto.INT8
-            w_q, w_scales = f"{packed_name}.qdq", f"{scales_name}.qdq"
-            model.graph.initializer.extend([
-                external.raw(w_q, element, (K, N), data),
-                external.tensor(w_scales, np.ascontiguousarray(scales.T)),  # (K / block, N)
-            ])  # fmt: skip
-            dropped.update((packed_name, scales_name))
-            w = f"{node.output[0]}.weight"
-            dequantize = helper.make_node(
-                "DequantizeLinear", [w_q, w_scales], [w], name=f"{node.name}/DequantizeLinear",
-                axis=0, block_size=block,
-            )  # fmt: skip
-            matmul = helper.make_node(
-                "MatMul", [x, w], list(node.output), name=f"{node.name}/MatMul"
-            )
-            nodes += [dequantize, matmul]
+            new_weights, replaced, new_nodes = rewritten
+            model.graph.initializer.extend(new_weights)
+            dropped.update(replaced)
+            nodes += new_nodes
     finally:
         external.close()
     del model.graph.node[:]
@@ -176,6 +162,62 @@ def qdq_model(model_path: Path, out: Path) -> Path:
     path = out / model_path.name
     onnx.save(model, path)
     return path
+
+
+Rewrite = tuple[list[TensorProto], set[str], list[onnx.NodeProto]]  # new weights, dropped, nodes
+
+
+def nbits_matmul(node, weights: dict, source: Path, external: ExternalData) -> Rewrite | None:
+    """A MatMulNBits as INT4/INT8 constant (K, N) -> blocked DequantizeLinear -> MatMul."""
+    if node.op_type != "MatMulNBits" or node.domain != MS_DOMAIN:
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    K, N, bits, block = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
+    x, packed_name, scales_name = node.input[:3]
+    packed, scales = (read_tensor(weights[n], source) for n in (packed_name, scales_name))
+    q = unpack_weight(packed, K, bits, block)  # (K, N)
+    data = pack_int4(q) if bits == 4 else q.view(np.uint8).reshape(-1)
+    element = TensorProto.INT4 if bits == 4 else TensorProto.INT8
+    w_q, w_scales, w = f"{packed_name}.qdq", f"{scales_name}.qdq", f"{node.output[0]}.weight"
+    new = [external.raw(w_q, element, (K, N), data),
+           external.tensor(w_scales, np.ascontiguousarray(scales.T))]  # (K / block, N)  # fmt: skip
+    dequantize = helper.make_node("DequantizeLinear", [w_q, w_scales], [w],
+                                  name=f"{node.name}/DequantizeLinear",
+                                  axis=0, block_size=block)  # fmt: skip
+    matmul = helper.make_node("MatMul", [x, w], list(node.output), name=f"{node.name}/MatMul")
+    return new, {packed_name, scales_name}, [dequantize, matmul]
+
+
+def fp8_matmul(node, weights: dict, source: Path, external: ExternalData) -> Rewrite | None:
+    """A MatMul of a weight initializer (K, N) as FLOAT8E4M3FN constant -> DequantizeLinear (a
+    scale per column, in the weight's dtype) -> MatMul."""
+    if node.op_type != "MatMul" or node.input[1] not in weights:
+        return None
+    tensor = weights[node.input[1]]
+    if len(tensor.dims) != 2:
+        return None
+    weight = read_tensor(tensor, source)  # (K, N)
+    q, scales = fp8_columns(weight)
+    w_q, w_scales, w = f"{tensor.name}.fp8", f"{tensor.name}.fp8_scale", f"{node.output[0]}.weight"
+    new = [external.raw(w_q, TensorProto.FLOAT8E4M3FN, weight.shape, q.reshape(-1)),
+           numpy_helper.from_array(scales.astype(weight.dtype), w_scales)]  # fmt: skip
+    dequantize = helper.make_node("DequantizeLinear", [w_q, w_scales], [w], axis=1,
+                                  name=f"{node.name}/DequantizeLinear")  # fmt: skip
+    matmul = helper.make_node("MatMul", [node.input[0], w], list(node.output),
+                              name=f"{node.name}/MatMul")  # fmt: skip
+    return new, {tensor.name}, [dequantize, matmul]
+
+
+def fp8_columns(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """W (K, N) -> its float8 e4m3 bytes (K, N) uint8 and fp32 scales (N,), max|column| / 448:
+    W[:, n] ~= fp8(q[:, n]) * scales[n] (round to nearest even, as ONNX's QuantizeLinear)."""
+    import torch
+
+    w = torch.from_numpy(np.array(weight, dtype=np.float32))  # a copy: the weight may be read-only
+    top = torch.finfo(torch.float8_e4m3fn).max
+    scales = w.abs().amax(dim=0).clamp(min=torch.finfo(torch.float32).tiny) / top
+    q = (w / scales).clamp(-top, top).to(torch.float8_e4m3fn)
+    return q.view(torch.uint8).numpy(), scales.numpy()
 
 
 def read_tensor(tensor: TensorProto, base: Path) -> np.ndarray:

@@ -62,6 +62,12 @@ def add_build_args(parser: argparse.ArgumentParser) -> None:
         help=f"TensorRT-RTX: GPU architecture to build for ({', '.join(RTX_TARGETS)}); "
         "full TensorRT builds for the local GPU",
     )
+    parser.add_argument(
+        "--weights",
+        choices=["fp8"],
+        help="fp8: the engine's weight MatMuls as FP8 constants with a scale per output feature "
+        "(Q/DQ; for GPUs with fp8, sm89+), from an artifact of fp weights",
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing engine")
     parser.add_argument(
         "--timing-cache", help="full TensorRT: timing cache file (default ENGINE_DIR/timing.cache)"
@@ -138,8 +144,10 @@ def build_engine(
     timing_cache: str | Path | None = None,
     log=print,
     force: bool = False,
+    weights: str | None = None,
 ) -> dict:
     """Build ENGINE_DIR/model.engine and its build_manifest.json; returns the manifest.
+    weights: "fp8" to quantize the weight MatMuls of an fp artifact to FP8 in the engine.
     The phases are numbered and timed on `log`. The directory is written whole at the end, or
     not at all; an existing one is replaced only with force."""
     artifact, output = Path(artifact), Path(output)
@@ -155,6 +163,7 @@ def build_engine(
         nbits = sum(
             node.op_type == "MatMulNBits" and node.domain == MS_DOMAIN for node in graph.graph.node
         )
+        check_weights_option(weights, manifest, nbits)
     with phases("loading TensorRT and registering the mosaic plugins"):
         from mosaicrt.plugins.tensorrt import load_tensorrt, register
 
@@ -175,6 +184,9 @@ def build_engine(
         if nbits:
             log(f"{nbits} MatMulNBits weights parsed as Q/DQ (opset 21 view of the artifact)")
             model = qdq_model(model, Path(view.name))
+        elif weights == "fp8":
+            log("weight MatMuls quantized to FP8 and parsed as Q/DQ (opset 21 view)")
+            model = qdq_model(model, Path(view.name), fp8_weights=True)
         network, _parser, plugin_layers = parse(trt, builder, logger, model, mosaic_nodes)
     with phases("configuring profiles and targets"):
         config = builder.create_builder_config()  # the builder's, not the model's
@@ -198,7 +210,8 @@ def build_engine(
             target_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
         result = engine_manifest(
             tensorrt=tensorrt, targets=targets, plugins=plugins, artifact=artifact, graph=graph,
-            manifest=manifest, model_config=model_config, precision=precision,
+            manifest=manifest | ({"quantization": {"weights": "fp8"}} if weights else {}),
+            model_config=model_config, precision=precision,
             limits=dict(max_batch=max_batch, max_context=max_context, max_chunk=max_chunk),
             shapes=shapes, plugin_layers=len(plugin_layers), engine_bytes=len(engine),
             cache_path=cache_path, elapsed=phases.elapsed,
@@ -206,6 +219,17 @@ def build_engine(
         (tmp / BUILD_MANIFEST).write_text(json.dumps(result, indent=2) + "\n")
     log(f"engine: {output / ENGINE_FILE} ({len(engine) / 2**20:.1f} MiB, {phases.elapsed:.1f} s)")
     return result
+
+
+def check_weights_option(weights: str | None, manifest: dict, nbits: int) -> None:
+    """--weights fp8 takes an artifact of fp weights."""
+    if weights not in (None, "fp8"):
+        raise InputError(f"--weights {weights}: the engine quantizes weights to fp8 only")
+    if weights and nbits:
+        raise InputError(
+            f"--weights {weights}: the artifact's weights are already quantized "
+            f"({manifest['quantization']['weights']}): build from an artifact of fp weights"
+        )
 
 
 def engine_manifest(
