@@ -2,17 +2,18 @@
 # Everything that needs a CUDA GPU, in parts (default: all, about 12 minutes on an H200; each step
 # under its own timeout, the most telling first; name parts to run fewer):
 #   tests       the tests marked `gpu` (CUDA graphs, paging through the compiled Triton kernels,
-#               int4, no-sync checks), then the kernel and plugin tests on the device
+#               int4 and fp8 weights, no-sync checks), then the kernel and plugin tests on the
+#               device
 #   decode      the decode benchmark of the `small` preset (bf16, batch 1) against the HBM
 #               roofline: the CUDA graph of the eager step, then of the torch.compile'd one
 #   throughput  `mosaicrt bench throughput` of `small` at batch 64 (output tokens/s), eager step
 #               and torch.compile'd step
 #   profile     torch.profiler over a prefill and a decode step of `small` at batch 64 (where the
 #               time goes: bench/results/profile_small_<gpu>.txt)
-#   kernels     the kernel benchmark (each kernel over a few tilings, against SDPA flash and the
-#               copy bandwidth)
 #   paged       the paged state under a 20 GiB budget with a long-tailed length mix: sequences
 #               admitted against a static allocation of the same bytes
+#   kernels     the kernel benchmark (each kernel over a few tilings, against SDPA flash and the
+#               copy bandwidth)
 # Results go to $OUT (default bench/results), named after the GPU.
 #   bash mosaicrt/bench/gpu.sh [tests] [decode] [throughput] [profile] [paged] [kernels]
 set -uo pipefail

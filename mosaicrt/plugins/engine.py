@@ -160,10 +160,7 @@ def build_engine(
         graph = read_graph(artifact / MODEL_FILE)
         mosaic_nodes = [node.name for node in graph.graph.node if node.domain == DOMAIN]
         used_ops = sorted({node.op_type for node in graph.graph.node if node.domain == DOMAIN})
-        nbits = sum(
-            node.op_type == "MatMulNBits" and node.domain == MS_DOMAIN for node in graph.graph.node
-        )
-        check_weights_option(weights, manifest, nbits)
+        nbits = check_weights_option(weights, manifest, graph)
     with phases("loading TensorRT and registering the mosaic plugins"):
         from mosaicrt.plugins.tensorrt import load_tensorrt, register
 
@@ -180,13 +177,7 @@ def build_engine(
         builder = trt.Builder(logger)
     view = tempfile.TemporaryDirectory(prefix="mosaicrt-qdq-")
     with phases("parsing the ONNX model"), view:
-        model = artifact / MODEL_FILE
-        if nbits:
-            log(f"{nbits} MatMulNBits weights parsed as Q/DQ (opset 21 view of the artifact)")
-            model = qdq_model(model, Path(view.name))
-        elif weights == "fp8":
-            log("weight MatMuls quantized to FP8 and parsed as Q/DQ (opset 21 view)")
-            model = qdq_model(model, Path(view.name), fp8_weights=True)
+        model = model_to_parse(artifact, Path(view.name), nbits, weights, log)
         network, _parser, plugin_layers = parse(trt, builder, logger, model, mosaic_nodes)
     with phases("configuring profiles and targets"):
         config = builder.create_builder_config()  # the builder's, not the model's
@@ -221,8 +212,10 @@ def build_engine(
     return result
 
 
-def check_weights_option(weights: str | None, manifest: dict, nbits: int) -> None:
-    """--weights fp8 takes an artifact of fp weights."""
+def check_weights_option(weights: str | None, manifest: dict, graph: onnx.ModelProto) -> int:
+    """--weights fp8 takes an artifact of fp weights. Returns the graph's MatMulNBits count."""
+    nbits = sum(node.op_type == "MatMulNBits" and node.domain == MS_DOMAIN
+                for node in graph.graph.node)  # fmt: skip
     if weights not in (None, "fp8"):
         raise InputError(f"--weights {weights}: the engine quantizes weights to fp8 only")
     if weights and nbits:
@@ -230,6 +223,20 @@ def check_weights_option(weights: str | None, manifest: dict, nbits: int) -> Non
             f"--weights {weights}: the artifact's weights are already quantized "
             f"({manifest['quantization']['weights']}): build from an artifact of fp weights"
         )
+    return nbits
+
+
+def model_to_parse(artifact: Path, view_dir: Path, nbits: int, weights: str | None, log) -> Path:
+    """The ONNX file TensorRT parses: the artifact's, or its Q/DQ view in view_dir (opset 21)
+    where its weights are quantized (MatMulNBits) or are to be (--weights fp8)."""
+    model = artifact / MODEL_FILE
+    if nbits:
+        log(f"{nbits} MatMulNBits weights parsed as Q/DQ (opset 21 view of the artifact)")
+        return qdq_model(model, view_dir)
+    if weights == "fp8":
+        log("weight MatMuls quantized to FP8 and parsed as Q/DQ (opset 21 view)")
+        return qdq_model(model, view_dir, fp8_weights=True)
+    return model
 
 
 def engine_manifest(
