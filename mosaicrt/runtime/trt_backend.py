@@ -81,7 +81,8 @@ class CapturedDecode:
     backend's main context, never this one); called with the step's feeds, it copies the
     per-step inputs in and replays."""
 
-    def __init__(self, backend: "TrtBackend", state: GraphState) -> None:
+    def __init__(self, backend: "TrtBackend", state: GraphState, context: tuple) -> None:
+        """context: (execution context, its device memory) from backend.new_context()."""
         B, device = state.batch_size, state.pos.device
         self.feeds = {
             io_spec.INPUT_IDS: torch.zeros(B, 1, dtype=torch.int64, device=device),
@@ -96,7 +97,7 @@ class CapturedDecode:
         if self.blocks is not None:
             self.blocks.take_changes()  # the copy below is current
             self.feeds[io_spec.LTM_BLOCKS] = torch.from_numpy(self.blocks.table).to(device)
-        self.context, self.memory = backend.new_context()
+        self.context, self.memory = context
         backend.run_graph(self.feeds, self.context)  # deferred work finishes before a capture
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, stream=backend.stream):
@@ -236,14 +237,14 @@ class TrtBackend(GraphStatePaging, Backend):
         the context cannot be captured (said once)."""
         if id(state) not in self.graphs:
             captured = None
-            context, _ = self.new_context()
-            if hasattr(context, "is_stream_capturable") and not context.is_stream_capturable(
+            context = self.new_context()  # the graph's own (context, memory)
+            if hasattr(context[0], "is_stream_capturable") and not context[0].is_stream_capturable(
                 self.stream.cuda_stream
             ):
                 print("TensorRT says this engine's decode step cannot be captured in a CUDA "
                       "graph: decoding eagerly", file=sys.stderr)  # fmt: skip
             else:
-                captured = CapturedDecode(self, state)
+                captured = CapturedDecode(self, state, context)
             self.graphs[id(state)] = captured
             weakref.finalize(state, self.graphs.pop, id(state), None)
         return self.graphs[id(state)] or self.run_graph
