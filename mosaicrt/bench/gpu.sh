@@ -79,6 +79,6 @@ if wants paged; then
 fi
 if wants kernels; then
     part "kernel benchmark"
-    timeout 200 python3 -m mosaicrt.bench.kernels --json "$OUT/kernels_$GPU.json" 2>&1 | tail -7
+    timeout 300 python3 -m mosaicrt.bench.kernels --json "$OUT/kernels_$GPU.json" 2>&1 | tail -7
 fi
 part "done"

@@ -60,8 +60,16 @@ def graph_ms(fn) -> float:
     return cuda_ms(graph.replay)
 
 
-def bench_chunk(T: int, H: int, hs: int) -> dict:
-    """Prefill of T tokens from scratch vs SDPA flash on the same (B=1, H, T, hs) bf16 shapes."""
+PRODUCTS = {  # the chunk kernel's score and value products, as `retrieve` takes them
+    "bf16": {"half_dot": True},  # tensor cores on the bf16 pairs (flash attention's way)
+    "tf32x3": {"precision": "tf32x3"},  # fp32, as three tf32 tensor-core products
+    "fp32": {},  # exact fp32 (the runtime's default)
+}
+
+
+def bench_chunk(T: int, H: int, hs: int, products: str = "bf16") -> dict:
+    """Prefill of T tokens from scratch vs SDPA flash on the same (B=1, H, T, hs) bf16 shapes,
+    with the kernel's products in `products` (PRODUCTS)."""
     from mosaicrt.ops.associative_memory.kernel import retrieve
 
     dev, bf16 = "cuda", torch.bfloat16
@@ -86,8 +94,8 @@ def bench_chunk(T: int, H: int, hs: int) -> dict:
 
         def ours():
             return retrieve(q, empty, empty, k, v, pos, lengths, window=0, delay=1, ring=False,
-                            half_dot=True, block_m=bm, block_n=bn, num_warps=warps,
-                            num_stages=stages)  # fmt: skip
+                            block_m=bm, block_n=bn, num_warps=warps, num_stages=stages,
+                            **PRODUCTS[products])  # fmt: skip
 
         try:
             err = rel_err(ours(), want)
@@ -110,6 +118,7 @@ def bench_chunk(T: int, H: int, hs: int) -> dict:
         "heads": H,
         "head_dim": hs,
         "dtype": "bfloat16",
+        "products": products,
         "sdpa_flash_ms": sdpa_ms,
         "sdpa_tflops": flops / sdpa_ms / 1e9,
         "best": best,
@@ -242,7 +251,7 @@ def main(args: argparse.Namespace) -> int:
     }
     parts = args.only.split(",")
     if "chunk" in parts:
-        result["chunk_retrieval"] = [bench_chunk(8192, 16, 128)]
+        result["chunk_retrieval"] = [bench_chunk(8192, 16, 128, p) for p in PRODUCTS]
     if "decode" in parts:
         result["decode_retrieval"] = [bench_decode(32768, b, 16, 128, bandwidth) for b in (1, 8)]
     if "scan" in parts:
@@ -254,7 +263,8 @@ def main(args: argparse.Namespace) -> int:
     for r in result.get("chunk_retrieval", []):
         b = r["best"] or {}
         print(
-            f"chunk T={r['T']} hs={r['head_dim']}: best {b.get('tiling')} {b.get('ms', 0):.3f} ms "
+            f"chunk T={r['T']} hs={r['head_dim']} {r['products']} products: best "
+            f"{b.get('tiling')} {b.get('ms', 0):.3f} ms "
             f"{b.get('tflops', 0):.0f} TFLOP/s; sdpa flash {r['sdpa_flash_ms']:.3f} ms "
             f"{r['sdpa_tflops']:.0f} TFLOP/s; ratio {r['throughput_vs_sdpa']}"
         )

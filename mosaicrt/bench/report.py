@@ -84,8 +84,13 @@ def kernels_markdown(result: dict) -> str:
     ]
     for r in result.get("chunk_retrieval", []):
         b = r["best"]
+        products = r.get("products", "bf16")  # before the variants: bf16 products only
+        dtype = "bf16" if products == "bf16" else f"bf16 pairs, {products} products"
+        if b is None:
+            lines.append(f"| chunk retrieval | T={r['T']}, {dtype} | no tiling ran | | |")
+            continue
         lines.append(
-            f"| chunk retrieval | T={r['T']}, {r['heads']} heads of {r['head_dim']}, bf16 "
+            f"| chunk retrieval | T={r['T']}, {r['heads']} heads of {r['head_dim']}, {dtype} "
             f"| {b['ms']:.3f} (SDPA flash {r['sdpa_flash_ms']:.3f}) "
             f"| {b['tflops']:.0f} vs {r['sdpa_tflops']:.0f} TFLOP/s: "
             f"{r['throughput_vs_sdpa']:.2f}x SDPA flash | {b['tiling']} |"

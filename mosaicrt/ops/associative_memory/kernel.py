@@ -70,7 +70,7 @@ def _attend(
     K, V, KSC, VSC, stride_n, scale_n, offs_d, d_ok,
     first, last, row_shift, lo_t, hi_t, SLOTS, BLOCK_SLOTS, stride_blk, scale_blk, TABLE,
     RING: tl.constexpr, BLOCKED: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
-    HALF_DOT: tl.constexpr, SCALED: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT: tl.constexpr, SCALED: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Fold pairs tau in [first, last] of one section into the running softmax of a query block.
     Row of pair tau: tau - row_shift (see _row_offsets). K, V (and the int8 scales KSC, VSC)
@@ -81,12 +81,12 @@ def _attend(
         k, v = _load_pairs(K, V, KSC, VSC, tau - row_shift, ok, offs_d, d_ok, SLOTS, BLOCK_SLOTS,
                            stride_blk, stride_n, scale_blk, scale_n, TABLE,
                            RING, BLOCKED, MASKED, EVEN_D, SCALED)  # fmt: skip
-        if HALF_DOT:  # tensor-core products of fp16/bf16 pairs, fp32 accumulation (flash style)
+        if DOT == "half":  # tensor-core products of fp16/bf16 pairs, fp32 sums (flash style)
             s = tl.dot(q.to(k.dtype), tl.trans(k))  # (BLOCK_M, BLOCK_N)
-        else:  # exact fp32 products: scores reach beta ~ 150, where half products are coarse
-            k = k.to(tl.float32)
+        else:  # fp32 products ("ieee" exact, "tf32x3" near it on tensor cores): scores reach
+            k = k.to(tl.float32)  # beta ~ 150, where half-precision products are coarse
             v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            s = tl.dot(q, tl.trans(k), input_precision=DOT)
         if MASKED:
             visible = (tau[None, :] >= lo_t[:, None]) & (tau[None, :] <= hi_t[:, None])
             visible = visible & ok[None, :]
@@ -99,10 +99,10 @@ def _attend(
         p = tl.math.exp2(s - shift[:, None])
         alpha = tl.math.exp2(m_i - shift)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if HALF_DOT:
+        if DOT == "half":
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         else:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -117,7 +117,7 @@ def _retrieval_kernel(
     stride_yb, stride_yc, stride_yh,
     C, H, SLOTS, BLOCK_SLOTS, D,
     WINDOW: tl.constexpr, DELAY: tl.constexpr, RING: tl.constexpr, BLOCKED: tl.constexpr,
-    HALF_DOT: tl.constexpr, SCALED: tl.constexpr,
+    DOT: tl.constexpr, SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -162,26 +162,26 @@ def _retrieval_kernel(
         store_split = lo + tl.maximum(tl.minimum(store_last, full) - lo + 1, 0) // BLOCK_N * BLOCK_N
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, ks, vs, ksc, vsc, stride_sn, scale_n, offs_d,
             d_ok, lo, store_split - 1, 0, lo_t, hi_t, SLOTS, BLOCK_SLOTS, stride_blk, scale_blk,
-            table, RING, BLOCKED, False, EVEN_D, HALF_DOT, SCALED, BLOCK_N)  # fmt: skip
+            table, RING, BLOCKED, False, EVEN_D, DOT, SCALED, BLOCK_N)  # fmt: skip
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, ks, vs, ksc, vsc, stride_sn, scale_n, offs_d,
             d_ok, store_split, store_last, 0, lo_t, hi_t, SLOTS, BLOCK_SLOTS, stride_blk, scale_blk,
-            table, RING, BLOCKED, True, EVEN_D, HALF_DOT, SCALED, BLOCK_N)  # fmt: skip
+            table, RING, BLOCKED, True, EVEN_D, DOT, SCALED, BLOCK_N)  # fmt: skip
         chunk_split = chunk_first + (
             tl.maximum(tl.minimum(hi, full) - chunk_first + 1, 0) // BLOCK_N * BLOCK_N
         )
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, kn, vn, stride_nc, 0, offs_d, d_ok,
             chunk_first, chunk_split - 1, pos - 1, lo_t, hi_t, SLOTS, 1, 0, 0, table,
-            False, False, False, EVEN_D, HALF_DOT, False, BLOCK_N)  # fmt: skip
+            False, False, False, EVEN_D, DOT, False, BLOCK_N)  # fmt: skip
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, kn, vn, stride_nc, 0, offs_d, d_ok,
             chunk_split, hi, pos - 1, lo_t, hi_t, SLOTS, 1, 0, 0, table,
-            False, False, True, EVEN_D, HALF_DOT, False, BLOCK_N)  # fmt: skip
+            False, False, True, EVEN_D, DOT, False, BLOCK_N)  # fmt: skip
     else:  # a short window: every tile is an edge tile
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, ks, vs, ksc, vsc, stride_sn, scale_n, offs_d,
             d_ok, lo, store_last, 0, lo_t, hi_t, SLOTS, BLOCK_SLOTS, stride_blk, scale_blk, table,
-            RING, BLOCKED, True, EVEN_D, HALF_DOT, SCALED, BLOCK_N)  # fmt: skip
+            RING, BLOCKED, True, EVEN_D, DOT, SCALED, BLOCK_N)  # fmt: skip
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, kn, vn, stride_nc, 0, offs_d, d_ok,
             chunk_first, hi, pos - 1, lo_t, hi_t, SLOTS, 1, 0, 0, table,
-            False, False, True, EVEN_D, HALF_DOT, False, BLOCK_N)  # fmt: skip
+            False, False, True, EVEN_D, DOT, False, BLOCK_N)  # fmt: skip
     # A non-empty set has l >= 1 (its max term is exp2(0)); an empty one has acc = 0.
     y = acc / tl.maximum(l_i, 1.0)[:, None]
     y_ptr = Y + b * stride_yb + offs_m[:, None] * stride_yc + h * stride_yh + offs_d[None, :]
@@ -229,6 +229,7 @@ def retrieve(
     blocks: torch.Tensor | None = None,
     scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     half_dot: bool = False,
+    precision: str = "ieee",
     block_m: int | None = None,
     block_n: int | None = None,
     num_warps: int = 4,
@@ -248,7 +249,9 @@ def retrieve(
         scales: int8 stores' (k_scale, v_scale), the store's layout without hs: stored pair s
             stands for (store_k[s] * k_scale[s], store_v[s] * v_scale[s]); None for fp stores.
         half_dot: multiply fp16/bf16 stores on tensor cores (fast; scores lose ~beta * 2^-9
-            absolute) instead of in exact fp32 (the default, matches the reference).
+            absolute) instead of in fp32 (the default, matches the reference).
+        precision: the fp32 products: "ieee" (exact, the default) or "tf32x3" (each product
+            split into three tf32 tensor-core products, close to fp32; sm80+).
         block_m, block_n, num_warps, num_stages: tiling; the defaults are the measured best on
             a GPU (bench/results/kernels_*.json) and small tiles under the interpreter.
     Returns:
@@ -264,6 +267,8 @@ def retrieve(
     ):
         if x.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dimension")
+    if precision not in ("ieee", "tf32x3"):
+        raise ValueError(f"precision must be 'ieee' or 'tf32x3', got {precision!r}")
     gpu = q.is_cuda
     block_m = block_m or (64 if gpu else 16)
     block_n = block_n or (64 if gpu else 32)
@@ -280,7 +285,7 @@ def retrieve(
         y.stride(0), y.stride(1), y.stride(2),
         C, H, st["slots"], st["block_slots"], hs,
         WINDOW=window, DELAY=delay, RING=ring, BLOCKED=st["blocked"],
-        HALF_DOT=half_dot and store_k.dtype in (torch.float16, torch.bfloat16),
+        DOT="half" if half_dot and store_k.dtype in (torch.float16, torch.bfloat16) else precision,
         SCALED=sc["scaled"],
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim, EVEN_D=head_dim == hs,
         num_warps=num_warps, num_stages=num_stages,
