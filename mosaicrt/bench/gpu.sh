@@ -59,8 +59,8 @@ if wants throughput; then
     timeout 100 python3 -m mosaicrt.cli bench throughput "$CKPT" --backend torch \
         --kernels triton --device cuda --batch 64 --num-requests 64 --input-len 1024 \
         --output-len 128 --json "$OUT/bench_throughput_small_b64_$GPU.json" 2>&1 | tail -14
-    part "throughput, small, batch 64, torch.compile'd step"
-    timeout 150 python3 -m mosaicrt.cli bench throughput "$CKPT" --backend torch \
+    part "throughput, small, batch 64, torch.compile'd step"  # compiling takes minutes
+    timeout 240 python3 -m mosaicrt.cli bench throughput "$CKPT" --backend torch \
         --kernels triton --compile --device cuda --batch 64 --num-requests 64 --input-len 1024 \
         --output-len 128 --json "$OUT/bench_throughput_small_b64_compile_$GPU.json" 2>&1 | tail -14
 fi
