@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything that needs a CUDA GPU, in parts (default: all, about 12 minutes on an H200; each step
+# Everything that needs a CUDA GPU, in parts (default: all, about 14 minutes on an H200; each step
 # under its own timeout, the most telling first; name parts to run fewer):
 #   tests       the tests marked `gpu` (CUDA graphs, paging through the compiled Triton kernels,
 #               int4 and fp8 weights, no-sync checks), then the kernel and plugin tests on the
