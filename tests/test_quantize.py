@@ -72,6 +72,28 @@ def dequantized_graph(artifact) -> onnx.ModelProto:
     return model
 
 
+def first_step_feeds(backend: OrtBackend, lengths: list[int], seed: int) -> dict:
+    """The step graph's feeds for a first chunk of 40 random tokens on len(lengths) fresh rows."""
+    state = backend.new_state(len(lengths), 40)
+    ids = torch.randint(0, backend.config.vocab_size, (len(lengths), 40),
+                        generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    feeds = {"input_ids": ids.numpy(), "lengths": np.array(lengths), "positions": state.pos.copy()}
+    return (
+        feeds | state.small | state.store_feeds(backend.readable_blocks(state.pos, 40), np.asarray)
+    )
+
+
+def logits_of(sources: list, feeds: dict, options=None) -> list[np.ndarray]:
+    """The logits of each graph (a path or serialized bytes) on the same feeds, ONNX Runtime CPU."""
+    options = options or session_options()
+    return [
+        ort.InferenceSession(source, options, providers=["CPUExecutionProvider"]).run(
+            ["logits"], feeds
+        )[0]
+        for source in sources
+    ]
+
+
 @pytest.mark.parametrize("level", [0, 4])
 @pytest.mark.parametrize("scheme", ["int4", "int8"])
 def test_quantized_step_graph_equals_dequantize_then_compute(tiny_ckpt, tmp_path, scheme, level):
@@ -83,17 +105,8 @@ def test_quantized_step_graph_equals_dequantize_then_compute(tiny_ckpt, tmp_path
     assert {n.op_type for n in model.graph.node if n.domain == "com.microsoft"} == {"MatMulNBits"}
     assert "MatMul" not in {n.op_type for n in model.graph.node}  # every weight MatMul
     backend = OrtBackend(artifact, device="cpu", ort_ops="functions")
-    state = backend.new_state(2, 40)
-    ids = torch.randint(
-        0, backend.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0)
-    )
-    feeds = {"input_ids": ids.numpy(), "lengths": np.array([40, 33]), "positions": state.pos.copy()}
-    feeds |= state.small | state.store_feeds(backend.readable_blocks(state.pos, 40), np.asarray)
-    reference = ort.InferenceSession(
-        dequantized_graph(artifact).SerializeToString(), session_options(),
-        providers=["CPUExecutionProvider"],
-    )  # fmt: skip
-    want = reference.run(["logits"], feeds)[0]
+    feeds = first_step_feeds(backend, [40, 33], seed=0)
+    [want] = logits_of([dequantized_graph(artifact).SerializeToString()], feeds)
     got = backend.session.run(["logits"], feeds)[0]
     assert np.abs(got - want).max() <= RTOL[level] * np.abs(want).max()
 
@@ -115,21 +128,12 @@ def test_qdq_view_equals_dequantize_then_compute(tiny_ckpt, tmp_path, scheme):
     weight = next(t for t in model.graph.initializer if t.name.endswith(".qdq") and t.dims[0] > 1)
     want_type = onnx.TensorProto.INT4 if scheme == "int4" else onnx.TensorProto.INT8
     assert weight.data_type == want_type
-    backend = OrtBackend(artifact, device="cpu", ort_ops="functions")
-    state = backend.new_state(2, 40)
-    ids = torch.randint(
-        0, backend.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1)
-    )
-    feeds = {"input_ids": ids.numpy(), "lengths": np.array([40, 29]), "positions": state.pos.copy()}
-    feeds |= state.small | state.store_feeds(backend.readable_blocks(state.pos, 40), np.asarray)
     options = session_options()
     # ONNX Runtime fuses DQ + MatMul into MatMulNBits, by default with int8 activations.
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    sessions = [
-        ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-        for source in (dequantized_graph(artifact).SerializeToString(), str(view))
-    ]
-    want, got = (session.run(["logits"], feeds)[0] for session in sessions)
+    feeds = first_step_feeds(OrtBackend(artifact, device="cpu", ort_ops="functions"), [40, 29], 1)
+    want, got = logits_of([dequantized_graph(artifact).SerializeToString(), str(view)], feeds,
+                          options)  # fmt: skip
     assert np.abs(got - want).max() <= RTOL[0] * np.abs(want).max()
 
 
@@ -162,17 +166,8 @@ def test_fp8_view_equals_dequantize_then_compute(tiny_ckpt, tmp_path):
         values = torch.from_numpy(q).view(torch.float8_e4m3fn).float().numpy() * scales
         assert (np.abs(values - weight) <= np.abs(weight) * 2**-4 + scales * 2**-9).all()
         tensor.CopyFrom(numpy_helper.from_array(values.astype(np.float32), tensor.name))
-    backend = OrtBackend(artifact, device="cpu", ort_ops="functions")
-    state = backend.new_state(2, 40)
-    ids = torch.randint(0, backend.config.vocab_size, (2, 40),
-                        generator=torch.Generator().manual_seed(1))  # fmt: skip
-    feeds = {"input_ids": ids.numpy(), "lengths": np.array([40, 29]), "positions": state.pos.copy()}
-    feeds |= state.small | state.store_feeds(backend.readable_blocks(state.pos, 40), np.asarray)
-    sessions = [
-        ort.InferenceSession(source, session_options(), providers=["CPUExecutionProvider"])
-        for source in (reference.SerializeToString(), str(view))
-    ]
-    want, got = (session.run(["logits"], feeds)[0] for session in sessions)
+    feeds = first_step_feeds(OrtBackend(artifact, device="cpu", ort_ops="functions"), [40, 29], 1)
+    want, got = logits_of([reference.SerializeToString(), str(view)], feeds)
     assert np.abs(got - want).max() <= RTOL[0] * np.abs(want).max()
 
 

@@ -209,15 +209,14 @@ def fp8_matmul(node, weights: dict, source: Path, external: ExternalData) -> Rew
 
 
 def fp8_columns(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """W (K, N) -> its float8 e4m3 bytes (K, N) uint8 and fp32 scales (N,), max|column| / 448:
-    W[:, n] ~= fp8(q[:, n]) * scales[n] (round to nearest even, as ONNX's QuantizeLinear)."""
+    """W (K, N) -> its float8 e4m3 bytes (K, N) uint8 and fp32 scales (N,): each column as the
+    torch backend's Fp8Linear keeps a weight row (model.quantize.to_fp8_rows)."""
     import torch
 
-    w = torch.from_numpy(np.array(weight, dtype=np.float32))  # a copy: the weight may be read-only
-    top = torch.finfo(torch.float8_e4m3fn).max
-    scales = w.abs().amax(dim=0).clamp(min=torch.finfo(torch.float32).tiny) / top
-    q = (w / scales).clamp(-top, top).to(torch.float8_e4m3fn)
-    return q.view(torch.uint8).numpy(), scales.numpy()
+    from mosaicrt.model.quantize import to_fp8_rows
+
+    rows, scales = to_fp8_rows(torch.from_numpy(np.array(weight, dtype=np.float32)).T)  # (N, K)
+    return rows.T.contiguous().view(torch.uint8).numpy(), scales[:, 0].numpy()
 
 
 def read_tensor(tensor: TensorProto, base: Path) -> np.ndarray:
