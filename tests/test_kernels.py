@@ -119,6 +119,43 @@ def test_long_chunk_takes_the_unmasked_tiles(head_dim, precision):
         assert (got[b, :n] - want[b, :n]).abs().max() <= ATOL
 
 
+@pytest.mark.parametrize("precision", ["bf16x3", "auto"])
+@pytest.mark.parametrize("kind", ["stm", "ltm"])
+def test_bf16_store_with_split_products_keeps_fp32_accuracy(kind, precision):
+    """A bf16 store against fp32 queries split in three bf16 terms (tensor cores on a GPU): the
+    same tolerance as fp32 products, through the unmasked and the masked tiles."""
+    from mosaicrt.ops.associative_memory.kernel import retrieve
+
+    gen = torch.Generator().manual_seed(11)
+    mem = memory(kind, 2, 32)
+    st = filled_state(mem, 2, H - 1 if kind == "stm" else 300, torch.bfloat16, gen)
+    pos, lengths = torch.tensor([150, 3]), torch.tensor([100, 90])
+    q = torch.nn.functional.normalize(torch.randn(2, 100, 2, 32, generator=gen), dim=-1)
+    q = q * (1 + 20 * torch.rand(2, 100, 2, 1, generator=gen))
+    k_new = torch.nn.functional.normalize(torch.randn(q.shape, generator=gen), dim=-1)
+    v_new = 3 * torch.randn(q.shape, generator=gen)
+    want = reference_retrieve(mem, q, pos, lengths, st, k_new, v_new)
+    args = (q, st.keys, st.vals, k_new, v_new, pos, lengths)
+    window = mem.window if kind == "stm" else 0
+    got = retrieve(*(x.to(DEVICE) for x in args), window=window, delay=mem.delay,
+                   ring=kind == "stm", precision=precision).cpu()  # fmt: skip
+    for b in range(2):
+        n = int(lengths[b])
+        assert (got[b, :n] - want[b, :n]).abs().max() <= ATOL
+
+
+def test_bf16x3_products_refuse_other_stores():
+    from mosaicrt.ops.associative_memory.kernel import retrieve
+
+    x = torch.zeros(1, 2, 1, 16)
+    with pytest.raises(ValueError, match="bf16x3 products need a bf16 store"):
+        retrieve(x, x, x, x, x, torch.zeros(1, dtype=torch.int64), torch.ones(1, dtype=torch.int64),
+                 window=0, delay=1, ring=False, precision="bf16x3")  # fmt: skip
+    with pytest.raises(ValueError, match="precision must be one of"):
+        retrieve(x, x, x, x, x, torch.zeros(1, dtype=torch.int64), torch.ones(1, dtype=torch.int64),
+                 window=0, delay=1, ring=False, precision="tf32")  # fmt: skip
+
+
 @pytest.mark.parametrize("kind", ["stm", "ltm"])
 def test_split_decode_matches_reference(kind):
     """One query per row over a long store, split in several slices and merged."""

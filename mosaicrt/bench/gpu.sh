@@ -1,24 +1,26 @@
 #!/usr/bin/env bash
 # Everything that needs a CUDA GPU, in parts (default: all, about 14 minutes on an H200; each step
-# under its own timeout, the most telling first; name parts to run fewer):
+# under its own timeout; they run in the order tests, kernels, profile, decode, throughput,
+# throughput-compiled, paged, whatever order they are named in; name parts to run fewer):
 #   tests       the tests marked `gpu` (CUDA graphs, paging through the compiled Triton kernels,
 #               int4 and fp8 weights, no-sync checks), then the kernel and plugin tests on the
 #               device
 #   decode      the decode benchmark of the `small` preset (bf16, batch 1) against the HBM
 #               roofline: the CUDA graph of the eager step, then of the torch.compile'd one
 #   throughput  `mosaicrt bench throughput` of `small` at batch 64 (output tokens/s), eager step
-#               and torch.compile'd step
-#   profile     torch.profiler over a prefill and a decode step of `small` at batch 64 (where the
-#               time goes: bench/results/profile_small_<gpu>.txt)
+#   throughput-compiled   the same with the torch.compile'd step (compiling takes minutes)
+#   profile     torch.profiler over a prefill and a decode step of `small` at batch 64 and at
+#               batch 1 (where the time goes: bench/results/profile_small[_b1]_<gpu>.txt)
 #   paged       the paged state under a 20 GiB budget with a long-tailed length mix: sequences
 #               admitted against a static allocation of the same bytes
-#   kernels     the kernel benchmark (each kernel over a few tilings, against SDPA flash and the
-#               copy bandwidth)
+#   kernels     the kernel benchmark (each kernel over a few tilings, against float64, SDPA flash
+#               and the copy bandwidth); KERNEL_PARTS=prefill,chunk,decode,scan picks some
 # Results go to $OUT (default bench/results), named after the GPU.
-#   bash mosaicrt/bench/gpu.sh [tests] [decode] [throughput] [profile] [paged] [kernels]
+#   bash mosaicrt/bench/gpu.sh [tests] [decode] [throughput] [throughput-compiled] [profile]
+#                              [paged] [kernels]
 set -uo pipefail
 OUT=${OUT:-bench/results}
-PARTS=${*:-tests decode throughput profile paged kernels}
+PARTS=${*:-tests decode throughput throughput-compiled profile paged kernels}
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | awk '{print tolower($2)}')
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv
@@ -39,10 +41,28 @@ if wants tests; then
         | tee -a "$LOG" | tail -25
 fi
 
+if wants kernels; then
+    part "kernel benchmark"
+    KP=${KERNEL_PARTS:-}  # e.g. KERNEL_PARTS=prefill: those only, into kernels_prefill_<gpu>.json
+    timeout 300 python3 -m mosaicrt.bench.kernels --only "${KP:-prefill,chunk,decode,scan}" \
+        --json "$OUT/kernels${KP:+_${KP//,/_}}_$GPU.json" 2>&1 | tail -40
+fi
+
 CKPT=$(mktemp -d)/small
-if wants decode || wants throughput || wants profile || wants paged; then
+if wants decode || wants throughput || wants throughput-compiled || wants profile \
+    || wants paged; then
     part "small preset, random weights"
     python3 -m mosaicrt.cli init "$CKPT" --preset small --dtype bf16 >/dev/null
+fi
+if wants profile; then
+    part "profile of the batcher's steps, small, batch 64"
+    timeout 90 python3 -m mosaicrt.bench.profile_steps "$CKPT" --device cuda --kernels triton \
+        --batch 64 --prefill-rows 8 --chunk 512 --context 1024 \
+        --out "$OUT/profile_small_$GPU.txt" 2>&1 | grep "^==\|Self CUDA time total"
+    part "profile of the steps, small, batch 1"
+    timeout 60 python3 -m mosaicrt.bench.profile_steps "$CKPT" --device cuda --kernels triton \
+        --batch 1 --prefill-rows 1 --chunk 512 --context 1024 \
+        --out "$OUT/profile_small_b1_$GPU.txt" 2>&1 | grep "^==\|Self CUDA time total"
 fi
 if wants decode; then
     part "decode, small, batch 1"
@@ -59,16 +79,12 @@ if wants throughput; then
     timeout 100 python3 -m mosaicrt.cli bench throughput "$CKPT" --backend torch \
         --kernels triton --device cuda --batch 64 --num-requests 64 --input-len 1024 \
         --output-len 128 --json "$OUT/bench_throughput_small_b64_$GPU.json" 2>&1 | tail -14
+fi
+if wants throughput-compiled; then
     part "throughput, small, batch 64, torch.compile'd step"  # compiling takes minutes
     timeout 240 python3 -m mosaicrt.cli bench throughput "$CKPT" --backend torch \
         --kernels triton --compile --device cuda --batch 64 --num-requests 64 --input-len 1024 \
         --output-len 128 --json "$OUT/bench_throughput_small_b64_compile_$GPU.json" 2>&1 | tail -14
-fi
-if wants profile; then
-    part "profile of the batcher's steps, small, batch 64"
-    timeout 90 python3 -m mosaicrt.bench.profile_steps "$CKPT" --device cuda --kernels triton \
-        --batch 64 --prefill-rows 8 --chunk 512 --context 1024 \
-        --out "$OUT/profile_small_$GPU.txt" 2>&1 | grep "^==\|Self CUDA time total"
 fi
 if wants paged; then
     part "paged state, small, long-tailed lengths under 20 GiB"
@@ -76,9 +92,5 @@ if wants paged; then
         --kernels triton --device cuda --batch 64 --num-requests 64 \
         --input-len-mix 256-1024:90,8192:10 --output-len 32 --max-context 8448 \
         --state-memory 20GiB --warmup 0 --json "$OUT/paged_small_$GPU.json" 2>&1 | tail -14
-fi
-if wants kernels; then
-    part "kernel benchmark"
-    timeout 300 python3 -m mosaicrt.bench.kernels --json "$OUT/kernels_$GPU.json" 2>&1 | tail -7
 fi
 part "done"

@@ -1,5 +1,7 @@
 """GPU benchmark of the Triton kernels against their physical peers, over a few tilings each.
 
+- prefill retrieval as the runtime runs it (a chunk of queries after a bf16 store, the chunk's
+  own pairs fp32) with each of the kernel's products (PRODUCTS), against float64;
 - chunk retrieval (prefill from scratch, LTM delay 1 = plain causal on shifted keys) vs
   torch.nn.functional.scaled_dot_product_attention with the flash backend, same shapes (bf16);
 - decode retrieval over a long LTM store vs the HBM roofline (bytes of the visible pairs / copy
@@ -62,8 +64,15 @@ def graph_ms(fn) -> float:
 
 PRODUCTS = {  # the chunk kernel's score and value products, as `retrieve` takes them
     "bf16": {"half_dot": True},  # tensor cores on the bf16 pairs (flash attention's way)
+    "bf16x3": {"precision": "bf16x3"},  # fp32 q and weights split in three bf16 terms
     "tf32x3": {"precision": "tf32x3"},  # fp32, as three tf32 tensor-core products
-    "fp32": {},  # exact fp32 (the runtime's default)
+    "fp32": {"precision": "ieee"},  # one fp32 product (FMA units)
+}
+PREFILL_TILINGS = {  # per products: block_m, block_n, warps, stages
+    "bf16": [(64, 64, 4, 3), (128, 64, 8, 2)],
+    "bf16x3": [(64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 8, 2)],
+    "tf32x3": [(64, 64, 4, 3), (64, 32, 4, 2), (32, 64, 4, 2), (128, 64, 8, 2), (64, 64, 8, 2)],
+    "fp32": [(64, 64, 4, 3), (32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 2, 2)],
 }
 
 
@@ -125,6 +134,51 @@ def bench_chunk(T: int, H: int, hs: int, products: str = "bf16") -> dict:
         "throughput_vs_sdpa": sdpa_ms / best["ms"] if best else None,
         "tilings": tilings,
     }
+
+
+def bench_prefill(B: int, S: int, C: int, H: int, hs: int, products: str) -> dict:
+    """A prefill chunk as the runtime runs it: C queries per row after S stored bf16 pairs (LTM,
+    delay 1), the chunk's own pairs fp32; error against float64, speed as TFLOP/s."""
+    from mosaicrt.ops.associative_memory.kernel import retrieve
+
+    dev, gen = "cuda", torch.Generator("cuda").manual_seed(0)
+    unit = lambda *shape: torch.nn.functional.normalize(  # noqa: E731
+        torch.randn(*shape, H, hs, device=dev, generator=gen), dim=-1
+    )
+    store_k, store_v = unit(B, S).bfloat16(), 3 * unit(B, S).bfloat16()
+    new_k, new_v = unit(B, C), 3 * unit(B, C)
+    q = 30 * unit(B, C)  # beta(n) folded in, as large as trained models have it
+    pos = torch.full((B,), S + 1, dtype=torch.int64, device=dev)  # pairs 0..S-1 are stored
+    lengths = torch.full((B,), C, dtype=torch.int64, device=dev)
+    keys = torch.cat([store_k.double(), new_k.double()], 1)  # (B, S+C, H, hs): tau = 0..S+C-1
+    scores = torch.einsum("bqhd,bnhd->bhqn", q.double(), keys)
+    tau, t = torch.arange(S + C, device=dev), S + 1 + torch.arange(C, device=dev)
+    scores = scores.masked_fill(tau[None, :] > t[:, None] - 1, float("-inf"))  # delay 1
+    values = torch.cat([store_v.double(), new_v.double()], 1)
+    want = torch.einsum("bhqn,bnhd->bqhd", scores.softmax(-1), values)
+    del scores
+    flops = 2 * 2 * B * H * hs * C * (S + (C + 1) / 2)  # scores and weighted values
+    tilings = []
+    for bm, bn, warps, stages in PREFILL_TILINGS[products]:
+
+        def ours():
+            return retrieve(q, store_k, store_v, new_k, new_v, pos, lengths, window=0, delay=1,
+                            ring=False, block_m=bm, block_n=bn, num_warps=warps,
+                            num_stages=stages, **PRODUCTS[products])  # fmt: skip
+
+        try:
+            err = rel_err(ours(), want)
+            ms = cuda_ms(ours, iters=10, warmup=2)
+        except Exception as e:  # a tiling the compiler or the shared memory cannot take
+            tilings.append({"tiling": [bm, bn, warps, stages], "error": repr(e)[:200]})
+            continue
+        tilings.append({"tiling": [bm, bn, warps, stages], "ms": ms,
+                        "tflops": flops / ms / 1e9, "rel_err_vs_fp64": err})  # fmt: skip
+    timed = [t for t in tilings if "ms" in t]
+    best = min(timed, key=lambda t: t["ms"]) if timed else None
+    return {"batch": B, "stored": S, "chunk": C, "heads": H, "head_dim": hs,
+            "store_dtype": "bfloat16", "products": products, "best": best,
+            "tilings": tilings}  # fmt: skip
 
 
 def bench_decode(context: int, B: int, H: int, hs: int, bandwidth: float) -> dict:
@@ -233,7 +287,9 @@ def bench_scan(B: int, C: int, H: int, hs: int, bandwidth: float) -> dict:
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", help="write results here")
     parser.add_argument(
-        "--only", default="chunk,decode,scan", help="comma-separated subset of chunk,decode,scan"
+        "--only",
+        default="prefill,chunk,decode,scan",
+        help="comma-separated subset of prefill,chunk,decode,scan",
     )
 
 
@@ -250,8 +306,10 @@ def main(args: argparse.Namespace) -> int:
         "copy_bandwidth_gb_s": bandwidth,
     }
     parts = args.only.split(",")
-    if "chunk" in parts:
-        result["chunk_retrieval"] = [bench_chunk(8192, 16, 128, p) for p in PRODUCTS]
+    if "prefill" in parts:
+        result["prefill_retrieval"] = [bench_prefill(8, 2048, 512, 16, 128, p) for p in PRODUCTS]
+    if "chunk" in parts:  # bf16 pairs: the split products are tf32x3's here
+        result["chunk_retrieval"] = [bench_chunk(8192, 16, 128, p) for p in ("bf16", "tf32x3")]
     if "decode" in parts:
         result["decode_retrieval"] = [bench_decode(32768, b, 16, 128, bandwidth) for b in (1, 8)]
     if "scan" in parts:
@@ -260,6 +318,17 @@ def main(args: argparse.Namespace) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(f"{result['machine'].get('gpu')}: copy bandwidth {bandwidth:.0f} GB/s")
+    for r in result.get("prefill_retrieval", []):
+        print(f"prefill B={r['batch']} S={r['stored']} C={r['chunk']} {r['products']} products:")
+        for t in r["tilings"]:
+            print(
+                f"  {t['tiling']}: "
+                + (
+                    t.get("error")
+                    or f"{t['ms']:.3f} ms "
+                    f"{t['tflops']:.1f} TFLOP/s, rel err vs fp64 {t['rel_err_vs_fp64']:.1e}"
+                )
+            )
     for r in result.get("chunk_retrieval", []):
         b = r["best"] or {}
         print(

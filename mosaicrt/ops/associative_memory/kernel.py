@@ -13,6 +13,8 @@ beta(n_t) is already folded into q; the softmax scale is 1. An empty visible set
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -64,6 +66,33 @@ def _load_pairs(
     return k, v
 
 
+# Under the interpreter tl.dot multiplies bf16 bit patterns as integers (numpy has no bf16):
+# there the half-precision products run on their (exact) fp32 values instead.
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@triton.jit
+def _dot_half(a, b, acc):
+    """acc + a @ b on tensor cores, a and b fp16 or bf16, fp32 sums."""
+    if _INTERPRETED:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _dot_bf16x3(a, b, acc):
+    """acc + a @ b for fp32 a and bf16 b on bf16 tensor cores: a = a1 + a2 + a3 in bf16 terms
+    (8 bits each: a to 2^-24 of itself, as fp32 holds it), each product exact in fp32, the
+    smallest terms summed first."""
+    a1 = a.to(tl.bfloat16)
+    rest = a - a1.to(tl.float32)
+    a2 = rest.to(tl.bfloat16)
+    a3 = (rest - a2.to(tl.float32)).to(tl.bfloat16)
+    acc = _dot_half(a3, b, acc)
+    acc = _dot_half(a2, b, acc)
+    return _dot_half(a1, b, acc)
+
+
 @triton.jit
 def _attend(
     acc, l_i, m_i, q,
@@ -82,7 +111,9 @@ def _attend(
                            stride_blk, stride_n, scale_blk, scale_n, TABLE,
                            RING, BLOCKED, MASKED, EVEN_D, SCALED)  # fmt: skip
         if DOT == "half":  # tensor-core products of fp16/bf16 pairs, fp32 sums (flash style)
-            s = tl.dot(q.to(k.dtype), tl.trans(k))  # (BLOCK_M, BLOCK_N)
+            s = _dot_half(q.to(k.dtype), tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32))
+        elif DOT == "bf16x3":  # bf16 pairs against fp32 q split in three: fp32's accuracy
+            s = _dot_bf16x3(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32))
         else:  # fp32 products ("ieee" exact, "tf32x3" near it on tensor cores): scores reach
             k = k.to(tl.float32)  # beta ~ 150, where half-precision products are coarse
             v = v.to(tl.float32)
@@ -100,7 +131,9 @@ def _attend(
         alpha = tl.math.exp2(m_i - shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DOT == "half":
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = _dot_half(p.to(v.dtype), v, acc * alpha[:, None])
+        elif DOT == "bf16x3":
+            acc = _dot_bf16x3(p, v, acc * alpha[:, None])
         else:
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT)
         m_i = m_new
@@ -117,7 +150,7 @@ def _retrieval_kernel(
     stride_yb, stride_yc, stride_yh,
     C, H, SLOTS, BLOCK_SLOTS, D,
     WINDOW: tl.constexpr, DELAY: tl.constexpr, RING: tl.constexpr, BLOCKED: tl.constexpr,
-    DOT: tl.constexpr, SCALED: tl.constexpr,
+    DOT: tl.constexpr, NEW_DOT: tl.constexpr, SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -171,17 +204,17 @@ def _retrieval_kernel(
         )
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, kn, vn, stride_nc, 0, offs_d, d_ok,
             chunk_first, chunk_split - 1, pos - 1, lo_t, hi_t, SLOTS, 1, 0, 0, table,
-            False, False, False, EVEN_D, DOT, False, BLOCK_N)  # fmt: skip
+            False, False, False, EVEN_D, NEW_DOT, False, BLOCK_N)  # fmt: skip
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, kn, vn, stride_nc, 0, offs_d, d_ok,
             chunk_split, hi, pos - 1, lo_t, hi_t, SLOTS, 1, 0, 0, table,
-            False, False, True, EVEN_D, DOT, False, BLOCK_N)  # fmt: skip
+            False, False, True, EVEN_D, NEW_DOT, False, BLOCK_N)  # fmt: skip
     else:  # a short window: every tile is an edge tile
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, ks, vs, ksc, vsc, stride_sn, scale_n, offs_d,
             d_ok, lo, store_last, 0, lo_t, hi_t, SLOTS, BLOCK_SLOTS, stride_blk, scale_blk, table,
             RING, BLOCKED, True, EVEN_D, DOT, SCALED, BLOCK_N)  # fmt: skip
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, kn, vn, stride_nc, 0, offs_d, d_ok,
             chunk_first, hi, pos - 1, lo_t, hi_t, SLOTS, 1, 0, 0, table,
-            False, False, True, EVEN_D, DOT, False, BLOCK_N)  # fmt: skip
+            False, False, True, EVEN_D, NEW_DOT, False, BLOCK_N)  # fmt: skip
     # A non-empty set has l >= 1 (its max term is exp2(0)); an empty one has acc = 0.
     y = acc / tl.maximum(l_i, 1.0)[:, None]
     y_ptr = Y + b * stride_yb + offs_m[:, None] * stride_yc + h * stride_yh + offs_d[None, :]
@@ -215,6 +248,30 @@ def scale_layout(scales: tuple | None, store: torch.Tensor, blocks: torch.Tensor
                 scaled=True)  # fmt: skip
 
 
+PRECISIONS = ("auto", "ieee", "tf32x3", "bf16x3")
+
+
+def products(precision: str, half_dot: bool, store: torch.Tensor, scaled: bool) -> tuple[str, str]:
+    """The chunk kernel's products (DOT, NEW_DOT): for the stored pairs and for the chunk's own
+    (fp32) pairs. "auto" is exact fp32 under the interpreter and, on tensor cores (sm80+), the
+    split products that keep fp32's accuracy: bf16x3 against a bf16 store, tf32x3 otherwise (one
+    fp32 product ("ieee") runs at ~0.2 % of tensor-core speed: bench/results/kernels_*.json)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if half_dot and store.dtype in (torch.float16, torch.bfloat16):
+        return "half", "half"
+    if precision == "auto":
+        tensor_cores = store.is_cuda and torch.cuda.get_device_capability(store.device) >= (8, 0)
+        if not tensor_cores:
+            return "ieee", "ieee"
+        precision = "bf16x3" if store.dtype == torch.bfloat16 and not scaled else "tf32x3"
+    if precision == "bf16x3":
+        if store.dtype != torch.bfloat16 or scaled:
+            raise ValueError(f"bf16x3 products need a bf16 store, got {store.dtype}")
+        return "bf16x3", "tf32x3"  # the chunk's pairs are fp32
+    return precision, precision
+
+
 def retrieve(
     q: torch.Tensor,
     store_k: torch.Tensor,
@@ -229,7 +286,7 @@ def retrieve(
     blocks: torch.Tensor | None = None,
     scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     half_dot: bool = False,
-    precision: str = "ieee",
+    precision: str = "auto",
     block_m: int | None = None,
     block_n: int | None = None,
     num_warps: int = 4,
@@ -250,8 +307,10 @@ def retrieve(
             stands for (store_k[s] * k_scale[s], store_v[s] * v_scale[s]); None for fp stores.
         half_dot: multiply fp16/bf16 stores on tensor cores (fast; scores lose ~beta * 2^-9
             absolute) instead of in fp32 (the default, matches the reference).
-        precision: the fp32 products: "ieee" (exact, the default) or "tf32x3" (each product
-            split into three tf32 tensor-core products, close to fp32; sm80+).
+        precision: the fp32 products: "ieee" (exact fp32), "tf32x3" (each product split in
+            three tf32 tensor-core products, sm80+), "bf16x3" (bf16 stores: q and the weights
+            split in three bf16 terms, sm80+), or "auto" (the default; see `products`). The
+            split products agree with fp32 to ~2^-22 of each product.
         block_m, block_n, num_warps, num_stages: tiling; the defaults are the measured best on
             a GPU (bench/results/kernels_*.json) and small tiles under the interpreter.
     Returns:
@@ -267,13 +326,12 @@ def retrieve(
     ):
         if x.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dimension")
-    if precision not in ("ieee", "tf32x3"):
-        raise ValueError(f"precision must be 'ieee' or 'tf32x3', got {precision!r}")
     gpu = q.is_cuda
     block_m = block_m or (64 if gpu else 16)
     block_n = block_n or (64 if gpu else 32)
     head_dim = max(16, triton.next_power_of_2(hs))
     st, sc = store_layout(store_k, blocks), scale_layout(scales, store_k, blocks)
+    dot, new_dot = products(precision, half_dot, store_k, sc["scaled"])
     y = torch.empty(B, C, H, hs, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(C, block_m), B * H)
     _retrieval_kernel[grid](
@@ -285,8 +343,7 @@ def retrieve(
         y.stride(0), y.stride(1), y.stride(2),
         C, H, st["slots"], st["block_slots"], hs,
         WINDOW=window, DELAY=delay, RING=ring, BLOCKED=st["blocked"],
-        DOT="half" if half_dot and store_k.dtype in (torch.float16, torch.bfloat16) else precision,
-        SCALED=sc["scaled"],
+        DOT=dot, NEW_DOT=new_dot, SCALED=sc["scaled"],
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim, EVEN_D=head_dim == hs,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
