@@ -249,6 +249,15 @@ def scale_layout(scales: tuple | None, store: torch.Tensor, blocks: torch.Tensor
 
 
 PRECISIONS = ("auto", "ieee", "tf32x3", "bf16x3")
+# block_m, block_n, warps, stages per products on a GPU: the fastest that fit an H200's shared
+# memory for a prefill chunk (bench/results/kernels_prefill_h200.json; "half": from scratch vs
+# SDPA flash, kernels_h200.json).
+GPU_TILINGS = {
+    "half": (64, 64, 4, 3),
+    "bf16x3": (128, 32, 8, 2),
+    "tf32x3": (32, 64, 4, 2),
+    "ieee": (32, 32, 4, 2),
+}
 
 
 def products(precision: str, half_dot: bool, store: torch.Tensor, scaled: bool) -> tuple[str, str]:
@@ -289,8 +298,8 @@ def retrieve(
     precision: str = "auto",
     block_m: int | None = None,
     block_n: int | None = None,
-    num_warps: int = 4,
-    num_stages: int = 3,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Retrieval for a chunk.
 
@@ -326,12 +335,12 @@ def retrieve(
     ):
         if x.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dimension")
-    gpu = q.is_cuda
-    block_m = block_m or (64 if gpu else 16)
-    block_n = block_n or (64 if gpu else 32)
-    head_dim = max(16, triton.next_power_of_2(hs))
     st, sc = store_layout(store_k, blocks), scale_layout(scales, store_k, blocks)
     dot, new_dot = products(precision, half_dot, store_k, sc["scaled"])
+    tiling = GPU_TILINGS[dot] if q.is_cuda else (16, 32, 4, 3)  # small tiles interpreted
+    block_m, block_n = block_m or tiling[0], block_n or tiling[1]
+    num_warps, num_stages = num_warps or tiling[2], num_stages or tiling[3]
+    head_dim = max(16, triton.next_power_of_2(hs))
     y = torch.empty(B, C, H, hs, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(C, block_m), B * H)
     _retrieval_kernel[grid](
