@@ -16,14 +16,15 @@ from mosaicrt.ops.geometry import NO_WINDOW  # noqa: E402
 ATOL = 1e-5  # fp32 native kernels vs the fp32 function body on O(1) outputs
 
 
-def memory_inputs(kind, chunk, store_dtype, seed):
+def memory_inputs(kind, chunk, store_dtype, seed, ltm_blocks=3):
     """AssociativeMemory inputs as the step graph makes them: rows before the delay, a wrapped
-    ring, a long store, a row with no real token; the stored blocks scattered over a pool larger
-    than they need, in no order."""
+    ring, a long store (row 2: to the last of ltm_blocks blocks), a row with no real token; the
+    stored blocks scattered over a pool larger than they need, in no order."""
     rng = np.random.default_rng(seed)
     B, H, hs, window, delay = 4, 3, 16, 6, (1 if kind == "stm" else 4)
-    NB, S = (1, window - 1) if kind == "stm" else (3, 8)
-    pos, lengths = np.array([0, 3, 17, 11]), np.array([chunk, max(chunk - 3, 1), chunk, 0])
+    NB, S = (1, window - 1) if kind == "stm" else (ltm_blocks, 8)
+    pos = np.array([0, 3, 17 if kind == "stm" else 17 + (NB - 3) * S, 11])
+    lengths = np.array([chunk, max(chunk - 3, 1), chunk, 0])
     t = pos[:, None] + np.arange(chunk)[None, :]
     valid = np.arange(chunk)[None, :] < lengths[:, None]
     last, slot = (pos - 2)[None, :, None], np.arange(S)[None, None, :]
@@ -63,12 +64,15 @@ def memory_inputs(kind, chunk, store_dtype, seed):
 
 
 @pytest.mark.parametrize("store_dtype", [np.float32, np.float16])
-@pytest.mark.parametrize("kind", ["stm", "ltm"])
+@pytest.mark.parametrize("kind", ["stm", "ltm", "ltm-10-blocks"])
 @pytest.mark.parametrize("chunk", [1, 9])
 def test_associative_memory_kernel_matches_the_function(
     native_ort_library, kind, chunk, store_dtype, tmp_path
 ):
-    inputs, attrs, lengths = memory_inputs(kind, chunk, store_dtype, seed=chunk)
+    """ltm-10-blocks: decode cuts 4 rows x 10 blocks into work items of 3 blocks (the last of a
+    row holds 1), merged per row."""
+    blocks = 10 if kind == "ltm-10-blocks" else 3
+    inputs, attrs, lengths = memory_inputs(kind[:3], chunk, store_dtype, chunk, blocks)
     (want,), ran = run_node("AssociativeMemory", inputs, ["y"], profile_dir=tmp_path / "f", **attrs)
     assert "AssociativeMemory" not in ran  # inlined: its body's standard ops ran
     (got,), ran = run_node(

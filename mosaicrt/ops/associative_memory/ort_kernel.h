@@ -234,18 +234,21 @@ void memory_row_head(const MemoryInputs& in, const MemoryShape& s, int64_t windo
   }
 }
 
-constexpr int64_t kBlocksPerRange = 8;  // decode: stored blocks per work item
+// Decode: the stored blocks of all rows are cut into about this many work items, so that every
+// thread of the pool reads a share even at batch 1 (one core alone reads memory at about half
+// the bandwidth of two).
+constexpr int64_t kDecodeItems = 16;
 
-// Decode (one query per row), the stored part: work item (b, r) folds blocks [r * kBlocksPerRange,
+// Decode (one query per row), the stored part: work item (b, r) folds blocks [r * per_range,
 // ...) of every head of row b into partial softmaxes (a pool block holds all heads: each block
 // streams through a thread as one contiguous range).
 template <typename T>
 void decode_block_range(const MemoryInputs& in, const MemoryShape& s, int64_t window,
-                        int64_t delay, int64_t b, int64_t range, const std::vector<float>& qb,
-                        std::vector<Softmax>& partial) {
+                        int64_t delay, int64_t b, int64_t range, int64_t per_range,
+                        const std::vector<float>& qb, std::vector<Softmax>& partial) {
   const int64_t hs = s.hs, t = in.t[b];
   std::vector<float> score(s.S), weight(s.S);
-  const int64_t first = range * kBlocksPerRange, last = std::min(s.NB, first + kBlocksPerRange);
+  const int64_t first = range * per_range, last = std::min(s.NB, first + per_range);
   const T* store_k = static_cast<const T*>(in.store_k);
   const T* store_v = static_cast<const T*>(in.store_v);
   for (int64_t blk = first; blk < last; ++blk) {
@@ -276,7 +279,9 @@ inline void merge_softmax(Softmax& into, const Softmax& part) {
 template <typename T>
 void memory_decode(const Ort::KernelContext& ctx, const MemoryInputs& in, const MemoryShape& s,
                    int64_t window, int64_t delay, float* y) {
-  const int64_t hs = s.hs, ranges = (s.NB + kBlocksPerRange - 1) / kBlocksPerRange;
+  const int64_t hs = s.hs;
+  const int64_t per_range = std::max<int64_t>(1, (s.B * s.NB + kDecodeItems - 1) / kDecodeItems);
+  const int64_t ranges = (s.NB + per_range - 1) / per_range;  // per row
   std::vector<float> qb(s.B * s.H * hs);  // beta(n_t) folded into the query
   for (int64_t b = 0; b < s.B; ++b) {
     const float n = static_cast<float>(visible_count(in.t[b], window, delay));
@@ -288,7 +293,8 @@ void memory_decode(const Ort::KernelContext& ctx, const MemoryInputs& in, const 
   }
   std::vector<std::vector<Softmax>> partial(s.B * ranges, std::vector<Softmax>(s.H, Softmax(hs)));
   parallel_for(ctx, s.B * ranges, s.B * s.H * hs * s.NB * s.S, [&](size_t i) {
-    decode_block_range<T>(in, s, window, delay, i / ranges, i % ranges, qb, partial[i]);
+    decode_block_range<T>(in, s, window, delay, i / ranges, i % ranges, per_range, qb,
+                          partial[i]);
   });
   std::vector<float> score(1), weight(1);
   for (int64_t b = 0; b < s.B; ++b) {
