@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "../ort_common.h"
@@ -179,10 +180,32 @@ struct PairSet {
   const float* value_scale = nullptr;
 };
 
+// The pairs [first, last) of a set (tau per pair) outside which no query at t_min..t_max sees
+// any: a partly filled block or ring is read only as far as it holds visible pairs (those inside
+// the span that a query cannot see are masked as usual). first == last when none is visible.
+inline std::pair<int64_t, int64_t> visible_span(const int64_t* tau, int64_t count, int64_t t_min,
+                                                int64_t t_max, int64_t window, int64_t delay) {
+  int64_t first = count, last = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    if (tau[i] >= 0 && tau[i] <= t_max - delay && t_min - tau[i] <= window - 1) {
+      first = std::min(first, i);
+      last = i + 1;
+    }
+  }
+  return {std::min(first, last), last};
+}
+
 template <typename T>
-void fold_set(const PairSet<T>& set, const float* qb, const int64_t* t, int64_t C, int64_t hs,
+void fold_set(const PairSet<T>& whole, const float* qb, const int64_t* t, int64_t C, int64_t hs,
               int64_t window, int64_t delay, std::vector<Softmax>& states, float* keys_t,
               float* score, float* weight) {
+  const auto [t_min, t_max] = std::minmax_element(t, t + C);
+  const auto [first, last] = visible_span(whole.tau, whole.count, *t_min, *t_max, window, delay);
+  if (first == last) return;
+  const int64_t skip = first * whole.stride;
+  const PairSet<T> set{whole.keys + skip, whole.values + skip, whole.tau + first, last - first,
+                       whole.stride, scale_at(whole.key_scale, first),
+                       scale_at(whole.value_scale, first)};
   if (C > 1) {
     for (int64_t i = 0; i < set.count; ++i)
       for (int64_t d = 0; d < hs; ++d)
@@ -253,12 +276,13 @@ void decode_block_range(const MemoryInputs& in, const MemoryShape& s, int64_t wi
   const T* store_v = static_cast<const T*>(in.store_v);
   for (int64_t blk = first; blk < last; ++blk) {
     const int64_t* tau = in.store_tau + (blk * s.B + b) * s.S;
-    for (int64_t h = 0; h < s.H; ++h) {
-      const int64_t pair0 = block_pair0(in, s, b, blk, h), at = pair0 * hs;
+    const auto [lo, hi] = visible_span(tau, s.S, t, t, window, delay);  // same for every head
+    for (int64_t h = 0; h < s.H && lo < hi; ++h) {
+      const int64_t pair0 = block_pair0(in, s, b, blk, h) + lo, at = pair0 * hs;
       score_pairs(qb.data() + (b * s.H + h) * hs, store_k + at,
-                  scale_at(in.store_k_scale, pair0), tau, s.S, hs, hs, t, window, delay,
+                  scale_at(in.store_k_scale, pair0), tau + lo, hi - lo, hs, hs, t, window, delay,
                   score.data());
-      fold_pairs(score.data(), store_v + at, scale_at(in.store_v_scale, pair0), s.S, hs, hs,
+      fold_pairs(score.data(), store_v + at, scale_at(in.store_v_scale, pair0), hi - lo, hs, hs,
                  partial[h], weight.data());
     }
   }
