@@ -216,12 +216,15 @@ class StepGraphBuilder:
         new.{layer}.{keys,values} in the export dtype: pair j is tau = pos-1+j, from the token
         before chunk token j (the pending one for j = 0) and v~ of chunk token j (eq. 9)."""
         g = self.g
+        out = {name: io_spec.new_pairs_name(layer, name) for name in ("keys", "values")}
+        as_is = not self.int8_stores and self.store_type == FLOAT  # fp32 pairs: no Cast copy
         k_pairs, v_prev = (
             g.op(
                 "Concat",
                 g.unsqueeze(past[pending], 1),
                 g.op("Slice", x, g.ints(0), step["C-1"], g.ints(1)),
                 axis=1,
+                outputs=[out["keys"]] if as_is and pending == "k_pend" else 1,
             )  # fmt: skip
             for pending, x in (("k_pend", keys), ("v_pend", v_raw))
         )
@@ -229,13 +232,15 @@ class StepGraphBuilder:
         mixed = g.op(
             "Add", g.op("Mul", g.const(gamma), v_prev), g.op("Mul", g.const(1 - gamma), v_raw)
         )
-        v_pairs = g.op("Mul", g.const(p["alpha_psi"][:, None]), self.l2_normalize(mixed))
+        v_pairs = g.op("Mul", g.const(p["alpha_psi"][:, None]), self.l2_normalize(mixed),
+                       outputs=[out["values"]] if as_is else 1)  # fmt: skip
+        if as_is:
+            return k_pairs, v_pairs
         for name, pairs in (("keys", k_pairs), ("values", v_pairs)):  # as the stores hold them
-            out = io_spec.new_pairs_name(layer, name)
             if self.int8_stores:
-                self.quantize_pairs(pairs, out, out + io_spec.SCALE_SUFFIX)
+                self.quantize_pairs(pairs, out[name], out[name] + io_spec.SCALE_SUFFIX)
             else:
-                g.op("Cast", pairs, to=self.store_type, outputs=[out])
+                g.op("Cast", pairs, to=self.store_type, outputs=[out[name]])
         return k_pairs, v_pairs
 
     def quantize_pairs(self, pairs: str, out: str, out_scale: str) -> None:
