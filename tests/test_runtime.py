@@ -189,9 +189,9 @@ class RowSpy:
     def __getattr__(self, name):
         return getattr(self.backend, name)
 
-    def step(self, ids, lengths, state, last_only, rows=None):
+    def step(self, ids, lengths, state, last_only, rows=None, device_logits=False):
         self.steps.append((rows.start, rows.stop))
-        return self.backend.step(ids, lengths, state, last_only, rows)
+        return self.backend.step(ids, lengths, state, last_only, rows, device_logits)
 
 
 def test_a_step_runs_only_the_rows_with_work(tiny_backend):

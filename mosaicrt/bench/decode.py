@@ -78,7 +78,7 @@ class FullRecompute(Backend):
         for row in rows.nonzero().flatten().tolist():
             state[row].clear()
 
-    def step(self, ids, lengths, state, last_only, rows=None):
+    def step(self, ids, lengths, state, last_only, rows=None, device_logits=False):
         if not last_only:
             raise ValueError("full recompute returns last-token logits only")
         for row, n in enumerate(lengths.tolist()):

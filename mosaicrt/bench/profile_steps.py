@@ -53,10 +53,12 @@ def steps(backend: TorchBackend, args: argparse.Namespace) -> dict:
         sampler(logits, list(range(logits.shape[0])))
 
     def prefill() -> None:
-        after(backend.step(prompt, torch.full((rows,), C), state, True, rows=slice(0, rows)))
+        after(backend.step(prompt, torch.full((rows,), C), state, True, rows=slice(0, rows),
+                           device_logits=True))  # fmt: skip
 
     def decode() -> None:
-        after(backend.step(token, torch.ones(B, dtype=torch.int64), state, True))
+        after(backend.step(token, torch.ones(B, dtype=torch.int64), state, True,
+                           device_logits=True))  # fmt: skip
 
     return {f"prefill ({rows} rows x {C} tokens)": prefill, f"decode ({B} rows)": decode}
 

@@ -81,10 +81,13 @@ class Backend(ABC):
         state: Any,
         last_only: bool,
         rows: slice | None = None,
+        device_logits: bool = False,
     ) -> torch.Tensor:
         """Consume ids (R, C) int64, lengths (R,) real tokens per row, for the rows `rows` of the
         state (default all B); return (R, V) or (R, C, V) fp32 CPU logits, updating those rows
-        in place. The others are not read or written (their cost is not paid)."""
+        in place. The others are not read or written (their cost is not paid).
+        device_logits: the logits may stay where the backend computed them (a GPU backend then
+        copies none to the host: the batcher reduces them there)."""
 
 
 @contextmanager

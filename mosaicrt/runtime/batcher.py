@@ -363,7 +363,9 @@ class ContinuousBatcher:
             for i, f in feeds.items():
                 ids[i - lo, : len(f)] = torch.tensor(f, dtype=torch.int64)
             try:
-                logits = self.backend.step(ids, lengths, self.state, True, rows=slice(lo, hi))
+                logits = self.backend.step(
+                    ids, lengths, self.state, True, rows=slice(lo, hi), device_logits=True
+                )
             except OutOfBlocks as exc:  # nothing ran: make room, then step again
                 events += self._make_room(exc)
                 continue

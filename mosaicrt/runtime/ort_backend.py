@@ -376,6 +376,7 @@ class OrtBackend(GraphStatePaging, Backend):
         state: OrtState,
         last_only: bool,
         rows: slice | None = None,
+        device_logits: bool = False,  # the CPU provider's logits are on the host
     ) -> torch.Tensor:
         if rows and (rows.start or 0, rows.stop) != (0, state.batch_size):
             state = state.view(rows)

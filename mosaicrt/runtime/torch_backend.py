@@ -152,12 +152,17 @@ class TorchBackend(TorchStatePaging, Backend):
         state: DecodeState,
         last_only: bool,
         rows: slice | None = None,
+        device_logits: bool = False,
     ) -> torch.Tensor:
         if self.cuda_graphs and ids.shape[1] == 1 and last_only:  # the graph runs every row
             full_ids, full_lengths = whole_batch(ids, lengths, rows, state.batch_size)
             logits = self._step(full_ids, full_lengths, state, last_only)
-            return logits[rows] if rows is not None else logits
-        return self._step(ids, lengths, state.view(rows) if rows else state, last_only)
+            logits = logits[rows] if rows is not None else logits
+            if device_logits:  # a copy: the graph's output buffer is rewritten by the next step
+                return logits.to(torch.float32, copy=True)
+        else:
+            logits = self._step(ids, lengths, state.view(rows) if rows else state, last_only)
+        return logits.float() if device_logits else logits.float().cpu()
 
     def _step(
         self, ids: torch.Tensor, lengths: torch.Tensor, state: DecodeState, last_only: bool
@@ -174,4 +179,4 @@ class TorchBackend(TorchStatePaging, Backend):
             advance = self.decode_fn if ids.shape[1] == 1 else self.model.advance
             logits = advance(ids.to(self.device), state, lengths.to(self.device), last_only)
         state.host_pos += lengths
-        return logits.float().cpu()
+        return logits

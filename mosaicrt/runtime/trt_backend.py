@@ -256,6 +256,7 @@ class TrtBackend(GraphStatePaging, Backend):
         state: GraphState,
         last_only: bool,
         rows: slice | None = None,
+        device_logits: bool = False,  # the logits come back through the host buffer
     ) -> torch.Tensor:
         """Every row runs (TensorRT binds whole buffers); rows outside `rows` take 0 tokens."""
         full_ids, full_lengths = whole_batch(ids, lengths, rows, state.batch_size)
