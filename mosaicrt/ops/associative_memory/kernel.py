@@ -263,8 +263,9 @@ GPU_TILINGS = {
 def products(precision: str, half_dot: bool, store: torch.Tensor, scaled: bool) -> tuple[str, str]:
     """The chunk kernel's products (DOT, NEW_DOT): for the stored pairs and for the chunk's own
     (fp32) pairs. "auto" is exact fp32 under the interpreter and, on tensor cores (sm80+), the
-    split products that keep fp32's accuracy: bf16x3 against a bf16 store, tf32x3 otherwise (one
-    fp32 product ("ieee") runs at ~0.2 % of tensor-core speed: bench/results/kernels_*.json)."""
+    split products that keep fp32's accuracy: bf16x3 against a bf16 store, tf32x3 otherwise
+    (plain fp32 products, "ieee", run on the FMA units: 10x slower than bf16x3 on an H200,
+    bench/results/kernels_prefill_h200.json)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if half_dot and store.dtype in (torch.float16, torch.bfloat16):
