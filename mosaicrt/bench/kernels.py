@@ -17,6 +17,7 @@ Every tiling is checked against a torch computation of the same function before 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
@@ -76,6 +77,22 @@ PREFILL_TILINGS = {  # per products: block_m, block_n, warps, stages
 }
 
 
+def time_chunk_tilings(tilings, run, want, flops: float, err_key: str, timer) -> list[dict]:
+    """Each tiling (block_m, block_n, warps, stages) of the chunk kernel, run(*tiling): its error
+    against `want` (under err_key), then its time by `timer` and TFLOP/s; a tiling the compiler
+    or the shared memory cannot take records its error instead."""
+    results = []
+    for tiling in tilings:
+        try:
+            err = rel_err(run(*tiling), want)
+            ms = timer(functools.partial(run, *tiling))
+        except Exception as e:
+            results.append({"tiling": list(tiling), "error": repr(e)[:200]})
+            continue
+        results.append({"tiling": list(tiling), "ms": ms, "tflops": flops / ms / 1e9, err_key: err})
+    return results
+
+
 def bench_chunk(T: int, H: int, hs: int, products: str = "bf16") -> dict:
     """Prefill of T tokens from scratch vs SDPA flash on the same (B=1, H, T, hs) bf16 shapes,
     with the kernel's products in `products` (PRODUCTS)."""
@@ -98,28 +115,13 @@ def bench_chunk(T: int, H: int, hs: int, products: str = "bf16") -> dict:
     want = sdpa().transpose(1, 2)  # (1, T, H, hs): query i sees pairs 0..i, as ours
     sdpa_ms = cuda_ms(sdpa)
     flops = 2 * 2 * H * hs * T * T / 2  # causal: half the score matrix, QK^T and PV
-    tilings = []
-    for bm, bn, warps, stages in CHUNK_TILINGS:
 
-        def ours():
-            return retrieve(q, empty, empty, k, v, pos, lengths, window=0, delay=1, ring=False,
-                            block_m=bm, block_n=bn, num_warps=warps, num_stages=stages,
-                            **PRODUCTS[products])  # fmt: skip
+    def ours(bm: int, bn: int, warps: int, stages: int) -> torch.Tensor:
+        return retrieve(q, empty, empty, k, v, pos, lengths, window=0, delay=1, ring=False,
+                        block_m=bm, block_n=bn, num_warps=warps, num_stages=stages,
+                        **PRODUCTS[products])  # fmt: skip
 
-        try:
-            err = rel_err(ours(), want)
-            ms = cuda_ms(ours)
-        except Exception as e:  # a tiling the compiler or the shared memory cannot take
-            tilings.append({"tiling": [bm, bn, warps, stages], "error": repr(e)[:200]})
-            continue
-        tilings.append(
-            {
-                "tiling": [bm, bn, warps, stages],
-                "ms": ms,
-                "tflops": flops / ms / 1e9,
-                "rel_err_vs_sdpa": err,
-            }
-        )
+    tilings = time_chunk_tilings(CHUNK_TILINGS, ours, want, flops, "rel_err_vs_sdpa", cuda_ms)
     ok = [t for t in tilings if "ms" in t and t["rel_err_vs_sdpa"] < 2e-2]
     best = min(ok, key=lambda t: t["ms"]) if ok else None
     return {
@@ -158,22 +160,16 @@ def bench_prefill(B: int, S: int, C: int, H: int, hs: int, products: str) -> dic
     want = torch.einsum("bhqn,bnhd->bqhd", scores.softmax(-1), values)
     del scores
     flops = 2 * 2 * B * H * hs * C * (S + (C + 1) / 2)  # scores and weighted values
-    tilings = []
-    for bm, bn, warps, stages in PREFILL_TILINGS[products]:
 
-        def ours():
-            return retrieve(q, store_k, store_v, new_k, new_v, pos, lengths, window=0, delay=1,
-                            ring=False, block_m=bm, block_n=bn, num_warps=warps,
-                            num_stages=stages, **PRODUCTS[products])  # fmt: skip
+    def ours(bm: int, bn: int, warps: int, stages: int) -> torch.Tensor:
+        return retrieve(q, store_k, store_v, new_k, new_v, pos, lengths, window=0, delay=1,
+                        ring=False, block_m=bm, block_n=bn, num_warps=warps, num_stages=stages,
+                        **PRODUCTS[products])  # fmt: skip
 
-        try:
-            err = rel_err(ours(), want)
-            ms = cuda_ms(ours, iters=10, warmup=2)
-        except Exception as e:  # a tiling the compiler or the shared memory cannot take
-            tilings.append({"tiling": [bm, bn, warps, stages], "error": repr(e)[:200]})
-            continue
-        tilings.append({"tiling": [bm, bn, warps, stages], "ms": ms,
-                        "tflops": flops / ms / 1e9, "rel_err_vs_fp64": err})  # fmt: skip
+    few = lambda fn: cuda_ms(fn, iters=10, warmup=2)  # noqa: E731  (the fp32 products are slow)
+    tilings = time_chunk_tilings(
+        PREFILL_TILINGS[products], ours, want, flops, "rel_err_vs_fp64", few
+    )
     timed = [t for t in tilings if "ms" in t]
     best = min(timed, key=lambda t: t["ms"]) if timed else None
     return {"batch": B, "stored": S, "chunk": C, "heads": H, "head_dim": hs,
