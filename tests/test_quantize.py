@@ -317,14 +317,29 @@ def demo_agreement(device: str, dtype: str, quantize: str, anywhere: bool = Fals
     return compare_logits(reference, quantized, tokenizer, text, 1024)
 
 
+def needs_gpu(capability: tuple[int, int], kernel: str):
+    """A skip unless a CUDA GPU of `capability` or newer runs `kernel`."""
+    ok = torch.cuda.is_available() and torch.cuda.get_device_capability() >= capability
+    sm = "".join(map(str, capability))
+    return pytest.mark.skipif(not ok, reason=f"{kernel} needs a CUDA GPU of sm{sm} or newer")
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
-    reason="PyTorch's int4 matmul (_weight_int4pack_mm) needs a CUDA GPU of sm80 or newer",
+@pytest.mark.parametrize(
+    "quantize",
+    [
+        pytest.param(
+            "int4", marks=needs_gpu((8, 0), "PyTorch's int4 matmul (_weight_int4pack_mm)")
+        ),
+        pytest.param(
+            "fp8",
+            marks=needs_gpu((8, 9), "PyTorch's row-wise scaled fp8 matmul (torch._scaled_mm)"),
+        ),
+    ],
 )
-def test_torch_backend_int4_weights_keep_the_demo_models_predictions_on_a_gpu():
-    report = demo_agreement("cuda", "bfloat16", "int4")
-    assert report["top1_agreement"] >= 0.9
+def test_torch_backend_low_bit_weights_keep_the_demo_models_predictions_on_a_gpu(quantize):
+    report = demo_agreement("cuda", "bfloat16", quantize)
+    assert report["top1_agreement"] >= 0.9, report
 
 
 @pytest.mark.parametrize("rows", [1, 5])
@@ -354,16 +369,6 @@ def test_fp8_weights_keep_the_demo_models_predictions():
     refuse them for speed, the numbers are those of a GPU's fp8 matmul up to summation order)."""
     report = demo_agreement("cpu", "float32", "fp8", anywhere=True)
     assert report["top1_agreement"] >= 0.95, report
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
-    reason="PyTorch's row-wise scaled fp8 matmul (torch._scaled_mm) needs a CUDA GPU of sm89+",
-)
-def test_torch_backend_fp8_weights_keep_the_demo_models_predictions_on_a_gpu():
-    report = demo_agreement("cuda", "bfloat16", "fp8")
-    assert report["top1_agreement"] >= 0.9, report
 
 
 def test_torch_backend_int8_weights_keep_the_demo_models_predictions():
