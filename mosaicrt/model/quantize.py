@@ -123,8 +123,8 @@ class Fp8Linear(nn.Module):
         N, K = weight.shape
         if not Fp8Linear.fits(linear):
             raise BackendError(
-                f"fp8 weights need in_features and out_features multiples of 16; this Linear is "
-                f"{K} -> {N}: use --quantize int4 or int8"
+                f"fp8 weights need {Fp8Linear.SHAPES}; this Linear is {K} -> {N}: use "
+                "--quantize int4 or int8"
             )
         weight_fp8, scale = to_fp8_rows(weight)
         self.register_buffer("weight_fp8", weight_fp8)  # (out, in) float8_e4m3fn
