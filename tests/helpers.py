@@ -43,7 +43,7 @@ def run_node(op, inputs, outputs, library=None, profile_dir=None, **attrs):
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)],
-        functions=functions(int8_stores=op == "AssociativeMemoryInt8"),
+        functions=functions(op if op.startswith("AssociativeMemory") else "AssociativeMemory"),
         ir_version=IR_VERSION,
     )
     options = ort.SessionOptions()

@@ -10,6 +10,7 @@ ort = pytest.importorskip("onnxruntime", reason="the native ops are ONNX Runtime
 from helpers import pooled, run_node  # noqa: E402
 
 from mosaicrt.errors import BackendError  # noqa: E402
+from mosaicrt.ops.associative_memory import SCALED_STORES  # noqa: E402
 from mosaicrt.ops.associative_memory.reference import dequantize_pairs, quantize_pairs  # noqa: E402
 from mosaicrt.ops.geometry import NO_WINDOW  # noqa: E402
 
@@ -86,26 +87,25 @@ def test_associative_memory_kernel_matches_the_function(
 
 @pytest.mark.parametrize("kind", ["stm", "ltm"])
 @pytest.mark.parametrize("chunk", [1, 9])
-def test_int8_store_kernel_matches_the_function_and_the_dequantized_stores(
-    native_ort_library, kind, chunk, tmp_path
+@pytest.mark.parametrize("store", ["int8", "float8_e4m3fn"])
+def test_scaled_store_kernel_matches_the_function_and_the_dequantized_stores(
+    native_ort_library, kind, chunk, store, tmp_path
 ):
-    """AssociativeMemoryInt8 = AssociativeMemory over the stores its int8 pairs and scales stand
-    for: the function body and the native kernel both."""
+    """AssociativeMemoryInt8 / -Fp8 = AssociativeMemory over the stores their pairs (fp8: e4m3
+    bits in int8) and scales stand for: the function body and the native kernel both."""
+    op = SCALED_STORES[store][0]
     inputs, attrs, lengths = memory_inputs(kind, chunk, np.float32, seed=10 + chunk)
     quantized = dict(inputs)
     for field in ("store_k", "store_v"):
-        q, scale = quantize_pairs(torch.from_numpy(inputs[field]))
-        quantized[field], quantized[field + "_scale"] = q.numpy(), scale.numpy()
+        q, scale = quantize_pairs(torch.from_numpy(inputs[field]), store)
+        bits = q if store == "int8" else q.view(torch.int8)
+        quantized[field], quantized[field + "_scale"] = bits.numpy(), scale.numpy()
         inputs[field] = dequantize_pairs(q, scale).numpy()
     (want,), _ = run_node("AssociativeMemory", inputs, ["y"], **attrs)
-    (body,), ran = run_node(
-        "AssociativeMemoryInt8", quantized, ["y"], profile_dir=tmp_path / "f", **attrs
-    )
-    assert "AssociativeMemoryInt8" not in ran  # inlined
-    (got,), ran = run_node(
-        "AssociativeMemoryInt8", quantized, ["y"], native_ort_library, tmp_path / "n", **attrs
-    )
-    assert ran == {"AssociativeMemoryInt8"}
+    (body,), ran = run_node(op, quantized, ["y"], profile_dir=tmp_path / "f", **attrs)
+    assert op not in ran  # inlined
+    (got,), ran = run_node(op, quantized, ["y"], native_ort_library, tmp_path / "n", **attrs)
+    assert ran == {op}
     for b in range(3):  # row 3 has no real token
         assert np.abs(body[b, : lengths[b]] - want[b, : lengths[b]]).max() <= ATOL
         assert np.abs(got[b, : lengths[b]] - want[b, : lengths[b]]).max() <= ATOL
@@ -120,6 +120,57 @@ def test_quantized_pairs_round_trip_within_half_a_scale():
     assert bool((error <= scale[..., None] / 2 * (1 + 1e-6)).all())
     assert float(scale[0, 0, 0]) == 0.0 and bool((q[0, 0, 0] == 0).all())
     assert int(q.abs().max()) == 127
+
+
+def test_fp8_pairs_round_trip_within_half_an_e4m3_step():
+    """Each element of a pair scaled to |x| <= 448 is rounded to the nearest e4m3 value: within
+    2^-4 of itself in a normal binade (3 mantissa bits), within 2^-10 below 2^-6 (subnormals,
+    steps of 2^-9), both in units of the pair's scale."""
+    x = torch.randn(5, 7, 3, 64) * torch.rand(5, 7, 3, 1) * 10
+    x[0, 0, 0] = 0.0
+    q, scale = quantize_pairs(x, "float8_e4m3fn")
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == x.shape[:-1]
+    scaled = x / scale.clamp(min=1e-30)[..., None]
+    bound = torch.maximum(scaled.abs() * 2.0**-4, torch.tensor(2.0**-10)) * (1 + 1e-6)
+    error = (dequantize_pairs(q, scale) - x).abs() / scale.clamp(min=1e-30)[..., None]
+    assert bool((error <= bound).all())
+    assert float(scale[0, 0, 0]) == 0.0 and bool((q[0, 0, 0].float() == 0).all())
+    assert float(q.float().abs().max()) == 448.0
+
+
+def test_graph_fp8_bits_are_torchs_rounding():
+    """The step graph's fp8 encoding (e4m3_bits) gives torch's bits (round to nearest, ties to
+    even) for every e4m3 value, every midpoint between two, and random values over the range."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from mosaicrt.onnx_graph import IR_VERSION, OPSET, GraphBuilder
+    from mosaicrt.ops.associative_memory.onnx import e4m3_bits, e4m3_values
+
+    g = GraphBuilder()
+    e4m3_bits(g, "y", "bits")
+    graph = helper.make_graph(
+        g.nodes,
+        "e4m3",
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])],
+        [helper.make_tensor_value_info("bits", TensorProto.INT8, [None])],
+        initializer=g.initializers,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
+    )
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = np.sort(e4m3_values()[np.isfinite(e4m3_values())])
+    midpoints = (values[1:] + values[:-1]) / 2
+    rng = np.random.default_rng(0)
+    spread = rng.standard_normal(20000) * 10.0 ** rng.uniform(-4, 2.6, 20000)
+    y = np.concatenate([values, midpoints, spread]).astype(np.float32)
+    y = y[np.abs(y) <= 448.0]
+    got = session.run(None, {"y": y})[0]
+    want = torch.from_numpy(y).to(torch.float8_e4m3fn).view(torch.int8).numpy()
+    zero = y == 0  # -0.0: torch keeps its sign bit; the graph writes +0 (the same value)
+    assert (got[~zero] == want[~zero]).all()
+    assert (got[zero] == 0).all()
 
 
 @pytest.mark.parametrize("chunk", [1, 21])

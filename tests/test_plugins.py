@@ -11,6 +11,7 @@ ort = pytest.importorskip("onnxruntime", reason="the reference is the ONNX funct
 from helpers import pooled, run_node  # noqa: E402
 
 from mosaicrt.ops import plugin_specs  # noqa: E402
+from mosaicrt.ops.associative_memory import SCALED_STORES  # noqa: E402
 from mosaicrt.ops.associative_memory.reference import quantize_pairs  # noqa: E402
 from mosaicrt.ops.geometry import NO_WINDOW  # noqa: E402
 
@@ -90,16 +91,19 @@ def test_associative_memory_plugin_op_matches_the_function(kind, chunk):
 
 @pytest.mark.parametrize("kind", ["stm", "ltm"])
 @pytest.mark.parametrize("chunk", [1, 9])
-def test_int8_store_plugin_op_matches_the_function(kind, chunk):
-    """The plugin reads int8 pools and their scales (scattered over the pool like the pairs)
-    as the ONNX function body of AssociativeMemoryInt8 does."""
+@pytest.mark.parametrize("store", ["int8", "float8_e4m3fn"])
+def test_scaled_store_plugin_op_matches_the_function(kind, chunk, store):
+    """The plugin reads int8 or fp8 pools (fp8 as the graph carries them: e4m3 bits in int8)
+    and their scales (scattered over the pool like the pairs) as the ONNX function body of
+    AssociativeMemoryInt8 / -Fp8 does."""
+    op = SCALED_STORES[store][0]
     inputs, fields, lengths = memory_inputs(kind, chunk, seed=20 + chunk)
     for field in ("store_k", "store_v"):
-        q, scale = quantize_pairs(torch.from_numpy(inputs[field]))
-        inputs[field] = q.numpy()
+        q, scale = quantize_pairs(torch.from_numpy(inputs[field]), store)
+        inputs[field] = q.view(torch.int8).numpy()
         inputs[field + "_scale"] = scale.numpy()
-    (want,), _ = run_node("AssociativeMemoryInt8", inputs, ["y"], **fields)
-    got = run_plugin("AssociativeMemoryInt8", inputs, fields, want.shape)
+    (want,), _ = run_node(op, inputs, ["y"], **fields)
+    got = run_plugin(op, inputs, fields, want.shape)
     for b in range(3):  # row 3 has no real tokens
         n = lengths[b]
         assert np.abs(got[b, :n] - want[b, :n]).max() <= ATOL

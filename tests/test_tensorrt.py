@@ -97,27 +97,33 @@ def test_build_py_makes_an_engine_with_both_plugins(cli, artifacts, engine, tmp_
     assert manifest["profiles"]["decode"]["ltm_blocks"] == [[1, 1], [4, 4]]
 
 
-def test_quantized_artifact_builds_with_qdq_weights_and_int8_store_plugins(
-    cli, artifacts, tmp_path
+@pytest.mark.parametrize(
+    "store, op",
+    [("int8", "AssociativeMemoryInt8"), ("float8_e4m3fn", "AssociativeMemoryFp8")],
+)
+def test_quantized_artifact_builds_with_qdq_weights_and_scaled_store_plugins(
+    cli, artifacts, tmp_path, store, op
 ):
-    """int4 weights + int8 stores: the MatMulNBits weights are parsed from the artifact's Q/DQ
-    view (INT4 constants into DequantizeLinear), the stores reach AssociativeMemoryInt8 plugins
-    as int8 tensors with fp32 scales, and TensorRT-RTX builds the engine."""
+    """int4 weights + int8 or fp8 stores: the MatMulNBits weights are parsed from the artifact's
+    Q/DQ view (INT4 constants into DequantizeLinear), the stores reach AssociativeMemoryInt8 /
+    -Fp8 plugins as int8 tensors (fp8: the bits of e4m3 values) with fp32 scales, and
+    TensorRT-RTX builds the engine."""
     from mosaicrt.export.quantize import WeightQuantization, qdq_model
 
     quant = WeightQuantization("int4", 32)
     artifact = export_artifact(artifacts / "ckpt", tmp_path / "q", max_context=512,
-                               quantize=quant, store_dtype="int8")  # fmt: skip
+                               quantize=quant, store_dtype=store)  # fmt: skip
     out = tmp_path / "engine"
     result = cli("build", artifact, "-o", out, "--target", "sm86", "--max-batch", "4",
                  "--max-chunk", "64")  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "MatMulNBits weights parsed as Q/DQ" in result.stdout
     manifest = json.loads((out / "build_manifest.json").read_text())
-    assert manifest["quantization"] == "int4 weights + int8 stores"
-    assert {p["name"] for p in manifest["plugins"]} == {"GatedKeyScan", "AssociativeMemoryInt8"}
+    label = "int8" if store == "int8" else "fp8"
+    assert manifest["quantization"] == f"int4 weights + {label} stores"
+    assert {p["name"] for p in manifest["plugins"]} == {"GatedKeyScan", op}
     assert manifest["plugin_layers"] == 6
-    assert b"AssociativeMemoryInt8" in (out / "model.engine").read_bytes()
+    assert op.encode() in (out / "model.engine").read_bytes()
 
     P.register()
     logger = trt.Logger(trt.Logger.ERROR)
@@ -132,10 +138,11 @@ def test_quantized_artifact_builds_with_qdq_weights_and_int8_store_plugins(
     dequantize = [layer for layer in layers if layer.type == trt.LayerType.DEQUANTIZE]
     assert len(dequantize) == 2 * 4 + 1  # per layer: qkv, output, gate-up, down; then lm_head
     assert all(layer.get_input(0).dtype == trt.DataType.INT4 for layer in dequantize)
-    memory = next(layer for layer in layers if layer.name.endswith("ltm/AssociativeMemoryInt8"))
+    memory = next(layer for layer in layers if layer.name.endswith(f"ltm/{op}"))
     assert memory.type == trt.LayerType.PLUGIN_V3
     types = [memory.get_input(i).dtype for i in range(memory.num_inputs)]
-    assert types[2:4] == [trt.DataType.INT8] * 2 and types[12:] == [trt.DataType.FLOAT] * 2
+    assert types[2:4] == [trt.DataType.INT8] * 2
+    assert types[12:] == [trt.DataType.FLOAT] * 2
 
 
 def test_fp8_weights_build_as_fp8_qdq(cli, artifacts, tmp_path):

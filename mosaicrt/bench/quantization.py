@@ -37,26 +37,26 @@ from mosaicrt.model.checkpoint import random_tensors, write_checkpoint
 from mosaicrt.model.config import preset
 from mosaicrt.outputs import check_output_file, write_json
 
-# name -> (weight quantization, store dtype); "+int8-stores" adds int8 stores to any weights.
+# name -> (weight quantization, store dtype); "+int8-stores" or "+fp8-stores" adds int8 or fp8
+# stores to any weights.
 WEIGHTS = {"fp32": None, "int8": "int8", "int4": "int4"}
-STORES_SUFFIX = "+int8-stores"
-DEFAULT_VARIANTS = "fp32,int8-stores,int8,int4,int8+int8-stores,int4+int8-stores"
+STORES = {"int8-stores": "int8", "fp8-stores": "float8_e4m3fn"}
+DEFAULT_VARIANTS = (
+    "fp32,int8-stores,fp8-stores,int8,int4,int8+int8-stores,int4+int8-stores,int4+fp8-stores"
+)
 
 
 def parse_variant(name: str) -> tuple[str | None, str]:
-    """'int4+int8-stores' -> ("int4", "int8"); 'int8-stores' -> (None, "int8")."""
-    if name == "int8-stores":
-        return None, "int8"
-    weights, stores = (
-        name.removesuffix(STORES_SUFFIX),
-        "int8" if name.endswith(STORES_SUFFIX) else "float32",
-    )
-    if weights not in WEIGHTS:
+    """'int4+int8-stores' -> ("int4", "int8"); 'fp8-stores' -> (None, "float8_e4m3fn")."""
+    weights, plus, stores = name.partition("+")
+    if not plus:  # weights alone, or stores alone
+        weights, stores = ("fp32", name) if name in STORES else (name, None)
+    if weights not in WEIGHTS or (stores is not None and stores not in STORES):
         raise InputError(
             f"unknown variant {name!r}: give fp32, int8 or int4, optionally with "
-            f"{STORES_SUFFIX}, or int8-stores"
+            f"+int8-stores or +fp8-stores, or int8-stores or fp8-stores alone"
         )
-    return WEIGHTS[weights], stores
+    return WEIGHTS[weights], STORES[stores] if stores else "float32"
 
 
 def variant_artifact(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mosaicrt.model.config import DTYPE_BYTES, ModelConfig, parameter_count
 from mosaicrt.model.state import pair_bytes
+from mosaicrt.ops.associative_memory import SCALED_STORES
 
 
 def decode_bytes(
@@ -16,7 +17,7 @@ def decode_bytes(
     embedding table) once, in the stores' dtype unless `weights` gives their bytes (quantized
     artifacts record theirs in the manifest), plus each sequence's valid STM and LTM pairs."""
     if weights is None:
-        elem = DTYPE_BYTES[store_dtype] if store_dtype != "int8" else 4
+        elem = DTYPE_BYTES[store_dtype] if store_dtype not in SCALED_STORES else 4
         weights = (parameter_count(config) - config.vocab_size * config.hidden_size) * elem
     pair = pair_bytes(config, store_dtype) * config.num_layers
     pairs = sum(

@@ -30,8 +30,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--store-dtype",
-        help="fp32, fp16, bf16 or int8: what the STM and LTM stores hold (default: --dtype); "
-        "int8 keeps an fp32 scale per pair and head, read inside the retrieval",
+        help="fp32, fp16, bf16, int8 or fp8 (e4m3): what the STM and LTM stores hold (default: "
+        "--dtype); int8 and fp8 keep an fp32 scale per pair and head, read inside the retrieval",
     )
     p.add_argument(
         "--quantize",

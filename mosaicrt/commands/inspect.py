@@ -23,8 +23,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=positive_int, default=1)
     p.add_argument(
         "--state-dtype",
-        help="dtype of the stores: fp32, fp16, bf16 or int8 (default: the artifact's stores, or "
-        "the checkpoint's dtype)",
+        help="dtype of the stores: fp32, fp16, bf16, int8 or fp8 (default: the artifact's "
+        "stores, or the checkpoint's dtype)",
     )
     p.add_argument(
         "--state-memory",

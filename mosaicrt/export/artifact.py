@@ -21,9 +21,17 @@ from mosaicrt.export import io_spec
 from mosaicrt.export.builder import EMBEDDING, STORE_TYPES, build_step_model
 from mosaicrt.export.quantize import WeightQuantization
 from mosaicrt.model.checkpoint import load_model
-from mosaicrt.model.config import DTYPE_BYTES, DTYPES, ModelConfig, load_config, save_config
+from mosaicrt.model.config import (
+    DTYPE_BYTES,
+    DTYPE_SHORT,
+    DTYPES,
+    ModelConfig,
+    load_config,
+    save_config,
+)
 from mosaicrt.onnx_graph import OPSET, ExternalData
 from mosaicrt.ops import DOMAIN, DOMAIN_VERSION
+from mosaicrt.ops.associative_memory import SCALED_STORES
 from mosaicrt.outputs import atomic_dir, check_output_dir
 
 MODEL_FILE = "model.onnx"
@@ -31,7 +39,7 @@ MANIFEST_FILE = "manifest.json"
 FORMAT = "mosaicrt-onnx-artifact"
 FORMAT_VERSION = 1
 EXTERNAL_DATA_BYTES = 1 << 30  # above this the weights go to model.onnx.data
-STORE_DTYPES = tuple(STORE_TYPES)  # float32, float16, bfloat16, int8
+STORE_DTYPES = tuple(STORE_TYPES)  # float32, float16, bfloat16, int8, float8_e4m3fn
 DEFAULT_LTM_BLOCK = 128  # pairs per LTM store block: the granularity of "read only what is valid"
 
 
@@ -51,12 +59,14 @@ def export_artifact(
     """Export a checkpoint to an ONNX artifact directory and check it with onnx.checker. The
     directory is written whole or not at all; an existing one is replaced only with force.
     With `quantize`, the weight MatMuls are block-quantized; the stores hold `store_dtype`
-    (default: `dtype`; int8 keeps a scale per pair and head)."""
+    (default: `dtype`; int8 and fp8 keep a scale per pair and head)."""
     if dtype not in DTYPES:
         raise CheckpointError(f"unknown export dtype {dtype!r}: use fp32, fp16 or bf16")
     store_dtype = store_dtype or dtype
     if store_dtype not in STORE_DTYPES:
-        raise InputError(f"--store-dtype must be fp32, fp16, bf16 or int8, got {store_dtype!r}")
+        raise InputError(
+            f"--store-dtype must be fp32, fp16, bf16, int8 or fp8, got {store_dtype!r}"
+        )
     if max_context < 2:
         raise InputError(f"--max-context must be >= 2, got {max_context}")
     out = check_output_dir(out_dir, inputs=[checkpoint], force=force, what="artifact")
@@ -146,7 +156,9 @@ def make_manifest(
         "custom_domain_version": DOMAIN_VERSION,
         "dtype": dtype,
         "state_dtype": {"small": "float32", "stores": store_dtype}
-        | ({"store_scales": "float32, one per pair and head"} if store_dtype == "int8" else {}),
+        | (
+            {"store_scales": "float32, one per pair and head"} if io_spec.scaled(store_type) else {}
+        ),
         "last_only": last_only,
         "max_context": max_context,
         "ltm_block": ltm_block,
@@ -157,12 +169,14 @@ def make_manifest(
 
 
 def quantization_label(manifest: dict) -> str | None:
-    """'int4 weights + int8 stores' style, or None for an artifact of fp weights and stores."""
+    """'int4 weights + int8 stores' style (or fp8 stores), or None for an artifact of fp
+    weights and stores."""
     parts = []
     if manifest.get("quantization"):
         parts.append(f"{manifest['quantization']['weights']} weights")
-    if manifest["state_dtype"]["stores"] == "int8":
-        parts.append("int8 stores")
+    stores = manifest["state_dtype"]["stores"]
+    if stores in SCALED_STORES:
+        parts.append(f"{DTYPE_SHORT.get(stores, stores)} stores")
     return " + ".join(parts) or None
 
 

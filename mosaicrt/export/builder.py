@@ -41,9 +41,12 @@ from mosaicrt.export.quantize import MS_DOMAIN, WeightQuantization, quantize_wei
 from mosaicrt.model.mmv2 import MMv2
 from mosaicrt.onnx_graph import FLOAT, IR_VERSION, ONNX_DTYPES, OPSET, ExternalData, GraphBuilder
 from mosaicrt.ops import DOMAIN, DOMAIN_VERSION
-from mosaicrt.ops.associative_memory import INT8_MAX, NAME, NAME_INT8
+from mosaicrt.ops.associative_memory import NAME, SCALED_STORES
+from mosaicrt.ops.associative_memory.onnx import e4m3_bits
 
-STORE_TYPES = ONNX_DTYPES | {"int8": TensorProto.INT8}  # what the stores may hold
+# What the stores may hold, as graph element types: fp8 e4m3 pairs travel as their bits in int8
+# tensors (ONNX has no Gather for fp8 types).
+STORE_TYPES = ONNX_DTYPES | {"int8": TensorProto.INT8, "float8_e4m3fn": TensorProto.INT8}
 
 
 EMBEDDING = "embed_tokens.weight"  # the token table: a Gather reads one row per token
@@ -75,9 +78,10 @@ class StepGraphBuilder:
         self.model, self.config = model, model.config
         self.last_only = last_only
         self.dtype = dtype  # weights, their MatMuls (and by default the stores); the rest fp32
-        self.store_dtype = store_dtype or dtype  # float32, float16, bfloat16 or int8
+        self.store_dtype = store_dtype or dtype  # float32, float16, bfloat16, int8, float8_e4m3fn
         self.store_type = STORE_TYPES[self.store_dtype]
-        self.int8_stores = io_spec.scaled(self.store_type)
+        self.scaled_stores = io_spec.scaled(self.store_type)  # int8, fp8: a scale per pair
+        self.memory_op = SCALED_STORES[self.store_dtype][0] if self.scaled_stores else NAME
         self.quantize = quantize  # weight-only quantization of the weight MatMuls, if any
         self.g = GraphBuilder(external=external)
 
@@ -217,7 +221,7 @@ class StepGraphBuilder:
         before chunk token j (the pending one for j = 0) and v~ of chunk token j (eq. 9)."""
         g = self.g
         out = {name: io_spec.new_pairs_name(layer, name) for name in ("keys", "values")}
-        as_is = not self.int8_stores and self.store_type == FLOAT  # fp32 pairs: no Cast copy
+        as_is = not self.scaled_stores and self.store_type == FLOAT  # fp32 pairs: no Cast copy
         k_pairs, v_prev = (
             g.op(
                 "Concat",
@@ -237,25 +241,29 @@ class StepGraphBuilder:
         if as_is:
             return k_pairs, v_pairs
         for name, pairs in (("keys", k_pairs), ("values", v_pairs)):  # as the stores hold them
-            if self.int8_stores:
+            if self.scaled_stores:
                 self.quantize_pairs(pairs, out[name], out[name] + io_spec.SCALE_SUFFIX)
             else:
                 g.op("Cast", pairs, to=self.store_type, outputs=[out[name]])
         return k_pairs, v_pairs
 
     def quantize_pairs(self, pairs: str, out: str, out_scale: str) -> None:
-        """pairs (B, C, nM*H, hs) -> int8 `out` and fp32 `out_scale` (B, C, nM*H), one scale
-        per pair and head: max|x| / 127 (ops.associative_memory.reference.quantize_pairs)."""
+        """pairs (B, C, nM*H, hs) -> int8 or fp8 `out` and fp32 `out_scale` (B, C, nM*H), one
+        scale per pair and head: max|x| / 127 or / 448, int8 rounded, fp8 the bits of the nearest
+        e4m3 value (ops.associative_memory.reference.quantize_pairs)."""
         g = self.g
         scale = g.op(
             "Div",
             g.op("ReduceMax", g.op("Abs", pairs), g.ints(-1), keepdims=0),
-            g.const(INT8_MAX),
+            g.const(SCALED_STORES[self.store_dtype][1]),
             outputs=[out_scale],
         )
         safe = g.op("Max", scale, g.const(np.finfo(np.float32).tiny))  # an all-zero pair: 0
-        q = g.op("Round", g.op("Div", pairs, g.unsqueeze(safe, 3)))
-        g.op("Cast", q, to=TensorProto.INT8, outputs=[out])
+        q = g.op("Div", pairs, g.unsqueeze(safe, 3))
+        if self.store_dtype == "int8":
+            g.op("Cast", g.op("Round", q), to=TensorProto.INT8, outputs=[out])
+        else:  # fp8: the bits of the nearest e4m3 value
+            e4m3_bits(g, q, out)
 
     def retrievals(
         self, layer: int, keys: str, k_pairs: str, v_pairs: str, p: dict, step: dict
@@ -269,12 +277,12 @@ class StepGraphBuilder:
             for x in (keys, k_pairs, v_pairs)
         ]
         ys = []
-        op = NAME_INT8 if self.int8_stores else NAME
+        op = self.memory_op
         for i, kind in enumerate(cfg.memories):
             mem = getattr(self.model.layers[layer], kind)
             heads = slice(i * H, (i + 1) * H)
             stores = [io_spec.store_name(layer, kind, f) for f in io_spec.STORE_FIELDS]
-            scales = [s + io_spec.SCALE_SUFFIX for s in stores] if self.int8_stores else []
+            scales = [s + io_spec.SCALE_SUFFIX for s in stores] if self.scaled_stores else []
             ys.append(
                 g.op(
                     op,
@@ -388,7 +396,7 @@ class StepGraphBuilder:
                 helper.make_opsetid(DOMAIN, DOMAIN_VERSION),
             ]
             + ([helper.make_opsetid(MS_DOMAIN, 1)] if self.quantize else []),
-            functions=functions(self.int8_stores),
+            functions=functions(self.memory_op),
             ir_version=IR_VERSION,
             producer_name="mosaicrt",
         )
@@ -404,5 +412,5 @@ def build_step_model(
 ) -> onnx.ModelProto:
     """The ONNX step graph of `model`: weights, weight MatMuls and stores in `dtype` (written to
     `external` as they are made, when given); weight MatMuls block-quantized with `quantize`;
-    stores in `store_dtype` when given (int8: with a scale per pair and head)."""
+    stores in `store_dtype` when given (int8, fp8: with a scale per pair and head)."""
     return StepGraphBuilder(model, last_only, dtype, external, quantize, store_dtype).build()

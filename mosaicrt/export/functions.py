@@ -10,14 +10,15 @@ from __future__ import annotations
 import onnx
 
 from mosaicrt.ops import DOMAIN, PLUGIN_VERSION
+from mosaicrt.ops.associative_memory import NAME
 from mosaicrt.ops.associative_memory import onnx as associative_memory
 from mosaicrt.ops.gated_key_scan import onnx as gated_key_scan
 
 
-def functions(int8_stores: bool = False) -> list[onnx.FunctionProto]:
-    """The function bodies of the ops a step graph uses, for the model's function list:
-    AssociativeMemoryInt8 in place of AssociativeMemory for int8 stores."""
-    return [gated_key_scan.function(), associative_memory.function(int8_stores)]
+def functions(memory_op: str = NAME) -> list[onnx.FunctionProto]:
+    """The function bodies of the ops a step graph uses, for the model's function list: its
+    AssociativeMemory op is `memory_op` (AssociativeMemoryInt8 or -Fp8 for scaled stores)."""
+    return [gated_key_scan.function(), associative_memory.function(memory_op)]
 
 
 def plugin_attrs() -> dict[str, str]:

@@ -11,9 +11,10 @@ STM, [H, 2H) the LTM.
                                        (one table for every layer; NB: the blocks it may read)
                                        -> new.{l}.{keys, values}   (B, C, nM*H, hs) new pairs
 
-With int8 stores every store and new-pairs tensor has a companion of fp32 scales, one per pair and
-head, named with SCALE_SUFFIX: past.{l}.{M}.{keys,values}_scale (the store's shape without hs) and
-new.{l}.{keys,values}_scale (B, C, nM*H).
+With int8 or fp8 stores (fp8 e4m3 as their bits, in int8 tensors) every store and new-pairs
+tensor has a companion of fp32 scales, one per pair and head, named with SCALE_SUFFIX:
+past.{l}.{M}.{keys,values}_scale (the store's shape without hs) and new.{l}.{keys,values}_scale
+(B, C, nM*H).
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ INPUT_IDS, LENGTHS, POSITIONS, LOGITS = "input_ids", "lengths", "positions", "lo
 LTM_BLOCKS = "ltm_blocks"  # the block table of the LTM pools
 SMALL_FIELDS = ("s", "mx", "k_pend", "v_pend")  # constant-size state, re-emitted each step
 STORE_FIELDS = ("keys", "values")  # stores: read by the graph; only new pairs are emitted
-SCALE_SUFFIX = "_scale"  # int8 stores: the scales beside a store or new-pairs tensor
+SCALE_SUFFIX = "_scale"  # int8, fp8 stores: the scales beside a store or new-pairs tensor
 
 
 def scaled(store_type: int) -> bool:
-    """Do stores of this element type carry scales (int8)?"""
+    """Do stores of this element type carry scales (int8: int8 values, or the bits of fp8 e4m3
+    values)?"""
     return store_type == TensorProto.INT8
 
 

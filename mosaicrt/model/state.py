@@ -22,7 +22,14 @@ from dataclasses import dataclass
 
 import torch
 
-from mosaicrt.model.config import DTYPE_BYTES, ModelConfig, normalize_dtype, parameter_count
+from mosaicrt.model.config import (
+    DTYPE_ALIASES,
+    DTYPE_BYTES,
+    ModelConfig,
+    normalize_dtype,
+    parameter_count,
+)
+from mosaicrt.ops.associative_memory import SCALED_STORES
 
 
 @dataclass
@@ -173,10 +180,10 @@ class MemoryPlan:
 
 
 def pair_bytes(config: ModelConfig, store_dtype: str) -> int:
-    """Bytes of one stored (key, value) pair of one memory, every head: int8 stores keep an fp32
-    scale per head beside each key and each value."""
+    """Bytes of one stored (key, value) pair of one memory, every head: int8 and fp8 stores keep
+    an fp32 scale per head beside each key and each value."""
     width = config.memory_width
-    if store_dtype == "int8":
+    if store_dtype in SCALED_STORES:
         return 2 * (width + 4 * config.num_heads)
     return 2 * width * DTYPE_BYTES[store_dtype]
 
@@ -201,7 +208,8 @@ def inspect_report(
     config: ModelConfig, max_context: int, max_batch: int, store_dtype: str | None = None
 ) -> dict:
     """What `mosaicrt inspect` shows: the config, the parameter count and the memory plan."""
-    if store_dtype != "int8":  # int8: stores of ONNX artifacts, a scale per pair and head
+    store_dtype = DTYPE_ALIASES.get(store_dtype, store_dtype) if store_dtype else None
+    if store_dtype not in SCALED_STORES:  # int8, fp8: stores of ONNX artifacts, with scales
         store_dtype = normalize_dtype(store_dtype) if store_dtype else config.torch_dtype
     plan = memory_plan(config, max_context, max_batch, store_dtype)
     return {

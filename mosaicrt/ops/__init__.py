@@ -45,10 +45,11 @@ class PluginSpec:
 def plugin_specs() -> dict[str, PluginSpec]:
     """Every op's plugin description, by op name."""
     from mosaicrt.ops.associative_memory.plugin_op import PLUGIN as memory
+    from mosaicrt.ops.associative_memory.plugin_op import PLUGIN_FP8 as memory_fp8
     from mosaicrt.ops.associative_memory.plugin_op import PLUGIN_INT8 as memory_int8
     from mosaicrt.ops.gated_key_scan.plugin_op import PLUGIN as scan
 
-    return {spec.name: spec for spec in (scan, memory, memory_int8)}
+    return {spec.name: spec for spec in (scan, memory, memory_int8, memory_fp8)}
 
 
 def source_files() -> list[Path]:

@@ -8,6 +8,7 @@ namespace {
 mosaic::GatedKeyScanOp gated_key_scan_op;
 mosaic::AssociativeMemoryOp associative_memory_op;
 mosaic::AssociativeMemoryInt8Op associative_memory_int8_op;
+mosaic::AssociativeMemoryFp8Op associative_memory_fp8_op;
 }  // namespace
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
@@ -20,6 +21,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
       domain.Add(&gated_key_scan_op);
       domain.Add(&associative_memory_op);
       domain.Add(&associative_memory_int8_op);
+      domain.Add(&associative_memory_fp8_op);
       filled = true;
     }
     Ort::UnownedSessionOptions(options).Add(domain);

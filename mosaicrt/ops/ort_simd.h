@@ -1,9 +1,11 @@
 // Dot products of one query with many key rows, 16 rows at a time, in GCC's portable vector types
 // (16 fp32 lanes: one AVX-512 register, two AVX2 ones): each row's partial sums stay in a register
 // and the 16 rows are reduced together by a transpose-and-add, instead of one horizontal sum per
-// row. The rows may hold fp32, fp16 or int8, widened to fp32 as they are loaded.
+// row. The rows may hold fp32, fp16, int8 or fp8 e4m3, widened to fp32 as they are loaded.
 #pragma once
 
+#include <array>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #if defined(__AVX512F__)
@@ -16,6 +18,28 @@ typedef float F16 __attribute__((vector_size(64)));  // 16 fp32 lanes
 typedef int32_t I16 __attribute__((vector_size(64)));
 
 constexpr int64_t kLanes = 16;
+
+// The fp32 value of each e4m3 bit pattern: sign, 4 exponent bits (bias 7), 3 mantissa bits;
+// exponent 0 holds the subnormals (steps of 2^-9); 0x7F and 0xFF are NaN.
+inline std::array<float, 256> e4m3_table() {
+  std::array<float, 256> table{};
+  for (int bits = 0; bits < 256; ++bits) {
+    const int exponent = (bits >> 3) & 15, mantissa = bits & 7;
+    float value = exponent == 0 ? std::ldexp(static_cast<float>(mantissa), -9)
+                                : std::ldexp(1.f + mantissa / 8.f, exponent - 7);
+    if (exponent == 15 && mantissa == 7) value = NAN;
+    table[bits] = bits & 128 ? -value : value;
+  }
+  return table;
+}
+inline const std::array<float, 256> kE4M3 = e4m3_table();
+
+// An fp8 e4m3 store element, held as its bits (the graph carries fp8 stores in int8 tensors).
+struct E4M3 {
+  uint8_t bits;
+  explicit operator float() const { return kE4M3[bits]; }
+};
+static_assert(sizeof(E4M3) == 1, "an fp8 element is one byte");
 
 // 16 consecutive elements from p, as fp32 lanes.
 inline F16 load16(const float* p) {
@@ -31,6 +55,10 @@ inline F16 load16(const int8_t* p) {
   const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return (F16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
 }
+inline F16 load16(const E4M3* p) {  // 16 table lookups in one gather
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return (F16)_mm512_i32gather_ps(_mm512_cvtepu8_epi32(bytes), kE4M3.data(), 4);
+}
 #else
 inline F16 load16(const _Float16* p) {
   F16 v;
@@ -38,6 +66,11 @@ inline F16 load16(const _Float16* p) {
   return v;
 }
 inline F16 load16(const int8_t* p) {
+  F16 v;
+  for (int l = 0; l < 16; ++l) v[l] = static_cast<float>(p[l]);
+  return v;
+}
+inline F16 load16(const E4M3* p) {
   F16 v;
   for (int l = 0; l < 16; ++l) v[l] = static_cast<float>(p[l]);
   return v;

@@ -8,7 +8,8 @@ Per layer and memory, allocated once:
     LTM pool                (P, H, S, hs), blocks of S pairs shared by all rows (runtime.paging):
                             fed whole, with the block table's leading columns that hold
                             readable pairs (ltm_blocks, one table for every layer)
-    int8 stores' scales     the stores' shapes without hs, fp32, fed and written beside them
+    int8/fp8 stores' scales the stores' shapes without hs, fp32, fed and written beside them
+                            (fp8 pairs are held as their bits, in int8, as the graph has them)
 The constant-size state of every layer is views of one buffer, so that a runner that writes the
 present.* outputs into one buffer of the same layout (small_layout) hands them over in one copy.
 Every layer's rings (keys and values) are views of one buffer, and so are the stores, so that
@@ -34,11 +35,12 @@ from mosaicrt.errors import BackendError, CapacityError
 from mosaicrt.export import io_spec
 from mosaicrt.model.config import DTYPE_BYTES, ModelConfig
 from mosaicrt.ops import geometry
+from mosaicrt.ops.associative_memory import SCALED_STORES
 from mosaicrt.runtime.paging import BlockPool, BlockTable, blocks_for
 
 ALIGN = 256  # bytes: TensorRT wants every bound address aligned to this
 # A runner's output holding every new.{l}.{keys,values} already stacked, (L*2, B, C, nM*H, hs),
-# and for int8 stores every new.{l}.{keys,values}_scale, (L*2, B, C, nM*H).
+# and for scaled stores every new.{l}.{keys,values}_scale, (L*2, B, C, nM*H).
 STACKED_NEW_PAIRS = "new.stacked"
 STACKED_NEW_SCALES = "new.stacked_scale"
 # A runner's output holding every present.* in one buffer laid out as GraphState.small_block.
@@ -56,7 +58,7 @@ class GraphState:
     pairs: dict[str, Any]
     capacity: int
     host_pos: np.ndarray  # (B,) int64, pos on the host (pos itself for a numpy state)
-    scales: dict[str, Any] = dataclasses.field(default_factory=dict)  # int8: pairs without hs
+    scales: dict[str, Any] = dataclasses.field(default_factory=dict)  # int8/fp8: pairs w/o hs
     small_block: Any = None  # the one buffer `small` views (None for a view of some rows)
     blocks: BlockTable | None = None  # the LTM block table (None without an LTM)
 
@@ -104,8 +106,8 @@ def allocate(
     pool_blocks: int | None = None,
 ) -> GraphState:
     """A fresh state; full(shape, value, is_store) makes a buffer (fp32 unless a store). int8
-    stores get their fp32 scales beside them. The LTM pool holds pool_blocks blocks (default:
-    enough for every row at `capacity`, a static allocation)."""
+    and fp8 stores get their fp32 scales beside them. The LTM pool holds pool_blocks blocks
+    (default: enough for every row at `capacity`, a static allocation)."""
     H, hs = config.num_heads, config.head_dim
     max_blocks = blocks_for(capacity, block)
     total = pool_blocks if pool_blocks is not None else batch * max_blocks
@@ -118,7 +120,7 @@ def allocate(
         rows, slots = (batch, config.stm_window - 1) if memory == "stm" else (max(total, 1), block)
         shape = (config.num_layers * len(fields), rows, H, slots, hs)
         pairs[memory] = aligned_views(full, shape, DTYPE_BYTES[store_dtype])
-        if store_dtype == "int8":
+        if store_dtype in SCALED_STORES:
             scales[memory] = aligned_views(full, shape[:-1], 4, is_store=False)
         for layer in range(config.num_layers):
             for i, field in enumerate(fields):
@@ -209,7 +211,7 @@ def snapshot_row(state: GraphState, row: int) -> dict[str, Any]:
     scales) and its position."""
     parts = {name: array[row] for name, array in state.small.items()}
     parts["pairs.stm"] = state.pairs["stm"][:, row]
-    if state.scales:  # int8 stores
+    if state.scales:  # int8, fp8 stores
         parts["scales.stm"] = state.scales["stm"][:, row]
     copies = {k: v.clone() if isinstance(v, torch.Tensor) else v.copy() for k, v in parts.items()}
     return copies | {"pos": int(state.host_pos[row])}
@@ -286,7 +288,7 @@ def write_new_pairs(
     """Store the pairs a step completed (before the positions advance): pair j of row b is
     tau = pos_b - 1 + j. new_pairs(layer, field) is the graph's (B, C, nM*H, hs) output, or
     `stacked` holds them all already, (L*2, B, C, nM*H, hs) in the order of GraphState.pairs;
-    int8 stores' scales likewise (field keys_scale / values_scale, or `stacked_scales`).
+    scaled stores' scales likewise (field keys_scale / values_scale, or `stacked_scales`).
     Where each pair goes is worked out on the host; to_state moves those indices to the state."""
     S, H, ring = block, config.num_heads, config.stm_window - 1
     if chunk == 1:  # decode: pair pos-1 of every row with a token past its first
@@ -322,8 +324,8 @@ def write_new_pairs(
 
 
 def new_pair_sources(config, state, new_pairs, stacked, stacked_scales) -> list[tuple]:
-    """(destination buffers by memory, the stacked new pairs) for the pairs and, with int8
-    stores, their scales."""
+    """(destination buffers by memory, the stacked new pairs) for the pairs and, with int8 or
+    fp8 stores, their scales."""
     if stacked is None:
         stacked = stack_new(config, new_pairs, "")
     sources = [(state.pairs, stacked)]

@@ -42,7 +42,9 @@ from mosaicrt.runtime.graph_state import (
 OrtState = GraphState  # numpy buffers, or torch tensors on the device with IOBinding
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64,
                 torch.int8: np.int8}  # fmt: skip
-STORE_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
+# What the stores are held in: fp8 e4m3 pairs as their bits in int8, as the graph carries them.
+STORE_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8,
+                "float8_e4m3fn": np.int8}  # fmt: skip
 TORCH_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16,
                "tensor(int8)": torch.int8}  # fmt: skip
 
@@ -344,7 +346,7 @@ class OrtBackend(GraphStatePaging, Backend):
             full = lambda shape, value, is_store: np.empty(shape, np.float32)  # noqa: E731
             buffers[STACKED_PRESENT], present = carve(full, small_layout(cfg, batch, "present"))
             buffers |= present
-            if self.store_dtype == np.int8:
+            if io_spec.scaled(self.store_type):
                 scale_names = [name + io_spec.SCALE_SUFFIX for name in pair_names]
                 buffers |= stacked_buffers(shapes, scale_names, STACKED_NEW_SCALES)
             for name, (shape, dtype) in shapes.items():

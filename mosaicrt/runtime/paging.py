@@ -43,7 +43,8 @@ def blocks_for(tokens: int, block: int) -> int:
 
 @dataclass(frozen=True)
 class StateSizes:
-    """Bytes of the decode state, by part (the contract's formulas; int8 stores with scales)."""
+    """Bytes of the decode state, by part (the contract's formulas; int8 and fp8 stores with
+    their scales)."""
 
     block_bytes: int  # one pool block: S pairs of every layer, keys and values
     row_bytes: int  # one row's constant state: recurrences, pending pair, STM ring

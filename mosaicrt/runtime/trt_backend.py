@@ -37,7 +37,8 @@ from mosaicrt.runtime.graph_state import (
     reset_rows,
 )
 
-STORE_DTYPES = TORCH_DTYPES | {"int8": torch.int8}  # what an engine's stores may hold
+# What an engine's stores may hold (fp8 e4m3: their bits in int8, as the graph carries them).
+STORE_DTYPES = TORCH_DTYPES | {"int8": torch.int8, "float8_e4m3fn": torch.int8}
 
 
 def check_runtime(manifest: dict, engine_dir: str | Path) -> None:
@@ -151,7 +152,7 @@ class TrtBackend(GraphStatePaging, Backend):
             trt.DataType.FLOAT: torch.float32,
             trt.DataType.HALF: torch.float16,
             trt.DataType.BF16: torch.bfloat16,
-            trt.DataType.INT8: torch.int8,  # int8 stores' new pairs
+            trt.DataType.INT8: torch.int8,  # int8 and fp8 stores' new pairs
         }
         self.stream = torch.cuda.Stream()
         self.cuda_graphs = cuda_graphs

@@ -20,13 +20,14 @@ store_k, store_v (P, H, S, hs), and store_blocks (B, NB) int64, row b's i-th blo
 store_blocks[b, i], with store_tau (NB, B, S) (an STM ring is a pool of one block per row). The
 kernel takes either (a store with a window is a ring of window - 1 slots).
 
-mosaic::AssociativeMemoryInt8 (version 1) is the same retrieval over int8 stores: two more inputs,
-store_k_scale and store_v_scale (the pools' shape without hs, fp32), and stored pair s stands
-for (store_k[s] * store_k_scale[s], store_v[s] * store_v_scale[s]). The scales multiply the
-scores and the softmax weights inside the retrieval; no dequantized copy of a store is made
-(quantize_pairs: one scale per pair and head, max|x| / 127). Every implementation but the
-reference takes it: the function body, the native kernel, and the Triton kernels (the plugin),
-which scale each int8 tile of pairs as they load it.
+mosaic::AssociativeMemoryInt8 and mosaic::AssociativeMemoryFp8 (version 1) are the same retrieval
+over int8 or fp8 (e4m3) stores: two more inputs, store_k_scale and store_v_scale (the pools' shape
+without hs, fp32), and stored pair s stands for (store_k[s] * store_k_scale[s], store_v[s] *
+store_v_scale[s]). The scales multiply the scores and the softmax weights inside the retrieval; no
+dequantized copy of a store is made (quantize_pairs: one scale per pair and head, max|x| / 127 for
+int8, max|x| / 448 for fp8). Every implementation but the reference takes them: the function
+body, the native kernel, and the Triton kernels (the plugin), which scale each tile of pairs as
+they load it.
 
 Implementations: reference.py (torch), onnx.py (the function body), kernel.py (Triton, with the
 query already scaled), plugin_op.py (beta(n), then the kernel).
@@ -34,4 +35,7 @@ query already scaled), plugin_op.py (beta(n), then the kernel).
 
 NAME = "AssociativeMemory"
 NAME_INT8 = "AssociativeMemoryInt8"  # int8 stores with a scale per pair and head
-INT8_MAX = 127.0  # a pair's scale is max|x| / INT8_MAX
+NAME_FP8 = "AssociativeMemoryFp8"  # fp8 e4m3 stores with a scale per pair and head
+# Stores that keep a scale per pair and head, by element type: (the op that reads them, the
+# largest magnitude their elements take: a pair's scale is max|x| / that).
+SCALED_STORES = {"int8": (NAME_INT8, 127.0), "float8_e4m3fn": (NAME_FP8, 448.0)}

@@ -5,24 +5,58 @@ store_blocks[b, i], and its positions are store_tau[i, b] (NB, B, S). The body g
 blocks, (NB, B, H, S, hs), and retrieves from them with the chunk's new pairs beside them.
 beta(n_t) scales the query; one softmax runs over stored and new pairs together (a shared max,
 merged sums), in fp32 whatever the stores' type.
+
+fp8 (e4m3) stores travel as their bits in int8 tensors: ONNX defines Gather (and most ops) for no
+fp8 type. `e4m3_bits` encodes fp32 values in the graph; the body decodes gathered bits through a
+table of the 256 values (a negative int8 indexes it from the end: bits >= 0x80).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import AttributeProto, helper
+from onnx import AttributeProto, TensorProto, helper
 
 from mosaicrt.onnx_graph import FLOAT, OPSET, GraphBuilder
 from mosaicrt.ops import DOMAIN
-from mosaicrt.ops.associative_memory import NAME, NAME_INT8
+from mosaicrt.ops.associative_memory import NAME, NAME_FP8
 
 NEG_INF = float("-inf")
+E4M3_MAX = 448.0  # the largest finite e4m3 value
+E4M3_MIN_EXPONENT = -6  # of its normal values; below them the subnormals, steps of 2^-9
+E4M3_MANTISSA_BITS = 3
+
+
+def e4m3_values() -> np.ndarray:
+    """The fp32 value of each of the 256 e4m3 bit patterns (0x7F and 0xFF are NaN)."""
+    import torch
+
+    bits = torch.arange(256, dtype=torch.uint8)
+    return bits.view(torch.float8_e4m3fn).float().numpy()
+
+
+def e4m3_bits(g: GraphBuilder, y: str, out: str) -> None:
+    """`out` (int8) = the bits of fp32 `y` rounded to the nearest e4m3 value (ties to even, as
+    torch's cast), |y| clipped to 448. With e the binade of |y| (>= -6: the subnormals share
+    binade -6's step), the step is 2^(e-3), n = round(|y| / step) and the magnitude's bits are
+    (e + 6) * 8 + n, a carry into the next binade included; the sign is bit 7, the int8's sign
+    (a negative value's byte is magnitude - 128)."""
+    a = g.op("Min", g.op("Abs", y), g.const(E4M3_MAX))
+    powers = 2.0 ** np.arange(E4M3_MIN_EXPONENT + 1, 9, dtype=np.float32)  # 2^-5 .. 2^8
+    above = g.op("GreaterOrEqual", g.unsqueeze(a, -1), g.const(powers))  # (..., 14)
+    above = g.op("ReduceSum", g.op("Cast", above, to=FLOAT), g.ints(-1), keepdims=0)
+    shift = float(E4M3_MIN_EXPONENT - E4M3_MANTISSA_BITS)  # the step's exponent, e - 3
+    step = g.op("Pow", g.const(2.0), g.op("Add", above, g.const(shift)))  # 2^(e-3), exact
+    n = g.op("Round", g.op("Div", a, step))
+    magnitude = g.op("Add", g.op("Mul", above, g.const(8.0)), n)  # (e + 6) * 8 + n
+    signed = g.op("Where", g.op("Less", y, g.const(0.0)), g.op("Sub", magnitude, g.const(128.0)),
+                  magnitude)  # fmt: skip
+    g.op("Cast", signed, to=TensorProto.INT8, outputs=[out])
 
 
 INPUTS = ("q", "t", "store_k", "store_v", "store_blocks", "store_tau", "new_k", "new_v", "new_tau",
           "beta0", "beta1", "alpha")  # fmt: skip
-SCALE_INPUTS = ("store_k_scale", "store_v_scale")  # AssociativeMemoryInt8: (P, H, S) fp32
+SCALE_INPUTS = ("store_k_scale", "store_v_scale")  # scaled stores (Int8, Fp8): (P, H, S) fp32
 
 
 def visibility_mask(g: GraphBuilder, tau: str, tq: str, window: str, delay: str) -> str:
@@ -38,8 +72,10 @@ def visibility_mask(g: GraphBuilder, tau: str, tq: str, window: str, delay: str)
     return g.op("Where", visible, g.const(0.0), g.const(NEG_INF))
 
 
-def function(int8_stores: bool = False) -> onnx.FunctionProto:
-    """AssociativeMemory, or AssociativeMemoryInt8 (int8 stores and their scales)."""
+def function(name: str = NAME) -> onnx.FunctionProto:
+    """AssociativeMemory, or a variant of it over scaled stores (AssociativeMemoryInt8 or
+    AssociativeMemoryFp8: the stores and their scales; one body, the Cast reads either)."""
+    scaled = name != NAME
     g = GraphBuilder()
     q, t, store_k, store_v, store_blocks, store_tau, new_k, new_v, new_tau, beta0, beta1, alpha = (
         INPUTS
@@ -60,14 +96,19 @@ def function(int8_stores: bool = False) -> onnx.FunctionProto:
         perm = [1, 0, 2, 3, 4] if pool in (store_k, store_v) else [1, 0, 2, 3]
         return g.op("Transpose", blocks, perm=perm)
 
-    # Stores may be fp16/bf16: the products run in fp32 (scores reach beta ~ 150). For fp32 stores
-    # the Cast is a no-op that ONNX Runtime removes.
-    store_k = g.op("Cast", rows_blocks(store_k), to=FLOAT)
-    store_v = g.op("Cast", rows_blocks(store_v), to=FLOAT)
+    # Stores may be fp16/bf16/int8/fp8: the products run in fp32 (scores reach beta ~ 150). For
+    # fp32 stores the Cast is a no-op that ONNX Runtime removes.
+    def as_float(pool: str) -> str:
+        if name != NAME_FP8:
+            return g.op("Cast", rows_blocks(pool), to=FLOAT)
+        bits = g.op("Cast", rows_blocks(pool), to=TensorProto.INT32)  # e4m3 bits, -128..127
+        return g.op("Gather", g.const(e4m3_values()), bits, axis=0)  # negative: from the end
+
+    store_k, store_v = as_float(store_k), as_float(store_v)
     # Stored pairs: keys on the left, so no store is transposed.
     q_cols = g.op("Transpose", qb, perm=[0, 2, 3, 1])  # (B, H, hs, C)
     s_old = g.op("MatMul", store_k, q_cols)  # (NB, B, H, S, C)
-    if int8_stores:  # pair s's key is store_k[s] * store_k_scale[s]
+    if scaled:  # pair s's key is store_k[s] * store_k_scale[s]
         s_old = g.op("Mul", s_old, g.unsqueeze(rows_blocks(SCALE_INPUTS[0]), 4))
     tau_old = g.unsqueeze(store_tau, 2, 4)  # (NB, B, 1, S, 1)
     t_old = g.unsqueeze(t, 0, 2, 3)  # (1, B, 1, 1, C)
@@ -92,7 +133,7 @@ def function(int8_stores: bool = False) -> onnx.FunctionProto:
         g.op("ReduceSum", e_old, g.ints(0, 4), keepdims=0),
         g.op("ReduceSum", e_new, g.ints(3), keepdims=0),
     )  # (B, H, C)
-    if int8_stores:  # pair s's value is store_v[s] * store_v_scale[s]: scale its weight
+    if scaled:  # pair s's value is store_v[s] * store_v_scale[s]: scale its weight
         p_old = g.op("Mul", e_old, g.unsqueeze(rows_blocks(SCALE_INPUTS[1]), 3))  # (NB,B,H,C,S)
     else:
         p_old = e_old
@@ -105,8 +146,8 @@ def function(int8_stores: bool = False) -> onnx.FunctionProto:
     g.op("Transpose", y, perm=[0, 2, 1, 3], outputs=["y"])  # (B, C, H, hs)
     return helper.make_function(
         DOMAIN,
-        NAME_INT8 if int8_stores else NAME,
-        list(INPUTS + SCALE_INPUTS if int8_stores else INPUTS),
+        name,
+        list(INPUTS + SCALE_INPUTS if scaled else INPUTS),
         ["y"],
         g.nodes,
         [helper.make_opsetid("", OPSET)],

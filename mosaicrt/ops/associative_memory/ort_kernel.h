@@ -5,8 +5,9 @@
 // from memory once, for all the chunk's queries), then the chunk's new pairs:
 //   scores[s] = beta(n_t) q_t . k_s   where pair s is visible (mosaicrt.ops.geometry)
 //   y_t = sum_s softmax(scores)_s v_s, 0 when nothing is visible.
-// Products and softmax in fp32 whatever the stores hold (fp32, fp16, or int8 with a scale per pair
-// and head: AssociativeMemoryInt8, the scales applied to the scores and the softmax weights).
+// Products and softmax in fp32 whatever the stores hold (fp32, fp16, or int8 or fp8 e4m3 bits with
+// a scale per pair and head: AssociativeMemoryInt8 and -Fp8, the scales applied to the scores and
+// the softmax weights).
 #pragma once
 
 #include <algorithm>
@@ -176,7 +177,7 @@ struct PairSet {
   const T* values;
   const int64_t* tau;
   int64_t count, stride;  // pairs, elements between consecutive pairs' rows
-  const float* key_scale = nullptr;  // int8 stores: per pair
+  const float* key_scale = nullptr;  // int8, fp8 stores: per pair
   const float* value_scale = nullptr;
 };
 
@@ -335,11 +336,15 @@ void memory_decode(const Ort::KernelContext& ctx, const MemoryInputs& in, const 
   }
 }
 
+// What the stores hold: AssociativeMemory's fp32/fp16, or (with their scales as inputs 12 and
+// 13) AssociativeMemoryInt8's int8 or AssociativeMemoryFp8's e4m3 bits (in int8 tensors).
+enum class Stores { kFloat, kInt8, kFp8 };
+
 struct AssociativeMemoryKernel {
   int64_t window, delay;
-  bool int8_stores;  // AssociativeMemoryInt8: int8 stores, their scales as inputs 12 and 13
+  Stores stores;
 
-  AssociativeMemoryKernel(const OrtKernelInfo* info, bool int8) : int8_stores(int8) {
+  AssociativeMemoryKernel(const OrtKernelInfo* info, Stores kind) : stores(kind) {
     Ort::ConstKernelInfo kernel_info(info);
     window = kernel_info.GetAttribute<int64_t>("window");
     delay = kernel_info.GetAttribute<int64_t>("delay");
@@ -369,6 +374,7 @@ struct AssociativeMemoryKernel {
     const auto type = store_k.GetTensorTypeAndShapeInfo().GetElementType();
     if (store_v.GetTensorTypeAndShapeInfo().GetElementType() != type)
       throw Ort::Exception("AssociativeMemory: store_k and store_v differ in type", ORT_FAIL);
+    const bool scaled = stores != Stores::kFloat;
     const MemoryInputs in{
         q.GetTensorData<float>(),
         ctx.GetInput(1).GetTensorData<int64_t>(),
@@ -382,8 +388,8 @@ struct AssociativeMemoryKernel {
         ctx.GetInput(9).GetTensorData<float>(),
         ctx.GetInput(10).GetTensorData<float>(),
         ctx.GetInput(11).GetTensorData<float>(),
-        int8_stores ? ctx.GetInput(12).GetTensorData<float>() : nullptr,
-        int8_stores ? ctx.GetInput(13).GetTensorData<float>() : nullptr,
+        scaled ? ctx.GetInput(12).GetTensorData<float>() : nullptr,
+        scaled ? ctx.GetInput(13).GetTensorData<float>() : nullptr,
     };
     float* y = ctx.GetOutput(0, q_shape).GetTensorMutableData<float>();
     const int64_t window_ = window, delay_ = delay;
@@ -397,11 +403,14 @@ struct AssociativeMemoryKernel {
         memory_row_head<T>(in, s, window_, delay_, i / s.H, i % s.H, y);
       });
     };
-    if (int8_stores != (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8))
-      throw Ort::Exception("AssociativeMemoryInt8 takes int8 stores, AssociativeMemory fp ones",
-                           ORT_FAIL);
-    if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8) {
+    if ((stores != Stores::kFloat) != (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8))
+      throw Ort::Exception(
+          "AssociativeMemoryInt8 and -Fp8 take int8 stores (-Fp8: e4m3 bits), AssociativeMemory "
+          "fp ones", ORT_FAIL);
+    if (stores == Stores::kInt8) {
       run(int8_t{});
+    } else if (stores == Stores::kFp8) {
+      run(E4M3{});
     } else if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
       run(float{});
     } else if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
@@ -412,23 +421,28 @@ struct AssociativeMemoryKernel {
   }
 };
 
-// AssociativeMemory (fp32/fp16 stores, 12 inputs) or AssociativeMemoryInt8 (int8 stores and
-// their two scales, 14 inputs): one kernel.
-template <bool kInt8>
+// AssociativeMemory (fp32/fp16 stores, 12 inputs), AssociativeMemoryInt8 (int8 stores and their
+// two scales, 14 inputs) or AssociativeMemoryFp8 (e4m3 bits and their scales): one kernel.
+template <Stores kStores>
 struct AssociativeMemoryOpT
-    : Ort::CustomOpBase<AssociativeMemoryOpT<kInt8>, AssociativeMemoryKernel, true> {
+    : Ort::CustomOpBase<AssociativeMemoryOpT<kStores>, AssociativeMemoryKernel, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-    return guarded([&] { *kernel = new AssociativeMemoryKernel(info, kInt8); });
+    return guarded([&] { *kernel = new AssociativeMemoryKernel(info, kStores); });
   }
-  const char* GetName() const { return kInt8 ? "AssociativeMemoryInt8" : "AssociativeMemory"; }
+  const char* GetName() const {
+    return kStores == Stores::kInt8  ? "AssociativeMemoryInt8"
+           : kStores == Stores::kFp8 ? "AssociativeMemoryFp8"
+                                     : "AssociativeMemory";
+  }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return kInt8 ? 14 : 12; }
+  size_t GetInputTypeCount() const { return kStores == Stores::kFloat ? 12 : 14; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
     switch (i) {
       case 1: case 4: case 5: case 8:  // t, store_blocks, taus
         return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
       case 2: case 3:  // stores
-        return kInt8 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+        return kStores == Stores::kFloat ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED
+                                         : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
       default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
     }
   }
@@ -437,7 +451,8 @@ struct AssociativeMemoryOpT
     return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
 };
-using AssociativeMemoryOp = AssociativeMemoryOpT<false>;
-using AssociativeMemoryInt8Op = AssociativeMemoryOpT<true>;
+using AssociativeMemoryOp = AssociativeMemoryOpT<Stores::kFloat>;
+using AssociativeMemoryInt8Op = AssociativeMemoryOpT<Stores::kInt8>;
+using AssociativeMemoryFp8Op = AssociativeMemoryOpT<Stores::kFp8>;
 
 }  // namespace mosaic

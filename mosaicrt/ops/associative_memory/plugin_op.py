@@ -8,10 +8,12 @@ the graph's tensors determine both (t = pos + j; new_tau = t - 1 for real tokens
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from mosaicrt.ops import STORE_TYPES, PluginSpec
-from mosaicrt.ops.associative_memory import NAME, NAME_INT8
+from mosaicrt.ops.associative_memory import NAME, NAME_FP8, NAME_INT8
 from mosaicrt.ops.geometry import bandwidth, has_window, visible_count
 
 
@@ -32,8 +34,8 @@ def associative_memory(
     scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The op (its store_tau input implied by the positions): stores pools (P, H, S, hs) read
-    through store_blocks (B, NB); a store with a window is a ring; int8 stores come with their
-    scales (P, H, S). Returns y (B, C, H, hs) fp32."""
+    through store_blocks (B, NB); a store with a window is a ring; int8 and fp8 stores come with
+    their scales (P, H, S). Returns y (B, C, H, hs) fp32."""
     from mosaicrt.ops.associative_memory.kernel import retrieve_any
 
     pos = t[:, 0].contiguous()
@@ -48,13 +50,15 @@ def associative_memory(
                         blocks=store_blocks, scales=scales)  # fmt: skip
 
 
-def run(inputs: list, outputs: list, fields: dict) -> None:
-    """The plugin's enqueue on torch views of TensorRT's buffers (AssociativeMemoryInt8: two
-    more inputs, the stores' scales)."""
+def run(inputs: list, outputs: list, fields: dict, fp8: bool = False) -> None:
+    """The plugin's enqueue on torch views of TensorRT's buffers (AssociativeMemoryInt8 and -Fp8:
+    two more inputs, the stores' scales; fp8: the int8 stores hold the bits of e4m3 values)."""
     q, t, store_k, store_v, blocks, _store_tau, new_k, new_v, new_tau, beta0, beta1, alpha = inputs[
         :12
     ]
     scales = tuple(inputs[12:]) or None
+    if fp8:
+        store_k, store_v = store_k.view(torch.float8_e4m3fn), store_v.view(torch.float8_e4m3fn)
     y = associative_memory(q, t, store_k, store_v, blocks, new_k, new_v, new_tau, beta0, beta1,
                            alpha, fields["window"], fields["delay"], scales)  # fmt: skip
     outputs[0].copy_(y)
@@ -84,12 +88,19 @@ PLUGIN = PluginSpec(
     run=run,
 )
 
-PLUGIN_INT8 = PluginSpec(
-    name=NAME_INT8,
-    # AssociativeMemory's inputs with int8 stores, then store_k_scale, store_v_scale (P, H, S)
-    inputs=PLUGIN.inputs[:2] + (("int8",), ("int8",)) + PLUGIN.inputs[4:] + (("float32",),) * 2,
-    same_type={},
-    outputs=(0,),
-    fields=PLUGIN.fields,
-    run=run,
-)
+
+def scaled_plugin(name: str, fp8: bool) -> PluginSpec:
+    """AssociativeMemory's plugin over int8 stores (fp8: the bits of e4m3 values), then
+    store_k_scale, store_v_scale (P, H, S) fp32."""
+    return PluginSpec(
+        name=name,
+        inputs=PLUGIN.inputs[:2] + (("int8",),) * 2 + PLUGIN.inputs[4:] + (("float32",),) * 2,
+        same_type={},
+        outputs=(0,),
+        fields=PLUGIN.fields,
+        run=functools.partial(run, fp8=fp8),
+    )
+
+
+PLUGIN_INT8 = scaled_plugin(NAME_INT8, fp8=False)
+PLUGIN_FP8 = scaled_plugin(NAME_FP8, fp8=True)

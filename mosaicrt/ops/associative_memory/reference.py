@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from mosaicrt.ops.associative_memory import INT8_MAX
+from mosaicrt.ops.associative_memory import SCALED_STORES
 from mosaicrt.ops.geometry import bandwidth, visible, visible_count
 
 
@@ -45,15 +45,18 @@ def associative_memory(
     )  # (B, C, H, hs)
 
 
-def quantize_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pairs (..., hs) -> int8 (..., hs) and one fp32 scale per pair (...), max|x| / 127, so that
-    x ~= q * scale within scale / 2 (an all-zero pair gets scale 0). The step graph emits the
-    same arithmetic (export.builder) for the stores of AssociativeMemoryInt8."""
-    scale = x.float().abs().amax(-1) / INT8_MAX  # (...)
-    q = torch.round(x.float() / scale.clamp(min=torch.finfo(torch.float32).tiny)[..., None])
-    return q.to(torch.int8), scale
+def quantize_pairs(x: torch.Tensor, store: str = "int8") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs (..., hs) -> `store` pairs (..., hs), int8 or float8_e4m3fn, and one fp32 scale per
+    pair (...): max|x| / 127 (int8: x ~= q * scale within scale / 2) or max|x| / 448 (fp8: within
+    2^-4 of each element, rounded to the nearest e4m3 value). An all-zero pair gets scale 0. The
+    step graph emits the same arithmetic (export.builder) for the stores it writes."""
+    scale = x.float().abs().amax(-1) / SCALED_STORES[store][1]  # (...)
+    y = x.float() / scale.clamp(min=torch.finfo(torch.float32).tiny)[..., None]
+    if store == "int8":
+        return torch.round(y).to(torch.int8), scale
+    return y.to(torch.float8_e4m3fn), scale
 
 
 def dequantize_pairs(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The fp32 pairs (..., hs) that int8 pairs and their scales (...) stand for."""
+    """The fp32 pairs (..., hs) that int8 or fp8 pairs and their scales (...) stand for."""
     return q.float() * scale[..., None]
