@@ -138,6 +138,38 @@ def test_fp8_pairs_round_trip_within_half_an_e4m3_step():
     assert float(q.float().abs().max()) == 448.0
 
 
+def test_fp8_stores_read_every_e4m3_value_exactly(native_ort_library, tmp_path):
+    """One visible stored pair per head whose value holds 64 of the 256 e4m3 bit patterns (NaN's
+    two replaced by 0): the retrieval returns that value, so the function body's table and the
+    native kernel's vector loads must both decode every pattern to PyTorch's value exactly."""
+    H, hs, S, delay = 4, 64, 8, 4
+    bits = torch.arange(256, dtype=torch.uint8).view(torch.int8).reshape(H, hs)
+    bits[(bits == 0x7F) | (bits == -1)] = 0  # 0x7F and 0xFF are NaN
+    store_v = torch.zeros(1, H, S, hs, dtype=torch.int8)
+    store_v[0, :, 0] = bits  # pair tau = 0 of each head
+    zeros = np.zeros((1, 1, H, hs), np.float32)
+    inputs = {
+        "q": zeros, "t": np.array([[delay]]),  # sees tau <= 0: the one pair
+        "store_k": np.zeros((1, H, S, hs), np.int8), "store_v": store_v.numpy(),
+        "store_blocks": np.zeros((1, 1), np.int64),
+        "store_tau": np.array([[[0] + [-1] * (S - 1)]]),
+        "new_k": zeros, "new_v": zeros, "new_tau": np.array([[-1]]),
+        "beta0": np.ones(H, np.float32), "beta1": np.zeros(H, np.float32),
+        "alpha": np.ones(H, np.float32),
+        "store_k_scale": np.ones((1, H, S), np.float32),
+        "store_v_scale": np.ones((1, H, S), np.float32),
+    }  # fmt: skip
+    want = bits.view(torch.float8_e4m3fn).float().numpy()  # (H, hs)
+    attrs = {"window": NO_WINDOW, "delay": delay}
+    (body,), _ = run_node("AssociativeMemoryFp8", inputs, ["y"], **attrs)
+    (native,), ran = run_node(
+        "AssociativeMemoryFp8", inputs, ["y"], native_ort_library, tmp_path, **attrs
+    )
+    assert ran == {"AssociativeMemoryFp8"}
+    np.testing.assert_array_equal(body[0, 0], want)
+    np.testing.assert_array_equal(native[0, 0], want)
+
+
 def test_graph_fp8_bits_are_torchs_rounding():
     """The step graph's fp8 encoding (e4m3_bits) gives torch's bits (round to nearest, ties to
     even) for every e4m3 value, every midpoint between two, and random values over the range."""
