@@ -196,9 +196,11 @@ inline std::pair<int64_t, int64_t> visible_span(const int64_t* tau, int64_t coun
   return {std::min(first, last), last};
 }
 
+// widened (C > 1): fp32 scratch of 2 x count x hs, the set's keys transposed (scaled) and then
+// its values (their scales stay on the weights), widened once for all the chunk's queries.
 template <typename T>
 void fold_set(const PairSet<T>& whole, const float* qb, const int64_t* t, int64_t C, int64_t hs,
-              int64_t window, int64_t delay, std::vector<Softmax>& states, float* keys_t,
+              int64_t window, int64_t delay, std::vector<Softmax>& states, float* widened,
               float* score, float* weight) {
   const auto [t_min, t_max] = std::minmax_element(t, t + C);
   const auto [first, last] = visible_span(whole.tau, whole.count, *t_min, *t_max, window, delay);
@@ -207,19 +209,25 @@ void fold_set(const PairSet<T>& whole, const float* qb, const int64_t* t, int64_
   const PairSet<T> set{whole.keys + skip, whole.values + skip, whole.tau + first, last - first,
                        whole.stride, scale_at(whole.key_scale, first),
                        scale_at(whole.value_scale, first)};
+  float* keys_t = widened;
+  float* values = widened + set.count * hs;  // (count, hs)
   if (C > 1) {
     for (int64_t i = 0; i < set.count; ++i)
-      for (int64_t d = 0; d < hs; ++d)
+      for (int64_t d = 0; d < hs; ++d) {
         keys_t[d * set.count + i] = static_cast<float>(set.keys[i * set.stride + d]) *
                                     (set.key_scale != nullptr ? set.key_scale[i] : 1.f);
+        values[i * hs + d] = static_cast<float>(set.values[i * set.stride + d]);
+      }
   }
   for (int64_t c = 0; c < C; ++c) {
-    if (C > 1)
+    if (C > 1) {
       score_transposed(qb + c * hs, keys_t, set.tau, set.count, hs, t[c], window, delay, score);
-    else
+      fold_pairs(score, values, set.value_scale, set.count, hs, hs, states[c], weight);
+    } else {
       score_pairs(qb, set.keys, set.key_scale, set.tau, set.count, set.stride, hs, t[c], window,
                   delay, score);
-    fold_pairs(score, set.values, set.value_scale, set.count, set.stride, hs, states[c], weight);
+      fold_pairs(score, set.values, set.value_scale, set.count, set.stride, hs, states[c], weight);
+    }
   }
 }
 
@@ -229,7 +237,7 @@ void memory_row_head(const MemoryInputs& in, const MemoryShape& s, int64_t windo
                      int64_t b, int64_t h, float* y) {
   const int64_t hs = s.hs, C = s.C, most = std::max(s.S, C);
   const int64_t* t = in.t + b * C;
-  std::vector<float> qb(C * hs), keys_t(C > 1 ? most * hs : 0), score(most), weight(most);
+  std::vector<float> qb(C * hs), widened(C > 1 ? 2 * most * hs : 0), score(most), weight(most);
   std::vector<Softmax> states(C, Softmax(hs));
   for (int64_t c = 0; c < C; ++c) {  // beta(n_t) folded into the query
     const float n = static_cast<float>(visible_count(t[c], window, delay));
@@ -244,12 +252,12 @@ void memory_row_head(const MemoryInputs& in, const MemoryShape& s, int64_t windo
     const PairSet<T> block{store_k + at, store_v + at, in.store_tau + (blk * s.B + b) * s.S,
                            s.S, hs, scale_at(in.store_k_scale, pair0),
                            scale_at(in.store_v_scale, pair0)};
-    fold_set(block, qb.data(), t, C, hs, window, delay, states, keys_t.data(), score.data(),
+    fold_set(block, qb.data(), t, C, hs, window, delay, states, widened.data(), score.data(),
              weight.data());
   }
   const int64_t at = (b * C * s.H + h) * hs;  // new pair j: row j of (C, H, hs)
   const PairSet<float> fresh{in.new_k + at, in.new_v + at, in.new_tau + b * C, C, s.H * hs};
-  fold_set(fresh, qb.data(), t, C, hs, window, delay, states, keys_t.data(), score.data(),
+  fold_set(fresh, qb.data(), t, C, hs, window, delay, states, widened.data(), score.data(),
            weight.data());
   for (int64_t c = 0; c < C; ++c) {
     float* out = y + ((b * C + c) * s.H + h) * hs;
