@@ -52,12 +52,12 @@ def main(args: argparse.Namespace) -> int:
     from mosaicrt.errors import InputError
     from mosaicrt.export.artifact import export_artifact
     from mosaicrt.export.quantize import WeightQuantization
-    from mosaicrt.model.config import DTYPE_ALIASES, normalize_dtype
+    from mosaicrt.model.config import STORE_DTYPE_ALIASES, normalize_dtype
 
     if args.quantize is None and args.block_size != 32:
         raise InputError("--block-size applies to --quantize: add --quantize int4 or int8")
     quantize = WeightQuantization(args.quantize, args.block_size) if args.quantize else None
-    store_dtype = DTYPE_ALIASES.get(args.store_dtype, args.store_dtype)  # checked by the export
+    store_dtype = STORE_DTYPE_ALIASES.get(args.store_dtype, args.store_dtype)  # export checks it
     out = export_artifact(
         args.checkpoint,
         args.output,

@@ -12,8 +12,9 @@ from mosaicrt.errors import CheckpointError, ConfigError
 
 MODEL_TYPE = "memory_mosaics_v2"
 DTYPES = ("float32", "float16", "bfloat16")
-DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp8": "float8_e4m3fn"}
-DTYPE_SHORT = {name: alias for alias, name in DTYPE_ALIASES.items()}  # float8_e4m3fn -> fp8
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+STORE_DTYPE_ALIASES = DTYPE_ALIASES | {"fp8": "float8_e4m3fn"}  # stores may also hold fp8
+DTYPE_SHORT = {name: alias for alias, name in STORE_DTYPE_ALIASES.items()}  # float8_e4m3fn -> fp8
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "float8_e4m3fn": 1}
 
 

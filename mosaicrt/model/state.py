@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from mosaicrt.model.config import (
-    DTYPE_ALIASES,
     DTYPE_BYTES,
+    STORE_DTYPE_ALIASES,
     ModelConfig,
     normalize_dtype,
     parameter_count,
@@ -208,7 +208,7 @@ def inspect_report(
     config: ModelConfig, max_context: int, max_batch: int, store_dtype: str | None = None
 ) -> dict:
     """What `mosaicrt inspect` shows: the config, the parameter count and the memory plan."""
-    store_dtype = DTYPE_ALIASES.get(store_dtype, store_dtype) if store_dtype else None
+    store_dtype = STORE_DTYPE_ALIASES.get(store_dtype, store_dtype) if store_dtype else None
     if store_dtype not in SCALED_STORES:  # int8, fp8: stores of ONNX artifacts, with scales
         store_dtype = normalize_dtype(store_dtype) if store_dtype else config.torch_dtype
     plan = memory_plan(config, max_context, max_batch, store_dtype)

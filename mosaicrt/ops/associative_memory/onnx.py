@@ -74,6 +74,15 @@ def visibility_mask(g: GraphBuilder, tau: str, tq: str, window: str, delay: str)
     return g.op("Where", visible, g.const(0.0), g.const(NEG_INF))
 
 
+def as_float(g: GraphBuilder, pairs: str, name: str) -> str:
+    """Gathered store pairs as fp32: a Cast (a no-op that ONNX Runtime removes for fp32 stores),
+    or for AssociativeMemoryFp8's e4m3 bits a lookup in the table of their values."""
+    if name != NAME_FP8:
+        return g.op("Cast", pairs, to=FLOAT)
+    bits = g.op("Cast", pairs, to=TensorProto.INT32)  # e4m3 bits as int8, -128..127
+    return g.op("Gather", g.const(e4m3_values()), bits, axis=0)  # a negative index: from the end
+
+
 def function(name: str = NAME) -> onnx.FunctionProto:
     """AssociativeMemory, or a variant of it over scaled stores (AssociativeMemoryInt8 or
     AssociativeMemoryFp8: the stores and their scales; one body, the Cast reads either)."""
@@ -98,15 +107,8 @@ def function(name: str = NAME) -> onnx.FunctionProto:
         perm = [1, 0, 2, 3, 4] if pool in (store_k, store_v) else [1, 0, 2, 3]
         return g.op("Transpose", blocks, perm=perm)
 
-    # Stores may be fp16/bf16/int8/fp8: the products run in fp32 (scores reach beta ~ 150). For
-    # fp32 stores the Cast is a no-op that ONNX Runtime removes.
-    def as_float(pool: str) -> str:
-        if name != NAME_FP8:
-            return g.op("Cast", rows_blocks(pool), to=FLOAT)
-        bits = g.op("Cast", rows_blocks(pool), to=TensorProto.INT32)  # e4m3 bits, -128..127
-        return g.op("Gather", g.const(e4m3_values()), bits, axis=0)  # negative: from the end
-
-    store_k, store_v = as_float(store_k), as_float(store_v)
+    # Stores may be fp16/bf16/int8/fp8: the products run in fp32 (scores reach beta ~ 150).
+    store_k, store_v = (as_float(g, rows_blocks(pool), name) for pool in (store_k, store_v))
     # Stored pairs: keys on the left, so no store is transposed.
     q_cols = g.op("Transpose", qb, perm=[0, 2, 3, 1])  # (B, H, hs, C)
     s_old = g.op("MatMul", store_k, q_cols)  # (NB, B, H, S, C)
