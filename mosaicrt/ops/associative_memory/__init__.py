@@ -21,13 +21,14 @@ store_blocks[b, i], with store_tau (NB, B, S) (an STM ring is a pool of one bloc
 kernel takes either (a store with a window is a ring of window - 1 slots).
 
 mosaic::AssociativeMemoryInt8 and mosaic::AssociativeMemoryFp8 (version 1) are the same retrieval
-over int8 or fp8 (e4m3) stores: two more inputs, store_k_scale and store_v_scale (the pools' shape
-without hs, fp32), and stored pair s stands for (store_k[s] * store_k_scale[s], store_v[s] *
-store_v_scale[s]). The scales multiply the scores and the softmax weights inside the retrieval; no
-dequantized copy of a store is made (quantize_pairs: one scale per pair and head, max|x| / 127 for
-int8, max|x| / 448 for fp8). Every implementation but the reference takes them: the function
-body, the native kernel, and the Triton kernels (the plugin), which scale each tile of pairs as
-they load it.
+over int8 or fp8 (e4m3) stores, both int8 tensors (AssociativeMemoryFp8's hold the bits of e4m3
+values: ONNX has no Gather for fp8 types): two more inputs, store_k_scale and store_v_scale (the
+pools' shape without hs, fp32), and stored pair s stands for (store_k[s] * store_k_scale[s],
+store_v[s] * store_v_scale[s]). The scales multiply the scores and the softmax weights inside the
+retrieval; no dequantized copy of a store is made (quantize_pairs: one scale per pair and head,
+max|x| / 127 for int8, max|x| / 448 for fp8). Every implementation but the reference takes them:
+the function body, the native kernel, and the Triton kernels (the plugin), which scale each tile
+of pairs as they load it.
 
 Implementations: reference.py (torch), onnx.py (the function body), kernel.py (Triton, with the
 query already scaled), plugin_op.py (beta(n), then the kernel).
