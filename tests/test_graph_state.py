@@ -85,10 +85,12 @@ def test_decode_bookkeeping_makes_no_device_sync():
 
 
 @pytest.mark.parametrize("store", ["float32", "int8"])
-@pytest.mark.parametrize("positions", [[5, 0, 300], [1, 63, 64], [200]])
+@pytest.mark.parametrize("positions", [[5, 0, 300], [1, 63, 64], [200], list(range(3, 99, 8))])
 def test_decode_writes_row_by_row_where_the_general_path_would(store, positions):
     """A decode step's pairs (and int8 scales) land where the general scatter puts them: rows at
-    different positions, a row with no token, the first token (no pair), a ring wrap."""
+    different positions, a row with no token, the first token (no pair), a ring wrap, more rows
+    than FEW_ROWS. The general path runs on torch tensors (as on a GPU), the row-by-row one on
+    numpy (which always takes it)."""
     from mosaicrt.runtime import graph_state
 
     config = preset("tiny")
@@ -96,10 +98,13 @@ def test_decode_writes_row_by_row_where_the_general_path_would(store, positions)
     rng = np.random.default_rng(len(positions))
     dtype = np.int8 if store == "int8" else np.float32
 
-    def full(shape, value, is_store):
+    def full_numpy(shape, value, is_store):
         return np.full(shape, value, dtype if is_store else np.float32)
 
-    lengths = np.array([1, 0, 1][:B])
+    def full_torch(shape, value, is_store):
+        return torch.from_numpy(full_numpy(shape, value, is_store))
+
+    lengths = np.array(([1, 0] * B)[:B])
     heads, hs = config.num_heads * len(config.memories), config.head_dim
     new = {}
     for layer in range(config.num_layers):
@@ -108,22 +113,28 @@ def test_decode_writes_row_by_row_where_the_general_path_would(store, positions)
             new[name] = rng.integers(-100, 100, (B, 1, heads, hs)).astype(dtype)
             new[name + io_spec.SCALE_SUFFIX] = rng.random((B, 1, heads), np.float32)
     states = []
-    for few in (0, graph_state.FEW_ROWS):
-        state = allocate(config, B, 400, block, full, np.array(positions), store)
+    for full, pos, few in ((full_torch, torch.tensor(positions), 0),
+                           (full_numpy, np.array(positions), graph_state.FEW_ROWS)):  # fmt: skip
+        state = allocate(config, B, 400, block, full, pos, store)
+        if isinstance(pos, torch.Tensor):
+            state.host_pos = np.array(positions)  # a device state keeps them on the host too
         state.blocks.grow(np.arange(B), np.array(positions) + lengths)  # as graph_step does
+        as_state = torch.from_numpy if full is full_torch else (lambda a: a)
         graph_state.FEW_ROWS, saved = few, graph_state.FEW_ROWS
         try:
-            graph_state.write_new_pairs(config, block, state,
-                                        lambda layer, f: new[io_spec.new_pairs_name(layer, f)],
-                                        lengths, 1, lambda a: a)  # fmt: skip
+            graph_state.write_new_pairs(
+                config, block, state,
+                lambda layer, f: as_state(new[io_spec.new_pairs_name(layer, f)]),
+                lengths, 1, as_state,
+            )  # fmt: skip
         finally:
             graph_state.FEW_ROWS = saved
         states.append(state)
     general, row_by_row = states
     for memory in config.memories:
-        np.testing.assert_array_equal(general.pairs[memory], row_by_row.pairs[memory])
+        np.testing.assert_array_equal(general.pairs[memory].numpy(), row_by_row.pairs[memory])
         if store == "int8":
-            np.testing.assert_array_equal(general.scales[memory], row_by_row.scales[memory])
+            np.testing.assert_array_equal(general.scales[memory].numpy(), row_by_row.scales[memory])
     tau, H = positions[0] - 1, config.num_heads  # row 0's pair, when it has one
     if tau >= 0:
         pool_block = row_by_row.blocks.table[0, tau // block]
