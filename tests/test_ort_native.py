@@ -17,12 +17,12 @@ from mosaicrt.ops.geometry import NO_WINDOW  # noqa: E402
 ATOL = 1e-5  # fp32 native kernels vs the fp32 function body on O(1) outputs
 
 
-def memory_inputs(kind, chunk, store_dtype, seed, ltm_blocks=3):
+def memory_inputs(kind, chunk, store_dtype, seed, ltm_blocks=3, hs=16):
     """AssociativeMemory inputs as the step graph makes them: rows before the delay, a wrapped
     ring, a long store (row 2: to the last of ltm_blocks blocks), a row with no real token; the
     stored blocks scattered over a pool larger than they need, in no order."""
     rng = np.random.default_rng(seed)
-    B, H, hs, window, delay = 4, 3, 16, 6, (1 if kind == "stm" else 4)
+    B, H, window, delay = 4, 3, 6, (1 if kind == "stm" else 4)
     NB, S = (1, window - 1) if kind == "stm" else (ltm_blocks, 8)
     pos = np.array([0, 3, 17 if kind == "stm" else 17 + (NB - 3) * S, 11])
     lengths = np.array([chunk, max(chunk - 3, 1), chunk, 0])
@@ -83,6 +83,25 @@ def test_associative_memory_kernel_matches_the_function(
     for b in range(3):  # row 3 has no real token: its outputs are never read
         assert np.abs(got[b, : lengths[b]] - want[b, : lengths[b]]).max() <= ATOL
     assert np.abs(want[0, 0]).max() == 0.0 == np.abs(got[0, 0]).max()  # t = 0: nothing visible
+
+
+@pytest.mark.parametrize("hs", [24, 64, 80])
+@pytest.mark.parametrize("kind", ["stm", "ltm"])
+def test_chunk_path_for_head_sizes_with_and_without_register_tiles(
+    native_ort_library, kind, hs, tmp_path
+):
+    """A chunk's queries fold 6 at a time with 1-4 vectors of value columns in registers (64:
+    one pass of 4 vectors, 80: 4 then 1) or, for a head size that is no multiple of 16 (24),
+    one query at a time. 70 queries: 11 tiles of 6, then one of 4; the chunk's own 70 pairs are
+    scored in two tiles of 64 pairs."""
+    inputs, attrs, lengths = memory_inputs(kind, 70, np.float32, seed=hs, hs=hs)
+    (want,), _ = run_node("AssociativeMemory", inputs, ["y"], **attrs)
+    (got,), ran = run_node(
+        "AssociativeMemory", inputs, ["y"], native_ort_library, tmp_path / "n", **attrs
+    )
+    assert ran == {"AssociativeMemory"}
+    for b in range(3):  # row 3 has no real token
+        assert np.abs(got[b, : lengths[b]] - want[b, : lengths[b]]).max() <= ATOL
 
 
 @pytest.mark.parametrize("kind", ["stm", "ltm"])

