@@ -6,6 +6,8 @@ against prepacked constant weights (every projection of every layer and the head
 p @ values over each layer's LTM blocks and STM ring (fed as inputs, as the runtime feeds them).
 Bytes over the read bandwidth measured in the same run, divided by the time, is the roofline
 fraction of a graph that had no other node: the ceiling for the decode benchmark's fraction.
+The weight MatMuls are also timed for a step of --batch rows (default 8): MLAS multiplies one row
+by a GEMV and several by a GEMM, which read the same weights at different rates.
 
 In the same run it measures what the rest of a step costs: the exported step graph of a random
 checkpoint, with the mosaic ops as their function bodies and (when built, `mosaicrt ort-ops build`)
@@ -100,8 +102,9 @@ def median_ms(run, steps: int, warmup: int = 10) -> float:
     return 1e3 * statistics.median(times)
 
 
-def weights_case(config: ModelConfig, threads: int) -> tuple[float, int]:
-    """(median ms, bytes) of every weight GEMV of one decode step, one after the other."""
+def weights_case(config: ModelConfig, threads: int, rows: int = 1) -> tuple[float, int]:
+    """(median ms, bytes) of every weight MatMul of one decode step of `rows` rows, one after the
+    other (one row: MLAS's GEMV; more: its GEMM, which reads the same weights once)."""
     rng = np.random.default_rng(0)
     nodes, inits, inputs, feeds, outs, nbytes = [], [], [], {}, [], 0
     for i, (k, n) in enumerate(weight_shapes(config)):
@@ -110,8 +113,8 @@ def weights_case(config: ModelConfig, threads: int) -> tuple[float, int]:
         nbytes += w.nbytes
         x = f"x{k}"
         if x not in feeds:
-            feeds[x] = rng.standard_normal((1, 1, k)).astype(np.float32)
-            inputs.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 1, k]))
+            feeds[x] = rng.standard_normal((rows, 1, k)).astype(np.float32)
+            inputs.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, [rows, 1, k]))
         nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [f"y{i}"]))
         outs.append(f"y{i}")
     sess = session(nodes, inputs, outs, inits, threads)
@@ -224,6 +227,12 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--short-context", type=positive_int, default=16, help="also time the step graph here"
     )
+    p.add_argument(
+        "--batch",
+        type=positive_int,
+        default=8,
+        help="also time the weights read for this many rows",
+    )
     p.add_argument("--json", help="write results here")
 
 
@@ -243,6 +252,7 @@ def measure(args: argparse.Namespace) -> dict:
     config = preset(args.preset)
     bandwidth = measure_bandwidth_gb_s()
     w_ms, w_bytes = weights_case(config, args.threads)
+    wb_ms = weights_case(config, args.threads, args.batch)[0]
     s_ms, s_bytes = stores_case(config, args.context, args.block, args.threads)
     per_node_us = dispatch_case(config, args.threads)
     short_stores_ms = stores_case(config, args.short_context, args.block, args.threads)[0]
@@ -288,6 +298,12 @@ def measure(args: argparse.Namespace) -> dict:
         "threads": args.threads,
         "bandwidth_gb_s": bandwidth,
         "weights": {"ms": w_ms, "bytes": w_bytes, "roofline_fraction": fraction(w_bytes, w_ms)},
+        "weights_batch": {
+            "rows": args.batch,
+            "ms": wb_ms,
+            "bytes": w_bytes,
+            "roofline_fraction": fraction(w_bytes, wb_ms),
+        },  # fmt: skip
         "stores": {"ms": s_ms, "bytes": s_bytes, "roofline_fraction": fraction(s_bytes, s_ms)},
         "step": {
             "ms": w_ms + s_ms,
@@ -312,6 +328,9 @@ def print_summary(result: dict) -> None:
             f"  {part:8s} {r['bytes'] / 1e6:7.1f} MB in {r['ms']:6.2f} ms: "
             f"{100 * r['roofline_fraction']:.0f} % of the roofline"
         )
+    wb = result["weights_batch"]
+    print(f"  the weights at batch {wb['rows']}: {wb['ms']:6.2f} ms, "
+          f"{100 * wb['roofline_fraction']:.0f} % of the roofline")  # fmt: skip
     for path in result["step_graphs"].values():
         print(
             f"  step graph, mosaic ops as {path['ort_ops']}: {path['nodes']} nodes "

@@ -102,20 +102,19 @@ def function(name: str = NAME) -> onnx.FunctionProto:
     qb = g.op("Mul", q, g.unsqueeze(beta, 3))  # (B, C, H, hs)
 
     def rows_blocks(pool: str) -> str:
-        """Pool (P, H, S[, hs]) -> every row's blocks (NB, B, H, S[, hs])."""
-        blocks = g.op("Gather", pool, store_blocks, axis=0)  # (B, NB, H, S[, hs])
-        perm = [1, 0, 2, 3, 4] if pool in (store_k, store_v) else [1, 0, 2, 3]
-        return g.op("Transpose", blocks, perm=perm)
+        """Pool (P, H, S[, hs]) -> every row's blocks (B, NB, H, S[, hs]): one copy of the
+        blocks a step reads, used in that order (a transpose would copy them again)."""
+        return g.op("Gather", pool, store_blocks, axis=0)
 
     # Stores may be fp16/bf16/int8/fp8: the products run in fp32 (scores reach beta ~ 150).
     store_k, store_v = (as_float(g, rows_blocks(pool), name) for pool in (store_k, store_v))
     # Stored pairs: keys on the left, so no store is transposed.
-    q_cols = g.op("Transpose", qb, perm=[0, 2, 3, 1])  # (B, H, hs, C)
-    s_old = g.op("MatMul", store_k, q_cols)  # (NB, B, H, S, C)
+    q_cols = g.unsqueeze(g.op("Transpose", qb, perm=[0, 2, 3, 1]), 1)  # (B, 1, H, hs, C)
+    s_old = g.op("MatMul", store_k, q_cols)  # (B, NB, H, S, C)
     if scaled:  # pair s's key is store_k[s] * store_k_scale[s]
         s_old = g.op("Mul", s_old, g.unsqueeze(rows_blocks(SCALE_INPUTS[0]), 4))
-    tau_old = g.unsqueeze(store_tau, 2, 4)  # (NB, B, 1, S, 1)
-    t_old = g.unsqueeze(t, 0, 2, 3)  # (1, B, 1, 1, C)
+    tau_old = g.unsqueeze(g.op("Transpose", store_tau, perm=[1, 0, 2]), 2, 4)  # (B, NB, 1, S, 1)
+    t_old = g.unsqueeze(t, 1, 2, 3)  # (B, 1, 1, 1, C)
     s_old = g.op("Add", s_old, visibility_mask(g, tau_old, t_old, window, delay))
     # New pairs of this chunk.
     q_rows = g.op("Transpose", qb, perm=[0, 2, 1, 3])  # (B, H, C, hs)
@@ -123,26 +122,26 @@ def function(name: str = NAME) -> onnx.FunctionProto:
     new_mask = visibility_mask(g, g.unsqueeze(new_tau, 1, 2), g.unsqueeze(t, 1, 3), window, delay)
     s_new = g.op("Add", s_new, new_mask)
 
-    # Scores to (NB, B, H, C, S) before the exp, so the probabilities meet the values in a plain
+    # Scores to (B, NB, H, C, S) before the exp, so the probabilities meet the values in a plain
     # MatMul (a transposed operand would take a slower, fused path over the whole store).
-    s_old = g.op("Transpose", s_old, perm=[0, 1, 2, 4, 3])  # (NB, B, H, C, S)
+    s_old = g.op("Transpose", s_old, perm=[0, 1, 2, 4, 3])  # (B, NB, H, C, S)
     # One softmax over both parts: a shared max (0 when the set is empty), then merged sums.
-    m_old = g.op("ReduceMax", s_old, g.ints(0, 4), keepdims=0)  # (B, H, C)
+    m_old = g.op("ReduceMax", s_old, g.ints(1, 4), keepdims=0)  # (B, H, C)
     m = g.op("Max", m_old, g.op("ReduceMax", s_new, g.ints(3), keepdims=0))  # (B, H, C)
     m = g.op("Where", g.op("IsInf", m), g.const(0.0), m)
-    e_old = g.op("Exp", g.op("Sub", s_old, g.unsqueeze(m, 0, 4)))  # (NB, B, H, C, S)
+    e_old = g.op("Exp", g.op("Sub", s_old, g.unsqueeze(m, 1, 4)))  # (B, NB, H, C, S)
     e_new = g.op("Exp", g.op("Sub", s_new, g.unsqueeze(m, 3)))  # (B, H, C, C')
     denom = g.op(
         "Add",
-        g.op("ReduceSum", e_old, g.ints(0, 4), keepdims=0),
+        g.op("ReduceSum", e_old, g.ints(1, 4), keepdims=0),
         g.op("ReduceSum", e_new, g.ints(3), keepdims=0),
     )  # (B, H, C)
     if scaled:  # pair s's value is store_v[s] * store_v_scale[s]: scale its weight
-        p_old = g.op("Mul", e_old, g.unsqueeze(rows_blocks(SCALE_INPUTS[1]), 3))  # (NB,B,H,C,S)
+        p_old = g.op("Mul", e_old, g.unsqueeze(rows_blocks(SCALE_INPUTS[1]), 3))  # (B,NB,H,C,S)
     else:
         p_old = e_old
     y_old = g.op(
-        "ReduceSum", g.op("MatMul", p_old, store_v), g.ints(0), keepdims=0
+        "ReduceSum", g.op("MatMul", p_old, store_v), g.ints(1), keepdims=0
     )  # (B, H, C, hs)
     y_new = g.op("MatMul", e_new, g.op("Transpose", new_v, perm=[0, 2, 1, 3]))  # (B, H, C, hs)
     # A non-empty set has denom >= 1 (its max term is exp(0)); an empty one has 0 / 1 = 0.
