@@ -303,7 +303,7 @@ def measure(args: argparse.Namespace) -> dict:
             "ms": wb_ms,
             "bytes": w_bytes,
             "roofline_fraction": fraction(w_bytes, wb_ms),
-        },  # fmt: skip
+        },
         "stores": {"ms": s_ms, "bytes": s_bytes, "roofline_fraction": fraction(s_bytes, s_ms)},
         "step": {
             "ms": w_ms + s_ms,

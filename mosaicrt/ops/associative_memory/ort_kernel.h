@@ -188,7 +188,7 @@ inline std::pair<int64_t, int64_t> visible_span(const int64_t* tau, int64_t coun
 
 // A prefill chunk's queries are folded kQueries at a time: each widened key and value loaded
 // from cache serves all of them, and their sums fill the registers (6 x 4 vectors of 16 lanes,
-// with the 4 loaded ones: 28 of AVX-512's 32 registers; 6 ran 15 % faster than 4).
+// with the 4 loaded ones: 28 of AVX-512's 32 registers; 6 ran faster than 4 queries).
 constexpr int64_t kQueries = 6;
 
 // score[k * stride + i] = q[k] . keys_t[:, i] for k < kQueries and i from lo to hi rounded up to
