@@ -173,3 +173,22 @@ def test_profile_steps_tables_both_steps_by_op(tiny, tmp_path):
     text = out.read_text()
     assert "== prefill (2 rows x 16 tokens):" in text and "== decode (3 rows):" in text
     assert text.count("aten::mm") >= 2  # each step's table lists its matmuls
+
+
+def test_quantization_bench_times_every_variant_the_same_way(tmp_path):
+    """Each variant's decode in processes of their own, all of them running the mosaic ops one
+    way (native where the library is built, else the function bodies), recorded per row."""
+    from mosaicrt.bench import quantization
+    from mosaicrt.ops.ort_library import find_library
+
+    out = tmp_path / "q.json"
+    parser = argparse.ArgumentParser()
+    quantization.add_cli_args(parser)
+    args = ["--preset", "tiny", "--contexts", "40", "--variants", "fp32,int8-stores",
+            "--steps", "2", "--rounds", "1", "--json", str(out)]  # fmt: skip
+    assert quantization.main(parser.parse_args(args)) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["fp32", "int8-stores"]
+    ops = "native" if find_library() else "functions"
+    assert {r["ort_ops"] for r in rows} == {ops}
+    assert rows[0]["speedup_vs_fp32"] == 1.0 and rows[1]["stores"] == "int8"

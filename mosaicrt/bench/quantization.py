@@ -5,7 +5,9 @@ Every variant is exported from the same checkpoint, then prefilled to each conte
 one token a step in a process of its own, every variant once per round for several rounds, so
 that a slow spell of the machine hits all alike. Bytes per step are the weights the artifact
 really holds (its manifest) plus the valid stored pairs in the variant's store dtype (int8 and
-fp8: with their scales); the read bandwidth is measured in the same run. What each variant does
+fp8: with their scales); the read bandwidth is measured in the same run. Every row records how
+the mosaic ops ran (native kernels where `mosaicrt ort-ops build` made them, else the function
+bodies); a run whose processes ran them differently is refused. What each variant does
 to the demo model's recall and bits per byte is bench.demo_quality's (backends onnxruntime-int8,
 onnxruntime-int4+int8-stores, onnxruntime-fp8-stores, ...).
 
@@ -89,9 +91,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         help=argparse.SUPPRESS)  # one timing, in a process of its own  # fmt: skip
 
 
-def time_one(artifact: str, context: int, steps: int) -> list[float]:
+def time_one(artifact: str, context: int, steps: int) -> dict:
     """Seconds of `steps` decode steps of a fresh process's backend at this context (after 4
-    untimed ones)."""
+    untimed ones), and how it ran the mosaic ops (native or functions)."""
     from mosaicrt.runtime.ort_backend import OrtBackend
 
     backend = OrtBackend(artifact, device="cpu")
@@ -102,14 +104,18 @@ def time_one(artifact: str, context: int, steps: int) -> list[float]:
         start = time.perf_counter()
         backend.step(token, one, state, last_only=True)
         samples.append(time.perf_counter() - start)
-    return samples[4:]
+    return {"ort_ops": backend.ort_ops, "seconds": samples[4:]}
 
 
-def timed_in_turn(artifacts: dict[str, Path], context: int, steps: int, rounds: int) -> dict:
+def timed_in_turn(
+    artifacts: dict[str, Path], context: int, steps: int, rounds: int
+) -> tuple[dict, str]:
     """Decode step seconds per variant: each timed in a process of its own (ONNX Runtime's
     sessions in one process would spin their thread pools against each other), every variant
-    once per round, so that a slow spell of the machine hits all alike."""
+    once per round, so that a slow spell of the machine hits all alike. Also how every process
+    ran the mosaic ops: one way for all, or the comparison is refused."""
     times: dict = {name: [] for name in artifacts}
+    ops: set[str] = set()
     for _ in range(rounds):
         for name, artifact in artifacts.items():
             done = subprocess.run(
@@ -117,8 +123,12 @@ def timed_in_turn(artifacts: dict[str, Path], context: int, steps: int, rounds: 
                  str(artifact), str(context), str(steps)],
                 capture_output=True, text=True, check=True,
             )  # fmt: skip
-            times[name] += json.loads(done.stdout.strip().splitlines()[-1])
-    return times
+            timing = json.loads(done.stdout.strip().splitlines()[-1])
+            times[name] += timing["seconds"]
+            ops.add(timing["ort_ops"])
+    if len(ops) != 1:  # the native library appeared or went away during the run
+        raise InputError(f"the variants ran the mosaic ops as {sorted(ops)}: rerun the benchmark")
+    return times, ops.pop()
 
 
 def main(args: argparse.Namespace) -> int:
@@ -147,7 +157,7 @@ def main(args: argparse.Namespace) -> int:
         manifests = {name: read_manifest(a)[0] for name, a in artifacts.items()}
         bandwidth = measure_bandwidth_gb_s()
         for context in args.contexts:
-            times = timed_in_turn(artifacts, context, args.steps, args.rounds)
+            times, ort_ops = timed_in_turn(artifacts, context, args.steps, args.rounds)
             base = statistics.median(times["fp32"])
             for name, samples in times.items():
                 manifest, tpot = manifests[name], statistics.median(samples)
@@ -164,6 +174,7 @@ def main(args: argparse.Namespace) -> int:
                     "bytes_per_step": step_bytes,
                     "weights_bytes": manifest["weights_read_bytes"],
                     "roofline_fraction": step_bytes / (bandwidth * 1e9) / tpot,
+                    "ort_ops": ort_ops,
                 })  # fmt: skip
                 fraction = rows[-1]["roofline_fraction"]
                 print(f"{name:18s} ctx {context:6d}: tpot p50 {1e3 * tpot:7.2f} ms, "
