@@ -104,6 +104,19 @@ def test_chunk_path_for_head_sizes_with_and_without_register_tiles(
         assert np.abs(got[b, : lengths[b]] - want[b, : lengths[b]]).max() <= ATOL
 
 
+@pytest.mark.parametrize("chunk", [1, 9])
+def test_a_nan_query_gives_a_nan_output_as_in_the_function(native_ort_library, chunk, tmp_path):
+    """The kernels are compiled with -ffast-math: a NaN must still reach the output (the runtime's
+    finite check names the row), for that query alone, decode and chunk paths alike."""
+    inputs, attrs, _ = memory_inputs("ltm", chunk, np.float32, seed=3)
+    inputs["q"][2, -1, 0, 3] = np.nan  # row 2 sees stored pairs in every query
+    (body,), _ = run_node("AssociativeMemory", inputs, ["y"], **attrs)
+    (got,), _ = run_node("AssociativeMemory", inputs, ["y"], native_ort_library, **attrs)
+    for y in (body, got):
+        assert np.isnan(y[2, -1, 0]).all()
+        assert np.isfinite(y[:3, :, 1:]).all() and np.isfinite(y[:2]).all()
+
+
 @pytest.mark.parametrize("kind", ["stm", "ltm"])
 @pytest.mark.parametrize("chunk", [1, 9])
 @pytest.mark.parametrize("store", ["int8", "float8_e4m3fn"])

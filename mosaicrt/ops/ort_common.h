@@ -7,6 +7,7 @@
 #undef ORT_API_MANUAL_INIT
 
 #include <cstdint>
+#include <cstring>
 #include <exception>
 #include <string>
 #include <type_traits>
@@ -16,6 +17,14 @@ namespace mosaic {
 
 // A score no visible pair can have (finite, so fast-math code never meets an infinity).
 constexpr float kNoScore = -1e30f;
+
+// NaN by its bits: the kernels are compiled with -ffast-math, under which std::isnan may be
+// assumed false.
+inline bool is_nan(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return (bits & 0x7fffffffu) > 0x7f800000u;
+}
 
 // Is pair tau in S(t)? tau < 0 marks an empty slot (geometry.visible).
 inline bool visible(int64_t t, int64_t tau, int64_t window, int64_t delay) {

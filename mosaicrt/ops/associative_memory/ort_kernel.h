@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -107,7 +108,7 @@ inline bool softmax_update(const float* score, int64_t count, Softmax& state, fl
     // where exp would give at most 1.2e-38 against the largest weight's 1.
     const float x = score[i] - m;
     const float e = std::exp(std::max(x, kExpFloor));
-    weight[i] = x > kExpFloor ? e : 0.f;
+    weight[i] = x < kExpFloor ? 0.f : e;
     sum += weight[i];
   }
   if (rescale != 1.f)
@@ -367,6 +368,17 @@ void fold_set(const PairSet<T>& whole, const float* qb, const int64_t* t, int64_
   }
 }
 
+// out[0:hs] = a query's retrieval, acc / l (0 when it saw nothing); NaN when its scaled query
+// holds a NaN, as the function body gives (code compiled with -ffast-math cannot be trusted to
+// carry a NaN through its max and exp).
+inline void write_output(const Softmax& state, const float* query, int64_t hs, float* out) {
+  bool nan = false;
+  for (int64_t d = 0; d < hs; ++d) nan |= is_nan(query[d]);
+  const float inv = state.l > 0.f ? 1.f / state.l : 0.f;
+  for (int64_t d = 0; d < hs; ++d)
+    out[d] = nan ? std::numeric_limits<float>::quiet_NaN() : state.acc[d] * inv;
+}
+
 // Every query of row b, head h: the stored blocks, then the chunk's own pairs.
 template <typename T>
 void memory_row_head(const MemoryInputs& in, const MemoryShape& s, int64_t window, int64_t delay,
@@ -396,8 +408,7 @@ void memory_row_head(const MemoryInputs& in, const MemoryShape& s, int64_t windo
   fold_set(fresh, qb.data(), t, C, hs, window, delay, states, scratch);
   for (int64_t c = 0; c < C; ++c) {
     float* out = y + ((b * C + c) * s.H + h) * hs;
-    const float inv = states[c].l > 0.f ? 1.f / states[c].l : 0.f;
-    for (int64_t d = 0; d < hs; ++d) out[d] = states[c].acc[d] * inv;
+    write_output(states[c], qb.data() + c * hs, hs, out);
   }
 }
 
@@ -472,8 +483,7 @@ void memory_decode(const Ort::KernelContext& ctx, const MemoryInputs& in, const 
       const int64_t at = (b * s.H + h) * hs;  // the row's new pair (C = 1)
       const PairSet<float> fresh{in.new_k + at, in.new_v + at, in.new_tau + b, 1, s.H * hs};
       fold_set(fresh, qb.data() + at, in.t + b, 1, hs, window, delay, state, scratch);
-      const float inv = state[0].l > 0.f ? 1.f / state[0].l : 0.f;
-      for (int64_t d = 0; d < hs; ++d) y[at + d] = state[0].acc[d] * inv;
+      write_output(state[0], qb.data() + at, hs, y + at);
     }
   }
 }
