@@ -86,7 +86,7 @@ def test_decode_bookkeeping_makes_no_device_sync():
 
 @pytest.mark.parametrize("store", ["float32", "int8"])
 @pytest.mark.parametrize("positions", [[5, 0, 300], [1, 63, 64], [200], list(range(3, 99, 8))])
-def test_decode_writes_row_by_row_where_the_general_path_would(store, positions):
+def test_decode_writes_row_by_row_where_the_general_path_would(store, positions, monkeypatch):
     """A decode step's pairs (and int8 scales) land where the general scatter puts them: rows at
     different positions, a row with no token, the first token (no pair), a ring wrap, more rows
     than FEW_ROWS. The general path runs on torch tensors (as on a GPU), the row-by-row one on
@@ -112,23 +112,19 @@ def test_decode_writes_row_by_row_where_the_general_path_would(store, positions)
             name = io_spec.new_pairs_name(layer, field)
             new[name] = rng.integers(-100, 100, (B, 1, heads, hs)).astype(dtype)
             new[name + io_spec.SCALE_SUFFIX] = rng.random((B, 1, heads), np.float32)
+    monkeypatch.setattr(graph_state, "FEW_ROWS", 0)  # torch tensors: the general scatter always
     states = []
-    for full, pos, few in ((full_torch, torch.tensor(positions), 0),
-                           (full_numpy, np.array(positions), graph_state.FEW_ROWS)):  # fmt: skip
+    for full, pos in ((full_torch, torch.tensor(positions)), (full_numpy, np.array(positions))):
         state = allocate(config, B, 400, block, full, pos, store)
         if isinstance(pos, torch.Tensor):
             state.host_pos = np.array(positions)  # a device state keeps them on the host too
         state.blocks.grow(np.arange(B), np.array(positions) + lengths)  # as graph_step does
         as_state = torch.from_numpy if full is full_torch else (lambda a: a)
-        graph_state.FEW_ROWS, saved = few, graph_state.FEW_ROWS
-        try:
-            graph_state.write_new_pairs(
-                config, block, state,
-                lambda layer, f: as_state(new[io_spec.new_pairs_name(layer, f)]),
-                lengths, 1, as_state,
-            )  # fmt: skip
-        finally:
-            graph_state.FEW_ROWS = saved
+        graph_state.write_new_pairs(
+            config, block, state,
+            lambda layer, f: as_state(new[io_spec.new_pairs_name(layer, f)]),
+            lengths, 1, as_state,
+        )  # fmt: skip
         states.append(state)
     general, row_by_row = states
     for memory in config.memories:

@@ -135,6 +135,14 @@ void add_weighted(const float* weight, const T* values, int64_t count, int64_t s
   }
 }
 
+// weight[i] *= value_scale[i] for scaled stores (pair i's value is values[i] * value_scale[i]);
+// nothing for fp stores (value_scale nullptr).
+inline void scale_weights(float* weight, const float* value_scale, int64_t count) {
+  if (value_scale == nullptr) return;
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) weight[i] *= value_scale[i];
+}
+
 // Folds `count` pairs (value rows `stride` elements apart) into `state`; score[i] is the query's
 // score of pair i, kNoScore where the pair is not visible.
 // value_scale (nullable): pair i's value is values[i] * value_scale[i].
@@ -142,10 +150,7 @@ template <typename T>
 void fold_pairs(const float* score, const T* values, const float* value_scale, int64_t count,
                 int64_t stride, int64_t hs, Softmax& state, float* weight) {
   if (!softmax_update(score, count, state, weight)) return;
-  if (value_scale != nullptr) {
-#pragma omp simd
-    for (int64_t i = 0; i < count; ++i) weight[i] *= value_scale[i];
-  }
+  scale_weights(weight, value_scale, count);
   add_weighted(weight, values, count, stride, hs, state.acc.data());
 }
 
@@ -280,13 +285,14 @@ inline void fold_queries(const WidePairs& set, const float* qb, const int64_t* t
   score_queries(q, set.keys_t, set.stride, lo, hi, hs, scratch.score.data());
   for (int64_t j = 0; j < kQueries; ++j) {
     float* score = scratch.score.data() + j * set.stride;
-    for (int64_t i = lo; i < hi && !all_seen; ++i)
-      if (j >= nq || !visible(t[j], set.tau[i], window, delay)) score[i] = kNoScore;
+    if (j < nq && !all_seen)
+      for (int64_t i = lo; i < hi; ++i)
+        if (!visible(t[j], set.tau[i], window, delay)) score[i] = kNoScore;
     if (j >= nq || !softmax_update(score + lo, hi - lo, *states[j], weight[j] + lo)) {
-      std::fill(weight[j] + lo, weight[j] + hi, 0.f);
-    } else if (set.value_scale != nullptr) {
-      for (int64_t i = lo; i < hi; ++i) weight[j][i] *= set.value_scale[i];
+      std::fill(weight[j] + lo, weight[j] + hi, 0.f);  // adds nothing to its sums
+      continue;
     }
+    scale_weights(weight[j] + lo, scale_at(set.value_scale, lo), hi - lo);
   }
   if (hs % kLanes != 0) {  // a width without register tiles: one query at a time
     for (int64_t j = 0; j < nq; ++j)
