@@ -75,3 +75,40 @@ def pooled(stores, rng, spare: int = 3):
         pool[table.T] = store  # row b's block i -> pool block table[b, i]
         pools.append(pool)
     return pools, table
+
+
+def memory_op_oracle(inputs: dict, window: int, delay: int) -> tuple[np.ndarray, np.ndarray]:
+    """AssociativeMemory in float64, pair by pair from the op's contract (pooled stores, as
+    run_node feeds them; int8/fp8 stores given dequantized), and each output's fp32 condition:
+    cond = sum_s p_s a_s |v_s - y| + sum_s p_s |v_s|, a_s = beta * sum_d |q_d k_sd|, p the
+    softmax weights. To first order, rounding a score by u * a_s moves y by u * p_s a_s |v_s - y|,
+    and the weighted sum's own roundings are u * sum p_s |v_s|, so an fp32 implementation that
+    rounds each a few times stays within a small multiple of 2^-24 * cond. Returns (y, cond),
+    both (B, C, H, hs)."""
+    x = {k: v if v.dtype == np.int64 else np.asarray(v, np.float64) for k, v in inputs.items()}
+    B, C, H, hs = x["q"].shape
+    table = inputs["store_blocks"]  # (B, NB)
+    y, cond = np.zeros((B, C, H, hs)), np.zeros((B, C, H, hs))
+    for b in range(B):
+        keys = np.concatenate(
+            [x["store_k"][p] for p in table[b]] + [x["new_k"][b].swapaxes(0, 1)], 1
+        )
+        values = np.concatenate(
+            [x["store_v"][p] for p in table[b]] + [x["new_v"][b].swapaxes(0, 1)], 1
+        )
+        tau = np.concatenate([inputs["store_tau"][:, b].ravel(), inputs["new_tau"][b]])
+        for c in range(C):
+            age = inputs["t"][b, c] - tau
+            seen = (tau >= 0) & (age >= delay) & (age <= window - 1)
+            if not seen.any():
+                continue  # nothing visible: y = 0
+            for h in range(H):
+                q, k, v = x["q"][b, c, h], keys[h, seen], values[h, seen]  # (hs,), (n, hs) x 2
+                beta = x["beta1"][h] * seen.sum() ** x["alpha"][h] + x["beta0"][h]
+                score = beta * (k @ q)
+                p = np.exp(score - score.max())
+                p /= p.sum()
+                y[b, c, h] = p @ v
+                a = beta * (np.abs(k) @ np.abs(q))
+                cond[b, c, h] = (p * a) @ np.abs(v - y[b, c, h]) + p @ np.abs(v)
+    return y, cond

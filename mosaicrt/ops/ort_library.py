@@ -10,7 +10,10 @@ Building needs a C++ compiler and ONNX Runtime's C++ API headers, which no PyPI 
 package (headers only, API HEADERS_API) from the Debian archive with apt into the cache; they are
 never part of this package. The library is compiled for this machine's CPU (-march=native) into
 $MOSAICRT_CACHE (default ~/.cache/mosaicrt)/ort-ops/KEY/, KEY a hash of the sources, the flags, the
-CPU's features and the headers, so a changed source or another machine gets its own build.
+CPU's features and the headers, so a changed source or another machine gets its own build. The
+kernels' vectors follow the CPU: 16 fp32 lanes with AVX-512, 8 with AVX2 (and F16C), else 8 in
+GCC's generic vector code. A build for a narrower target than this CPU (march="x86-64-v3": AVX2;
+"x86-64-v2": generic) runs those other paths here, for tests and side-by-side benchmarks.
 """
 
 from __future__ import annotations
@@ -28,8 +31,7 @@ from mosaicrt.errors import InputError
 OPS_DIR = Path(__file__).parent
 SOURCES = ("ort_library.cc", "ort_common.h", "ort_simd.h", "associative_memory/ort_kernel.h",
            "gated_key_scan/ort_kernel.h")  # fmt: skip
-FLAGS = ("-std=c++17", "-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC",
-         "-fvisibility=hidden")  # fmt: skip
+FLAGS = ("-std=c++17", "-O3", "-ffast-math", "-fopenmp-simd", "-fPIC", "-fvisibility=hidden")
 # Linked in a second step without -ffast-math: with it the linker adds crtfastmath, whose
 # constructor would turn on flush-to-zero for the whole process that loads the library.
 LINK = ("-shared",)
@@ -57,24 +59,24 @@ def cpu_features() -> str:
     return f"{platform.machine()} {flags}"
 
 
-def build_key(headers: Path | None) -> str:
+def build_key(headers: Path | None, march: str = "native") -> str:
     """A hash of everything the compiled library depends on."""
     h = hashlib.sha256()
     for name in SOURCES:
         h.update((OPS_DIR / name).read_bytes())
-    h.update(" ".join(FLAGS + LINK + LIBS).encode())
+    h.update(" ".join(FLAGS + (f"-march={march}",) + LINK + LIBS).encode())
     h.update(cpu_features().encode())
     if headers is not None:
         h.update((headers / HEADER).read_bytes())
     return h.hexdigest()[:16]
 
 
-def find_library() -> Path | None:
-    """The library built from these sources for this machine, if there is one."""
+def find_library(march: str = "native") -> Path | None:
+    """The library built from these sources for this machine (or for `march`), if there is one."""
     root = cache_dir()
     if not root.is_dir():
         return None
-    key = build_key(None)
+    key = build_key(None, march)
     for candidate in sorted(root.glob(f"{key}-*/{LIBRARY_NAME}")):
         return candidate
     return None
@@ -88,10 +90,11 @@ def supported_by_runtime() -> bool:
     return (major, minor) >= (1, HEADERS_API)
 
 
-def build_library(headers: str | Path | None = None, log=print) -> Path:
-    """Compile the library for this machine (fetching the headers if none are given) and return
-    its path; an existing build of the same sources is reused."""
-    found = find_library()
+def build_library(headers: str | Path | None = None, log=print, march: str = "native") -> Path:
+    """Compile the library for this machine, or for the -march target `march` (fetching the
+    headers if none are given), and return its path; an existing build of the same sources is
+    reused."""
+    found = find_library(march)
     if found is not None:
         return found
     compiler = shutil.which(os.environ.get("CXX", "g++"))
@@ -102,14 +105,23 @@ def build_library(headers: str | Path | None = None, log=print) -> Path:
         raise InputError(
             f"{include} has no {HEADER}: give the folder of ONNX Runtime's C++ headers"
         )
-    out = cache_dir() / f"{build_key(None)}-{build_key(include)}"
+    out = cache_dir() / f"{build_key(None, march)}-{build_key(include, march)}"
     out.mkdir(parents=True, exist_ok=True)
     target = out / LIBRARY_NAME
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         obj, lib = Path(tmp) / "ops.o", Path(tmp) / LIBRARY_NAME
-        log(f"compiling {LIBRARY_NAME} for this CPU ...")
+        log(f"compiling {LIBRARY_NAME} for {'this CPU' if march == 'native' else march} ...")
         for command in (
-            [compiler, *FLAGS, f"-I{include}", "-c", str(OPS_DIR / SOURCES[0]), "-o", str(obj)],
+            [
+                compiler,
+                *FLAGS,
+                f"-march={march}",
+                f"-I{include}",
+                "-c",
+                str(OPS_DIR / SOURCES[0]),
+                "-o",
+                str(obj),
+            ],  # fmt: skip
             [compiler, *LINK, str(obj), "-o", str(lib), *LIBS],
         ):
             done = subprocess.run(command, capture_output=True, text=True)

@@ -46,7 +46,12 @@ struct MemoryInputs {
   const float* store_v_scale;
 };
 
-constexpr int64_t kTile = 64;  // value columns (or a chunk's pairs) summed in registers at a time
+// Decode: value columns summed in registers at a time (4 vectors of AVX-512, 8 of AVX2: a head of
+// 64 in one pass over its values, which a pass per half would read as two strided streams).
+constexpr int64_t kTile = 64;
+constexpr int64_t kTileVectors = kTile / kLanes;
+// A chunk's queries: pairs scored, and value columns summed, in registers at a time (4 vectors).
+constexpr int64_t kPairTile = 4 * kLanes;
 
 // exp(kExpFloor) = 1.6e-38 is the least exp the softmax weights compute (FLT_MIN is 1.2e-38).
 constexpr float kExpFloor = -87.f;
@@ -75,19 +80,14 @@ struct Softmax {
 template <typename T>
 void add_weighted_tile(const float* weight, const T* values, int64_t count, int64_t stride,
                        float* acc) {
-  static_assert(kTile == 4 * kLanes, "four vectors of sums");
-  F16 t0 = {}, t1 = {}, t2 = {}, t3 = {};
+  Vec sums[kTileVectors] = {};
   for (int64_t i = 0; i < count; ++i) {
     const float w = weight[i];
     const T* v = values + i * stride;
     prefetch_row(v + kPrefetchRows * stride, kTile);
-    t0 += w * load16(v);
-    t1 += w * load16(v + kLanes);
-    t2 += w * load16(v + 2 * kLanes);
-    t3 += w * load16(v + 3 * kLanes);
+    for (int c = 0; c < kTileVectors; ++c) sums[c] += w * load_vec(v + c * kLanes);
   }
-  const F16 tiles[4] = {t0, t1, t2, t3};
-  for (int64_t d = 0; d < kTile; ++d) acc[d] += tiles[d / kLanes][d % kLanes];
+  for (int64_t d = 0; d < kTile; ++d) acc[d] += sums[d / kLanes][d % kLanes];
 }
 
 // The softmax bookkeeping of folding `count` scores (kNoScore: not visible) into `state`:
@@ -155,7 +155,7 @@ void fold_pairs(const float* score, const T* values, const float* value_scale, i
 }
 
 // Scores of `count` pairs (key rows `stride` elements apart) against the scaled query qb;
-// kNoScore for the invisible ones. One dot product per pair (16 pairs reduced together, every
+// kNoScore for the invisible ones. One dot product per pair (kLanes pairs reduced together, every
 // slot: an invisible one is masked after): what a single query (decode) reads.
 // key_scale (nullable): pair i's key is keys[i] * key_scale[i].
 template <typename T>
@@ -193,21 +193,27 @@ inline std::pair<int64_t, int64_t> visible_span(const int64_t* tau, int64_t coun
 }
 
 // A prefill chunk's queries are folded kQueries at a time: each widened key and value loaded
-// from cache serves all of them, and their sums fill the registers (6 x 4 vectors of 16 lanes,
-// with the 4 loaded ones: 28 of AVX-512's 32 registers; 6 ran faster than 4 queries).
+// from cache serves all of them, and their sums fill the registers: with AVX-512, 6 x 4 vectors
+// of 16 lanes, with the 4 loaded ones 28 of its 32 registers (6 ran faster than 4 queries); with
+// AVX2, 3 x 4 vectors of 8 lanes, with the 4 loaded ones all 16 (3 ran faster than 2 or 4).
+#if defined(__AVX512F__)
 constexpr int64_t kQueries = 6;
+#else
+constexpr int64_t kQueries = 3;
+#endif
 
 // score[k * stride + i] = q[k] . keys_t[:, i] for k < kQueries and i from lo to hi rounded up to
-// kTile pairs (keys_t: hs rows of `stride` pairs, zero past the set's end, as far as hi + kTile).
+// kPairTile pairs (keys_t: hs rows of `stride` pairs, zero past the set's end, as far as
+// hi + kPairTile).
 inline void score_queries(const float* const* q, const float* keys_t, int64_t stride, int64_t lo,
                           int64_t hi, int64_t hs, float* score) {
-  static_assert(kTile == 4 * kLanes, "four vectors of pairs");
-  for (int64_t i0 = lo; i0 < hi; i0 += kTile) {
-    F16 sums[kQueries][4] = {};
+  static_assert(kPairTile == 4 * kLanes, "four vectors of pairs");
+  for (int64_t i0 = lo; i0 < hi; i0 += kPairTile) {
+    Vec sums[kQueries][4] = {};
     for (int64_t d = 0; d < hs; ++d) {
       const float* row = keys_t + d * stride + i0;
-      const F16 k[4] = {load16(row), load16(row + kLanes), load16(row + 2 * kLanes),
-                        load16(row + 3 * kLanes)};
+      const Vec k[4] = {load_vec(row), load_vec(row + kLanes), load_vec(row + 2 * kLanes),
+                        load_vec(row + 3 * kLanes)};
       for (int64_t j = 0; j < kQueries; ++j)
         for (int v = 0; v < 4; ++v) sums[j][v] += q[j][d] * k[v];
     }
@@ -216,15 +222,15 @@ inline void score_queries(const float* const* q, const float* keys_t, int64_t st
   }
 }
 
-// acc[k][d0 : d0 + 16 kVectors] += sum over i in [lo, hi) of weight[k][i] * values[i * stride + d0 ...]
+// acc[k][d0 : d0 + kLanes kVectors] += sum over i in [lo, hi) of weight[k][i] * values[i * stride + d0 ...]
 // for k < kQueries: every query's sums of those columns held in registers.
 template <int kVectors>
 void add_weighted_queries(float* const* weight, int64_t lo, int64_t hi, const float* values,
                           int64_t stride, int64_t d0, float* const* acc) {
-  F16 sums[kQueries][kVectors] = {};
+  Vec sums[kQueries][kVectors] = {};
   for (int64_t i = lo; i < hi; ++i) {
-    F16 v[kVectors];
-    for (int c = 0; c < kVectors; ++c) v[c] = load16(values + i * stride + d0 + c * kLanes);
+    Vec v[kVectors];
+    for (int c = 0; c < kVectors; ++c) v[c] = load_vec(values + i * stride + d0 + c * kLanes);
     for (int64_t j = 0; j < kQueries; ++j) {
       const float w = weight[j][i];
       for (int c = 0; c < kVectors; ++c) sums[j][c] += w * v[c];
@@ -254,9 +260,9 @@ struct WidePairs {
 struct ChunkScratch {
   std::vector<float> keys_t, values, score, weight;
   ChunkScratch(int64_t most, int64_t hs, bool chunk)
-      : keys_t(chunk ? hs * (most + kTile) : 0), values(chunk ? most * hs : 0),
-        score(chunk ? kQueries * (most + kTile) : most),
-        weight(chunk ? kQueries * (most + kTile) : most) {}
+      : keys_t(chunk ? hs * (most + kPairTile) : 0), values(chunk ? most * hs : 0),
+        score(chunk ? kQueries * (most + kPairTile) : most),
+        weight(chunk ? kQueries * (most + kPairTile) : most) {}
 };
 
 // Queries c < nq (nq <= kQueries; qb rows hs apart, at positions t) folded over the widened
@@ -301,7 +307,7 @@ inline void fold_queries(const WidePairs& set, const float* qb, const int64_t* t
     return;
   }
   const int64_t vs = set.value_stride;
-  for (int64_t d0 = 0; d0 < hs; d0 += kTile) {
+  for (int64_t d0 = 0; d0 < hs; d0 += kPairTile) {
     switch (std::min<int64_t>(4, (hs - d0) / kLanes)) {
       case 4: add_weighted_queries<4>(weight, lo, hi, set.values, vs, d0, acc); break;
       case 3: add_weighted_queries<3>(weight, lo, hi, set.values, vs, d0, acc); break;
@@ -343,7 +349,7 @@ void fold_set(const PairSet<T>& whole, const float* qb, const int64_t* t, int64_
                scratch.weight.data());
     return;
   }
-  const int64_t stride = count + kTile;  // room for the last tile's reads past `count`
+  const int64_t stride = count + kPairTile;  // room for the last tile's reads past `count`
   float* keys_t = scratch.keys_t.data();
   for (int64_t d = 0; d < hs; ++d) {
     float* row = keys_t + d * stride;
