@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 import torch
 
 from mosaicrt import __version__
+from mosaicrt.ops.ort_library import cpu_vectors
 
 
 def cpu_model() -> str:
@@ -115,6 +116,7 @@ def machine_info() -> dict:
     info = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_model(),
+        "cpu_vectors": cpu_vectors(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),

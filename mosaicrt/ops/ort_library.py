@@ -11,9 +11,10 @@ package (headers only, API HEADERS_API) from the Debian archive with apt into th
 never part of this package. The library is compiled for this machine's CPU (-march=native) into
 $MOSAICRT_CACHE (default ~/.cache/mosaicrt)/ort-ops/KEY/, KEY a hash of the sources, the flags, the
 CPU's features and the headers, so a changed source or another machine gets its own build. The
-kernels' vectors follow the CPU: 16 fp32 lanes with AVX-512, 8 with AVX2 (and F16C), else 8 in
-GCC's generic vector code. A build for a narrower target than this CPU (march="x86-64-v3": AVX2;
-"x86-64-v2": generic) runs those other paths here, for tests and side-by-side benchmarks.
+kernels' vectors follow the CPU: 16 fp32 lanes with AVX-512, 8 with AVX2 (and F16C), else 4 in
+GCC's generic vector code (SSE, NEON). A build for a narrower target than this CPU
+(march="x86-64-v3": AVX2; "x86-64-v2": generic) runs those other paths here, for tests and
+side-by-side benchmarks.
 """
 
 from __future__ import annotations
@@ -57,6 +58,24 @@ def cpu_features() -> str:
                 flags = line.split(":", 1)[1].strip()
                 break
     return f"{platform.machine()} {flags}"
+
+
+# The retrieval kernel's vector paths (ort_simd.h), widest first: the -march target that selects
+# each on an x86-64 CPU that has the flags it needs (AVX-512's: this CPU's own build).
+VECTOR_PATHS = {
+    "avx512": ("native", {"avx512f"}),  # 16 fp32 lanes
+    "avx2": ("x86-64-v3", {"avx2", "f16c", "fma"}),  # 8 lanes
+    "generic": ("x86-64-v2", {"sse4_2"}),  # 4 lanes: GCC's generic vectors, scalar widening loads
+}
+
+
+def cpu_vectors() -> str:
+    """The vector path this machine's own build takes (VECTOR_PATHS; generic off x86-64)."""
+    arch, *flags = cpu_features().split()
+    for path, (_, needs) in VECTOR_PATHS.items():
+        if arch == "x86_64" and needs <= set(flags):
+            return path
+    return "generic"
 
 
 def build_key(headers: Path | None, march: str = "native") -> str:

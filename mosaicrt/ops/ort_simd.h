@@ -1,9 +1,9 @@
 // Dot products of one query with many key rows, kLanes rows at a time, in GCC's portable vector
-// types of one register: 16 fp32 lanes where the CPU has AVX-512, else 8 (AVX2's registers; a
-// 16-lane type there takes two registers per value, and the register tiles below, sized for
-// AVX-512's 32 registers, would spill from AVX2's 16). Each row's partial sums stay in a register
-// and the kLanes rows are reduced together by a transpose-and-add, instead of one horizontal sum
-// per row. The rows may hold fp32, fp16, int8 or fp8 e4m3, widened to fp32 as they are loaded.
+// types of one register: 16 fp32 lanes where the CPU has AVX-512, 8 with AVX2 (and F16C), else 4
+// (SSE's or NEON's registers). A type wider than the registers takes several per value, and the
+// register tiles of the kernels would spill. Each row's partial sums stay in a register and the
+// kLanes rows are reduced together by a transpose-and-add, instead of one horizontal sum per row.
+// The rows may hold fp32, fp16, int8 or fp8 e4m3, widened to fp32 as they are loaded.
 #pragma once
 
 #include <array>
@@ -17,9 +17,13 @@
 namespace mosaic {
 
 #if defined(__AVX512F__)
+#define MOSAIC_AVX512 1
 constexpr int64_t kLanes = 16;
-#else
+#elif defined(__AVX2__) && defined(__F16C__)
+#define MOSAIC_AVX2 1
 constexpr int64_t kLanes = 8;
+#else
+constexpr int64_t kLanes = 4;
 #endif
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));  // one register
 typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
@@ -64,7 +68,7 @@ inline Vec load_vec(const float* p) {
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-#if defined(__AVX512F__)  // the widening loads as single instructions (GCC scalarizes the generic ones)
+#if MOSAIC_AVX512  // the widening loads as single instructions (GCC scalarizes the generic ones)
 inline Vec load_vec(const _Float16* p) {
   return (Vec)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
@@ -81,7 +85,7 @@ inline Vec load_vec(const E4M3* p) {
       _mm256_and_si256(_mm256_slli_epi16(bytes, 7), _mm256_set1_epi16(static_cast<int16_t>(0xBF80)));
   return (Vec)_mm512_mul_ps(_mm512_cvtph_ps(half), _mm512_set1_ps(256.f));
 }
-#elif defined(__AVX2__) && defined(__F16C__)  // the same on 8 lanes
+#elif MOSAIC_AVX2  // the same on 8 lanes
 inline Vec load_vec(const _Float16* p) {
   return (Vec)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
@@ -113,7 +117,7 @@ inline Vec fold(Vec x, Vec y, IVec lo, IVec hi) {
 // out[r] = sum of the lanes of acc[r], r < kLanes: log2(kLanes) folding steps, each halving the
 // lanes that hold one row's partial sums (16 -> 8 -> 4 -> 2 -> 1) while packing twice the rows per
 // vector.
-#if defined(__AVX512F__)
+#if MOSAIC_AVX512
 inline Vec reduce_rows(const Vec* acc) {
   const IVec lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
   const IVec hi8 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
@@ -129,7 +133,7 @@ inline Vec reduce_rows(const Vec* acc) {
   for (int j = 0; j < 2; ++j) d[j] = fold(c[2 * j], c[2 * j + 1], lo2, hi2);      // 8 rows
   return fold(d[0], d[1], lo1, hi1);                                               // 16 rows
 }
-#else
+#elif MOSAIC_AVX2
 inline Vec reduce_rows(const Vec* acc) {
   const IVec lo4 = {0, 1, 2, 3, 8, 9, 10, 11};
   const IVec hi4 = {4, 5, 6, 7, 12, 13, 14, 15};
@@ -141,6 +145,15 @@ inline Vec reduce_rows(const Vec* acc) {
   for (int j = 0; j < 4; ++j) c[j] = fold(acc[2 * j], acc[2 * j + 1], lo4, hi4);  // rows 2j, 2j+1
   for (int j = 0; j < 2; ++j) d[j] = fold(c[2 * j], c[2 * j + 1], lo2, hi2);      // 4 rows
   return fold(d[0], d[1], lo1, hi1);                                               // 8 rows
+}
+#else
+inline Vec reduce_rows(const Vec* acc) {
+  const IVec lo2 = {0, 1, 4, 5};
+  const IVec hi2 = {2, 3, 6, 7};
+  const IVec lo1 = {0, 2, 4, 6};
+  const IVec hi1 = {1, 3, 5, 7};
+  const Vec d[2] = {fold(acc[0], acc[1], lo2, hi2), fold(acc[2], acc[3], lo2, hi2)};  // 2 rows
+  return fold(d[0], d[1], lo1, hi1);                                                     // 4 rows
 }
 #endif
 

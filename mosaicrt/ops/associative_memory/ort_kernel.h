@@ -47,9 +47,14 @@ struct MemoryInputs {
 };
 
 // Decode: value columns summed in registers at a time (4 vectors of AVX-512, 8 of AVX2: a head of
-// 64 in one pass over its values, which a pass per half would read as two strided streams).
-constexpr int64_t kTile = 64;
-constexpr int64_t kTileVectors = kTile / kLanes;
+// 64 in one pass over its values, which a pass per half would read as two strided streams; 8 of 4
+// lanes elsewhere, 32 columns).
+#if MOSAIC_AVX512
+constexpr int64_t kTileVectors = 4;
+#else
+constexpr int64_t kTileVectors = 8;
+#endif
+constexpr int64_t kTile = kTileVectors * kLanes;
 // A chunk's queries: pairs scored, and value columns summed, in registers at a time (4 vectors).
 constexpr int64_t kPairTile = 4 * kLanes;
 
@@ -195,8 +200,9 @@ inline std::pair<int64_t, int64_t> visible_span(const int64_t* tau, int64_t coun
 // A prefill chunk's queries are folded kQueries at a time: each widened key and value loaded
 // from cache serves all of them, and their sums fill the registers: with AVX-512, 6 x 4 vectors
 // of 16 lanes, with the 4 loaded ones 28 of its 32 registers (6 ran faster than 4 queries); with
-// AVX2, 3 x 4 vectors of 8 lanes, with the 4 loaded ones all 16 (3 ran faster than 2 or 4).
-#if defined(__AVX512F__)
+// AVX2, 3 x 4 vectors of 8 lanes, with the 4 loaded ones all 16 (3 ran faster than 2 or 4; so
+// did 3 of 4 lanes with SSE's 16 registers).
+#if MOSAIC_AVX512
 constexpr int64_t kQueries = 6;
 #else
 constexpr int64_t kQueries = 3;
