@@ -1,7 +1,8 @@
 """Serving through Triton Inference Server: aggregate output tokens/s with 1 and with N concurrent
 streaming clients (in-flight batching at work), the same requests through the batcher in process
-on 1 and on N rows (what batching gives without the server), and the per-request overhead of the
-server path against the same request through `mosaicrt generate`'s code in process.
+on 1 and on N rows (what batching gives without the server), the model steps alone on 1 and N rows
+(a prefill of their prompts, a decode step: what bounds batching), and the per-request overhead of
+the server path against the same request through `mosaicrt generate`'s code in process.
 
 Each client sends its requests one after another over a gRPC stream (greedy); tokens are counted
 as they arrive (a request may stop early at EOS). The artifact is exported with last_only, as for
@@ -57,6 +58,28 @@ def in_process_run(backend, clients: int, requests_each: int, prompt_len: int, n
     wall = time.perf_counter() - start
     return {"rows": clients, "output_tokens": tokens, "wall_s": wall,
             "output_tokens_per_s": tokens / wall}  # fmt: skip
+
+
+def step_ms(backend, rows: int, prompt_len: int, repeats: int = 5) -> dict:
+    """Median ms of the model steps the requests are made of, straight through the backend:
+    one prefill step of `rows` prompts of prompt_len tokens, and a decode step of `rows` rows
+    right after it (what bounds batching, without the batcher or the server)."""
+    gen = torch.Generator().manual_seed(rows)
+    ids = torch.randint(1, 8000, (rows, prompt_len), generator=gen)
+    prompt_lengths = torch.full((rows,), prompt_len, dtype=torch.int64)
+    token, one = ids[:, :1].contiguous(), torch.ones(rows, dtype=torch.int64)
+    prefill, decode = [], []
+    for _ in range(repeats):
+        state = backend.new_state(rows, prompt_len + repeats + 1)
+        t0 = time.perf_counter()
+        backend.step(ids, prompt_lengths, state, last_only=True)
+        prefill.append(time.perf_counter() - t0)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            backend.step(token, one, state, last_only=True)
+            decode.append(time.perf_counter() - t0)
+    return {"rows": rows, "prefill_ms": 1e3 * statistics.median(prefill),
+            "decode_ms": 1e3 * statistics.median(decode)}  # fmt: skip
 
 
 def clients_run(url: str, clients: int, requests_each: int, prompt_len: int, new: int) -> dict:
@@ -119,6 +142,7 @@ def main(args: argparse.Namespace) -> int:
             direct.append(time.perf_counter() - t0)
         batched = [in_process_run(backend, c, args.requests, args.prompt_len, args.new_tokens)
                    for c in (1, args.clients)]  # fmt: skip
+        steps = [step_ms(backend, rows, args.prompt_len) for rows in (1, args.clients)]
     result = {
         "benchmark": "serve",
         "preset": args.preset,
@@ -131,6 +155,9 @@ def main(args: argparse.Namespace) -> int:
         "speedup": many["output_tokens_per_s"] / one["output_tokens_per_s"],
         "in_process": batched,
         "in_process_speedup": batched[1]["output_tokens_per_s"] / batched[0]["output_tokens_per_s"],
+        "steps": steps,
+        # tokens/s of a decode step of all rows against one row's: what batching could give
+        "decode_step_speedup": args.clients * steps[0]["decode_ms"] / steps[1]["decode_ms"],
         "request_ms_server": 1e3 * statistics.median(served),
         "request_ms_in_process": 1e3 * statistics.median(direct),
         "server_vs_in_process": statistics.median(served) / statistics.median(direct),
@@ -142,7 +169,10 @@ def main(args: argparse.Namespace) -> int:
         f"{many['output_tokens_per_s']:.1f} tokens/s ({result['speedup']:.1f}x; in process "
         f"{result['in_process_speedup']:.1f}x); one request "
         f"{result['request_ms_server']:.1f} ms served vs {result['request_ms_in_process']:.1f} ms "
-        f"in process (overhead {result['overhead_ms_per_request']:.1f} ms)"
+        f"in process (overhead {result['overhead_ms_per_request']:.1f} ms); a decode step of "
+        f"{args.clients} rows {steps[1]['decode_ms']:.1f} ms vs {steps[0]['decode_ms']:.1f} ms for "
+        f"one ({result['decode_step_speedup']:.1f}x the tokens/s), a prefill step of "
+        f"{args.clients} x {args.prompt_len} tokens {steps[1]['prefill_ms']:.0f} ms"
     )
     if args.json:
         write_json(args.json, result)
