@@ -340,7 +340,13 @@ def test_without_the_library_the_function_bodies_run(tmp_path, monkeypatch):
 
 
 def test_cli_ort_ops(cli, tmp_path, monkeypatch, native_ort_library):
-    assert cli("ort-ops", "status").stdout.strip().splitlines()[0] == str(native_ort_library)
+    from mosaicrt.ops.ort_library import cpu_features
+
+    lines = cli("ort-ops", "status").stdout.strip().splitlines()
+    assert lines[0] == str(native_ort_library)
+    flags = set(cpu_features().split()[1:])
+    lanes = 16 if "avx512f" in flags else 8 if {"avx2", "f16c", "fma"} <= flags else 4
+    assert lines[1].endswith(f"({lanes} fp32 lanes)")
     monkeypatch.setenv("MOSAICRT_CACHE", str(tmp_path))
     result = cli("ort-ops", "status")
     assert result.returncode == 1 and "mosaicrt ort-ops build" in result.stdout

@@ -34,6 +34,8 @@ def main(args: argparse.Namespace) -> int:
         return 1
     usable = ort_library.supported_by_runtime()
     print(path)
+    vectors = ort_library.cpu_vectors()
+    print(f"vectors: {vectors} ({ort_library.VECTOR_LANES[vectors]} fp32 lanes)")
     if usable:
         print("used by the onnxruntime backend on the CPU (--ort-ops auto)")
     else:

@@ -69,6 +69,9 @@ VECTOR_PATHS = {
 }
 
 
+VECTOR_LANES = {"avx512": 16, "avx2": 8, "generic": 4}
+
+
 def cpu_vectors() -> str:
     """The vector path this machine's own build takes (VECTOR_PATHS; generic off x86-64)."""
     arch, *flags = cpu_features().split()
