@@ -5,6 +5,7 @@ the traceback."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -27,6 +28,9 @@ def run_main(main: Main, args: argparse.Namespace, debug: bool = False) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # whoever read stdout stopped (`| head`): end quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush
+        return 141  # 128 + SIGPIPE
     except Exception as exc:  # an unexpected failure: one line unless --debug
         if debug:
             raise

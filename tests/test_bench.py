@@ -196,22 +196,25 @@ def test_quantization_bench_times_every_variant_the_same_way(tmp_path):
 
 def test_ort_ops_bench_times_the_native_kernel_per_build(tmp_path, native_ort_library):
     """One AssociativeMemory node per case and build: decode bytes are every stored key and
-    value once; a chunk's FLOPs count each query against the stored pairs and the chunk's
-    earlier ones (itself included), a product and a weighted sum of hs each."""
+    value once (int8: a byte per element and an fp32 scale per pair and head); a chunk's FLOPs
+    count each query against the stored pairs and the chunk's earlier ones (itself included), a
+    product and a weighted sum of hs each."""
     from mosaicrt.bench import ort_ops
 
     out = tmp_path / "ops.json"
-    args = ["--context", "300", "--chunk", "10", "--chunk-stored", "130", "--stores", "fp32,fp16",
+    args = ["--context", "300", "--chunk", "10", "--chunk-stored", "130", "--stores", "fp16,int8",
             "--layers", "2", "--repeats", "2", "--json", str(out)]  # fmt: skip
-    assert ort_ops.main(ort_ops.parser().parse_args(args)) == 0
+    parser = argparse.ArgumentParser()
+    ort_ops.add_cli_args(parser)
+    assert ort_ops.main(parser.parse_args(args)) == 0
     result = json.loads(out.read_text())
     rows, H, hs = result["rows"], result["heads"], result["head_size"]
     assert [(r["kind"], r["batch"], r["store"]) for r in rows] == [
-        ("decode", 1, "fp32"), ("decode", 8, "fp32"), ("chunk", 1, "fp32"),
         ("decode", 1, "fp16"), ("decode", 8, "fp16"), ("chunk", 1, "fp16"),
+        ("decode", 1, "int8"), ("decode", 8, "int8"), ("chunk", 1, "int8"),
     ]  # fmt: skip
     assert {r["march"] for r in rows} == {"native"}
-    decode_fp16 = rows[4]
-    assert decode_fp16["bytes"] == 2 * 8 * 300 * H * hs * 2
+    assert rows[1]["bytes"] == 2 * 8 * 300 * H * hs * 2
+    assert rows[4]["bytes"] == 2 * 8 * 300 * H * (hs + 4)
     assert rows[2]["flops"] == 4 * (10 * 130 + 10 * 11 // 2) * H * hs
     assert all(r["ms"] > 0 for r in rows)

@@ -206,3 +206,19 @@ def test_prompt_text_goes_through_tokenizer_json(cli, tiny_ckpt, tmp_path):
         cli("generate", tmp_path / "onnx", "--prompt", "memory mosaics", "--max-new-tokens", 4)
     ).stdout
     assert onnx_text == text
+
+
+@pytest.mark.parametrize("command", [["inspect"], ["ort-ops", "status"]])
+def test_a_closed_stdout_ends_the_command_quietly(tiny_ckpt, command):
+    """`mosaicrt ... | head -0`: the reader is gone before the first line is written. The command
+    stops with a nonzero code and says nothing on stderr (rich's tables exit 1 as rich does;
+    plain prints 141, 128 + SIGPIPE, as Unix tools do)."""
+    import subprocess
+    import sys
+
+    args = [*command, str(tiny_ckpt)] if command == ["inspect"] else command
+    proc = subprocess.Popen([sys.executable, "-m", "mosaicrt.cli", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    proc.stdout.close()  # before the interpreter has even imported mosaicrt
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) in (1, 141) and stderr == ""

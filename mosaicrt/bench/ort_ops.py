@@ -17,16 +17,21 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from mosaicrt.argtypes import positive_int
 from mosaicrt.bench.machine import machine_info, measure_bandwidth_gb_s, measure_peak_gflops
 from mosaicrt.errors import InputError
+from mosaicrt.ops.associative_memory import SCALED_STORES
+from mosaicrt.ops.associative_memory.reference import quantize_pairs
 from mosaicrt.ops.ort_library import build_library
 from mosaicrt.outputs import check_output_file, write_json
 
 # A mini layer's LTM on its heads (H heads of hs), blocks of S pairs as the artifact stores them.
 H, HS, S = 8, 64, 128
-STORES = {"fp32": np.float32, "fp16": np.float16}
+FLOAT_STORES = {"fp32": np.float32, "fp16": np.float16}
+SCALED = {"int8": "int8", "fp8": "float8_e4m3fn"}  # stores with a scale per pair and head
+STORES = (*FLOAT_STORES, *SCALED)
 
 
 def ltm_inputs(batch: int, chunk: int, stored: int, store: str, seed: int = 0) -> dict:
@@ -41,12 +46,18 @@ def ltm_inputs(batch: int, chunk: int, stored: int, store: str, seed: int = 0) -
         x = rng.standard_normal(shape).astype(np.float32)
         return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
-    dtype = STORES[store]
+    keys, values = unit(nb * batch, H, S, HS), rng.standard_normal((nb * batch, H, S, HS))
+    stores, scales = {}, {}
+    for name, pairs in (("store_k", keys), ("store_v", values)):
+        if store in FLOAT_STORES:
+            stores[name] = pairs.astype(FLOAT_STORES[store])
+            continue
+        q, scale = quantize_pairs(torch.from_numpy(pairs.astype(np.float32)), SCALED[store])
+        stores[name], scales[name + "_scale"] = q.view(torch.int8).numpy(), scale.numpy()
     return {
         "q": unit(batch, chunk, H, HS),
         "t": t,
-        "store_k": unit(nb * batch, H, S, HS).astype(dtype),
-        "store_v": rng.standard_normal((nb * batch, H, S, HS)).astype(dtype),
+        **stores,
         "store_blocks": np.arange(nb * batch).reshape(batch, nb),
         "store_tau": np.where(tau < stored, tau, -1),
         "new_k": unit(batch, chunk, H, HS),
@@ -55,11 +66,13 @@ def ltm_inputs(batch: int, chunk: int, stored: int, store: str, seed: int = 0) -
         "beta0": np.full(H, 1.0, np.float32),
         "beta1": np.full(H, 4.0, np.float32),
         "alpha": np.full(H, 0.5, np.float32),
+        **scales,  # AssociativeMemoryInt8 / -Fp8: inputs 12 and 13
     }
 
 
-def session(inputs: dict, threads: int, library: Path):
-    """One native AssociativeMemory node (LTM: no window, delay 1) in its own session."""
+def session(inputs: dict, threads: int, library: Path, store: str):
+    """One native AssociativeMemory node (-Int8, -Fp8 for scaled stores; LTM: no window, delay
+    1) in its own session."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -68,9 +81,9 @@ def session(inputs: dict, threads: int, library: Path):
     from mosaicrt.ops.geometry import NO_WINDOW
 
     elem = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
-            np.dtype(np.int64): TensorProto.INT64}  # fmt: skip
-    node = helper.make_node("AssociativeMemory", list(inputs), ["y"], domain=DOMAIN,
-                            window=NO_WINDOW, delay=1)  # fmt: skip
+            np.dtype(np.int64): TensorProto.INT64, np.dtype(np.int8): TensorProto.INT8}  # fmt: skip
+    op = SCALED_STORES[SCALED[store]][0] if store in SCALED else "AssociativeMemory"
+    node = helper.make_node(op, list(inputs), ["y"], domain=DOMAIN, window=NO_WINDOW, delay=1)
     graph = helper.make_graph(
         [node],
         "associative_memory",
@@ -121,13 +134,16 @@ def main(args: argparse.Namespace) -> int:
     for case, (march, library) in itertools.product(cases(args), libraries.items()):
         layers = [ltm_inputs(case["batch"], case["chunk"], case["stored"], case["store"], seed)
                   for seed in range(args.layers if case["kind"] == "decode" else 1)]  # fmt: skip
-        sess = session(layers[0], args.threads, library)
+        sess = session(layers[0], args.threads, library, case["store"])
         ms = median_ms(lambda: [sess.run(None, x) for x in layers], args.repeats) / len(layers)
-        itemsize = np.dtype(STORES[case["store"]]).itemsize
+        # bytes per stored key or value: its elements, and a scale for scaled stores
+        pair_bytes = (
+            HS * 2 if case["store"] == "fp16" else HS * 4 if case["store"] == "fp32" else HS + 4
+        )
         pairs = case["batch"] * case["stored"]
         row = case | {"march": march, "ms": ms}
         if case["kind"] == "decode":  # every stored key and value read once
-            row["bytes"] = 2 * pairs * H * HS * itemsize
+            row["bytes"] = 2 * pairs * H * pair_bytes
             row["gb_s"] = row["bytes"] / (ms * 1e-3) / 1e9
             row["roofline_fraction"] = row["gb_s"] / bandwidth
             fraction = row["roofline_fraction"]
@@ -156,14 +172,12 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mosaicrt.bench.ort_ops", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=positive_int, default=4096, help="stored pairs, decode")
     p.add_argument("--chunk", type=positive_int, default=512, help="queries of a prefill chunk")
     p.add_argument("--chunk-stored", type=positive_int, default=1024,
                    help="stored pairs before the chunk")  # fmt: skip
-    p.add_argument("--stores", default="fp32", help="comma-separated: fp32, fp16")
+    p.add_argument("--stores", default="fp32", help="comma-separated: fp32, fp16, int8, fp8")
     p.add_argument("--layers", type=positive_int, default=8,
                    help="decode: stores of this many layers read in turn, as a step reads them "
                    "(more bytes than the last-level cache holds)")  # fmt: skip
@@ -174,8 +188,9 @@ def parser() -> argparse.ArgumentParser:
                    "case by case (native: this CPU's, as `mosaicrt ort-ops build`; "
                    "x86-64-v3: AVX2)")  # fmt: skip
     p.add_argument("--json", help="write results here")
-    return p
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(parser().parse_args()))
+    from mosaicrt.entry import run_module
+
+    raise SystemExit(run_module(__doc__, add_cli_args, main))
