@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +19,13 @@ import torch
 
 from mosaicrt.argtypes import positive_int
 from mosaicrt.bench.machine import machine_info, measure_bandwidth_gb_s, measure_peak_gflops
+from mosaicrt.bench.ort_ceiling import median_ms
 from mosaicrt.errors import InputError
 from mosaicrt.ops.associative_memory import SCALED_STORES
 from mosaicrt.ops.associative_memory.reference import quantize_pairs
 from mosaicrt.ops.ort_library import build_library
 from mosaicrt.outputs import check_output_file, write_json
+from mosaicrt.runtime.ort_backend import session_options
 
 # A mini layer's LTM on its heads (H heads of hs), blocks of S pairs as the artifact stores them.
 H, HS, S = 8, 64, 128
@@ -95,21 +95,9 @@ def session(inputs: dict, threads: int, library: Path, store: str):
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)],
         ir_version=IR_VERSION,
     )
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.register_custom_ops_library(str(library))
+    options = session_options(threads, library)
     return ort.InferenceSession(model.SerializeToString(), options,
                                 providers=["CPUExecutionProvider"])  # fmt: skip
-
-
-def median_ms(run, repeats: int) -> float:
-    run()  # warm
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        samples.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(samples)
 
 
 def cases(args: argparse.Namespace) -> list[dict]:
@@ -135,11 +123,12 @@ def main(args: argparse.Namespace) -> int:
         layers = [ltm_inputs(case["batch"], case["chunk"], case["stored"], case["store"], seed)
                   for seed in range(args.layers if case["kind"] == "decode" else 1)]  # fmt: skip
         sess = session(layers[0], args.threads, library, case["store"])
-        ms = median_ms(lambda: [sess.run(None, x) for x in layers], args.repeats) / len(layers)
-        # bytes per stored key or value: its elements, and a scale for scaled stores
-        pair_bytes = (
-            HS * 2 if case["store"] == "fp16" else HS * 4 if case["store"] == "fp32" else HS + 4
-        )
+        ms = median_ms(lambda: [sess.run(None, x) for x in layers], args.repeats, warmup=1)
+        ms /= len(layers)
+        # bytes per stored key or value: its elements, and an fp32 scale for scaled stores
+        store = case["store"]
+        dtype = FLOAT_STORES.get(store)
+        pair_bytes = HS * np.dtype(dtype).itemsize if dtype is not None else HS + 4
         pairs = case["batch"] * case["stored"]
         row = case | {"march": march, "ms": ms}
         if case["kind"] == "decode":  # every stored key and value read once
