@@ -75,6 +75,13 @@ def test_bench_measures_the_onnxruntime_state(cli, tiny, tmp_path):
     assert state["ltm_bytes_per_token_formula"] == 2 * 2 * 64 * 4  # layers x (key + value) fp32
     assert abs(state["ltm_bytes_per_token_ratio"] - 1) <= 0.05
     assert state["ltm_store_bytes"] == 2 * 2 * (128 * 2) * 64 * 4  # 2 layers x k/v x 1 block/row
+    # Every decode step after the first token runs the model once: 3 steps of 2 rows, each split
+    # into the model run and the runtime's bookkeeping around it.
+    step = report["decode_step"]
+    assert step["steps"] == 3
+    assert 0 < step["model_run_ms"] < step["step_ms"]
+    assert step["bookkeeping_ms"] > 0
+    assert "runtime bookkeeping" in proc.stdout
 
 
 def test_bench_compare_reports_ratios_against_torch_eager(cli, tiny, tmp_path):

@@ -112,6 +112,23 @@ def test_io_binding_runs_the_same_steps_as_numpy_feeds(oracle_ckpt, artifact):
         assert got == oracle.greedy(oracle_ckpt, prompt, 7)
 
 
+def test_step_takes_numpy_ids_and_keeps_host_logits_as_numpy(artifact):
+    """The batcher's step: numpy ids and lengths in, and with device_logits the CPU provider's
+    logits as a numpy array (no torch calls on the decode path), equal to the torch path's and
+    not overwritten by the next step."""
+    backend = OrtBackend(artifact)
+    states = [backend.new_state(2, 16) for _ in range(2)]
+    ids = np.array([[5, 9, 3], [7, 1, 0]], np.int64)
+    lengths = np.array([3, 2], np.int64)
+    as_torch = backend.step(torch.from_numpy(ids), torch.from_numpy(lengths), states[0], True)
+    as_numpy = backend.step(ids, lengths, states[1], True, device_logits=True)
+    assert isinstance(as_torch, torch.Tensor) and isinstance(as_numpy, np.ndarray)
+    assert np.array_equal(as_numpy, as_torch.numpy())
+    kept = as_numpy.copy()
+    backend.step(ids[:, :1], np.ones(2, np.int64), states[1], True, device_logits=True)
+    assert np.array_equal(as_numpy, kept)
+
+
 @pytest.mark.slow
 def test_step_graph_greedy_equals_full_recompute_for_1000_tokens(tmp_path, ort_ops):
     config = preset("tiny").replace(stm_window=8, ltm_delay=4, eos_token_id=None)

@@ -43,22 +43,28 @@ def test_bad_sampling_params():
 
 @pytest.mark.parametrize(
     "device",
-    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                          reason="needs a CUDA GPU"))],
+    ["cpu", "numpy", "cpu-fp16",
+     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                   reason="needs a CUDA GPU"))],
 )  # fmt: skip
 def test_greedy_tokens_and_finite_rows_follow_torch(device):
-    """The batcher's fast paths on a step's logits: greedy_tokens is torch.argmax on the CPU (first
-    index of a tie, a NaN's index), finite_rows is isfinite().all() per row."""
+    """The batcher's fast paths on a step's logits (a CPU or device tensor, or the numpy array a
+    host backend returns): greedy_tokens is torch.argmax (first index of a tie, a NaN's index),
+    finite_rows is isfinite().all() per row."""
     from mosaicrt.runtime.sampling import finite_rows, greedy_tokens
 
     logits = torch.randn(6, 1000, generator=torch.Generator().manual_seed(0))
     logits[1, [7, 500]] = logits[1].max() + 1  # a tie
     logits[2, 9], logits[3, 4], logits[4, 0] = float("nan"), float("inf"), float("-inf")
     want = logits.argmax(dim=-1).tolist()
-    logits = logits.to(device)
+    if device == "numpy":
+        logits = logits.numpy()
+    elif device == "cpu-fp16":
+        logits = logits.half()
+    else:
+        logits = logits.to(device)
     assert greedy_tokens(logits) == want
     assert greedy_tokens(logits)[1] == 7
-    assert finite_rows(logits).tolist() == logits.isfinite().all(dim=-1).tolist()
     assert finite_rows(logits).tolist() == [True, True, False, False, False, True]
 
 

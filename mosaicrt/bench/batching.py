@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import resource
+import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -38,33 +40,53 @@ from mosaicrt.runtime.paging import blocks_for
 from mosaicrt.runtime.sampling import SamplingParams
 
 
+@dataclass
+class Run:
+    """One run_requests: each request's token timestamps, the wall time, the batcher's state
+    pool report (None without a pool), and each decode step's (step, model run) seconds where
+    the backend times its model runs (onnxruntime: its `run_seconds` hook)."""
+
+    timings: list[RequestTiming]
+    duration: float
+    pool: dict | None
+    decode_steps: list[tuple[float, float]]
+
+
 def run_requests(
     backend: Backend, prompts: list[list[int]], output_len: int, limits: RunLimits
-) -> tuple[list[RequestTiming], float, dict | None]:
-    """Submit all prompts at once; return each request's token timestamps, the wall time, and
-    the batcher's state pool report (None without a pool)."""
+) -> Run:
+    """Submit all prompts at once and run them to the end."""
     with torch_threads_for(backend):
         return _run_requests(backend, prompts, output_len, limits)
 
 
 def _run_requests(
     backend: Backend, prompts: list[list[int]], output_len: int, limits: RunLimits
-) -> tuple[list[RequestTiming], float, dict | None]:
+) -> Run:
     batcher = ContinuousBatcher(backend, SamplingParams(), limits, ignore_eos=True)
     requests = [Request(i, p, output_len) for i, p in enumerate(prompts)]
     times: dict[int, list[float]] = {r.rid: [] for r in requests}
+    runs: list[float] | None = [] if hasattr(backend, "run_seconds") else None
+    if runs is not None:
+        backend.run_seconds = runs
+    decode_steps = []
     start = time.perf_counter()
     for request in requests:
         batcher.submit(request)
     while batcher.busy:
+        before, ran = time.perf_counter(), len(runs or ())
         events = batcher.step()
         now = time.perf_counter()
+        if runs is not None and len(runs) == ran + 1 and not batcher.last_prefill:
+            decode_steps.append((now - before, runs[-1]))  # one model run, a decode step
         for request, token, _ in events:
             if token is not None:
                 times[request.rid].append(now)
     duration = time.perf_counter() - start
+    if runs is not None:
+        backend.run_seconds = None
     timings = [RequestTiming(start, tuple(times[r.rid]), len(r.prompt)) for r in requests]
-    return timings, duration, batcher.pool_report()
+    return Run(timings, duration, batcher.pool_report(), decode_steps)
 
 
 def input_len_mix(text: str) -> list[tuple[int, int, float]]:
@@ -166,19 +188,16 @@ def run_bench(
     )
     for _ in range(warmup):
         run_requests(backend, prompts(batch), output_len, limits)
-    timings, duration = [], 0.0
     if mode == "latency":
-        for _ in range(iters):
-            t, d, pool = run_requests(backend, prompts(batch), output_len, limits)
-            timings += t
-            duration += d
+        runs = [run_requests(backend, prompts(batch), output_len, limits) for _ in range(iters)]
     else:
-        timings, duration, pool = run_requests(
-            backend, prompts(num_requests or 4 * batch), output_len, limits
-        )
-    report = request_metrics(timings, duration)
-    if pool is not None:
-        report["pool"] = pool_summary(backend, pool, limits)
+        runs = [run_requests(backend, prompts(num_requests or 4 * batch), output_len, limits)]
+    timings = [t for run in runs for t in run.timings]
+    report = request_metrics(timings, sum(run.duration for run in runs))
+    if runs[-1].pool is not None:
+        report["pool"] = pool_summary(backend, runs[-1].pool, limits)
+    if decode_steps := [s for run in runs for s in run.decode_steps]:
+        report["decode_step"] = step_overhead(decode_steps)
     peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the probes below
     report.update(
         {
@@ -208,6 +227,17 @@ def run_bench(
     )
     report.update(roofline(backend, report, batch, input_len, output_len))
     return report
+
+
+def step_overhead(decode_steps: list[tuple[float, float]]) -> dict:
+    """Medians over decode steps of the batcher's step, of the model run within it, and of the
+    difference: the runtime's bookkeeping (feeds, binding, state updates, sampling)."""
+    return {
+        "steps": len(decode_steps),
+        "step_ms": 1e3 * statistics.median(step for step, _ in decode_steps),
+        "model_run_ms": 1e3 * statistics.median(run for _, run in decode_steps),
+        "bookkeeping_ms": 1e3 * statistics.median(step - run for step, run in decode_steps),
+    }
 
 
 def roofline(backend: Backend, report: dict, batch: int, input_len: int, output_len: int) -> dict:
@@ -264,6 +294,11 @@ def print_table(report: dict) -> None:
         if decode is not None
         else ""
     )
+    if step := report.get("decode_step"):
+        console.print(
+            f"decode step {step['step_ms']:.2f} ms: model run {step['model_run_ms']:.2f} ms, "
+            f"runtime bookkeeping {step['bookkeeping_ms']:.2f} ms (medians over {step['steps']})"
+        )
     pool = report.get("pool")
     if pool:
         line = (

@@ -38,8 +38,8 @@ def sweep(backend, batches: list[int], input_len: int, output_len: int, seed: in
             return ids.tolist()
 
         run_requests(backend, prompts(batch), 4, limits)  # warm up at this batch size
-        timings, duration, _ = run_requests(backend, prompts(2 * batch), output_len, limits)
-        metrics = request_metrics(timings, duration)
+        run = run_requests(backend, prompts(2 * batch), output_len, limits)
+        metrics = request_metrics(run.timings, run.duration)
         rows.append(
             {
                 "batch": batch,
@@ -48,7 +48,7 @@ def sweep(backend, batches: list[int], input_len: int, output_len: int, seed: in
                 "ttft_ms": metrics["ttft_ms"],
             }
         )
-        itl[batch] = sorted(x for t in timings for x in t.itl_ms)
+        itl[batch] = sorted(x for t in run.timings for x in t.itl_ms)
         print(f"{backend.name} batch {batch:3d}: {metrics['output_tokens_per_s']:8.1f} tokens/s")
     return {"rows": rows, "itl_ms": {str(b): v for b, v in itl.items()}}
 

@@ -7,11 +7,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 
 from mosaicrt.errors import BackendError
 from mosaicrt.model.config import ModelConfig
 from mosaicrt.runtime.paging import BlockTable, StateSizes
+
+# Token ids and lengths as a step takes them: host integers, as numpy arrays (what the batcher
+# builds: a decode step's torch calls cost more than its bookkeeping) or CPU torch tensors.
+HostInts = np.ndarray | torch.Tensor
+# A step's logits as a backend holds them (device_logits): numpy on the host, a device tensor.
+Logits = np.ndarray | torch.Tensor
 
 
 class Backend(ABC):
@@ -76,18 +83,19 @@ class Backend(ABC):
     @abstractmethod
     def step(
         self,
-        ids: torch.Tensor,
-        lengths: torch.Tensor,
+        ids: HostInts,
+        lengths: HostInts,
         state: Any,
         last_only: bool,
         rows: slice | None = None,
         device_logits: bool = False,
-    ) -> torch.Tensor:
-        """Consume ids (R, C) int64, lengths (R,) real tokens per row, for the rows `rows` of the
-        state (default all B); return (R, V) or (R, C, V) fp32 CPU logits, updating those rows
-        in place. The others are not read or written (their cost is not paid).
-        device_logits: the logits may stay where the backend computed them (a GPU backend then
-        copies none to the host: the batcher reduces them there)."""
+    ) -> Logits:
+        """Consume ids (R, C) int64, lengths (R,) real tokens per row (numpy arrays or CPU
+        tensors), for the rows `rows` of the state (default all B); return (R, V) or (R, C, V)
+        fp32 CPU logits, updating those rows in place. The others are not read or written (their
+        cost is not paid). device_logits: the logits may stay where and as the backend computed
+        them (Logits): a GPU backend then copies none to the host (the batcher reduces them
+        there), and a host backend may return its numpy array."""
 
 
 @contextmanager
@@ -118,10 +126,11 @@ def nonfinite_error(backend: Backend, state: Any, row: int) -> BackendError:
 
 
 def whole_batch(
-    ids: torch.Tensor, lengths: torch.Tensor, rows: slice | None, batch: int
+    ids: HostInts, lengths: HostInts, rows: slice | None, batch: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids (R, C) and lengths (R,) of the rows `rows`, as (batch, C) and (batch,) with the other
-    rows at length 0: for a backend that steps every row."""
+    """ids (R, C) and lengths (R,) of the rows `rows`, as (batch, C) and (batch,) tensors with
+    the other rows at length 0: for a backend that steps every row."""
+    ids, lengths = torch.as_tensor(ids), torch.as_tensor(lengths)
     if rows is None or (rows.start, rows.stop) == (0, batch):
         return ids, lengths
     full_ids = torch.zeros(batch, ids.shape[1], dtype=ids.dtype)

@@ -34,10 +34,11 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from mosaicrt.errors import BackendError, CapacityError, InputError, MosaicError
-from mosaicrt.runtime.backend import Backend, nonfinite_error
+from mosaicrt.runtime.backend import Backend, Logits, nonfinite_error
 from mosaicrt.runtime.limits import RunLimits
 from mosaicrt.runtime.paging import OutOfBlocks, blocks_for, pool_report, run_plan
 from mosaicrt.runtime.prefix_cache import (
@@ -48,7 +49,7 @@ from mosaicrt.runtime.prefix_cache import (
     release_entry,
     restore_row,
 )
-from mosaicrt.runtime.sampling import Sampler, SamplingParams, finite_rows
+from mosaicrt.runtime.sampling import Sampler, SamplingParams, finite_rows, host_logits
 
 PREFILL_CHUNKS_PER_STEP = 8  # rows a prefill step spans at most (a chunk each)
 
@@ -358,10 +359,10 @@ class ContinuousBatcher:
             if not feeds:
                 return events
             lo, hi = min(feeds), max(feeds) + 1  # the range of rows that have work
-            lengths = torch.tensor([len(feeds.get(i, ())) for i in range(lo, hi)])
-            ids = torch.zeros(hi - lo, int(lengths.max()), dtype=torch.int64)
+            lengths = np.array([len(feeds.get(i, ())) for i in range(lo, hi)], np.int64)
+            ids = np.zeros((hi - lo, int(lengths.max())), np.int64)  # (rows, C)
             for i, f in feeds.items():
-                ids[i - lo, : len(f)] = torch.tensor(f, dtype=torch.int64)
+                ids[i - lo, : len(f)] = f
             try:
                 logits = self.backend.step(
                     ids, lengths, self.state, True, rows=slice(lo, hi), device_logits=True
@@ -418,7 +419,8 @@ class ContinuousBatcher:
         self.preemptions += 1
         return []
 
-    def _advance(self, feeds: dict, logits: torch.Tensor, lo: int, prefill: bool) -> list[Event]:
+    def _advance(self, feeds: dict, logits: Logits, lo: int, prefill: bool) -> list[Event]:
+        logits = host_logits(logits)  # (rows, V): numpy on the CPU
         finite = finite_rows(logits).tolist()  # (rows,)
         ready, events = [], []
         for i, f in feeds.items():

@@ -24,7 +24,7 @@ from mosaicrt.export import io_spec
 from mosaicrt.export.artifact import MODEL_FILE, read_manifest
 from mosaicrt.export.builder import STORE_TYPES
 from mosaicrt.ops import geometry
-from mosaicrt.runtime.backend import Backend
+from mosaicrt.runtime.backend import Backend, HostInts, Logits
 from mosaicrt.runtime.graph_state import (
     STACKED_NEW_PAIRS,
     STACKED_NEW_SCALES,
@@ -314,8 +314,8 @@ class OrtBackend(GraphStatePaging, Backend):
         """One run with numpy arrays by input name in, by output name out, through an IOBinding
         kept across steps: an input is bound again only when its buffer moved (the state's
         buffers stay put from step to step), and the outputs go to buffers allocated once per
-        (batch, chunk) shape. The logits are returned as a copy; the other outputs are the
-        binding's buffers, valid until the next step."""
+        (batch, chunk) shape. The outputs are the binding's buffers, valid until the next
+        step."""
         binding, bound = self.cpu_binding
         for name, array in feeds.items():
             if bound.get(name) is array:  # the state's buffers, step after step
@@ -330,7 +330,7 @@ class OrtBackend(GraphStatePaging, Backend):
         self.session.run_with_iobinding(binding)
         if self.run_seconds is not None:
             self.run_seconds.append(time.perf_counter() - start)
-        return outputs | {io_spec.LOGITS: outputs[io_spec.LOGITS].copy()}
+        return outputs
 
     def cpu_outputs(self, binding: Any, batch: int, chunk: int) -> dict[str, np.ndarray]:
         """The output buffers of a (batch, chunk) step, bound to `binding` when the shape
@@ -373,13 +373,13 @@ class OrtBackend(GraphStatePaging, Backend):
 
     def step(
         self,
-        ids: torch.Tensor,
-        lengths: torch.Tensor,
+        ids: HostInts,
+        lengths: HostInts,
         state: OrtState,
         last_only: bool,
         rows: slice | None = None,
-        device_logits: bool = False,  # the CPU provider's logits are on the host
-    ) -> torch.Tensor:
+        device_logits: bool = False,
+    ) -> Logits:
         if rows and (rows.start or 0, rows.stop) != (0, state.batch_size):
             state = state.view(rows)
         run = self.run_bound if self.io_binding else self.run_numpy
@@ -387,11 +387,14 @@ class OrtBackend(GraphStatePaging, Backend):
             self.config,
             self.block,
             state,
-            self.to_state(self.staged(io_spec.INPUT_IDS, ids.numpy())),
-            self.staged(io_spec.LENGTHS, lengths.numpy()),
+            self.to_state(self.staged(io_spec.INPUT_IDS, np.asarray(ids))),
+            self.staged(io_spec.LENGTHS, np.asarray(lengths)),
             last_only,
             self.last_only_graph,
             run,
             self.to_state,
         )
-        return logits.float().cpu() if self.io_binding else torch.from_numpy(logits)
+        if self.io_binding:
+            return logits.float() if device_logits else logits.float().cpu()
+        logits = np.array(logits)  # a copy: the output buffer is the next step's
+        return logits if device_logits else torch.from_numpy(logits)

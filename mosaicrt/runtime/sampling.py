@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from mosaicrt.errors import InputError
+from mosaicrt.runtime.backend import Logits
 
 SEED_LIMIT = 2**64
 
@@ -74,7 +75,7 @@ class Sampler:
     def finish(self, request_id: int) -> None:
         self.requests.pop(request_id, None)
 
-    def __call__(self, logits: torch.Tensor, request_ids: list[int]) -> list[int]:
+    def __call__(self, logits: Logits, request_ids: list[int]) -> list[int]:
         """logits (B, V) for requests request_ids -> one token id per row."""
         chosen = [self.requests.get(rid, (self.params, None)) for rid in request_ids]
         any_greedy = any(params.greedy for params, _ in chosen)
@@ -84,24 +85,38 @@ class Sampler:
             if params.greedy:
                 tokens.append(greedy[i])
                 continue
-            probs = torch.softmax(filtered_logits(logits[i].cpu(), params), dim=-1)
+            row = torch.as_tensor(logits[i]).cpu()
+            probs = torch.softmax(filtered_logits(row, params), dim=-1)
             tokens.append(int(torch.multinomial(probs, 1, generator=generator)))
         return tokens
 
 
-def greedy_tokens(logits: torch.Tensor) -> list[int]:
+def host_logits(logits: Logits) -> Logits:
+    """A step's logits as the batcher reduces them: numpy when they are on the host (a decode
+    step's few torch calls cost more than its arithmetic once the step's weight reads have
+    evicted them from the caches), else the device tensor."""
+    if isinstance(logits, np.ndarray) or logits.device.type != "cpu":
+        return logits
+    return (logits if logits.dtype == torch.float32 else logits.float()).numpy()
+
+
+def greedy_tokens(logits: Logits) -> list[int]:
     """(B, V) -> each row's first largest index (NaN counts as largest), as torch.argmax. On a
     GPU the argmax runs there and B indices come back, not the logits (32 MB at 64 x 128k); on
     a CPU numpy's argmax, which vectorizes where torch's does not (6x faster at 64 x 128k
     logits, 1.3 against 8.3 ms, and at 1 x 8k)."""
-    if logits.device.type != "cpu":
+    logits = host_logits(logits)
+    if isinstance(logits, torch.Tensor):
         return logits.argmax(dim=-1).tolist()
-    return np.argmax(logits.float().numpy(), axis=-1).tolist()
+    return np.argmax(logits, axis=-1).tolist()
 
 
-def finite_rows(logits: torch.Tensor) -> torch.Tensor:
+def finite_rows(logits: Logits) -> Logits:
     """(B, V) logits -> (B,) bool, True where a row holds no NaN or inf: the largest and the
     smallest value of a row (both propagate NaN), two passes that vectorize, where
     isfinite().all() writes a mask the size of the logits (8x slower on a CPU at batch 64 and a
     128k vocabulary)."""
-    return logits.amax(dim=-1).isfinite() & logits.amin(dim=-1).isfinite()
+    logits = host_logits(logits)
+    if isinstance(logits, torch.Tensor):
+        return logits.amax(dim=-1).isfinite() & logits.amin(dim=-1).isfinite()
+    return np.isfinite(logits.max(axis=-1)) & np.isfinite(logits.min(axis=-1))

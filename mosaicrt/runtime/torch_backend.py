@@ -15,7 +15,7 @@ from mosaicrt.model.checkpoint import TORCH_DTYPES, load_model
 from mosaicrt.model.mmv2 import MMv2, check_capacity
 from mosaicrt.model.quantize import quantize_linears
 from mosaicrt.model.state import DecodeState
-from mosaicrt.runtime.backend import Backend, whole_batch
+from mosaicrt.runtime.backend import Backend, HostInts, whole_batch
 from mosaicrt.runtime.torch_paging import (
     TorchStatePaging,
     attach_pages,
@@ -147,13 +147,14 @@ class TorchBackend(TorchStatePaging, Backend):
     @torch.inference_mode()
     def step(
         self,
-        ids: torch.Tensor,
-        lengths: torch.Tensor,
+        ids: HostInts,
+        lengths: HostInts,
         state: DecodeState,
         last_only: bool,
         rows: slice | None = None,
         device_logits: bool = False,
     ) -> torch.Tensor:
+        ids, lengths = torch.as_tensor(ids), torch.as_tensor(lengths)
         if self.cuda_graphs and ids.shape[1] == 1 and last_only:  # the graph runs every row
             full_ids, full_lengths = whole_batch(ids, lengths, rows, state.batch_size)
             logits = self._step(full_ids, full_lengths, state, last_only)

@@ -26,7 +26,7 @@ from mosaicrt.export import io_spec
 from mosaicrt.model.checkpoint import TORCH_DTYPES
 from mosaicrt.model.config import ModelConfig
 from mosaicrt.plugins.engine import read_build_manifest
-from mosaicrt.runtime.backend import Backend, whole_batch
+from mosaicrt.runtime.backend import Backend, HostInts, whole_batch
 from mosaicrt.runtime.graph_state import (
     ALIGN,
     GraphState,
@@ -252,8 +252,8 @@ class TrtBackend(GraphStatePaging, Backend):
 
     def step(
         self,
-        ids: torch.Tensor,
-        lengths: torch.Tensor,
+        ids: HostInts,
+        lengths: HostInts,
         state: GraphState,
         last_only: bool,
         rows: slice | None = None,
