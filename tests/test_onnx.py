@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mosaicrt.errors import BackendError, CapacityError, CheckpointError
+from mosaicrt.export import io_spec
 from mosaicrt.export.artifact import export_artifact
 from mosaicrt.model import preset, random_model, save_checkpoint
 from mosaicrt.ops import DOMAIN
@@ -127,6 +128,40 @@ def test_step_takes_numpy_ids_and_keeps_host_logits_as_numpy(artifact):
     kept = as_numpy.copy()
     backend.step(ids[:, :1], np.ones(2, np.int64), states[1], True, device_logits=True)
     assert np.array_equal(as_numpy, kept)
+
+
+def test_row_ranges_stepped_in_turn_keep_their_inputs_bound(artifact, monkeypatch):
+    """Each state, and each view of a range of rows, keeps its own IOBinding: steps that take
+    turns between ranges (prefill rows, then every row's decode) bind none of the state's ~100
+    buffers again, only a block table that changed."""
+    import onnxruntime as ort
+
+    bound = []
+    bind_input = ort.IOBinding.bind_input
+
+    def counted(self, name, *args):
+        bound.append(name)
+        return bind_input(self, name, *args)
+
+    monkeypatch.setattr(ort.IOBinding, "bind_input", counted)
+    backend = OrtBackend(artifact)
+    state = backend.new_state(4, 64)
+    ranges = [slice(0, 2), slice(0, 4), slice(1, 3)]
+
+    def step(rows: slice) -> np.ndarray:
+        n = rows.stop - rows.start
+        ids = np.full((n, 1), 7, np.int64)
+        return backend.step(ids, np.ones(n, np.int64), state, True, rows=rows, device_logits=True)
+
+    for rows in ranges:  # each range's first step binds its buffers
+        step(rows)
+    first = len(bound)
+    assert first >= 3 * len(backend.session.get_inputs())
+    bound.clear()
+    for _ in range(3):
+        for rows in ranges:
+            step(rows)
+    assert set(bound) <= {io_spec.LTM_BLOCKS}, sorted(set(bound))
 
 
 @pytest.mark.slow

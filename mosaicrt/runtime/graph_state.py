@@ -48,6 +48,7 @@ STACKED_PRESENT = "present.stacked"
 # A decode step on device tensors with at most this many pairs writes them row by row (beyond,
 # one scatter kernel beats a copy per row); numpy states always do (write_new_pairs).
 FEW_ROWS = 4
+KEPT_VIEWS = 4  # views of row ranges a state keeps (GraphState.view)
 
 
 @dataclass
@@ -63,6 +64,9 @@ class GraphState:
     scales: dict[str, Any] = dataclasses.field(default_factory=dict)  # int8/fp8: pairs w/o hs
     small_block: Any = None  # the one buffer `small` views (None for a view of some rows)
     blocks: BlockTable | None = None  # the LTM block table (None without an LTM)
+    # The last few views of row ranges, by range: a step on the same rows gets the same buffers
+    # (a runner keeps them bound).
+    views: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def store_feeds(self, blocks: int, to_state: Callable[[np.ndarray], Any]) -> dict[str, Any]:
         """The stores as a step feeds them: rings and pools whole, and the block table's
@@ -77,7 +81,16 @@ class GraphState:
 
     def view(self, rows: slice) -> GraphState:
         """The state of a range of rows, as views: a step on it updates this state in place
-        (the LTM pool is shared whole; the rings and the block table are sliced)."""
+        (the LTM pool is shared whole; the rings and the block table are sliced). The same
+        range gives the same view while it is among the last KEPT_VIEWS asked for."""
+        key = (rows.start, rows.stop, rows.step)
+        found = self.views.pop(key, None) or self.rows_view(rows)
+        self.views[key] = found  # the newest last
+        if len(self.views) > KEPT_VIEWS:
+            self.views.pop(next(iter(self.views)))
+        return found
+
+    def rows_view(self, rows: slice) -> GraphState:
         pos = self.pos[rows]
 
         def rows_of(mem: str, x: Any, axis: int) -> Any:

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -50,6 +53,7 @@ TORCH_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16,
 
 
 ORT_OPS = ("auto", "native", "functions")
+STAGED_SHAPES = 16  # ids and lengths buffers kept, a decode step's and a few prefill chunks
 
 
 def session_options(threads: int | None = None, library: Path | None = None):
@@ -141,6 +145,16 @@ def check_graph_weights(model_file: Path) -> None:
     check_finite_tensors(arrays, model_file)
 
 
+@dataclass
+class HostBinding:
+    """A state's IOBinding on the CPU: the inputs bound to it by name (bound by address, so kept
+    alive here), and which set of the backend's output buffers is bound to it (0: none)."""
+
+    binding: Any
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    outputs: int = 0
+
+
 def stacked_buffers(shapes: dict, names: list[str], stacked_name: str) -> dict[str, np.ndarray]:
     """One buffer (len(names), *shape) whose slices are the outputs `names` (all one shape), so
     that a run writes them already stacked; under stacked_name too."""
@@ -205,11 +219,12 @@ class OrtBackend(GraphStatePaging, Backend):
             o.name: (o.shape, TORCH_TYPES[o.type]) for o in self.session.get_outputs()
         }
         self.run_seconds: list[float] | None = None  # a list: each session.run's time is added
-        # The CPU path's IOBinding: bound inputs by name (address, shape, array), the outputs'
-        # (batch, chunk) and buffers.
-        self.cpu_binding: tuple[Any, dict] = (self.session.io_binding(), {})
-        self.bound_outputs: tuple[tuple[int, int] | None, dict] = (None, {})
-        self.staging: dict[str, np.ndarray] = {}  # ids and lengths, by input name
+        # The CPU path's IOBindings, one per state (a view of some rows is a state of its own),
+        # and the output buffers of the last (batch, chunk) shape: (shape, buffers by output
+        # name, how many sets were made before them).
+        self.host_bindings: dict[int, HostBinding] = {}
+        self.outputs: tuple[tuple[int, int] | None, dict, int] = (None, {}, 0)
+        self.staging: dict[tuple, np.ndarray] = {}  # ids and lengths, by input name and shape
         self.block = int(self.manifest["ltm_block"])
         self.max_context = int(self.manifest["max_context"])
         self.last_only_graph = bool(self.manifest["last_only"])
@@ -310,13 +325,22 @@ class OrtBackend(GraphStatePaging, Backend):
         self.session.run_with_iobinding(binding)  # returns when the outputs are written
         return outputs
 
-    def run_numpy(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One run with numpy arrays by input name in, by output name out, through an IOBinding
-        kept across steps: an input is bound again only when its buffer moved (the state's
-        buffers stay put from step to step), and the outputs go to buffers allocated once per
-        (batch, chunk) shape. The outputs are the binding's buffers, valid until the next
-        step."""
-        binding, bound = self.cpu_binding
+    def host_binding(self, state: OrtState) -> HostBinding:
+        """The IOBinding of `state`'s steps, kept while the state lives: its buffers stay bound
+        from step to step, also when steps take turns between states (or views of rows)."""
+        key = id(state)
+        found = self.host_bindings.get(key)
+        if found is None:
+            found = self.host_bindings[key] = HostBinding(self.session.io_binding())
+            weakref.finalize(state, self.host_bindings.pop, key, None)
+        return found
+
+    def run_numpy(self, host: HostBinding, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One run with numpy arrays by input name in, by output name out, through the state's
+        IOBinding: an input is bound again only when its buffer moved (the state's buffers stay
+        put from step to step), and the outputs go to buffers allocated once per (batch, chunk)
+        shape. The outputs are those buffers, valid until the next step."""
+        binding, bound = host.binding, host.inputs
         for name, array in feeds.items():
             if bound.get(name) is array:  # the state's buffers, step after step
                 continue
@@ -325,17 +349,23 @@ class OrtBackend(GraphStatePaging, Backend):
             binding.bind_input(name, "cpu", 0, array.dtype.type, list(array.shape),
                                array.ctypes.data)  # fmt: skip
             bound[name] = array  # bound by address: kept alive while it is bound
-        outputs = self.cpu_outputs(binding, *feeds[io_spec.INPUT_IDS].shape)
+        outputs = self.cpu_outputs(*feeds[io_spec.INPUT_IDS].shape)
+        if host.outputs != self.outputs[2]:  # bound to an older set, freed since
+            for name in self.output_specs:
+                array = outputs[name]
+                binding.bind_output(name, "cpu", 0, array.dtype.type, list(array.shape),
+                                    array.ctypes.data)  # fmt: skip
+            host.outputs = self.outputs[2]
         start = time.perf_counter()
         self.session.run_with_iobinding(binding)
         if self.run_seconds is not None:
             self.run_seconds.append(time.perf_counter() - start)
         return outputs
 
-    def cpu_outputs(self, binding: Any, batch: int, chunk: int) -> dict[str, np.ndarray]:
-        """The output buffers of a (batch, chunk) step, bound to `binding` when the shape
-        changes."""
-        if self.bound_outputs[0] != (batch, chunk):
+    def cpu_outputs(self, batch: int, chunk: int) -> dict[str, np.ndarray]:
+        """The output buffers of a (batch, chunk) step: those of the last step if it had this
+        shape (a new shape's replace them: a prefill chunk's are large)."""
+        if self.outputs[0] != (batch, chunk):
             dims = {"batch": batch, "chunk": chunk}
             shapes = {name: ([dims.get(d, d) for d in shape], NUMPY_DTYPES[dtype])
                       for name, (shape, dtype) in self.output_specs.items()}  # fmt: skip
@@ -350,18 +380,18 @@ class OrtBackend(GraphStatePaging, Backend):
                 scale_names = [name + io_spec.SCALE_SUFFIX for name in pair_names]
                 buffers |= stacked_buffers(shapes, scale_names, STACKED_NEW_SCALES)
             for name, (shape, dtype) in shapes.items():
-                array = buffers.setdefault(name, np.empty(shape, dtype))
-                binding.bind_output(name, "cpu", 0, array.dtype.type, list(array.shape),
-                                    array.ctypes.data)  # fmt: skip
-            self.bound_outputs = ((batch, chunk), buffers)
-        return self.bound_outputs[1]
+                buffers.setdefault(name, np.empty(shape, dtype))
+            self.outputs = ((batch, chunk), buffers, self.outputs[2] + 1)
+        return self.outputs[1]
 
     def staged(self, name: str, array: np.ndarray) -> np.ndarray:
-        """`array` as int64 in a host buffer kept for its shape: the same buffer step after
-        step, so that the CPU binding keeps it bound."""
-        buffer = self.staging.get(name)
-        if buffer is None or buffer.shape != array.shape:
-            buffer = self.staging[name] = np.empty(array.shape, np.int64)
+        """`array` as int64 in a host buffer kept for its name and shape: the same buffer step
+        after step, so that the CPU bindings keep it bound."""
+        buffer = self.staging.get((name, array.shape))
+        if buffer is None:
+            if len(self.staging) >= STAGED_SHAPES:  # the oldest shape goes
+                self.staging.pop(next(iter(self.staging)))
+            buffer = self.staging[(name, array.shape)] = np.empty(array.shape, np.int64)
         np.copyto(buffer, array, casting="unsafe")
         return buffer
 
@@ -382,7 +412,9 @@ class OrtBackend(GraphStatePaging, Backend):
     ) -> Logits:
         if rows and (rows.start or 0, rows.stop) != (0, state.batch_size):
             state = state.view(rows)
-        run = self.run_bound if self.io_binding else self.run_numpy
+        run = (
+            self.run_bound if self.io_binding else partial(self.run_numpy, self.host_binding(state))
+        )
         logits = graph_step(
             self.config,
             self.block,
