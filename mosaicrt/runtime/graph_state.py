@@ -25,6 +25,8 @@ pairs go) reads no device memory: a decode step on the GPU makes no device-to-ho
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections import ChainMap
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -67,6 +69,12 @@ class GraphState:
     # The last few views of row ranges, by range: a step on the same rows gets the same buffers
     # (a runner keeps them bound).
     views: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    @functools.cached_property
+    def buffers(self) -> dict[str, Any]:
+        """The state's own buffers by input name, as every step feeds them: recurrences, pending
+        pairs, rings and pools whole (the same mapping of the same arrays, step after step)."""
+        return self.small | self.stores
 
     def store_feeds(self, blocks: int, to_state: Callable[[np.ndarray], Any]) -> dict[str, Any]:
         """The stores as a step feeds them: rings and pools whole, and the block table's
@@ -394,7 +402,8 @@ def graph_step(
     """One step of the exported graph over `state`, in place: feed the state (the LTM store's
     readable blocks only, as a view), run, keep the present state and store the new pairs.
     ids (B, C) int64 in the state's library, host_lengths (B,) int64 numpy; to_state moves a
-    numpy array to the state's library (and device); run(feeds) -> outputs by name. Returns
+    numpy array to the state's library (and device); run(feeds) -> outputs by name, where
+    feeds.maps is (this step's inputs, the state's `buffers`: the same mapping every step). Returns
     (B, V) logits with last_only, else (B, C, V). Reads nothing back from the state's device."""
     lengths = to_state(host_lengths)
     reach = int((state.host_pos + host_lengths).max())
@@ -411,11 +420,12 @@ def graph_step(
     if state.blocks is not None:  # blocks for the pairs this step completes, from the pool
         working = np.flatnonzero(host_lengths > 0)
         state.blocks.grow(working, state.host_pos[working] + host_lengths[working])
-    nb = geometry.readable_blocks(state.host_pos, ids.shape[1], config.ltm_delay, block)
-    feeds = {io_spec.INPUT_IDS: ids, io_spec.LENGTHS: lengths, io_spec.POSITIONS: state.pos}
-    feeds.update(state.small)
-    feeds.update(state.store_feeds(nb, to_state))
-    outputs = run(feeds)
+    step_feeds = {io_spec.INPUT_IDS: ids, io_spec.LENGTHS: lengths, io_spec.POSITIONS: state.pos}
+    if state.blocks is not None:
+        nb = geometry.readable_blocks(state.host_pos, ids.shape[1], config.ltm_delay, block)
+        step_feeds[io_spec.LTM_BLOCKS] = to_state(state.blocks.feed(nb))
+    # This step's inputs in front of the state's buffers: a runner may bind those once a state.
+    outputs = run(ChainMap(step_feeds, state.buffers))
     present = outputs.get(STACKED_PRESENT)
     if state.small_block is not None and present is not None:
         state.small_block[...] = present  # every present.* at once (the same layout)

@@ -14,10 +14,11 @@ from __future__ import annotations
 import os
 import time
 import weakref
+from collections import ChainMap
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -148,11 +149,20 @@ def check_graph_weights(model_file: Path) -> None:
 @dataclass
 class HostBinding:
     """A state's IOBinding on the CPU: the inputs bound to it by name (bound by address, so kept
-    alive here), and which set of the backend's output buffers is bound to it (0: none)."""
+    alive here), which set of the backend's output buffers is bound to it (0: none), and the
+    state's buffers once they are bound."""
 
     binding: Any
     inputs: dict[str, np.ndarray] = field(default_factory=dict)
     outputs: int = 0
+    buffers: dict | None = None  # the state's buffers, once bound
+
+    def bind_input(self, name: str, array: np.ndarray) -> None:
+        if not array.flags.c_contiguous:  # a row range of an LTM store
+            array = np.ascontiguousarray(array)
+        self.binding.bind_input(name, "cpu", 0, array.dtype.type, list(array.shape),
+                                array.ctypes.data)  # fmt: skip
+        self.inputs[name] = array  # bound by address: kept alive while it is bound
 
 
 def stacked_buffers(shapes: dict, names: list[str], stacked_name: str) -> dict[str, np.ndarray]:
@@ -300,14 +310,15 @@ class OrtBackend(GraphStatePaging, Backend):
     def readable_blocks(self, pos: np.ndarray, chunk: int) -> int:
         return geometry.readable_blocks(pos, chunk, self.config.ltm_delay, self.block)
 
-    def run_bound(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def run_bound(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One run with every input and output bound by pointer: tensors on self.device by
         input name in, freshly allocated ones by output name out."""
         binding = self.session.io_binding()
         where = (self.device.type, self.device.index or 0)
+        kept = []  # what is bound, alive until the run ends
         for name, tensor in feeds.items():
             tensor = tensor.contiguous()
-            feeds[name] = tensor  # kept alive until the run ends
+            kept.append(tensor)
             binding.bind_input(name, *where, NUMPY_DTYPES[tensor.dtype], tuple(tensor.shape),
                                tensor.data_ptr())  # fmt: skip
         dims = {
@@ -335,20 +346,21 @@ class OrtBackend(GraphStatePaging, Backend):
             weakref.finalize(state, self.host_bindings.pop, key, None)
         return found
 
-    def run_numpy(self, host: HostBinding, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One run with numpy arrays by input name in, by output name out, through the state's
-        IOBinding: an input is bound again only when its buffer moved (the state's buffers stay
-        put from step to step), and the outputs go to buffers allocated once per (batch, chunk)
-        shape. The outputs are those buffers, valid until the next step."""
-        binding, bound = host.binding, host.inputs
-        for name, array in feeds.items():
-            if bound.get(name) is array:  # the state's buffers, step after step
-                continue
-            if not array.flags.c_contiguous:  # a row range of an LTM store
-                array = np.ascontiguousarray(array)
-            binding.bind_input(name, "cpu", 0, array.dtype.type, list(array.shape),
-                               array.ctypes.data)  # fmt: skip
-            bound[name] = array  # bound by address: kept alive while it is bound
+    def run_numpy(self, host: HostBinding, feeds: ChainMap) -> dict[str, np.ndarray]:
+        """One run with numpy arrays by input name in (feeds.maps: this step's inputs, the
+        state's buffers), by output name out, through the state's IOBinding: the state's buffers
+        are bound on its first step, a step's input again only when its buffer moved, and the
+        outputs go to buffers allocated once per (batch, chunk) shape. The outputs are those
+        buffers, valid until the next step."""
+        step_feeds, buffers = feeds.maps
+        if host.buffers is not buffers:  # the state's first step
+            for name, array in buffers.items():
+                host.bind_input(name, array)
+            host.buffers = buffers
+        for name, array in step_feeds.items():
+            if host.inputs.get(name) is not array:  # ids, lengths: the same, step after step
+                host.bind_input(name, array)
+        binding = host.binding
         outputs = self.cpu_outputs(*feeds[io_spec.INPUT_IDS].shape)
         if host.outputs != self.outputs[2]:  # bound to an older set, freed since
             for name in self.output_specs:
