@@ -162,6 +162,9 @@ def test_row_ranges_stepped_in_turn_keep_their_inputs_bound(artifact, monkeypatc
         for rows in ranges:
             step(rows)
     assert set(bound) <= {io_spec.LTM_BLOCKS}, sorted(set(bound))
+    # Every buffer of the state and of its views is bound by address, none as a copy.
+    assert len(backend.host_bindings) == len(ranges)
+    assert all(not host.copied for host in backend.host_bindings.values())
 
 
 @pytest.mark.slow

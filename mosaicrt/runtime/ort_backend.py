@@ -156,13 +156,17 @@ class HostBinding:
     inputs: dict[str, np.ndarray] = field(default_factory=dict)
     outputs: int = 0
     buffers: dict | None = None  # the state's buffers, once bound
+    copied: list[str] = field(default_factory=list)  # those bound as copies, again each step
 
-    def bind_input(self, name: str, array: np.ndarray) -> None:
-        if not array.flags.c_contiguous:  # a row range of an LTM store
+    def bind_input(self, name: str, array: np.ndarray) -> bool:
+        """Bind `array` by address (a contiguous copy of it if it is not: False)."""
+        contiguous = array.flags.c_contiguous
+        if not contiguous:
             array = np.ascontiguousarray(array)
         self.binding.bind_input(name, "cpu", 0, array.dtype.type, list(array.shape),
                                 array.ctypes.data)  # fmt: skip
         self.inputs[name] = array  # bound by address: kept alive while it is bound
+        return contiguous
 
 
 def stacked_buffers(shapes: dict, names: list[str], stacked_name: str) -> dict[str, np.ndarray]:
@@ -354,9 +358,11 @@ class OrtBackend(GraphStatePaging, Backend):
         buffers, valid until the next step."""
         step_feeds, buffers = feeds.maps
         if host.buffers is not buffers:  # the state's first step
-            for name, array in buffers.items():
-                host.bind_input(name, array)
+            host.copied = [name for name, array in buffers.items()
+                           if not host.bind_input(name, array)]  # fmt: skip
             host.buffers = buffers
+        for name in host.copied:  # (none: allocate makes every buffer contiguous)
+            host.bind_input(name, buffers[name])
         for name, array in step_feeds.items():
             if host.inputs.get(name) is not array:  # ids, lengths: the same, step after step
                 host.bind_input(name, array)
