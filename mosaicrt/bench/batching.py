@@ -71,20 +71,22 @@ def _run_requests(
         backend.run_seconds = runs
     decode_steps = []
     start = time.perf_counter()
-    for request in requests:
-        batcher.submit(request)
-    while batcher.busy:
-        before, ran = time.perf_counter(), len(runs or ())
-        events = batcher.step()
-        now = time.perf_counter()
-        if runs is not None and len(runs) == ran + 1 and not batcher.last_prefill:
-            decode_steps.append((now - before, runs[-1]))  # one model run, a decode step
-        for request, token, _ in events:
-            if token is not None:
-                times[request.rid].append(now)
+    try:
+        for request in requests:
+            batcher.submit(request)
+        while batcher.busy:
+            before, ran = time.perf_counter(), len(runs or ())
+            events = batcher.step()
+            now = time.perf_counter()
+            if runs is not None and len(runs) == ran + 1 and not batcher.last_prefill:
+                decode_steps.append((now - before, runs[-1]))  # one model run, a decode step
+            for request, token, _ in events:
+                if token is not None:
+                    times[request.rid].append(now)
+    finally:
+        if runs is not None:
+            backend.run_seconds = None
     duration = time.perf_counter() - start
-    if runs is not None:
-        backend.run_seconds = None
     timings = [RequestTiming(start, tuple(times[r.rid]), len(r.prompt)) for r in requests]
     return Run(timings, duration, batcher.pool_report(), decode_steps)
 
