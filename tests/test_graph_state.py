@@ -136,3 +136,27 @@ def test_decode_writes_row_by_row_where_the_general_path_would(store, positions,
         pool_block = row_by_row.blocks.table[0, tau // block]
         stored = row_by_row.pairs["ltm"][0, pool_block, :, tau % block]  # layer 0's keys
         np.testing.assert_array_equal(stored, new[io_spec.new_pairs_name(0, "keys")][0, 0, H:])
+
+
+def test_views_of_row_ranges_are_kept_and_write_through():
+    """GraphState.view gives the same view for the same rows while the range is among the last
+    KEPT_VIEWS asked for (a runner keeps its buffers bound), a new one after; a view's buffers
+    are the state's own, so a step on it updates the state."""
+    from mosaicrt.runtime.graph_state import KEPT_VIEWS
+
+    config = preset("tiny")
+    state = allocate(config, 6, 64, 128, full_fn("numpy", "float32"), np.zeros(6, np.int64))
+    first = state.view(slice(1, 3))
+    assert state.view(slice(1, 3)) is first
+    assert first.buffers is first.buffers  # one mapping, step after step
+    assert set(first.buffers) == set(state.small) | set(state.stores)
+    for start in range(KEPT_VIEWS):  # newer ranges push it out
+        state.view(slice(start, start + 4))
+    assert state.view(slice(1, 3)) is not first
+    assert len(state.views) == KEPT_VIEWS
+    view = state.view(slice(1, 3))
+    view.pos += 5
+    name = io_spec.small_name("past", 0, "s")
+    view.small[name][...] = 2.0
+    assert state.pos.tolist() == [0, 5, 5, 0, 0, 0]
+    assert (state.small[name][1:3] == 2.0).all() and (state.small[name][0] == 0.0).all()
