@@ -21,6 +21,8 @@ from mosaicrt.argtypes import positive_int
 from mosaicrt.bench.machine import machine_info, measure_bandwidth_gb_s, measure_peak_gflops
 from mosaicrt.bench.ort_ceiling import median_ms
 from mosaicrt.errors import InputError
+from mosaicrt.model.config import preset
+from mosaicrt.model.state import pair_bytes
 from mosaicrt.ops.associative_memory import SCALED_STORES
 from mosaicrt.ops.associative_memory.reference import quantize_pairs
 from mosaicrt.ops.ort_library import build_library
@@ -28,10 +30,10 @@ from mosaicrt.outputs import check_output_file, write_json
 from mosaicrt.runtime.ort_backend import session_options
 
 # A mini layer's LTM on its heads (H heads of hs), blocks of S pairs as the artifact stores them.
-H, HS, S = 8, 64, 128
-FLOAT_STORES = {"fp32": np.float32, "fp16": np.float16}
-SCALED = {"int8": "int8", "fp8": "float8_e4m3fn"}  # stores with a scale per pair and head
-STORES = (*FLOAT_STORES, *SCALED)
+LAYER = preset("mini")
+H, HS, S = LAYER.num_heads, LAYER.head_dim, 128
+# --stores names -> store dtypes (int8 and fp8: a scale per pair and head, SCALED_STORES)
+STORES = {"fp32": "float32", "fp16": "float16", "int8": "int8", "fp8": "float8_e4m3fn"}
 
 
 def ltm_inputs(batch: int, chunk: int, stored: int, store: str, seed: int = 0) -> dict:
@@ -48,11 +50,12 @@ def ltm_inputs(batch: int, chunk: int, stored: int, store: str, seed: int = 0) -
 
     keys, values = unit(nb * batch, H, S, HS), rng.standard_normal((nb * batch, H, S, HS))
     stores, scales = {}, {}
+    dtype = STORES[store]
     for name, pairs in (("store_k", keys), ("store_v", values)):
-        if store in FLOAT_STORES:
-            stores[name] = pairs.astype(FLOAT_STORES[store])
+        if dtype not in SCALED_STORES:
+            stores[name] = pairs.astype(dtype)
             continue
-        q, scale = quantize_pairs(torch.from_numpy(pairs.astype(np.float32)), SCALED[store])
+        q, scale = quantize_pairs(torch.from_numpy(pairs.astype(np.float32)), dtype)
         stores[name], scales[name + "_scale"] = q.view(torch.int8).numpy(), scale.numpy()
     return {
         "q": unit(batch, chunk, H, HS),
@@ -82,7 +85,7 @@ def session(inputs: dict, threads: int, library: Path, store: str):
 
     elem = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
             np.dtype(np.int64): TensorProto.INT64, np.dtype(np.int8): TensorProto.INT8}  # fmt: skip
-    op = SCALED_STORES[SCALED[store]][0] if store in SCALED else "AssociativeMemory"
+    op = SCALED_STORES[STORES[store]][0] if STORES[store] in SCALED_STORES else "AssociativeMemory"
     node = helper.make_node(op, list(inputs), ["y"], domain=DOMAIN, window=NO_WINDOW, delay=1)
     graph = helper.make_graph(
         [node],
@@ -125,14 +128,10 @@ def main(args: argparse.Namespace) -> int:
         sess = session(layers[0], args.threads, library, case["store"])
         ms = median_ms(lambda: [sess.run(None, x) for x in layers], args.repeats, warmup=1)
         ms /= len(layers)
-        # bytes per stored key or value: its elements, and an fp32 scale for scaled stores
-        store = case["store"]
-        dtype = FLOAT_STORES.get(store)
-        pair_bytes = HS * np.dtype(dtype).itemsize if dtype is not None else HS + 4
         pairs = case["batch"] * case["stored"]
         row = case | {"march": march, "ms": ms}
-        if case["kind"] == "decode":  # every stored key and value read once
-            row["bytes"] = 2 * pairs * H * pair_bytes
+        if case["kind"] == "decode":  # every stored key and value read once, scales included
+            row["bytes"] = pairs * pair_bytes(LAYER, STORES[case["store"]])
             row["gb_s"] = row["bytes"] / (ms * 1e-3) / 1e9
             row["roofline_fraction"] = row["gb_s"] / bandwidth
             fraction = row["roofline_fraction"]
