@@ -79,9 +79,13 @@ class GraphState:
     def store_feeds(self, blocks: int, to_state: Callable[[np.ndarray], Any]) -> dict[str, Any]:
         """The stores as a step feeds them: rings and pools whole, and the block table's
         leading `blocks` columns (to_state: into the state's library)."""
+        return self.stores | self.table_feed(blocks, to_state)
+
+    def table_feed(self, blocks: int, to_state: Callable[[np.ndarray], Any]) -> dict[str, Any]:
+        """The block table's leading `blocks` columns by input name (none without an LTM)."""
         if self.blocks is None:
-            return self.stores
-        return self.stores | {io_spec.LTM_BLOCKS: to_state(self.blocks.feed(blocks))}
+            return {}
+        return {io_spec.LTM_BLOCKS: to_state(self.blocks.feed(blocks))}
 
     @property
     def batch_size(self) -> int:
@@ -420,10 +424,9 @@ def graph_step(
     if state.blocks is not None:  # blocks for the pairs this step completes, from the pool
         working = np.flatnonzero(host_lengths > 0)
         state.blocks.grow(working, state.host_pos[working] + host_lengths[working])
+    nb = geometry.readable_blocks(state.host_pos, ids.shape[1], config.ltm_delay, block)
     step_feeds = {io_spec.INPUT_IDS: ids, io_spec.LENGTHS: lengths, io_spec.POSITIONS: state.pos}
-    if state.blocks is not None:
-        nb = geometry.readable_blocks(state.host_pos, ids.shape[1], config.ltm_delay, block)
-        step_feeds[io_spec.LTM_BLOCKS] = to_state(state.blocks.feed(nb))
+    step_feeds |= state.table_feed(nb, to_state)
     # This step's inputs in front of the state's buffers: a runner may bind those once a state.
     outputs = run(ChainMap(step_feeds, state.buffers))
     present = outputs.get(STACKED_PRESENT)
