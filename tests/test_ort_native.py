@@ -13,6 +13,7 @@ from mosaicrt.errors import BackendError  # noqa: E402
 from mosaicrt.ops.associative_memory import SCALED_STORES  # noqa: E402
 from mosaicrt.ops.associative_memory.reference import dequantize_pairs, quantize_pairs  # noqa: E402
 from mosaicrt.ops.geometry import NO_WINDOW  # noqa: E402
+from mosaicrt.ops.ort_library import VECTOR_PATHS  # noqa: E402
 
 # An fp32 retrieval against the float64 oracle: within ROUNDINGS x 2^-24 x each output's condition
 # (helpers.memory_op_oracle). The function body and every vector path measured at most 7.
@@ -28,7 +29,7 @@ def assert_near_oracle(y, truth, cond, lengths):
         assert (error <= ROUNDINGS * 2.0**-24 * cond[b, : lengths[b]]).all(), error.max()
 
 
-@pytest.fixture(scope="module", params=["avx512", "avx2", "generic"])
+@pytest.fixture(scope="module", params=list(VECTOR_PATHS))
 def kernel_library(request):
     """The native library built for each vector path this CPU can run (this machine's own build
     for AVX-512, narrower targets for the others), so that every path is checked on a machine
@@ -36,7 +37,7 @@ def kernel_library(request):
     from mosaicrt.errors import InputError
     from mosaicrt.ops import ort_library
 
-    march, needs = ort_library.VECTOR_PATHS[request.param]
+    march, needs = VECTOR_PATHS[request.param]
     arch, *flags = ort_library.cpu_features().split()
     features = set(flags)
     if arch != "x86_64":

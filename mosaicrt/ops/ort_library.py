@@ -63,13 +63,11 @@ def cpu_features() -> str:
 # The retrieval kernel's vector paths (ort_simd.h), widest first: the -march target that selects
 # each on an x86-64 CPU that has the flags it needs (AVX-512's: this CPU's own build).
 VECTOR_PATHS = {
-    "avx512": ("native", {"avx512f"}),  # 16 fp32 lanes
-    "avx2": ("x86-64-v3", {"avx2", "f16c", "fma"}),  # 8 lanes
-    "generic": ("x86-64-v2", {"sse4_2"}),  # 4 lanes: GCC's generic vectors, scalar widening loads
+    "avx512": ("native", {"avx512f"}),
+    "avx2": ("x86-64-v3", {"avx2", "f16c", "fma"}),
+    "generic": ("x86-64-v2", {"sse4_2"}),  # GCC's generic vectors, scalar widening loads
 }
-
-
-VECTOR_LANES = {"avx512": 16, "avx2": 8, "generic": 4}
+VECTOR_LANES = {"avx512": 16, "avx2": 8, "generic": 4}  # fp32 lanes of each path's vectors
 
 
 def cpu_vectors() -> str:
