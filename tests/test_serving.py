@@ -14,7 +14,7 @@ import pytest
 
 from mosaicrt.errors import CapacityError, InputError
 from mosaicrt.runtime.generator import RunLimits, generate
-from mosaicrt.runtime.serving.loop import Cancelled, ServingLoop
+from mosaicrt.runtime.serving.loop import Cancelled, LoopMetrics, ServingLoop
 from mosaicrt.runtime.torch_backend import TorchBackend
 
 
@@ -74,6 +74,50 @@ def test_loop_batches_concurrent_requests_and_isolates_bad_ones(tiny_ckpt):
     assert isinstance(long.error, Cancelled) and len(long.tokens) < 40
     assert Collect().submit(loop, [9, 9], 3).wait() == generate(backend, [[9, 9]], 3)[0]
     loop.stop()
+
+
+class Recorded(LoopMetrics):
+    """Every metrics call and the thread it came on."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, tuple]] = []
+
+    def __getattribute__(self, name: str):
+        if name in ("first_token", "inter_token", "tokens", "finished", "load", "pool"):
+            calls = object.__getattribute__(self, "calls")
+            return lambda *args: calls.append((name, threading.current_thread().name, args))
+        return object.__getattribute__(self, name)
+
+
+def test_loop_reports_off_its_thread_and_a_failing_cancel_check_cancels(tiny_ckpt):
+    """The metrics and the cancellation checks (round trips to the server in Triton) run on the
+    sender thread: tokens counted once per step, load reported when it changes; a request whose
+    check raises (its client is gone) is cancelled."""
+    backend = TorchBackend(tiny_ckpt, device="cpu")
+    metrics = Recorded()
+    loop = ServingLoop(backend, RunLimits(max_batch=2, max_context=48), metrics=metrics)
+    a, b = Collect().submit(loop, [1, 2, 3], 12), Collect().submit(loop, [4, 5], 12)
+
+    def gone() -> bool:
+        raise RuntimeError("Stub process is not healthy")
+
+    dropped = Collect().submit(loop, [6, 7], 40, is_cancelled=gone)
+    assert len(a.wait()) == len(b.wait()) == 12
+    dropped.wait()
+    assert isinstance(dropped.error, Cancelled) and len(dropped.tokens) < 40
+    loop.stop()
+    calls = metrics.calls
+    assert {thread for _, thread, _ in calls} == {"mosaicrt-sender"}
+    counted = [args[0] for name, _, args in calls if name == "tokens"]
+    generated = len(a.tokens) + len(b.tokens) + len(dropped.tokens)
+    assert sum(counted) == generated and len(counted) < generated  # per step, not per token
+    started = sum(bool(c.tokens) for c in (a, b, dropped))  # (dropped may end before a token)
+    assert sum(name == "first_token" for name, _, _ in calls) == started
+    assert sum(name == "inter_token" for name, _, _ in calls) == generated - started
+    finished = [args[0] for name, _, args in calls if name == "finished"]
+    assert sorted(finished) == [False, True, True]
+    loads = [args for name, _, args in calls if name == "load"]
+    assert len(loads) < len(counted) and len(set(loads)) == len(loads)  # only when it changed
 
 
 # A real Triton Inference Server on loopback, serving an ONNX Runtime artifact of the tiny model.

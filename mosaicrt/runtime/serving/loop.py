@@ -2,11 +2,14 @@
 and each gets its tokens back through callbacks as they are produced.
 
 The batcher (and so the backend and its state) is touched by the loop thread only; other threads
-talk to it through a queue. Callbacks run on a sender thread of their own, so a slow client never
-holds up decoding. Every step the loop asks each running request whether it was cancelled (a
-client that went away), and stops it within that step. A request that is refused (bad ids, over
-capacity, no row for a new session) or fails (its step raised, its numbers overflowed) gets its
-error alone: no other request's state is touched.
+talk to it through a queue. Whatever may wait on someone else runs on a sender thread of its own,
+so that it overlaps the decode steps instead of holding them up: the callbacks (a slow client), the
+metrics, and asking each running request whether it was cancelled (in Triton, each metric update and
+each such question is a round trip to the server process). The sender checks every running request
+once per step, and the loop stops a cancelled one at its next step. The load is reported when it
+changes, and the tokens once per step. A request that is refused (bad ids, over capacity, no row for
+a new session) or fails (its step raised, its numbers overflowed) gets its error alone: no other
+request's state is touched.
 """
 
 from __future__ import annotations
@@ -29,8 +32,12 @@ class Cancelled(MosaicError):
     """The client cancelled the request or went away."""
 
 
+LOAD_REPORT_S = 1.0  # the load is reported when it changes, and at least this often
+
+
 class LoopMetrics:
-    """What the loop reports as it runs; the Triton model sends it to Triton's metrics."""
+    """What the loop reports as it runs (called on the sender thread); the Triton model sends it
+    to Triton's metrics."""
 
     def first_token(self, seconds: float) -> None: ...
     def inter_token(self, seconds: float) -> None: ...
@@ -71,7 +78,10 @@ class ServingLoop:
         self.drain_file = drain_file
         self.batcher = ContinuousBatcher(backend, SamplingParams(), limits)
         self.inbox: queue.Queue = queue.Queue()
-        self.outbox: queue.Queue = queue.Queue()
+        self.outbox: queue.Queue = queue.Queue()  # (callable, *args) for the sender thread
+        self.cancelled: queue.SimpleQueue = queue.SimpleQueue()  # rids the sender found cancelled
+        self.checking = threading.Event()  # set while a cancellation check waits in the outbox
+        self.last_load: tuple = ()  # (time, what was reported)
         self.jobs: dict[int, Job] = {}
         self.last_used: dict[object, float] = {}  # session -> time of its last token
         self.next_rid = 0
@@ -104,7 +114,7 @@ class ServingLoop:
             vocab = self.backend.config.vocab_size
             check_request(prompt, max_new_tokens, vocab, self.limits, "input_ids", serving=True)
         except MosaicError as exc:
-            self.metrics.finished(ok=False)
+            self.outbox.put((self.metrics.finished, False))
             self.outbox.put((on_error, exc))
             return
         with self.lock:
@@ -170,15 +180,38 @@ class ServingLoop:
         self.jobs[request.rid] = job
 
     def _cancelled(self) -> None:
-        for rid, job in list(self.jobs.items()):
-            if job.is_cancelled():
+        """Stop the requests the sender found cancelled, and have it check the running ones
+        again (one check at a time: it waits behind the tokens already queued)."""
+        while True:
+            try:
+                rid = self.cancelled.get_nowait()
+            except queue.Empty:
+                break
+            job = self.jobs.pop(rid, None)
+            if job is not None:
                 self.batcher.cancel(rid)
-                del self.jobs[rid]
                 self._reply(job, job.on_error, Cancelled("the request was cancelled"))
+        if self.jobs and not self.checking.is_set():
+            self.checking.set()
+            checks = [(rid, job.is_cancelled) for rid, job in self.jobs.items()]
+            self.outbox.put((self._check_cancelled, checks))
+
+    def _check_cancelled(self, checks: list[tuple[int, Callable[[], bool]]]) -> None:
+        """On the sender thread: which requests were cancelled (a check that raises: the
+        client is gone)."""
+        self.checking.clear()
+        for rid, is_cancelled in checks:
+            try:
+                cancelled = is_cancelled()
+            except Exception:
+                cancelled = True
+            if cancelled:
+                self.cancelled.put(rid)
 
     def _step(self) -> None:
         events = self.batcher.step()
         now = time.monotonic()
+        firsts, gaps = [], []  # seconds to first tokens, between tokens
         for request, token, finished in events:
             job = self.jobs.get(request.rid)
             if job is None:
@@ -187,7 +220,11 @@ class ServingLoop:
                 del self.jobs[request.rid]
                 self._reply(job, job.on_error, request.error)
                 continue
-            self._timed(job, now)
+            if job.last_token is None:
+                firsts.append(now - job.submitted)
+            else:
+                gaps.append(now - job.last_token)
+            job.last_token = now
             stop = job.on_step is not None and job.on_step(token)  # before on_token is sent
             self.outbox.put((job.on_token, token))
             if stop and not finished:
@@ -198,17 +235,18 @@ class ServingLoop:
             if finished:
                 del self.jobs[request.rid]
                 self._reply(job, job.on_done)
+        if firsts or gaps:
+            self.outbox.put((self._record_tokens, firsts, gaps))
 
-    def _timed(self, job: Job, now: float) -> None:
-        if job.last_token is None:
-            self.metrics.first_token(now - job.submitted)
-        else:
-            self.metrics.inter_token(now - job.last_token)
-        job.last_token = now
-        self.metrics.tokens(1)
+    def _record_tokens(self, firsts: list[float], gaps: list[float]) -> None:
+        for seconds in firsts:
+            self.metrics.first_token(seconds)
+        for seconds in gaps:
+            self.metrics.inter_token(seconds)
+        self.metrics.tokens(len(firsts) + len(gaps))
 
     def _reply(self, job: Job, callback: Callable, *args) -> None:
-        self.metrics.finished(ok=callback is job.on_done)
+        self.outbox.put((self.metrics.finished, callback is job.on_done))
         self.outbox.put((callback, *args))
 
     def _fail_all(self, error: MosaicError) -> None:
@@ -229,11 +267,22 @@ class ServingLoop:
                 del self.last_used[session]
 
     def _report_load(self) -> None:
+        """The load and the pool's use, to the metrics when they changed or LOAD_REPORT_S passed
+        (the rate of tokens is worked out from the reports)."""
         b = self.batcher
         running = sum(r is not None for r in b.rows)
         rows = len({i for i, r in enumerate(b.rows) if r is not None} | b.kept_rows())
-        self.metrics.load(running, len(b.waiting), rows, len(b.sessions))
+        load = (running, len(b.waiting), rows, len(b.sessions))
         report = b.pool_report()
+        now = time.monotonic()
+        if self.last_load and self.last_load[1:] == (load, report):
+            if now - self.last_load[0] < LOAD_REPORT_S:
+                return
+        self.last_load = (now, load, report)
+        self.outbox.put((self._record_load, load, report))
+
+    def _record_load(self, load: tuple[int, int, int, int], report: dict | None) -> None:
+        self.metrics.load(*load)
         if report is not None:
             self.metrics.pool(report)
 
