@@ -240,6 +240,9 @@ def cases(r: Path) -> list[tuple[list, str]]:
     add(["bench", "compare", ck, "--backends", "torch,vllm", "--contexts", "16"], "vllm")
     add(["bench", "compare", ck, "--backends", ",", "--contexts", "16"], "--backends")
     add(compare + ["--steps", "0"], "argument --steps")
+    add(["bench", "serve", "--preset", "huge"], "unknown preset 'huge'")
+    for option in ("--clients", "--requests", "--prompt-len", "--new-tokens"):
+        add(["bench", "serve", option, "0"], f"argument {option}")
     for option in ("--atol", "--rtol"):
         for value in ("nan", "-1", "inf", "x"):
             add(["check", art, option, value], f"argument {option}")

@@ -6,14 +6,18 @@ the server path against the same request through `mosaicrt generate`'s code in p
 
 Each client sends its requests one after another over a gRPC stream (greedy); tokens are counted
 as they arrive (a request may stop early at EOS). The artifact is exported with last_only, as for
-serving: a step needs each row's last logits only.
+serving: a step needs each row's last logits only. Each clients' run also reports the CPU time the
+model processes, tritonserver and the clients (this process) used: on a small machine the clients
+and the server's own work take cores from the model's threads.
 
-    python -m mosaicrt.bench.triton_server --json bench/results/serve_cpu.json
+    mosaicrt bench serve --json bench/results/serve_cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import statistics
 import tempfile
 import threading
@@ -24,6 +28,7 @@ import torch
 
 from mosaicrt.argtypes import positive_int
 from mosaicrt.bench.machine import machine_info
+from mosaicrt.errors import BackendError
 from mosaicrt.export.artifact import export_artifact
 from mosaicrt.model.checkpoint import random_tensors, write_checkpoint
 from mosaicrt.model.config import preset
@@ -82,24 +87,50 @@ def step_ms(backend, rows: int, prompt_len: int, repeats: int = 5) -> dict:
             "decode_ms": 1e3 * statistics.median(decode)}  # fmt: skip
 
 
-def clients_run(url: str, clients: int, requests_each: int, prompt_len: int, new: int) -> dict:
-    """`clients` threads, each sending requests_each requests in turn; aggregate tokens/s."""
+def cpu_seconds(server: TritonServer) -> dict[str, float]:
+    """CPU seconds used so far by the model processes (Triton's Python-backend stubs: the
+    runtime and its model), by tritonserver itself, and by this process (the clients)."""
+    import psutil  # the [bench] extra
+
+    root = psutil.Process(server.process.pid)
+    used = {"model_processes": 0.0, "tritonserver": 0.0, "clients": 0.0}
+    for process, kind in [(root, "tritonserver")] + [
+        (child, "model_processes") for child in root.children(recursive=True)
+    ]:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:  # a process that ended meanwhile
+            continue
+        used[kind] += times.user + times.system
+    times = psutil.Process(os.getpid()).cpu_times()
+    used["clients"] = times.user + times.system
+    return used
+
+
+def clients_run(
+    server: TritonServer, clients: int, requests_each: int, prompt_len: int, new: int
+) -> dict:
+    """`clients` threads, each sending requests_each requests in turn; aggregate tokens/s, and
+    the cores each side kept busy meanwhile (CPU seconds per second)."""
     prompts = client_prompts(clients, requests_each, prompt_len)
     counts = [0] * clients
 
     def client(c: int) -> None:
         for r in range(requests_each):
-            counts[c] += stream_tokens(url, prompts[c][r], new)
+            counts[c] += stream_tokens(server.grpc_url, prompts[c][r], new)
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    before = cpu_seconds(server)
     start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
+    after = cpu_seconds(server)
+    cores = {kind: (after[kind] - before[kind]) / wall for kind in after}
     return {"clients": clients, "output_tokens": sum(counts), "wall_s": wall,
-            "output_tokens_per_s": sum(counts) / wall}  # fmt: skip
+            "output_tokens_per_s": sum(counts) / wall, "cores_busy": cores}  # fmt: skip
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -112,6 +143,14 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    for module, extra in (("psutil", "bench"), ("tritonclient.grpc", "serve")):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise BackendError(
+                f"mosaicrt bench serve needs {module.split('.')[0]}: pip install "
+                f"'mosaicrt[serve,bench]'"
+            ) from None
     if args.json:
         check_output_file(args.json, flag="--json")
     config = preset(args.preset)
@@ -124,8 +163,8 @@ def main(args: argparse.Namespace) -> int:
                           max_context=context, prefill_chunk=args.prompt_len)  # fmt: skip
         with TritonServer(tmp / "repo") as server:
             stream_tokens(server.grpc_url, [1] * args.prompt_len, 4)  # warm up
-            one = clients_run(server.grpc_url, 1, args.requests, args.prompt_len, args.new_tokens)
-            many = clients_run(server.grpc_url, args.clients, args.requests, args.prompt_len,
+            one = clients_run(server, 1, args.requests, args.prompt_len, args.new_tokens)
+            many = clients_run(server, args.clients, args.requests, args.prompt_len,
                                args.new_tokens)  # fmt: skip
             prompt = [7] * args.prompt_len
             served = []
@@ -173,6 +212,12 @@ def main(args: argparse.Namespace) -> int:
         f"{args.clients} rows {steps[1]['decode_ms']:.1f} ms vs {steps[0]['decode_ms']:.1f} ms for "
         f"one ({result['decode_step_speedup']:.1f}x the tokens/s), a prefill step of "
         f"{args.clients} x {args.prompt_len} tokens {steps[1]['prefill_ms']:.0f} ms"
+    )
+    busy = many["cores_busy"]
+    print(
+        f"cores kept busy by {args.clients} clients' run: model processes "
+        f"{busy['model_processes']:.2f}, tritonserver {busy['tritonserver']:.2f}, the clients "
+        f"{busy['clients']:.2f} (of {os.cpu_count()})"
     )
     if args.json:
         write_json(args.json, result)

@@ -1,5 +1,5 @@
-"""`mosaicrt bench latency|throughput|compare`: the benchmarks of mosaicrt.bench, each with its own
-options (`mosaicrt bench MODE --help`)."""
+"""`mosaicrt bench latency|throughput|compare|serve`: the benchmarks of mosaicrt.bench, each with
+its own options (`mosaicrt bench MODE --help`)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,11 @@ MODES = {
     "compare": (
         "decode TPOT of several backends side by side, ratios vs torch eager",
         "mosaicrt.bench.decode",
+    ),
+    "serve": (
+        "1 and N streaming clients through Triton Inference Server on loopback, against the "
+        "same requests in process",
+        "mosaicrt.bench.triton_server",
     ),
 }
 
