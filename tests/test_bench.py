@@ -225,3 +225,23 @@ def test_ort_ops_bench_times_the_native_kernel_per_build(tmp_path, native_ort_li
     assert rows[4]["bytes"] == 2 * 8 * 300 * H * (hs + 4)
     assert rows[2]["flops"] == 4 * (10 * 130 + 10 * 11 // 2) * H * hs
     assert all(r["ms"] > 0 for r in rows)
+
+
+def test_pairs_in_run_bench_times_both_writers_in_turn(tiny_ckpt, tmp_path, native_ort_library):
+    """Both backends decode the same requests each round, in alternating order; the
+    bookkeeping is a step's time outside its session.run."""
+    from mosaicrt.bench import pairs_in_run
+    from mosaicrt.export.artifact import export_artifact
+
+    artifact = export_artifact(tiny_ckpt, tmp_path / "onnx", max_context=64)
+    out = tmp_path / "pairs.json"
+    parser = argparse.ArgumentParser()
+    pairs_in_run.add_cli_args(parser)
+    args = [str(artifact), "--rows", "2", "--prompt-len", "20", "--new-tokens", "12",
+            "--rounds", "2", "--json", str(out)]  # fmt: skip
+    assert pairs_in_run.main(parser.parse_args(args)) == 0
+    rounds = json.loads(out.read_text())["rounds"]
+    assert set(rounds) == {"in_run", "by_runtime"}
+    for result in rounds["in_run"] + rounds["by_runtime"]:
+        assert result["steps"] == 6 and 0 < result["run_ms"] < result["step_ms"]
+        assert result["bookkeeping_ms"] > 0

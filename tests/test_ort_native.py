@@ -372,3 +372,54 @@ def test_loading_the_library_leaves_the_process_floating_point_mode_alone(native
     tiny = np.float32(1e-40)  # a subnormal
     assert tiny * np.float32(1.0) == tiny
     assert float(torch.tensor(1e-40, dtype=torch.float32) * 1.0) > 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_the_native_retrieval_appends_the_pairs_the_runtime_would_write(
+    tmp_path, native_ort_library, dtype
+):
+    """With the native kernels the run writes each step's new pairs into fp32/fp16 stores itself
+    and the runtime writes none. Through chunks longer than the STM ring and the LTM delay, decode
+    steps across ring wraps and LTM block edges, rows at different positions, an idle row and a
+    step on a row range, the stores and the logits are, bit for bit, those of the same kernels
+    with the runtime writing the pairs (pairs_in_run=False, as for the function bodies)."""
+    from mosaicrt.export.artifact import export_artifact
+    from mosaicrt.model import preset, random_model, save_checkpoint
+    from mosaicrt.runtime import graph_state
+    from mosaicrt.runtime.ort_backend import OrtBackend
+
+    save_checkpoint(random_model(preset("tiny"), seed=5), tmp_path / "ckpt")
+    artifact = export_artifact(
+        tmp_path / "ckpt", tmp_path / "onnx", dtype=dtype, max_context=128, ltm_block=8
+    )
+    native = OrtBackend(artifact, ort_ops="native")
+    bodies = OrtBackend(artifact, ort_ops="native", pairs_in_run=False)  # the runtime writes
+    assert native.pairs_in_run and not bodies.pairs_in_run
+    states = [backend.new_state(2, 128) for backend in (native, bodies)]
+    schedule = [([20, 7], None), ([0, 19], None), ([3, 1], None)]  # ring 15, delay 8, blocks 8
+    schedule += [([1, 1], None)] * 20 + [([4], slice(1, 2)), ([1], slice(0, 1))]
+    schedule += [([1, 1], None)] * 10
+    rng = np.random.default_rng(0)
+    written = []
+    real_write = graph_state.write_new_pairs
+
+    def counted(*args, **kwargs):
+        written.append(1)
+        return real_write(*args, **kwargs)
+
+    graph_state.write_new_pairs = counted
+    try:
+        for lengths, rows in schedule:
+            ids = rng.integers(0, 256, (len(lengths), max(lengths)))
+            lengths = np.array(lengths)
+            before = len(written)
+            got = native.step(ids, lengths, states[0], last_only=True, rows=rows)
+            assert len(written) == before  # the run wrote them
+            want = bodies.step(ids, lengths, states[1], last_only=True, rows=rows)
+            np.testing.assert_array_equal(got[lengths > 0], want[lengths > 0])
+    finally:
+        graph_state.write_new_pairs = real_write
+    assert len(written) == len(schedule)  # pairs_in_run=False: the runtime wrote them
+    for memory in ("stm", "ltm"):
+        np.testing.assert_array_equal(states[0].pairs[memory], states[1].pairs[memory])
+    np.testing.assert_array_equal(states[0].pos, [54, 61])

@@ -18,6 +18,10 @@ namespace mosaic {
 // A score no visible pair can have (finite, so fast-math code never meets an infinity).
 constexpr float kNoScore = -1e30f;
 
+// The window of a memory without one (geometry.NO_WINDOW); a memory with a window keeps its pairs
+// in a ring of window - 1 slots.
+constexpr int64_t kNoWindow = 2147483647;
+
 // NaN by its bits: the kernels are compiled with -ffast-math, under which std::isnan may be
 // assumed false.
 inline bool is_nan(float x) {

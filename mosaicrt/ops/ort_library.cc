@@ -4,26 +4,43 @@
 #include "associative_memory/ort_kernel.h"
 #include "gated_key_scan/ort_kernel.h"
 
+//
+// A session whose options hold the config entry kAppendPairs = "1" (the runtime's, which binds the
+// stores in place: mosaicrt/ops/ort_library.py APPEND_PAIRS) gets the AssociativeMemory kernel that
+// also writes each step's new pairs into its fp32/fp16 stores (append_pairs); any other session
+// gets the one that only reads them.
+#include <string>
+
 namespace {
+constexpr const char* kAppendPairs = "mosaic.append_pairs";
 mosaic::GatedKeyScanOp gated_key_scan_op;
 mosaic::AssociativeMemoryOp associative_memory_op;
+mosaic::AssociativeMemoryOp appending_memory_op{true};
 mosaic::AssociativeMemoryInt8Op associative_memory_int8_op;
 mosaic::AssociativeMemoryFp8Op associative_memory_fp8_op;
+
+// The "mosaic" domain with the reading or the appending AssociativeMemory kernel (built once: a
+// domain must outlive every session that uses it).
+Ort::CustomOpDomain& domain(bool append) {
+  static Ort::CustomOpDomain* domains[2] = {nullptr, nullptr};
+  Ort::CustomOpDomain*& found = domains[append];
+  if (found == nullptr) {
+    found = new Ort::CustomOpDomain("mosaic");
+    found->Add(&gated_key_scan_op);
+    found->Add(append ? &appending_memory_op : &associative_memory_op);
+    found->Add(&associative_memory_int8_op);
+    found->Add(&associative_memory_fp8_op);
+  }
+  return *found;
+}
 }  // namespace
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
 RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
   return mosaic::guarded([&] {
-    static Ort::CustomOpDomain domain{"mosaic"};  // must outlive every session that uses it
-    static bool filled = false;
-    if (!filled) {
-      domain.Add(&gated_key_scan_op);
-      domain.Add(&associative_memory_op);
-      domain.Add(&associative_memory_int8_op);
-      domain.Add(&associative_memory_fp8_op);
-      filled = true;
-    }
-    Ort::UnownedSessionOptions(options).Add(domain);
+    Ort::UnownedSessionOptions session(options);
+    const bool append = session.GetConfigEntryOrDefault(kAppendPairs, "0") == "1";
+    session.Add(domain(append));
   });
 }

@@ -38,6 +38,10 @@ FLAGS = ("-std=c++17", "-O3", "-ffast-math", "-fopenmp-simd", "-fPIC", "-fvisibi
 LINK = ("-shared",)
 LIBS = ("-lmvec", "-lm")  # glibc's vector math (the softmax's exp) and libm
 LIBRARY_NAME = "libmosaic_ort.so"
+# The session config entry ("1") under which the library's AssociativeMemory kernel also writes
+# each step's new pairs into its fp32/fp16 stores, in place (ort_library.cc): for a runtime that
+# binds the stores by address and then writes no pairs itself.
+APPEND_PAIRS = "mosaic.append_pairs"
 HEADER = "onnxruntime_cxx_api.h"
 HEADERS_PACKAGE = "libonnxruntime-dev"  # Debian 13's: ONNX Runtime 1.21 headers
 HEADERS_API = 21  # the library then loads into ONNX Runtime >= 1.21

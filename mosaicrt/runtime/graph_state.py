@@ -402,13 +402,17 @@ def graph_step(
     last_only_graph: bool,
     run: Callable[[dict[str, Any]], dict[str, Any]],
     to_state: Callable[[np.ndarray], Any],
+    pairs_in_run: bool = False,
 ) -> Any:
     """One step of the exported graph over `state`, in place: feed the state (the LTM store's
     readable blocks only, as a view), run, keep the present state and store the new pairs.
     ids (B, C) int64 in the state's library, host_lengths (B,) int64 numpy; to_state moves a
     numpy array to the state's library (and device); run(feeds) -> outputs by name, where
-    feeds.maps is (this step's inputs, the state's `buffers`: the same mapping every step). Returns
-    (B, V) logits with last_only, else (B, C, V). Reads nothing back from the state's device."""
+    feeds.maps is (this step's inputs, the state's `buffers`: the same mapping every step).
+    pairs_in_run: the run writes the new pairs into the stores itself (the native ONNX Runtime
+    retrieval, ort_library.APPEND_PAIRS); it is then fed the block table's columns up to the
+    newest pair's block. Returns (B, V) logits with last_only, else (B, C, V). Reads nothing
+    back from the state's device."""
     lengths = to_state(host_lengths)
     reach = int((state.host_pos + host_lengths).max())
     if reach > state.capacity:
@@ -425,6 +429,8 @@ def graph_step(
         working = np.flatnonzero(host_lengths > 0)
         state.blocks.grow(working, state.host_pos[working] + host_lengths[working])
     nb = geometry.readable_blocks(state.host_pos, ids.shape[1], config.ltm_delay, block)
+    if pairs_in_run and state.blocks is not None:  # the blocks the new pairs go to, too
+        nb = max(nb, int(state.blocks.count.max()))
     step_feeds = {io_spec.INPUT_IDS: ids, io_spec.LENGTHS: lengths, io_spec.POSITIONS: state.pos}
     step_feeds |= state.table_feed(nb, to_state)
     # This step's inputs in front of the state's buffers: a runner may bind those once a state.
@@ -435,17 +441,18 @@ def graph_step(
     else:
         for name, buffer in state.small.items():
             buffer[...] = outputs["present" + name[len("past") :]]  # (B, nM*H, hs)
-    write_new_pairs(
-        config,
-        block,
-        state,
-        lambda layer, field: outputs[io_spec.new_pairs_name(layer, field)],
-        host_lengths,
-        ids.shape[1],
-        to_state,
-        outputs.get(STACKED_NEW_PAIRS),
-        outputs.get(STACKED_NEW_SCALES),
-    )
+    if not pairs_in_run:
+        write_new_pairs(
+            config,
+            block,
+            state,
+            lambda layer, field: outputs[io_spec.new_pairs_name(layer, field)],
+            host_lengths,
+            ids.shape[1],
+            to_state,
+            outputs.get(STACKED_NEW_PAIRS),
+            outputs.get(STACKED_NEW_SCALES),
+        )
     state.pos += lengths
     if state.host_pos is not state.pos:
         state.host_pos += host_lengths

@@ -57,17 +57,24 @@ ORT_OPS = ("auto", "native", "functions")
 STAGED_SHAPES = 16  # ids and lengths buffers kept, a decode step's and a few prefill chunks
 
 
-def session_options(threads: int | None = None, library: Path | None = None):
+def session_options(
+    threads: int | None = None, library: Path | None = None, append_pairs: bool = False
+):
     """The session options every step graph runs with: all graph optimizations, `threads` for
     the operators (default: one per core), one graph node at a time, and the native library of
-    the mosaic ops when given (its kernels replace the ops' function bodies)."""
+    the mosaic ops when given (its kernels replace the ops' function bodies; append_pairs: its
+    retrieval also writes the new pairs into fp32/fp16 stores, ort_library.APPEND_PAIRS)."""
     import onnxruntime as ort
+
+    from mosaicrt.ops.ort_library import APPEND_PAIRS
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or os.cpu_count() or 1
     options.inter_op_num_threads = 1
     if library is not None:
+        if append_pairs:  # read by the library as it registers its kernels
+            options.add_session_config_entry(APPEND_PAIRS, "1")
         options.register_custom_ops_library(str(library))
     return options
 
@@ -109,14 +116,18 @@ def wanted_providers(device: str) -> list[str]:
 
 
 def open_session(
-    artifact: str | Path, threads: int | None, providers: list[str], library: Path | None = None
+    artifact: str | Path,
+    threads: int | None,
+    providers: list[str],
+    library: Path | None = None,
+    append_pairs: bool = False,
 ):
     import onnxruntime as ort
 
     try:
         return ort.InferenceSession(
             str(Path(artifact) / MODEL_FILE),
-            session_options(threads, library),
+            session_options(threads, library, append_pairs),
             providers=providers,
         )
     except Exception as exc:  # ORT raises its own pybind exception types
@@ -190,13 +201,16 @@ class OrtBackend(GraphStatePaging, Backend):
         check_weights: bool = True,
         providers: list[str] | None = None,
         ort_ops: str = "auto",
+        pairs_in_run: bool = True,
     ) -> None:
         """device: auto (the CUDA provider when onnxruntime-gpu and a GPU are there), cpu or
         cuda. io_binding: state as device tensors bound by pointer (default: on CUDA only).
         check_weights: refuse weights that hold NaN or inf. providers: ask ONNX Runtime for
         these instead (the device is the one the session runs on, whatever was asked).
         ort_ops: the mosaic ops as native kernels (native), as their function bodies
-        (functions), or native where built for this machine and on the CPU (auto)."""
+        (functions), or native where built for this machine and on the CPU (auto).
+        pairs_in_run: let the native retrieval write each step's new pairs into fp32/fp16
+        stores (False: the runtime writes them after the run, as for the function bodies)."""
         try:
             import onnxruntime  # noqa: F401
         except ImportError:
@@ -217,7 +231,13 @@ class OrtBackend(GraphStatePaging, Backend):
         providers = providers or wanted_providers(device)
         library = native_ops_library(ort_ops, providers)
         self.ort_ops = "native" if library else "functions"
-        self.session = open_session(artifact, threads, providers, library)
+        # The native retrieval writes each step's new pairs into fp32/fp16 stores in place (the
+        # state's buffers are bound by address); int8/fp8 pairs are quantized by the graph, and
+        # the runtime writes those.
+        self.pairs_in_run = (
+            pairs_in_run and library is not None and stores in ("float32", "float16")
+        )
+        self.session = open_session(artifact, threads, providers, library, self.pairs_in_run)
         # ONNX Runtime falls back to the CPU when a provider fails to load (missing CUDA
         # libraries): the state goes where the session really runs.
         on_cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"
@@ -443,6 +463,7 @@ class OrtBackend(GraphStatePaging, Backend):
             self.last_only_graph,
             run,
             self.to_state,
+            pairs_in_run=self.pairs_in_run,
         )
         if self.io_binding:
             return logits.float() if device_logits else logits.float().cpu()

@@ -30,6 +30,14 @@ max|x| / 127 for int8, max|x| / 448 for fp8). Every implementation but the refer
 the function body, the native kernel, and the Triton kernels (the plugin), which scale each tile
 of pairs as they load it.
 
+Appending, the native ONNX Runtime kernel's alone (ort_kernel.h, in a session whose options hold
+ort_library.APPEND_PAIRS): with fp32/fp16 stores it also writes the chunk's new pairs into the
+stores in place, once every query has read them: pair tau of row b into slot tau % S of block
+store_blocks[b, tau // S] (a ring: the row's block, slot tau % S, the chunk's newest S pairs). The
+runtime binds the stores by address, feeds the block table's columns up to the newest pair's
+block, and writes no pairs itself. Every other implementation only reads (ONNX and TensorRT ops
+are functional): for those the runtime writes the graph's new.* outputs after the run.
+
 Implementations: reference.py (torch), onnx.py (the function body), kernel.py (Triton, with the
 query already scaled), plugin_op.py (beta(n), then the kernel).
 """

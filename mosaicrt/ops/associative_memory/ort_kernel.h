@@ -506,6 +506,39 @@ void memory_decode(const Ort::KernelContext& ctx, const MemoryInputs& in, const 
   }
 }
 
+// Appending (fp32/fp16 stores, in a session that asks for it: ort_library.cc): the chunk's new
+// pairs written into the stores in place, once every query of the op has read them. Pair tau of
+// row b goes to slot tau % S of block store_blocks[b, tau / S]; for a ring (a memory with a
+// window: one block per row) to slot tau % S of the row's block, the chunk's newest S pairs only.
+// Each (row, head) writes blocks no other row holds (a row writes only its own newest block).
+template <typename T>
+void append_pairs(const Ort::KernelContext& ctx, const MemoryInputs& in, const MemoryShape& s,
+                  bool ring, T* store_k, T* store_v) {
+  const int64_t hs = s.hs;
+  if (ring && s.NB != 1)
+    throw Ort::Exception("AssociativeMemory: a ring is one block per row", ORT_FAIL);
+  for (int64_t i = 0; i < s.B * s.C; ++i)
+    if (!ring && in.new_tau[i] >= 0 && in.new_tau[i] / s.S >= s.NB)
+      throw Ort::Exception(
+          "AssociativeMemory: appending pair " + std::to_string(in.new_tau[i]) +
+              " needs its block in store_blocks, which has " + std::to_string(s.NB) + " columns",
+          ORT_FAIL);
+  parallel_for(ctx, s.B * s.H, s.B * s.C * s.H * hs, [&](size_t i) {
+    const int64_t b = i / s.H, h = i % s.H;
+    const int64_t* tau = in.new_tau + b * s.C;
+    const int64_t newest = *std::max_element(tau, tau + s.C);
+    for (int64_t c = 0; c < s.C; ++c) {
+      if (tau[c] < 0 || (ring && tau[c] <= newest - s.S)) continue;
+      const int64_t pair = block_pair0(in, s, b, ring ? 0 : tau[c] / s.S, h) + tau[c] % s.S;
+      const int64_t at = ((b * s.C + c) * s.H + h) * hs;  // new_k, new_v (B, C, H, hs)
+      for (int64_t d = 0; d < hs; ++d) {
+        store_k[pair * hs + d] = static_cast<T>(in.new_k[at + d]);
+        store_v[pair * hs + d] = static_cast<T>(in.new_v[at + d]);
+      }
+    }
+  });
+}
+
 // What the stores hold: AssociativeMemory's fp32/fp16, or (with their scales as inputs 12 and
 // 13) AssociativeMemoryInt8's int8 or AssociativeMemoryFp8's e4m3 bits (in int8 tensors).
 enum class Stores { kFloat, kInt8, kFp8 };
@@ -513,8 +546,10 @@ enum class Stores { kFloat, kInt8, kFp8 };
 struct AssociativeMemoryKernel {
   int64_t window, delay;
   Stores stores;
+  bool append;  // fp32/fp16 stores: write the new pairs into them (append_pairs)
 
-  AssociativeMemoryKernel(const OrtKernelInfo* info, Stores kind) : stores(kind) {
+  AssociativeMemoryKernel(const OrtKernelInfo* info, Stores kind, bool append)
+      : stores(kind), append(append && kind == Stores::kFloat) {
     Ort::ConstKernelInfo kernel_info(info);
     window = kernel_info.GetAttribute<int64_t>("window");
     delay = kernel_info.GetAttribute<int64_t>("delay");
@@ -567,11 +602,18 @@ struct AssociativeMemoryKernel {
       using T = decltype(zero);
       if (s.C == 1 && s.NB > 1) {  // decode over a long store: contiguous block ranges
         memory_decode<T>(ctx, in, s, window_, delay_, y);
-        return;
+      } else {
+        const int64_t cost = s.B * s.C * s.H * s.hs * (s.NB * s.S + s.C);
+        parallel_for(ctx, s.B * s.H, cost, [&](size_t i) {
+          memory_row_head<T>(in, s, window_, delay_, i / s.H, i % s.H, y);
+        });
       }
-      parallel_for(ctx, s.B * s.H, s.B * s.C * s.H * s.hs * (s.NB * s.S + s.C), [&](size_t i) {
-        memory_row_head<T>(in, s, window_, delay_, i / s.H, i % s.H, y);
-      });
+      if constexpr (std::is_same_v<T, float> || std::is_same_v<T, _Float16>) {
+        if (append)  // the stores are the caller's buffers, bound in place
+          append_pairs<T>(ctx, in, s, window_ < kNoWindow,
+                          const_cast<T*>(static_cast<const T*>(in.store_k)),
+                          const_cast<T*>(static_cast<const T*>(in.store_v)));
+      }
     };
     if ((stores != Stores::kFloat) != (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8))
       throw Ort::Exception(
@@ -593,11 +635,14 @@ struct AssociativeMemoryKernel {
 
 // AssociativeMemory (fp32/fp16 stores, 12 inputs), AssociativeMemoryInt8 (int8 stores and their
 // two scales, 14 inputs) or AssociativeMemoryFp8 (e4m3 bits and their scales): one kernel.
+// append: the fp32/fp16 kernel also writes the new pairs into the stores (append_pairs).
 template <Stores kStores>
 struct AssociativeMemoryOpT
     : Ort::CustomOpBase<AssociativeMemoryOpT<kStores>, AssociativeMemoryKernel, true> {
+  bool append;
+  explicit AssociativeMemoryOpT(bool append = false) : append(append) {}
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-    return guarded([&] { *kernel = new AssociativeMemoryKernel(info, kStores); });
+    return guarded([&] { *kernel = new AssociativeMemoryKernel(info, kStores, append); });
   }
   const char* GetName() const {
     return kStores == Stores::kInt8  ? "AssociativeMemoryInt8"
