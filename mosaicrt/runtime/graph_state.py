@@ -14,7 +14,8 @@ The constant-size state of every layer is views of one buffer, so that a runner 
 present.* outputs into one buffer of the same layout (small_layout) hands them over in one copy.
 Every layer's rings (keys and values) are views of one buffer, and so are the stores, so that
 `write_new_pairs` puts the pairs a step completes (graph outputs) into all layers at once, in
-place: two scatters per step instead of four per layer. Each view starts on a 256-byte boundary
+place: two scatters per step instead of four per layer. (A run whose native retrieval writes them
+itself, pairs_in_run, leaves nothing to write.) Each view starts on a 256-byte boundary
 (TensorRT's alignment for bound addresses).
 
 The positions live twice: `pos` in the state's library (fed to the graph) and `host_pos` in
