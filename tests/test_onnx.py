@@ -167,6 +167,19 @@ def test_row_ranges_stepped_in_turn_keep_their_inputs_bound(artifact, monkeypatc
     assert all(not host.copied for host in backend.host_bindings.values())
 
 
+def test_a_store_that_cannot_be_bound_in_place_is_refused(artifact, native_ort_library):
+    """A store that is not contiguous would be bound as a copy, and the native retrieval would
+    write its pairs into that copy: refused, with the reason."""
+    backend = OrtBackend(artifact, ort_ops="native")
+    assert backend.pairs_in_run
+    state = backend.new_state(1, 16)
+    name = io_spec.store_name(0, "stm", "keys")
+    store = state.stores[name]
+    state.stores[name] = store[:, ::-1]  # heads reversed: a view, not contiguous
+    with pytest.raises(BackendError, match="not contiguous"):
+        backend.step(np.full((1, 1), 7, np.int64), np.ones(1, np.int64), state, True)
+
+
 @pytest.mark.slow
 def test_step_graph_greedy_equals_full_recompute_for_1000_tokens(tmp_path, ort_ops):
     config = preset("tiny").replace(stm_window=8, ltm_delay=4, eos_token_id=None)

@@ -1,15 +1,15 @@
 // The native ONNX Runtime library of the mosaic ops: every op's CPU kernel, registered in the
 // "mosaic" domain. A session that registers it (SessionOptions.register_custom_ops_library) runs
 // these kernels; one that does not inlines the ops' ONNX function bodies instead.
-#include "associative_memory/ort_kernel.h"
-#include "gated_key_scan/ort_kernel.h"
-
 //
 // A session whose options hold the config entry kAppendPairs = "1" (the runtime's, which binds the
 // stores in place: mosaicrt/ops/ort_library.py APPEND_PAIRS) gets the AssociativeMemory kernel that
 // also writes each step's new pairs into its fp32/fp16 stores (append_pairs); any other session
 // gets the one that only reads them.
 #include <string>
+
+#include "associative_memory/ort_kernel.h"
+#include "gated_key_scan/ort_kernel.h"
 
 namespace {
 constexpr const char* kAppendPairs = "mosaic.append_pairs";
