@@ -36,8 +36,8 @@ LOAD_REPORT_S = 1.0  # the load is reported when it changes, and at least this o
 
 
 class LoopMetrics:
-    """What the loop reports as it runs (called on the sender thread); the Triton model sends it
-    to Triton's metrics."""
+    """What the loop reports as it runs (the loop calls these on its sender thread); the Triton
+    model sends it to Triton's metrics."""
 
     def first_token(self, seconds: float) -> None: ...
     def inter_token(self, seconds: float) -> None: ...
