@@ -77,6 +77,15 @@ class GraphState:
         pairs, rings and pools whole (the same mapping of the same arrays, step after step)."""
         return self.small | self.stores
 
+    @functools.cached_property
+    def stores_in_place(self) -> bool:
+        """Every store is contiguous, so a runner binds it by address, not as a copy: what a
+        kernel writes into it lands in the state."""
+        return all(
+            x.is_contiguous() if isinstance(x, torch.Tensor) else x.flags.c_contiguous
+            for x in self.stores.values()
+        )
+
     def store_feeds(self, blocks: int, to_state: Callable[[np.ndarray], Any]) -> dict[str, Any]:
         """The stores as a step feeds them: rings and pools whole, and the block table's
         leading `blocks` columns (to_state: into the state's library)."""

@@ -238,10 +238,6 @@ class OrtBackend(GraphStatePaging, Backend):
             pairs_in_run and library is not None and stores in ("float32", "float16")
         )
         self.session = open_session(artifact, threads, providers, library, self.pairs_in_run)
-        self.store_names = {io_spec.store_name(layer, memory, field)
-                            for layer in range(self.config.num_layers)
-                            for memory in self.config.memories
-                            for field in io_spec.STORE_FIELDS}  # fmt: skip
         # ONNX Runtime falls back to the CPU when a provider fails to load (missing CUDA
         # libraries): the state goes where the session really runs.
         on_cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"
@@ -385,11 +381,6 @@ class OrtBackend(GraphStatePaging, Backend):
             host.copied = [name for name, array in buffers.items()
                            if not host.bind_input(name, array)]  # fmt: skip
             host.buffers = buffers
-            if self.pairs_in_run and any(name in host.copied for name in self.store_names):
-                raise BackendError(  # the run would write its pairs into a copy
-                    "a store of this state is not contiguous, so it cannot be bound in place for "
-                    "the native retrieval to write: allocate it with new_state"
-                )
         for name in host.copied:  # (none: allocate makes every buffer contiguous)
             host.bind_input(name, buffers[name])
         for name, array in step_feeds.items():
@@ -459,6 +450,11 @@ class OrtBackend(GraphStatePaging, Backend):
     ) -> Logits:
         if rows and (rows.start or 0, rows.stop) != (0, state.batch_size):
             state = state.view(rows)
+        if self.pairs_in_run and not state.stores_in_place:  # the run would write into copies
+            raise BackendError(
+                "a store of this state is not contiguous, so it cannot be bound in place for "
+                "the native retrieval to write: allocate it with new_state"
+            )
         run = (
             self.run_bound if self.io_binding else partial(self.run_numpy, self.host_binding(state))
         )
