@@ -243,5 +243,5 @@ def test_pairs_in_run_bench_times_both_writers_in_turn(tiny_ckpt, tmp_path, nati
     rounds = json.loads(out.read_text())["rounds"]
     assert set(rounds) == {"in_run", "by_runtime"}
     for result in rounds["in_run"] + rounds["by_runtime"]:
-        assert result["steps"] == 6 and 0 < result["run_ms"] < result["step_ms"]
+        assert result["steps"] == 11 and 0 < result["model_run_ms"] < result["step_ms"]
         assert result["bookkeeping_ms"] > 0

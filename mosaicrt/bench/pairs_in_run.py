@@ -12,45 +12,22 @@ and of their difference: the runtime's bookkeeping.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 from mosaicrt.argtypes import positive_int
+from mosaicrt.bench.batching import run_requests, step_overhead
 from mosaicrt.bench.machine import machine_info
 from mosaicrt.errors import BackendError
 from mosaicrt.outputs import check_output_file, write_json
-from mosaicrt.runtime.backend import torch_threads_for
-from mosaicrt.runtime.batcher import ContinuousBatcher, Request
 from mosaicrt.runtime.limits import RunLimits
 from mosaicrt.runtime.ort_backend import OrtBackend
-from mosaicrt.runtime.sampling import SamplingParams
 
 
 def decode_medians(backend: OrtBackend, rows: int, prompt_len: int, new: int) -> dict:
-    """ms medians of the decode steps of `rows` requests (prompt_len tokens, `new` new ones):
-    the batcher's step, the session.run in it, and the rest (the bookkeeping)."""
-    runs: list[float] = []
-    backend.run_seconds = runs
+    """Medians over the decode steps of `rows` requests (prompt_len tokens, `new` new ones):
+    the batcher's step, the session.run in it, and the rest (batching.step_overhead)."""
     limits = RunLimits(max_batch=rows, max_context=prompt_len + new, prefill_chunk=512)
-    batcher = ContinuousBatcher(backend, SamplingParams(), limits)
-    for i in range(rows):
-        batcher.submit(Request(i, [3 + (i + j) % 250 for j in range(prompt_len)], new))
-    steps = []  # (step seconds, run seconds) of the steps that decoded every row
-    with torch_threads_for(backend):
-        while batcher.busy:
-            before = len(runs)
-            start = time.perf_counter()
-            batcher.step()
-            seconds = time.perf_counter() - start
-            if len(runs) == before + 1 and not batcher.waiting and batcher.busy:
-                steps.append((seconds, runs[-1]))
-    decode = steps[-(new // 2) :]  # the prefill's steps excluded
-    return {
-        "step_ms": 1e3 * statistics.median(s for s, _ in decode),
-        "run_ms": 1e3 * statistics.median(r for _, r in decode),
-        "bookkeeping_ms": 1e3 * statistics.median(s - r for s, r in decode),
-        "steps": len(decode),
-    }
+    prompts = [[3 + (i + j) % 250 for j in range(prompt_len)] for i in range(rows)]
+    return step_overhead(run_requests(backend, prompts, new, limits).decode_steps)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -69,8 +46,8 @@ def main(args: argparse.Namespace) -> int:
             result = decode_medians(backends[flag], args.rows, args.prompt_len, args.new_tokens)
             rounds["in_run" if flag else "by_runtime"].append(result)
             print(f"round {r}, pairs written {'in the run' if flag else 'by the runtime'}: "
-                  f"step {result['step_ms']:.2f} ms, run {result['run_ms']:.2f} ms, bookkeeping "
-                  f"{result['bookkeeping_ms']:.3f} ms", flush=True)  # fmt: skip
+                  f"step {result['step_ms']:.2f} ms, run {result['model_run_ms']:.2f} ms, "
+                  f"bookkeeping {result['bookkeeping_ms']:.3f} ms", flush=True)  # fmt: skip
     result = {
         "benchmark": "pairs_in_run",
         "artifact": str(args.artifact),
