@@ -53,24 +53,35 @@ def load_tokenizer(model_dir: str | Path, vocab_size: int) -> Tokenizer:
 
 class TextStream:
     """Text of a growing list of generated ids, piece by piece, never splitting a UTF-8
-    character: a piece is held back while it ends in an incomplete one."""
+    character: a piece is held back while it ends in an incomplete one.
+
+    Each push decodes a short window, not every id so far (which would cost O(n) per token):
+    the ids of the last piece sent (the context: how a tokenizer joins a token to the ones
+    before it, a leading space for one) and those after it. The new piece is the window's text
+    past the context's."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer, self.ids, self.sent = tokenizer, [], ""
+        self.context = 0  # ids[context:done]: the last piece sent's ids
+        self.done = 0  # ids[:done] are sent
 
     def push(self, token: int) -> str:
         """The new text that `token` completes (possibly empty)."""
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # an incomplete character: wait for its next byte
-            return ""
-        piece, self.sent = text[len(self.sent) :], text
-        return piece
+        before = self.tokenizer.decode(self.ids[self.context : self.done])
+        text = self.tokenizer.decode(self.ids[self.context :])
+        if text.endswith("\ufffd") or len(text) <= len(before):  # an incomplete character,
+            return ""  # or ids of no text yet: wait for the next ones
+        return self._send(text[len(before) :])
 
     def flush(self) -> str:
         """What is left once no more ids come (a dangling byte decodes as U+FFFD)."""
-        text = self.tokenizer.decode(self.ids)
-        piece, self.sent = text[len(self.sent) :], text
+        before = self.tokenizer.decode(self.ids[self.context : self.done])
+        return self._send(self.tokenizer.decode(self.ids[self.context :])[len(before) :])
+
+    def _send(self, piece: str) -> str:
+        self.context, self.done = self.done, len(self.ids)
+        self.sent += piece
         return piece
 
     @property
