@@ -235,6 +235,30 @@ def test_text_is_utf8_safe_and_stop_strings_end_the_request(server, reference):
     assert stopped.tokens == result.tokens[: result.tokens.index(result.tokens[2]) + 1]
 
 
+def test_a_client_that_asks_for_ids_alone_gets_no_text(server):
+    """The requested outputs: output_ids alone gets the same tokens and no text (none is worked
+    out), stop strings still end the request, and the unary companion answers the same way."""
+    srv, _ = server
+    prompt = list("é€".encode())
+    whole = stream(srv, prompt, 12)
+    ids_only = stream(srv, prompt, 12, outputs=("output_ids",))
+    assert ids_only.error is None and ids_only.tokens == whole.tokens and ids_only.text == ""
+    stop = next(whole.text[i : i + 2] for i in range(1, len(whole.text) - 1)
+                if "\ufffd" not in whole.text[i : i + 2])  # fmt: skip
+    with_text = stream(srv, prompt, 12, stop=[stop])
+    cut = stream(srv, prompt, 12, stop=[stop], outputs=("output_ids",))
+    assert cut.tokens == with_text.tokens and len(cut.tokens) < 12 and cut.text == ""
+    infer = {
+        "inputs": [
+            {"name": "input_ids", "shape": [2], "datatype": "INT64", "data": [5, 6]},
+            {"name": "max_new_tokens", "shape": [1], "datatype": "INT32", "data": [3]},
+        ],
+        "outputs": [{"name": "output_ids"}],
+    }
+    code, body = http(srv, "/v2/models/mosaicrt_unary/infer", infer)
+    assert code == 200 and [o["name"] for o in body["outputs"]] == ["output_ids"], body
+
+
 def test_concurrent_streams_equal_generate_alone_and_bad_requests_fail_alone(server, reference):
     srv, _ = server
     prompts = [[(11 * i + 3 * j) % 250 + 1 for j in range(2 + i % 7)] for i in range(16)]

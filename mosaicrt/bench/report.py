@@ -126,7 +126,15 @@ def serve_markdown(result: dict) -> str:
         "1.0x |\n"
         f"| {many['clients']} | {many['output_tokens_per_s']:.1f} | {result['speedup']:.1f}x | "
         f"{rows['output_tokens_per_s']:.1f} | {result['in_process_speedup']:.1f}x |\n\n"
-        f"One request alone: {result['request_ms_server']:.0f} ms through the server, "
+        + (
+            f"The ratios are the medians of {result['rounds']} rounds, each a 1-client (1-row) "
+            f"run and then a {many['clients']}-client one: "
+            f"{', '.join(f'{x:.1f}x' for x in result['speedups'])} through the server, "
+            f"{', '.join(f'{x:.1f}x' for x in result['in_process_speedups'])} in process.\n\n"
+            if "speedups" in result
+            else ""
+        )
+        + f"One request alone: {result['request_ms_server']:.0f} ms through the server, "
         f"{result['request_ms_in_process']:.0f} ms through `generate`'s code in process "
         f"(overhead {result['overhead_ms_per_request']:.0f} ms, "
         f"{result['server_vs_in_process']:.2f}x)."

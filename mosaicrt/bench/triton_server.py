@@ -4,11 +4,16 @@ on 1 and on N rows (what batching gives without the server), the model steps alo
 (a prefill of their prompts, a decode step: what bounds batching), and the per-request overhead of
 the server path against the same request through `mosaicrt generate`'s code in process.
 
-Each client sends its requests one after another over a gRPC stream (greedy); tokens are counted
-as they arrive (a request may stop early at EOS). The artifact is exported with last_only, as for
+Each client keeps one gRPC connection and stream and sends its requests over it one after another
+(greedy), asking for `output_ids` alone, as the in-process runs give ids; tokens are counted as
+they arrive (a request may stop early at EOS). The artifact is exported with last_only, as for
 serving: a step needs each row's last logits only. Each clients' run also reports the CPU time the
 model processes, tritonserver and the clients (this process) used: on a small machine the clients
 and the server's own work take cores from the model's threads.
+
+The 1-client and N-client runs (and the in-process ones) take turns, --rounds times: a machine's
+speed can move between runs seconds apart, and a ratio of two runs far apart measures that too.
+Each ratio is the median of its rounds'.
 
     mosaicrt bench serve --json bench/results/serve_cpu.json
 """
@@ -35,14 +40,16 @@ from mosaicrt.model.config import preset
 from mosaicrt.outputs import check_output_file, write_json
 from mosaicrt.runtime.generator import RunLimits, generate
 from mosaicrt.runtime.ort_backend import OrtBackend
-from mosaicrt.runtime.serving.client import stream_generate
+from mosaicrt.runtime.serving.client import StreamClient
 from mosaicrt.runtime.serving.repository import export_repository
 from mosaicrt.runtime.serving.server import TritonServer
 
+IDS_ONLY = ("output_ids",)
 
-def stream_tokens(url: str, prompt: list[int], max_new_tokens: int) -> int:
+
+def stream_tokens(client: StreamClient, prompt: list[int], max_new_tokens: int) -> int:
     """One greedy streaming request; returns the number of tokens received."""
-    result = stream_generate(url, prompt, max_new_tokens)
+    result = client.generate(prompt, max_new_tokens)
     if result.error is not None:
         raise RuntimeError(result.error)
     return len(result.tokens)
@@ -87,6 +94,13 @@ def step_ms(backend, rows: int, prompt_len: int, repeats: int = 5) -> dict:
             "decode_ms": 1e3 * statistics.median(decode)}  # fmt: skip
 
 
+def median_round(rounds: list[list[dict]]) -> tuple[int, list[float]]:
+    """(the round whose N-vs-1 tokens/s ratio is the median of the rounds', every round's ratio)
+    of rounds of [1-client run, N-client run]."""
+    ratios = [many["output_tokens_per_s"] / one["output_tokens_per_s"] for one, many in rounds]
+    return sorted(range(len(rounds)), key=ratios.__getitem__)[len(rounds) // 2], ratios
+
+
 def cpu_seconds(server: TritonServer) -> dict[str, float]:
     """CPU seconds used so far by the model processes (Triton's Python-backend stubs: the
     runtime and its model), by tritonserver itself, and by this process (the clients)."""
@@ -115,9 +129,11 @@ def clients_run(
     prompts = client_prompts(clients, requests_each, prompt_len)
     counts = [0] * clients
 
+    connections = [StreamClient(server.grpc_url, IDS_ONLY) for _ in range(clients)]
+
     def client(c: int) -> None:
         for r in range(requests_each):
-            counts[c] += stream_tokens(server.grpc_url, prompts[c][r], new)
+            counts[c] += stream_tokens(connections[c], prompts[c][r], new)
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
     before = cpu_seconds(server)
@@ -128,6 +144,8 @@ def clients_run(
         t.join()
     wall = time.perf_counter() - start
     after = cpu_seconds(server)
+    for connection in connections:
+        connection.close()
     cores = {kind: (after[kind] - before[kind]) / wall for kind in after}
     return {"clients": clients, "output_tokens": sum(counts), "wall_s": wall,
             "output_tokens_per_s": sum(counts) / wall, "cores_busy": cores}  # fmt: skip
@@ -139,6 +157,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=positive_int, default=3, help="requests per client")
     parser.add_argument("--prompt-len", type=positive_int, default=64)
     parser.add_argument("--new-tokens", type=positive_int, default=32)
+    parser.add_argument("--rounds", type=positive_int, default=3,
+                        help="1-client and N-client runs in turn, this many times")  # fmt: skip
     parser.add_argument("--json", help="write results here")
 
 
@@ -162,16 +182,22 @@ def main(args: argparse.Namespace) -> int:
         export_repository(tmp / "onnx", tmp / "repo", max_batch=args.clients,
                           max_context=context, prefill_chunk=args.prompt_len)  # fmt: skip
         with TritonServer(tmp / "repo") as server:
-            stream_tokens(server.grpc_url, [1] * args.prompt_len, 4)  # warm up
-            one = clients_run(server, 1, args.requests, args.prompt_len, args.new_tokens)
-            many = clients_run(server, args.clients, args.requests, args.prompt_len,
-                               args.new_tokens)  # fmt: skip
+            with StreamClient(server.grpc_url, IDS_ONLY) as client:
+                stream_tokens(client, [1] * args.prompt_len, 4)  # warm up
+            served_rounds = [
+                [
+                    clients_run(server, c, args.requests, args.prompt_len, args.new_tokens)
+                    for c in (1, args.clients)
+                ]
+                for _ in range(args.rounds)
+            ]
             prompt = [7] * args.prompt_len
             served = []
-            for i in range(5):
-                t0 = time.perf_counter()
-                stream_tokens(server.grpc_url, prompt, args.new_tokens)
-                served.append(time.perf_counter() - t0)
+            with StreamClient(server.grpc_url, IDS_ONLY) as client:
+                for i in range(5):
+                    t0 = time.perf_counter()
+                    stream_tokens(client, prompt, args.new_tokens)
+                    served.append(time.perf_counter() - t0)
         backend = OrtBackend(tmp / "onnx", device="cpu")
         limits = RunLimits(max_batch=1, max_context=context, prefill_chunk=args.prompt_len)
         direct = []
@@ -179,9 +205,16 @@ def main(args: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             generate(backend, [prompt], args.new_tokens, limits=limits)
             direct.append(time.perf_counter() - t0)
-        batched = [in_process_run(backend, c, args.requests, args.prompt_len, args.new_tokens)
-                   for c in (1, args.clients)]  # fmt: skip
+        batched_rounds = [
+            [
+                in_process_run(backend, c, args.requests, args.prompt_len, args.new_tokens)
+                for c in (1, args.clients)
+            ]
+            for _ in range(args.rounds)
+        ]
         steps = [step_ms(backend, rows, args.prompt_len) for rows in (1, args.clients)]
+    mid, speedups = median_round(served_rounds)
+    mid_in_process, in_process_speedups = median_round(batched_rounds)
     result = {
         "benchmark": "serve",
         "preset": args.preset,
@@ -189,11 +222,14 @@ def main(args: argparse.Namespace) -> int:
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "requests_per_client": args.requests,
-        "one_client": one,
-        "many_clients": many,
-        "speedup": many["output_tokens_per_s"] / one["output_tokens_per_s"],
-        "in_process": batched,
-        "in_process_speedup": batched[1]["output_tokens_per_s"] / batched[0]["output_tokens_per_s"],
+        "rounds": args.rounds,
+        "one_client": served_rounds[mid][0],
+        "many_clients": served_rounds[mid][1],
+        "speedup": speedups[mid],
+        "speedups": speedups,
+        "in_process": batched_rounds[mid_in_process],
+        "in_process_speedup": in_process_speedups[mid_in_process],
+        "in_process_speedups": in_process_speedups,
         "steps": steps,
         # tokens/s of a decode step of all rows against one row's: what batching could give
         "decode_step_speedup": args.clients * steps[0]["decode_ms"] / steps[1]["decode_ms"],
@@ -203,10 +239,12 @@ def main(args: argparse.Namespace) -> int:
         "overhead_ms_per_request": 1e3 * (statistics.median(served) - statistics.median(direct)),
         "machine": machine_info(),
     }
+    one, many = result["one_client"], result["many_clients"]
+    spread = ", ".join(f"{x:.1f}x" for x in result["speedups"])
     print(
         f"1 client {one['output_tokens_per_s']:.1f} tokens/s; {args.clients} clients "
-        f"{many['output_tokens_per_s']:.1f} tokens/s ({result['speedup']:.1f}x; in process "
-        f"{result['in_process_speedup']:.1f}x); one request "
+        f"{many['output_tokens_per_s']:.1f} tokens/s ({result['speedup']:.1f}x, the median of "
+        f"rounds of {spread}; in process {result['in_process_speedup']:.1f}x); one request "
         f"{result['request_ms_server']:.1f} ms served vs {result['request_ms_in_process']:.1f} ms "
         f"in process (overhead {result['overhead_ms_per_request']:.1f} ms); a decode step of "
         f"{args.clients} rows {steps[1]['decode_ms']:.1f} ms vs {steps[0]['decode_ms']:.1f} ms for "

@@ -49,31 +49,43 @@ def inputs_for(prompt=None, text=None, max_new_tokens=None, stream=True, **optio
     return out
 
 
-def stream_generate(
-    url: str,
-    prompt: list[int] | None = None,
-    max_new_tokens: int | None = 16,
-    text: str | None = None,
-    stream: bool = True,
-    cancel_after: int | None = None,
-    timeout_s: float = 600.0,
-    **optional,
-) -> Result:
-    """One request over a gRPC stream: the tokens and text as they arrived, or the error.
-    cancel_after=N: stop reading after N tokens and cancel the request (stop_stream with
-    cancel_requests), as a client that goes away does."""
-    import tritonclient.grpc as grpcclient
+class StreamClient:
+    """One gRPC connection and stream to the server, for requests sent one after another (as a
+    client that keeps its connection does: no connection set up per request).
 
-    responses: queue.Queue = queue.Queue()
-    client = grpcclient.InferenceServerClient(url)
-    client.start_stream(callback=lambda result, error: responses.put((result, error)))
-    result, cancelled = Result(), False
-    try:
-        client.async_stream_infer("mosaicrt", inputs_for(prompt, text, max_new_tokens, stream,
-                                                         **optional),
-                                  enable_empty_final_response=True)  # fmt: skip
+    outputs: the outputs to ask for (None: all of them, output_ids and text_output); a
+    client that reads only ids asks for ("output_ids",), and the server then works out no text.
+    """
+
+    def __init__(self, url: str, outputs: tuple[str, ...] | None = None) -> None:
+        import tritonclient.grpc as grpcclient
+
+        self.responses: queue.Queue = queue.Queue()
+        self.outputs = [grpcclient.InferRequestedOutput(n) for n in outputs] if outputs else None
+        self.client = grpcclient.InferenceServerClient(url)
+        self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
+        self.cancelled = False
+
+    def generate(
+        self,
+        prompt: list[int] | None = None,
+        max_new_tokens: int | None = 16,
+        text: str | None = None,
+        stream: bool = True,
+        cancel_after: int | None = None,
+        timeout_s: float = 600.0,
+        **optional,
+    ) -> Result:
+        """One request: the tokens and text as they arrived, or the error. cancel_after=N: stop
+        reading after N tokens and cancel the request (the stream closes with it, as when a
+        client goes away)."""
+        result = Result()
+        self.client.async_stream_infer("mosaicrt", inputs_for(prompt, text, max_new_tokens, stream,
+                                                              **optional),
+                                       outputs=self.outputs,
+                                       enable_empty_final_response=True)  # fmt: skip
         while True:
-            answer, error = responses.get(timeout=timeout_s)
+            answer, error = self.responses.get(timeout=timeout_s)
             if error is not None:
                 result.error = str(error)
                 return result
@@ -85,10 +97,25 @@ def stream_generate(
             if pieces is not None:
                 result.text += "".join(p.decode() for p in pieces.reshape(-1))
             if cancel_after is not None and len(result.tokens) >= cancel_after:
-                cancelled = True
+                self.cancelled = True
                 return result
             if answer.get_response().parameters["triton_final_response"].bool_param:
                 return result
-    finally:
-        client.stop_stream(cancel_requests=cancelled)  # an open stream keeps the server up
-        client.close()
+
+    def close(self) -> None:
+        self.client.stop_stream(
+            cancel_requests=self.cancelled
+        )  # an open stream keeps the server up
+        self.client.close()
+
+    def __enter__(self) -> StreamClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def stream_generate(url: str, *args, outputs: tuple[str, ...] | None = None, **kwargs) -> Result:
+    """One request over its own connection and stream (StreamClient.generate's arguments)."""
+    with StreamClient(url, outputs) as client:
+        return client.generate(*args, **kwargs)

@@ -9,7 +9,9 @@ tokenizer, no special tokens added), `max_new_tokens`, and optionally `temperatu
 `top_k`, `top_p`, `seed`, `stop` (strings), `stop_ids`, `stream` and a session. With `stream`
 true it gets one response per token (`output_ids` [1] and its `text_output` piece, never a split
 UTF-8 character) and then an empty final one; with `stream` false (the default) one response
-with every new token and the whole text, which is what HTTP `generate` takes. A request with a
+with every new token and the whole text, which is what HTTP `generate` takes. A client that asks
+for `output_ids` alone (its request's requested outputs) gets no text, and none is worked out
+unless stop strings need it. A request with a
 `session_id` keeps its state for the next turn of that session (`session_start` true on the
 first turn, `session_end` true on the last): a later turn costs only its new tokens.
 """
@@ -78,6 +80,7 @@ class Parsed:
             raise InputError("max_new_tokens is required: the most tokens to generate")
         self.max_new_tokens = int(max_new_tokens)
         self.stream = bool(scalar(request, "stream", False))
+        self.text_output = "text_output" in request.requested_output_names()
         self.stop = [s for s in strings(request, "stop") if s]
         if self.stop and tokenizer is None:
             raise InputError("stop strings need the model's tokenizer: use stop_ids")
@@ -135,8 +138,9 @@ class Reply:
     (on_step), the responses sent from the sender thread."""
 
     def __init__(self, sender, parsed: Parsed, tokenizer) -> None:
-        self.sender, self.stream = sender, parsed.stream
-        self.text = TextStream(tokenizer) if tokenizer is not None else None
+        self.sender, self.stream, self.text_output = sender, parsed.stream, parsed.text_output
+        wants_text = tokenizer is not None and (parsed.text_output or parsed.stop)
+        self.text = TextStream(tokenizer) if wants_text else None
         self.stop = StopText(parsed.stop)
         self.pieces: deque[str] = deque()
         self.ids: list[int] = []
@@ -151,7 +155,7 @@ class Reply:
     def token(self, token: int) -> None:
         piece = self.pieces.popleft() if self.pieces else ""
         if self.stream:
-            self.sender.send(response([token], piece))
+            self.sender.send(self.response([token], piece))
         else:
             self.ids.append(token)
             self.tail += piece
@@ -163,22 +167,21 @@ class Reply:
             rest = self.stop.push(self.text.flush()) + self.stop.flush()
         if self.stream:
             if rest:
-                self.sender.send(response([], rest))
+                self.sender.send(self.response([], rest))
             self.sender.send(flags=final)
         else:
-            self.sender.send(response(self.ids, self.tail + rest), flags=final)
+            self.sender.send(self.response(self.ids, self.tail + rest), flags=final)
 
     def error(self, exc: Exception) -> None:
         send_error(self.sender, exc)
 
-
-def response(ids: list[int], text: str):
-    return pb_utils.InferenceResponse(
-        output_tensors=[
-            pb_utils.Tensor("output_ids", np.array(ids, dtype=np.int64)),
-            pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
-        ]
-    )
+    def response(self, ids: list[int], text: str):
+        """A response of these ids, and of their text when the client asked for it."""
+        tensors = [pb_utils.Tensor("output_ids", np.array(ids, dtype=np.int64))]
+        if self.text_output:
+            encoded = np.array([text.encode("utf-8")], dtype=np.object_)
+            tensors.append(pb_utils.Tensor("text_output", encoded))
+        return pb_utils.InferenceResponse(output_tensors=tensors)
 
 
 class TritonMetrics(LoopMetrics):

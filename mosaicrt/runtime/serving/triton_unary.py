@@ -29,8 +29,9 @@ class TritonPythonModel:
         tensors = [pb_utils.get_input_tensor_by_name(request, name) for name in self.inputs]
         tensors = [t for t in tensors if t is not None and t.name() != "stream"]
         tensors.append(pb_utils.Tensor("stream", np.array([False])))
+        outputs = [name for name in OUTPUTS if name in request.requested_output_names()]
         call = pb_utils.InferenceRequest(
-            model_name="mosaicrt", inputs=tensors, requested_output_names=OUTPUTS
+            model_name="mosaicrt", inputs=tensors, requested_output_names=outputs
         )
         answer = None
         for response in call.exec(decoupled=True):
@@ -41,5 +42,5 @@ class TritonPythonModel:
         if answer is None:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError("mosaicrt sent nothing"))
         return pb_utils.InferenceResponse(
-            output_tensors=[pb_utils.get_output_tensor_by_name(answer, name) for name in OUTPUTS]
+            output_tensors=[pb_utils.get_output_tensor_by_name(answer, name) for name in outputs]
         )
