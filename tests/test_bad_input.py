@@ -241,7 +241,7 @@ def cases(r: Path) -> list[tuple[list, str]]:
     add(["bench", "compare", ck, "--backends", ",", "--contexts", "16"], "--backends")
     add(compare + ["--steps", "0"], "argument --steps")
     add(["bench", "serve", "--preset", "huge"], "unknown preset 'huge'")
-    for option in ("--clients", "--requests", "--prompt-len", "--new-tokens"):
+    for option in ("--clients", "--requests", "--prompt-len", "--new-tokens", "--rounds"):
         add(["bench", "serve", option, "0"], f"argument {option}")
     for option in ("--atol", "--rtol"):
         for value in ("nan", "-1", "inf", "x"):
