@@ -175,47 +175,75 @@ def main(args: argparse.Namespace) -> int:
         check_output_file(args.json, flag="--json")
     config = preset(args.preset)
     context = args.prompt_len + args.new_tokens
+    prompt = [7] * args.prompt_len  # the one request timed alone
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write_checkpoint(random_tensors(config, 0), config, tmp / "ckpt")
         export_artifact(tmp / "ckpt", tmp / "onnx", max_context=context, last_only=True)
         export_repository(tmp / "onnx", tmp / "repo", max_batch=args.clients,
                           max_context=context, prefill_chunk=args.prompt_len)  # fmt: skip
-        with TritonServer(tmp / "repo") as server:
-            with StreamClient(server.grpc_url, IDS_ONLY) as client:
-                stream_tokens(client, [1] * args.prompt_len, 4)  # warm up
-            served_rounds = [
-                [
-                    clients_run(server, c, args.requests, args.prompt_len, args.new_tokens)
-                    for c in (1, args.clients)
-                ]
-                for _ in range(args.rounds)
-            ]
-            prompt = [7] * args.prompt_len
-            served = []
-            with StreamClient(server.grpc_url, IDS_ONLY) as client:
-                for i in range(5):
-                    t0 = time.perf_counter()
-                    stream_tokens(client, prompt, args.new_tokens)
-                    served.append(time.perf_counter() - t0)
-        backend = OrtBackend(tmp / "onnx", device="cpu")
-        limits = RunLimits(max_batch=1, max_context=context, prefill_chunk=args.prompt_len)
-        direct = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            generate(backend, [prompt], args.new_tokens, limits=limits)
-            direct.append(time.perf_counter() - t0)
-        batched_rounds = [
+        served = served_runs(tmp / "repo", args, prompt)
+        in_process = in_process_runs(OrtBackend(tmp / "onnx", device="cpu"), args, prompt)
+    result = report(args, served, in_process)
+    print_summary(result, args.clients)
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
+def served_runs(repo: Path, args: argparse.Namespace, prompt: list[int]) -> dict:
+    """Through the server: the rounds of 1 and N clients, and `prompt` alone, 5 times."""
+    with TritonServer(repo) as server:
+        with StreamClient(server.grpc_url, IDS_ONLY) as client:
+            stream_tokens(client, [1] * args.prompt_len, 4)  # warm up
+        rounds = [
             [
-                in_process_run(backend, c, args.requests, args.prompt_len, args.new_tokens)
+                clients_run(server, c, args.requests, args.prompt_len, args.new_tokens)
                 for c in (1, args.clients)
             ]
             for _ in range(args.rounds)
         ]
-        steps = [step_ms(backend, rows, args.prompt_len) for rows in (1, args.clients)]
-    mid, speedups = median_round(served_rounds)
-    mid_in_process, in_process_speedups = median_round(batched_rounds)
-    result = {
+        alone = []
+        with StreamClient(server.grpc_url, IDS_ONLY) as client:
+            for _ in range(5):
+                t0 = time.perf_counter()
+                stream_tokens(client, prompt, args.new_tokens)
+                alone.append(time.perf_counter() - t0)
+    return {"rounds": rounds, "alone_s": alone}
+
+
+def in_process_runs(backend: OrtBackend, args: argparse.Namespace, prompt: list[int]) -> dict:
+    """The same in process: `prompt` alone through generate's code (5 times), the rounds of 1
+    and N rows through the batcher, and the model steps of 1 and N rows."""
+    limits = RunLimits(
+        max_batch=1, max_context=args.prompt_len + args.new_tokens, prefill_chunk=args.prompt_len
+    )
+    alone = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        generate(backend, [prompt], args.new_tokens, limits=limits)
+        alone.append(time.perf_counter() - t0)
+    rounds = [
+        [
+            in_process_run(backend, c, args.requests, args.prompt_len, args.new_tokens)
+            for c in (1, args.clients)
+        ]
+        for _ in range(args.rounds)
+    ]
+    steps = [step_ms(backend, rows, args.prompt_len) for rows in (1, args.clients)]
+    return {"rounds": rounds, "alone_s": alone, "steps": steps}
+
+
+def report(args: argparse.Namespace, served: dict, in_process: dict) -> dict:
+    """The benchmark's JSON: each ratio from its median round, the one request's medians."""
+    mid, speedups = median_round(served["rounds"])
+    mid_in_process, in_process_speedups = median_round(in_process["rounds"])
+    steps = in_process["steps"]
+    served_s, direct_s = (
+        statistics.median(served["alone_s"]),
+        statistics.median(in_process["alone_s"]),
+    )
+    return {
         "benchmark": "serve",
         "preset": args.preset,
         "backend": "onnxruntime",
@@ -223,43 +251,43 @@ def main(args: argparse.Namespace) -> int:
         "new_tokens": args.new_tokens,
         "requests_per_client": args.requests,
         "rounds": args.rounds,
-        "one_client": served_rounds[mid][0],
-        "many_clients": served_rounds[mid][1],
+        "one_client": served["rounds"][mid][0],
+        "many_clients": served["rounds"][mid][1],
         "speedup": speedups[mid],
         "speedups": speedups,
-        "in_process": batched_rounds[mid_in_process],
+        "in_process": in_process["rounds"][mid_in_process],
         "in_process_speedup": in_process_speedups[mid_in_process],
         "in_process_speedups": in_process_speedups,
         "steps": steps,
         # tokens/s of a decode step of all rows against one row's: what batching could give
         "decode_step_speedup": args.clients * steps[0]["decode_ms"] / steps[1]["decode_ms"],
-        "request_ms_server": 1e3 * statistics.median(served),
-        "request_ms_in_process": 1e3 * statistics.median(direct),
-        "server_vs_in_process": statistics.median(served) / statistics.median(direct),
-        "overhead_ms_per_request": 1e3 * (statistics.median(served) - statistics.median(direct)),
+        "request_ms_server": 1e3 * served_s,
+        "request_ms_in_process": 1e3 * direct_s,
+        "server_vs_in_process": served_s / direct_s,
+        "overhead_ms_per_request": 1e3 * (served_s - direct_s),
         "machine": machine_info(),
     }
-    one, many = result["one_client"], result["many_clients"]
+
+
+def print_summary(result: dict, clients: int) -> None:
+    one, many, steps = result["one_client"], result["many_clients"], result["steps"]
     spread = ", ".join(f"{x:.1f}x" for x in result["speedups"])
     print(
-        f"1 client {one['output_tokens_per_s']:.1f} tokens/s; {args.clients} clients "
+        f"1 client {one['output_tokens_per_s']:.1f} tokens/s; {clients} clients "
         f"{many['output_tokens_per_s']:.1f} tokens/s ({result['speedup']:.1f}x, the median of "
         f"rounds of {spread}; in process {result['in_process_speedup']:.1f}x); one request "
         f"{result['request_ms_server']:.1f} ms served vs {result['request_ms_in_process']:.1f} ms "
         f"in process (overhead {result['overhead_ms_per_request']:.1f} ms); a decode step of "
-        f"{args.clients} rows {steps[1]['decode_ms']:.1f} ms vs {steps[0]['decode_ms']:.1f} ms for "
+        f"{clients} rows {steps[1]['decode_ms']:.1f} ms vs {steps[0]['decode_ms']:.1f} ms for "
         f"one ({result['decode_step_speedup']:.1f}x the tokens/s), a prefill step of "
-        f"{args.clients} x {args.prompt_len} tokens {steps[1]['prefill_ms']:.0f} ms"
+        f"{clients} x {result['prompt_len']} tokens {steps[1]['prefill_ms']:.0f} ms"
     )
     busy = many["cores_busy"]
     print(
-        f"cores kept busy by {args.clients} clients' run: model processes "
+        f"cores kept busy by {clients} clients' run: model processes "
         f"{busy['model_processes']:.2f}, tritonserver {busy['tritonserver']:.2f}, the clients "
         f"{busy['clients']:.2f} (of {os.cpu_count()})"
     )
-    if args.json:
-        write_json(args.json, result)
-    return 0
 
 
 if __name__ == "__main__":
