@@ -243,6 +243,11 @@ def test_a_client_that_asks_for_ids_alone_gets_no_text(server):
     whole = stream(srv, prompt, 12)
     ids_only = stream(srv, prompt, 12, outputs=("output_ids",))
     assert ids_only.error is None and ids_only.tokens == whole.tokens and ids_only.text == ""
+    from mosaicrt.runtime.serving.client import StreamClient
+
+    with StreamClient(srv.grpc_url, ("output_ids",)) as client:  # requests in turn, one stream
+        turns = [client.generate(prompt, 12, timeout_s=120) for _ in range(2)]
+    assert [(t.tokens, t.text) for t in turns] == [(whole.tokens, "")] * 2
     stop = next(whole.text[i : i + 2] for i in range(1, len(whole.text) - 1)
                 if "\ufffd" not in whole.text[i : i + 2])  # fmt: skip
     with_text = stream(srv, prompt, 12, stop=[stop])

@@ -77,8 +77,10 @@ class StreamClient:
         **optional,
     ) -> Result:
         """One request: the tokens and text as they arrived, or the error. cancel_after=N: stop
-        reading after N tokens and cancel the request (the stream closes with it, as when a
-        client goes away)."""
+        reading after N tokens; closing the client then cancels the request, as when a client
+        goes away (so the client takes no further request)."""
+        if self.cancelled:
+            raise RuntimeError("this client cancelled a request: close it and open another")
         result = Result()
         self.client.async_stream_infer("mosaicrt", inputs_for(prompt, text, max_new_tokens, stream,
                                                               **optional),
@@ -103,9 +105,8 @@ class StreamClient:
                 return result
 
     def close(self) -> None:
-        self.client.stop_stream(
-            cancel_requests=self.cancelled
-        )  # an open stream keeps the server up
+        # a stream left open keeps the server from shutting down
+        self.client.stop_stream(cancel_requests=self.cancelled)
         self.client.close()
 
     def __enter__(self) -> StreamClient:

@@ -11,9 +11,9 @@ true it gets one response per token (`output_ids` [1] and its `text_output` piec
 UTF-8 character) and then an empty final one; with `stream` false (the default) one response
 with every new token and the whole text, which is what HTTP `generate` takes. A client that asks
 for `output_ids` alone (its request's requested outputs) gets no text, and none is worked out
-unless stop strings need it. A request with a
-`session_id` keeps its state for the next turn of that session (`session_start` true on the
-first turn, `session_end` true on the last): a later turn costs only its new tokens.
+unless stop strings need it. A request with a `session_id` keeps its state for the next turn of
+that session (`session_start` true on the first turn, `session_end` true on the last): a later
+turn costs only its new tokens.
 """
 
 from __future__ import annotations
