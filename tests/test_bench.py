@@ -167,6 +167,34 @@ def test_ort_ceiling_reads_the_bytes_the_roofline_counts(tmp_path):
     assert budget["dispatch_floor_ms"] == pytest.approx(
         other * result["dispatch_us_per_node"] / 1e3
     )
+    assert budget["rest_ms"] == step["no_weight_reads_run_ms"] > 0
+    assert step["short_context"]["no_weight_reads_run_ms"] > 0
+
+
+def test_the_step_graph_without_weight_reads_keeps_its_nodes_and_shapes(tiny, tmp_path):
+    """ort_ceiling's cut graph: every weight MatMul keeps its node and output shape, on
+    WEIGHT_ROWS rows of its weight and as many columns of its input (one Slice each)."""
+    import numpy as np
+    import onnx
+
+    from mosaicrt.bench.ort_ceiling import WEIGHT_ROWS, without_weight_reads
+    from mosaicrt.export.artifact import MODEL_FILE, export_artifact
+    from mosaicrt.runtime.ort_backend import OrtBackend
+
+    artifact = export_artifact(tiny, tmp_path / "onnx", max_context=32)
+    cut = without_weight_reads(artifact, tmp_path / "cut")
+    full, small = onnx.load(artifact / MODEL_FILE).graph, onnx.load(cut / MODEL_FILE).graph
+    weights = {w.name: list(w.dims) for w in full.initializer if len(w.dims) == 2}
+    on_weights = [n for n in full.node if n.op_type == "MatMul" and n.input[1] in weights]
+    assert on_weights and len(small.node) == len(full.node) + len(on_weights)
+    kept = {w.name: list(w.dims) for w in small.initializer}
+    for node in on_weights:
+        assert kept[node.input[1]] == [WEIGHT_ROWS, weights[node.input[1]][1]]
+    ids, lengths, shapes = np.array([[5, 6, 7]]), np.array([3]), []
+    for path in (artifact, cut):  # both run: the same inputs, logits of the same shape
+        backend = OrtBackend(path, device="cpu")
+        shapes.append(backend.step(ids, lengths, backend.new_state(1, 32), True).shape)
+    assert shapes[0] == shapes[1] == (1, preset("tiny").vocab_size)
 
 
 def test_profile_steps_tables_both_steps_by_op(tiny, tmp_path):

@@ -13,9 +13,12 @@ In the same run it measures what the rest of a step costs: the exported step gra
 checkpoint, with the mosaic ops as their function bodies and (when built, `mosaicrt ort-ops build`)
 as the native kernels (the nodes ONNX Runtime runs after its optimizations, its decode TPOT at
 the context and at a short one, timed in turn, and the runtime's bookkeeping around session.run),
-and ONNX Runtime's cost per node of a chain of small elementwise nodes. With those it states the
-budget of a target fraction (default 80 %): the step time it allows, minus the MatMuls' time,
-against the other nodes' dispatch alone.
+and ONNX Runtime's cost per node of a chain of small elementwise nodes. It also times the same step
+graph without its weight reads (every MatMul against a weight cut to WEIGHT_ROWS rows of it, its
+input sliced to match: the same nodes and state reads, a few KB of weights): what the step costs
+besides reading the weights. With those it states the budget of a target fraction (default 80 %):
+the step time it allows, minus the MatMuls' time, against the other nodes' dispatch alone and
+against that measured rest.
 
     python -m mosaicrt.bench.ort_ceiling --preset mini --context 4096 \\
         --json bench/results/ort_ceiling_cpu.json
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -159,6 +163,43 @@ def dispatch_case(config: ModelConfig, threads: int, nodes: int = 1000) -> float
     return 1e3 * median_ms(lambda: sess.run([prev], feeds), 100) / nodes
 
 
+WEIGHT_ROWS = 8  # rows of each weight the step graph keeps without its weight reads
+
+
+def without_weight_reads(artifact: Path, out: Path) -> Path:
+    """A copy of the artifact whose every MatMul against a 2-D weight multiplies the first
+    WEIGHT_ROWS columns of its input by the first WEIGHT_ROWS rows of the weight: the same
+    nodes, outputs of the same shapes, and next to nothing of the weights read."""
+    shutil.copytree(artifact, out, ignore=shutil.ignore_patterns(MODEL_FILE))
+    model = onnx.load(artifact / MODEL_FILE)
+    graph = model.graph
+    other_uses = {name for node in graph.node for i, name in enumerate(node.input)
+                  if node.op_type != "MatMul" or i != 1}  # fmt: skip
+    weights = {w.name: w for w in graph.initializer
+               if len(w.dims) == 2 and w.name not in other_uses}  # fmt: skip
+    nodes, cut = [], set()
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in weights:
+            nodes.append(node)
+            continue
+        name = node.input[1]
+        if name not in cut:  # the weight's first rows, in its place
+            rows = numpy_helper.to_array(weights[name])[:WEIGHT_ROWS]
+            weights[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(rows), name))
+            cut.add(name)
+        x = f"{node.output[0]}_first_columns"
+        nodes.append(
+            helper.make_node("Slice", [node.input[0], "cut_0", "cut_rows", "cut_axis"], [x])
+        )
+        nodes.append(helper.make_node("MatMul", [x, name], list(node.output), name=node.name))
+    for name, value in (("cut_0", 0), ("cut_rows", WEIGHT_ROWS), ("cut_axis", -1)):
+        graph.initializer.append(numpy_helper.from_array(np.array([value], np.int64), name))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save(model, out / MODEL_FILE)
+    return out
+
+
 def optimized_nodes(
     model_path: Path, threads: int, workdir: Path, library: Path | None
 ) -> tuple[int, int]:
@@ -179,7 +220,8 @@ def step_case(
 ):
     """The exported step graph of a random checkpoint with the mosaic ops as `ort_ops`: its node
     counts, and at each context (batch 1, steps timed in turn) its decode TPOT and the time of
-    session.run within it (the rest is the runtime's bookkeeping)."""
+    session.run within it (the rest is the runtime's bookkeeping), and session.run of the same
+    graph without its weight reads (without_weight_reads)."""
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         write_checkpoint(random_tensors(config, 0), config, workdir / "ckpt")
@@ -190,27 +232,39 @@ def step_case(
         )
         library = native_ops_library(ort_ops, ["CPUExecutionProvider"])
         nodes, matmuls = optimized_nodes(artifact / MODEL_FILE, threads, workdir, library)
-        backend = OrtBackend(artifact, device="cpu", threads=threads, ort_ops=ort_ops)
-        torch.set_num_threads(backend.torch_threads)
-        states = {c: prefill(backend, c, capacity, 512) for c in contexts}
-        backend.run_seconds = run_times = []  # the backend's timing hook: session.run's time
+        cut = without_weight_reads(artifact, workdir / "cut")
+        backends = {
+            kind: OrtBackend(path, device="cpu", threads=threads, ort_ops=ort_ops)
+            for kind, path in (("step", artifact), ("no_weight_reads", cut))
+        }
+        torch.set_num_threads(backends["step"].torch_threads)
         token, one = np.ones((1, 1), np.int64), np.ones(1, np.int64)  # as the batcher steps
         step_s: dict[int, list[float]] = {c: [] for c in contexts}
-        run_s: dict[int, list[float]] = {c: [] for c in contexts}
-        for i in range(warmup + steps):
-            for c, state in states.items():
-                t0 = time.perf_counter()
-                backend.step(token, one, state, True, device_logits=True)
-                if i >= warmup:
-                    step_s[c].append(time.perf_counter() - t0)
-                    run_s[c].append(run_times[-1])
+        run_s = {(kind, c): [] for kind in backends for c in contexts}
+        states = {
+            kind: {c: prefill(backend, c, capacity, 512) for c in contexts}
+            for kind, backend in backends.items()
+        }
+        for backend in backends.values():
+            backend.run_seconds = []  # the backend's timing hook: session.run's time
+        for i in range(warmup + steps):  # in turn (each session's pool stops when its run returns)
+            for kind, backend in backends.items():
+                for c in contexts:
+                    t0 = time.perf_counter()
+                    backend.step(token, one, states[kind][c], True, device_logits=True)
+                    if i >= warmup:
+                        if kind == "step":
+                            step_s[c].append(time.perf_counter() - t0)
+                        run_s[kind, c].append(backend.run_seconds[-1])
+        ms = lambda seconds: 1e3 * statistics.median(seconds)  # noqa: E731
         return (
             nodes,
             matmuls,
             {
                 c: {
-                    "tpot_ms": 1e3 * statistics.median(step_s[c]),
-                    "session_run_ms": 1e3 * statistics.median(run_s[c]),
+                    "tpot_ms": ms(step_s[c]),
+                    "session_run_ms": ms(run_s["step", c]),
+                    "no_weight_reads_run_ms": ms(run_s["no_weight_reads", c]),
                 }
                 for c in contexts
             },
@@ -282,6 +336,8 @@ def measure(args: argparse.Namespace) -> dict:
         "matmul_ms": w_ms + s_ms,  # the ceiling's MatMuls, nothing else
         "left_ms": roofline_ms / args.target - (w_ms + s_ms),
         "dispatch_floor_ms": other_nodes * per_node_us / 1e3,
+        # session.run without its weight reads: the other nodes and the state reads, measured
+        "rest_ms": step["no_weight_reads_run_ms"],
         "bookkeeping_ms": step["bookkeeping_ms"],
     }
 
@@ -351,7 +407,9 @@ def print_summary(result: dict) -> None:
         f"leaving {budget['left_ms']:.2f} ms "
         f"for {other_nodes} other nodes, whose dispatch alone costs "
         f"{budget['dispatch_floor_ms']:.2f} ms ({result['dispatch_us_per_node']:.2f} us each), "
-        f"plus {budget['bookkeeping_ms']:.2f} ms of bookkeeping"
+        f"plus {budget['bookkeeping_ms']:.2f} ms of bookkeeping; without its weight reads the "
+        f"step graph's session.run takes {budget['rest_ms']:.2f} ms (at context "
+        f"{short['context']}: {step['short_context']['no_weight_reads_run_ms']:.2f} ms)"
     )
 
 

@@ -72,6 +72,9 @@ def session_options(
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or os.cpu_count() or 1
     options.inter_op_num_threads = 1
+    # The pool's threads stop spinning when a run returns: spinning on between runs they take
+    # the cores from whatever runs next (the bookkeeping's threads, another session or process).
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     if library is not None:
         if append_pairs:  # read by the library as it registers its kernels
             options.add_session_config_entry(APPEND_PAIRS, "1")
