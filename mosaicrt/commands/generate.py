@@ -61,21 +61,30 @@ def main(args: argparse.Namespace) -> int:
 
 
 def generate_text(args: argparse.Namespace, backend, sampling, limits) -> int:
-    """--prompt: text in, the prompt and its continuation out."""
+    """--prompt: text in, the prompt and its continuation out, printed as the tokens come (from
+    the first one on: a prompt refused prints nothing)."""
     from mosaicrt.runtime.generator import generate
-    from mosaicrt.runtime.tokenizer import load_tokenizer
+    from mosaicrt.runtime.tokenizer import TextStream, load_tokenizer
 
     if not args.prompt:
         raise InputError("--prompt is empty: give some text")
     config = backend.config
     tokenizer = load_tokenizer(args.model, config.vocab_size)
     bos = [config.bos_token_id] if config.bos_token_id is not None else []
-    [result] = generate(
-        backend, [bos + tokenizer.encode(args.prompt)], args.max_new_tokens, sampling, limits
-    )
+    text = TextStream(tokenizer)
+
+    def show(_: int, token: int) -> None:
+        if not text.ids:
+            print(args.prompt, end="")
+        print(text.push(token), end="", flush=True)
+
+    [result] = generate(backend, [bos + tokenizer.encode(args.prompt)], args.max_new_tokens,
+                        sampling, limits, on_token=show)  # fmt: skip
     if isinstance(result, MosaicError):
+        if text.ids:
+            print()  # the line of text so far ends before the error
         raise result
-    print(args.prompt + tokenizer.decode(result))
+    print(text.flush())
     return 0
 
 

@@ -30,13 +30,15 @@ def generate(
     limits: RunLimits = RunLimits(),
     progress: bool = False,
     on_start: Callable[[RunLimits], None] | None = None,
+    on_token: Callable[[int, int], None] | None = None,
 ) -> list[list[int] | MosaicError]:
     """New tokens for every prompt (stopping at EOS, which is kept, or max_new_tokens). A prompt
     that is already an error (a bad input line) stays one, and keeps its place: prompt i is
     request i whatever the others are (its sampling seed is the batch's seed + i).
 
     on_start is called with the limits the state is sized for, once the requests are admitted and
-    before the state is allocated (the CLI prints the memory plan there).
+    before the state is allocated (the CLI prints the memory plan there). on_token(i, token) is
+    called with each new token of prompt i as it is made (the CLI prints its text as it comes).
     """
     if max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
@@ -74,6 +76,8 @@ def generate(
         while batcher.busy:
             for request, token, finished in batcher.step():
                 bar.update((token is not None) + (max_new_tokens - len(request.output)) * finished)
+                if on_token is not None and token is not None:
+                    on_token(request.rid, token)
     for request in requests:
         if request.error is not None:
             results[request.rid] = request.error
