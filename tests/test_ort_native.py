@@ -376,7 +376,7 @@ def test_loading_the_library_leaves_the_process_floating_point_mode_alone(native
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_the_native_retrieval_appends_the_pairs_the_runtime_would_write(
-    tmp_path, native_ort_library, dtype
+    tmp_path, native_ort_library, dtype, monkeypatch
 ):
     """With the native kernels the run writes each step's new pairs into fp32/fp16 stores itself
     and the runtime writes none. Through chunks longer than the STM ring and the LTM delay, decode
@@ -407,18 +407,15 @@ def test_the_native_retrieval_appends_the_pairs_the_runtime_would_write(
         written.append(1)
         return real_write(*args, **kwargs)
 
-    graph_state.write_new_pairs = counted
-    try:
-        for lengths, rows in schedule:
-            ids = rng.integers(0, 256, (len(lengths), max(lengths)))
-            lengths = np.array(lengths)
-            before = len(written)
-            got = native.step(ids, lengths, states[0], last_only=True, rows=rows)
-            assert len(written) == before  # the run wrote them
-            want = bodies.step(ids, lengths, states[1], last_only=True, rows=rows)
-            np.testing.assert_array_equal(got[lengths > 0], want[lengths > 0])
-    finally:
-        graph_state.write_new_pairs = real_write
+    monkeypatch.setattr(graph_state, "write_new_pairs", counted)
+    for lengths, rows in schedule:
+        ids = rng.integers(0, 256, (len(lengths), max(lengths)))
+        lengths = np.array(lengths)
+        before = len(written)
+        got = native.step(ids, lengths, states[0], last_only=True, rows=rows)
+        assert len(written) == before  # the run wrote them
+        want = bodies.step(ids, lengths, states[1], last_only=True, rows=rows)
+        np.testing.assert_array_equal(got[lengths > 0], want[lengths > 0])
     assert len(written) == len(schedule)  # pairs_in_run=False: the runtime wrote them
     for memory in ("stm", "ltm"):
         np.testing.assert_array_equal(states[0].pairs[memory], states[1].pairs[memory])

@@ -163,7 +163,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    for module, extra in (("psutil", "bench"), ("tritonclient.grpc", "serve")):
+    for module in ("psutil", "tritonclient.grpc"):
         try:
             importlib.import_module(module)
         except ImportError:

@@ -64,23 +64,23 @@ class TextStream:
         self.tokenizer, self.ids, self.sent = tokenizer, [], ""
         self.context = 0  # ids[context:done]: the last piece sent's ids
         self.done = 0  # ids[:done] are sent
+        self.before = ""  # the text of ids[context:done]
 
     def push(self, token: int) -> str:
         """The new text that `token` completes (possibly empty)."""
         self.ids.append(token)
-        before = self.tokenizer.decode(self.ids[self.context : self.done])
         text = self.tokenizer.decode(self.ids[self.context :])
-        if text.endswith("\ufffd") or len(text) <= len(before):  # an incomplete character,
+        if text.endswith("\ufffd") or len(text) <= len(self.before):  # an incomplete character,
             return ""  # or ids of no text yet: wait for the next ones
-        return self._send(text[len(before) :])
+        return self._send(text[len(self.before) :])
 
     def flush(self) -> str:
         """What is left once no more ids come (a dangling byte decodes as U+FFFD)."""
-        before = self.tokenizer.decode(self.ids[self.context : self.done])
-        return self._send(self.tokenizer.decode(self.ids[self.context :])[len(before) :])
+        return self._send(self.tokenizer.decode(self.ids[self.context :])[len(self.before) :])
 
     def _send(self, piece: str) -> str:
         self.context, self.done = self.done, len(self.ids)
+        self.before = self.tokenizer.decode(self.ids[self.context : self.done])
         self.sent += piece
         return piece
 
