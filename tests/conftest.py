@@ -70,6 +70,15 @@ def ort_ops(request) -> str:
     return request.param
 
 
+@pytest.fixture(scope="session", params=["functions", "native", "fused"])
+def ort_ops_fp32(request) -> str:
+    """The same, and for a graph with fp32 stores the third way: the native library with each
+    layer's memory nodes one LayerMemories node (runtime/ort_fusion.py)."""
+    if request.param != "functions":
+        request.getfixturevalue("native_ort_library")
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def native_ort_library() -> Path:
     from mosaicrt.errors import InputError

@@ -149,9 +149,11 @@ def test_ort_ceiling_reads_the_bytes_the_roofline_counts(tmp_path):
     assert result["weights_batch"]["rows"] == 8  # the default
     assert result["weights_batch"]["bytes"] == result["weights"]["bytes"]
     graphs = result["step_graphs"]
-    assert {"functions", "native"} >= set(graphs) >= {"functions"}
+    assert set(graphs) in ({"functions"}, {"functions", "native", "fused"})
     if "native" in graphs:  # one node per mosaic op instead of its inlined body
         assert graphs["native"]["nodes"] < graphs["functions"]["nodes"] / 2
+        # and one node per layer for its memories: 25 fewer a layer at least
+        assert graphs["fused"]["nodes"] <= graphs["native"]["nodes"] - 25 * config.num_layers
     # The real step graph, measured in the same run: its MatMuls are among its nodes, its
     # session.run is part of its TPOT, and the budget is the arithmetic the docstring states.
     step, budget = result["step_graph"], result["budget"]

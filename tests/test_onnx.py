@@ -54,13 +54,13 @@ def test_artifact_carries_custom_ops_with_function_bodies(artifact):
     ]
 
 
-def test_onnxruntime_matches_oracle_and_reference(oracle_ckpt, artifact, ort_ops):
+def test_onnxruntime_matches_oracle_and_reference(oracle_ckpt, artifact, ort_ops_fp32):
     config, _ = oracle.load_checkpoint(oracle_ckpt)
     T = 3 * config["stm_window"] + 2 * config["ltm_delay"] + 1
     ids = torch.from_numpy(np.random.default_rng(1).integers(0, config["vocab_size"], (2, T)))
     limits = RunLimits(max_context=T, prefill_chunk=6)
-    backend = OrtBackend(artifact, ort_ops=ort_ops)
-    assert backend.ort_ops == ort_ops
+    backend = OrtBackend(artifact, ort_ops=ort_ops_fp32)
+    assert backend.ort_ops == ort_ops_fp32
     got = score(backend, ids, limits)
     want = score(TorchBackend(oracle_ckpt, device="cpu"), ids, limits)
     assert (got - want).abs().max() <= ATOL_TORCH
@@ -181,7 +181,7 @@ def test_a_store_that_cannot_be_bound_in_place_is_refused(artifact, native_ort_l
 
 
 @pytest.mark.slow
-def test_step_graph_greedy_equals_full_recompute_for_1000_tokens(tmp_path, ort_ops):
+def test_step_graph_greedy_equals_full_recompute_for_1000_tokens(tmp_path, ort_ops_fp32):
     config = preset("tiny").replace(stm_window=8, ltm_delay=4, eos_token_id=None)
     model = random_model(config, seed=9)
     with torch.no_grad():
@@ -190,7 +190,7 @@ def test_step_graph_greedy_equals_full_recompute_for_1000_tokens(tmp_path, ort_o
                 p.mul_(6.0)
     save_checkpoint(model, tmp_path / "ckpt")
     artifact = export_artifact(tmp_path / "ckpt", tmp_path / "onnx", max_context=1100)
-    backend = OrtBackend(artifact, ort_ops=ort_ops)
+    backend = OrtBackend(artifact, ort_ops=ort_ops_fp32)
     prompt = [5, 17, 33, 2, 250, 7, 7, 100]
     [streamed] = generate(
         backend, [prompt], 1000, SamplingParams(), RunLimits(max_context=1010, prefill_chunk=3)

@@ -311,12 +311,14 @@ def test_the_backend_picks_the_ops_it_can_run(tmp_path, monkeypatch, native_ort_
     cpu = ["CPUExecutionProvider"]
     assert native_ops_library("auto", cpu) == native_ort_library
     assert native_ops_library("native", cpu) == native_ort_library
+    assert native_ops_library("fused", cpu) == native_ort_library
     assert native_ops_library("functions", cpu) is None
     assert native_ops_library("auto", ["CUDAExecutionProvider", *cpu]) is None  # CPU kernels
     monkeypatch.setenv("MOSAICRT_CACHE", str(tmp_path))  # nothing built there
     assert native_ops_library("auto", cpu) is None
-    with pytest.raises(BackendError, match="mosaicrt ort-ops build"):
-        native_ops_library("native", cpu)
+    for required in ("native", "fused"):
+        with pytest.raises(BackendError, match=f"--ort-ops {required}: .*mosaicrt ort-ops build"):
+            native_ops_library(required, cpu)
     with pytest.raises(BackendError, match="unknown --ort-ops"):
         native_ops_library("fast", cpu)
 

@@ -11,10 +11,11 @@ by a GEMV and several by a GEMM, which read the same weights at different rates.
 
 In the same run it measures what the rest of a step costs: the exported step graph of a random
 checkpoint, with the mosaic ops as their function bodies and (when built, `mosaicrt ort-ops build`)
-as the native kernels (the nodes ONNX Runtime runs after its optimizations, its decode TPOT at
-the context and at a short one, timed in turn, and the runtime's bookkeeping around session.run),
-and ONNX Runtime's cost per node of a chain of small elementwise nodes. It also times the same step
-graph without its weight reads (every MatMul against a weight cut to WEIGHT_ROWS rows of it, its
+as the native kernels, alone and with each layer's memory nodes one native node (`--ort-ops
+fused`): the nodes ONNX Runtime runs after its optimizations, its decode TPOT at the context and at
+a short one, timed in turn, and the runtime's bookkeeping around session.run; and ONNX Runtime's
+cost per node of a chain of small elementwise nodes. It also times the same step graph without
+its weight reads (every MatMul against a weight cut to WEIGHT_ROWS rows of it, its
 input sliced to match: the same nodes and state reads, a few KB of weights): what the step costs
 besides reading the weights. With those it states the budget of a target fraction (default 80 %):
 the step time it allows, minus the MatMuls' time, against the other nodes' dispatch alone and
@@ -50,7 +51,12 @@ from mosaicrt.model.checkpoint import random_tensors, write_checkpoint
 from mosaicrt.model.config import ModelConfig, preset
 from mosaicrt.onnx_graph import IR_VERSION, OPSET
 from mosaicrt.ops.ort_library import find_library
-from mosaicrt.runtime.ort_backend import OrtBackend, native_ops_library, session_options
+from mosaicrt.runtime.ort_backend import (
+    OrtBackend,
+    fused_graph,
+    native_ops_library,
+    session_options,
+)
 
 
 def weight_shapes(config: ModelConfig) -> list[tuple[int, int]]:
@@ -231,7 +237,11 @@ def step_case(
             workdir / "ckpt", workdir / "onnx", max_context=capacity, ltm_block=block
         )
         library = native_ops_library(ort_ops, ["CPUExecutionProvider"])
-        nodes, matmuls = optimized_nodes(artifact / MODEL_FILE, threads, workdir, library)
+        graph = artifact / MODEL_FILE
+        if ort_ops == "fused":  # the graph the session runs: each layer's memories one node
+            graph = workdir / "fused.onnx"
+            onnx.save(fused_graph(artifact, config, ort_ops), graph)
+        nodes, matmuls = optimized_nodes(graph, threads, workdir, library)
         cut = without_weight_reads(artifact, workdir / "cut")
         backends = {
             kind: OrtBackend(path, device="cpu", threads=threads, ort_ops=ort_ops)
@@ -311,7 +321,7 @@ def measure(args: argparse.Namespace) -> dict:
     per_node_us = dispatch_case(config, args.threads)
     short_stores_ms = stores_case(config, args.short_context, args.block, args.threads)[0]
     roofline_ms = decode_bytes(config, [args.context]) / (bandwidth * 1e9) * 1e3
-    paths = ["functions"] + (["native"] if find_library() else [])
+    paths = ["functions"] + (["native", "fused"] if find_library() else [])
     steps = {}
     for ort_ops in paths:
         contexts = [args.short_context, args.context]

@@ -5,11 +5,13 @@
 // A session whose options hold the config entry kAppendPairs = "1" (the runtime's, which binds the
 // stores in place: mosaicrt/ops/ort_library.py APPEND_PAIRS) gets the AssociativeMemory kernel that
 // also writes each step's new pairs into its fp32/fp16 stores (append_pairs); any other session
-// gets the one that only reads them.
+// gets the one that only reads them. The same holds for LayerMemories, which the runtime puts in
+// a step graph in place of each layer's memory nodes (runtime/ort_fusion.py).
 #include <string>
 
 #include "associative_memory/ort_kernel.h"
 #include "gated_key_scan/ort_kernel.h"
+#include "ort_layer_memories.h"
 
 namespace {
 constexpr const char* kAppendPairs = "mosaic.append_pairs";
@@ -18,6 +20,8 @@ mosaic::AssociativeMemoryOp associative_memory_op;
 mosaic::AssociativeMemoryOp appending_memory_op{true};
 mosaic::AssociativeMemoryInt8Op associative_memory_int8_op;
 mosaic::AssociativeMemoryFp8Op associative_memory_fp8_op;
+mosaic::LayerMemoriesOp layer_memories_op;
+mosaic::LayerMemoriesOp appending_layer_memories_op{true};
 
 // The "mosaic" domain with the reading or the appending AssociativeMemory kernel (built once: a
 // domain must outlive every session that uses it).
@@ -30,6 +34,7 @@ Ort::CustomOpDomain& domain(bool append) {
     found->Add(append ? &appending_memory_op : &associative_memory_op);
     found->Add(&associative_memory_int8_op);
     found->Add(&associative_memory_fp8_op);
+    found->Add(append ? &appending_layer_memories_op : &layer_memories_op);
   }
   return *found;
 }

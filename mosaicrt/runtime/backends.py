@@ -121,9 +121,10 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ort-ops",
         default="auto",
-        help="onnxruntime backend: the mosaic ops as native kernels (native: built with "
-        "`mosaicrt ort-ops build`), as their ONNX function bodies (functions), or native where "
-        "built for this machine and on the CPU (auto, default)",
+        help="onnxruntime backend: the mosaic ops as native kernels (built with `mosaicrt "
+        "ort-ops build`) with each layer's memory nodes one native node (fused), the ops' "
+        "native kernels alone (native), their ONNX function bodies (functions), or the first of "
+        "these that the build, the provider (the CPU) and the artifact allow (auto, default)",
     )
     p.add_argument(
         "--quantize",

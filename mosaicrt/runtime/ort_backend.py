@@ -18,7 +18,7 @@ from collections import ChainMap
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -43,6 +43,9 @@ from mosaicrt.runtime.graph_state import (
     small_layout,
 )
 
+if TYPE_CHECKING:
+    import onnx
+
 OrtState = GraphState  # numpy buffers, or torch tensors on the device with IOBinding
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64,
                 torch.int8: np.int8}  # fmt: skip
@@ -53,7 +56,7 @@ TORCH_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16,
                "tensor(int8)": torch.int8}  # fmt: skip
 
 
-ORT_OPS = ("auto", "native", "functions")
+ORT_OPS = ("auto", "fused", "native", "functions")
 STAGED_SHAPES = 16  # ids and lengths buffers kept, a decode step's and a few prefill chunks
 
 
@@ -83,8 +86,9 @@ def session_options(
 
 
 def native_ops_library(ort_ops: str, providers: list[str]) -> Path | None:
-    """The native mosaic-ops library to register: for `native` (required), or `auto` (when it is
-    built for this machine and the session runs on the CPU); None runs the function bodies."""
+    """The native mosaic-ops library to register: for `fused` and `native` (required), or `auto`
+    (when it is built for this machine and the session runs on the CPU); None runs the function
+    bodies."""
     from mosaicrt.ops import ort_library
 
     if ort_ops not in ORT_OPS:
@@ -93,14 +97,14 @@ def native_ops_library(ort_ops: str, providers: list[str]) -> Path | None:
         return None
     library = ort_library.find_library()
     usable = library is not None and ort_library.supported_by_runtime()
-    if ort_ops == "native" and library is None:
+    if ort_ops != "auto" and library is None:
         raise BackendError(
-            "--ort-ops native: the native ONNX Runtime ops are not built for this machine: run "
-            "`mosaicrt ort-ops build`, or use --ort-ops functions"
+            f"--ort-ops {ort_ops}: the native ONNX Runtime ops are not built for this machine: "
+            "run `mosaicrt ort-ops build`, or use --ort-ops functions"
         )
-    if ort_ops == "native" and not usable:
+    if ort_ops != "auto" and not usable:
         raise BackendError(
-            f"--ort-ops native needs onnxruntime >= 1.{ort_library.HEADERS_API}: upgrade it, "
+            f"--ort-ops {ort_ops} needs onnxruntime >= 1.{ort_library.HEADERS_API}: upgrade it, "
             "or use --ort-ops functions"
         )
     return library if usable else None
@@ -124,21 +128,46 @@ def open_session(
     providers: list[str],
     library: Path | None = None,
     append_pairs: bool = False,
+    fused: onnx.ModelProto | None = None,
 ):
+    """The artifact's session, or (fused) one of that rewrite of its graph (ort_fusion)."""
     import onnxruntime as ort
 
-    try:
-        return ort.InferenceSession(
-            str(Path(artifact) / MODEL_FILE),
-            session_options(threads, library, append_pairs),
-            providers=providers,
+    model_file = Path(artifact) / MODEL_FILE
+    options = session_options(threads, library, append_pairs)
+    if fused is not None:  # its external data, if any, next to the artifact's graph
+        options.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", str(model_file.parent)
         )
+    try:
+        source = str(model_file) if fused is None else fused.SerializeToString()
+        return ort.InferenceSession(source, options, providers=providers)
     except Exception as exc:  # ORT raises its own pybind exception types
         reason = str(exc).splitlines()[0][:300]
         raise BackendError(
             f"ONNX Runtime cannot load {artifact}/{MODEL_FILE} ({reason}): "
             "re-export the artifact with `mosaicrt export`"
         ) from None
+
+
+def fused_graph(artifact: str | Path, config, ort_ops: str) -> onnx.ModelProto | None:
+    """The artifact's graph with each layer's memory nodes one LayerMemories node, for `fused`
+    and `auto`; None for `native`, and for `auto` where the graph does not allow it (`fused`
+    then names the reason)."""
+    import onnx
+
+    from mosaicrt.runtime.ort_fusion import fuse_layer_memories
+
+    if ort_ops not in ("auto", "fused"):
+        return None
+    model = onnx.load(str(Path(artifact) / MODEL_FILE), load_external_data=False)
+    why = fuse_layer_memories(model, config.num_layers, config.memories)
+    if why and ort_ops == "fused":
+        raise BackendError(
+            f"--ort-ops fused: {artifact} cannot run its layers' memories as one native node "
+            f"({why}): use --ort-ops native"
+        )
+    return None if why else model
 
 
 def check_graph_weights(model_file: Path) -> None:
@@ -210,8 +239,9 @@ class OrtBackend(GraphStatePaging, Backend):
         cuda. io_binding: state as device tensors bound by pointer (default: on CUDA only).
         check_weights: refuse weights that hold NaN or inf. providers: ask ONNX Runtime for
         these instead (the device is the one the session runs on, whatever was asked).
-        ort_ops: the mosaic ops as native kernels (native), as their function bodies
-        (functions), or native where built for this machine and on the CPU (auto).
+        ort_ops: the mosaic ops as native kernels, each layer's memory nodes as one (fused); the
+        ops' kernels alone (native); their function bodies (functions); or the first of these
+        that the library built for this machine, the provider (the CPU) and the graph allow (auto).
         pairs_in_run: let the native retrieval write each step's new pairs into fp32/fp16
         stores (False: the runtime writes them after the run, as for the function bodies)."""
         try:
@@ -233,14 +263,15 @@ class OrtBackend(GraphStatePaging, Backend):
             check_graph_weights(Path(artifact) / MODEL_FILE)
         providers = providers or wanted_providers(device)
         library = native_ops_library(ort_ops, providers)
-        self.ort_ops = "native" if library else "functions"
+        fused = fused_graph(artifact, self.config, ort_ops) if library else None
+        self.ort_ops = "fused" if fused is not None else "native" if library else "functions"
         # The native retrieval writes each step's new pairs into fp32/fp16 stores in place (the
         # state's buffers are bound by address); int8/fp8 pairs are quantized by the graph, and
         # the runtime writes those.
         self.pairs_in_run = (
             pairs_in_run and library is not None and stores in ("float32", "float16")
         )
-        self.session = open_session(artifact, threads, providers, library, self.pairs_in_run)
+        self.session = open_session(artifact, threads, providers, library, self.pairs_in_run, fused)
         # ONNX Runtime falls back to the CPU when a provider fails to load (missing CUDA
         # libraries): the state goes where the session really runs.
         on_cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"

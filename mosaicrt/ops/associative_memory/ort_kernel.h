@@ -543,6 +543,61 @@ void append_pairs(const Ort::KernelContext& ctx, const MemoryInputs& in, const M
 // 13) AssociativeMemoryInt8's int8 or AssociativeMemoryFp8's e4m3 bits (in int8 tensors).
 enum class Stores { kFloat, kInt8, kFp8 };
 
+// The shape of a retrieval from q (B, C, H, hs), a store (P, H, S, hs) and its block table
+// (B, NB), whose every entry must name a pool block.
+inline MemoryShape memory_shape(const std::vector<int64_t>& q, const std::vector<int64_t>& store,
+                                const std::vector<int64_t>& blocks, const int64_t* table) {
+  const MemoryShape s{q[0], q[1], q[2], q[3], blocks[1], store[2]};
+  if (blocks[0] != s.B)
+    throw Ort::Exception("AssociativeMemory: store_blocks must have a row per query row",
+                         ORT_FAIL);
+  for (int64_t i = 0; i < s.B * s.NB; ++i)
+    if (table[i] < 0 || table[i] >= store[0])
+      throw Ort::Exception("AssociativeMemory: store_blocks names a block outside the pool",
+                           ORT_FAIL);
+  return s;
+}
+
+// y (B, C, H, hs) from stores of `type` (`stores` says which kind), then, with append, the new
+// pairs written into fp32/fp16 stores: what AssociativeMemory's kernel runs, and LayerMemories'
+// (ort_layer_memories.h) for each of its memories.
+inline void retrieve(const Ort::KernelContext& ctx, const MemoryInputs& in, const MemoryShape& s,
+                     int64_t window, int64_t delay, Stores stores, ONNXTensorElementDataType type,
+                     bool append, float* y) {
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
+    if (s.C == 1 && s.NB > 1) {  // decode over a long store: contiguous block ranges
+      memory_decode<T>(ctx, in, s, window, delay, y);
+    } else {
+      const int64_t cost = s.B * s.C * s.H * s.hs * (s.NB * s.S + s.C);
+      parallel_for(ctx, s.B * s.H, cost, [&](size_t i) {
+        memory_row_head<T>(in, s, window, delay, i / s.H, i % s.H, y);
+      });
+    }
+    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, _Float16>) {
+      if (append)  // the stores are the caller's buffers, bound in place
+        append_pairs<T>(ctx, in, s, window < kNoWindow,
+                        const_cast<T*>(static_cast<const T*>(in.store_k)),
+                        const_cast<T*>(static_cast<const T*>(in.store_v)));
+    }
+  };
+  if ((stores != Stores::kFloat) != (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8))
+    throw Ort::Exception(
+        "AssociativeMemoryInt8 and -Fp8 take int8 stores (-Fp8: e4m3 bits), AssociativeMemory "
+        "fp ones", ORT_FAIL);
+  if (stores == Stores::kInt8) {
+    run(int8_t{});
+  } else if (stores == Stores::kFp8) {
+    run(E4M3{});
+  } else if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+    run(float{});
+  } else if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
+    run(_Float16{});
+  } else {
+    throw Ort::Exception("AssociativeMemory: stores must be float32 or float16", ORT_FAIL);
+  }
+}
+
 struct AssociativeMemoryKernel {
   int64_t window, delay;
   Stores stores;
@@ -562,20 +617,11 @@ struct AssociativeMemoryKernel {
   void compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
     auto q = ctx.GetInput(0), store_k = ctx.GetInput(2), store_v = ctx.GetInput(3);
-    const auto q_shape = shape_of(q, 4, "q");
     auto store_blocks = ctx.GetInput(4);
-    const auto store_shape = shape_of(store_k, 4, "store_k");
-    const auto blocks_shape = shape_of(store_blocks, 2, "store_blocks");
-    const MemoryShape s{q_shape[0], q_shape[1], q_shape[2], q_shape[3], blocks_shape[1],
-                        store_shape[2]};
-    if (blocks_shape[0] != s.B)
-      throw Ort::Exception("AssociativeMemory: store_blocks must have a row per query row",
-                           ORT_FAIL);
+    const auto q_shape = shape_of(q, 4, "q");
     const int64_t* table = store_blocks.GetTensorData<int64_t>();
-    for (int64_t i = 0; i < s.B * s.NB; ++i)
-      if (table[i] < 0 || table[i] >= store_shape[0])
-        throw Ort::Exception("AssociativeMemory: store_blocks names a block outside the pool",
-                             ORT_FAIL);
+    const MemoryShape s = memory_shape(q_shape, shape_of(store_k, 4, "store_k"),
+                                       shape_of(store_blocks, 2, "store_blocks"), table);
     const auto type = store_k.GetTensorTypeAndShapeInfo().GetElementType();
     if (store_v.GetTensorTypeAndShapeInfo().GetElementType() != type)
       throw Ort::Exception("AssociativeMemory: store_k and store_v differ in type", ORT_FAIL);
@@ -597,39 +643,7 @@ struct AssociativeMemoryKernel {
         scaled ? ctx.GetInput(13).GetTensorData<float>() : nullptr,
     };
     float* y = ctx.GetOutput(0, q_shape).GetTensorMutableData<float>();
-    const int64_t window_ = window, delay_ = delay;
-    auto run = [&](auto zero) {
-      using T = decltype(zero);
-      if (s.C == 1 && s.NB > 1) {  // decode over a long store: contiguous block ranges
-        memory_decode<T>(ctx, in, s, window_, delay_, y);
-      } else {
-        const int64_t cost = s.B * s.C * s.H * s.hs * (s.NB * s.S + s.C);
-        parallel_for(ctx, s.B * s.H, cost, [&](size_t i) {
-          memory_row_head<T>(in, s, window_, delay_, i / s.H, i % s.H, y);
-        });
-      }
-      if constexpr (std::is_same_v<T, float> || std::is_same_v<T, _Float16>) {
-        if (append)  // the stores are the caller's buffers, bound in place
-          append_pairs<T>(ctx, in, s, window_ < kNoWindow,
-                          const_cast<T*>(static_cast<const T*>(in.store_k)),
-                          const_cast<T*>(static_cast<const T*>(in.store_v)));
-      }
-    };
-    if ((stores != Stores::kFloat) != (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8))
-      throw Ort::Exception(
-          "AssociativeMemoryInt8 and -Fp8 take int8 stores (-Fp8: e4m3 bits), AssociativeMemory "
-          "fp ones", ORT_FAIL);
-    if (stores == Stores::kInt8) {
-      run(int8_t{});
-    } else if (stores == Stores::kFp8) {
-      run(E4M3{});
-    } else if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
-      run(float{});
-    } else if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
-      run(_Float16{});
-    } else {
-      throw Ort::Exception("AssociativeMemory: stores must be float32 or float16", ORT_FAIL);
-    }
+    retrieve(ctx, in, s, window, delay, stores, type, append, y);
   }
 };
 

@@ -1,0 +1,94 @@
+"""Each layer's memory nodes as one native LayerMemories node (mosaicrt.runtime.ort_fusion and
+mosaicrt/ops/ort_layer_memories.h) against the same graph with the mosaic ops' native kernels
+and its standard nodes; the graph against the oracle is tests/test_onnx.py's (--ort-ops fused)."""
+
+import collections
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx", reason="the fused graph is ONNX Runtime's ([onnx] extra)")
+pytest.importorskip("onnxruntime", reason="the fused graph is ONNX Runtime's ([onnx] extra)")
+
+from mosaicrt.errors import BackendError  # noqa: E402
+from mosaicrt.export.artifact import export_artifact, read_manifest  # noqa: E402
+from mosaicrt.model import preset, random_model, save_checkpoint  # noqa: E402
+from mosaicrt.runtime.ort_backend import OrtBackend  # noqa: E402
+from mosaicrt.runtime.ort_fusion import fuse_layer_memories  # noqa: E402
+
+# The fused kernel sums each value's squares for its L2 norm in its own order (ReduceL2's is
+# another): values differ in their last bits, the state and stores by up to 8.6e-7 and the tiny
+# model's logits (of magnitude ~2) by up to 2.1e-6, measured over this file's schedule; 1e-5
+# bounds both.
+ATOL_LOGITS = 1e-5
+ATOL_STATE = 1e-5
+
+
+@pytest.fixture(scope="module", params=[("stm", "ltm"), ("stm",)], ids=["stm+ltm", "stm"])
+def artifact(request, tmp_path_factory):
+    """The tiny model's artifact, with both memories and with the STM alone."""
+    root = tmp_path_factory.mktemp("fusion")
+    config = preset("tiny").replace(use_ltm="ltm" in request.param)
+    assert config.memories == request.param
+    save_checkpoint(random_model(config, seed=5), root / "ckpt")
+    return export_artifact(root / "ckpt", root / "onnx", max_context=128, ltm_block=8)
+
+
+def test_every_layer_becomes_one_node_and_the_rest_stays(artifact):
+    model = onnx.load(str(artifact / "model.onnx"))
+    config = read_manifest(artifact)[1]
+    before = collections.Counter(n.op_type for n in model.graph.node)
+    outputs = [o.name for o in model.graph.output]
+    assert fuse_layer_memories(model, config.num_layers, config.memories) == ""
+    after = collections.Counter(n.op_type for n in model.graph.node)
+    assert after["LayerMemories"] == config.num_layers
+    assert after["GatedKeyScan"] == after["AssociativeMemory"] == 0
+    assert after["MatMul"] == before["MatMul"]  # the weights' products are untouched
+    assert sum(after.values()) <= sum(before.values()) - 25 * config.num_layers
+    assert [o.name for o in model.graph.output] == outputs
+    read = {x for node in model.graph.node for x in node.input}
+    assert all(t.name in read for t in model.graph.initializer)  # the replaced nodes' are gone
+    made = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
+    for node in model.graph.node:  # in an order that runs: every input made before it is read
+        assert all(x in made for x in node.input if x), node.name
+        made |= set(node.output)
+
+
+def test_fused_layers_match_the_native_ops(artifact):
+    """Chunks longer than the STM ring and the LTM delay, decode steps across ring wraps and LTM
+    block edges, rows at different positions, an idle row, a step on a row range: the logits,
+    the constant-size state and the stores (which the fused kernel writes itself, or, with
+    pairs_in_run=False, the runtime) follow the graph with the ops' native kernels."""
+    native = OrtBackend(artifact, ort_ops="native")
+    fused = [OrtBackend(artifact, ort_ops="fused"), OrtBackend(artifact, pairs_in_run=False)]
+    assert [b.ort_ops for b in fused] == ["fused", "fused"]
+    assert fused[0].pairs_in_run and not fused[1].pairs_in_run
+    backends = [native, *fused]
+    states = [backend.new_state(2, 128) for backend in backends]
+    schedule = [([20, 7], None), ([0, 19], None), ([3, 1], None)]  # ring 15, delay 8, blocks 8
+    schedule += [([1, 1], None)] * 20 + [([4], slice(1, 2)), ([1], slice(0, 1))]
+    schedule += [([1, 1], None)] * 10
+    rng = np.random.default_rng(0)
+    for lengths, rows in schedule:
+        ids = rng.integers(0, 256, (len(lengths), max(lengths)))
+        lengths = np.array(lengths)
+        want, *got = (
+            b.step(ids, lengths, s, last_only=True, rows=rows) for b, s in zip(backends, states)
+        )
+        for logits in got:
+            assert np.abs(logits[lengths > 0] - want[lengths > 0]).max() <= ATOL_LOGITS
+    for state in states[1:]:
+        for name, buffer in state.small.items():
+            assert np.abs(buffer - states[0].small[name]).max() <= ATOL_STATE, name
+        for name, pool in state.pairs.items():
+            assert np.abs(pool - states[0].pairs[name]).max() <= ATOL_STATE, name
+
+
+def test_a_graph_with_fp16_stores_runs_the_ops_kernels(tmp_path):
+    save_checkpoint(random_model(preset("tiny"), seed=2), tmp_path / "ckpt")
+    artifact = export_artifact(
+        tmp_path / "ckpt", tmp_path / "onnx", max_context=64, store_dtype="float16"
+    )
+    assert OrtBackend(artifact).ort_ops == "native"  # auto: the ops' kernels, unfused
+    with pytest.raises(BackendError, match=r"float32 stores only\): use --ort-ops native"):
+        OrtBackend(artifact, ort_ops="fused")
