@@ -160,7 +160,7 @@ def markdown(result: dict) -> str:
         "| top-1 = torch fp32 |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    ops = {"native": " (native ops)", "functions": " (function bodies)"}
+    ops = {"fused": " (fused layers)", "native": " (native ops)", "functions": " (function bodies)"}
     for name, data in result["backends"].items():
         bpb = f"{data['bits_per_byte']:.4f}" if data.get("bits_per_byte") else "n/a"
         vs = data.get("vs_torch_fp32")

@@ -93,10 +93,12 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 
 def time_one(artifact: str, context: int, steps: int) -> dict:
     """Seconds of `steps` decode steps of a fresh process's backend at this context (after 4
-    untimed ones), and how it ran the mosaic ops (native or functions)."""
-    from mosaicrt.runtime.ort_backend import OrtBackend
+    untimed ones), and how it ran the mosaic ops: the ops' native kernels where they are built,
+    else their function bodies, for every variant alike (the fused layers read fp32 stores only)."""
+    from mosaicrt.runtime.ort_backend import OrtBackend, native_ops_library
 
-    backend = OrtBackend(artifact, device="cpu")
+    ops = "native" if native_ops_library("auto", ["CPUExecutionProvider"]) else "functions"
+    backend = OrtBackend(artifact, device="cpu", ort_ops=ops)
     state = prefill(backend, context, context + steps + 5, 512)
     token, one = np.ones((1, 1), np.int64), np.ones(1, np.int64)  # as the batcher steps
     samples = []
