@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from mosaicrt.bench.metrics import RequestTiming, request_metrics, summary
+from mosaicrt.errors import InputError
 from mosaicrt.model import preset
 
 
@@ -257,21 +258,24 @@ def test_ort_ops_bench_times_the_native_kernel_per_build(tmp_path, native_ort_li
     assert all(r["ms"] > 0 for r in rows)
 
 
-def test_pairs_in_run_bench_times_both_writers_in_turn(tiny_ckpt, tmp_path, native_ort_library):
-    """Both backends decode the same requests each round, in alternating order; the
-    bookkeeping is a step's time outside its session.run."""
-    from mosaicrt.bench import pairs_in_run
+def test_ort_paths_bench_times_each_way_in_turn(tiny_ckpt, tmp_path, native_ort_library):
+    """Every way decodes the same requests each round, in alternating order; the bookkeeping
+    is a step's time outside its session.run. A way the artifact cannot run is refused."""
+    from mosaicrt.bench import ort_paths
     from mosaicrt.export.artifact import export_artifact
 
     artifact = export_artifact(tiny_ckpt, tmp_path / "onnx", max_context=64)
-    out = tmp_path / "pairs.json"
+    out = tmp_path / "paths.json"
     parser = argparse.ArgumentParser()
-    pairs_in_run.add_cli_args(parser)
-    args = [str(artifact), "--rows", "2", "--prompt-len", "20", "--new-tokens", "12",
-            "--rounds", "2", "--json", str(out)]  # fmt: skip
-    assert pairs_in_run.main(parser.parse_args(args)) == 0
+    ort_paths.add_cli_args(parser)
+    paths = "fused,native,native-pairs-after"
+    args = [str(artifact), "--paths", paths, "--rows", "2", "--prompt-len", "20",
+            "--new-tokens", "12", "--rounds", "2", "--json", str(out)]  # fmt: skip
+    assert ort_paths.main(parser.parse_args(args)) == 0
     rounds = json.loads(out.read_text())["rounds"]
-    assert set(rounds) == {"in_run", "by_runtime"}
-    for result in rounds["in_run"] + rounds["by_runtime"]:
+    assert set(rounds) == {"fused", "native", "native-pairs-after"}
+    for result in sum(rounds.values(), []):
         assert result["steps"] == 11 and 0 < result["model_run_ms"] < result["step_ms"]
         assert result["bookkeeping_ms"] > 0
+    with pytest.raises(InputError, match="--paths: two or more of fused"):
+        ort_paths.main(parser.parse_args([str(artifact), "--paths", "fused"]))
