@@ -6,9 +6,10 @@ thirty small standard nodes a layer: the projection's split, the new pairs, the 
 value, the heads' concatenation) for TensorRT and every runtime without the library. In a session
 with the library each of those nodes costs a few microseconds of dispatch and of caches the weight
 reads have emptied; the fused kernel does the same work in one node. The rewrite reads what it
-needs from the graph (the per-head constants, the windows and delays) and checks the pattern as it
-goes: a graph it does not recognise (int8/fp8 or fp16 stores, another exporter's) is left as it
-is, with the reason.
+needs from the graph (the per-head constants, the windows and delays) and checks the nodes it reads
+them from: a graph whose layers are not export.builder's fp32-store pattern (int8, fp8 or fp16
+stores) is left as it is, with the reason. tests/test_ort_fusion.py runs the rewritten graph
+against the unfused one.
 """
 
 from __future__ import annotations
