@@ -92,3 +92,23 @@ def test_a_graph_with_fp16_stores_runs_the_ops_kernels(tmp_path):
     assert OrtBackend(artifact).ort_ops == "native"  # auto: the ops' kernels, unfused
     with pytest.raises(BackendError, match=r"float32 stores only\): use --ort-ops native"):
         OrtBackend(artifact, ort_ops="fused")
+
+
+def test_a_fused_graph_reads_its_weights_inline_or_from_external_data(tmp_path, monkeypatch):
+    """The rewritten graph reaches ONNX Runtime from memory: weights held in model.onnx go as
+    OrtValues (ort_backend.detach_weights), those in model.onnx.data are read from beside it."""
+    import mosaicrt.export.artifact as artifact_module
+
+    save_checkpoint(random_model(preset("tiny"), seed=3), tmp_path / "ckpt")
+    inline = export_artifact(tmp_path / "ckpt", tmp_path / "inline", max_context=64)
+    monkeypatch.setattr(artifact_module, "EXTERNAL_DATA_BYTES", 0)
+    external = export_artifact(tmp_path / "ckpt", tmp_path / "external", max_context=64)
+    assert (external / "model.onnx.data").is_file()
+    ids = np.random.default_rng(4).integers(0, 256, (2, 9))
+    lengths = np.array([9, 5])
+    want = OrtBackend(inline, ort_ops="native")
+    want = want.step(ids, lengths, want.new_state(2, 64), last_only=True)
+    for artifact in (inline, external):
+        backend = OrtBackend(artifact, ort_ops="fused")
+        got = backend.step(ids, lengths, backend.new_state(2, 64), last_only=True)
+        assert np.abs(got - want).max() <= ATOL_LOGITS

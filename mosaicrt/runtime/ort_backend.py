@@ -57,6 +57,7 @@ TORCH_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16,
 
 
 ORT_OPS = ("auto", "fused", "native", "functions")
+DETACHED_BYTES = 4096  # weights this large reach a rewritten graph's session as OrtValues
 STAGED_SHAPES = 16  # ids and lengths buffers kept, a decode step's and a few prefill chunks
 
 
@@ -135,12 +136,15 @@ def open_session(
 
     model_file = Path(artifact) / MODEL_FILE
     options = session_options(threads, library, append_pairs)
+    source: str | bytes = str(model_file)
     if fused is not None:  # its external data, if any, next to the artifact's graph
         options.add_session_config_entry(
             "session.model_external_initializers_file_folder_path", str(model_file.parent)
         )
+        weights = detach_weights(fused)  # alive until the session has copied them
+        options.add_external_initializers(*weights)
+        source = fused.SerializeToString()
     try:
-        source = str(model_file) if fused is None else fused.SerializeToString()
         return ort.InferenceSession(source, options, providers=providers)
     except Exception as exc:  # ORT raises its own pybind exception types
         reason = str(exc).splitlines()[0][:300]
@@ -148,6 +152,29 @@ def open_session(
             f"ONNX Runtime cannot load {artifact}/{MODEL_FILE} ({reason}): "
             "re-export the artifact with `mosaicrt export`"
         ) from None
+
+
+def detach_weights(model: onnx.ModelProto) -> tuple[list[str], list]:
+    """The weights held in `model` itself, moved out: each becomes an external-data reference
+    that the returned (names, OrtValues) fill (SessionOptions.add_external_initializers), so that
+    a graph rewritten in memory reaches ONNX Runtime without its weights serialized again."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    names, values = [], []
+    for tensor in model.graph.initializer:
+        if not tensor.HasField("raw_data") or len(tensor.raw_data) < DETACHED_BYTES:
+            continue
+        raw = tensor.raw_data
+        array = np.frombuffer(raw, helper.tensor_dtype_to_np_dtype(tensor.data_type))
+        names.append(tensor.name)
+        values.append(ort.OrtValue.ortvalue_from_numpy(array.reshape(tuple(tensor.dims))))
+        tensor.ClearField("raw_data")
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", "detached"), ("offset", "0"), ("length", len(raw))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, str(value)
+    return names, values
 
 
 def fused_graph(artifact: str | Path, config, ort_ops: str) -> onnx.ModelProto | None:

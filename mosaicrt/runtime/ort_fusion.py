@@ -207,9 +207,9 @@ def fuse_layer_memories(model: onnx.ModelProto, num_layers: int, memories: tuple
     del g.graph.node[:]
     g.graph.node.extend(without_dead_nodes(rewritten, graph_outputs))
     read = {name for node in g.graph.node for name in node.input}
-    initializers = [t for t in g.graph.initializer if t.name in read]  # the replaced nodes' go
-    del g.graph.initializer[:]
-    g.graph.initializer.extend(initializers)
+    unread = [i for i, t in enumerate(g.graph.initializer) if t.name not in read]
+    for i in reversed(unread):  # the replaced nodes' constants (in place: no weight is copied)
+        del g.graph.initializer[i]
     return ""
 
 
