@@ -55,6 +55,7 @@ from mosaicrt.runtime.ort_backend import (
     OrtBackend,
     fused_graph,
     native_ops_library,
+    read_graph,
     session_options,
 )
 
@@ -239,8 +240,9 @@ def step_case(
         library = native_ops_library(ort_ops, ["CPUExecutionProvider"])
         graph = artifact / MODEL_FILE
         if ort_ops == "fused":  # the graph the session runs: each layer's memories one node
-            graph = workdir / "fused.onnx"
-            onnx.save(fused_graph(artifact, config, ort_ops), graph)
+            fused = workdir / "fused.onnx"
+            onnx.save(fused_graph(read_graph(graph, False), config, ort_ops, artifact), fused)
+            graph = fused
         nodes, matmuls = optimized_nodes(graph, threads, workdir, library)
         cut = without_weight_reads(artifact, workdir / "cut")
         backends = {

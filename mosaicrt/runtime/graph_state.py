@@ -424,7 +424,8 @@ def graph_step(
     newest pair's block. Returns (B, V) logits with last_only, else (B, C, V). Reads nothing
     back from the state's device."""
     lengths = to_state(host_lengths)
-    reach = int((state.host_pos + host_lengths).max())
+    ends = state.host_pos + host_lengths  # (B,) tokens each row will have seen
+    reach = int(ends.max())
     if reach > state.capacity:
         raise CapacityError(
             f"a sequence would reach {reach} tokens but the state holds {state.capacity}: "
@@ -435,9 +436,9 @@ def graph_step(
             "this model returns last-position logits only (exported with --last-only): "
             "re-export it without --last-only to score every position"
         )
-    if state.blocks is not None:  # blocks for the pairs this step completes, from the pool
+    if state.blocks is not None and not state.blocks.holds(ends):  # blocks for the new pairs
         working = np.flatnonzero(host_lengths > 0)
-        state.blocks.grow(working, state.host_pos[working] + host_lengths[working])
+        state.blocks.grow(working, ends[working])
     nb = geometry.readable_blocks(state.host_pos, ids.shape[1], config.ltm_delay, block)
     if pairs_in_run and state.blocks is not None:  # the blocks the new pairs go to, too
         nb = max(nb, int(state.blocks.count.max()))

@@ -177,43 +177,51 @@ def detach_weights(model: onnx.ModelProto) -> tuple[list[str], list]:
     return names, values
 
 
-def fused_graph(artifact: str | Path, config, ort_ops: str) -> onnx.ModelProto | None:
-    """The artifact's graph with each layer's memory nodes one LayerMemories node, for `fused`
-    and `auto`; None for `native`, and for `auto` where the graph does not allow it (`fused`
-    then names the reason)."""
-    import onnx
-
+def fused_graph(
+    graph: onnx.ModelProto, config, ort_ops: str, artifact: str | Path
+) -> onnx.ModelProto | None:
+    """The artifact's graph with each layer's memory nodes one LayerMemories node (rewritten in
+    place), for `fused` and `auto`; None for the others, and for `auto` where the graph does not
+    allow it (`fused` then names the reason)."""
     from mosaicrt.runtime.ort_fusion import fuse_layer_memories
 
     if ort_ops not in ("auto", "fused"):
         return None
-    model = onnx.load(str(Path(artifact) / MODEL_FILE), load_external_data=False)
-    why = fuse_layer_memories(model, config.num_layers, config.memories)
+    why = fuse_layer_memories(graph, config.num_layers, config.memories)
     if why and ort_ops == "fused":
         raise BackendError(
             f"--ort-ops fused: {artifact} cannot run its layers' memories as one native node "
             f"({why}): use --ort-ops native"
         )
-    return None if why else model
+    return None if why else graph
 
 
-def check_graph_weights(model_file: Path) -> None:
-    """Every weight of the graph (external data included) is finite, or a CheckpointError names
-    the first that is not. A missing or truncated file is a CheckpointError too."""
+def read_graph(model_file: Path, weights: bool) -> onnx.ModelProto:
+    """An artifact's graph, with its external weights too when asked; a missing, truncated or
+    corrupt file is a CheckpointError."""
     import onnx
-    from onnx import numpy_helper
-
-    from mosaicrt.model.checkpoint import check_finite_tensors
 
     try:
-        model = onnx.load(str(model_file), load_external_data=True)
+        return onnx.load(str(model_file), load_external_data=weights)
     except Exception as exc:  # protobuf's DecodeError, a missing or short external data file
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise CheckpointError(
             f"{model_file} cannot be read ({reason}): re-export the artifact with `mosaicrt export`"
         ) from None
+
+
+def check_graph_weights(model_file: Path) -> onnx.ModelProto:
+    """Every weight of the graph (external data included) is finite, or a CheckpointError names
+    the first that is not. A missing or truncated file is a CheckpointError too. Returns the
+    graph, its weights loaded."""
+    from onnx import numpy_helper
+
+    from mosaicrt.model.checkpoint import check_finite_tensors
+
+    model = read_graph(model_file, weights=True)
     arrays = ((t.name, numpy_helper.to_array(t)) for t in model.graph.initializer)
     check_finite_tensors(arrays, model_file)
+    return model
 
 
 @dataclass
@@ -286,11 +294,14 @@ class OrtBackend(GraphStatePaging, Backend):
             )
         self.store_dtype = STORE_DTYPES[stores]
         self.store_type = STORE_TYPES[stores]
-        if check_weights:
-            check_graph_weights(Path(artifact) / MODEL_FILE)
+        model_file = Path(artifact) / MODEL_FILE
+        graph = check_graph_weights(model_file) if check_weights else None
         providers = providers or wanted_providers(device)
         library = native_ops_library(ort_ops, providers)
-        fused = fused_graph(artifact, self.config, ort_ops) if library else None
+        fused = None
+        if library is not None and ort_ops in ("auto", "fused"):
+            graph = graph or read_graph(model_file, weights=False)
+            fused = fused_graph(graph, self.config, ort_ops, artifact)
         self.ort_ops = "fused" if fused is not None else "native" if library else "functions"
         # The native retrieval writes each step's new pairs into fp32/fp16 stores in place (the
         # state's buffers are bound by address); int8/fp8 pairs are quantized by the graph, and
