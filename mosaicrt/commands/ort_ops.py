@@ -37,7 +37,8 @@ def main(args: argparse.Namespace) -> int:
     vectors = ort_library.cpu_vectors()
     print(f"vectors: {vectors} ({ort_library.VECTOR_LANES[vectors]} fp32 lanes)")
     if usable:
-        print("used by the onnxruntime backend on the CPU (--ort-ops auto)")
+        print("used by the onnxruntime backend on the CPU (--ort-ops auto), each layer's "
+              "memories one node where the artifact has fp32 stores")  # fmt: skip
     else:
         print(f"not loadable: onnxruntime < 1.{ort_library.HEADERS_API} is installed")
     return 0 if usable else 1

@@ -61,10 +61,12 @@ struct LayerMemoriesKernel {
     const auto shape = shape_of(proj, 3, "proj");                   // (B, C, P)
     const auto state = shape_of(ctx.GetInput(4), 3, "s");          // (B, N, hs)
     const int64_t B = shape[0], C = shape[1], P = shape[2], N = state[1], hs = state[2];
-    const int64_t nM = static_cast<int64_t>(window.size()), H = N / nM;
-    if (P != 2 * N * hs + 2 * N || static_cast<int64_t>(gamma.size()) != N || H * nM != N ||
+    const int64_t nM = static_cast<int64_t>(window.size());
+    if (nM < 1 || nM > static_cast<int64_t>(kMaxMemories) || N % nM != 0 ||
+        P != 2 * N * hs + 2 * N || static_cast<int64_t>(gamma.size()) != N ||
         ctx.GetInputCount() < kLayerInputs + 4 * window.size())
       throw Ort::Exception("LayerMemories: inputs and attributes disagree on the heads", ORT_FAIL);
+    const int64_t H = N / nM;
     const float* x = proj.GetTensorData<float>();
     const bool* valid = ctx.GetInput(1).GetTensorData<bool>();
     const int64_t* t = ctx.GetInput(2).GetTensorData<int64_t>();
