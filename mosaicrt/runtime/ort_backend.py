@@ -300,7 +300,7 @@ class OrtBackend(GraphStatePaging, Backend):
         library = native_ops_library(ort_ops, providers)
         fused = None
         if library is not None and ort_ops in ("auto", "fused"):
-            graph = graph or read_graph(model_file, weights=False)
+            graph = read_graph(model_file, weights=False) if graph is None else graph
             fused = fused_graph(graph, self.config, ort_ops, artifact)
         self.ort_ops = "fused" if fused is not None else "native" if library else "functions"
         # The native retrieval writes each step's new pairs into fp32/fp16 stores in place (the
