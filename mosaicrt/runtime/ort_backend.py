@@ -159,21 +159,18 @@ def detach_weights(model: onnx.ModelProto) -> tuple[list[str], list]:
     that the returned (names, OrtValues) fill (SessionOptions.add_external_initializers), so that
     a graph rewritten in memory reaches ONNX Runtime without its weights serialized again."""
     import onnxruntime as ort
-    from onnx import TensorProto, helper
+    from onnx import external_data_helper, helper
 
     names, values = [], []
     for tensor in model.graph.initializer:
-        if not tensor.HasField("raw_data") or len(tensor.raw_data) < DETACHED_BYTES:
+        raw = tensor.raw_data  # a copy of the bytes (b"" for data held elsewhere): read once
+        if len(raw) < DETACHED_BYTES:
             continue
-        raw = tensor.raw_data
         array = np.frombuffer(raw, helper.tensor_dtype_to_np_dtype(tensor.data_type))
         names.append(tensor.name)
         values.append(ort.OrtValue.ortvalue_from_numpy(array.reshape(tuple(tensor.dims))))
+        external_data_helper.set_external_data(tensor, "detached", 0, len(raw))
         tensor.ClearField("raw_data")
-        tensor.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", "detached"), ("offset", "0"), ("length", len(raw))):
-            entry = tensor.external_data.add()
-            entry.key, entry.value = key, str(value)
     return names, values
 
 
@@ -181,12 +178,10 @@ def fused_graph(
     graph: onnx.ModelProto, config, ort_ops: str, artifact: str | Path
 ) -> onnx.ModelProto | None:
     """The artifact's graph with each layer's memory nodes one LayerMemories node (rewritten in
-    place), for `fused` and `auto`; None for the others, and for `auto` where the graph does not
-    allow it (`fused` then names the reason)."""
+    place), for --ort-ops `fused` or `auto`; None where the graph does not allow it, which
+    `fused` refuses with the reason."""
     from mosaicrt.runtime.ort_fusion import fuse_layer_memories
 
-    if ort_ops not in ("auto", "fused"):
-        return None
     why = fuse_layer_memories(graph, config.num_layers, config.memories)
     if why and ort_ops == "fused":
         raise BackendError(
