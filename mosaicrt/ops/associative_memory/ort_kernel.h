@@ -435,28 +435,34 @@ void memory_row_head(const MemoryInputs& in, const MemoryShape& s, int64_t windo
 // the bandwidth of two).
 constexpr int64_t kDecodeItems = 16;
 
-// Decode (one query per row), the stored part: work item (b, r) folds blocks [r * per_range,
-// ...) of every head of row b into partial softmaxes (a pool block holds all heads: each block
-// streams through a thread as one contiguous range).
+// Decode (one query per row), the stored part: work item (b, r, heads) folds blocks
+// [r * per_range, ...) of heads [h0, h1) of row b into partial softmaxes. A pool block holds all
+// heads, each head's pairs after the last's: a block's keys are scored for every head in one
+// contiguous stream, then its values are folded in another (a head at a time, keys then values,
+// reads short runs of each that the prefetchers keep starting over).
 template <typename T>
 void decode_block_range(const MemoryInputs& in, const MemoryShape& s, int64_t window,
-                        int64_t delay, int64_t b, int64_t range, int64_t per_range,
-                        const std::vector<float>& qb, std::vector<Softmax>& partial) {
+                        int64_t delay, int64_t b, int64_t range, int64_t per_range, int64_t h0,
+                        int64_t h1, const std::vector<float>& qb, std::vector<Softmax>& partial) {
   const int64_t hs = s.hs, t = in.t[b];
-  std::vector<float> score(s.S), weight(s.S);
+  std::vector<float> score(s.H * s.S), weight(s.S);  // score: (H, S)
   const int64_t first = range * per_range, last = std::min(s.NB, first + per_range);
   const T* store_k = static_cast<const T*>(in.store_k);
   const T* store_v = static_cast<const T*>(in.store_v);
   for (int64_t blk = first; blk < last; ++blk) {
     const int64_t* tau = in.store_tau + (blk * s.B + b) * s.S;
     const auto [lo, hi] = visible_span(tau, s.S, t, t, window, delay);  // same for every head
-    for (int64_t h = 0; h < s.H && lo < hi; ++h) {
-      const int64_t pair0 = block_pair0(in, s, b, blk, h) + lo, at = pair0 * hs;
-      score_pairs(qb.data() + (b * s.H + h) * hs, store_k + at,
+    if (lo == hi) continue;
+    for (int64_t h = h0; h < h1; ++h) {
+      const int64_t pair0 = block_pair0(in, s, b, blk, h) + lo;
+      score_pairs(qb.data() + (b * s.H + h) * hs, store_k + pair0 * hs,
                   scale_at(in.store_k_scale, pair0), tau + lo, hi - lo, hs, hs, t, window, delay,
-                  score.data());
-      fold_pairs(score.data(), store_v + at, scale_at(in.store_v_scale, pair0), hi - lo, hs, hs,
-                 partial[h], weight.data());
+                  score.data() + h * s.S);
+    }
+    for (int64_t h = h0; h < h1; ++h) {
+      const int64_t pair0 = block_pair0(in, s, b, blk, h) + lo;
+      fold_pairs(score.data() + h * s.S, store_v + pair0 * hs, scale_at(in.store_v_scale, pair0),
+                 hi - lo, hs, hs, partial[h], weight.data());
     }
   }
 }
@@ -471,8 +477,22 @@ inline void merge_softmax(Softmax& into, const Softmax& part) {
   into.m = m;
 }
 
-// Decode for every row and head: the stored blocks in ranges on the thread pool, then per (b, h)
-// the partial softmaxes merged and the new pair folded in.
+// Decode: row b's new pair (C = 1) folded into head h's softmax, and the head's output written.
+inline void finish_decode(const MemoryInputs& in, const MemoryShape& s, int64_t window,
+                          int64_t delay, const float* qb, int64_t b, int64_t h, Softmax& state,
+                          float* y) {
+  const int64_t at = (b * s.H + h) * s.hs;  // q, new_k, new_v, y: (B, 1, H, hs)
+  float score, weight;
+  score_pairs(qb + at, in.new_k + at, nullptr, in.new_tau + b, 1, s.H * s.hs, s.hs, in.t[b],
+              window, delay, &score);
+  fold_pairs(&score, in.new_v + at, nullptr, 1, s.H * s.hs, s.hs, state, &weight);
+  write_output(state, qb + at, s.hs, y + at);
+}
+
+// Decode for every row and head: the stored blocks on the thread pool, in work items of a range
+// of a row's blocks and a group of its heads; then per (b, h) the ranges' partial softmaxes
+// merged and the new pair folded in (by the work item itself when it read all of the row's
+// blocks).
 template <typename T>
 void memory_decode(const Ort::KernelContext& ctx, const MemoryInputs& in, const MemoryShape& s,
                    int64_t window, int64_t delay, float* y) {
@@ -488,22 +508,26 @@ void memory_decode(const Ort::KernelContext& ctx, const MemoryInputs& in, const 
         qb[(b * s.H + h) * hs + d] = in.q[(b * s.H + h) * hs + d] * beta;
     }
   }
+  // Rows of few blocks (a ring is one) are cut by heads too, so that every thread reads a share.
+  const int64_t groups = std::clamp<int64_t>(kDecodeItems / (s.B * ranges), 1, s.H);
+  const int64_t per_group = (s.H + groups - 1) / groups;
   std::vector<std::vector<Softmax>> partial(s.B * ranges, std::vector<Softmax>(s.H, Softmax(hs)));
-  parallel_for(ctx, s.B * ranges, s.B * s.H * hs * s.NB * s.S, [&](size_t i) {
-    decode_block_range<T>(in, s, window, delay, i / ranges, i % ranges, per_range, qb,
-                          partial[i]);
+  parallel_for(ctx, s.B * ranges * groups, s.B * s.H * hs * s.NB * s.S, [&](size_t i) {
+    const int64_t item = i / groups, h0 = static_cast<int64_t>(i % groups) * per_group;
+    const int64_t b = item / ranges, h1 = std::min(s.H, h0 + per_group);
+    decode_block_range<T>(in, s, window, delay, b, item % ranges, per_range, h0, h1, qb,
+                          partial[item]);
+    if (ranges == 1)  // the item read all of the row's blocks: its heads are done
+      for (int64_t h = h0; h < h1; ++h)
+        finish_decode(in, s, window, delay, qb.data(), b, h, partial[item][h], y);
   });
-  ChunkScratch scratch(1, hs, false);
-  for (int64_t b = 0; b < s.B; ++b) {
-    for (int64_t h = 0; h < s.H; ++h) {
-      std::vector<Softmax> state(1, Softmax(hs));
-      for (int64_t r = 0; r < ranges; ++r) merge_softmax(state[0], partial[b * ranges + r][h]);
-      const int64_t at = (b * s.H + h) * hs;  // the row's new pair (C = 1)
-      const PairSet<float> fresh{in.new_k + at, in.new_v + at, in.new_tau + b, 1, s.H * hs};
-      fold_set(fresh, qb.data() + at, in.t + b, 1, hs, window, delay, state, scratch);
-      write_output(state[0], qb.data() + at, hs, y + at);
-    }
-  }
+  if (ranges == 1) return;
+  parallel_for(ctx, s.B * s.H, s.B * s.H * hs * ranges, [&](size_t i) {  // the ranges merged
+    const int64_t b = i / s.H, h = i % s.H;
+    Softmax& state = partial[b * ranges][h];
+    for (int64_t r = 1; r < ranges; ++r) merge_softmax(state, partial[b * ranges + r][h]);
+    finish_decode(in, s, window, delay, qb.data(), b, h, state, y);
+  });
 }
 
 // Appending (fp32/fp16 stores, in a session that asks for it: ort_library.cc): the chunk's new
