@@ -56,7 +56,14 @@ def test_bench_reports(cli, tiny, tmp_path, mode):
     assert state["ltm_store_bytes"] == (2 + 1) * 128 * 2 * 64 * 4 * 2
     assert abs(state["ltm_bytes_per_token_ratio"] - 1) <= 0.05  # allocated vs the formula
     assert 0 < report["roofline"]["decode_fraction"] and 0 < report["roofline"]["prefill_fraction"]
-    assert report["machine"]["bandwidth_gb_s"] > 0 and report["machine"]["cpu_cores"] >= 1
+    machine = report["machine"]
+    assert machine["cpu_cores"] >= 1
+    # The roofline's rates: the means of those measured before and after the timed requests.
+    before, after = machine["bandwidth_before_after_gb_s"]
+    assert (
+        machine["bandwidth_gb_s"] == pytest.approx((before + after) / 2) and min(before, after) > 0
+    )
+    assert machine["peak_gflops"] == pytest.approx(sum(machine["peak_before_after_gflops"]) / 2)
 
 
 def test_bench_measures_the_onnxruntime_state(cli, tiny, tmp_path):
@@ -172,6 +179,7 @@ def test_ort_ceiling_reads_the_bytes_the_roofline_counts(tmp_path):
     )
     assert budget["rest_ms"] == step["no_weight_reads_run_ms"] > 0
     assert step["short_context"]["no_weight_reads_run_ms"] > 0
+    assert step["short_context"]["no_weight_reads_back_to_back_run_ms"] > 0
 
 
 def test_the_step_graph_without_weight_reads_keeps_its_nodes_and_shapes(tiny, tmp_path):

@@ -4,22 +4,24 @@ A decode step must read the weights once and the valid stored pairs once (bench.
 benchmark times only those reads, done as the step graph does them and nothing else: x @ W^T
 against prepacked constant weights (every projection of every layer and the head), and keys @ q,
 p @ values over each layer's LTM blocks and STM ring (fed as inputs, as the runtime feeds them).
-Bytes over the read bandwidth measured in the same run, divided by the time, is the roofline
-fraction of a graph that had no other node: the ceiling for the decode benchmark's fraction.
+Bytes over the read bandwidth measured in the same run (the mean of a measure before the cases and
+one after them), divided by the time, is the roofline fraction of a graph that had no other node:
+the ceiling for the decode benchmark's fraction.
 The weight MatMuls are also timed for a step of --batch rows (default 8): MLAS multiplies one row
 by a GEMV and several by a GEMM, which read the same weights at different rates.
 
 In the same run it measures what the rest of a step costs: the exported step graph of a random
 checkpoint, with the mosaic ops as their function bodies and (when built, `mosaicrt ort-ops build`)
-as the native kernels, alone and with each layer's memory nodes one native node (`--ort-ops
-fused`): the nodes ONNX Runtime runs after its optimizations, its decode TPOT at the context and at
-a short one, timed in turn, and the runtime's bookkeeping around session.run; and ONNX Runtime's
-cost per node of a chain of small elementwise nodes. It also times the same step graph without
-its weight reads (every MatMul against a weight cut to WEIGHT_ROWS rows of it, its
-input sliced to match: the same nodes and state reads, a few KB of weights): what the step costs
-besides reading the weights. With those it states the budget of a target fraction (default 80 %):
-the step time it allows, minus the MatMuls' time, against the other nodes' dispatch alone and
-against that measured rest.
+as the native kernels, alone and with each layer's memory nodes one native node (`--ort-ops fused`):
+the nodes ONNX Runtime runs after its optimizations, its decode TPOT at the context and at a short
+one, every path's steps timed in turn, and the runtime's bookkeeping around session.run; and ONNX
+Runtime's cost per node of a chain of small elementwise nodes. It also times the same step graph
+without its weight reads (every MatMul against a weight cut to WEIGHT_ROWS rows of it, its input
+sliced to match: the same nodes and state reads, a few KB of weights): what the step costs besides
+reading the weights, in turn with the full steps (whose weight reads evict the caches, as a real
+step's do) and, at the short context, with its runs back to back (caches warm). With those it states
+the budget of a target fraction (default 80 %): the step time it allows, minus the MatMuls' time,
+against the other nodes' dispatch alone and against that measured rest.
 
     python -m mosaicrt.bench.ort_ceiling --preset mini --context 4096 \\
         --json bench/results/ort_ceiling_cpu.json
@@ -223,64 +225,98 @@ def optimized_nodes(
 
 
 def step_case(
-    config: ModelConfig, contexts: list[int], block: int, threads: int, steps: int, ort_ops: str
-):
-    """The exported step graph of a random checkpoint with the mosaic ops as `ort_ops`: its node
-    counts, and at each context (batch 1, steps timed in turn) its decode TPOT and the time of
+    config: ModelConfig,
+    contexts: list[int],
+    block: int,
+    threads: int,
+    steps: int,
+    paths: list[str],
+) -> dict[str, tuple[int, int, dict]]:
+    """The exported step graph of a random checkpoint with the mosaic ops as each of `paths`
+    (ort_ops): its node counts, and at each context (batch 1) its decode TPOT and the time of
     session.run within it (the rest is the runtime's bookkeeping), and session.run of the same
-    graph without its weight reads (without_weight_reads)."""
+    graph without its weight reads (without_weight_reads). The steps of every path, context and
+    graph are timed in turn, round after round, so that the machine's drift hits them alike."""
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         write_checkpoint(random_tensors(config, 0), config, workdir / "ckpt")
         warmup = 3
-        capacity = max(contexts) + warmup + steps  # each step adds a token
+        capacity = max(contexts) + 2 * (warmup + steps)  # each step adds a token
         artifact = export_artifact(
             workdir / "ckpt", workdir / "onnx", max_context=capacity, ltm_block=block
         )
-        library = native_ops_library(ort_ops, ["CPUExecutionProvider"])
-        graph = artifact / MODEL_FILE
-        if ort_ops == "fused":  # the graph the session runs: each layer's memories one node
-            fused = workdir / "fused.onnx"
-            onnx.save(fused_graph(read_graph(graph, False), config, ort_ops, artifact), fused)
-            graph = fused
-        nodes, matmuls = optimized_nodes(graph, threads, workdir, library)
         cut = without_weight_reads(artifact, workdir / "cut")
+        counts = {p: path_nodes(artifact, config, threads, workdir, p) for p in paths}
         backends = {
-            kind: OrtBackend(path, device="cpu", threads=threads, ort_ops=ort_ops)
+            (ort_ops, kind): OrtBackend(path, device="cpu", threads=threads, ort_ops=ort_ops)
+            for ort_ops in paths
             for kind, path in (("step", artifact), ("no_weight_reads", cut))
         }
-        torch.set_num_threads(backends["step"].torch_threads)
-        token, one = np.ones((1, 1), np.int64), np.ones(1, np.int64)  # as the batcher steps
-        step_s: dict[int, list[float]] = {c: [] for c in contexts}
-        run_s = {(kind, c): [] for kind in backends for c in contexts}
+        torch.set_num_threads(OrtBackend.torch_threads)
         states = {
-            kind: {c: prefill(backend, c, capacity, 512) for c in contexts}
-            for kind, backend in backends.items()
+            (key, c): prefill(backend, c, capacity, 512)
+            for key, backend in backends.items()
+            for c in contexts
         }
-        for backend in backends.values():
-            backend.run_seconds = []  # the backend's timing hook: session.run's time
-        for i in range(warmup + steps):  # in turn (each session's pool stops when its run returns)
-            for kind, backend in backends.items():
-                for c in contexts:
-                    t0 = time.perf_counter()
-                    backend.step(token, one, states[kind][c], True, device_logits=True)
-                    if i >= warmup:
-                        if kind == "step":
-                            step_s[c].append(time.perf_counter() - t0)
-                        run_s[kind, c].append(backend.run_seconds[-1])
+        step_s, run_s = steps_in_turn(backends, states, warmup, steps)
         ms = lambda seconds: 1e3 * statistics.median(seconds)  # noqa: E731
-        return (
-            nodes,
-            matmuls,
-            {
+        short = min(contexts)
+        found = {}
+        for ort_ops in paths:
+            step, no_weights = (ort_ops, "step"), (ort_ops, "no_weight_reads")
+            timings = {
                 c: {
-                    "tpot_ms": ms(step_s[c]),
-                    "session_run_ms": ms(run_s["step", c]),
-                    "no_weight_reads_run_ms": ms(run_s["no_weight_reads", c]),
+                    "tpot_ms": ms(step_s[step, c]),
+                    "session_run_ms": ms(run_s[step, c]),
+                    "no_weight_reads_run_ms": ms(run_s[no_weights, c]),
                 }
                 for c in contexts
-            },
-        )
+            }
+            # The short step without weight reads again, its runs back to back: nothing between
+            # them evicts the caches, as the weight reads of the steps in turn do.
+            cut_backend = backends[no_weights]
+            cut_backend.run_seconds = []
+            for _ in range(warmup + steps):
+                cut_backend.step(*DECODE_FEED, states[no_weights, short], True, device_logits=True)
+            timings[short]["no_weight_reads_back_to_back_run_ms"] = ms(
+                cut_backend.run_seconds[warmup:]
+            )
+            found[ort_ops] = (*counts[ort_ops], timings)
+        return found
+
+
+# A decode step's feed at batch 1, as the batcher steps: one token, one length.
+DECODE_FEED = (np.ones((1, 1), np.int64), np.ones(1, np.int64))
+
+
+def path_nodes(
+    artifact: Path, config: ModelConfig, threads: int, workdir: Path, ort_ops: str
+) -> tuple[int, int]:
+    """(nodes, MatMul nodes) of the graph ONNX Runtime runs for the artifact as `ort_ops`."""
+    library = native_ops_library(ort_ops, ["CPUExecutionProvider"])
+    graph = artifact / MODEL_FILE
+    if ort_ops == "fused":  # the graph the session runs: each layer's memories one node
+        fused = workdir / "fused.onnx"
+        onnx.save(fused_graph(read_graph(graph, False), config, ort_ops, artifact), fused)
+        graph = fused
+    return optimized_nodes(graph, threads, workdir, library)
+
+
+def steps_in_turn(backends: dict, states: dict, warmup: int, steps: int) -> tuple[dict, dict]:
+    """Decode steps of every (backend, context) state in turn, warmup + steps rounds: each
+    step's time and its session.run's, by (backend key, context), the warmup left out."""
+    step_s = {key: [] for key in states}
+    run_s = {key: [] for key in states}
+    for backend in backends.values():
+        backend.run_seconds = []  # the backend's timing hook: session.run's time
+    for i in range(warmup + steps):  # in turn (each session's pool stops when its run returns)
+        for (key, c), state in states.items():
+            t0 = time.perf_counter()
+            backends[key].step(*DECODE_FEED, state, True, device_logits=True)
+            if i >= warmup:
+                step_s[key, c].append(time.perf_counter() - t0)
+                run_s[key, c].append(backends[key].run_seconds[-1])
+    return step_s, run_s
 
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:
@@ -316,20 +352,22 @@ def main(args: argparse.Namespace) -> int:
 def measure(args: argparse.Namespace) -> dict:
     """Every case of the module docstring, in one run, against the bandwidth measured in it."""
     config = preset(args.preset)
-    bandwidth = measure_bandwidth_gb_s()
+    bandwidth_before = measure_bandwidth_gb_s()
     w_ms, w_bytes = weights_case(config, args.threads)
     wb_ms = weights_case(config, args.threads, args.batch)[0]
     s_ms, s_bytes = stores_case(config, args.context, args.block, args.threads)
     per_node_us = dispatch_case(config, args.threads)
     short_stores_ms = stores_case(config, args.short_context, args.block, args.threads)[0]
-    roofline_ms = decode_bytes(config, [args.context]) / (bandwidth * 1e9) * 1e3
     paths = ["functions"] + (["native", "fused"] if find_library() else [])
+    contexts = [args.short_context, args.context]
+    found = step_case(config, contexts, args.block, args.threads, args.steps, paths)
+    # The mean of the bandwidths measured before and after the cases: what a machine whose
+    # speed drifts had on average while they ran.
+    bandwidth_after = measure_bandwidth_gb_s()
+    bandwidth = (bandwidth_before + bandwidth_after) / 2
+    roofline_ms = decode_bytes(config, [args.context]) / (bandwidth * 1e9) * 1e3
     steps = {}
-    for ort_ops in paths:
-        contexts = [args.short_context, args.context]
-        nodes, matmuls, timings = step_case(
-            config, contexts, args.block, args.threads, args.steps, ort_ops
-        )
+    for ort_ops, (nodes, matmuls, timings) in found.items():
         step = {"ort_ops": ort_ops, "nodes": nodes, "matmul_nodes": matmuls,
                 **timings[args.context]}  # fmt: skip
         step["short_context"] = {
@@ -365,6 +403,7 @@ def measure(args: argparse.Namespace) -> dict:
         "ltm_block": args.block,
         "threads": args.threads,
         "bandwidth_gb_s": bandwidth,
+        "bandwidth_before_after_gb_s": [bandwidth_before, bandwidth_after],
         "weights": {"ms": w_ms, "bytes": w_bytes, "roofline_fraction": fraction(w_bytes, w_ms)},
         "weights_batch": {
             "rows": args.batch,
@@ -421,7 +460,9 @@ def print_summary(result: dict) -> None:
         f"{budget['dispatch_floor_ms']:.2f} ms ({result['dispatch_us_per_node']:.2f} us each), "
         f"plus {budget['bookkeeping_ms']:.2f} ms of bookkeeping; without its weight reads the "
         f"step graph's session.run takes {budget['rest_ms']:.2f} ms (at context "
-        f"{short['context']}: {step['short_context']['no_weight_reads_run_ms']:.2f} ms)"
+        f"{short['context']}: {short['no_weight_reads_run_ms']:.2f} ms, "
+        f"{short['no_weight_reads_back_to_back_run_ms']:.2f} ms with its runs back to back, "
+        "the caches warm)"
     )
 
 
