@@ -190,6 +190,7 @@ def run_bench(
     )
     for _ in range(warmup):
         run_requests(backend, prompts(batch), output_len, limits)
+    rates_before = measure_rates(backend)
     if mode == "latency":
         runs = [run_requests(backend, prompts(batch), output_len, limits) for _ in range(iters)]
     else:
@@ -200,6 +201,7 @@ def run_bench(
         report["pool"] = pool_summary(backend, runs[-1].pool, limits)
     if decode_steps := [s for run in runs for s in run.decode_steps]:
         report["decode_step"] = step_overhead(decode_steps)
+    rates = rates_before, measure_rates(backend)
     peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the probes below
     report.update(
         {
@@ -227,7 +229,7 @@ def run_bench(
             "config": config.to_dict(),
         }
     )
-    report.update(roofline(backend, report, batch, input_len, output_len))
+    report.update(roofline(backend, report, batch, input_len, output_len, rates))
     return report
 
 
@@ -242,15 +244,28 @@ def step_overhead(decode_steps: list[tuple[float, float]]) -> dict:
     }
 
 
-def roofline(backend: Backend, report: dict, batch: int, input_len: int, output_len: int) -> dict:
+def measure_rates(backend: Backend) -> tuple[float, float]:
+    """(memory bandwidth GB/s, matmul peak GFLOP/s) measured now, on the GPU for a GPU backend."""
+    if torch.device(getattr(backend, "device", "cpu")).type == "cuda":
+        return measure_gpu_bandwidth_gb_s(), measure_gpu_peak_gflops()
+    return measure_bandwidth_gb_s(), measure_peak_gflops()
+
+
+def roofline(
+    backend: Backend,
+    report: dict,
+    batch: int,
+    input_len: int,
+    output_len: int,
+    rates: tuple[tuple[float, float], tuple[float, float]],
+) -> dict:
     """Decode bytes per step over the memory bandwidth and prefill FLOPs over the matmul peak,
-    both measured now (on the GPU for a GPU backend), against the measured TPOT and TTFT."""
+    against the measured TPOT and TTFT. rates: (bandwidth, peak) measured just before the timed
+    requests and just after them; the roofline takes their means, as a machine whose speed
+    drifts during the run had on average (either one alone moves the fraction with the drift)."""
     config = backend.config
-    on_gpu = torch.device(getattr(backend, "device", "cpu")).type == "cuda"
-    if on_gpu:
-        bandwidth, peak = measure_gpu_bandwidth_gb_s(), measure_gpu_peak_gflops()
-    else:
-        bandwidth, peak = measure_bandwidth_gb_s(), measure_peak_gflops()
+    (bw_before, peak_before), (bw_after, peak_after) = rates
+    bandwidth, peak = (bw_before + bw_after) / 2, (peak_before + peak_after) / 2
     mid = [input_len + output_len // 2] * batch  # contexts halfway through decoding
     step_bytes = decode_bytes(config, mid, backend.store_dtype_name(), weights_read_bytes(backend))
     roof_decode_ms = 1e3 * step_bytes / (bandwidth * 1e9)
@@ -265,7 +280,13 @@ def roofline(backend: Backend, report: dict, batch: int, input_len: int, output_
             "prefill_roofline_ms": roof_prefill_ms,
             "prefill_fraction": roof_prefill_ms / report["ttft_ms"]["mean"],
         },
-        "machine": machine_info() | {"bandwidth_gb_s": bandwidth, "peak_gflops": peak},
+        "machine": machine_info()
+        | {
+            "bandwidth_gb_s": bandwidth,
+            "peak_gflops": peak,
+            "bandwidth_before_after_gb_s": [bw_before, bw_after],
+            "peak_before_after_gflops": [peak_before, peak_after],
+        },
     }
 
 
@@ -289,7 +310,9 @@ def print_table(report: dict) -> None:
     console.print(
         f"requests/s {report['requests_per_s']:.2f}   output tokens/s "
         f"{report['output_tokens_per_s']:.1f}   total tokens/s {report['total_tokens_per_s']:.1f}\n"
-        f"roofline: decode {100 * decode:.0f} % of {report['machine']['bandwidth_gb_s']:.1f} GB/s, "
+        f"roofline: decode {100 * decode:.0f} % of {report['machine']['bandwidth_gb_s']:.1f} GB/s "
+        f"({' and '.join(f'{x:.1f}' for x in report['machine']['bandwidth_before_after_gb_s'])} "
+        "before and after the timed requests), "
         f"prefill {100 * roof['prefill_fraction']:.0f} % of "
         f"{report['machine']['peak_gflops']:.0f} GFLOP/s   peak host memory "
         f"{report['memory']['peak_host_bytes'] / 2**20:.0f} MiB"
