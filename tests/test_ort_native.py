@@ -121,6 +121,24 @@ def test_associative_memory_kernel_matches_the_function(
     assert np.abs(body[0, 0]).max() == 0.0 == np.abs(got[0, 0]).max()  # t = 0: nothing visible
 
 
+@pytest.mark.parametrize("chunk", [1, 9])
+def test_a_table_of_no_blocks_reads_the_chunk_alone(kernel_library, chunk, tmp_path):
+    """Every row from position 0, no pair stored yet, a block table of no columns: the kernel
+    reads the chunk's own pairs only (decode: nothing visible yet), as the function body does."""
+    inputs, attrs, lengths = memory_inputs("ltm", chunk, np.float32, chunk)
+    t = np.broadcast_to(np.arange(chunk), inputs["t"].shape).copy()
+    valid = np.arange(chunk)[None, :] < lengths[:, None]
+    inputs |= {"t": t, "new_tau": np.where(valid & (t >= 1), t - 1, -1),
+               "store_blocks": inputs["store_blocks"][:, :0],
+               "store_tau": inputs["store_tau"][:0]}  # fmt: skip
+    (body,), _ = run_node("AssociativeMemory", inputs, ["y"], **attrs)
+    (got,), _ = run_node("AssociativeMemory", inputs, ["y"], kernel_library, **attrs)
+    truth, cond = memory_op_oracle(inputs, **attrs)
+    assert_near_oracle(body, truth, cond, lengths)
+    assert_near_oracle(got, truth, cond, lengths)
+    assert np.abs(truth).max() > 0 if chunk > attrs["delay"] else np.abs(got).max() == 0
+
+
 @pytest.mark.parametrize("hs", [18, 24, 64, 80])
 @pytest.mark.parametrize("kind", ["stm", "ltm"])
 def test_chunk_path_for_head_sizes_with_and_without_register_tiles(

@@ -509,9 +509,12 @@ void memory_decode(const Ort::KernelContext& ctx, const MemoryInputs& in, const 
     }
   }
   // Rows of few blocks (a ring is one) are cut by heads too, so that every thread reads a share.
-  const int64_t groups = std::clamp<int64_t>(kDecodeItems / (s.B * ranges), 1, s.H);
+  const int64_t groups = std::clamp<int64_t>(kDecodeItems / std::max<int64_t>(s.B * ranges, 1),
+                                             1, s.H);
   const int64_t per_group = (s.H + groups - 1) / groups;
-  std::vector<std::vector<Softmax>> partial(s.B * ranges, std::vector<Softmax>(s.H, Softmax(hs)));
+  // A partial softmax per range of a row and head (one, left empty, for a table of no blocks).
+  const int64_t per_row = std::max<int64_t>(ranges, 1);
+  std::vector<std::vector<Softmax>> partial(s.B * per_row, std::vector<Softmax>(s.H, Softmax(hs)));
   parallel_for(ctx, s.B * ranges * groups, s.B * s.H * hs * s.NB * s.S, [&](size_t i) {
     const int64_t item = i / groups, h0 = static_cast<int64_t>(i % groups) * per_group;
     const int64_t b = item / ranges, h1 = std::min(s.H, h0 + per_group);
@@ -522,10 +525,10 @@ void memory_decode(const Ort::KernelContext& ctx, const MemoryInputs& in, const 
         finish_decode(in, s, window, delay, qb.data(), b, h, partial[item][h], y);
   });
   if (ranges == 1) return;
-  parallel_for(ctx, s.B * s.H, s.B * s.H * hs * ranges, [&](size_t i) {  // the ranges merged
+  parallel_for(ctx, s.B * s.H, s.B * s.H * hs * per_row, [&](size_t i) {  // the ranges merged
     const int64_t b = i / s.H, h = i % s.H;
-    Softmax& state = partial[b * ranges][h];
-    for (int64_t r = 1; r < ranges; ++r) merge_softmax(state, partial[b * ranges + r][h]);
+    Softmax& state = partial[b * per_row][h];
+    for (int64_t r = 1; r < ranges; ++r) merge_softmax(state, partial[b * per_row + r][h]);
     finish_decode(in, s, window, delay, qb.data(), b, h, state, y);
   });
 }
