@@ -113,10 +113,18 @@ def test_io_binding_runs_the_same_steps_as_numpy_feeds(oracle_ckpt, artifact):
         assert got == oracle.greedy(oracle_ckpt, prompt, 7)
 
 
-def test_step_takes_numpy_ids_and_keeps_host_logits_as_numpy(artifact):
+@pytest.mark.parametrize("last_only_graph", [False, True])
+def test_step_takes_numpy_ids_and_keeps_host_logits_as_numpy(
+    artifact, oracle_ckpt, tmp_path, last_only_graph
+):
     """The batcher's step: numpy ids and lengths in, and with device_logits the CPU provider's
     logits as a numpy array (no torch calls on the decode path), equal to the torch path's and
-    not overwritten by the next step."""
+    not overwritten by the next step: the graph's output buffer when it computes the last
+    positions only, else the rows taken from it at those positions."""
+    if last_only_graph:
+        artifact = export_artifact(
+            oracle_ckpt, tmp_path / "last", max_context=200, ltm_block=4, last_only=True
+        )
     backend = OrtBackend(artifact)
     states = [backend.new_state(2, 16) for _ in range(2)]
     ids = np.array([[5, 9, 3], [7, 1, 0]], np.int64)
@@ -126,8 +134,9 @@ def test_step_takes_numpy_ids_and_keeps_host_logits_as_numpy(artifact):
     assert isinstance(as_torch, torch.Tensor) and isinstance(as_numpy, np.ndarray)
     assert np.array_equal(as_numpy, as_torch.numpy())
     kept = as_numpy.copy()
-    backend.step(ids[:, :1], np.ones(2, np.int64), states[1], True, device_logits=True)
-    assert np.array_equal(as_numpy, kept)
+    for next_ids, next_lengths in ((ids, lengths), (ids[:, :1], np.ones(2, np.int64))):
+        backend.step(next_ids, next_lengths, states[1], True, device_logits=True)
+        assert np.array_equal(as_numpy, kept)  # a step of the same shape reuses the buffers
 
 
 def test_row_ranges_stepped_in_turn_keep_their_inputs_bound(artifact, monkeypatch):

@@ -224,6 +224,10 @@ def optimized_nodes(
     return len(ops), sum(op in ("MatMul", "FusedMatMul", "Gemm") for op in ops)
 
 
+# A decode step's feed at batch 1, as the batcher steps: one token, one length.
+DECODE_FEED = (np.ones((1, 1), np.int64), np.ones(1, np.int64))
+
+
 def step_case(
     config: ModelConfig,
     contexts: list[int],
@@ -283,10 +287,6 @@ def step_case(
             )
             found[ort_ops] = (*counts[ort_ops], timings)
         return found
-
-
-# A decode step's feed at batch 1, as the batcher steps: one token, one length.
-DECODE_FEED = (np.ones((1, 1), np.int64), np.ones(1, np.int64))
 
 
 def path_nodes(

@@ -539,5 +539,6 @@ class OrtBackend(GraphStatePaging, Backend):
         )
         if self.io_binding:
             return logits.float() if device_logits else logits.float().cpu()
-        logits = np.array(logits)  # a copy: the output buffer is the next step's
+        if np.may_share_memory(logits, self.outputs[1][io_spec.LOGITS]):
+            logits = np.array(logits)  # a copy: the output buffer is the next step's
         return logits if device_logits else torch.from_numpy(logits)

@@ -437,9 +437,9 @@ constexpr int64_t kDecodeItems = 16;
 
 // Decode (one query per row), the stored part: work item (b, r, heads) folds blocks
 // [r * per_range, ...) of heads [h0, h1) of row b into partial softmaxes. A pool block holds all
-// heads, each head's pairs after the last's: a block's keys are scored for every head in one
-// contiguous stream, then its values are folded in another (a head at a time, keys then values,
-// reads short runs of each that the prefetchers keep starting over).
+// heads, each head's pairs after the last's: the block's keys are scored for all those heads in
+// one contiguous run, then their values are folded in another (rather than a short run of keys,
+// then of values, head after head).
 template <typename T>
 void decode_block_range(const MemoryInputs& in, const MemoryShape& s, int64_t window,
                         int64_t delay, int64_t b, int64_t range, int64_t per_range, int64_t h0,
