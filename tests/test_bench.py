@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import mosaicrt
 
 from mosaicrt.bench.metrics import RequestTiming, request_metrics, summary
 from mosaicrt.errors import InputError
@@ -64,6 +65,18 @@ def test_bench_reports(cli, tiny, tmp_path, mode):
         machine["bandwidth_gb_s"] == pytest.approx((before + after) / 2) and min(before, after) > 0
     )
     assert machine["peak_gflops"] == pytest.approx(sum(machine["peak_before_after_gflops"]) / 2)
+
+
+def test_bench_peak_host_memory_leaves_the_bandwidth_probes_out(tiny, tmp_path):
+    """The bandwidth probes before and after the timed requests read a 1 GiB buffer; a tiny
+    model's process (its own, as a user runs it) peaks well below that, probes left out."""
+    out = tmp_path / "report.json"
+    proc = mosaicrt("bench", "latency", tiny, "--backend", "torch", "--batch", 1,
+                    "--input-len", 8, "--output-len", 4, "--iters", 1, "--json", out)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert all(report["machine"]["bandwidth_before_after_gb_s"])  # both probes ran
+    assert 0 < report["memory"]["peak_host_bytes"] < 2**30
 
 
 def test_bench_measures_the_onnxruntime_state(cli, tiny, tmp_path):

@@ -12,7 +12,6 @@ most, against how many a static allocation of the same bytes holds at --max-cont
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import time
 from dataclasses import dataclass
@@ -26,6 +25,8 @@ from mosaicrt.bench.machine import (
     measure_gpu_bandwidth_gb_s,
     measure_gpu_peak_gflops,
     measure_peak_gflops,
+    peak_host_bytes,
+    restart_peak_host,
 )
 from mosaicrt.bench.metrics import RequestTiming, request_metrics
 from mosaicrt.bench.roofline import decode_bytes, prefill_flops
@@ -190,7 +191,11 @@ def run_bench(
     )
     for _ in range(warmup):
         run_requests(backend, prompts(batch), output_len, limits)
-    rates_before = measure_rates(backend)
+    peak_loaded = peak_host_bytes()  # loading and the warmup requests
+    # The rates right before the timed requests too, where the peak can be restarted after that
+    # probe (Linux): its buffers are not the benchmark's memory.
+    rates_before = measure_rates(backend) if restart_peak_host() else None
+    restart_peak_host()
     if mode == "latency":
         runs = [run_requests(backend, prompts(batch), output_len, limits) for _ in range(iters)]
     else:
@@ -201,8 +206,8 @@ def run_bench(
         report["pool"] = pool_summary(backend, runs[-1].pool, limits)
     if decode_steps := [s for run in runs for s in run.decode_steps]:
         report["decode_step"] = step_overhead(decode_steps)
+    peak_host = max(peak_loaded, peak_host_bytes())  # before the probes below
     rates = rates_before, measure_rates(backend)
-    peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the probes below
     report.update(
         {
             "mode": mode,
@@ -257,15 +262,18 @@ def roofline(
     batch: int,
     input_len: int,
     output_len: int,
-    rates: tuple[tuple[float, float], tuple[float, float]],
+    rates: tuple[tuple[float, float] | None, tuple[float, float]],
 ) -> dict:
     """Decode bytes per step over the memory bandwidth and prefill FLOPs over the matmul peak,
     against the measured TPOT and TTFT. rates: (bandwidth, peak) measured just before the timed
-    requests and just after them; the roofline takes their means, as a machine whose speed
-    drifts during the run had on average (either one alone moves the fraction with the drift)."""
+    requests (None where it was not) and just after them; the roofline takes their means, as a
+    machine whose speed drifts during the run had on average (either one alone moves the
+    fraction with the drift)."""
     config = backend.config
-    (bw_before, peak_before), (bw_after, peak_after) = rates
-    bandwidth, peak = (bw_before + bw_after) / 2, (peak_before + peak_after) / 2
+    before, (bw_after, peak_after) = rates
+    bw_before, peak_before = before or (None, None)
+    bandwidth = (bw_before + bw_after) / 2 if before else bw_after
+    peak = (peak_before + peak_after) / 2 if before else peak_after
     mid = [input_len + output_len // 2] * batch  # contexts halfway through decoding
     step_bytes = decode_bytes(config, mid, backend.store_dtype_name(), weights_read_bytes(backend))
     roof_decode_ms = 1e3 * step_bytes / (bandwidth * 1e9)
@@ -307,12 +315,13 @@ def print_table(report: dict) -> None:
     console.print(table)
     roof = report["roofline"]
     decode = roof["decode_fraction"]
+    before, after = report["machine"]["bandwidth_before_after_gb_s"]
+    measured = f"{before:.1f} and {after:.1f} before and after" if before else f"{after:.1f} after"
     console.print(
         f"requests/s {report['requests_per_s']:.2f}   output tokens/s "
         f"{report['output_tokens_per_s']:.1f}   total tokens/s {report['total_tokens_per_s']:.1f}\n"
         f"roofline: decode {100 * decode:.0f} % of {report['machine']['bandwidth_gb_s']:.1f} GB/s "
-        f"({' and '.join(f'{x:.1f}' for x in report['machine']['bandwidth_before_after_gb_s'])} "
-        "before and after the timed requests), "
+        f"({measured} the timed requests), "
         f"prefill {100 * roof['prefill_fraction']:.0f} % of "
         f"{report['machine']['peak_gflops']:.0f} GFLOP/s   peak host memory "
         f"{report['memory']['peak_host_bytes'] / 2**20:.0f} MiB"

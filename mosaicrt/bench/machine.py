@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import subprocess
 import time
 from datetime import datetime, timezone
@@ -39,6 +40,31 @@ def git_commit() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.TimeoutExpired):
         return None
+
+
+def peak_host_bytes() -> int:
+    """The process's peak resident set size so far (since restart_peak_host, where it ran):
+    Linux's VmHWM, which counts this program only (getrusage's maxrss also keeps the peak of the
+    process that started it, from before its exec), else getrusage's."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def restart_peak_host() -> bool:
+    """Restart the process's peak resident set size from its current one (Linux's
+    /proc/self/clear_refs); False, nothing done, where that cannot be."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def measure_bandwidth_gb_s(gib: float = 1.0, repeats: int = 5) -> float:
