@@ -191,11 +191,11 @@ def run_bench(
     )
     for _ in range(warmup):
         run_requests(backend, prompts(batch), output_len, limits)
-    peak_loaded = peak_host_bytes()  # loading and the warmup requests
-    # The rates right before the timed requests too, where the peak can be restarted after that
+    peak_loaded = peak_memory()  # loading and the warmup requests
+    # The rates right before the timed requests too, where the peaks can be restarted after that
     # probe (Linux): its buffers are not the benchmark's memory.
-    rates_before = measure_rates(backend) if restart_peak_host() else None
-    restart_peak_host()
+    rates_before = measure_rates(backend) if restart_peaks() else None
+    restart_peaks()
     if mode == "latency":
         runs = [run_requests(backend, prompts(batch), output_len, limits) for _ in range(iters)]
     else:
@@ -206,7 +206,10 @@ def run_bench(
         report["pool"] = pool_summary(backend, runs[-1].pool, limits)
     if decode_steps := [s for run in runs for s in run.decode_steps]:
         report["decode_step"] = step_overhead(decode_steps)
-    peak_host = max(peak_loaded, peak_host_bytes())  # before the probes below
+    # (host, GPU) peak bytes, read before the probes below
+    peak_host, peak_gpu = (
+        a if b is None else max(a, b) for a, b in zip(peak_loaded, peak_memory())
+    )
     rates = rates_before, measure_rates(backend)
     report.update(
         {
@@ -219,9 +222,7 @@ def run_bench(
             "iters": iters if mode == "latency" else 1,
             "memory": {
                 "peak_host_bytes": peak_host,
-                "peak_gpu_bytes": (
-                    torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-                ),
+                "peak_gpu_bytes": peak_gpu,
                 "state": measure_state(
                     backend, batch, limits.max_context, pool_blocks(backend, limits)
                 )
@@ -247,6 +248,20 @@ def step_overhead(decode_steps: list[tuple[float, float]]) -> dict:
         "model_run_ms": 1e3 * statistics.median(run for _, run in decode_steps),
         "bookkeeping_ms": 1e3 * statistics.median(step - run for step, run in decode_steps),
     }
+
+
+def peak_memory() -> tuple[int, int | None]:
+    """(host, GPU) peak bytes so far: the resident set, and torch's CUDA allocations (None
+    without a GPU)."""
+    gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    return peak_host_bytes(), gpu
+
+
+def restart_peaks() -> bool:
+    """Restart both peaks from the current use; False where the host's cannot be (not Linux)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    return restart_peak_host()
 
 
 def measure_rates(backend: Backend) -> tuple[float, float]:
