@@ -25,8 +25,8 @@ from mosaicrt.bench.machine import (
     measure_gpu_bandwidth_gb_s,
     measure_gpu_peak_gflops,
     measure_peak_gflops,
-    peak_host_bytes,
-    restart_peak_host,
+    peak_memory,
+    restart_peaks,
 )
 from mosaicrt.bench.metrics import RequestTiming, request_metrics
 from mosaicrt.bench.roofline import decode_bytes, prefill_flops
@@ -248,20 +248,6 @@ def step_overhead(decode_steps: list[tuple[float, float]]) -> dict:
         "model_run_ms": 1e3 * statistics.median(run for _, run in decode_steps),
         "bookkeeping_ms": 1e3 * statistics.median(step - run for step, run in decode_steps),
     }
-
-
-def peak_memory() -> tuple[int, int | None]:
-    """(host, GPU) peak bytes so far: the resident set, and torch's CUDA allocations (None
-    without a GPU)."""
-    gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-    return peak_host_bytes(), gpu
-
-
-def restart_peaks() -> bool:
-    """Restart both peaks from the current use; False where the host's cannot be (not Linux)."""
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    return restart_peak_host()
 
 
 def measure_rates(backend: Backend) -> tuple[float, float]:

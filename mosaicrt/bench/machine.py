@@ -42,23 +42,27 @@ def git_commit() -> str | None:
         return None
 
 
-def peak_host_bytes() -> int:
-    """The process's peak resident set size so far (since restart_peak_host, where it ran):
+def peak_memory() -> tuple[int, int | None]:
+    """(host, GPU) peak bytes so far (since restart_peaks, where it ran): the resident set, as
     Linux's VmHWM, which counts this program only (getrusage's maxrss also keeps the peak of the
-    process that started it, from before its exec), else getrusage's."""
+    process that started it, from before its exec), else getrusage's; and torch's CUDA
+    allocations (None without a GPU)."""
+    gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
     try:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # kB
+                    return int(line.split()[1]) * 1024, gpu  # kB
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, gpu
 
 
-def restart_peak_host() -> bool:
-    """Restart the process's peak resident set size from its current one (Linux's
-    /proc/self/clear_refs); False, nothing done, where that cannot be."""
+def restart_peaks() -> bool:
+    """Restart both peaks from the current use (the host's through Linux's
+    /proc/self/clear_refs); False where the host's cannot be."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

@@ -276,14 +276,13 @@ def step_case(
                 }
                 for c in contexts
             }
-            # The short step without weight reads again, its runs back to back: nothing between
-            # them evicts the caches, as the weight reads of the steps in turn do.
-            cut_backend = backends[no_weights]
-            cut_backend.run_seconds = []
-            for _ in range(warmup + steps):
-                cut_backend.step(*DECODE_FEED, states[no_weights, short], True, device_logits=True)
+            # The short step without weight reads again, its runs back to back (alone in the
+            # turn): nothing between them evicts the caches, as the weight reads of the steps in
+            # turn do.
+            alone = {(no_weights, short): states[no_weights, short]}
+            _, back_to_back = steps_in_turn(backends, alone, warmup, steps)
             timings[short]["no_weight_reads_back_to_back_run_ms"] = ms(
-                cut_backend.run_seconds[warmup:]
+                back_to_back[no_weights, short]
             )
             found[ort_ops] = (*counts[ort_ops], timings)
         return found
