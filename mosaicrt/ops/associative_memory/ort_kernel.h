@@ -445,7 +445,7 @@ void decode_block_range(const MemoryInputs& in, const MemoryShape& s, int64_t wi
                         int64_t delay, int64_t b, int64_t range, int64_t per_range, int64_t h0,
                         int64_t h1, const std::vector<float>& qb, std::vector<Softmax>& partial) {
   const int64_t hs = s.hs, t = in.t[b];
-  std::vector<float> score(s.H * s.S), weight(s.S);  // score: (H, S)
+  std::vector<float> score((h1 - h0) * s.S), weight(s.S);  // score: (h1 - h0, S)
   const int64_t first = range * per_range, last = std::min(s.NB, first + per_range);
   const T* store_k = static_cast<const T*>(in.store_k);
   const T* store_v = static_cast<const T*>(in.store_v);
@@ -457,12 +457,12 @@ void decode_block_range(const MemoryInputs& in, const MemoryShape& s, int64_t wi
       const int64_t pair0 = block_pair0(in, s, b, blk, h) + lo;
       score_pairs(qb.data() + (b * s.H + h) * hs, store_k + pair0 * hs,
                   scale_at(in.store_k_scale, pair0), tau + lo, hi - lo, hs, hs, t, window, delay,
-                  score.data() + h * s.S);
+                  score.data() + (h - h0) * s.S);
     }
     for (int64_t h = h0; h < h1; ++h) {
       const int64_t pair0 = block_pair0(in, s, b, blk, h) + lo;
-      fold_pairs(score.data() + h * s.S, store_v + pair0 * hs, scale_at(in.store_v_scale, pair0),
-                 hi - lo, hs, hs, partial[h], weight.data());
+      fold_pairs(score.data() + (h - h0) * s.S, store_v + pair0 * hs,
+                 scale_at(in.store_v_scale, pair0), hi - lo, hs, hs, partial[h], weight.data());
     }
   }
 }
