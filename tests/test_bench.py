@@ -117,6 +117,12 @@ def test_bench_compare_reports_ratios_against_torch_eager(cli, tiny, tmp_path):
     }
     for r in rows:
         assert r["tpot_ms"]["p50"] > 0 and 0 < r["roofline_fraction"]
+        # Each backend's roofline uses the mean of the bandwidth measured around its own steps.
+        before, after = r["bandwidth_before_after_gb_s"]
+        assert r["bandwidth_gb_s"] == pytest.approx((before + after) / 2) and min(before, after) > 0
+        assert r["roofline_ms"] == pytest.approx(
+            r["bytes_per_step"] / (r["bandwidth_gb_s"] * 1e9) * 1e3
+        )
         torch_p50 = next(
             x["tpot_ms"]["p50"]
             for x in rows

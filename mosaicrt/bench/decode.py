@@ -2,8 +2,9 @@
 
 Bytes that must be read per decode step (the roofline's numerator, bench.roofline.decode_bytes) =
 the weights without the embedding table + the *valid* STM and LTM pairs: min(t, h-1) STM pairs and
-max(0, t-m+1) LTM pairs per layer, keys and values, fp32. Roofline time = bytes /
-measured read bandwidth; roofline fraction = roofline time / measured TPOT.
+max(0, t-m+1) LTM pairs per layer, keys and values, fp32. Roofline time = bytes / read bandwidth,
+the mean of one measured just before and one just after each backend's steps (the machine's speed
+drifts over a run); roofline fraction = roofline time / measured TPOT.
 
     python -m mosaicrt.bench.decode --json bench/results/decode_cpu.json
 """
@@ -229,7 +230,7 @@ def main(args: argparse.Namespace) -> int:
         )
     check_state_fits(base, longest + args.warmup + args.steps + 1)
     gpu = args.device.startswith("cuda")
-    bandwidth = measure_gpu_bandwidth_gb_s() if gpu else measure_bandwidth_gb_s()
+    bandwidth = measure_gpu_bandwidth_gb_s if gpu else measure_bandwidth_gb_s
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for use_ltm in sorted({u for u, _ in plans}, reverse=True):
@@ -240,11 +241,11 @@ def main(args: argparse.Namespace) -> int:
             backends = open_backends(
                 names, config, workdir, capacity, args.device, args.dtype, checkpoint
             )
-            times = {}
             for name, backend in backends.items():  # one runtime at a time: their thread pools
+                before = bandwidth()  # the machine's speed drifts: measured around each
                 with torch_threads_for(getattr(backend, "inner", backend)):
-                    times.update(measure(name, backend, contexts, capacity, args))
-            rows += tpot_rows(times, config, bandwidth, args.dtype)
+                    times = measure(name, backend, contexts, capacity, args)
+                rows += tpot_rows(times, config, (before, bandwidth()), args.dtype)
             del backends
     if args.append and args.json and Path(args.json).exists():
         rows = json.loads(Path(args.json).read_text())["rows"] + rows
@@ -259,7 +260,6 @@ def main(args: argparse.Namespace) -> int:
         "dtype": args.dtype,
         "steps": args.steps,
         "warmup": args.warmup,
-        "bandwidth_gb_s": bandwidth,
         "roofline_bytes": f"weights without embedding + valid STM/LTM pairs, {args.dtype}",
         "machine": machine_info(),
         "rows": rows,
@@ -283,8 +283,13 @@ def check_state_fits(config: ModelConfig, capacity: int) -> None:
         )
 
 
-def tpot_rows(times: dict, config: ModelConfig, bandwidth: float, dtype: str) -> list[dict]:
-    """One row per (backend, context): TPOT against the roofline, printed as it is made."""
+def tpot_rows(
+    times: dict, config: ModelConfig, before_after: tuple[float, float], dtype: str
+) -> list[dict]:
+    """One row per (backend, context): TPOT against the roofline, printed as it is made. The
+    roofline's bandwidth is the mean of the read bandwidth measured just before and just after
+    the backend's steps (before_after, GB/s)."""
+    bandwidth = statistics.fmean(before_after)
     rows = []
     for (name, context), samples in times.items():
         tpot = statistics.median(samples)
@@ -296,6 +301,7 @@ def tpot_rows(times: dict, config: ModelConfig, bandwidth: float, dtype: str) ->
                 "use_ltm": config.use_ltm,
                 "context": context,
                 "bandwidth_gb_s": bandwidth,
+                "bandwidth_before_after_gb_s": list(before_after),
                 "tpot_ms": {
                     "p50": 1e3 * tpot,
                     "mean": 1e3 * statistics.fmean(samples),

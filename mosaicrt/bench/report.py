@@ -43,6 +43,18 @@ def own_module(result: dict):
     return importlib.import_module(f"mosaicrt.bench.{result['benchmark']}")
 
 
+def decode_bandwidth(result: dict) -> str:
+    """The read bandwidth of a decode comparison: one measured at the start (older results) or
+    the mean of one before and one after each backend's steps (the range over backends)."""
+    if "bandwidth_gb_s" in result:
+        return f"measured bandwidth {result['bandwidth_gb_s']:.1f} GB/s"
+    means = [r["bandwidth_gb_s"] for r in result["rows"]]
+    return (
+        f"bandwidth {min(means):.1f}-{max(means):.1f} GB/s (each backend's: the mean of a "
+        "measure just before and one just after its steps)"
+    )
+
+
 def markdown(result: dict) -> str:
     """The table of a result file, whichever benchmark wrote it."""
     if result["benchmark"] == "kernels":
@@ -55,7 +67,7 @@ def markdown(result: dict) -> str:
     m = result["machine"]
     dtype = result.get("dtype", "float32")
     lines = [
-        f"{machine_line(result)}; measured bandwidth {result['bandwidth_gb_s']:.1f} GB/s; "
+        f"{machine_line(result)}; {decode_bandwidth(result)}; "
         f"{result['preset']} preset, batch 1, {dtype}, median of {result['steps']} steps "
         f"({m['date'][:10]}).",
         "",
