@@ -199,6 +199,29 @@ def test_the_prefix_cache_starts_requests_from_a_shared_prefix(backends, name):
     assert runs[True][1]["prefix_cache_hits"] == 3 and runs[False][1]["prefix_cache_hits"] == 0
 
 
+@pytest.mark.parametrize("name", ["torch", "onnxruntime"])
+def test_a_short_cached_prefix_restored_over_a_longer_sequence_reads_only_its_own(backends, name):
+    """A cached prefix keeps only the ring slots and the LTM pairs it has reached (8 of the
+    ring's 15, 7 of a block's 8): restored into the row where a longer sequence has since left
+    its pairs in every slot, the request still gives its tokens alone (positions keep the stale
+    pairs unread)."""
+    backend = backends[name]
+    first, again = prompts_of([10, 11], shared=8, seed=4)
+    # 7 tokens and 40 new ones: the whole ring and 6 of the pool's 8 blocks, no prefix cached
+    longer = prompts_of([7], shared=0, seed=5)[0]
+    want = alone(backend, [again], 12)[0]
+    limits = RunLimits(max_batch=1, max_context=CONTEXT, prefill_chunk=8)
+    batcher = ContinuousBatcher(backend, SamplingParams(), limits)
+    requests = [Request(0, first, 6), Request(1, longer, 40), Request(2, again, 12)]
+    for request in requests:  # one after the other, all in row 0
+        batcher.submit(request)
+        while batcher.busy:
+            batcher.step()
+    assert [r.error for r in requests] == [None] * 3
+    assert batcher.pool_report()["prefix_cache_hits"] == 1  # `again` started from `first`'s 8
+    assert requests[2].output == want
+
+
 def test_a_request_larger_than_the_pool_is_refused_alone(backends):
     backend = backends["onnxruntime"]
     limits = RunLimits(max_batch=2, max_context=CONTEXT, prefill_chunk=8,

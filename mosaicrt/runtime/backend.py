@@ -72,8 +72,9 @@ class Backend(ABC):
         """Put a snapshot back into a row (its LTM blocks are set through the block table)."""
         raise BackendError(f"the {self.name} backend has no prefix cache")
 
-    def copy_block(self, state: Any, source: int, target: int) -> None:
-        """Copy LTM pool block `source` into block `target`, every layer."""
+    def copy_block(self, state: Any, source: int, target: int, pairs: int | None = None) -> None:
+        """Copy LTM pool block `source` into block `target`, every layer: its first `pairs`
+        slots (None: all of them; the others hold no pair yet, and positions keep them unread)."""
         raise BackendError(f"the {self.name} backend has no prefix cache")
 
     def first_nonfinite_layer(self, state: Any, row: int) -> int | None:

@@ -245,13 +245,17 @@ def reset_rows(state: GraphState, rows: Any, host_rows: np.ndarray) -> None:
 
 def snapshot_row(state: GraphState, row: int) -> dict[str, Any]:
     """Copies of one row's constant-size state (recurrences, pending pairs, STM rings and their
-    scales) and its position."""
+    scales) and its position. Of a ring only the slots a pair has reached: min(pos, ring) (a
+    short prefix's are a few of its h-1; the others hold no pair of this row, and its position
+    keeps them unread, geometry.ring_positions)."""
+    pos = int(state.host_pos[row])
     parts = {name: array[row] for name, array in state.small.items()}
-    parts["pairs.stm"] = state.pairs["stm"][:, row]
-    if state.scales:  # int8, fp8 stores
-        parts["scales.stm"] = state.scales["stm"][:, row]
+    for kind, buffers in (("pairs", state.pairs), ("scales", state.scales)):
+        if "stm" in buffers:  # (L*2, B, H, ring[, hs]); scales: int8, fp8 stores
+            ring = buffers["stm"].shape[3]
+            parts[f"{kind}.stm"] = buffers["stm"][:, row, :, : min(pos, ring)]
     copies = {k: v.clone() if isinstance(v, torch.Tensor) else v.copy() for k, v in parts.items()}
-    return copies | {"pos": int(state.host_pos[row])}
+    return copies | {"pos": pos}
 
 
 def restore_row(state: GraphState, row: int, snapshot: dict[str, Any]) -> None:
@@ -260,16 +264,18 @@ def restore_row(state: GraphState, row: int, snapshot: dict[str, Any]) -> None:
         array[row] = snapshot[name]
     for kind, buffers in (("pairs", state.pairs), ("scales", state.scales)):
         if f"{kind}.stm" in snapshot:
-            buffers["stm"][:, row] = snapshot[f"{kind}.stm"]
+            slots = snapshot[f"{kind}.stm"].shape[2]  # (L*2, H, slots[, hs])
+            buffers["stm"][:, row, :, :slots] = snapshot[f"{kind}.stm"]
     state.pos[row] = snapshot["pos"]
     state.host_pos[row] = snapshot["pos"]
 
 
-def copy_block(state: GraphState, source: int, target: int) -> None:
-    """LTM pool block `source` into block `target`, every layer, keys, values (and scales)."""
+def copy_block(state: GraphState, source: int, target: int, pairs: int | None = None) -> None:
+    """LTM pool block `source` into block `target`, every layer, keys, values (and scales):
+    its first `pairs` slots (None: all)."""
     for buffers in (state.pairs, state.scales):
-        if "ltm" in buffers:
-            buffers["ltm"][:, target] = buffers["ltm"][:, source]
+        if "ltm" in buffers:  # (L*2, P, H, S[, hs])
+            buffers["ltm"][:, target, :, :pairs] = buffers["ltm"][:, source, :, :pairs]
 
 
 class GraphStatePaging:
@@ -298,8 +304,10 @@ class GraphStatePaging:
     def restore(self, state: GraphState, row: int, snapshot: dict[str, Any]) -> None:
         restore_row(state, row, snapshot)
 
-    def copy_block(self, state: GraphState, source: int, target: int) -> None:
-        copy_block(state, source, target)
+    def copy_block(
+        self, state: GraphState, source: int, target: int, pairs: int | None = None
+    ) -> None:
+        copy_block(state, source, target, pairs)
 
 
 def reference_rows(store: torch.Tensor, table: np.ndarray | None, memory: str) -> torch.Tensor:

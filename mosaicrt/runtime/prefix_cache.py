@@ -48,6 +48,12 @@ def prefix_keys(tokens: list[int], chunk: int) -> list[tuple[int, bytes]]:
     return keys
 
 
+def stored_blocks(tokens: int, block: int) -> tuple[int, int]:
+    """(full LTM blocks, pairs in the partial last one) of a row that has consumed `tokens`
+    tokens: it has stored tokens - 1 pairs (the newest token's pair waits for its value)."""
+    return divmod(max(tokens - 1, 0), block)
+
+
 def keep_row(
     backend: Backend, state: Any, table: BlockTable, row: int, room: Callable[[int], bool]
 ) -> CacheEntry | None:
@@ -57,13 +63,13 @@ def keep_row(
     pool = table.pool
     small = backend.snapshot(state, row)
     p = int(small["pos"])
-    full, rest = divmod(max(p - 1, 0), table.block)
+    full, rest = stored_blocks(p, table.block)
     partial = None
     if rest:
         if pool.free == 0 and not room(1):
             return None
         [partial] = pool.take(1)
-        backend.copy_block(state, int(table.table[row, full]), partial)
+        backend.copy_block(state, int(table.table[row, full]), partial, rest)
     blocks = table.row_blocks(row)[:full]
     pool.hold(blocks)
     return CacheEntry(p, blocks, partial, small)
@@ -75,7 +81,7 @@ def restore_row(backend: Backend, state: Any, table: BlockTable, entry: CacheEnt
     table.share(row, entry.blocks)
     if entry.partial is not None:
         [own] = table.pool.take(1)
-        backend.copy_block(state, entry.partial, own)
+        backend.copy_block(state, entry.partial, own, stored_blocks(entry.tokens, table.block)[1])
         table.append(row, own)
     backend.restore(state, row, entry.small)
 

@@ -71,24 +71,33 @@ class TorchStatePaging:
         return out
 
     def snapshot(self, state: DecodeState, row: int) -> dict[str, Any]:
-        parts = {"pos": int(state.host_pos[row])}
+        """As graph_state.snapshot_row: of a ring (keys, vals (B, h-1, H, hs)) only the slots a
+        pair has reached."""
+        pos = int(state.host_pos[row])
+        parts = {"pos": pos}
         for layer, memories in enumerate(state.memories):
             for memory, st in memories.items():
                 fields = SMALL + (("keys", "vals") if st.blocks is None else ())
                 for field in fields:
-                    parts[f"{layer}.{memory}.{field}"] = getattr(st, field)[row].clone()
+                    value = getattr(st, field)[row]
+                    if field in ("keys", "vals"):
+                        value = value[:pos]
+                    parts[f"{layer}.{memory}.{field}"] = value.clone()
         return parts
 
     def restore(self, state: DecodeState, row: int, snapshot: dict[str, Any]) -> None:
         for name, value in snapshot.items():
             if name != "pos":
                 layer, memory, field = name.split(".")
-                getattr(state.memories[int(layer)][memory], field)[row] = value
+                target = getattr(state.memories[int(layer)][memory], field)[row]
+                target[: len(value)] = value  # a ring's first slots; all of a recurrence
         state.pos[row] = snapshot["pos"]
         state.host_pos[row] = snapshot["pos"]
 
-    def copy_block(self, state: DecodeState, source: int, target: int) -> None:
-        for memories in state.memories:
+    def copy_block(
+        self, state: DecodeState, source: int, target: int, pairs: int | None = None
+    ) -> None:
+        for memories in state.memories:  # the pool: (P + 1, S, H, hs)
             ltm = memories["ltm"]
-            ltm.keys[target] = ltm.keys[source]
-            ltm.vals[target] = ltm.vals[source]
+            ltm.keys[target, :pairs] = ltm.keys[source, :pairs]
+            ltm.vals[target, :pairs] = ltm.vals[source, :pairs]
