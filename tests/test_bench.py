@@ -171,10 +171,11 @@ def test_ort_ceiling_reads_the_bytes_the_roofline_counts(tmp_path):
     assert result["stores"]["bytes"] == decode_bytes(config, [context]) - weights_only
     # Every weight matrix is read; what the ceiling leaves out is norms and per-head scalars.
     assert 0.99 * weights_only <= result["weights"]["bytes"] <= weights_only
-    for part in ("weights", "stores", "step", "weights_batch"):
+    for part in ("weights", "stores", "step", "weights_batch", "weights_summed"):
         assert result[part]["ms"] > 0 and result[part]["roofline_fraction"] > 0
     assert result["weights_batch"]["rows"] == 8  # the default
     assert result["weights_batch"]["bytes"] == result["weights"]["bytes"]
+    assert result["weights_summed"]["bytes"] == result["weights"]["bytes"]
     graphs = result["step_graphs"]
     assert set(graphs) in ({"functions"}, {"functions", "native", "fused"})
     if "native" in graphs:  # one node per mosaic op instead of its inlined body

@@ -8,7 +8,9 @@ Bytes over the read bandwidth measured in the same run (the mean of a measure be
 one after them), divided by the time, is the roofline fraction of a graph that had no other node:
 the ceiling for the decode benchmark's fraction.
 The weight MatMuls are also timed for a step of --batch rows (default 8): MLAS multiplies one row
-by a GEMV and several by a GEMM, which read the same weights at different rates.
+by a GEMV and several by a GEMM, which read the same weights at different rates. And the same
+weight matrices are only read, a torch sum of each in turn: a step reads its weights as separate
+matrices, one parallel region each, which goes slower than the probe's one large buffer.
 
 In the same run it measures what the rest of a step costs: the exported step graph of a random
 checkpoint, with the mosaic ops as their function bodies and (when built, `mosaicrt ort-ops build`)
@@ -36,6 +38,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -104,20 +107,28 @@ def session(nodes: list, inputs: list, outputs: list[str], inits: list, threads:
     )
 
 
-def median_ms(run, steps: int, warmup: int = 10) -> float:
-    for _ in range(warmup):
-        run()
-    times = []
+def medians_in_turn(runs: dict[str, Callable[[], object]], steps: int, warmup: int = 10) -> dict:
+    """Median ms of each run, the runs taking turns step by step (a drifting machine's speed
+    then hits them alike)."""
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(steps):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
-def weights_case(config: ModelConfig, threads: int, rows: int = 1) -> tuple[float, int]:
-    """(median ms, bytes) of every weight MatMul of one decode step of `rows` rows, one after the
-    other (one row: MLAS's GEMV; more: its GEMM, which reads the same weights once)."""
+def median_ms(run: Callable[[], object], steps: int, warmup: int = 10) -> float:
+    return medians_in_turn({"run": run}, steps, warmup)["run"]
+
+
+def weights_run(config: ModelConfig, threads: int, rows: int = 1) -> tuple[Callable, int]:
+    """(run, bytes): every weight MatMul of one decode step of `rows` rows, one after the other
+    (one row: MLAS's GEMV; more: its GEMM, which reads the same weights once)."""
     rng = np.random.default_rng(0)
     nodes, inits, inputs, feeds, outs, nbytes = [], [], [], {}, [], 0
     for i, (k, n) in enumerate(weight_shapes(config)):
@@ -131,7 +142,31 @@ def weights_case(config: ModelConfig, threads: int, rows: int = 1) -> tuple[floa
         nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [f"y{i}"]))
         outs.append(f"y{i}")
     sess = session(nodes, inputs, outs, inits, threads)
-    return median_ms(lambda: sess.run(outs, feeds), 50), nbytes
+    return lambda: sess.run(outs, feeds), nbytes
+
+
+def weights_summed_run(config: ModelConfig) -> Callable:
+    """The same weight matrices read with no arithmetic: a torch sum of each, one after the other
+    (each a parallel region of its own, as each MatMul node is): how fast a step can read its
+    weights as separate matrices, against the bandwidth probe's one large buffer."""
+    weights = [torch.ones(k, n) for k, n in weight_shapes(config)]
+    return lambda: [w.sum() for w in weights]
+
+
+def weights_cases(config: ModelConfig, threads: int, batch: int) -> tuple[dict, int]:
+    """(median ms by case, bytes) of the weight reads: the sums (`weights_summed`) first, then
+    the MatMuls at batch 1 (`weights`) and at `batch` rows (`weights_batch`) in turn. Not all
+    in turn: torch's OpenMP threads spin for milliseconds after a parallel sum, taking the cores
+    from the session that runs next (which then measured 2x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the sums on as many threads as the sessions
+    try:
+        summed = median_ms(weights_summed_run(config), 50)
+    finally:
+        torch.set_num_threads(before)
+    gemv, nbytes = weights_run(config, threads)
+    runs = {"weights": gemv, "weights_batch": weights_run(config, threads, batch)[0]}
+    return medians_in_turn(runs, 50) | {"weights_summed": summed}, nbytes
 
 
 def stores_case(config: ModelConfig, context: int, block: int, threads: int) -> tuple[float, int]:
@@ -352,8 +387,8 @@ def measure(args: argparse.Namespace) -> dict:
     """Every case of the module docstring, in one run, against the bandwidth measured in it."""
     config = preset(args.preset)
     bandwidth_before = measure_bandwidth_gb_s()
-    w_ms, w_bytes = weights_case(config, args.threads)
-    wb_ms = weights_case(config, args.threads, args.batch)[0]
+    weights_ms, w_bytes = weights_cases(config, args.threads, args.batch)
+    w_ms, wb_ms, summed_ms = (weights_ms[k] for k in ("weights", "weights_batch", "weights_summed"))
     s_ms, s_bytes = stores_case(config, args.context, args.block, args.threads)
     per_node_us = dispatch_case(config, args.threads)
     short_stores_ms = stores_case(config, args.short_context, args.block, args.threads)[0]
@@ -404,6 +439,11 @@ def measure(args: argparse.Namespace) -> dict:
         "bandwidth_gb_s": bandwidth,
         "bandwidth_before_after_gb_s": [bandwidth_before, bandwidth_after],
         "weights": {"ms": w_ms, "bytes": w_bytes, "roofline_fraction": fraction(w_bytes, w_ms)},
+        "weights_summed": {
+            "ms": summed_ms,
+            "bytes": w_bytes,
+            "roofline_fraction": fraction(w_bytes, summed_ms),
+        },
         "weights_batch": {
             "rows": args.batch,
             "ms": wb_ms,
@@ -434,6 +474,9 @@ def print_summary(result: dict) -> None:
             f"  {part:8s} {r['bytes'] / 1e6:7.1f} MB in {r['ms']:6.2f} ms: "
             f"{100 * r['roofline_fraction']:.0f} % of the roofline"
         )
+    summed = result["weights_summed"]
+    print(f"  the weights only read (a sum of each matrix): {summed['ms']:6.2f} ms, "
+          f"{100 * summed['roofline_fraction']:.0f} % of the roofline")  # fmt: skip
     wb = result["weights_batch"]
     print(f"  the weights at batch {wb['rows']}: {wb['ms']:6.2f} ms, "
           f"{100 * wb['roofline_fraction']:.0f} % of the roofline")  # fmt: skip
