@@ -10,7 +10,8 @@ the ceiling for the decode benchmark's fraction.
 The weight MatMuls are also timed for a step of --batch rows (default 8): MLAS multiplies one row
 by a GEMV and several by a GEMM, which read the same weights at different rates. And the same
 weight matrices are only read, a torch sum of each in turn: a step reads its weights as separate
-matrices, one parallel region each, which goes slower than the probe's one large buffer.
+matrices, one parallel region each, not as the probe's one large buffer, and the sums are what
+such a read costs with no arithmetic.
 
 In the same run it measures what the rest of a step costs: the exported step graph of a random
 checkpoint, with the mosaic ops as their function bodies and (when built, `mosaicrt ort-ops build`)
