@@ -2,6 +2,7 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -43,29 +44,30 @@ def test_bad_sampling_params():
 
 @pytest.mark.parametrize(
     "device",
-    ["cpu", "numpy", "cpu-fp16",
+    ["cpu", "numpy", "numpy-fp16", "cpu-fp16",
      pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                    reason="needs a CUDA GPU"))],
 )  # fmt: skip
-def test_greedy_tokens_and_finite_rows_follow_torch(device):
+def test_greedy_tokens_and_scan_rows_follow_torch(device):
     """The batcher's fast paths on a step's logits (a CPU or device tensor, or the numpy array a
-    host backend returns): greedy_tokens is torch.argmax (first index of a tie, a NaN's index),
-    finite_rows is isfinite().all() per row."""
-    from mosaicrt.runtime.sampling import finite_rows, greedy_tokens
+    host backend returns): greedy_tokens and scan_rows' tokens are torch.argmax (first index of a
+    tie, a NaN's index), scan_rows' finite flags isfinite().all() per row."""
+    from mosaicrt.runtime.sampling import greedy_tokens, scan_rows
 
-    logits = torch.randn(6, 1000, generator=torch.Generator().manual_seed(0))
+    logits = torch.randn(7, 1000, generator=torch.Generator().manual_seed(0))
     logits[1, [7, 500]] = logits[1].max() + 1  # a tie
     logits[2, 9], logits[3, 4], logits[4, 0] = float("nan"), float("inf"), float("-inf")
+    logits[6, 999] = float("nan")  # after the row's largest and smallest values
     want = logits.argmax(dim=-1).tolist()
-    if device == "numpy":
-        logits = logits.numpy()
+    if device.startswith("numpy"):
+        logits = logits.numpy().astype(np.float16 if device.endswith("fp16") else np.float32)
     elif device == "cpu-fp16":
         logits = logits.half()
     else:
         logits = logits.to(device)
     assert greedy_tokens(logits) == want
     assert greedy_tokens(logits)[1] == 7
-    assert finite_rows(logits).tolist() == [True, True, False, False, False, True]
+    assert scan_rows(logits) == ([True, True, False, False, False, True, False], want)
 
 
 @pytest.fixture(scope="module")

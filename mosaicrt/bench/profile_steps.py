@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from mosaicrt.argtypes import positive_int
 from mosaicrt.bench.machine import machine_info
-from mosaicrt.runtime.sampling import Sampler, SamplingParams, finite_rows
+from mosaicrt.runtime.sampling import Sampler, SamplingParams, scan_rows
 from mosaicrt.runtime.torch_backend import TorchBackend
 
 
@@ -49,8 +49,8 @@ def steps(backend: TorchBackend, args: argparse.Namespace) -> dict:
     token = torch.ones(B, 1, dtype=torch.int64)
 
     def after(logits: torch.Tensor) -> None:  # the batcher's work on a step's logits
-        finite_rows(logits).tolist()
-        sampler(logits, list(range(logits.shape[0])))
+        _, greedy = scan_rows(logits)
+        sampler(logits, list(range(logits.shape[0])), greedy)
 
     def prefill() -> None:
         after(backend.step(prompt, torch.full((rows,), C), state, True, rows=slice(0, rows),

@@ -66,8 +66,10 @@ def ring_positions(last, ring: int, slots):
 
 def readable_pairs(pos, chunk: int, delay: int) -> int:
     """How many leading LTM pairs some query of a chunk can read, over all rows: a row at
-    position p has stored tau <= p-2, and its queries see tau <= p+C-1-delay."""
-    return max(0, int((pos + min(chunk - delay, -1)).max()))
+    position p has stored tau <= p-2, and its queries see tau <= p+C-1-delay. pos: (B,)
+    positions, or the furthest of them as an int."""
+    furthest = pos if isinstance(pos, int) else int(pos.max())
+    return max(0, furthest + min(chunk - delay, -1))
 
 
 def readable_blocks(pos, chunk: int, delay: int, block: int) -> int:

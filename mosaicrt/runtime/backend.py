@@ -95,8 +95,8 @@ class Backend(ABC):
         tensors), for the rows `rows` of the state (default all B); return (R, V) or (R, C, V)
         fp32 CPU logits, updating those rows in place. The others are not read or written (their
         cost is not paid). device_logits: the logits may stay where and as the backend computed
-        them (Logits): a GPU backend then copies none to the host (the batcher reduces them
-        there), and a host backend may return its numpy array."""
+        them (Logits), valid until its next step: a GPU backend then copies none to the host
+        (the batcher reduces them there), and a host backend may return its output buffer."""
 
 
 @contextmanager

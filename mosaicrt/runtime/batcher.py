@@ -49,7 +49,7 @@ from mosaicrt.runtime.prefix_cache import (
     release_entry,
     restore_row,
 )
-from mosaicrt.runtime.sampling import Sampler, SamplingParams, finite_rows, host_logits
+from mosaicrt.runtime.sampling import Sampler, SamplingParams, host_logits, scan_rows
 
 PREFILL_CHUNKS_PER_STEP = 8  # rows a prefill step spans at most (a chunk each)
 
@@ -359,10 +359,13 @@ class ContinuousBatcher:
             if not feeds:
                 return events
             lo, hi = min(feeds), max(feeds) + 1  # the range of rows that have work
-            lengths = np.array([len(feeds.get(i, ())) for i in range(lo, hi)], np.int64)
-            ids = np.zeros((hi - lo, int(lengths.max())), np.int64)  # (rows, C)
-            for i, f in feeds.items():
-                ids[i - lo, : len(f)] = f
+            counts = [len(feeds.get(i, ())) for i in range(lo, hi)]
+            width = max(counts)  # rows without work are padding, their length 0
+            padded = [
+                [*feeds.get(i, ()), *[0] * (width - n)] for i, n in zip(range(lo, hi), counts)
+            ]
+            ids = np.array(padded, np.int64)  # (rows, C)
+            lengths = np.array(counts, np.int64)  # (rows,)
             try:
                 logits = self.backend.step(
                     ids, lengths, self.state, True, rows=slice(lo, hi), device_logits=True
@@ -421,7 +424,7 @@ class ContinuousBatcher:
 
     def _advance(self, feeds: dict, logits: Logits, lo: int, prefill: bool) -> list[Event]:
         logits = host_logits(logits)  # (rows, V): numpy on the CPU
-        finite = finite_rows(logits).tolist()  # (rows,)
+        finite, greedy = scan_rows(logits)  # (rows,) each
         ready, events = [], []
         for i, f in feeds.items():
             r = self.rows[i]
@@ -436,7 +439,8 @@ class ContinuousBatcher:
         rows = [i - lo for i in ready]
         if rows != list(range(logits.shape[0])):  # some rows are still prefilling, or failed
             logits = logits[rows]
-        tokens = self.sampler(logits, [self.rows[i].rid for i in ready]) if rows else []
+        rids, row_greedy = [self.rows[i].rid for i in ready], [greedy[r] for r in rows]
+        tokens = self.sampler(logits, rids, row_greedy) if rows else []
         for i, token in zip(ready, tokens):
             r = self.rows[i]
             r.output.append(token)

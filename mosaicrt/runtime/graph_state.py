@@ -432,11 +432,13 @@ def graph_step(
     newest pair's block. Returns (B, V) logits with last_only, else (B, C, V). Reads nothing
     back from the state's device."""
     lengths = to_state(host_lengths)
-    ends = state.host_pos + host_lengths  # (B,) tokens each row will have seen
-    reach = int(ends.max())
-    if reach > state.capacity:
+    # The rows' numbers as plain ints: right after a step has read the weights through the
+    # caches, each numpy call on these few numbers costs tens of microseconds.
+    starts, counts = state.host_pos.tolist(), host_lengths.tolist()  # (B,) each
+    ends = [start + n for start, n in zip(starts, counts)]  # tokens each row will have seen
+    if max(ends) > state.capacity:
         raise CapacityError(
-            f"a sequence would reach {reach} tokens but the state holds {state.capacity}: "
+            f"a sequence would reach {max(ends)} tokens but the state holds {state.capacity}: "
             "raise --max-context"
         )
     if not last_only and last_only_graph:
@@ -445,11 +447,11 @@ def graph_step(
             "re-export it without --last-only to score every position"
         )
     if state.blocks is not None and not state.blocks.holds(ends):  # blocks for the new pairs
-        working = np.flatnonzero(host_lengths > 0)
-        state.blocks.grow(working, ends[working])
-    nb = geometry.readable_blocks(state.host_pos, ids.shape[1], config.ltm_delay, block)
+        working = [row for row, n in enumerate(counts) if n > 0]
+        state.blocks.grow(working, [ends[row] for row in working])
+    nb = geometry.readable_blocks(max(starts), ids.shape[1], config.ltm_delay, block)
     if pairs_in_run and state.blocks is not None:  # the blocks the new pairs go to, too
-        nb = max(nb, int(state.blocks.count.max()))
+        nb = max(nb, *state.blocks.count.tolist())
     step_feeds = {io_spec.INPUT_IDS: ids, io_spec.LENGTHS: lengths, io_spec.POSITIONS: state.pos}
     step_feeds |= state.table_feed(nb, to_state)
     # This step's inputs in front of the state's buffers: a runner may bind those once a state.
@@ -472,9 +474,9 @@ def graph_step(
             outputs.get(STACKED_NEW_PAIRS),
             outputs.get(STACKED_NEW_SCALES),
         )
-    state.pos += lengths
-    if state.host_pos is not state.pos:
-        state.host_pos += host_lengths
+    state.host_pos[...] = ends  # (a list: cheaper than a numpy add here)
+    if state.pos is not state.host_pos:  # the device's copy
+        state.pos += lengths
     logits = outputs[io_spec.LOGITS]
     if last_only and not last_only_graph:
         logits = logits[

@@ -539,6 +539,8 @@ class OrtBackend(GraphStatePaging, Backend):
         )
         if self.io_binding:
             return logits.float() if device_logits else logits.float().cpu()
+        if device_logits:  # (the output buffer itself, with a last-only graph)
+            return logits
         if np.may_share_memory(logits, self.outputs[1][io_spec.LOGITS]):
             logits = np.array(logits)  # a copy: the output buffer is the next step's
-        return logits if device_logits else torch.from_numpy(logits)
+        return torch.from_numpy(logits)

@@ -156,10 +156,10 @@ class BlockTable:
     def row_blocks(self, row: int) -> list[int]:
         return self.table[row, : self.count[row]].tolist()
 
-    def holds(self, ends: np.ndarray) -> bool:
+    def holds(self, ends: list[int]) -> bool:
         """Does every row already hold the blocks for ends (B,) tokens? (Most steps take no
         block: one check of all rows instead of a look at each.)"""
-        return bool((ends <= self.count * self.block + 1).all())
+        return all(end <= n * self.block + 1 for end, n in zip(ends, self.count.tolist()))
 
     def shortfall(self, rows, reach) -> int:
         """Blocks the pool must still give so that each row in `rows` can hold `reach` tokens."""
