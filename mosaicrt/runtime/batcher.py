@@ -219,6 +219,8 @@ class ContinuousBatcher:
         return bool(self.waiting) or any(r is not None for r in self.rows)
 
     def _admit(self) -> None:
+        if not self.waiting:
+            return
         kept = self.kept_rows()
         placed = []
         for request in self.waiting:
