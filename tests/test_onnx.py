@@ -192,6 +192,18 @@ def test_a_store_that_cannot_be_bound_in_place_is_refused(artifact, native_ort_l
         backend.step(np.full((1, 1), 7, np.int64), np.ones(1, np.int64), state, True)
 
 
+def test_a_recurrence_that_cannot_be_updated_in_place_is_refused(artifact, native_ort_library):
+    """The fused layers write the present state over the past buffers they are bound to: a
+    buffer that is not contiguous would be bound as a copy and never updated: refused."""
+    backend = OrtBackend(artifact, ort_ops="fused")
+    assert backend.present_in_run
+    state = backend.new_state(1, 16)
+    name = next(iter(state.small))
+    state.small[name] = state.small[name][:, ::-1]  # heads reversed: a view, not contiguous
+    with pytest.raises(BackendError, match=f"{name} is not contiguous"):
+        backend.step(np.full((1, 1), 7, np.int64), np.ones(1, np.int64), state, True)
+
+
 @pytest.mark.slow
 def test_step_graph_greedy_equals_full_recompute_for_1000_tokens(tmp_path, ort_ops_fp32):
     config = preset("tiny").replace(stm_window=8, ltm_delay=4, eos_token_id=None)

@@ -63,6 +63,7 @@ def test_fused_layers_match_the_native_ops(artifact):
     fused = [OrtBackend(artifact, ort_ops="fused"), OrtBackend(artifact, pairs_in_run=False)]
     assert [b.ort_ops for b in fused] == ["fused", "fused"]
     assert fused[0].pairs_in_run and not fused[1].pairs_in_run
+    assert all(b.present_in_run for b in fused) and not native.present_in_run  # state in place
     backends = [native, *fused]
     states = [backend.new_state(2, 128) for backend in backends]
     schedule = [([20, 7], None), ([0, 19], None), ([3, 1], None)]  # ring 15, delay 8, blocks 8

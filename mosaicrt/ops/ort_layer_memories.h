@@ -14,7 +14,8 @@
 // Attributes: eps (the key scan's), norm_eps (the values' L2 normalization), per head (N floats)
 // gamma, one_minus_gamma, alpha_psi, beta0, beta1, alpha, per memory (nM ints) window, delay.
 // Outputs: y (B, C, N*hs) out_proj's input; s, mx, k_pend, v_pend as the inputs; new_keys and
-// new_values (B, C, N, hs).
+// new_values (B, C, N, hs). The runtime binds s, mx, k_pend and v_pend over the inputs 4-7
+// themselves (the state updated in place): every input element is read before it is written.
 #pragma once
 
 #include <algorithm>
@@ -96,17 +97,20 @@ struct LayerMemoriesKernel {
     new_pairs(x, keys.data(), k_pend, v_pend, B, C, N, hs, new_k, new_v);
     for (int64_t m = 0; m < nM; ++m) retrieve_memory(ctx, m, keys.data(), new_k, new_v, t,
                                                      new_tau, B, C, H, hs, y);
-    // The last real token's key and v~ stay pending (rows of length 0 keep theirs).
+    // The last real token's key and v~ stay pending (rows of length 0 keep theirs: where the
+    // present state is bound over the past, as the runtime binds it, there is nothing to copy).
     for (int64_t b = 0; b < B; ++b) {
       int64_t length = 0;
       while (length < C && valid[b * C + length]) ++length;
       const int64_t row = b * C + std::max<int64_t>(length - 1, 0);
       const float* k_last = length > 0 ? keys.data() + row * N * hs : k_pend + b * N * hs;
-      std::copy(k_last, k_last + N * hs, k_pend_out + b * N * hs);
+      if (k_last != k_pend_out + b * N * hs)
+        std::copy(k_last, k_last + N * hs, k_pend_out + b * N * hs);
       for (int64_t n = 0; n < N; ++n) {
         const float* v_last = length > 0 ? x + row * P + N * hs + n * hs
                                          : v_pend + (b * N + n) * hs;
-        std::copy(v_last, v_last + hs, v_pend_out + (b * N + n) * hs);
+        if (v_last != v_pend_out + (b * N + n) * hs)
+          std::copy(v_last, v_last + hs, v_pend_out + (b * N + n) * hs);
       }
     }
   }

@@ -29,7 +29,7 @@ import dataclasses
 import functools
 from collections import ChainMap
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -410,6 +410,16 @@ def stack_new(config: ModelConfig, new_pairs: Callable[[int, str], Any], suffix:
     return (torch if isinstance(parts[0], torch.Tensor) else np).stack(parts)
 
 
+def keep_present(state: GraphState, outputs: Mapping[str, Any]) -> None:
+    """A run's present state (its present.* outputs) into the state's past buffers."""
+    present = outputs.get(STACKED_PRESENT)
+    if state.small_block is not None and present is not None:
+        state.small_block[...] = present  # every present.* at once (the same layout)
+        return
+    for name, buffer in state.small.items():
+        buffer[...] = outputs["present" + name[len("past") :]]  # (B, nM*H, hs)
+
+
 def graph_step(
     config: ModelConfig,
     block: int,
@@ -421,6 +431,7 @@ def graph_step(
     run: Callable[[dict[str, Any]], dict[str, Any]],
     to_state: Callable[[np.ndarray], Any],
     pairs_in_run: bool = False,
+    present_in_run: bool = False,
 ) -> Any:
     """One step of the exported graph over `state`, in place: feed the state (the LTM store's
     readable blocks only, as a view), run, keep the present state and store the new pairs.
@@ -429,8 +440,9 @@ def graph_step(
     feeds.maps is (this step's inputs, the state's `buffers`: the same mapping every step).
     pairs_in_run: the run writes the new pairs into the stores itself (the native ONNX Runtime
     retrieval, ort_library.APPEND_PAIRS); it is then fed the block table's columns up to the
-    newest pair's block. Returns (B, V) logits with last_only, else (B, C, V). Reads nothing
-    back from the state's device."""
+    newest pair's block. present_in_run: the run writes the present state over the past
+    itself (the fused native layers, bound in place). Returns (B, V) logits with last_only,
+    else (B, C, V). Reads nothing back from the state's device."""
     lengths = to_state(host_lengths)
     # The rows' numbers as plain ints: right after a step has read the weights through the
     # caches, each numpy call on these few numbers costs tens of microseconds.
@@ -456,12 +468,8 @@ def graph_step(
     step_feeds |= state.table_feed(nb, to_state)
     # This step's inputs in front of the state's buffers: a runner may bind those once a state.
     outputs = run(ChainMap(step_feeds, state.buffers))
-    present = outputs.get(STACKED_PRESENT)
-    if state.small_block is not None and present is not None:
-        state.small_block[...] = present  # every present.* at once (the same layout)
-    else:
-        for name, buffer in state.small.items():
-            buffer[...] = outputs["present" + name[len("past") :]]  # (B, nM*H, hs)
+    if not present_in_run:
+        keep_present(state, outputs)
     if not pairs_in_run:
         write_new_pairs(
             config,

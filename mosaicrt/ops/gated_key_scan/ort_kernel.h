@@ -37,8 +37,8 @@ inline void scan_keys(const Ort::KernelContext& ctx, const KeyScanArgs& a, int64
                       int64_t H, int64_t hs, float eps) {
   parallel_for(ctx, B * H, B * C * H * hs * 4, [&](size_t i) {
     const int64_t b = i / H, h = i % H;
-    float* s = a.s_out + i * hs;
-    std::copy(a.s_in + i * hs, a.s_in + (i + 1) * hs, s);
+    float* s = a.s_out + i * hs;  // s_out may be s_in itself (the state bound in place)
+    if (s != a.s_in + i * hs) std::copy(a.s_in + i * hs, a.s_in + (i + 1) * hs, s);
     float mx = std::max(a.mx_in[i], kScanFloor);
     for (int64_t c = 0; c < C; ++c) {
       const int64_t at = (b * C + c) * H + h;
