@@ -75,6 +75,31 @@ def tiny_backend(tiny_ckpt):
     return TorchBackend(tiny_ckpt, device="cpu")
 
 
+def test_greedy_and_sampled_requests_share_a_batch(tiny_backend):
+    """A request with its own sampling params between greedy ones: every row gets the tokens it
+    gets alone (the sampler's every-row-greedy shortcut holds only while no request samples),
+    and the sampled row's differ from the greedy choice."""
+    from mosaicrt.runtime.batcher import ContinuousBatcher, Request
+
+    sampled = SamplingParams(greedy=False, temperature=1.5, seed=3)
+
+    def requests(sampling: SamplingParams | None) -> list[Request]:
+        return [Request(0, [1, 2, 3], 12), Request(1, [4, 5], 12, sampling=sampling),
+                Request(2, [6], 12)]  # fmt: skip
+
+    def run(batch: list[Request]) -> list[list[int]]:
+        batcher = ContinuousBatcher(tiny_backend, SamplingParams(), RunLimits(max_batch=3))
+        for request in batch:
+            batcher.submit(request)
+        while batcher.busy:
+            batcher.step()
+        return [request.output for request in batch]
+
+    together = run(requests(sampled))
+    assert together == [run([request])[0] for request in requests(sampled)]
+    assert together[1] != run(requests(None))[1]
+
+
 def test_sampled_tokens_do_not_depend_on_the_batch(tiny_backend):
     prompts = [[1, 2, 3], [40, 41, 42, 43, 44, 45], [7]]
     params = SamplingParams(greedy=False, temperature=1.5, top_k=50, top_p=0.95, seed=11)

@@ -64,6 +64,7 @@ class Sampler:
     def __init__(self, params: SamplingParams) -> None:
         self.params = params  # the default; a request may bring its own
         self.requests: dict[int, tuple[SamplingParams, torch.Generator]] = {}
+        self.sampling: set[int] = set()  # the requests that do not choose greedily
 
     def start(self, request_id: int, params: SamplingParams | None = None) -> None:
         """A request's own params keep their seed; with the batch's, request i draws from
@@ -71,15 +72,21 @@ class Sampler:
         params = params or self.params
         seed = params.seed if params is not self.params else params.seed + request_id
         self.requests[request_id] = (params, torch.Generator().manual_seed(seed % SEED_LIMIT))
+        self.sampling.discard(request_id)
+        if not params.greedy:
+            self.sampling.add(request_id)
 
     def finish(self, request_id: int) -> None:
         self.requests.pop(request_id, None)
+        self.sampling.discard(request_id)
 
     def __call__(
         self, logits: Logits, request_ids: list[int], greedy: list[int] | None = None
     ) -> list[int]:
         """logits (B, V) for requests request_ids -> one token id per row; greedy: the rows'
         greedy tokens where the caller has them already (scan_rows)."""
+        if greedy is not None and self.params.greedy and not self.sampling:  # every row greedy
+            return greedy
         chosen = [self.requests.get(rid, (self.params, None)) for rid in request_ids]
         if greedy is None:
             any_greedy = any(params.greedy for params, _ in chosen)
