@@ -286,6 +286,25 @@ def test_ort_ops_bench_times_the_native_kernel_per_build(tmp_path, native_ort_li
     assert all(r["ms"] > 0 for r in rows)
 
 
+def test_cold_calls_bench_times_each_call_after_a_run(tiny_ckpt, tmp_path, native_ort_library):
+    """Every call of the list is timed, after a run each, and the medians go to the JSON with
+    the path the artifact ran on."""
+    from mosaicrt.bench import cold_calls
+    from mosaicrt.export.artifact import export_artifact
+
+    artifact = export_artifact(tiny_ckpt, tmp_path / "onnx", max_context=64)
+    out = tmp_path / "cold.json"
+    parser = argparse.ArgumentParser()
+    cold_calls.add_cli_args(parser)
+    args = [str(artifact), "--context", "20", "--rounds", "3", "--json", str(out)]
+    assert cold_calls.main(parser.parse_args(args)) == 0
+    result = json.loads(out.read_text())
+    assert result["ort_ops"] == "fused" and result["context"] == 20
+    medians = result["median_us"]
+    assert "scan_rows (argmax, argmin, their values)" in medians and len(medians) == 14
+    assert all(us > 0 for us in medians.values())
+
+
 def test_ort_paths_bench_times_each_way_in_turn(tiny_ckpt, tmp_path, native_ort_library):
     """Every way decodes the same requests each round, in alternating order; the bookkeeping
     is a step's time outside its session.run. A way the artifact cannot run is refused."""
