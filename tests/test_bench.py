@@ -315,12 +315,12 @@ def test_ort_paths_bench_times_each_way_in_turn(tiny_ckpt, tmp_path, native_ort_
     out = tmp_path / "paths.json"
     parser = argparse.ArgumentParser()
     ort_paths.add_cli_args(parser)
-    paths = "fused,native,native-pairs-after"
+    paths = "fused,fused-state-after,native,native-pairs-after"
     args = [str(artifact), "--paths", paths, "--rows", "2", "--prompt-len", "20",
             "--new-tokens", "12", "--rounds", "2", "--json", str(out)]  # fmt: skip
     assert ort_paths.main(parser.parse_args(args)) == 0
     rounds = json.loads(out.read_text())["rounds"]
-    assert set(rounds) == {"fused", "native", "native-pairs-after"}
+    assert set(rounds) == {"fused", "fused-state-after", "native", "native-pairs-after"}
     for result in sum(rounds.values(), []):
         assert result["steps"] == 11 and 0 < result["model_run_ms"] < result["step_ms"]
         assert result["bookkeeping_ms"] > 0

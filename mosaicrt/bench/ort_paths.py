@@ -1,10 +1,11 @@
 """Ways of running one artifact through ONNX Runtime, side by side: the native kernels with each
-layer's memories one node (fused) or the ops' kernels alone (native), the retrieval writing each
-step's new pairs itself or the runtime after the run (native-pairs-after, as for the function
-bodies), or the ops' function bodies (functions). Each round decodes the same requests through
-the continuous batcher with every way in turn (the order reversed every other round), and
-reports medians over the decode steps of the batcher's step, of the session.run inside it, and
-of their difference: the runtime's bookkeeping.
+layer's memories one node (fused; fused-state-after: the runtime copies the recurrence state
+after the run instead of the run writing it in place) or the ops' kernels alone (native), the
+retrieval writing each step's new pairs itself or the runtime after the run (native-pairs-after,
+as for the function bodies), or the ops' function bodies (functions). Each round decodes the
+same requests through the continuous batcher with every way in turn (the order reversed every
+other round), and reports medians over the decode steps of the batcher's step, of the
+session.run inside it, and of their difference: the runtime's bookkeeping.
 
     python -m mosaicrt.bench.ort_paths ART --paths fused,native --prompt-len 4064 \\
         --new-tokens 32 --json bench/results/ort_latency_cpu/fused_vs_native_4k.json
@@ -25,6 +26,7 @@ from mosaicrt.runtime.ort_backend import OrtBackend
 # OrtBackend's arguments for each way, and what the backend must report for it.
 PATHS = {
     "fused": ({"ort_ops": "fused"}, True),
+    "fused-state-after": ({"ort_ops": "fused", "present_in_run": False}, True),
     "native": ({"ort_ops": "native"}, True),
     "native-pairs-after": ({"ort_ops": "native", "pairs_in_run": False}, False),
     "functions": ({"ort_ops": "functions"}, False),

@@ -264,6 +264,7 @@ class OrtBackend(GraphStatePaging, Backend):
         providers: list[str] | None = None,
         ort_ops: str = "auto",
         pairs_in_run: bool = True,
+        present_in_run: bool = True,
     ) -> None:
         """device: auto (the CUDA provider when onnxruntime-gpu and a GPU are there), cpu or
         cuda. io_binding: state as device tensors bound by pointer (default: on CUDA only).
@@ -273,7 +274,9 @@ class OrtBackend(GraphStatePaging, Backend):
         ops' kernels alone (native); their function bodies (functions); or the first of these
         that the library built for this machine, the provider (the CPU) and the graph allow (auto).
         pairs_in_run: let the native retrieval write each step's new pairs into fp32/fp16
-        stores (False: the runtime writes them after the run, as for the function bodies)."""
+        stores (False: the runtime writes them after the run, as for the function bodies).
+        present_in_run: let the fused layers write the recurrence state over the past (False:
+        the runtime copies it after the run, as on every other path)."""
         try:
             import onnxruntime  # noqa: F401
         except ImportError:
@@ -317,7 +320,7 @@ class OrtBackend(GraphStatePaging, Backend):
         self.io_binding = self.device.type == "cuda" if io_binding is None else io_binding
         # The fused layers' kernel writes the present state over the past, bound in place by
         # the CPU path's binding: nothing to copy after the run (0.1 MB a row for `mini`).
-        self.present_in_run = self.ort_ops == "fused" and not self.io_binding
+        self.present_in_run = present_in_run and self.ort_ops == "fused" and not self.io_binding
         self.present_names = {name for name, _ in small_layout(self.config, 0, "present")}
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.output_specs = {
