@@ -318,11 +318,8 @@ class OrtBackend(GraphStatePaging, Backend):
             )
         self.device = torch.device("cuda" if on_cuda else "cpu")
         self.io_binding = self.device.type == "cuda" if io_binding is None else io_binding
-        # The fused layers' kernel writes the present state over the past, bound in place by
-        # the CPU path's binding: nothing to copy after the run (0.1 MB a row for `mini`).
+        # (the fused layers' kernel, through the CPU path's binding: no copy after the run)
         self.present_in_run = present_in_run and self.ort_ops == "fused" and not self.io_binding
-        self.present_names = {name for name, _ in small_layout(self.config, 0, "present")}
-        self.output_names = [o.name for o in self.session.get_outputs()]
         self.output_specs = {
             o.name: (o.shape, TORCH_TYPES[o.type]) for o in self.session.get_outputs()
         }
@@ -466,7 +463,7 @@ class OrtBackend(GraphStatePaging, Backend):
         outputs = self.cpu_outputs(*feeds[io_spec.INPUT_IDS].shape)
         if host.outputs != self.outputs[2]:  # bound to an older set, freed since
             for name in self.output_specs:
-                if self.present_in_run and name in self.present_names:  # bound to the state
+                if self.present_in_run and name.startswith("present."):  # bound to the state
                     continue
                 array = outputs[name]
                 binding.bind_output(name, "cpu", 0, array.dtype.type, list(array.shape),
