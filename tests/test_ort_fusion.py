@@ -14,7 +14,7 @@ from mosaicrt.errors import BackendError  # noqa: E402
 from mosaicrt.export.artifact import export_artifact, read_manifest  # noqa: E402
 from mosaicrt.model import preset, random_model, save_checkpoint  # noqa: E402
 from mosaicrt.runtime.ort_backend import OrtBackend  # noqa: E402
-from mosaicrt.runtime.ort_fusion import fuse_layer_memories  # noqa: E402
+from mosaicrt.runtime.ort_fusion import fuse_layer_memories, fuse_skip_norms  # noqa: E402
 
 # The fused kernel sums each value's squares for its L2 norm in its own order (ReduceL2's is
 # another): values differ in their last bits, the state and stores by up to 8.6e-7 and the tiny
@@ -52,6 +52,25 @@ def test_every_layer_becomes_one_node_and_the_rest_stays(artifact):
     for node in model.graph.node:  # in an order that runs: every input made before it is read
         assert all(x in made for x in node.input if x), node.name
         made |= set(node.output)
+
+
+def test_residual_adds_and_their_norms_become_one_node(artifact):
+    """Every RMSNorm of a residual sum becomes one SkipSimplifiedLayerNormalization with its Add
+    (which also returns the sum for the next one); the first layer's, of the embeddings, stays.
+    The logits of the rewritten graph are test_fused_layers_match_the_native_ops'."""
+    model = onnx.load(str(artifact / "model.onnx"))
+    config = read_manifest(artifact)[1]
+    assert fuse_layer_memories(model, config.num_layers, config.memories) == ""
+    before = collections.Counter(n.op_type for n in model.graph.node)
+    fused = fuse_skip_norms(model)
+    after = collections.Counter(n.op_type for n in model.graph.node)
+    assert fused == after["SkipSimplifiedLayerNormalization"] == 2 * config.num_layers
+    assert after["Pow"] == before["Pow"] - fused == 1  # the embeddings' norm
+    assert after["Add"] == before["Add"] - 2 * fused  # each norm's epsilon and residual Add
+    made = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
+    for node in model.graph.node:  # in an order that runs: every input made before it is read
+        assert all(x in made for x in node.input if x), node.name
+        made |= {x for x in node.output if x}
 
 
 def test_fused_layers_match_the_native_ops(artifact):
