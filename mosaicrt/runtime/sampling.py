@@ -80,17 +80,12 @@ class Sampler:
         self.requests.pop(request_id, None)
         self.sampling.discard(request_id)
 
-    def __call__(
-        self, logits: Logits, request_ids: list[int], greedy: list[int] | None = None
-    ) -> list[int]:
+    def __call__(self, logits: Logits, request_ids: list[int], greedy: list[int]) -> list[int]:
         """logits (B, V) for requests request_ids -> one token id per row; greedy: the rows'
-        greedy tokens where the caller has them already (scan_rows)."""
-        if greedy is not None and self.params.greedy and not self.sampling:  # every row greedy
+        greedy tokens (scan_rows)."""
+        if self.params.greedy and not self.sampling:  # every row greedy
             return greedy
         chosen = [self.requests.get(rid, (self.params, None)) for rid in request_ids]
-        if greedy is None:
-            any_greedy = any(params.greedy for params, _ in chosen)
-            greedy = greedy_tokens(logits) if any_greedy else []
         tokens = []
         for i, (params, generator) in enumerate(chosen):
             if params.greedy:
@@ -111,17 +106,6 @@ def host_logits(logits: Logits) -> Logits:
     return (logits if logits.dtype == torch.float32 else logits.float()).numpy()
 
 
-def greedy_tokens(logits: Logits) -> list[int]:
-    """(B, V) -> each row's first largest index (NaN counts as largest), as torch.argmax. On a
-    GPU the argmax runs there and B indices come back, not the logits (32 MB at 64 x 128k); on
-    a CPU numpy's argmax, which vectorizes where torch's does not (6x faster at 64 x 128k
-    logits, 1.3 against 8.3 ms, and at 1 x 8k)."""
-    logits = host_logits(logits)
-    if isinstance(logits, torch.Tensor):
-        return logits.argmax(dim=-1).tolist()
-    return np.argmax(logits, axis=-1).tolist()
-
-
 def scan_rows(logits: Logits) -> tuple[list[bool], list[int]]:
     """(B, V) logits -> (does each row hold no NaN or inf, each row's greedy token): the
     batcher's one look at a step's logits. On the host, a row's first largest and first smallest
@@ -129,7 +113,10 @@ def scan_rows(logits: Logits) -> tuple[list[bool], list[int]]:
     NaN, and an inf is an extreme). Right after a decode step has read the weights through the
     caches, every call's code comes back from memory (bench.cold_calls, batch-1 `mini` on a CPU:
     a max and a min of 8k logits 163 us, this 104 us; an isinstance check against torch.Tensor
-    36 us, against np.ndarray 20 us): so two index passes, as array methods, numpy first."""
+    36 us, against np.ndarray 20 us): so two index passes, as array methods, numpy first.
+    On a GPU the reductions run there and 2B values come back, not the logits (32 MB at
+    64 x 128k); on a CPU numpy's argmax vectorizes where torch's does not (6x faster at
+    64 x 128k logits, 1.3 against 8.3 ms, and at 1 x 8k)."""
     if not isinstance(logits, np.ndarray):  # (first: a torch isinstance costs more)
         logits = host_logits(logits)
         if isinstance(logits, torch.Tensor):
