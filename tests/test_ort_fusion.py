@@ -14,7 +14,11 @@ from mosaicrt.errors import BackendError  # noqa: E402
 from mosaicrt.export.artifact import export_artifact, read_manifest  # noqa: E402
 from mosaicrt.model import preset, random_model, save_checkpoint  # noqa: E402
 from mosaicrt.runtime.ort_backend import OrtBackend  # noqa: E402
-from mosaicrt.runtime.ort_fusion import fuse_layer_memories, fuse_skip_norms  # noqa: E402
+from mosaicrt.runtime.ort_fusion import (  # noqa: E402
+    fuse_layer_memories,
+    fuse_skip_norms,
+    fuse_swiglu,
+)
 
 # The fused kernel sums each value's squares for its L2 norm in its own order (ReduceL2's is
 # another): values differ in their last bits, the state and stores by up to 8.6e-7 and the tiny
@@ -71,6 +75,27 @@ def test_residual_adds_and_their_norms_become_one_node(artifact):
     for node in model.graph.node:  # in an order that runs: every input made before it is read
         assert all(x in made for x in node.input if x), node.name
         made |= {x for x in node.output if x}
+
+
+def test_each_feed_forward_activation_becomes_one_node(artifact):
+    """Split, Sigmoid and two Muls of every layer's feed-forward become one SwiGLU of the
+    gate-and-up projection. The logits of the rewritten graph are
+    test_fused_layers_match_the_native_ops'."""
+    model = onnx.load(str(artifact / "model.onnx"))
+    config = read_manifest(artifact)[1]
+    assert fuse_layer_memories(model, config.num_layers, config.memories) == ""
+    before = collections.Counter(n.op_type for n in model.graph.node)
+    fused = fuse_swiglu(model)
+    after = collections.Counter(n.op_type for n in model.graph.node)
+    assert fused == after["SwiGLU"] == config.num_layers
+    assert after["Sigmoid"] == 0 and after["Split"] == before["Split"] - fused
+    assert after["Mul"] == before["Mul"] - 2 * fused
+    assert all(n.domain == "mosaic" for n in model.graph.node if n.op_type == "SwiGLU")
+    made = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
+    for node in model.graph.node:  # in an order that runs: every input made before it is read
+        assert all(x in made for x in node.input if x), node.name
+        made |= {x for x in node.output if x}
+    assert fuse_swiglu(model) == 0  # nothing left to fuse
 
 
 def test_fused_layers_match_the_native_ops(artifact):

@@ -177,14 +177,15 @@ def detach_weights(model: onnx.ModelProto) -> tuple[list[str], list]:
 def fused_graph(
     graph: onnx.ModelProto, config, ort_ops: str, artifact: str | Path
 ) -> onnx.ModelProto | None:
-    """The artifact's graph with each layer's memory nodes one LayerMemories node, and each
-    residual Add with the RMSNorm after it one SkipSimplifiedLayerNormalization (rewritten in
-    place), for --ort-ops `fused` or `auto`; None where the graph does not allow it, which
-    `fused` refuses with the reason."""
-    from mosaicrt.runtime.ort_fusion import fuse_layer_memories, fuse_skip_norms
+    """The artifact's graph with each layer's memory nodes one LayerMemories node, each
+    feed-forward's activation one SwiGLU node, and each residual Add with the RMSNorm after it
+    one SkipSimplifiedLayerNormalization (rewritten in place), for --ort-ops `fused` or `auto`;
+    None where the graph does not allow it, which `fused` refuses with the reason."""
+    from mosaicrt.runtime.ort_fusion import fuse_layer_memories, fuse_skip_norms, fuse_swiglu
 
     why = fuse_layer_memories(graph, config.num_layers, config.memories)
     if not why:
+        fuse_swiglu(graph)
         fuse_skip_norms(graph)
     if why and ort_ops == "fused":
         raise BackendError(

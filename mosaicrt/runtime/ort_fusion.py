@@ -1,5 +1,8 @@
 """Each layer's memory nodes of a step graph as one native `mosaic::LayerMemories` node, for an
-ONNX Runtime session that registers the native library (ops/ort_layer_memories.h).
+ONNX Runtime session that registers the native library (ops/ort_layer_memories.h); and two
+smaller rewrites for the same sessions: each feed-forward's activation one native
+`mosaic::SwiGLU` node (ops/ort_swiglu.h), each residual Add with the RMSNorm after it one of ONNX
+Runtime's SkipSimplifiedLayerNormalization nodes.
 
 The artifact keeps its portable nodes (GatedKeyScan, one AssociativeMemory per memory, and about
 thirty small standard nodes a layer: the projection's split, the new pairs, the pending key and
@@ -206,10 +209,7 @@ def fuse_layer_memories(model: onnx.ModelProto, num_layers: int, memories: tuple
             rewritten.append(node)
     del g.graph.node[:]
     g.graph.node.extend(without_dead_nodes(rewritten, graph_outputs))
-    read = {name for node in g.graph.node for name in node.input}
-    unread = [i for i, t in enumerate(g.graph.initializer) if t.name not in read]
-    for i in reversed(unread):  # the replaced nodes' constants (in place: no weight is copied)
-        del g.graph.initializer[i]
+    drop_unread_initializers(g.graph)
     return ""
 
 
@@ -242,20 +242,62 @@ def fuse_skip_norms(model: onnx.ModelProto) -> int:
     """Rewrite `model` in place, each residual Add and the RMSNorm after it one ONNX Runtime
     SkipSimplifiedLayerNormalization node (its CPU kernel: one node instead of two, each of
     which a decode step otherwise pays in cold caches). Returns how many were fused."""
+    return replace_patterns(model, "Mul", skip_norm)
+
+
+def swiglu(g: Graph, mul: onnx.NodeProto) -> tuple[onnx.NodeProto, list]:
+    """silu(gate) * up of export.builder's feed-forward (a Split of the gate-and-up projection
+    in two halves, Sigmoid, Mul, Mul ending in `mul`) as one native mosaic::SwiGLU node of the
+    projection (ops/ort_swiglu.h); with the nodes it replaces. NotFusable where `mul` ends no
+    such pattern."""
+    silu = g.made_by(mul.input[0], "Mul")
+    split = g.made_by(mul.input[1], "Split")
+    sigmoid = g.made_by(silu.input[1], "Sigmoid")
+    gate, up = split.output
+    halves = g.constant(split.input[1]) if len(split.input) > 1 else None
+    if (
+        attribute(split, "axis") != -1
+        or halves is None
+        or len(halves) != 2
+        or halves[0] != halves[1]
+        or (silu.input[0], sigmoid.input[0], mul.input[1]) != (gate, gate, up)
+        or sorted(n.op_type for n in g.consumers[gate]) != ["Mul", "Sigmoid"]
+        or len(g.consumers[up]) != 1
+        or len(g.consumers[silu.output[0]]) != 1
+    ):
+        raise NotFusable(f"{mul.name} does not end silu(gate) * up of one projection's halves")
+    node = helper.make_node(
+        "SwiGLU", [split.input[0]], [mul.output[0]], name=f"{mul.name}/swiglu", domain=DOMAIN
+    )
+    return node, [mul, silu, sigmoid, split]
+
+
+def fuse_swiglu(model: onnx.ModelProto) -> int:
+    """Rewrite `model` in place, each feed-forward's Split, Sigmoid and two Muls one native
+    mosaic::SwiGLU node (a session that registers the library: four nodes' dispatch and cold
+    caches per layer become one). Returns how many were fused."""
+    return replace_patterns(model, "Mul", swiglu)
+
+
+def replace_patterns(model: onnx.ModelProto, op_type: str, match) -> int:
+    """Replace, in place, each pattern that match(graph, node) finds ending in a node of
+    `op_type` by the one node it returns, put where the pattern's last node was (after every
+    input, before every reader); the constants only the replaced nodes read go too. Returns
+    how many were replaced."""
     g = Graph(model)
-    found = {}  # id(mul) -> (the fused node, the nodes it replaces)
+    found = {}  # id(last node) -> (the fused node, the nodes it replaces)
     for node in g.graph.node:
-        if node.op_type == "Mul":
+        if node.op_type == op_type:
             try:
-                found[id(node)] = skip_norm(g, node)
+                found[id(node)] = match(g, node)
             except NotFusable:
                 continue
     replaced = {id(old) for _, olds in found.values() for old in olds}
-    # Each fused node goes where its Mul was: after both addends, before any reader of the sum.
     nodes = [found[id(n)][0] if id(n) in found else n for n in g.graph.node
              if id(n) in found or id(n) not in replaced]  # fmt: skip
     del g.graph.node[:]
     g.graph.node.extend(without_dead_nodes(nodes, {o.name for o in g.graph.output}))
+    drop_unread_initializers(g.graph)
     return len(found)
 
 
@@ -267,3 +309,12 @@ def without_dead_nodes(nodes: list, graph_outputs: set[str]) -> list:
         if len(kept) == len(nodes):
             return nodes
         nodes = kept
+
+
+def drop_unread_initializers(graph: onnx.GraphProto) -> None:
+    """Remove the initializers no node reads (the replaced nodes' constants), in place: no
+    weight is copied."""
+    read = {name for node in graph.node for name in node.input}
+    unread = [i for i, t in enumerate(graph.initializer) if t.name not in read]
+    for i in reversed(unread):
+        del graph.initializer[i]
