@@ -27,10 +27,13 @@ def mosaicrt(*args, timeout: int = 300) -> subprocess.CompletedProcess:
     )
 
 
-def run_node(op, inputs, outputs, library=None, profile_dir=None, **attrs):
+def run_node(
+    op, inputs, outputs, library=None, profile_dir=None, output_type=TensorProto.FLOAT, **attrs
+):
     """One mosaic node as the step graph has it (function body and plugin attributes attached),
-    through ONNX Runtime's CPU provider, with the native library registered when given. Returns
-    the outputs, and the op types the session ran when profiled (else None)."""
+    through ONNX Runtime's CPU provider, with the native library registered when given; its
+    outputs of `output_type`. Returns the outputs, and the op types the session ran when
+    profiled (else None)."""
     import onnxruntime as ort
 
     node = helper.make_node(op, list(inputs), outputs, domain=DOMAIN, **attrs, **plugin_attrs())
@@ -38,7 +41,7 @@ def run_node(op, inputs, outputs, library=None, profile_dir=None, **attrs):
         [node],
         op,
         [helper.make_tensor_value_info(k, ELEM[v.dtype], v.shape) for k, v in inputs.items()],
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs],
+        [helper.make_tensor_value_info(name, output_type, None) for name in outputs],
     )
     model = helper.make_model(
         graph,

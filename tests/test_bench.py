@@ -287,12 +287,12 @@ def test_ort_ops_bench_times_the_native_kernel_per_build(tmp_path, native_ort_li
 
 
 def test_cold_calls_bench_times_each_call_after_a_run(tiny_ckpt, tmp_path, native_ort_library):
-    """Every call of the list is timed, after a run each, and the medians go to the JSON with
-    the path the artifact ran on."""
+    """Every call of the list is timed, after a run each (a last-only artifact's: its RowScan
+    read too), and the medians go to the JSON with the path the artifact ran on."""
     from mosaicrt.bench import cold_calls
     from mosaicrt.export.artifact import export_artifact
 
-    artifact = export_artifact(tiny_ckpt, tmp_path / "onnx", max_context=64)
+    artifact = export_artifact(tiny_ckpt, tmp_path / "onnx", max_context=64, last_only=True)
     out = tmp_path / "cold.json"
     parser = argparse.ArgumentParser()
     cold_calls.add_cli_args(parser)
@@ -301,7 +301,8 @@ def test_cold_calls_bench_times_each_call_after_a_run(tiny_ckpt, tmp_path, nativ
     result = json.loads(out.read_text())
     assert result["ort_ops"] == "fused" and result["context"] == 20
     medians = result["median_us"]
-    assert "scan_rows (argmax, argmin, their values)" in medians and len(medians) == 14
+    assert "scan_rows (argmax, argmin, their values)" in medians and len(medians) == 15
+    assert "backend.scan_rows (the run's RowScan)" in medians  # a fused last-only graph's
     assert all(us > 0 for us in medians.values())
 
 

@@ -98,6 +98,34 @@ def test_each_feed_forward_activation_becomes_one_node(artifact):
     assert fuse_swiglu(model) == 0  # nothing left to fuse
 
 
+def test_a_last_only_graph_scans_its_rows_in_the_run(tmp_path):
+    """A fused last-only graph ends in RowScan: the backend's scan of each step's logits (the
+    batcher's finite check and greedy tokens) is sampling.scan_rows' of them, a row whose state
+    went NaN included; a graph of every position's logits has none and scans on the host."""
+    from mosaicrt.export import io_spec
+    from mosaicrt.runtime.sampling import scan_rows
+
+    save_checkpoint(random_model(preset("tiny"), seed=3), tmp_path / "ckpt")
+    artifact = export_artifact(tmp_path / "ckpt", tmp_path / "onnx", max_context=64, last_only=True)
+    backend = OrtBackend(artifact, ort_ops="fused")
+    assert io_spec.ROW_SCAN in backend.output_specs
+    state = backend.new_state(3, 64)
+    rng = np.random.default_rng(1)
+    for step, lengths in enumerate([[9, 4, 0], [1, 1, 1], [1, 1, 1], [2, 1, 1]]):
+        if step == 2:
+            state.small["past.0.s"][1] = np.nan  # row 1's logits go NaN from here on
+        ids = rng.integers(0, 256, (3, max(lengths)))
+        logits = backend.step(ids, np.array(lengths), state, True, device_logits=True)
+        finite, greedy = backend.scan_rows(logits)
+        want_finite, want_greedy = scan_rows(np.array(logits))
+        assert finite == want_finite and finite[1] == (step < 2)
+        assert [g for g, ok in zip(greedy, finite) if ok] == [
+            g for g, ok in zip(want_greedy, want_finite) if ok
+        ]
+    full = export_artifact(tmp_path / "ckpt", tmp_path / "full", max_context=64)
+    assert io_spec.ROW_SCAN not in OrtBackend(full, ort_ops="fused").output_specs
+
+
 def test_fused_layers_match_the_native_ops(artifact):
     """Chunks longer than the STM ring and the LTM delay, decode steps across ring wraps and LTM
     block edges, rows at different positions, an idle row, a step on a row range: the logits,

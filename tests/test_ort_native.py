@@ -344,6 +344,32 @@ def test_swiglu_kernel_is_silu_of_the_gate_times_up(kernel_library, f, tmp_path)
     assert (error <= 8 * 2.0**-24 * np.abs(want[finite]) + 1e-36).all(), error.max()
 
 
+@pytest.mark.parametrize("vocab", [37, 8192])
+def test_row_scan_kernel_is_the_batchers_scan(kernel_library, vocab, tmp_path):
+    """RowScan (ops/ort_row_scan.h) gives each row's first largest logit where sampling.scan_rows
+    finds the row finite, and -1 where it does not: NaN, +inf and -inf rows, ties, a constant
+    row, a row whose largest value is its last."""
+    from onnx import TensorProto
+
+    from mosaicrt.runtime.sampling import scan_rows
+
+    rng = np.random.default_rng(vocab)
+    logits = rng.standard_normal((8, vocab)).astype(np.float32)
+    logits[0, vocab // 2] = np.nan
+    logits[1, 3], logits[2, vocab - 1] = np.inf, -np.inf
+    logits[3, [5, 9]] = 50.0  # a tie: the first wins
+    logits[4] = 0.25
+    logits[5, vocab - 1] = 60.0
+    (got,), ran = run_node(
+        "RowScan", {"logits": logits}, ["row_scan"], kernel_library, tmp_path, TensorProto.INT64
+    )
+    assert ran == {"RowScan"} and got.dtype == np.int64 and got.shape == (8,)
+    finite, greedy = scan_rows(logits)
+    assert finite == [False, False, False, True, True, True, True, True]
+    assert got.tolist() == [token if ok else -1 for ok, token in zip(finite, greedy)]
+    assert got[3] == 5 and got[4] == 0 and got[5] == vocab - 1
+
+
 def test_the_backend_picks_the_ops_it_can_run(tmp_path, monkeypatch, native_ort_library):
     from mosaicrt.runtime.ort_backend import native_ops_library
 

@@ -3,7 +3,8 @@ of weights and stores through the caches, so the runtime's bookkeeping after it 
 each call pays for its own code and data, far more than its arithmetic. Each round runs the
 session once before each call and times the call alone; the report gives medians over the
 rounds. The runtime's decode path takes the cheaper form of each pair (graph_state.graph_step,
-sampling.scan_rows, OrtBackend.staged).
+sampling.scan_rows, OrtBackend.staged), and with a fused last-only graph the scan its run made
+(OrtBackend.scan_rows).
 
     python -m mosaicrt.bench.cold_calls ART --context 950 \\
         --json bench/results/ort_latency_cpu/cold_calls.json
@@ -35,6 +36,10 @@ def calls(backend: OrtBackend, state) -> dict[str, Callable[[], object]]:
     present, small = backend.outputs[1][STACKED_PRESENT], np.empty_like(state.small_block)
     ids, staged = np.array([[5]], np.int64), np.empty((1, 1), np.int64)
     pos, lengths, ends = np.array([950], np.int64), np.ones(1, np.int64), [951]
+    scanned = {}  # a fused last-only graph's RowScan, read through the backend
+    if io_spec.ROW_SCAN in backend.output_specs:
+        buffer = backend.outputs[1][io_spec.LOGITS]
+        scanned["backend.scan_rows (the run's RowScan)"] = lambda: backend.scan_rows(buffer)
     return {
         "nothing (the timer)": lambda: None,
         "logits max and min (numpy reductions)": lambda: (
@@ -52,7 +57,7 @@ def calls(backend: OrtBackend, state) -> dict[str, Callable[[], object]]:
         "furthest position: int(array.max())": lambda: int(pos.max()),
         "furthest position: max(array.tolist())": lambda: max(pos.tolist()),
         "present state copied into the past": lambda: small.__setitem__(Ellipsis, present),
-    }
+    } | scanned
 
 
 def time_calls(backend: OrtBackend, state, rounds: int) -> dict[str, float]:

@@ -25,6 +25,9 @@ from mosaicrt.model.config import ModelConfig
 
 INPUT_IDS, LENGTHS, POSITIONS, LOGITS = "input_ids", "lengths", "positions", "logits"
 LTM_BLOCKS = "ltm_blocks"  # the block table of the LTM pools
+# Not in an artifact: the output the runtime adds to a fused last-only graph (runtime.ort_fusion
+# add_row_scan), each row's greedy token, -1 where its logits are not all finite.
+ROW_SCAN = "row_scan"
 SMALL_FIELDS = ("s", "mx", "k_pend", "v_pend")  # constant-size state, re-emitted each step
 STORE_FIELDS = ("keys", "values")  # stores: read by the graph; only new pairs are emitted
 SCALE_SUFFIX = "_scale"  # int8, fp8 stores: the scales beside a store or new-pairs tensor

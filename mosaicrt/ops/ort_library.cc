@@ -6,13 +6,15 @@
 // stores in place: mosaicrt/ops/ort_library.py APPEND_PAIRS) gets the AssociativeMemory kernel that
 // also writes each step's new pairs into its fp32/fp16 stores (append_pairs); any other session
 // gets the one that only reads them. The same holds for LayerMemories, which the runtime puts in
-// a step graph in place of each layer's memory nodes, and SwiGLU, which it puts in place of each
-// feed-forward's activation (runtime/ort_fusion.py).
+// a step graph in place of each layer's memory nodes, SwiGLU, which it puts in place of each
+// feed-forward's activation, and RowScan, which it adds after a last-only graph's logits
+// (runtime/ort_fusion.py).
 #include <string>
 
 #include "associative_memory/ort_kernel.h"
 #include "gated_key_scan/ort_kernel.h"
 #include "ort_layer_memories.h"
+#include "ort_row_scan.h"
 #include "ort_swiglu.h"
 
 namespace {
@@ -25,6 +27,7 @@ mosaic::AssociativeMemoryFp8Op associative_memory_fp8_op;
 mosaic::LayerMemoriesOp layer_memories_op;
 mosaic::LayerMemoriesOp appending_layer_memories_op{true};
 mosaic::SwiGLUOp swiglu_op;
+mosaic::RowScanOp row_scan_op;
 
 // The "mosaic" domain with the reading or the appending AssociativeMemory kernel (built once: a
 // domain must outlive every session that uses it).
@@ -39,6 +42,7 @@ Ort::CustomOpDomain& domain(bool append) {
     found->Add(&associative_memory_fp8_op);
     found->Add(append ? &appending_layer_memories_op : &layer_memories_op);
     found->Add(&swiglu_op);
+    found->Add(&row_scan_op);
   }
   return *found;
 }

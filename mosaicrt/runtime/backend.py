@@ -98,6 +98,14 @@ class Backend(ABC):
         them (Logits), valid until its next step: a GPU backend then copies none to the host
         (the batcher reduces them there), and a host backend may return its output buffer."""
 
+    def scan_rows(self, logits: Logits) -> tuple[list[bool], list[int]]:
+        """(does each row hold no NaN or inf, each row's greedy token) of `logits`, this
+        backend's last step's: sampling.scan_rows of them, or what the step's graph computed
+        of them already."""
+        from mosaicrt.runtime.sampling import scan_rows  # (sampling imports this module)
+
+        return scan_rows(logits)
+
 
 @contextmanager
 def torch_threads_for(backend: Backend) -> Iterator[None]:

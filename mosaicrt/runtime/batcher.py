@@ -49,7 +49,7 @@ from mosaicrt.runtime.prefix_cache import (
     release_entry,
     restore_row,
 )
-from mosaicrt.runtime.sampling import Sampler, SamplingParams, host_logits, scan_rows
+from mosaicrt.runtime.sampling import Sampler, SamplingParams, host_logits
 
 PREFILL_CHUNKS_PER_STEP = 8  # rows a prefill step spans at most (a chunk each)
 
@@ -425,8 +425,8 @@ class ContinuousBatcher:
         return []
 
     def _advance(self, feeds: dict, logits: Logits, lo: int, prefill: bool) -> list[Event]:
+        finite, greedy = self.backend.scan_rows(logits)  # (rows,) each
         logits = host_logits(logits)  # (rows, V): numpy on the CPU
-        finite, greedy = scan_rows(logits)  # (rows,) each
         ready, events = [], []
         for i, f in feeds.items():
             r = self.rows[i]

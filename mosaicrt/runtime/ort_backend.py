@@ -53,7 +53,7 @@ NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int6
 STORE_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8,
                 "float8_e4m3fn": np.int8}  # fmt: skip
 TORCH_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16,
-               "tensor(int8)": torch.int8}  # fmt: skip
+               "tensor(int8)": torch.int8, "tensor(int64)": torch.int64}  # fmt: skip
 
 
 ORT_OPS = ("auto", "fused", "native", "functions")
@@ -178,15 +178,17 @@ def fused_graph(
     graph: onnx.ModelProto, config, ort_ops: str, artifact: str | Path
 ) -> onnx.ModelProto | None:
     """The artifact's graph with each layer's memory nodes one LayerMemories node, each
-    feed-forward's activation one SwiGLU node, and each residual Add with the RMSNorm after it
-    one SkipSimplifiedLayerNormalization (rewritten in place), for --ort-ops `fused` or `auto`;
-    None where the graph does not allow it, which `fused` refuses with the reason."""
-    from mosaicrt.runtime.ort_fusion import fuse_layer_memories, fuse_skip_norms, fuse_swiglu
+    feed-forward's activation one SwiGLU node, each residual Add with the RMSNorm after it one
+    SkipSimplifiedLayerNormalization, and a last-only graph's logits scanned by one RowScan
+    (rewritten in place), for --ort-ops `fused` or `auto`; None where the graph does not allow
+    it, which `fused` refuses with the reason."""
+    from mosaicrt.runtime import ort_fusion
 
-    why = fuse_layer_memories(graph, config.num_layers, config.memories)
+    why = ort_fusion.fuse_layer_memories(graph, config.num_layers, config.memories)
     if not why:
-        fuse_swiglu(graph)
-        fuse_skip_norms(graph)
+        ort_fusion.fuse_swiglu(graph)
+        ort_fusion.fuse_skip_norms(graph)
+        ort_fusion.add_row_scan(graph)
     if why and ort_ops == "fused":
         raise BackendError(
             f"--ort-ops fused: {artifact} cannot run its layers' memories as one native node "
@@ -571,3 +573,13 @@ class OrtBackend(GraphStatePaging, Backend):
         if np.may_share_memory(logits, self.outputs[1][io_spec.LOGITS]):
             logits = np.array(logits)  # a copy: the output buffer is the next step's
         return torch.from_numpy(logits)
+
+    def scan_rows(self, logits: Logits) -> tuple[list[bool], list[int]]:
+        """The fused last-only graph's RowScan of its logits when `logits` is the last step's
+        output buffer (device_logits): B numbers read, not B x V; else sampling.scan_rows."""
+        buffers = self.outputs[1]
+        scanned = buffers.get(io_spec.ROW_SCAN)
+        if scanned is None or logits is not buffers[io_spec.LOGITS]:
+            return super().scan_rows(logits)
+        greedy = scanned.tolist()
+        return [token >= 0 for token in greedy], greedy

@@ -1,8 +1,9 @@
 """Each layer's memory nodes of a step graph as one native `mosaic::LayerMemories` node, for an
-ONNX Runtime session that registers the native library (ops/ort_layer_memories.h); and two
-smaller rewrites for the same sessions: each feed-forward's activation one native
-`mosaic::SwiGLU` node (ops/ort_swiglu.h), each residual Add with the RMSNorm after it one of ONNX
-Runtime's SkipSimplifiedLayerNormalization nodes.
+ONNX Runtime session that registers the native library (ops/ort_layer_memories.h); and smaller
+rewrites for the same sessions: each feed-forward's activation one native `mosaic::SwiGLU` node
+(ops/ort_swiglu.h), each residual Add with the RMSNorm after it one of ONNX Runtime's
+SkipSimplifiedLayerNormalization nodes, and a last-only graph's logits scanned by one native
+`mosaic::RowScan` node (ops/ort_row_scan.h) for the batcher.
 
 The artifact keeps its portable nodes (GatedKeyScan, one AssociativeMemory per memory, and about
 thirty small standard nodes a layer: the projection's split, the new pairs, the pending key and
@@ -277,6 +278,30 @@ def fuse_swiglu(model: onnx.ModelProto) -> int:
     mosaic::SwiGLU node (a session that registers the library: four nodes' dispatch and cold
     caches per layer become one). Returns how many were fused."""
     return replace_patterns(model, "Mul", swiglu)
+
+
+def add_row_scan(model: onnx.ModelProto) -> bool:
+    """Add a native mosaic::RowScan node after the fp32 logits (B, V) of a last-only graph, as
+    the output io_spec.ROW_SCAN (B,) int64: each row's greedy token, -1 where the row is not
+    finite (sampling.scan_rows, ops/ort_row_scan.h). It reads the logits while they are in the
+    caches; the host reads its B numbers instead. False (nothing added) for logits of every
+    position."""
+    logits = next(o for o in model.graph.output if o.name == io_spec.LOGITS)
+    tensor = logits.type.tensor_type
+    if len(tensor.shape.dim) != 2 or tensor.elem_type != onnx.TensorProto.FLOAT:
+        return False
+    batch = tensor.shape.dim[0]
+    model.graph.node.append(
+        helper.make_node(
+            "RowScan", [io_spec.LOGITS], [io_spec.ROW_SCAN], name="/row_scan", domain=DOMAIN
+        )
+    )
+    model.graph.output.append(
+        helper.make_tensor_value_info(
+            io_spec.ROW_SCAN, onnx.TensorProto.INT64, [batch.dim_param or batch.dim_value]
+        )
+    )
+    return True
 
 
 def replace_patterns(model: onnx.ModelProto, op_type: str, match) -> int:

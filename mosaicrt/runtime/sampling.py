@@ -108,12 +108,14 @@ def host_logits(logits: Logits) -> Logits:
 
 def scan_rows(logits: Logits) -> tuple[list[bool], list[int]]:
     """(B, V) logits -> (does each row hold no NaN or inf, each row's greedy token): the
-    batcher's one look at a step's logits. On the host, a row's first largest and first smallest
-    values are both finite exactly when the row is (numpy's argmax and argmin stop at the first
-    NaN, and an inf is an extreme). Right after a decode step has read the weights through the
-    caches, every call's code comes back from memory (bench.cold_calls, batch-1 `mini` on a CPU:
-    a max and a min of 8k logits 163 us, this 104 us; an isinstance check against torch.Tensor
-    36 us, against np.ndarray 20 us): so two index passes, as array methods, numpy first.
+    batcher's one look at a step's logits (Backend.scan_rows; a fused last-only ONNX Runtime
+    graph makes the same scan in its run, ops/ort_row_scan.h). On the host, a row's first
+    largest and first smallest values are both finite exactly when the row is (numpy's argmax
+    and argmin stop at the first NaN, and an inf is an extreme). Right after a decode step has
+    read the weights through the caches, every call's code comes back from memory
+    (bench.cold_calls, batch-1 `mini` on a CPU: a max and a min of 8k logits 163 us, this
+    104 us; an isinstance check against torch.Tensor 36 us, against np.ndarray 20 us): so two
+    index passes, as array methods, numpy first.
     On a GPU the reductions run there and 2B values come back, not the logits (32 MB at
     64 x 128k); on a CPU numpy's argmax vectorizes where torch's does not (6x faster at
     64 x 128k logits, 1.3 against 8.3 ms, and at 1 x 8k)."""
