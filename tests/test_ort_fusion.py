@@ -101,7 +101,8 @@ def test_each_feed_forward_activation_becomes_one_node(artifact):
 def test_a_last_only_graph_scans_its_rows_in_the_run(tmp_path):
     """A fused last-only graph ends in RowScan: the backend's scan of each step's logits (the
     batcher's finite check and greedy tokens) is sampling.scan_rows' of them, a row whose state
-    went NaN included; a graph of every position's logits has none and scans on the host."""
+    went NaN included (RowScan marks it -1, where numpy's argmax would name its first NaN); a
+    graph of every position's logits has none and scans on the host."""
     from mosaicrt.export import io_spec
     from mosaicrt.runtime.sampling import scan_rows
 
@@ -119,6 +120,7 @@ def test_a_last_only_graph_scans_its_rows_in_the_run(tmp_path):
         finite, greedy = backend.scan_rows(logits)
         want_finite, want_greedy = scan_rows(np.array(logits))
         assert finite == want_finite and finite[1] == (step < 2)
+        assert greedy[1] == (want_greedy[1] if step < 2 else -1)  # RowScan's mark, not argmax's
         assert [g for g, ok in zip(greedy, finite) if ok] == [
             g for g, ok in zip(want_greedy, want_finite) if ok
         ]
