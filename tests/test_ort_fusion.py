@@ -28,6 +28,15 @@ ATOL_LOGITS = 1e-5
 ATOL_STATE = 1e-5
 
 
+def assert_runs_in_order(model) -> None:
+    """The rewritten graph's nodes are in an order that runs: every input made before it is
+    read."""
+    made = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
+    for node in model.graph.node:
+        assert all(x in made for x in node.input if x), node.name
+        made |= {x for x in node.output if x}
+
+
 @pytest.fixture(scope="module", params=[("stm", "ltm"), ("stm",)], ids=["stm+ltm", "stm"])
 def artifact(request, tmp_path_factory):
     """The tiny model's artifact, with both memories and with the STM alone."""
@@ -52,10 +61,7 @@ def test_every_layer_becomes_one_node_and_the_rest_stays(artifact):
     assert [o.name for o in model.graph.output] == outputs
     read = {x for node in model.graph.node for x in node.input}
     assert all(t.name in read for t in model.graph.initializer)  # the replaced nodes' are gone
-    made = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
-    for node in model.graph.node:  # in an order that runs: every input made before it is read
-        assert all(x in made for x in node.input if x), node.name
-        made |= set(node.output)
+    assert_runs_in_order(model)
 
 
 def test_residual_adds_and_their_norms_become_one_node(artifact):
@@ -71,10 +77,7 @@ def test_residual_adds_and_their_norms_become_one_node(artifact):
     assert fused == after["SkipSimplifiedLayerNormalization"] == 2 * config.num_layers
     assert after["Pow"] == before["Pow"] - fused == 1  # the embeddings' norm
     assert after["Add"] == before["Add"] - 2 * fused  # each norm's epsilon and residual Add
-    made = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
-    for node in model.graph.node:  # in an order that runs: every input made before it is read
-        assert all(x in made for x in node.input if x), node.name
-        made |= {x for x in node.output if x}
+    assert_runs_in_order(model)
 
 
 def test_each_feed_forward_activation_becomes_one_node(artifact):
@@ -91,10 +94,7 @@ def test_each_feed_forward_activation_becomes_one_node(artifact):
     assert after["Sigmoid"] == 0 and after["Split"] == before["Split"] - fused
     assert after["Mul"] == before["Mul"] - 2 * fused
     assert all(n.domain == "mosaic" for n in model.graph.node if n.op_type == "SwiGLU")
-    made = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
-    for node in model.graph.node:  # in an order that runs: every input made before it is read
-        assert all(x in made for x in node.input if x), node.name
-        made |= {x for x in node.output if x}
+    assert_runs_in_order(model)
     assert fuse_swiglu(model) == 0  # nothing left to fuse
 
 

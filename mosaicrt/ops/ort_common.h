@@ -30,6 +30,13 @@ inline bool is_nan(float x) {
   return (bits & 0x7fffffffu) > 0x7f800000u;
 }
 
+// NaN or an infinity, by its bits too.
+inline bool not_finite(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return (bits & 0x7f800000u) == 0x7f800000u;
+}
+
 // Is pair tau in S(t)? tau < 0 marks an empty slot (geometry.visible).
 inline bool visible(int64_t t, int64_t tau, int64_t window, int64_t delay) {
   const int64_t age = t - tau;
@@ -64,6 +71,32 @@ inline std::vector<int64_t> shape_of(const Ort::ConstValue& value, size_t rank, 
                          ORT_INVALID_ARGUMENT);
   return shape;
 }
+
+// The rows of a (..., n) tensor: the product of its shape's leading dimensions.
+inline int64_t leading_rows(const std::vector<int64_t>& shape) {
+  int64_t rows = 1;
+  for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
+  return rows;
+}
+
+// The custom op of a kernel that maps one fp32 tensor to one of type `Out` on the CPU (SwiGLU,
+// RowScan): Kernel(info) is made per node, and its ComputeV2 runs it.
+template <typename Kernel, ONNXTensorElementDataType Out>
+struct OneInputOp : Ort::CustomOpBase<OneInputOp<Kernel, Out>, Kernel, true> {
+  const char* name;
+  explicit OneInputOp(const char* name) : name(name) {}
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    return guarded([&] { *kernel = new Kernel(info); });
+  }
+  const char* GetName() const { return name; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetInputType(size_t) const {
+    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return Out; }
+};
 
 // f(i) for i in [0, total) on ONNX Runtime's intra-op pool; inline when the work (about `cost`
 // multiply-adds in all) is too small to pay for waking the pool.

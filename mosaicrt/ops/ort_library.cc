@@ -26,8 +26,8 @@ mosaic::AssociativeMemoryInt8Op associative_memory_int8_op;
 mosaic::AssociativeMemoryFp8Op associative_memory_fp8_op;
 mosaic::LayerMemoriesOp layer_memories_op;
 mosaic::LayerMemoriesOp appending_layer_memories_op{true};
-mosaic::SwiGLUOp swiglu_op;
-mosaic::RowScanOp row_scan_op;
+mosaic::SwiGLUOp swiglu_op{"SwiGLU"};
+mosaic::RowScanOp row_scan_op{"RowScan"};
 
 // The "mosaic" domain with the reading or the appending AssociativeMemory kernel (built once: a
 // domain must outlive every session that uses it).

@@ -7,19 +7,11 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include "ort_common.h"
 
 namespace mosaic {
-
-// Is x a NaN or an infinity? By its bits: the kernels are compiled with -ffast-math.
-inline bool not_finite(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  return (bits & 0x7f800000u) == 0x7f800000u;
-}
 
 // The first index of the largest of row[0:V], or -1 when the row holds a NaN or an infinity.
 inline int64_t scan_row(const float* row, int64_t V) {
@@ -45,30 +37,14 @@ struct RowScanKernel {
     std::vector<int64_t> shape = input.GetTensorTypeAndShapeInfo().GetShape();  // (..., V)
     if (shape.empty())
       throw Ort::Exception("RowScan: the logits need a vocabulary axis", ORT_FAIL);
-    const int64_t V = shape.back();
+    const int64_t V = shape.back(), rows = leading_rows(shape);
     shape.pop_back();
-    int64_t rows = 1;
-    for (int64_t n : shape) rows *= n;
     const float* logits = input.GetTensorData<float>();
     int64_t* out = ctx.GetOutput(0, shape).GetTensorMutableData<int64_t>();
     for (int64_t r = 0; r < rows; ++r) out[r] = scan_row(logits + r * V, V);
   }
 };
 
-struct RowScanOp : Ort::CustomOpBase<RowScanOp, RowScanKernel, true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-    return guarded([&] { *kernel = new RowScanKernel(info); });
-  }
-  const char* GetName() const { return "RowScan"; }
-  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetInputType(size_t) const {
-    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-  }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const {
-    return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
-  }
-};
+using RowScanOp = OneInputOp<RowScanKernel, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64>;
 
 }  // namespace mosaic

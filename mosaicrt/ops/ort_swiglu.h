@@ -42,9 +42,7 @@ struct SwiGLUKernel {
     if (shape.empty() || shape.back() % 2 != 0)
       throw Ort::Exception("SwiGLU: the input's last axis must hold gate and up, 2f wide",
                            ORT_FAIL);
-    const int64_t f = shape.back() / 2;
-    int64_t rows = 1;
-    for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
+    const int64_t f = shape.back() / 2, rows = leading_rows(shape);
     shape.back() = f;
     const float* x = input.GetTensorData<float>();
     float* y = ctx.GetOutput(0, shape).GetTensorMutableData<float>();
@@ -52,20 +50,6 @@ struct SwiGLUKernel {
   }
 };
 
-struct SwiGLUOp : Ort::CustomOpBase<SwiGLUOp, SwiGLUKernel, true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-    return guarded([&] { *kernel = new SwiGLUKernel(info); });
-  }
-  const char* GetName() const { return "SwiGLU"; }
-  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetInputType(size_t) const {
-    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-  }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const {
-    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-  }
-};
+using SwiGLUOp = OneInputOp<SwiGLUKernel, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>;
 
 }  // namespace mosaic
