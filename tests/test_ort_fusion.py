@@ -37,6 +37,17 @@ def assert_runs_in_order(model) -> None:
         made |= {x for x in node.output if x}
 
 
+def counted_rewrite(artifact, rewrite):
+    """The artifact's graph with its layers fused, then rewritten by `rewrite`: (the graph, its
+    config, what rewrite returned, the op counts before and after it)."""
+    model = onnx.load(str(artifact / "model.onnx"))
+    config = read_manifest(artifact)[1]
+    assert fuse_layer_memories(model, config.num_layers, config.memories) == ""
+    before = collections.Counter(n.op_type for n in model.graph.node)
+    result = rewrite(model)
+    return model, config, result, before, collections.Counter(n.op_type for n in model.graph.node)
+
+
 @pytest.fixture(scope="module", params=[("stm", "ltm"), ("stm",)], ids=["stm+ltm", "stm"])
 def artifact(request, tmp_path_factory):
     """The tiny model's artifact, with both memories and with the STM alone."""
@@ -68,12 +79,7 @@ def test_residual_adds_and_their_norms_become_one_node(artifact):
     """Every RMSNorm of a residual sum becomes one SkipSimplifiedLayerNormalization with its Add
     (which also returns the sum for the next one); the first layer's, of the embeddings, stays.
     The logits of the rewritten graph are test_fused_layers_match_the_native_ops'."""
-    model = onnx.load(str(artifact / "model.onnx"))
-    config = read_manifest(artifact)[1]
-    assert fuse_layer_memories(model, config.num_layers, config.memories) == ""
-    before = collections.Counter(n.op_type for n in model.graph.node)
-    fused = fuse_skip_norms(model)
-    after = collections.Counter(n.op_type for n in model.graph.node)
+    model, config, fused, before, after = counted_rewrite(artifact, fuse_skip_norms)
     assert fused == after["SkipSimplifiedLayerNormalization"] == 2 * config.num_layers
     assert after["Pow"] == before["Pow"] - fused == 1  # the embeddings' norm
     assert after["Add"] == before["Add"] - 2 * fused  # each norm's epsilon and residual Add
@@ -84,12 +90,7 @@ def test_each_feed_forward_activation_becomes_one_node(artifact):
     """Split, Sigmoid and two Muls of every layer's feed-forward become one SwiGLU of the
     gate-and-up projection. The logits of the rewritten graph are
     test_fused_layers_match_the_native_ops'."""
-    model = onnx.load(str(artifact / "model.onnx"))
-    config = read_manifest(artifact)[1]
-    assert fuse_layer_memories(model, config.num_layers, config.memories) == ""
-    before = collections.Counter(n.op_type for n in model.graph.node)
-    fused = fuse_swiglu(model)
-    after = collections.Counter(n.op_type for n in model.graph.node)
+    model, config, fused, before, after = counted_rewrite(artifact, fuse_swiglu)
     assert fused == after["SwiGLU"] == config.num_layers
     assert after["Sigmoid"] == 0 and after["Split"] == before["Split"] - fused
     assert after["Mul"] == before["Mul"] - 2 * fused

@@ -79,14 +79,27 @@ inline int64_t leading_rows(const std::vector<int64_t>& shape) {
   return rows;
 }
 
-// The custom op of a kernel that maps one fp32 tensor to one of type `Out` on the CPU (SwiGLU,
-// RowScan): Kernel(info) is made per node, and its ComputeV2 runs it.
-template <typename Kernel, ONNXTensorElementDataType Out>
-struct OneInputOp : Ort::CustomOpBase<OneInputOp<Kernel, Out>, Kernel, true> {
+// The kernel of a stateless op: ComputeV2 runs compute(ctx), an exception becoming the node's
+// error status.
+template <void (*compute)(Ort::KernelContext&)>
+struct FunctionKernel {
+  explicit FunctionKernel(const OrtKernelInfo*) {}
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return guarded([&] {
+      Ort::KernelContext ctx(context);
+      compute(ctx);
+    });
+  }
+};
+
+// The custom op of a stateless kernel that maps one fp32 tensor to one of type `Out` on the CPU
+// (SwiGLU, RowScan), compute(ctx) run per call.
+template <void (*compute)(Ort::KernelContext&), ONNXTensorElementDataType Out>
+struct OneInputOp : Ort::CustomOpBase<OneInputOp<compute, Out>, FunctionKernel<compute>, true> {
   const char* name;
   explicit OneInputOp(const char* name) : name(name) {}
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-    return guarded([&] { *kernel = new Kernel(info); });
+    return guarded([&] { *kernel = new FunctionKernel<compute>(info); });
   }
   const char* GetName() const { return name; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }

@@ -24,27 +24,18 @@ inline int64_t scan_row(const float* row, int64_t V) {
   return best;
 }
 
-struct RowScanKernel {
-  explicit RowScanKernel(const OrtKernelInfo*) {}
+// Each row's scan_row of the logits (..., V), as (...) int64.
+inline void row_scan(Ort::KernelContext& ctx) {
+  auto input = ctx.GetInput(0);
+  std::vector<int64_t> shape = input.GetTensorTypeAndShapeInfo().GetShape();  // (..., V)
+  if (shape.empty()) throw Ort::Exception("RowScan: the logits need a vocabulary axis", ORT_FAIL);
+  const int64_t V = shape.back(), rows = leading_rows(shape);
+  shape.pop_back();
+  const float* logits = input.GetTensorData<float>();
+  int64_t* out = ctx.GetOutput(0, shape).GetTensorMutableData<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) out[r] = scan_row(logits + r * V, V);
+}
 
-  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
-    return guarded([&] { compute(context); });
-  }
-
-  void compute(OrtKernelContext* context) {
-    Ort::KernelContext ctx(context);
-    auto input = ctx.GetInput(0);
-    std::vector<int64_t> shape = input.GetTensorTypeAndShapeInfo().GetShape();  // (..., V)
-    if (shape.empty())
-      throw Ort::Exception("RowScan: the logits need a vocabulary axis", ORT_FAIL);
-    const int64_t V = shape.back(), rows = leading_rows(shape);
-    shape.pop_back();
-    const float* logits = input.GetTensorData<float>();
-    int64_t* out = ctx.GetOutput(0, shape).GetTensorMutableData<int64_t>();
-    for (int64_t r = 0; r < rows; ++r) out[r] = scan_row(logits + r * V, V);
-  }
-};
-
-using RowScanOp = OneInputOp<RowScanKernel, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64>;
+using RowScanOp = OneInputOp<row_scan, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64>;
 
 }  // namespace mosaic

@@ -28,28 +28,20 @@ inline void swiglu_row(const float* x, int64_t f, float* y) {
   }
 }
 
-struct SwiGLUKernel {
-  explicit SwiGLUKernel(const OrtKernelInfo*) {}
+// y (..., f) from the gate-and-up projection x (..., 2f), its rows on the thread pool.
+inline void swiglu(Ort::KernelContext& ctx) {
+  auto input = ctx.GetInput(0);
+  std::vector<int64_t> shape = input.GetTensorTypeAndShapeInfo().GetShape();  // (..., 2f)
+  if (shape.empty() || shape.back() % 2 != 0)
+    throw Ort::Exception("SwiGLU: the input's last axis must hold gate and up, 2f wide",
+                         ORT_FAIL);
+  const int64_t f = shape.back() / 2, rows = leading_rows(shape);
+  shape.back() = f;
+  const float* x = input.GetTensorData<float>();
+  float* y = ctx.GetOutput(0, shape).GetTensorMutableData<float>();
+  parallel_for(ctx, rows, rows * f, [&](size_t r) { swiglu_row(x + r * 2 * f, f, y + r * f); });
+}
 
-  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
-    return guarded([&] { compute(context); });
-  }
-
-  void compute(OrtKernelContext* context) {
-    Ort::KernelContext ctx(context);
-    auto input = ctx.GetInput(0);
-    std::vector<int64_t> shape = input.GetTensorTypeAndShapeInfo().GetShape();  // (..., 2f)
-    if (shape.empty() || shape.back() % 2 != 0)
-      throw Ort::Exception("SwiGLU: the input's last axis must hold gate and up, 2f wide",
-                           ORT_FAIL);
-    const int64_t f = shape.back() / 2, rows = leading_rows(shape);
-    shape.back() = f;
-    const float* x = input.GetTensorData<float>();
-    float* y = ctx.GetOutput(0, shape).GetTensorMutableData<float>();
-    parallel_for(ctx, rows, rows * f, [&](size_t r) { swiglu_row(x + r * 2 * f, f, y + r * f); });
-  }
-};
-
-using SwiGLUOp = OneInputOp<SwiGLUKernel, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>;
+using SwiGLUOp = OneInputOp<swiglu, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>;
 
 }  // namespace mosaic
