@@ -14,7 +14,7 @@ import pytest
 
 from mosaicrt.errors import CapacityError, InputError
 from mosaicrt.runtime.generator import RunLimits, generate
-from mosaicrt.runtime.serving.loop import Cancelled, LoopMetrics, ServingLoop
+from mosaicrt.runtime.serving.loop import STEPS_AHEAD, Cancelled, LoopMetrics, ServingLoop
 from mosaicrt.runtime.torch_backend import TorchBackend
 
 
@@ -74,6 +74,29 @@ def test_loop_batches_concurrent_requests_and_isolates_bad_ones(tiny_ckpt):
     assert isinstance(long.error, Cancelled) and len(long.tokens) < 40
     assert Collect().submit(loop, [9, 9], 3).wait() == generate(backend, [[9, 9]], 3)[0]
     loop.stop()
+
+
+def test_loop_keeps_pace_with_a_slow_client_so_a_cancel_stops_early(tiny_ckpt):
+    """A client slower than the steps: the loop decodes at most STEPS_AHEAD steps ahead of what
+    was sent, so a cancel after 3 tokens stops the request a few tokens later, not after all
+    the tokens it could have decoded in the meantime."""
+    loop = ServingLoop(
+        TorchBackend(tiny_ckpt, device="cpu"), RunLimits(max_batch=2, max_context=48)
+    )
+    cancel = threading.Event()
+    slow = Collect()
+
+    def on_token(token: int) -> None:
+        time.sleep(0.02)  # each send takes longer than a tiny model's step
+        slow.tokens.append(token)
+        if len(slow.tokens) == 3:
+            cancel.set()
+
+    loop.submit([1, 2, 3], 40, None, on_token, slow.done.set, slow.fail, is_cancelled=cancel.is_set)
+    slow.wait()
+    loop.stop()
+    assert isinstance(slow.error, Cancelled)
+    assert len(slow.tokens) <= 3 + 2 * STEPS_AHEAD + 2, slow.tokens
 
 
 class Recorded(LoopMetrics):
@@ -327,9 +350,30 @@ def metrics(srv) -> dict[str, float]:
     return values
 
 
-def test_cancelled_and_dropped_streams_free_their_rows(server):
-    """8 clients drop 400-token streams after 5 tokens (4 cancel, 4 just close): the rows free
-    within a step, so the next request starts as fast as one on an idle server."""
+# A client that goes away without a word after 5 tokens of a 400-token stream: its process ends
+# with the stream open (tritonclient's close() would wait for the stream's end instead).
+VANISHING_CLIENT = """
+import os, sys, threading
+import tritonclient.grpc as grpcclient
+from mosaicrt.runtime.serving.client import inputs_for
+url, prompt = sys.argv[1], [int(token) for token in sys.argv[2:]]
+seen, enough = [], threading.Event()
+def callback(result, error):
+    seen.append(error)
+    if len(seen) >= 5 or error is not None:
+        enough.set()
+client = grpcclient.InferenceServerClient(url)
+client.start_stream(callback=callback)
+client.async_stream_infer("mosaicrt", inputs_for(prompt, None, 400))
+enough.wait(60)
+os._exit(0 if len(seen) >= 5 and seen[-1] is None else 1)
+"""
+
+
+def test_cancelled_and_dropped_streams_free_their_rows(server, reference):
+    """8 clients drop 400-token streams after 5 tokens (4 cancel, 4 go away): each request ends
+    as failed, not decoded to its end for nobody, the rows free within a step, and the next
+    request starts as fast as one on an idle server."""
     from mosaicrt.runtime.serving.client import stream_generate
 
     srv, _ = server
@@ -340,22 +384,18 @@ def test_cancelled_and_dropped_streams_free_their_rows(server):
         return time.perf_counter() - start
 
     idle = min(ttft() for _ in range(3))
+    # prompts whose 400 tokens hold no EOS: a request ends only by being dropped
+    prompts = [[k, 2, 3] for k in range(1, 80) if len(reference([k, 2, 3], 400)) == 400][:8]
+    assert len(prompts) == 8
 
     def drop(i):
         if i % 2:
-            stream(srv, [i + 1, 2, 3], 400, cancel_after=5)
-        else:  # a client that goes away without a word: its channel closes
-            import tritonclient.grpc as grpcclient
+            stream(srv, prompts[i], 400, cancel_after=5)
+        else:
+            args = [sys.executable, "-c", VANISHING_CLIENT, srv.grpc_url, *map(str, prompts[i])]
+            vanished.append(subprocess.run(args, timeout=120).returncode)
 
-            from mosaicrt.runtime.serving.client import inputs_for
-
-            got = threading.Event()
-            client = grpcclient.InferenceServerClient(srv.grpc_url)
-            client.start_stream(callback=lambda result, error: got.set())
-            client.async_stream_infer("mosaicrt", inputs_for([i + 1, 2, 3], None, 400))
-            got.wait(60)
-            client.close()
-
+    before, vanished = metrics(srv), []
     threads = [threading.Thread(target=drop, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
@@ -364,7 +404,15 @@ def test_cancelled_and_dropped_streams_free_their_rows(server):
     deadline = time.monotonic() + 10
     while metrics(srv).get("mosaicrt_requests_running", 1) > 0 and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert metrics(srv)["mosaicrt_requests_running"] == 0  # nobody decodes for the dropped
+    now = metrics(srv)
+    assert vanished == [0] * 4  # each saw its 5 tokens, then went
+    assert now["mosaicrt_requests_running"] == 0  # nobody decodes for the dropped
+    assert (
+        now["mosaicrt_requests_failed_total"] - before.get("mosaicrt_requests_failed_total", 0) == 8
+    )
+    assert now["mosaicrt_requests_succeeded_total"] == before.get(
+        "mosaicrt_requests_succeeded_total", 0
+    )
     after = min(ttft() for _ in range(3))
     assert after <= 2 * idle + 0.05, (idle, after)
 
@@ -444,7 +492,12 @@ def test_serve_restarts_a_dead_model_and_stops_cleanly_with_open_streams(server,
 
         client = grpcclient.InferenceServerClient(url)
         client.start_stream(callback=callback)
-        client.async_stream_infer("mosaicrt", inputs_for(long, None, 400))
+        # More 400-token requests than the rows hold: the tiny model decodes one in well under a
+        # second, so a single request could end before the Ctrl-C reaches the server; these
+        # keep the stream busy for seconds, most of them waiting for a row.
+        requests = 8 * MAX_BATCH
+        for _ in range(requests):
+            client.async_stream_infer("mosaicrt", inputs_for(long, None, 400))
         assert first.wait(60)  # the stream is open and decoding
         start = time.monotonic()
         proc.send_signal(signal.SIGINT)
@@ -458,5 +511,7 @@ def test_serve_restarts_a_dead_model_and_stops_cleanly_with_open_streams(server,
     assert proc.returncode == 0, err
     assert "restarting tritonserver" in err and "stopped (exit code 0)" in out
     assert stopped_in < 10
-    assert len(answers) < 400 and "shutting down" in str(answers[-1])
+    errors = [error for error in answers if error is not None]
+    assert len(answers) - len(errors) < requests * 400  # ended before all the tokens were out
+    assert errors and all("shutting down" in str(error) for error in errors)
     assert shm_regions() <= shm_before and temp_dirs() <= tmp_before

@@ -6,10 +6,13 @@ talk to it through a queue. Whatever may wait on someone else runs on a sender t
 so that it overlaps the decode steps instead of holding them up: the callbacks (a slow client), the
 metrics, and asking each running request whether it was cancelled (in Triton, each metric update and
 each such question is a round trip to the server process). The sender checks every running request
-once per step, and the loop stops a cancelled one at its next step. The load is reported when it
-changes, and the tokens once per step. A request that is refused (bad ids, over capacity, no row for
-a new session) or fails (its step raised, its numbers overflowed) gets its error alone: no other
-request's state is touched.
+once per step, and the loop stops a cancelled one at its next step. The loop runs at most
+STEPS_AHEAD steps ahead of the sender: where a step is quicker than sending its tokens, it waits
+for the sends instead of decoding whole requests that nobody has seen yet (a client that cancels
+after a few tokens would otherwise find them all decoded, and the check queued behind them). The
+load is reported when it changes, and the tokens once per step. A request that is refused (bad ids,
+over capacity, no row for a new session) or fails (its step raised, its numbers overflowed) gets its
+error alone: no other request's state is touched.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class Cancelled(MosaicError):
 
 
 LOAD_REPORT_S = 1.0  # the load is reported when it changes, and at least this often
+STEPS_AHEAD = 2  # steps the loop may decode before the sender has sent the first's tokens
 
 
 class LoopMetrics:
@@ -81,6 +85,7 @@ class ServingLoop:
         self.outbox: queue.Queue = queue.Queue()  # (callable, *args) for the sender thread
         self.cancelled: queue.SimpleQueue = queue.SimpleQueue()  # rids the sender found cancelled
         self.checking = threading.Event()  # set while a cancellation check waits in the outbox
+        self.step_slots = threading.Semaphore(STEPS_AHEAD)  # taken by a step, freed once sent
         self.last_load: tuple = ()  # (time, what was reported)
         self.jobs: dict[int, Job] = {}
         self.last_used: dict[object, float] = {}  # session -> time of its last token
@@ -139,8 +144,12 @@ class ServingLoop:
                 if self.drain_file and os.path.exists(self.drain_file):
                     self._fail_all(BackendError("the server is shutting down"))
                 self._cancelled()
-                if self.batcher.busy:
-                    self._step()
+                # (waiting for the sender a short while at most: the inbox and drain are seen)
+                if self.batcher.busy and self.step_slots.acquire(timeout=0.05):
+                    try:
+                        self._step()
+                    finally:  # the sender frees the slot once it has sent this step's tokens
+                        self.outbox.put((self.step_slots.release,))
                 self._expire_sessions()
                 self._report_load()
         self._fail_all(BackendError("the server is shutting down"))
