@@ -124,11 +124,16 @@ def kernels_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+VECTOR_NAMES = {"avx512": "AVX-512", "avx2": "AVX2"}  # machine_info's cpu_vectors, as written
+
+
 def serve_markdown(result: dict) -> str:
     m, one, many = result["machine"], result["one_client"], result["many_clients"]
     alone, rows = result["in_process"]
+    vectors = VECTOR_NAMES.get(m.get("cpu_vectors"), m.get("cpu_vectors"))
     return (
-        f"Machine: {m['cpu']}, {m['cpu_cores']} cores; {result['preset']} preset through "
+        f"Machine: {m['cpu']}{f' ({vectors})' if vectors else ''}, {m['cpu_cores']} cores; "
+        f"{result['preset']} preset through "
         f"{result['backend']}, {result['prompt_len']} prompt tokens and up to "
         f"{result['new_tokens']} new tokens per request, {result['requests_per_client']} requests "
         f"per client in turn ({m['date'][:10]}).\n\n"
