@@ -142,6 +142,31 @@ def test_step_takes_numpy_ids_and_keeps_host_logits_as_numpy(
         assert torch.equal(as_torch, kept)  # a step of the same shape reuses the buffers
 
 
+def test_output_buffers_of_every_shape_share_one_growing_arena(artifact):
+    """Going from a prefill chunk's outputs to a decode step's and back allocates nothing: each
+    shape's buffers are carved, aligned, from one arena that grows only for a larger shape (and
+    every test of the ONNX Runtime backend runs on such buffers)."""
+    from mosaicrt.runtime.graph_state import ALIGN, address
+
+    backend = OrtBackend(artifact)
+    state = backend.new_state(2, 64)
+
+    def step(chunk: int) -> dict:
+        ids = np.full((2, chunk), 7, np.int64)
+        backend.step(ids, np.full(2, chunk, np.int64), state, True)
+        return backend.outputs[1]
+
+    step(8)
+    arena = backend.arena.buffer
+    for chunk in (1, 4, 1, 8, 1):
+        outputs = step(chunk)
+        assert backend.arena.buffer is arena  # no smaller shape allocates
+        assert all(np.shares_memory(a, arena) for a in outputs.values() if a.size)
+        assert address(outputs[io_spec.LOGITS]) % ALIGN == 0  # each buffer carved is aligned
+    step(16)
+    assert backend.arena.buffer.nbytes > arena.nbytes  # a larger shape grows it
+
+
 def test_row_ranges_stepped_in_turn_keep_their_inputs_bound(artifact, monkeypatch):
     """Each state, and each view of a range of rows, keeps its own IOBinding: steps that take
     turns between ranges (prefill rows, then every row's decode) bind none of the state's ~100

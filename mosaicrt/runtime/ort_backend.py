@@ -30,11 +30,13 @@ from mosaicrt.export.builder import STORE_TYPES
 from mosaicrt.ops import geometry
 from mosaicrt.runtime.backend import Backend, HostInts, Logits
 from mosaicrt.runtime.graph_state import (
+    ALIGN,
     STACKED_NEW_PAIRS,
     STACKED_NEW_SCALES,
     STACKED_PRESENT,
     GraphState,
     GraphStatePaging,
+    address,
     allocate,
     carve,
     first_nonfinite_layer,
@@ -248,12 +250,42 @@ class HostBinding:
         return contiguous
 
 
-def stacked_buffers(shapes: dict, names: list[str], stacked_name: str) -> dict[str, np.ndarray]:
+def stacked_buffers(
+    shapes: dict, names: list[str], stacked_name: str, empty: Callable = np.empty
+) -> dict[str, np.ndarray]:
     """One buffer (len(names), *shape) whose slices are the outputs `names` (all one shape), so
     that a run writes them already stacked; under stacked_name too."""
     shape, dtype = shapes[names[0]]
-    stacked = np.empty([len(names), *shape], dtype)  # written in place by the run
+    stacked = empty([len(names), *shape], dtype)  # written in place by the run
     return {name: stacked[i] for i, name in enumerate(names)} | {stacked_name: stacked}
+
+
+class OutputArena:
+    """The CPU path's output buffers, carved from one buffer that only grows: a new (batch,
+    chunk) shape's outputs take the memory of the last shape's, so that going from a prefill
+    chunk's large outputs to a decode step's small ones and back frees and faults in nothing
+    (freeing a 512-token chunk's few hundred MB, then touching them again at the next prefill,
+    cost more than a decode step). It keeps the largest shape's outputs allocated: the peak that
+    shape's steps needed anyway."""
+
+    def __init__(self) -> None:
+        self.buffer = np.empty(0, np.uint8)
+        self.used = 0
+
+    def restart(self, nbytes: int) -> None:
+        """Carve anew, `nbytes` at most (ALIGN padding included): the earlier views are reused."""
+        if nbytes > self.buffer.nbytes:
+            self.buffer = np.empty(nbytes, np.uint8)
+        self.used = 0
+
+    def empty(self, shape, dtype) -> np.ndarray:
+        """An uninitialized array of `shape` starting on an ALIGN-byte boundary."""
+        start = self.used + (-(address(self.buffer) + self.used) % ALIGN)
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if start + nbytes > self.buffer.nbytes:
+            raise RuntimeError("OutputArena: restart() was given too few bytes")
+        self.used = start + nbytes
+        return self.buffer[start : self.used].view(dtype).reshape(shape)
 
 
 class OrtBackend(GraphStatePaging, Backend):
@@ -330,11 +362,11 @@ class OrtBackend(GraphStatePaging, Backend):
             o.name: (o.shape, TORCH_TYPES[o.type]) for o in self.session.get_outputs()
         }
         self.run_seconds: list[float] | None = None  # a list: each session.run's time is added
-        # The CPU path's IOBindings, one per state (a view of some rows is a state of its own),
-        # and the output buffers of the last (batch, chunk) shape: (shape, buffers by output
-        # name, how many sets were made before them).
+        # The CPU path's IOBindings, one per state (a view of some rows is a state of its own), and
+        # the last (batch, chunk)'s outputs from the arena: (shape, buffers by name, sets before).
         self.host_bindings: dict[int, HostBinding] = {}
         self.outputs: tuple[tuple[int, int] | None, dict, int] = (None, {}, 0)
+        self.arena = OutputArena()
         self.staging: dict[tuple, np.ndarray] = {}  # ids and lengths, by input name and shape
         self.block = int(self.manifest["ltm_block"])
         self.max_context = int(self.manifest["max_context"])
@@ -502,18 +534,22 @@ class OrtBackend(GraphStatePaging, Backend):
             dims = {"batch": batch, "chunk": chunk}
             shapes = {name: ([dims.get(d, d) for d in shape], NUMPY_DTYPES[dtype])
                       for name, (shape, dtype) in self.output_specs.items()}  # fmt: skip
-            cfg = self.config
+            # every output, each aligned, and the stacks and carved block that hold some of them
+            self.arena.restart(sum(int(np.prod(shape)) * np.dtype(dtype).itemsize + ALIGN
+                                   for shape, dtype in shapes.values()) + 8 * ALIGN)  # fmt: skip
+            empty, cfg = self.arena.empty, self.config
             pair_names = [io_spec.new_pairs_name(layer, f) for layer in range(cfg.num_layers)
                           for f in io_spec.STORE_FIELDS]  # fmt: skip
-            buffers = stacked_buffers(shapes, pair_names, STACKED_NEW_PAIRS)
-            full = lambda shape, value, is_store: np.empty(shape, np.float32)  # noqa: E731
+            buffers = stacked_buffers(shapes, pair_names, STACKED_NEW_PAIRS, empty)
+            full = lambda shape, value, is_store: empty(shape, np.float32)  # noqa: E731
             buffers[STACKED_PRESENT], present = carve(full, small_layout(cfg, batch, "present"))
             buffers |= present
             if io_spec.scaled(self.store_type):
                 scale_names = [name + io_spec.SCALE_SUFFIX for name in pair_names]
-                buffers |= stacked_buffers(shapes, scale_names, STACKED_NEW_SCALES)
+                buffers |= stacked_buffers(shapes, scale_names, STACKED_NEW_SCALES, empty)
             for name, (shape, dtype) in shapes.items():
-                buffers.setdefault(name, np.empty(shape, dtype))
+                if name not in buffers:
+                    buffers[name] = empty(shape, dtype)
             self.outputs = ((batch, chunk), buffers, self.outputs[2] + 1)
         return self.outputs[1]
 
