@@ -2,7 +2,8 @@
 streaming clients (in-flight batching at work), the same requests through the batcher in process
 on 1 and on N rows (what batching gives without the server), the model steps alone on 1 and N rows
 (a prefill of their prompts, a decode step: what bounds batching), and the per-request overhead of
-the server path against the same request through `mosaicrt generate`'s code in process.
+the server path against the same request through `mosaicrt generate`'s code in process (the two
+timed in turn, 5 times each, while the server runs idle between its requests).
 
 Each client keeps one gRPC connection and stream and sends its requests over it one after another
 (greedy), asking for `output_ids` alone, as the in-process runs give ids; tokens are counted as
@@ -182,8 +183,9 @@ def main(args: argparse.Namespace) -> int:
         export_artifact(tmp / "ckpt", tmp / "onnx", max_context=context, last_only=True)
         export_repository(tmp / "onnx", tmp / "repo", max_batch=args.clients,
                           max_context=context, prefill_chunk=args.prompt_len)  # fmt: skip
-        served = served_runs(tmp / "repo", args, prompt)
-        in_process = in_process_runs(OrtBackend(tmp / "onnx", device="cpu"), args, prompt)
+        backend = OrtBackend(tmp / "onnx", device="cpu")
+        served = served_runs(tmp / "repo", args, prompt, backend)
+        in_process = in_process_runs(backend, args)
     result = report(args, served, in_process)
     print_summary(result, args.clients)
     if args.json:
@@ -191,8 +193,12 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def served_runs(repo: Path, args: argparse.Namespace, prompt: list[int]) -> dict:
-    """Through the server: the rounds of 1 and N clients, and `prompt` alone, 5 times."""
+def served_runs(
+    repo: Path, args: argparse.Namespace, prompt: list[int], backend: OrtBackend
+) -> dict:
+    """Through the server: the rounds of 1 and N clients; and `prompt` alone, 5 times through
+    the server and 5 through generate's code in process on `backend`, in turn (the machine's
+    speed drifts between runs minutes apart)."""
     with TritonServer(repo) as server:
         with StreamClient(server.grpc_url, IDS_ONLY) as client:
             stream_tokens(client, [1] * args.prompt_len, 4)  # warm up
@@ -203,26 +209,23 @@ def served_runs(repo: Path, args: argparse.Namespace, prompt: list[int]) -> dict
             ]
             for _ in range(args.rounds)
         ]
-        alone = []
+        limits = RunLimits(max_batch=1, max_context=args.prompt_len + args.new_tokens,
+                           prefill_chunk=args.prompt_len)  # fmt: skip
+        alone, direct = [], []
         with StreamClient(server.grpc_url, IDS_ONLY) as client:
             for _ in range(5):
                 t0 = time.perf_counter()
                 stream_tokens(client, prompt, args.new_tokens)
                 alone.append(time.perf_counter() - t0)
-    return {"rounds": rounds, "alone_s": alone}
+                t0 = time.perf_counter()
+                generate(backend, [prompt], args.new_tokens, limits=limits)
+                direct.append(time.perf_counter() - t0)
+    return {"rounds": rounds, "alone_s": alone, "direct_s": direct}
 
 
-def in_process_runs(backend: OrtBackend, args: argparse.Namespace, prompt: list[int]) -> dict:
-    """The same in process: `prompt` alone through generate's code (5 times), the rounds of 1
-    and N rows through the batcher, and the model steps of 1 and N rows."""
-    limits = RunLimits(
-        max_batch=1, max_context=args.prompt_len + args.new_tokens, prefill_chunk=args.prompt_len
-    )
-    alone = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        generate(backend, [prompt], args.new_tokens, limits=limits)
-        alone.append(time.perf_counter() - t0)
+def in_process_runs(backend: OrtBackend, args: argparse.Namespace) -> dict:
+    """The same requests in process: the rounds of 1 and N rows through the batcher, and the
+    model steps of 1 and N rows."""
     rounds = [
         [
             in_process_run(backend, c, args.requests, args.prompt_len, args.new_tokens)
@@ -231,7 +234,7 @@ def in_process_runs(backend: OrtBackend, args: argparse.Namespace, prompt: list[
         for _ in range(args.rounds)
     ]
     steps = [step_ms(backend, rows, args.prompt_len) for rows in (1, args.clients)]
-    return {"rounds": rounds, "alone_s": alone, "steps": steps}
+    return {"rounds": rounds, "steps": steps}
 
 
 def report(args: argparse.Namespace, served: dict, in_process: dict) -> dict:
@@ -241,7 +244,7 @@ def report(args: argparse.Namespace, served: dict, in_process: dict) -> dict:
     steps = in_process["steps"]
     served_s, direct_s = (
         statistics.median(served["alone_s"]),
-        statistics.median(in_process["alone_s"]),
+        statistics.median(served["direct_s"]),
     )
     return {
         "benchmark": "serve",
