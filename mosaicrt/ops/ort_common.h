@@ -49,6 +49,18 @@ inline int64_t visible_count(int64_t t, int64_t window, int64_t delay) {
   return n < 0 ? 0 : (n > window - delay ? window - delay : n);
 }
 
+// `n` floats of the calling thread's scratch buffer `slot` (< kScratchSlots), kept from call to
+// call, holding whatever the last call left: a prefill chunk's temporaries are tens of MB, and
+// fresh ones were faulted in (and zeroed by the OS) at every call, 14-17 % of a prefill step of
+// 8 x 512 tokens. The buffers keep the largest call's size, on each thread that runs a session.
+constexpr int kScratchSlots = 8;
+inline float* scratch(int slot, size_t n) {
+  thread_local std::vector<float> buffers[kScratchSlots];
+  std::vector<float>& buffer = buffers[slot];
+  if (buffer.size() < n) buffer.resize(n);
+  return buffer.data();
+}
+
 // Runs f, turning an exception into the OrtStatus ONNX Runtime reports for the node.
 template <typename F>
 OrtStatusPtr guarded(F&& f) {

@@ -31,6 +31,12 @@ namespace mosaic {
 
 constexpr size_t kLayerInputs = 8;  // before the memories' 4 inputs each
 constexpr size_t kMaxMemories = 2;
+// The temporaries of a call, each in its scratch buffer (ort_common.h): the gates and keys of the
+// key scan, and one memory's heads of the queries, new pairs and retrievals.
+enum ScratchSlot : int {
+  kLogGSlot, kLogLamSlot, kKeysSlot, kQuerySlot, kNewKeySlot, kNewValueSlot, kRetrievedSlot
+};
+static_assert(kRetrievedSlot < kScratchSlots, "a scratch buffer per temporary");
 
 struct LayerMemoriesKernel {
   float eps, norm_eps;
@@ -81,21 +87,22 @@ struct LayerMemoriesKernel {
     float* new_v = ctx.GetOutput(6, {B, C, N, hs}).GetTensorMutableData<float>();
 
     // The key scan, over k~ inside the projection; its gates as (B, C, N), log lambda = -|lambda|.
-    std::vector<float> log_g(B * C * N), log_lam(B * C * N), keys(B * C * N * hs);
+    float* log_g = scratch(kLogGSlot, B * C * N);
+    float* log_lam = scratch(kLogLamSlot, B * C * N);
+    float* keys = scratch(kKeysSlot, B * C * N * hs);
     for (int64_t r = 0; r < B * C; ++r)
       for (int64_t n = 0; n < N; ++n) {
         log_g[r * N + n] = x[r * P + 2 * N * hs + n];
         log_lam[r * N + n] = -std::fabs(x[r * P + 2 * N * hs + N + n]);
       }
-    const KeyScanArgs scan{x, P, log_g.data(), log_lam.data(), valid,
-                           ctx.GetInput(4).GetTensorData<float>(),
-                           ctx.GetInput(5).GetTensorData<float>(), keys.data(),
+    const KeyScanArgs scan{x, P, log_g, log_lam, valid, ctx.GetInput(4).GetTensorData<float>(),
+                           ctx.GetInput(5).GetTensorData<float>(), keys,
                            ctx.GetOutput(1, {B, N, hs}).GetTensorMutableData<float>(),
                            ctx.GetOutput(2, {B, N}).GetTensorMutableData<float>()};
     scan_keys(ctx, scan, B, C, N, hs, eps);
 
-    new_pairs(x, keys.data(), k_pend, v_pend, B, C, N, hs, new_k, new_v);
-    for (int64_t m = 0; m < nM; ++m) retrieve_memory(ctx, m, keys.data(), new_k, new_v, t,
+    new_pairs(x, keys, k_pend, v_pend, B, C, N, hs, new_k, new_v);
+    for (int64_t m = 0; m < nM; ++m) retrieve_memory(ctx, m, keys, new_k, new_v, t,
                                                      new_tau, B, C, H, hs, y);
     // The last real token's key and v~ stay pending (rows of length 0 keep theirs: where the
     // present state is bound over the past, as the runtime binds it, there is nothing to copy).
@@ -103,7 +110,7 @@ struct LayerMemoriesKernel {
       int64_t length = 0;
       while (length < C && valid[b * C + length]) ++length;
       const int64_t row = b * C + std::max<int64_t>(length - 1, 0);
-      const float* k_last = length > 0 ? keys.data() + row * N * hs : k_pend + b * N * hs;
+      const float* k_last = length > 0 ? keys + row * N * hs : k_pend + b * N * hs;
       if (k_last != k_pend_out + b * N * hs)
         std::copy(k_last, k_last + N * hs, k_pend_out + b * N * hs);
       for (int64_t n = 0; n < N; ++n) {
@@ -147,12 +154,15 @@ struct LayerMemoriesKernel {
                        const int64_t* new_tau, int64_t B, int64_t C, int64_t H, int64_t hs,
                        float* y) const {
     const int64_t N = H * static_cast<int64_t>(window.size()), rows = B * C, width = H * hs;
-    std::vector<float> q(rows * width), k(rows * width), v(rows * width), out(rows * width);
+    float* q = scratch(kQuerySlot, rows * width);
+    float* k = scratch(kNewKeySlot, rows * width);
+    float* v = scratch(kNewValueSlot, rows * width);
+    float* out = scratch(kRetrievedSlot, rows * width);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t from = r * N * hs + m * width;
-      std::copy(keys + from, keys + from + width, q.data() + r * width);
-      std::copy(new_k + from, new_k + from + width, k.data() + r * width);
-      std::copy(new_v + from, new_v + from + width, v.data() + r * width);
+      std::copy(keys + from, keys + from + width, q + r * width);
+      std::copy(new_k + from, new_k + from + width, k + r * width);
+      std::copy(new_v + from, new_v + from + width, v + r * width);
     }
     const size_t first = kLayerInputs + 4 * static_cast<size_t>(m);
     auto store_k = ctx.GetInput(first), store_v = ctx.GetInput(first + 1);
@@ -164,13 +174,13 @@ struct LayerMemoriesKernel {
     if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ||
         store_v.GetTensorTypeAndShapeInfo().GetElementType() != type)
       throw Ort::Exception("LayerMemories: stores must be float32", ORT_FAIL);
-    const MemoryInputs in{q.data(), t, store_k.GetTensorRawData(), store_v.GetTensorRawData(),
-                          table, ctx.GetInput(first + 3).GetTensorData<int64_t>(), k.data(),
-                          v.data(), new_tau, beta0.data() + m * H, beta1.data() + m * H,
-                          alpha.data() + m * H, nullptr, nullptr};
-    retrieve(ctx, in, s, window[m], delay[m], Stores::kFloat, type, append, out.data());
+    const MemoryInputs in{q, t, store_k.GetTensorRawData(), store_v.GetTensorRawData(), table,
+                          ctx.GetInput(first + 3).GetTensorData<int64_t>(), k, v, new_tau,
+                          beta0.data() + m * H, beta1.data() + m * H, alpha.data() + m * H,
+                          nullptr, nullptr};
+    retrieve(ctx, in, s, window[m], delay[m], Stores::kFloat, type, append, out);
     for (int64_t r = 0; r < rows; ++r)
-      std::copy(out.data() + r * width, out.data() + (r + 1) * width, y + r * N * hs + m * width);
+      std::copy(out + r * width, out + (r + 1) * width, y + r * N * hs + m * width);
   }
 };
 
