@@ -28,6 +28,7 @@ from mosaicrt.export import io_spec
 from mosaicrt.export.artifact import MODEL_FILE, read_manifest
 from mosaicrt.export.builder import STORE_TYPES
 from mosaicrt.ops import geometry
+from mosaicrt.runtime import huge_pages
 from mosaicrt.runtime.backend import Backend, HostInts, Logits
 from mosaicrt.runtime.graph_state import (
     ALIGN,
@@ -147,7 +148,8 @@ def open_session(
         options.add_external_initializers(*weights)
         source = fused.SerializeToString()
     try:
-        return ort.InferenceSession(source, options, providers=providers)
+        with huge_pages.collapse_new_memory():  # the weights ONNX Runtime packs for its MatMuls
+            return ort.InferenceSession(source, options, providers=providers)
     except Exception as exc:  # ORT raises its own pybind exception types
         reason = str(exc).splitlines()[0][:300]
         raise BackendError(
@@ -426,7 +428,7 @@ class OrtBackend(GraphStatePaging, Backend):
             )
             pos = torch.zeros(batch, dtype=torch.int64, device=self.device)
         else:
-            full = lambda shape, value, is_store: np.full(  # noqa: E731
+            full = lambda shape, value, is_store: huge_pages.full(  # noqa: E731
                 shape, value, self.store_dtype if is_store else np.float32
             )
             pos = np.zeros(batch, np.int64)
