@@ -1,6 +1,7 @@
 """Ways of running one artifact through ONNX Runtime, side by side: the native kernels with each
 layer's memories one node (fused; fused-state-after: the runtime copies the recurrence state
-after the run instead of the run writing it in place) or the ops' kernels alone (native), the
+after the run instead of the run writing it in place; fused-small-pages: the weights and the
+state on the OS's default pages, runtime.huge_pages) or the ops' kernels alone (native), the
 retrieval writing each step's new pairs itself or the runtime after the run (native-pairs-after,
 as for the function bodies), or the ops' function bodies (functions). Each round decodes the
 same requests through the continuous batcher with every way in turn (the order reversed every
@@ -27,6 +28,7 @@ from mosaicrt.runtime.ort_backend import OrtBackend
 PATHS = {
     "fused": ({"ort_ops": "fused"}, True),
     "fused-state-after": ({"ort_ops": "fused", "present_in_run": False}, True),
+    "fused-small-pages": ({"ort_ops": "fused", "huge_pages": False}, True),
     "native": ({"ort_ops": "native"}, True),
     "native-pairs-after": ({"ort_ops": "native", "pairs_in_run": False}, False),
     "functions": ({"ort_ops": "functions"}, False),

@@ -5,10 +5,13 @@ allocates itself), and Linux backs them with 4 KiB pages unless asked otherwise.
 TLB entry, and the hardware prefetchers stop at page boundaries, so the reads lose bandwidth.
 `collapse_new_memory` moves the anonymous memory mapped while a session loads onto 2 MiB pages
 (madvise MADV_COLLAPSE, Linux >= 6.1; MADV_HUGEPAGE before it, which lets the kernel's daemon do
-it over time). The state's stores need nothing: numpy already asks for huge pages for arrays of
-4 MiB and more, which the stores are (every layer's pairs are views of one buffer per memory).
+it over time). `full` gives the state's buffers mappings of their own with MADV_HUGEPAGE: numpy
+asks for huge pages for large arrays too, but fills them from memory the heap has freed, which is
+on small pages already.
 
-Elsewhere (another OS, a kernel without transparent huge pages) it does nothing.
+Elsewhere (another OS, a kernel without transparent huge pages) it does nothing. Both cost a copy
+or a fault per page where the backend opens and allocates; `python -m mosaicrt.bench.ort_paths ART
+--paths fused,fused-small-pages` measures what they save (README, Native ONNX Runtime kernels).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import os
 import time
 import weakref
 from collections import ChainMap
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -28,7 +29,6 @@ from mosaicrt.export import io_spec
 from mosaicrt.export.artifact import MODEL_FILE, read_manifest
 from mosaicrt.export.builder import STORE_TYPES
 from mosaicrt.ops import geometry
-from mosaicrt.runtime import huge_pages
 from mosaicrt.runtime.backend import Backend, HostInts, Logits
 from mosaicrt.runtime.graph_state import (
     ALIGN,
@@ -45,6 +45,8 @@ from mosaicrt.runtime.graph_state import (
     reset_rows,
     small_layout,
 )
+from mosaicrt.runtime.huge_pages import collapse_new_memory
+from mosaicrt.runtime.huge_pages import full as full_on_huge_pages
 
 if TYPE_CHECKING:
     import onnx
@@ -87,6 +89,17 @@ def session_options(
             options.add_session_config_entry(APPEND_PAIRS, "1")
         options.register_custom_ops_library(str(library))
     return options
+
+
+def runnable_stores(manifest: dict, artifact: str | Path) -> str:
+    """The artifact's store dtype, refused where ONNX Runtime's CPU provider cannot run it."""
+    stores = manifest["state_dtype"]["stores"]
+    if stores == "bfloat16":
+        raise BackendError(
+            f"{artifact} is a bf16 artifact: ONNX Runtime's CPU provider has no "
+            "bf16 MatMul; build a TensorRT engine from it, or export fp16/fp32"
+        )
+    return stores
 
 
 def native_ops_library(ort_ops: str, providers: list[str]) -> Path | None:
@@ -133,8 +146,10 @@ def open_session(
     library: Path | None = None,
     append_pairs: bool = False,
     fused: onnx.ModelProto | None = None,
+    huge_pages: bool = True,
 ):
-    """The artifact's session, or (fused) one of that rewrite of its graph (ort_fusion)."""
+    """The artifact's session, or (fused) one of that rewrite of its graph (ort_fusion); with
+    huge_pages, the memory it maps as it loads moved onto huge pages (runtime.huge_pages)."""
     import onnxruntime as ort
 
     model_file = Path(artifact) / MODEL_FILE
@@ -148,7 +163,8 @@ def open_session(
         options.add_external_initializers(*weights)
         source = fused.SerializeToString()
     try:
-        with huge_pages.collapse_new_memory():  # the weights ONNX Runtime packs for its MatMuls
+        # (the weights ONNX Runtime packs for its MatMuls)
+        with collapse_new_memory() if huge_pages else nullcontext():
             return ort.InferenceSession(source, options, providers=providers)
     except Exception as exc:  # ORT raises its own pybind exception types
         reason = str(exc).splitlines()[0][:300]
@@ -305,6 +321,7 @@ class OrtBackend(GraphStatePaging, Backend):
         ort_ops: str = "auto",
         pairs_in_run: bool = True,
         present_in_run: bool = True,
+        huge_pages: bool = True,
     ) -> None:
         """device: auto (the CUDA provider when onnxruntime-gpu and a GPU are there), cpu or
         cuda. io_binding: state as device tensors bound by pointer (default: on CUDA only).
@@ -316,7 +333,8 @@ class OrtBackend(GraphStatePaging, Backend):
         pairs_in_run: let the native retrieval write each step's new pairs into fp32/fp16
         stores (False: the runtime writes them after the run, as for the function bodies).
         present_in_run: let the fused layers write the recurrence state over the past (False:
-        the runtime copies it after the run, as on every other path)."""
+        the runtime copies it after the run, as on every other path). huge_pages: the weights
+        and the state on huge pages where the OS has them (runtime.huge_pages)."""
         try:
             import onnxruntime  # noqa: F401
         except ImportError:
@@ -324,12 +342,7 @@ class OrtBackend(GraphStatePaging, Backend):
                 "onnxruntime is not installed: pip install 'mosaicrt[onnx]'"
             ) from None
         self.manifest, self.config = read_manifest(artifact)
-        stores = self.manifest["state_dtype"]["stores"]
-        if stores == "bfloat16":
-            raise BackendError(
-                f"{artifact} is a bf16 artifact: ONNX Runtime's CPU provider has no "
-                "bf16 MatMul; build a TensorRT engine from it, or export fp16/fp32"
-            )
+        stores = runnable_stores(self.manifest, artifact)
         self.store_dtype = STORE_DTYPES[stores]
         self.store_type = STORE_TYPES[stores]
         model_file = Path(artifact) / MODEL_FILE
@@ -347,7 +360,10 @@ class OrtBackend(GraphStatePaging, Backend):
         self.pairs_in_run = (
             pairs_in_run and library is not None and stores in ("float32", "float16")
         )
-        self.session = open_session(artifact, threads, providers, library, self.pairs_in_run, fused)
+        self.huge_pages = huge_pages
+        self.session = open_session(
+            artifact, threads, providers, library, self.pairs_in_run, fused, huge_pages
+        )
         # ONNX Runtime falls back to the CPU when a provider fails to load (missing CUDA
         # libraries): the state goes where the session really runs.
         on_cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"
@@ -428,7 +444,8 @@ class OrtBackend(GraphStatePaging, Backend):
             )
             pos = torch.zeros(batch, dtype=torch.int64, device=self.device)
         else:
-            full = lambda shape, value, is_store: huge_pages.full(  # noqa: E731
+            host_full = full_on_huge_pages if self.huge_pages else np.full
+            full = lambda shape, value, is_store: host_full(  # noqa: E731
                 shape, value, self.store_dtype if is_store else np.float32
             )
             pos = np.zeros(batch, np.int64)
