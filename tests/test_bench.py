@@ -59,12 +59,17 @@ def test_bench_reports(cli, tiny, tmp_path, mode):
     assert 0 < report["roofline"]["decode_fraction"] and 0 < report["roofline"]["prefill_fraction"]
     machine = report["machine"]
     assert machine["cpu_cores"] >= 1
-    # The roofline's rates: the means of those measured before and after the timed requests.
+    # The roofline's rates: the means of those measured before, between the rounds of (latency:
+    # 2 rounds, one probe between them) and after the timed requests.
     before, after = machine["bandwidth_before_after_gb_s"]
-    assert (
-        machine["bandwidth_gb_s"] == pytest.approx((before + after) / 2) and min(before, after) > 0
-    )
-    assert machine["peak_gflops"] == pytest.approx(sum(machine["peak_before_after_gflops"]) / 2)
+    between = machine["bandwidth_between_rounds_gb_s"]
+    assert len(between) == (1 if mode == "latency" else 0)
+    probes = [before, *between, after]
+    assert machine["bandwidth_gb_s"] == pytest.approx(sum(probes) / len(probes))
+    assert min(probes) > 0
+    peaks = machine["peak_before_after_gflops"]
+    peaks = [peaks[0], *machine["peak_between_rounds_gflops"], peaks[1]]
+    assert machine["peak_gflops"] == pytest.approx(sum(peaks) / len(peaks))
 
 
 def test_bench_peak_host_memory_leaves_the_bandwidth_probes_out(tiny, tmp_path):

@@ -15,6 +15,7 @@ import argparse
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -197,9 +198,12 @@ def run_bench(
     rates_before = measure_rates(backend) if restart_peaks() else None
     restart_peaks()
     if mode == "latency":
-        runs = [run_requests(backend, prompts(batch), output_len, limits) for _ in range(iters)]
+        runs, between, peak_loaded = timed_rounds(
+            backend, lambda: prompts(batch), output_len, limits, iters, rates_before, peak_loaded
+        )
     else:
         runs = [run_requests(backend, prompts(num_requests or 4 * batch), output_len, limits)]
+        between = []
     timings = [t for run in runs for t in run.timings]
     report = request_metrics(timings, sum(run.duration for run in runs))
     if runs[-1].pool is not None:
@@ -207,10 +211,8 @@ def run_bench(
     if decode_steps := [s for run in runs for s in run.decode_steps]:
         report["decode_step"] = step_overhead(decode_steps)
     # (host, GPU) peak bytes, read before the probes below
-    peak_host, peak_gpu = (
-        a if b is None else max(a, b) for a, b in zip(peak_loaded, peak_memory())
-    )
-    rates = rates_before, measure_rates(backend)
+    peak_host, peak_gpu = max_peaks(peak_loaded, peak_memory())
+    rates = rates_before, between, measure_rates(backend)
     report.update(
         {
             "mode": mode,
@@ -239,6 +241,33 @@ def run_bench(
     return report
 
 
+def timed_rounds(
+    backend: Backend,
+    requests: Callable[[], list[list[int]]],
+    output_len: int,
+    limits: RunLimits,
+    iters: int,
+    rates_before: tuple[float, float] | None,
+    peak: tuple[int, int | None],
+) -> tuple[list, list[tuple[float, float]], tuple[int, int | None]]:
+    """`iters` rounds of requests; where the rates were measured before them (rates_before), they
+    are measured between the rounds too, the probes' memory left out of the (host, GPU) peak:
+    (the rounds' runs, the rates between them, the peak so far)."""
+    runs, between = [], []
+    for i in range(iters):
+        runs.append(run_requests(backend, requests(), output_len, limits))
+        if rates_before is not None and i < iters - 1:
+            peak = max_peaks(peak, peak_memory())
+            between.append(measure_rates(backend))
+            restart_peaks()
+    return runs, between, peak
+
+
+def max_peaks(a: tuple[int, int | None], b: tuple[int, int | None]) -> tuple[int, int | None]:
+    """The larger of two (host, GPU) peaks, each part on its own (GPU None without one)."""
+    return max(a[0], b[0]), None if a[1] is None else max(a[1], b[1] or 0)
+
+
 def step_overhead(decode_steps: list[tuple[float, float]]) -> dict:
     """Medians over decode steps of the batcher's step, of the model run within it, and of the
     difference: the runtime's bookkeeping (feeds, binding, state updates, sampling)."""
@@ -263,18 +292,19 @@ def roofline(
     batch: int,
     input_len: int,
     output_len: int,
-    rates: tuple[tuple[float, float] | None, tuple[float, float]],
+    rates: tuple[tuple[float, float] | None, list[tuple[float, float]], tuple[float, float]],
 ) -> dict:
     """Decode bytes per step over the memory bandwidth and prefill FLOPs over the matmul peak,
     against the measured TPOT and TTFT. rates: (bandwidth, peak) measured just before the timed
-    requests (None where it was not) and just after them; the roofline takes their means, as a
-    machine whose speed drifts during the run had on average (either one alone moves the
-    fraction with the drift)."""
+    requests (None where it was not), between their rounds, and just after them; the roofline
+    takes their means, as a machine whose speed drifts during the run had on average (any one
+    alone moves the fraction with the drift)."""
     config = backend.config
-    before, (bw_after, peak_after) = rates
+    before, between, (bw_after, peak_after) = rates
     bw_before, peak_before = before or (None, None)
-    bandwidth = (bw_before + bw_after) / 2 if before else bw_after
-    peak = (peak_before + peak_after) / 2 if before else peak_after
+    measured = ([before] if before else []) + between + [(bw_after, peak_after)]
+    bandwidth = sum(bw for bw, _ in measured) / len(measured)
+    peak = sum(p for _, p in measured) / len(measured)
     mid = [input_len + output_len // 2] * batch  # contexts halfway through decoding
     step_bytes = decode_bytes(config, mid, backend.store_dtype_name(), weights_read_bytes(backend))
     roof_decode_ms = 1e3 * step_bytes / (bandwidth * 1e9)
@@ -294,7 +324,9 @@ def roofline(
             "bandwidth_gb_s": bandwidth,
             "peak_gflops": peak,
             "bandwidth_before_after_gb_s": [bw_before, bw_after],
+            "bandwidth_between_rounds_gb_s": [bw for bw, _ in between],
             "peak_before_after_gflops": [peak_before, peak_after],
+            "peak_between_rounds_gflops": [p for _, p in between],
         },
     }
 
@@ -317,7 +349,12 @@ def print_table(report: dict) -> None:
     roof = report["roofline"]
     decode = roof["decode_fraction"]
     before, after = report["machine"]["bandwidth_before_after_gb_s"]
-    measured = f"{before:.1f} and {after:.1f} before and after" if before else f"{after:.1f} after"
+    between = report["machine"].get("bandwidth_between_rounds_gb_s", [])
+    probes = [f"{before:.1f} before"] if before else []
+    probes += [f"{' and '.join(f'{bw:.1f}' for bw in between)} between the rounds of"] * bool(
+        between
+    )
+    measured = ", ".join(probes + [f"{after:.1f} after"])
     console.print(
         f"requests/s {report['requests_per_s']:.2f}   output tokens/s "
         f"{report['output_tokens_per_s']:.1f}   total tokens/s {report['total_tokens_per_s']:.1f}\n"
