@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -321,14 +322,34 @@ def test_ort_paths_bench_times_each_way_in_turn(tiny_ckpt, tmp_path, native_ort_
     out = tmp_path / "paths.json"
     parser = argparse.ArgumentParser()
     ort_paths.add_cli_args(parser)
-    paths = "fused,fused-state-after,native,native-pairs-after"
+    paths = "fused,fused-state-after,fused-small-pages,native,native-pairs-after"
     args = [str(artifact), "--paths", paths, "--rows", "2", "--prompt-len", "20",
             "--new-tokens", "12", "--rounds", "2", "--json", str(out)]  # fmt: skip
     assert ort_paths.main(parser.parse_args(args)) == 0
     rounds = json.loads(out.read_text())["rounds"]
-    assert set(rounds) == {"fused", "fused-state-after", "native", "native-pairs-after"}
+    assert set(rounds) == set(paths.split(","))
+    small_pages = ort_paths.open_paths(str(artifact), ["fused", "fused-small-pages"])
+    assert [b.huge_pages for b in small_pages.values()] == [True, False]
     for result in sum(rounds.values(), []):
         assert result["steps"] == 11 and 0 < result["model_run_ms"] < result["step_ms"]
         assert result["bookkeeping_ms"] > 0
     with pytest.raises(InputError, match="--paths: two or more of fused"):
         ort_paths.main(parser.parse_args([str(artifact), "--paths", "fused"]))
+
+
+def test_read_rates_bench_measures_one_core_and_all(tmp_path):
+    """Each round measures the sum and the weight products with one thread and with all."""
+    pytest.importorskip("onnxruntime", reason="needs the [onnx] extra")
+    from mosaicrt.bench import read_rates
+
+    out = tmp_path / "rates.json"
+    parser = argparse.ArgumentParser()
+    read_rates.add_cli_args(parser)
+    args = ["--rounds", "2", "--repeats", "2", "--pause", "0", "--json", str(out)]
+    assert read_rates.main(parser.parse_args(args)) == 0
+    result = json.loads(out.read_text())
+    cores = os.cpu_count() or 1
+    keys = {f"{kind}_{threads}t_gb_s" for kind in ("sum", "gemv") for threads in (1, cores)}
+    assert len(result["rounds"]) == 2
+    assert all(set(row) == keys and min(row.values()) > 0 for row in result["rounds"])
+    assert result["weights"]["bytes"] == 512 * 3072 * 4 * 16
