@@ -78,3 +78,20 @@ def test_memory_mapped_in_the_block_ends_on_huge_pages():
     assert collapsed[0] >= 6 * HUGE_PAGE  # the mapping's whole huge pages, and perhaps more
     assert huge_bytes(start, start + size) >= 6 * HUGE_PAGE
     assert buffer[:3] == b"\1\1\1"  # the contents moved with the pages
+
+
+@needs_thp
+def test_the_onnxruntime_state_lies_on_huge_pages(tiny_ckpt, tmp_path):
+    """A CPU state's LTM pool (every layer's keys and values, one buffer) is on huge pages: the
+    backend's stores come from `full`."""
+    pytest.importorskip("onnxruntime", reason="needs the [onnx] extra")
+    from mosaicrt.export.artifact import export_artifact
+    from mosaicrt.runtime.ort_backend import OrtBackend
+
+    artifact = export_artifact(tiny_ckpt, tmp_path / "onnx", max_context=2048)
+    backend = OrtBackend(artifact, device="cpu")
+    assert backend.huge_pages
+    pool = backend.new_state(8, 2048).pairs["ltm"]
+    assert pool.nbytes >= 4 * HUGE_PAGE
+    start = pool.ctypes.data
+    assert huge_bytes(start, start + pool.nbytes) >= 2 * HUGE_PAGE

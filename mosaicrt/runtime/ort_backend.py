@@ -334,7 +334,7 @@ class OrtBackend(GraphStatePaging, Backend):
         stores (False: the runtime writes them after the run, as for the function bodies).
         present_in_run: let the fused layers write the recurrence state over the past (False:
         the runtime copies it after the run, as on every other path). huge_pages: the weights
-        and the state on huge pages where the OS has them (runtime.huge_pages)."""
+        and the state on huge pages where the OS has them (runtime.huge_pages; CPU only)."""
         try:
             import onnxruntime  # noqa: F401
         except ImportError:
@@ -360,9 +360,9 @@ class OrtBackend(GraphStatePaging, Backend):
         self.pairs_in_run = (
             pairs_in_run and library is not None and stores in ("float32", "float16")
         )
-        self.huge_pages = huge_pages
+        self.huge_pages = huge_pages and providers[0] == "CPUExecutionProvider"  # host memory
         self.session = open_session(
-            artifact, threads, providers, library, self.pairs_in_run, fused, huge_pages
+            artifact, threads, providers, library, self.pairs_in_run, fused, self.huge_pages
         )
         # ONNX Runtime falls back to the CPU when a provider fails to load (missing CUDA
         # libraries): the state goes where the session really runs.
