@@ -340,7 +340,7 @@ def test_ort_paths_bench_times_each_way_in_turn(tiny_ckpt, tmp_path, native_ort_
 def test_read_rates_bench_measures_one_core_and_all(tmp_path):
     """Each round measures the sum and the weight products with one thread and with all."""
     pytest.importorskip("onnxruntime", reason="needs the [onnx] extra")
-    from mosaicrt.bench import read_rates
+    from mosaicrt.bench import ort_ceiling, read_rates
 
     out = tmp_path / "rates.json"
     parser = argparse.ArgumentParser()
@@ -352,4 +352,5 @@ def test_read_rates_bench_measures_one_core_and_all(tmp_path):
     keys = {f"{kind}_{threads}t_gb_s" for kind in ("sum", "gemv") for threads in (1, cores)}
     assert len(result["rounds"]) == 2
     assert all(set(row) == keys and min(row.values()) > 0 for row in result["rounds"])
-    assert result["weights"]["bytes"] == 512 * 3072 * 4 * 16
+    mini = preset("mini")
+    assert result["weight_bytes"] == sum(k * n * 4 for k, n in ort_ceiling.weight_shapes(mini))

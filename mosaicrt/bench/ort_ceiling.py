@@ -57,6 +57,7 @@ from mosaicrt.model.checkpoint import random_tensors, write_checkpoint
 from mosaicrt.model.config import ModelConfig, preset
 from mosaicrt.onnx_graph import IR_VERSION, OPSET
 from mosaicrt.ops.ort_library import find_library
+from mosaicrt.runtime.huge_pages import collapse_new_memory
 from mosaicrt.runtime.ort_backend import (
     OrtBackend,
     fused_graph,
@@ -103,9 +104,10 @@ def session(nodes: list, inputs: list, outputs: list[str], inits: list, threads:
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
     )
-    return ort.InferenceSession(
-        model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"]
-    )
+    with collapse_new_memory():  # its packed weights on huge pages, as OrtBackend keeps them
+        return ort.InferenceSession(
+            model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"]
+        )
 
 
 def medians_in_turn(runs: dict[str, Callable[[], object]], steps: int, warmup: int = 10) -> dict:
