@@ -338,9 +338,11 @@ def test_ort_paths_bench_times_each_way_in_turn(tiny_ckpt, tmp_path, native_ort_
 
 
 def test_read_rates_bench_measures_one_core_and_all(tmp_path):
-    """Each round measures the sum and the weight products with one thread and with all."""
+    """Each round measures the sum and the weight products with one thread and with all: through
+    ONNX Runtime's MatMul, and through the native RowMatMul where the library is built."""
     pytest.importorskip("onnxruntime", reason="needs the [onnx] extra")
     from mosaicrt.bench import ort_ceiling, read_rates
+    from mosaicrt.ops.ort_library import find_library
 
     out = tmp_path / "rates.json"
     parser = argparse.ArgumentParser()
@@ -349,7 +351,8 @@ def test_read_rates_bench_measures_one_core_and_all(tmp_path):
     assert read_rates.main(parser.parse_args(args)) == 0
     result = json.loads(out.read_text())
     cores = os.cpu_count() or 1
-    keys = {f"{kind}_{threads}t_gb_s" for kind in ("sum", "gemv") for threads in (1, cores)}
+    kinds = ("sum", "gemv", "row") if find_library() else ("sum", "gemv")
+    keys = {f"{kind}_{threads}t_gb_s" for kind in kinds for threads in (1, cores)}
     assert len(result["rounds"]) == 2
     assert all(set(row) == keys and min(row.values()) > 0 for row in result["rounds"])
     mini = preset("mini")

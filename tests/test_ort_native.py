@@ -370,6 +370,30 @@ def test_row_scan_kernel_is_the_batchers_scan(kernel_library, vocab, tmp_path):
     assert got[3] == 5 and got[4] == 0 and got[5] == vocab - 1
 
 
+@pytest.mark.parametrize(("k", "n", "parts"), [(5, 37, 8), (200, 64, None), (130, 4100, 3)])
+def test_row_matmul_kernel_is_x_times_w(kernel_library, k, n, parts, tmp_path):
+    """RowMatMul (ops/ort_row_matmul.h) of x (2, 3, K) and W (K, N) against float64, on every
+    vector path: within K fp32 roundings of sum |x w| per output, whether the weight's rows are
+    one range (no `parts`: the default) or several (more ranges than rows: the empty ones add
+    nothing), N a multiple of the vector loop or not, and wider than the accumulator's column
+    block (4096)."""
+    rng = np.random.default_rng(k + n)
+    x = rng.standard_normal((2, 3, k)).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    (got,), ran = run_node(
+        "RowMatMul",
+        {"x": x, "w": w},
+        ["y"],
+        kernel_library,
+        tmp_path,
+        **({"parts": parts} if parts else {}),
+    )
+    assert ran == {"RowMatMul"} and got.shape == (2, 3, n)
+    want = x.astype(np.float64) @ w.astype(np.float64)
+    bound = k * 2.0**-24 * (np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64))
+    assert (np.abs(got - want) <= bound).all()
+
+
 def test_the_backend_picks_the_ops_it_can_run(tmp_path, monkeypatch, native_ort_library):
     from mosaicrt.runtime.ort_backend import native_ops_library
 

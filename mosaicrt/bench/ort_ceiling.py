@@ -56,6 +56,7 @@ from mosaicrt.export.artifact import DEFAULT_LTM_BLOCK, MODEL_FILE, export_artif
 from mosaicrt.model.checkpoint import random_tensors, write_checkpoint
 from mosaicrt.model.config import ModelConfig, preset
 from mosaicrt.onnx_graph import IR_VERSION, OPSET
+from mosaicrt.ops import DOMAIN, DOMAIN_VERSION
 from mosaicrt.ops.ort_library import find_library
 from mosaicrt.runtime.huge_pages import collapse_new_memory
 from mosaicrt.runtime.ort_backend import (
@@ -91,7 +92,15 @@ def store_shapes(config: ModelConfig, context: int, block: int) -> list[tuple[tu
     return stores
 
 
-def session(nodes: list, inputs: list, outputs: list[str], inits: list, threads: int):
+def session(
+    nodes: list,
+    inputs: list,
+    outputs: list[str],
+    inits: list,
+    threads: int,
+    library: Path | None = None,
+):
+    """A CPU session of these nodes (the native mosaic ops registered from `library`)."""
     import onnxruntime as ort
 
     graph = helper.make_graph(
@@ -101,12 +110,13 @@ def session(nodes: list, inputs: list, outputs: list[str], inits: list, threads:
         [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs],
         initializer=inits,
     )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
-    )
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION)
     with collapse_new_memory():  # its packed weights on huge pages, as OrtBackend keeps them
         return ort.InferenceSession(
-            model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"]
+            model.SerializeToString(),
+            session_options(threads, library),
+            providers=["CPUExecutionProvider"],
         )
 
 
@@ -129,9 +139,13 @@ def median_ms(run: Callable[[], object], steps: int, warmup: int = 10) -> float:
     return medians_in_turn({"run": run}, steps, warmup)["run"]
 
 
-def weights_run(config: ModelConfig, threads: int, rows: int = 1) -> tuple[Callable, int]:
+def weights_run(
+    config: ModelConfig, threads: int, rows: int = 1, row_matmul_library: Path | None = None
+) -> tuple[Callable, int]:
     """(run, bytes): every weight MatMul of one decode step of `rows` rows, one after the other
-    (one row: MLAS's GEMV; more: its GEMM, which reads the same weights once)."""
+    (one row: MLAS's GEMV; more: its GEMM, which reads the same weights once); given the native
+    library, each a mosaic::RowMatMul instead (ops/ort_row_matmul.h: the weight streamed row by
+    row, in `threads` ranges of its rows)."""
     rng = np.random.default_rng(0)
     nodes, inits, inputs, feeds, outs, nbytes = [], [], [], {}, [], 0
     for i, (k, n) in enumerate(weight_shapes(config)):
@@ -142,9 +156,13 @@ def weights_run(config: ModelConfig, threads: int, rows: int = 1) -> tuple[Calla
         if x not in feeds:
             feeds[x] = rng.standard_normal((rows, 1, k)).astype(np.float32)
             inputs.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, [rows, 1, k]))
-        nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [f"y{i}"]))
+        if row_matmul_library is None:
+            nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [f"y{i}"]))
+        else:
+            nodes.append(helper.make_node("RowMatMul", [x, f"w{i}"], [f"y{i}"], domain=DOMAIN,
+                                          parts=threads))  # fmt: skip
         outs.append(f"y{i}")
-    sess = session(nodes, inputs, outs, inits, threads)
+    sess = session(nodes, inputs, outs, inits, threads, row_matmul_library)
     return lambda: sess.run(outs, feeds), nbytes
 
 

@@ -8,12 +8,14 @@
 // gets the one that only reads them. The same holds for LayerMemories, which the runtime puts in
 // a step graph in place of each layer's memory nodes, SwiGLU, which it puts in place of each
 // feed-forward's activation, and RowScan, which it adds after a last-only graph's logits
-// (runtime/ort_fusion.py).
+// (runtime/ort_fusion.py). RowMatMul, a one-row product that streams its weight, is for the
+// benchmarks (bench/read_rates.py).
 #include <string>
 
 #include "associative_memory/ort_kernel.h"
 #include "gated_key_scan/ort_kernel.h"
 #include "ort_layer_memories.h"
+#include "ort_row_matmul.h"
 #include "ort_row_scan.h"
 #include "ort_swiglu.h"
 
@@ -28,6 +30,7 @@ mosaic::LayerMemoriesOp layer_memories_op;
 mosaic::LayerMemoriesOp appending_layer_memories_op{true};
 mosaic::SwiGLUOp swiglu_op{"SwiGLU"};
 mosaic::RowScanOp row_scan_op{"RowScan"};
+mosaic::RowMatMulOp row_matmul_op;
 
 // The "mosaic" domain with the reading or the appending AssociativeMemory kernel (built once: a
 // domain must outlive every session that uses it).
@@ -43,6 +46,7 @@ Ort::CustomOpDomain& domain(bool append) {
     found->Add(append ? &appending_layer_memories_op : &layer_memories_op);
     found->Add(&swiglu_op);
     found->Add(&row_scan_op);
+    found->Add(&row_matmul_op);
   }
   return *found;
 }

@@ -32,7 +32,7 @@ from mosaicrt.errors import InputError
 OPS_DIR = Path(__file__).parent
 SOURCES = ("ort_library.cc", "ort_common.h", "ort_simd.h", "associative_memory/ort_kernel.h",
            "gated_key_scan/ort_kernel.h", "ort_layer_memories.h", "ort_swiglu.h",
-           "ort_row_scan.h")  # fmt: skip
+           "ort_row_scan.h", "ort_row_matmul.h")  # fmt: skip
 FLAGS = ("-std=c++17", "-O3", "-ffast-math", "-fopenmp-simd", "-fPIC", "-fvisibility=hidden")
 # Linked in a second step without -ffast-math: with it the linker adds crtfastmath, whose
 # constructor would turn on flush-to-zero for the whole process that loads the library.
