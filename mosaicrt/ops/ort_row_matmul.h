@@ -5,7 +5,7 @@
 // fastest a decode step's weight product can read them; ONNX Runtime's MatMul reads its packed
 // panels instead. It exists only in this library, for bench/read_rates.py, which times the two
 // against a plain sum of the same bytes; no step graph uses it: in a session it reads no faster
-// than the MatMul (the measurements are in the README's "CPU targets").
+// than the MatMul (the measurements: the README, "Where the CPU path stands against its targets").
 //
 // Attribute: parts (int, default 1), the contiguous ranges of W's rows summed separately on the
 // thread pool (its threads, for a step of one row), each into its own accumulator row.
