@@ -1,11 +1,11 @@
 // mosaic::RowMatMul: y = x W as one native ONNX Runtime CPU kernel that streams W's rows in their
 // own order, for x (..., K) and a weight W (K, N), both fp32: each row of W, times its element of
 // x, is added to an accumulator row that stays in the L1 cache, which is the access pattern of a
-// plain sum over W. A one-row product does one multiply-add per weight it reads, so this is the
-// fastest a decode step's weight product can read them; ONNX Runtime's MatMul reads its packed
-// panels instead. It exists only in this library, for bench/read_rates.py, which times the two
-// against a plain sum of the same bytes; no step graph uses it: in a session it reads no faster
-// than the MatMul (the measurements: the README, "Where the CPU path stands against its targets").
+// plain sum over W. A one-row product does one multiply-add per weight it reads, so its time is
+// that of reading W; ONNX Runtime's MatMul reads its packed panels instead. It exists only in
+// this library, for bench/read_rates.py, which times the two against a plain sum of the same
+// bytes; no step graph uses it: in a session it reads at most a few per cent faster than the
+// MatMul (the measurements: the README, "Where the CPU path stands against its targets").
 //
 // Attribute: parts (int, default 1), the contiguous ranges of W's rows summed separately on the
 // thread pool (its threads, for a step of one row), each into its own accumulator row.
