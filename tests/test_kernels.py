@@ -182,6 +182,23 @@ def test_split_decode_matches_reference(kind):
     assert got[0].abs().max() == 0
 
 
+@pytest.mark.parametrize(
+    "reach, rows, want",
+    [(1025, 16, 16), (1025, 128, 2), (1025, 1024, 1), (4097, 16, 16), (4097, 128, 2),
+     (4097, 1024, 1), (257, 16, 4), (40, 16, 1)],
+)  # fmt: skip
+def test_decode_splits_fill_an_h200_with_few_long_slices(reach, rows, want):
+    """The split the decode kernel takes on an H200 (132 multiprocessors, 264 programs aimed
+    for): the measured best at 1k and 4k pairs for batch 1, 8 and 64 x 16 heads
+    (bench/results/kernels_splits_h200.json); an STM ring of 256 pairs in slices of 64 and
+    more; a store shorter than a slice in one."""
+    from mosaicrt.ops.associative_memory.kernel import decode_splits
+
+    assert decode_splits(reach, rows, split_size=64, max_splits=16, programs=264) == want
+    got = decode_splits(reach, rows, split_size=64, max_splits=16, programs=None)
+    assert got == min(16, 1 << (max(1, reach // 64).bit_length() - 1))  # unbounded: slices alone
+
+
 def paged(st: MemoryState, block: int, gen) -> MemoryState:
     """The same LTM store as a pool of blocks (P + 1, S, H, hs), each row's blocks scattered
     over the pool in random order, and its block table: the torch backend's paged layout."""

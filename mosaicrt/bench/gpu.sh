@@ -15,7 +15,7 @@
 #   paged       the paged state under a 20 GiB budget with a long-tailed length mix: sequences
 #               admitted against a static allocation of the same bytes
 #   kernels     the kernel benchmark (each kernel over a few tilings, against float64, SDPA flash
-#               and the copy bandwidth); KERNEL_PARTS=prefill,chunk,decode,scan picks some
+#               and the copy bandwidth); KERNEL_PARTS=prefill,chunk,decode,splits,scan picks some
 # Results go to $OUT (default bench/results), named after the GPU. The `small` checkpoint (random
 # weights) is made once at $CKPT (default: a new temporary folder) and reused when it is there.
 #   bash mosaicrt/bench/gpu.sh [tests] [decode] [throughput] [throughput-compiled] [profile]
@@ -51,8 +51,9 @@ tests() {
 
 kernels() {
     part "kernel benchmark"
-    local kp=${KERNEL_PARTS:-}  # e.g. KERNEL_PARTS=prefill: those only, into kernels_prefill_<gpu>.json
-    timeout 300 python3 -m mosaicrt.bench.kernels --only "${kp:-prefill,chunk,decode,scan}" \
+    local kp=${KERNEL_PARTS:-}  # KERNEL_PARTS=prefill: those only, into kernels_prefill_<gpu>.json
+    local all=prefill,chunk,decode,splits,scan
+    timeout 300 python3 -m mosaicrt.bench.kernels --only "${kp:-$all}" \
         --json "$OUT/kernels${kp:+_${kp//,/_}}_$GPU.json" 2>&1 | tail -40
 }
 

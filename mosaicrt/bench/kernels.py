@@ -6,6 +6,8 @@
   torch.nn.functional.scaled_dot_product_attention with the flash backend, same shapes (bf16);
 - decode retrieval over a long LTM store vs the HBM roofline (bytes of the visible pairs / copy
   bandwidth measured in the same run), launched eagerly and from a CUDA graph (as decode runs);
+- the same at 1k and 4k pairs and batch 1, 8 and 64, over the number of slices each (sequence,
+  head) is split in, next to the kernel's own choice (`splits`);
 - the gated key scan vs the same bandwidth, timed from a CUDA graph too (its three launches
   would otherwise wait on the host at batch 1).
 
@@ -43,6 +45,7 @@ DECODE_TILINGS = [
     (8, 128, 8, 3),
     (16, 128, 4, 4),
 ]  # splits, block_n, warps, stages
+DECODE_SPLITS = [("auto", 128, 8, 4)] + [(s, 128, 8, 4) for s in (1, 2, 4, 8, 16)]
 SCAN_TILINGS = [
     (warps, stages, seg)
     for warps, stages in [(1, 2), (1, 3), (2, 2)]
@@ -177,8 +180,12 @@ def bench_prefill(B: int, S: int, C: int, H: int, hs: int, products: str) -> dic
             "tilings": tilings}  # fmt: skip
 
 
-def bench_decode(context: int, B: int, H: int, hs: int, bandwidth: float) -> dict:
-    """One query per sequence over `context` stored bf16 pairs (LTM, delay 1) and one new pair."""
+def bench_decode(
+    context: int, B: int, H: int, hs: int, bandwidth: float, tilings=DECODE_TILINGS
+) -> dict:
+    """One query per sequence over `context` stored bf16 pairs (LTM, delay 1) and one new pair,
+    over the given (splits, block_n, warps, stages) tilings; splits "auto": retrieve_decode's
+    own choice for the shape (`decode_splits`)."""
     from mosaicrt.ops.associative_memory.kernel import retrieve_decode
 
     dev, bf16 = "cuda", torch.bfloat16
@@ -195,17 +202,19 @@ def bench_decode(context: int, B: int, H: int, hs: int, bandwidth: float) -> dic
         "bhqn,bnhd->bqhd", scores.softmax(-1), torch.cat([store_v, new_v], 1).float()
     )
     nbytes = 2 * B * (context + 1) * H * hs * 2
-    tilings = []
-    for splits, bn, warps, stages in DECODE_TILINGS:
+    results = []
+    for splits, bn, warps, stages in tilings:
+        exact = {"max_splits": splits, "split_size": 1, "programs": B * H * splits}
+        split = {} if splits == "auto" else exact  # exactly `splits` slices
 
         def ours():
             return retrieve_decode(q, store_k, store_v, new_k, new_v, pos, lengths, window=0,
-                                   delay=1, ring=False, max_splits=splits, block_n=bn,
-                                   num_warps=warps, num_stages=stages)  # fmt: skip
+                                   delay=1, ring=False, block_n=bn, num_warps=warps,
+                                   num_stages=stages, **split)  # fmt: skip
 
         err = rel_err(ours(), want)
         eager, graphed = cuda_ms(ours), graph_ms(ours)
-        tilings.append(
+        results.append(
             {
                 "tiling": [splits, bn, warps, stages],
                 "ms": eager,
@@ -214,7 +223,7 @@ def bench_decode(context: int, B: int, H: int, hs: int, bandwidth: float) -> dic
                 "rel_err": err,
             }
         )
-    ok = [t for t in tilings if t["rel_err"] < 1e-4]
+    ok = [t for t in results if t["rel_err"] < 1e-4]
     best = min(ok, key=lambda t: t["graph_ms"]) if ok else None
     return {
         "context": context,
@@ -225,7 +234,7 @@ def bench_decode(context: int, B: int, H: int, hs: int, bandwidth: float) -> dic
         "bytes": nbytes,
         "best": best,
         "bandwidth_fraction": best["bandwidth_fraction"] if best else None,
-        "tilings": tilings,
+        "tilings": results,
     }
 
 
@@ -284,8 +293,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", help="write results here")
     parser.add_argument(
         "--only",
-        default="prefill,chunk,decode,scan",
-        help="comma-separated subset of prefill,chunk,decode,scan",
+        default="prefill,chunk,decode,splits,scan",
+        help="comma-separated subset of prefill,chunk,decode,splits,scan",
     )
 
 
@@ -308,6 +317,12 @@ def main(args: argparse.Namespace) -> int:
         result["chunk_retrieval"] = [bench_chunk(8192, 16, 128, p) for p in ("bf16", "tf32x3")]
     if "decode" in parts:
         result["decode_retrieval"] = [bench_decode(32768, b, 16, 128, bandwidth) for b in (1, 8)]
+    if "splits" in parts:  # the split a decode step takes at short contexts and large batches
+        result["decode_splits"] = [
+            bench_decode(c, b, 16, 128, bandwidth, DECODE_SPLITS)
+            for c in (1024, 4096)
+            for b in (1, 8, 64)
+        ]
     if "scan" in parts:
         result["gated_scan"] = [bench_scan(B, 8192, 16, 128, bandwidth) for B in (8, 1)]
     if args.json:
@@ -333,7 +348,7 @@ def main(args: argparse.Namespace) -> int:
             f"{b.get('tflops', 0):.0f} TFLOP/s; sdpa flash {r['sdpa_flash_ms']:.3f} ms "
             f"{r['sdpa_tflops']:.0f} TFLOP/s; ratio {r['throughput_vs_sdpa']}"
         )
-    for r in result.get("decode_retrieval", []):
+    for r in result.get("decode_retrieval", []) + result.get("decode_splits", []):
         b = r["best"] or {}
         print(
             f"decode ctx={r['context']} B={r['batch']}: best {b.get('tiling')} graph "

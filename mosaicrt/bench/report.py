@@ -121,7 +121,29 @@ def kernels_markdown(result: dict) -> str:
             f"{r['head_dim']} | {b['ms']:.3f} | {100 * r['bandwidth_fraction']:.0f} % of "
             f"bandwidth | {b['tiling']} |"
         )
+    if len(lines) == 4:  # no row: a run of the split sweep alone
+        lines = lines[:1]
+    if "decode_splits" in result:
+        lines += ["", *decode_splits_markdown(result["decode_splits"])]
     return "\n".join(lines)
+
+
+def decode_splits_markdown(rows: list[dict]) -> list[str]:
+    """Decode retrieval per number of slices: time from a CUDA graph and % of bandwidth, the
+    kernel's own choice first."""
+    counts = [t["tiling"][0] for t in rows[0]["tilings"]]
+    head = ["own choice" if c == "auto" else f"{c} slice{'s' * (c != 1)}" for c in counts]
+    lines = [
+        "| decode retrieval, 16 heads of 128, bf16 | " + " | ".join(head) + " |",
+        "| --- |" + " --- |" * len(head),
+    ]
+    for r in rows:
+        cells = [
+            f"{t['graph_ms'] * 1e3:.1f} us, {100 * t['bandwidth_fraction']:.0f} %"
+            for t in r["tilings"]
+        ]
+        lines.append(f"| batch {r['batch']}, context {r['context']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 VECTOR_NAMES = {"avx512": "AVX-512", "avx2": "AVX2"}  # machine_info's cpu_vectors, as written

@@ -456,6 +456,27 @@ def _decode_reduce_kernel(
     tl.store(Y + b * stride_yb + h * stride_yh + offs_d, y, mask=offs_d < D)
 
 
+@torch.compiler.assume_constant_result  # torch.compile'd steps read it once
+def gpu_programs(index: int) -> int:
+    """Programs a decode step aims for on CUDA device `index`: 2 per multiprocessor (on an H200
+    the best split or within 1 % of it at 1k and 4k pairs and batch 1, 8 and 64,
+    bench/results/kernels_splits_h200.json)."""
+    return 2 * torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def decode_splits(
+    reach: int, rows: int, split_size: int, max_splits: int, programs: int | None
+) -> int:
+    """Slices of one (sequence, head)'s range of `reach` pairs in a decode step: a power of two,
+    at most max_splits, each slice at least split_size pairs, and no more than `rows` (B x H)
+    programs need to come near `programs` (None: no such bound). Few long slices keep each
+    program's loads pipelined; a batch of many rows fills the GPU without splitting."""
+    splits = min(max_splits, max(1, reach // split_size))
+    if programs is not None:
+        splits = min(splits, max(1, -(-programs // rows)))
+    return 1 << (splits.bit_length() - 1)
+
+
 def retrieve_decode(
     q: torch.Tensor,
     store_k: torch.Tensor,
@@ -469,17 +490,21 @@ def retrieve_decode(
     ring: bool,
     blocks: torch.Tensor | None = None,
     scales: tuple[torch.Tensor, torch.Tensor] | None = None,
-    split_size: int = 256,
+    split_size: int = 64,
     block_n: int = 128,
     max_splits: int = 16,
     num_warps: int = 8,
     num_stages: int = 4,
+    programs: int | None = None,
 ) -> torch.Tensor:
     """Retrieval for one query per sequence (C = 1), split across the store and reduced.
 
-    Same arguments as `retrieve` with C = 1. The number of splits follows the store's size, not
-    the positions, so the launch shape is static (capturable in a CUDA graph). The tiling
-    defaults are the measured best on an H100 and an H200 (bench/results/kernels_*.json).
+    Same arguments as `retrieve` with C = 1, and the split: each (sequence, head) range is cut
+    in `decode_splits` slices of at least split_size pairs, so that B x H x splits programs
+    come near `programs` (default: `gpu_programs` on a GPU, no bound under the interpreter).
+    The split follows the store's size, not the positions, so the launch shape is static
+    (capturable in a CUDA graph). The tiling defaults are the measured best on an H100
+    and an H200 (bench/results/kernels_*.json).
     """
     B, C, H, hs = q.shape
     if C != 1:
@@ -487,7 +512,9 @@ def retrieve_decode(
     head_dim = max(16, triton.next_power_of_2(hs))
     st, sc = store_layout(store_k, blocks), scale_layout(scales, store_k, blocks)
     reach = st["slots"] + 1  # most pairs one query can see
-    splits = min(max_splits, triton.next_power_of_2(triton.cdiv(reach, split_size)))
+    if programs is None and q.is_cuda:
+        programs = gpu_programs(q.device.index)
+    splits = decode_splits(reach, B * H, split_size, max_splits, programs)
     split_size = triton.cdiv(reach, splits)
     m_part = torch.empty(B * H * splits, dtype=torch.float32, device=q.device)
     l_part = torch.empty_like(m_part)
