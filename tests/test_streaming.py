@@ -36,6 +36,22 @@ def test_memories_shape_the_logits():
         assert (full - model(ids)).abs().max() > 0.5
 
 
+def test_a_frozen_model_computes_as_before_until_refrozen():
+    """freeze computes the memories' transforms once: the same logits; a parameter changed after
+    it is seen only after the next freeze."""
+    model = make_model(True)
+    ids = torch.randint(0, 256, (1, 3 * H), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        live = model(ids)
+        model.freeze()
+        assert torch.equal(model(ids), live)
+        for layer in model.layers:
+            layer.stm.bandwidth_beta0.add_(1.0)
+        assert torch.equal(model(ids), live)  # still the frozen transforms
+        model.freeze()
+        assert (model(ids) - live).abs().max() > 1e-3
+
+
 def stream(model, ids: torch.Tensor, chunks: list[int]) -> torch.Tensor:
     state = model.new_state(ids.shape[0], ids.shape[1])
     out, start = [], 0

@@ -65,9 +65,12 @@ class AssociativeMemory(nn.Module):
         self.bandwidth_beta1 = nn.Parameter(torch.empty(H))  # beta1 = exp(min(theta, 10))
         self.bandwidth_alpha = nn.Parameter(torch.empty(H))  # alpha = min(|theta|, 1)
         self.kernels: MemoryKernels | None = None  # None: the reference ops
+        self.frozen: dict[str, torch.Tensor] | None = None  # `freeze`: the transforms, once
 
     def transforms(self) -> dict[str, torch.Tensor]:
-        """The Tab. 6 reparameterisations, each (H,) fp32."""
+        """The Tab. 6 reparameterisations, each (H,) fp32 (those of `freeze` once frozen)."""
+        if self.frozen is not None:
+            return self.frozen
         return {
             "gamma": self.value_mix.float(),
             "alpha_psi": torch.exp(self.value_scale.float().abs().clamp(max=15.0)),
@@ -75,6 +78,14 @@ class AssociativeMemory(nn.Module):
             "beta1": torch.exp(self.bandwidth_beta1.float().clamp(max=10.0)),
             "alpha": self.bandwidth_alpha.float().abs().clamp(max=1.0),
         }
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Compute the transforms once, for inference on parameters that no longer change: a
+        step then launches none of their ops (some ten per memory). Call it again after the
+        parameters change, device and dtype included."""
+        self.frozen = None
+        self.frozen = self.transforms()
 
     def stored_pairs(
         self, st: MemoryState, pos: torch.Tensor, C: int
@@ -301,6 +312,12 @@ class MMv2(nn.Module):
         for layer in self.layers:
             for mem in layer.memories:
                 getattr(layer, mem).kernels = kernels
+
+    def freeze(self) -> None:
+        """AssociativeMemory.freeze of every memory: inference on weights that stay as they are."""
+        for layer in self.layers:
+            for mem in layer.memories:
+                getattr(layer, mem).freeze()
 
     def new_state(
         self, batch: int, capacity: int, block: int | None = None, pool_blocks: int | None = None
