@@ -37,19 +37,41 @@ def test_memories_shape_the_logits():
 
 
 def test_a_frozen_model_computes_as_before_until_refrozen():
-    """freeze computes the memories' transforms once: the same logits; a parameter changed after
-    it is seen only after the next freeze."""
+    """freeze computes the memories' transforms once and fuses each layer's products: the same
+    logits (to fp32 rounding: a fused product may sum in another order); a transform's parameter
+    changed after it is seen only after the next freeze."""
     model = make_model(True)
     ids = torch.randint(0, 256, (1, 3 * H), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         live = model(ids)
         model.freeze()
-        assert torch.equal(model(ids), live)
+        assert all(layer.memory_in is not None for layer in model.layers)
+        frozen = model(ids)
+        assert (frozen - live).abs().max() <= ATOL
         for layer in model.layers:
             layer.stm.bandwidth_beta0.add_(1.0)
-        assert torch.equal(model(ids), live)  # still the frozen transforms
+        assert torch.equal(model(ids), frozen)  # still the frozen transforms
         model.freeze()
         assert (model(ids) - live).abs().max() > 1e-3
+
+
+def test_fused_products_share_the_weights():
+    """A fused layer holds its projections once: each Linear's weight is a view of the fused
+    rows, so an in-place change of one is the fused product's too."""
+    model = make_model(True)
+    model.freeze()
+    layer = model.layers[0]
+    assert layer.stm.key_proj.weight.untyped_storage().data_ptr() == (
+        layer.memory_in.untyped_storage().data_ptr()
+    )
+    ids = torch.randint(0, 256, (1, 2 * H), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = model(ids)
+        layer.ltm.value_proj.weight.mul_(3.0)
+        layer.ffn.up_proj.weight.mul_(3.0)
+        assert (model(ids) - before).abs().max() > 1e-3
+        assert torch.equal(layer.memory_in[-layer.ltm.value_proj.out_features :],
+                           layer.ltm.value_proj.weight)  # fmt: skip
 
 
 def stream(model, ids: torch.Tensor, chunks: list[int]) -> torch.Tensor:

@@ -25,6 +25,20 @@ from mosaicrt.ops.associative_memory.reference import associative_memory
 from mosaicrt.ops.gated_key_scan.reference import gated_key_scan, l2_normalize
 
 
+def fuse_linears(linears: list[nn.Module]) -> torch.Tensor | None:
+    """One weight (sum of outputs, inputs) for Linear layers that read the same input, each
+    layer's weight now a view of its rows (nothing held twice); None, nothing changed, where one
+    is not a plain nn.Linear without bias (a quantized one)."""
+    if any(type(lin) is not nn.Linear or lin.bias is not None for lin in linears):
+        return None
+    fused = torch.cat([lin.weight.detach() for lin in linears])
+    at = 0
+    for lin in linears:
+        lin.weight = nn.Parameter(fused[at : at + lin.out_features], requires_grad=False)
+        at += lin.out_features
+    return fused
+
+
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * weight, computed in fp32."""
 
@@ -155,25 +169,40 @@ class AssociativeMemory(nn.Module):
         st.keys[block, slot] = keys.to(st.keys.dtype)  # (B, C, H, hs)
         st.vals[block, slot] = vals.to(st.vals.dtype)
 
+    def projections(self) -> list[nn.Module]:
+        """The input projections in the order of a fused projection's columns: W_phi (H*hs),
+        W_g (H), W_lam (H), W_psi (H*hs)."""
+        return [self.key_proj, self.key_gate, self.key_decay, self.value_proj]
+
     def forward(
-        self, u: torch.Tensor, st: MemoryState, pos: torch.Tensor, valid: torch.Tensor
+        self,
+        u: torch.Tensor,
+        st: MemoryState,
+        pos: torch.Tensor,
+        valid: torch.Tensor,
+        proj: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One chunk: u (B, C, d) at start positions pos (B,), valid (B, C) -> y (B, C, H*hs)."""
+        """One chunk: u (B, C, d) at start positions pos (B,), valid (B, C) -> y (B, C, H*hs).
+        proj: u through `projections` at once (B, C, 2*H*hs + 2*H), when the layer fused them."""
         B, C, _ = u.shape
         H, hs = self.H, self.hs
         p = self.transforms()
         ops = self.kernels or REFERENCE_OPS
+        if proj is None:
+            k_raw, log_g, log_decay, v_raw = (lin(u) for lin in self.projections())
+        else:
+            k_raw, log_g, log_decay, v_raw = proj.split([H * hs, H, H, H * hs], dim=-1)
 
         # Keys (eq. 8), fp32.
-        k_raw = self.key_proj(u).float().view(B, C, H, hs)
-        log_g = self.key_gate(u).float()  # (B, C, H)
-        log_lam = -self.key_decay(u).float().abs()  # (B, C, H)
+        k_raw = k_raw.float().view(B, C, H, hs)
+        log_g = log_g.float()  # (B, C, H)
+        log_lam = -log_decay.float().abs()  # (B, C, H)
         keys = ops.gated_key_scan(k_raw, log_g, log_lam, valid, st.s, st.mx, self.eps)
 
         # Values (eq. 9) of the pairs this chunk completes: pair j is tau = pos-1+j; its key and
         # v~ come from the token before chunk token j (the pending one for j = 0), v~_{tau+1} from
         # chunk token j. So it is complete only when chunk token j is real.
-        v_raw = self.value_proj(u).float().view(B, C, H, hs)
+        v_raw = v_raw.float().view(B, C, H, hs)
         k_pairs = torch.cat([st.k_pend[:, None], keys[:, :-1]], dim=1)  # (B, C, H, hs)
         v_prev = torch.cat([st.v_pend[:, None], v_raw[:, :-1]], dim=1)  # (B, C, H, hs)
         gamma = p["gamma"][:, None]  # (H, 1)
@@ -253,9 +282,18 @@ class FeedForward(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up: torch.Tensor | None = None  # `fuse`: gate_proj's and up_proj's rows
+
+    def fuse(self) -> None:
+        """gate_proj and up_proj as one product (fuse_linears)."""
+        self.gate_up = fuse_linears([self.gate_proj, self.up_proj])
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(z)) * self.up_proj(z))
+        if self.gate_up is None:
+            gate, up = self.gate_proj(z), self.up_proj(z)
+        else:
+            gate, up = F.linear(z, self.gate_up).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Layer(nn.Module):
@@ -271,6 +309,15 @@ class Layer(nn.Module):
         )
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.ffn = FeedForward(config)
+        self.memory_in: torch.Tensor | None = None  # `fuse`: every memory's projections' rows
+
+    def fuse(self) -> None:
+        """The input projections of all the layer's memories as one product, and the FFN's gate
+        and up as another (fuse_linears): a decode step reads the same weights in 4 products
+        instead of 4 per memory + 4."""
+        mems = [getattr(self, mem) for mem in self.memories]
+        self.memory_in = fuse_linears([lin for mem in mems for lin in mem.projections()])
+        self.ffn.fuse()
 
     def forward(
         self,
@@ -280,7 +327,11 @@ class Layer(nn.Module):
         valid: torch.Tensor,
     ) -> torch.Tensor:
         u = self.memory_norm(x)  # one shared input norm for both memories
-        ys = [getattr(self, mem)(u, states[mem], pos, valid) for mem in self.memories]
+        projs = [None] * len(self.memories)
+        if self.memory_in is not None:
+            projs = F.linear(u, self.memory_in).chunk(len(self.memories), dim=-1)
+        ys = [getattr(self, mem)(u, states[mem], pos, valid, proj)
+              for mem, proj in zip(self.memories, projs)]  # fmt: skip
         x = x + self.out_proj(torch.cat(ys, dim=-1))  # [yS ; yL] -> d
         return x + self.ffn(self.ffn_norm(x))
 
@@ -314,8 +365,11 @@ class MMv2(nn.Module):
                 getattr(layer, mem).kernels = kernels
 
     def freeze(self) -> None:
-        """AssociativeMemory.freeze of every memory: inference on weights that stay as they are."""
+        """Inference on weights that stay as they are: AssociativeMemory.freeze of every memory
+        and Layer.fuse of every layer (after any move and quantization: a quantized product is
+        not fused)."""
         for layer in self.layers:
+            layer.fuse()
             for mem in layer.memories:
                 getattr(layer, mem).freeze()
 
