@@ -198,8 +198,8 @@ class TritonServer:
 
     def stop(self, drain_s: float = 1.0) -> int | None:
         """End the requests in flight with an error (the drain flag the models watch), then
-        SIGTERM and wait; then SIGKILL the server (its stubs clean up after it); the whole
-        process group only as a last resort. Shared memory a dead stub left is removed, and the
+        SIGTERM and wait; then SIGKILL the server (its stubs clean up after it); then the whole
+        process group, whatever of it is left. Shared memory a dead stub left is removed, and the
         work directory with it. Returns the server's exit code."""
         if self.process is None:
             return None
@@ -214,10 +214,10 @@ class TritonServer:
                 self.process.kill()
                 code = self.process.wait(10)
                 time.sleep(3)  # the stubs notice and remove their shared memory
-                try:
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        try:  # a stub that outlived its server (seen after a clean exit too) holds its memory
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         self.log.close()
         for region in self.stubs.values():  # a stub killed outright leaves its region behind
             Path("/dev/shm", region).unlink(missing_ok=True)
