@@ -121,7 +121,7 @@ class TorchBackend(TorchStatePaging, Backend):
             self.model.use_kernels(triton_kernels(self.device))
         elif kernels != "torch":
             raise BackendError(f"unknown --kernels {kernels!r}: choose torch or triton")
-        self.model.freeze()  # the memories' parameter transforms, once
+        self.model.freeze()  # parameter transforms once, fused products (MMv2.freeze)
         # The reference code sizes its LTM reads on the host, so only the kernels are capturable.
         self.cuda_graphs = cuda_graphs and kernels == "triton" and self.device.type == "cuda"
         self.graphs: dict[int, DecodeGraph] = {}
