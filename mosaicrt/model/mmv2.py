@@ -11,6 +11,7 @@ points of their sequences, and `lengths` marks how many tokens of each row's chu
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -37,6 +38,38 @@ def fuse_linears(linears: list[nn.Module]) -> torch.Tensor | None:
         lin.weight = nn.Parameter(fused[at : at + lin.out_features], requires_grad=False)
         at += lin.out_features
     return fused
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Where a step's tokens stand, the same for every layer and memory (made once a step).
+
+    pos (B,) each row's first position; valid (B, C) its real tokens; t (B, C) their positions;
+    new_ok (B, C) the pairs the chunk completes (pair j is tau = t_j - 1, complete when token j
+    is real and t_j >= 1); new_tau (B, C) their positions, -1 where none; last (B,) each row's
+    last real token (0 in a row of none); has (B, 1, 1) the rows with a token; rows (B,) 0..B-1.
+    """
+
+    pos: torch.Tensor
+    valid: torch.Tensor
+    t: torch.Tensor
+    new_ok: torch.Tensor
+    new_tau: torch.Tensor
+    last: torch.Tensor
+    has: torch.Tensor
+    rows: torch.Tensor
+
+    @staticmethod
+    def of(pos: torch.Tensor, lengths: torch.Tensor, C: int) -> Chunk:
+        """The chunk of C tokens at pos (B,) whose first lengths (B,) tokens are real."""
+        steps = torch.arange(C, device=pos.device)[None, :]  # (1, C)
+        valid = steps < lengths[:, None]  # (B, C)
+        t = pos[:, None] + steps  # (B, C) query positions
+        new_ok = valid & (t >= 1)
+        new_tau = torch.where(new_ok, t - 1, -1)
+        last = (lengths - 1).clamp(min=0)
+        rows = torch.arange(pos.shape[0], device=pos.device)
+        return Chunk(pos, valid, t, new_ok, new_tau, last, (lengths > 0)[:, None, None], rows)
 
 
 class RMSNorm(nn.Module):
@@ -175,14 +208,9 @@ class AssociativeMemory(nn.Module):
         return [self.key_proj, self.key_gate, self.key_decay, self.value_proj]
 
     def forward(
-        self,
-        u: torch.Tensor,
-        st: MemoryState,
-        pos: torch.Tensor,
-        valid: torch.Tensor,
-        proj: torch.Tensor | None = None,
+        self, u: torch.Tensor, st: MemoryState, chunk: Chunk, proj: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """One chunk: u (B, C, d) at start positions pos (B,), valid (B, C) -> y (B, C, H*hs).
+        """One chunk: u (B, C, d) at the positions `chunk` gives -> y (B, C, H*hs).
         proj: u through `projections` at once (B, C, 2*H*hs + 2*H), when the layer fused them."""
         B, C, _ = u.shape
         H, hs = self.H, self.hs
@@ -197,7 +225,7 @@ class AssociativeMemory(nn.Module):
         k_raw = k_raw.float().view(B, C, H, hs)
         log_g = log_g.float()  # (B, C, H)
         log_lam = -log_decay.float().abs()  # (B, C, H)
-        keys = ops.gated_key_scan(k_raw, log_g, log_lam, valid, st.s, st.mx, self.eps)
+        keys = ops.gated_key_scan(k_raw, log_g, log_lam, chunk.valid, st.s, st.mx, self.eps)
 
         # Values (eq. 9) of the pairs this chunk completes: pair j is tau = pos-1+j; its key and
         # v~ come from the token before chunk token j (the pending one for j = 0), v~_{tau+1} from
@@ -209,19 +237,14 @@ class AssociativeMemory(nn.Module):
         v_pairs = p["alpha_psi"][:, None] * l2_normalize(
             gamma * v_prev + (1 - gamma) * v_raw, self.eps
         )  # (B, C, H, hs)
-        t = pos[:, None] + torch.arange(C, device=u.device)  # (B, C) query positions
-        new_ok = valid & (t >= 1)
-        new_tau = torch.where(new_ok, t - 1, -1)  # (B, C)
 
-        # Retrieval over the stored pairs and this chunk's, beta(n_t) inside the op.
-        y = ops.retrieve(self, st, keys, t, pos, k_pairs, v_pairs, new_tau, p)  # (B, C, H, hs)
+        # Retrieval over the stored pairs and this chunk's, beta(n_t) inside the op: (B, C, H, hs).
+        t, pos, new_tau = chunk.t, chunk.pos, chunk.new_tau
+        y = ops.retrieve(self, st, keys, t, pos, k_pairs, v_pairs, new_tau, p)
 
         # Update the state in place: publish the new pairs, keep the last real token pending.
-        self.write_pairs(st, k_pairs, v_pairs, t - 1, new_ok)
-        lengths = valid.sum(dim=1)
-        last = (lengths - 1).clamp(min=0)
-        has = (lengths > 0)[:, None, None]
-        rows = torch.arange(B, device=u.device)
+        self.write_pairs(st, k_pairs, v_pairs, chunk.new_tau, chunk.new_ok)
+        rows, last, has = chunk.rows, chunk.last, chunk.has
         st.k_pend.copy_(torch.where(has, keys[rows, last], st.k_pend))
         st.v_pend.copy_(torch.where(has, v_raw[rows, last], st.v_pend))
         return y.reshape(B, C, H * hs).to(u.dtype)
@@ -320,17 +343,13 @@ class Layer(nn.Module):
         self.ffn.fuse()
 
     def forward(
-        self,
-        x: torch.Tensor,
-        states: dict[str, MemoryState],
-        pos: torch.Tensor,
-        valid: torch.Tensor,
+        self, x: torch.Tensor, states: dict[str, MemoryState], chunk: Chunk
     ) -> torch.Tensor:
         u = self.memory_norm(x)  # one shared input norm for both memories
         projs = [None] * len(self.memories)
         if self.memory_in is not None:
             projs = F.linear(u, self.memory_in).chunk(len(self.memories), dim=-1)
-        ys = [getattr(self, mem)(u, states[mem], pos, valid, proj)
+        ys = [getattr(self, mem)(u, states[mem], chunk, proj)
               for mem, proj in zip(self.memories, projs)]  # fmt: skip
         x = x + self.out_proj(torch.cat(ys, dim=-1))  # [yS ; yL] -> d
         return x + self.ffn(self.ffn_norm(x))
@@ -414,18 +433,16 @@ class MMv2(nn.Module):
         """`step` without the capacity check and without updating state.host_pos (the caller
         does both). With kernels that take the whole store (the Triton ones) a decode step
         (C = 1) makes no host sync, so it can be captured in a CUDA graph."""
-        B, C = ids.shape
-        valid = torch.arange(C, device=ids.device)[None, :] < lengths[:, None]  # (B, C)
-        pos = state.pos.clone()
-        x = self.embed_tokens(torch.where(valid, ids, 0))  # (B, C, d)
+        chunk = Chunk.of(state.pos.clone(), lengths, ids.shape[1])
+        x = self.embed_tokens(torch.where(chunk.valid, ids, 0))  # (B, C, d)
         for layer, states in zip(self.layers, state.memories):
-            x = layer(x, states, pos, valid)
+            x = layer(x, states, chunk)
         state.pos += lengths
         if last_only:
-            x = x[torch.arange(B, device=ids.device), (lengths - 1).clamp(min=0)]  # (B, d)
+            x = x[chunk.rows, chunk.last]  # (B, d)
             return self.lm_head(self.norm(x))  # (B, V)
         logits = self.lm_head(self.norm(x))  # (B, C, V)
-        return logits.masked_fill(~valid[..., None], 0.0)
+        return logits.masked_fill(~chunk.valid[..., None], 0.0)
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Full-sequence logits (B, T, V) for right-padded rows of `lengths` tokens each."""
