@@ -11,7 +11,7 @@
 #   throughput-compiled   the same with the torch.compile'd step (compiling takes minutes)
 #   profile     torch.profiler over a prefill and a decode step of `small` at batch 64, and over
 #               the torch.compile'd steps at batch 1 (where the time goes:
-#               bench/results/profile_small[_b1]_<gpu>.txt)
+#               bench/results/profile_small[_b1_compiled]_<gpu>.txt)
 #   paged       the paged state under a 20 GiB budget with a long-tailed length mix: sequences
 #               admitted against a static allocation of the same bytes
 #   kernels     the kernel benchmark (each kernel over a few tilings, against float64, SDPA flash
@@ -63,10 +63,10 @@ profile() {
     timeout 90 python3 -m mosaicrt.bench.profile_steps "$CKPT" --device cuda --kernels triton \
         --batch 64 --prefill-rows 8 --chunk 512 --context 1024 \
         --out "$OUT/profile_small_$GPU.txt" 2>&1 | grep "^==\|Self CUDA time total"
-    part "profile of the torch.compile'd steps, small, batch 1"
-    timeout 120 python3 -m mosaicrt.bench.profile_steps "$CKPT" --device cuda --kernels triton \
+    part "profile of the torch.compile'd steps, small, batch 1"  # compiling: minutes (120 s missed)
+    timeout 240 python3 -m mosaicrt.bench.profile_steps "$CKPT" --device cuda --kernels triton \
         --compile --batch 1 --prefill-rows 1 --chunk 512 --context 1024 \
-        --out "$OUT/profile_small_b1_$GPU.txt" 2>&1 | grep "^==\|Self CUDA time total"
+        --out "$OUT/profile_small_b1_compiled_$GPU.txt" 2>&1 | grep "^==\|Self CUDA time total"
 }
 
 decode() {
