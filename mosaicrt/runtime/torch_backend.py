@@ -95,7 +95,8 @@ class TorchBackend(TorchStatePaging, Backend):
         quantize: str | None = None,
         ltm_block: int = DEFAULT_LTM_BLOCK,
     ) -> None:
-        """model: a checkpoint directory, or an MMv2 (moved to the device and dtype).
+        """model: a checkpoint directory, or an MMv2 (moved to the device and dtype, and frozen in
+        place: MMv2.freeze).
         dtype: compute dtype; default fp32 on CPU and the checkpoint's dtype on a GPU.
         kernels: "torch" (the reference ops) or "triton" (the ops' Triton kernels).
         cuda_graphs: with Triton kernels on a GPU, run decode steps as CUDA graphs (one per
