@@ -167,8 +167,9 @@ class AssociativeMemory(nn.Module):
         """Write completed pairs (B, C, H, hs) at positions tau (B, C) where ok, in place."""
         if self.ring:
             slots = st.keys.shape[1]
-            newest = torch.where(ok, tau, -1).amax(dim=1, keepdim=True)  # (B, 1)
-            ok = ok & (tau > newest - slots)  # a ring keeps only the newest h-1 pairs
+            if keys.shape[1] > 1:  # a ring keeps only the newest h-1 pairs (one: the newest)
+                newest = torch.where(ok, tau, -1).amax(dim=1, keepdim=True)  # (B, 1)
+                ok = ok & (tau > newest - slots)
             slot = geometry.ring_slot(tau, slots)
         elif st.blocks is not None:  # paged: block blocks[b, tau // S], slot tau % S
             self.write_paged(st, keys, vals, tau, ok)
@@ -231,8 +232,10 @@ class AssociativeMemory(nn.Module):
         # v~ come from the token before chunk token j (the pending one for j = 0), v~_{tau+1} from
         # chunk token j. So it is complete only when chunk token j is real.
         v_raw = v_raw.float().view(B, C, H, hs)
-        k_pairs = torch.cat([st.k_pend[:, None], keys[:, :-1]], dim=1)  # (B, C, H, hs)
-        v_prev = torch.cat([st.v_pend[:, None], v_raw[:, :-1]], dim=1)  # (B, C, H, hs)
+        k_pairs, v_prev = st.k_pend[:, None], st.v_pend[:, None]  # decode: the pending ones
+        if C > 1:  # (the pending ones are updated in place only after the pairs are written)
+            k_pairs = torch.cat([k_pairs, keys[:, :-1]], dim=1)  # (B, C, H, hs)
+            v_prev = torch.cat([v_prev, v_raw[:, :-1]], dim=1)  # (B, C, H, hs)
         gamma = p["gamma"][:, None]  # (H, 1)
         v_pairs = p["alpha_psi"][:, None] * l2_normalize(
             gamma * v_prev + (1 - gamma) * v_raw, self.eps
