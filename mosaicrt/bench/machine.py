@@ -27,21 +27,30 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def git(*args: str) -> str | None:
+    """What `git ARGS` prints in the checkout, None where there is no git or no checkout."""
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True,
+                             cwd=os.path.dirname(__file__), timeout=5)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
 def git_commit() -> str | None:
     """The checkout's commit; MOSAICRT_GIT_COMMIT names it where the tree travelled without .git."""
     if os.environ.get("MOSAICRT_GIT_COMMIT"):
         return os.environ["MOSAICRT_GIT_COMMIT"]
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=os.path.dirname(__file__),
-            timeout=5,
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.TimeoutExpired):
+    return (git("rev-parse", "HEAD") or "").strip() or None
+
+
+def git_dirty() -> bool | None:
+    """Whether tracked files differ from that commit (the numbers are then not the commit's
+    alone); None where git cannot tell."""
+    if os.environ.get("MOSAICRT_GIT_COMMIT"):
         return None
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status.strip())
 
 
 def peak_memory() -> tuple[int, int | None]:
@@ -158,6 +167,7 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "mosaicrt": __version__,
         "git_commit": git_commit(),
+        "git_dirty": git_dirty(),
     }
     if torch.cuda.is_available():
         info |= gpu_info()
