@@ -134,7 +134,9 @@ def decode_splits_markdown(rows: list[dict]) -> list[str]:
     counts = [t["tiling"][0] for t in rows[0]["tilings"]]
     head = ["own choice" if c == "auto" else f"{c} slice{'s' * (c != 1)}" for c in counts]
     lines = [
-        "| decode retrieval, 16 heads of 128, bf16 | " + " | ".join(head) + " |",
+        f"| decode retrieval, {rows[0]['heads']} heads of {rows[0]['head_dim']}, bf16 | "
+        + " | ".join(head)
+        + " |",
         "| --- |" + " --- |" * len(head),
     ]
     for r in rows:
