@@ -204,8 +204,9 @@ def bench_decode(
     nbytes = 2 * B * (context + 1) * H * hs * 2
     results = []
     for splits, bn, warps, stages in tilings:
-        exact = {"max_splits": splits, "split_size": 1, "programs": B * H * splits}
-        split = {} if splits == "auto" else exact  # exactly `splits` slices
+        split = {}  # "auto": retrieve_decode's own choice; else exactly `splits` slices
+        if splits != "auto":
+            split = {"max_splits": splits, "split_size": 1, "programs": B * H * splits}
 
         def ours():
             return retrieve_decode(q, store_k, store_v, new_k, new_v, pos, lengths, window=0,
