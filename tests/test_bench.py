@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import mosaicrt
 
@@ -290,6 +291,38 @@ def test_ort_ops_bench_times_the_native_kernel_per_build(tmp_path, native_ort_li
     assert rows[4]["bytes"] == 2 * 8 * 300 * H * (hs + 4)
     assert rows[2]["flops"] == 4 * (10 * 130 + 10 * 11 // 2) * H * hs
     assert all(r["ms"] > 0 for r in rows)
+
+
+def test_ort_ops_bench_times_group_query_attention_beside_the_native_kernel(
+    tmp_path, native_ort_library
+):
+    """--gqa: each fp32 decode case also runs as ONNX Runtime's GroupQueryAttention over the same
+    pairs, which must give the native kernel's output (the run stops otherwise), and is timed in
+    turn with it; the prefill chunk has no GQA time."""
+    from mosaicrt.bench import ort_ops
+
+    out = tmp_path / "ops.json"
+    args = ["--context", "300", "--chunk", "4", "--chunk-stored", "20", "--layers", "2",
+            "--repeats", "2", "--gqa", "--json", str(out)]  # fmt: skip
+    parser = argparse.ArgumentParser()
+    ort_ops.add_cli_args(parser)
+    assert ort_ops.main(parser.parse_args(args)) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["kind"], r["batch"], "gqa_ms" in r) for r in rows] == [
+        ("decode", 1, True), ("decode", 8, True), ("chunk", 1, False),
+    ]  # fmt: skip
+    assert all(r["gqa_gb_s"] == r["bytes"] / (r["gqa_ms"] * 1e-3) / 1e9 for r in rows[:2])
+
+
+def test_gqa_check_refuses_different_retrievals():
+    from mosaicrt.bench.ort_ops import check_gqa
+
+    y = np.zeros((1, 1, 8, 64), np.float32)
+    check_gqa(y, y + 5e-5)
+    with pytest.raises(RuntimeError, match="differ by"):
+        check_gqa(y, y + 1e-3)
+    with pytest.raises(RuntimeError, match="differ by"):
+        check_gqa(y, y * np.nan)
 
 
 def test_cold_calls_bench_times_each_call_after_a_run(tiny_ckpt, tmp_path, native_ort_library):
