@@ -428,6 +428,32 @@ def test_cancelled_and_dropped_streams_free_their_rows(server, reference):
     assert after <= 2 * idle + 0.05, (idle, after)
 
 
+def test_requests_refused_on_two_threads_at_once_are_each_counted(server):
+    """Requests refused as they arrive (a missing input) and by the loop (ids out of range),
+    many at once beside running ones: the server lives, every refusal gets its error and is
+    counted once (each count of a Triton metric is a round trip to the server that two threads
+    must not make at once on one metric)."""
+    srv, _ = server
+    before = metrics(srv)
+    kinds = [dict(prompt=[1, 2, 3], n=None), dict(prompt=[1, 99999], n=2)]
+    errors = []
+
+    def refused(i: int) -> None:
+        for k in range(12):
+            errors.append(stream(srv, **kinds[(i + k) % 2]).error)
+
+    running = [threading.Thread(target=stream, args=(srv, [5, 6, 7], 40)) for _ in range(2)]
+    threads = running + [threading.Thread(target=refused, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert len(errors) == 96 and all(errors), errors
+    assert stream(srv, [1, 2, 3], 4).error is None  # still serving
+    failed = metrics(srv)["mosaicrt_requests_failed_total"]
+    assert failed - before.get("mosaicrt_requests_failed_total", 0) == 96
+
+
 def test_metrics_count_tokens_latency_and_failures(server):
     srv, _ = server
     before = metrics(srv)

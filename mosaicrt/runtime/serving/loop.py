@@ -1,18 +1,20 @@
-"""Continuous batching in a background thread: requests from any thread join the running batch,
-and each gets its tokens back through callbacks as they are produced.
+"""Continuous batching in a background thread: requests from any thread join the running batch, and
+each gets its tokens back through callbacks as they are produced.
 
 The batcher (and so the backend and its state) is touched by the loop thread only; other threads
 talk to it through a queue. Whatever may wait on someone else runs on a sender thread of its own,
 so that it overlaps the decode steps instead of holding them up: the callbacks (a slow client), the
-metrics, and asking each running request whether it was cancelled (in Triton, each metric update and
-each such question is a round trip to the server process). The sender checks every running request
-once per step, and the loop stops a cancelled one at its next step. The loop runs at most
-STEPS_AHEAD steps ahead of the sender: where a step is quicker than sending its tokens, it waits
-for the sends instead of decoding whole requests that nobody has seen yet (a client that cancels
-after a few tokens would otherwise find them all decoded, and the check queued behind them). The
-load is reported when it changes, and the tokens once per step. A request that is refused (bad ids,
-over capacity, no row for a new session) or fails (its step raised, its numbers overflowed) gets its
-error alone: no other request's state is touched.
+metrics, and asking each running request whether it was cancelled (in Triton, each metric update
+and each such question is a round trip to the server process). Metrics are updated from the sender
+thread only: a Triton metric updated from two threads at once can crash the server (each update
+replaces the shared memory that the server may still be reading from the last). The sender checks
+every running request once per step, and the loop stops a cancelled one at its next step. The loop
+runs at most STEPS_AHEAD steps ahead of the sender: where a step is quicker than sending its
+tokens, it waits for the sends instead of decoding whole requests that nobody has seen yet (a
+client that cancels after a few tokens would otherwise find them all decoded, and the check queued
+behind them). The load is reported when it changes, and the tokens once per step. A request that is
+refused (bad ids, over capacity, no row for a new session) or fails (its step raised, its numbers
+overflowed) gets its error alone: no other request's state is touched.
 """
 
 from __future__ import annotations
@@ -119,15 +121,20 @@ class ServingLoop:
             vocab = self.backend.config.vocab_size
             check_request(prompt, max_new_tokens, vocab, self.limits, "input_ids", serving=True)
         except MosaicError as exc:
-            self.outbox.put((self.metrics.finished, False))
-            self.outbox.put((on_error, exc))
-            return
+            return self.refuse(on_error, exc)
         with self.lock:
             rid, self.next_rid = self.next_rid, self.next_rid + 1
         request = Request(rid, list(prompt), max_new_tokens, sampling=sampling, session=session,
                           end_session=end_session, stop_ids=stop_ids)  # fmt: skip
         job = Job(request, on_token, on_done, on_error, is_cancelled, on_step, start_session)
         self.inbox.put(job)
+
+    def refuse(self, on_error: Callable[[Exception], None], error: Exception) -> None:
+        """Answer a request that never joins the loop (any thread): its count and its error go
+        out on the sender thread, as every other request's (a metric is updated from that thread
+        only)."""
+        self.outbox.put((self.metrics.finished, False))
+        self.outbox.put((on_error, error))
 
     def stop(self) -> None:
         """Answer every request still here with an error, then end both threads."""

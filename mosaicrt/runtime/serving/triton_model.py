@@ -22,6 +22,7 @@ import json
 import os
 import time
 from collections import deque
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -185,7 +186,8 @@ class Reply:
 
 
 class TritonMetrics(LoopMetrics):
-    """The loop's measures as Triton custom metrics (on the server's metrics port)."""
+    """The loop's measures as Triton custom metrics (on the server's metrics port), updated from
+    the loop's sender thread only: a Metric is not safe to update from two threads at once."""
 
     BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 
@@ -288,8 +290,7 @@ class TritonPythonModel:
         try:
             parsed = Parsed(request, self.tokenizer, self.config)
         except (MosaicError, ValueError, TypeError) as exc:
-            self.loop.metrics.finished(ok=False)
-            return send_error(sender, exc)
+            return self.loop.refuse(partial(send_error, sender), exc)
         reply = Reply(sender, parsed, self.tokenizer)
         self.loop.submit(
             parsed.ids,
