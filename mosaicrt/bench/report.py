@@ -88,12 +88,14 @@ def markdown(result: dict) -> str:
 def kernels_markdown(result: dict) -> str:
     m = result["machine"]
     bw = result["copy_bandwidth_gb_s"]
-    lines = [
-        f"{machine_line(result)}; copy bandwidth {bw:.0f} GB/s (read + write) ({m['date'][:10]}).",
-        "",
+    title = (
+        f"{machine_line(result)}; copy bandwidth {bw:.0f} GB/s (read + write) ({m['date'][:10]})."
+    )
+    table_head = [
         "| kernel | shape | time (ms) | measure | best tiling |",
         "| --- | --- | --- | --- | --- |",
     ]
+    lines = [title, "", *table_head]
     for r in result.get("chunk_retrieval", []):
         b = r["best"]
         products = r.get("products", "bf16")  # before the variants: bf16 products only
@@ -121,8 +123,8 @@ def kernels_markdown(result: dict) -> str:
             f"{r['head_dim']} | {b['ms']:.3f} | {100 * r['bandwidth_fraction']:.0f} % of "
             f"bandwidth | {b['tiling']} |"
         )
-    if len(lines) == 4:  # no row: a run of the split sweep alone
-        lines = lines[:1]
+    if lines[-1] == table_head[-1]:  # no row: a run of the split sweep alone
+        lines = [title]
     if "decode_splits" in result:
         lines += ["", *decode_splits_markdown(result["decode_splits"])]
     return "\n".join(lines)
